@@ -1,0 +1,284 @@
+"""Rigid transforms, quaternions and the BEV grid: the one place that turns metres into cells.
+
+Conventions follow nuScenes: quaternions are scalar-first ``[w, x, y, z]`` (as ``pyquaternion`` and the
+``rotation`` fields of the tables), transforms are named ``dst_from_src`` and compose left to right in the
+order they read: ``global_from_lidar = global_from_ego @ ego_from_lidar``.
+
+Notation:
+    N  number of points
+    H, W  BEV rows and columns (see ``GridSpec``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def quaternion_to_matrix(quaternion_wxyz: np.ndarray) -> np.ndarray:
+    """Rotation matrices of unit quaternions.
+
+    Args:
+        quaternion_wxyz: [..., 4] float — scalar-first quaternions; normalised here.
+
+    Returns:
+        [..., 3, 3] float64 rotation matrices.
+    """
+    q = np.asarray(quaternion_wxyz, dtype=np.float64)
+    if q.shape[-1] != 4:
+        raise ValueError(f"quaternion_wxyz: expected shape [..., 4], got {q.shape}")
+    norm = np.linalg.norm(q, axis=-1, keepdims=True)
+    if np.any(norm == 0) or not np.all(np.isfinite(q)):
+        raise ValueError("quaternion_wxyz: quaternions must be finite and non-zero")
+    w, x, y, z = np.moveaxis(q / norm, -1, 0)
+    return np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], axis=-1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], axis=-1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], axis=-1),
+        ],
+        axis=-2,
+    )
+
+
+def matrix_to_quaternion(rotation: np.ndarray) -> np.ndarray:
+    """Unit quaternions of rotation matrices, with a non-negative scalar part.
+
+    Args:
+        rotation: [..., 3, 3] float — proper rotation matrices.
+
+    Returns:
+        [..., 4] float64 scalar-first quaternions ``[w, x, y, z]``, ``w >= 0``.
+    """
+    r = np.asarray(rotation, dtype=np.float64)
+    if r.shape[-2:] != (3, 3):
+        raise ValueError(f"rotation: expected shape [..., 3, 3], got {r.shape}")
+    # Shepperd's method, vectorized: pick the largest of the four candidate denominators per matrix.
+    m00, m11, m22 = r[..., 0, 0], r[..., 1, 1], r[..., 2, 2]
+    candidates = np.stack(
+        [1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], axis=-1
+    )  # [..., 4] = 4 * (w², x², y², z²)
+    best = np.argmax(candidates, axis=-1)
+    s = np.sqrt(np.maximum(np.take_along_axis(candidates, best[..., None], -1)[..., 0], 1e-300)) * 2
+    d21, d02, d10 = r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]
+    s21, s02, s10 = r[..., 2, 1] + r[..., 1, 2], r[..., 0, 2] + r[..., 2, 0], r[..., 1, 0] + r[..., 0, 1]
+    options = np.stack(
+        [
+            np.stack([s / 4, d21 / s, d02 / s, d10 / s], axis=-1),
+            np.stack([d21 / s, s / 4, s10 / s, s02 / s], axis=-1),
+            np.stack([d02 / s, s10 / s, s / 4, s21 / s], axis=-1),
+            np.stack([d10 / s, s02 / s, s21 / s, s / 4], axis=-1),
+        ],
+        axis=-2,
+    )  # [..., 4 options, 4]
+    q = np.take_along_axis(options, best[..., None, None], axis=-2)[..., 0, :]
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    return np.where(q[..., :1] < 0, -q, q)
+
+
+def yaw_to_quaternion(yaw_rad: np.ndarray | float) -> np.ndarray:
+    """Quaternions of rotations about +z.
+
+    Args:
+        yaw_rad: [...] float — yaw angles (rad), counter-clockwise seen from above.
+
+    Returns:
+        [..., 4] float64 quaternions ``[cos(yaw/2), 0, 0, sin(yaw/2)]``.
+    """
+    half = 0.5 * np.asarray(yaw_rad, dtype=np.float64)
+    zeros = np.zeros_like(half)
+    return np.stack([np.cos(half), zeros, zeros, np.sin(half)], axis=-1)
+
+
+def quaternion_yaw(quaternion_wxyz: np.ndarray) -> np.ndarray:
+    """Yaw of rotations: the heading of their x-axis projected on the xy-plane, as the devkit's ``quaternion_yaw``.
+
+    Args:
+        quaternion_wxyz: [..., 4] float.
+
+    Returns:
+        [...] float64 yaw (rad) in (-pi, pi].
+    """
+    r = quaternion_to_matrix(quaternion_wxyz)
+    return np.arctan2(r[..., 1, 0], r[..., 0, 0])
+
+
+def wrap_angle(angle_rad: np.ndarray | float) -> np.ndarray:
+    """Angles wrapped into [-pi, pi)."""
+    return (np.asarray(angle_rad) + np.pi) % (2 * np.pi) - np.pi
+
+
+@dataclass(frozen=True)
+class RigidTransform:
+    """A proper rigid transform ``p_dst = rotation @ p_src + translation``, named ``dst_from_src`` where used.
+
+    Attributes:
+        rotation: [3, 3] float64 rotation matrix.
+        translation: [3] float64 translation (m), the source origin expressed in the destination frame.
+    """
+
+    rotation: np.ndarray
+    translation: np.ndarray
+
+    def __post_init__(self) -> None:
+        rotation = np.asarray(self.rotation, dtype=np.float64)
+        translation = np.asarray(self.translation, dtype=np.float64)
+        if rotation.shape != (3, 3):
+            raise ValueError(f"RigidTransform.rotation: expected shape (3, 3), got {rotation.shape}")
+        if translation.shape != (3,):
+            raise ValueError(f"RigidTransform.translation: expected shape (3,), got {translation.shape}")
+        if not (np.all(np.isfinite(rotation)) and np.all(np.isfinite(translation))):
+            raise ValueError("RigidTransform: rotation and translation must be finite")
+        if not np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-6) or np.linalg.det(rotation) < 0:
+            raise ValueError("RigidTransform.rotation: not a proper rotation matrix")
+        rotation.setflags(write=False)
+        translation.setflags(write=False)
+        object.__setattr__(self, "rotation", rotation)
+        object.__setattr__(self, "translation", translation)
+
+    @staticmethod
+    def identity() -> RigidTransform:
+        """The identity transform."""
+        return RigidTransform(np.eye(3), np.zeros(3))
+
+    @staticmethod
+    def from_quaternion(quaternion_wxyz: np.ndarray, translation: np.ndarray) -> RigidTransform:
+        """From a nuScenes ``rotation`` ([4] w, x, y, z) and ``translation`` ([3] m) pair."""
+        return RigidTransform(quaternion_to_matrix(quaternion_wxyz), np.asarray(translation, dtype=np.float64))
+
+    @staticmethod
+    def from_matrix(matrix: np.ndarray) -> RigidTransform:
+        """From a [4, 4] homogeneous matrix."""
+        matrix = np.asarray(matrix, dtype=np.float64)
+        if matrix.shape != (4, 4):
+            raise ValueError(f"matrix: expected shape (4, 4), got {matrix.shape}")
+        return RigidTransform(matrix[:3, :3], matrix[:3, 3])
+
+    @staticmethod
+    def from_pose_2d(x_m: float, y_m: float, yaw_rad: float, z_m: float = 0.0) -> RigidTransform:
+        """A planar pose: position (m) and yaw (rad) about +z."""
+        return RigidTransform(quaternion_to_matrix(yaw_to_quaternion(yaw_rad)), np.array([x_m, y_m, z_m]))
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """[4, 4] float64 homogeneous matrix."""
+        m = np.eye(4)
+        m[:3, :3] = self.rotation
+        m[:3, 3] = self.translation
+        return m
+
+    @property
+    def quaternion(self) -> np.ndarray:
+        """[4] float64 scalar-first quaternion with ``w >= 0``."""
+        return matrix_to_quaternion(self.rotation)
+
+    @property
+    def yaw_rad(self) -> float:
+        """Heading of the rotated x-axis in the xy-plane (rad)."""
+        return float(np.arctan2(self.rotation[1, 0], self.rotation[0, 0]))
+
+    def inverse(self) -> RigidTransform:
+        """``src_from_dst`` of this ``dst_from_src``."""
+        return RigidTransform(self.rotation.T, -self.rotation.T @ self.translation)
+
+    def __matmul__(self, other: RigidTransform) -> RigidTransform:
+        """Composition: ``(a_from_b @ b_from_c) = a_from_c``."""
+        return RigidTransform(self.rotation @ other.rotation, self.rotation @ other.translation + self.translation)
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """Move points from the source into the destination frame.
+
+        Args:
+            points: [N, 3] or [..., 3] float — coordinates (m) in the source frame.
+
+        Returns:
+            [..., 3] float64 coordinates (m) in the destination frame.
+        """
+        points = np.asarray(points, dtype=np.float64)
+        if points.shape[-1] != 3:
+            raise ValueError(f"points: expected shape [..., 3], got {points.shape}")
+        return points @ self.rotation.T + self.translation
+
+    def apply_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """Rotate direction vectors ([..., 3]) without translating them."""
+        return np.asarray(vectors, dtype=np.float64) @ self.rotation.T
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A metric bird's-eye-view grid: the only owner of the mapping between xy (m) and BEV indices.
+
+    Tensor layout: a BEV map is ``[..., H, W]`` with row ``i`` along +x (forward in the ego frame) and column
+    ``j`` along +y (left): cell ``(i, j)`` covers ``x in [x_min + i*res, x_min + (i+1)*res)`` and
+    ``y in [y_min + j*res, y_min + (j+1)*res)``. Plot with ``origin="lower"`` after a transpose, or use
+    ``to_image`` which puts forward up and left to the left.
+
+    Attributes:
+        x_min_m, x_max_m: extent along x (m).
+        y_min_m, y_max_m: extent along y (m).
+        resolution_m: cell edge (m); both extents must be whole multiples of it.
+    """
+
+    x_min_m: float = -32.0
+    x_max_m: float = 32.0
+    y_min_m: float = -32.0
+    y_max_m: float = 32.0
+    resolution_m: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.resolution_m > 0:
+            raise ValueError(f"GridSpec.resolution_m must be positive, got {self.resolution_m}")
+        for lo, hi, axis in ((self.x_min_m, self.x_max_m, "x"), (self.y_min_m, self.y_max_m, "y")):
+            cells = (hi - lo) / self.resolution_m
+            if not hi > lo or abs(cells - round(cells)) > 1e-6:
+                raise ValueError(
+                    f"GridSpec: the {axis} extent [{lo}, {hi}) must be positive and a whole number of "
+                    f"{self.resolution_m} m cells"
+                )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)``: rows along x, columns along y."""
+        return (
+            round((self.x_max_m - self.x_min_m) / self.resolution_m),
+            round((self.y_max_m - self.y_min_m) / self.resolution_m),
+        )
+
+    def xy_to_index(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cells holding metric points.
+
+        Args:
+            xy: [N, 2] float — x, y (m) in the grid's frame.
+
+        Returns:
+            rows [N] int64, cols [N] int64, inside [N] bool (False where the point is outside the grid or not
+            finite; rows and cols are then clipped into range and must be masked by the caller).
+        """
+        xy = np.asarray(xy, dtype=np.float64)
+        if xy.ndim != 2 or xy.shape[1] < 2:
+            raise ValueError(f"xy: expected shape [N, 2], got {xy.shape}")
+        h, w = self.shape
+        with np.errstate(invalid="ignore"):
+            fr = np.floor((xy[:, 0] - self.x_min_m) / self.resolution_m)
+            fc = np.floor((xy[:, 1] - self.y_min_m) / self.resolution_m)
+        inside = np.isfinite(fr) & np.isfinite(fc) & (fr >= 0) & (fr < h) & (fc >= 0) & (fc < w)
+        rows = np.clip(np.nan_to_num(fr), 0, h - 1).astype(np.int64)
+        cols = np.clip(np.nan_to_num(fc), 0, w - 1).astype(np.int64)
+        return rows, cols, inside
+
+    def index_to_xy(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Centres of cells: rows [N] and cols [N] int → [N, 2] float64 x, y (m)."""
+        x = self.x_min_m + (np.asarray(rows, dtype=np.float64) + 0.5) * self.resolution_m
+        y = self.y_min_m + (np.asarray(cols, dtype=np.float64) + 0.5) * self.resolution_m
+        return np.stack([x, y], axis=-1)
+
+    def cell_centers(self) -> np.ndarray:
+        """[H, W, 2] float64 x, y (m) of every cell centre."""
+        h, w = self.shape
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        return self.index_to_xy(rows.ravel(), cols.ravel()).reshape(h, w, 2)
+
+    def to_image(self, bev: np.ndarray) -> np.ndarray:
+        """A BEV map ``[..., H, W]`` as an image of the same shape with +x up and +y to the left (for plotting)."""
+        return np.flip(bev, axis=(-2, -1))
