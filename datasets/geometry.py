@@ -11,6 +11,7 @@ Notation:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +93,7 @@ def yaw_to_quaternion(yaw_rad: np.ndarray | float) -> np.ndarray:
 
 
 def quaternion_yaw(quaternion_wxyz: np.ndarray) -> np.ndarray:
-    """Yaw of rotations: the heading of their x-axis projected on the xy-plane, as the devkit's ``quaternion_yaw``.
+    """Yaw of rotations: the heading of their x-axis in the xy-plane, as the devkit's ``quaternion_yaw``.
 
     Args:
         quaternion_wxyz: [..., 4] float.
@@ -122,8 +123,9 @@ class RigidTransform:
     translation: np.ndarray
 
     def __post_init__(self) -> None:
-        rotation = np.asarray(self.rotation, dtype=np.float64)
-        translation = np.asarray(self.translation, dtype=np.float64)
+        # Own copies: never alias (or freeze) the caller's arrays, so the transform stays immutable.
+        rotation = np.array(self.rotation, dtype=np.float64)
+        translation = np.array(self.translation, dtype=np.float64)
         if rotation.shape != (3, 3):
             raise ValueError(f"RigidTransform.rotation: expected shape (3, 3), got {rotation.shape}")
         if translation.shape != (3,):
@@ -145,7 +147,9 @@ class RigidTransform:
     @staticmethod
     def from_quaternion(quaternion_wxyz: np.ndarray, translation: np.ndarray) -> RigidTransform:
         """From a nuScenes ``rotation`` ([4] w, x, y, z) and ``translation`` ([3] m) pair."""
-        return RigidTransform(quaternion_to_matrix(quaternion_wxyz), np.asarray(translation, dtype=np.float64))
+        return RigidTransform(
+            quaternion_to_matrix(quaternion_wxyz), np.asarray(translation, dtype=np.float64)
+        )
 
     @staticmethod
     def from_matrix(matrix: np.ndarray) -> RigidTransform:
@@ -184,7 +188,9 @@ class RigidTransform:
 
     def __matmul__(self, other: RigidTransform) -> RigidTransform:
         """Composition: ``(a_from_b @ b_from_c) = a_from_c``."""
-        return RigidTransform(self.rotation @ other.rotation, self.rotation @ other.translation + self.translation)
+        return RigidTransform(
+            self.rotation @ other.rotation, self.rotation @ other.translation + self.translation
+        )
 
     def apply(self, points: np.ndarray) -> np.ndarray:
         """Move points from the source into the destination frame.
@@ -227,11 +233,13 @@ class GridSpec:
     resolution_m: float = 0.5
 
     def __post_init__(self) -> None:
-        if not self.resolution_m > 0:
-            raise ValueError(f"GridSpec.resolution_m must be positive, got {self.resolution_m}")
+        if not (math.isfinite(self.resolution_m) and self.resolution_m > 0):
+            raise ValueError(f"GridSpec.resolution_m must be positive and finite, got {self.resolution_m}")
         for lo, hi, axis in ((self.x_min_m, self.x_max_m, "x"), (self.y_min_m, self.y_max_m, "y")):
+            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+                raise ValueError(f"GridSpec: the {axis} extent [{lo}, {hi}) must be finite and non-empty")
             cells = (hi - lo) / self.resolution_m
-            if not hi > lo or abs(cells - round(cells)) > 1e-6:
+            if round(cells) < 1 or abs(cells - round(cells)) > 1e-6:
                 raise ValueError(
                     f"GridSpec: the {axis} extent [{lo}, {hi}) must be positive and a whole number of "
                     f"{self.resolution_m} m cells"
@@ -280,5 +288,5 @@ class GridSpec:
         return self.index_to_xy(rows.ravel(), cols.ravel()).reshape(h, w, 2)
 
     def to_image(self, bev: np.ndarray) -> np.ndarray:
-        """A BEV map ``[..., H, W]`` as an image of the same shape with +x up and +y to the left (for plotting)."""
+        """A BEV map ``[..., H, W]`` as an image of that shape, +x up and +y to the left (for plotting)."""
         return np.flip(bev, axis=(-2, -1))

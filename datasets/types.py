@@ -1,8 +1,8 @@
 """The shared data types: ego poses, LiDAR sweeps, camera images and 3D boxes.
 
-Every source (the nuScenes devkit, the synthetic world) produces these; nothing downstream knows which one it
-got. Frames follow nuScenes: global; ego (x forward, y left, z up, origin at the rear axle); each sensor as its
-``calibrated_sensor`` record says (cameras: x right, y down, z forward).
+Every source (the nuScenes devkit, the synthetic world) produces these; nothing downstream knows which one
+it got. Frames follow nuScenes: global; ego (x forward, y left, z up, origin at the rear axle); each sensor as
+its ``calibrated_sensor`` record says (cameras: x right, y down, z forward).
 
 Notation:
     N  points
@@ -31,16 +31,23 @@ LIDAR_CHANNEL = "LIDAR_TOP"
 
 
 def _frozen_array(name: str, value: np.ndarray, shape: tuple[int | None, ...], dtype: type) -> np.ndarray:
-    """Validate ``value`` against ``shape`` (None matches any size) and return a read-only array of ``dtype``."""
+    """Check ``value`` against ``shape`` (None matches any size); return a read-only array of ``dtype``."""
     array = np.asarray(value)
-    if array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
+    if array.ndim != len(shape) or any(
+        want is not None and got != want for got, want in zip(array.shape, shape, strict=True)
+    ):
         wanted = ", ".join("N" if s is None else str(s) for s in shape)
         raise ValueError(f"{name}: expected shape [{wanted}], got {list(array.shape)}")
-    array = array.astype(dtype, copy=False)
-    if array.flags.writeable:
-        array = array.copy()
-        array.setflags(write=False)
-    return array
+    with np.errstate(invalid="ignore"):  # NaN or out-of-range casts are caught just below
+        converted = array.astype(dtype, copy=False)
+    if np.issubdtype(dtype, np.integer) and converted is not array and not np.array_equal(converted, array):
+        # A float image in [0, 1] or an int beyond 255 would otherwise be truncated or wrapped in silence.
+        raise ValueError(f"{name}: values of dtype {array.dtype} do not fit {np.dtype(dtype).name} exactly")
+    # Keep an array only if it is read-only and owns its memory; anything else could change under us.
+    if converted.flags.writeable or converted.base is not None:
+        converted = converted.copy()
+        converted.setflags(write=False)
+    return converted
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,9 @@ class LidarSweep:
     global_from_ego: geometry.RigidTransform
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "points", _frozen_array("LidarSweep.points", self.points, (None, 5), np.float32))
+        object.__setattr__(
+            self, "points", _frozen_array("LidarSweep.points", self.points, (None, 5), np.float32)
+        )
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,9 @@ class CameraImage:
     def __post_init__(self) -> None:
         if self.channel not in CAMERA_CHANNELS:
             raise ValueError(f"CameraImage.channel: {self.channel!r} is not one of {CAMERA_CHANNELS}")
-        object.__setattr__(self, "image", _frozen_array("CameraImage.image", self.image, (None, None, 3), np.uint8))
+        object.__setattr__(
+            self, "image", _frozen_array("CameraImage.image", self.image, (None, None, 3), np.uint8)
+        )
         object.__setattr__(
             self, "intrinsics", _frozen_array("CameraImage.intrinsics", self.intrinsics, (3, 3), np.float64)
         )
@@ -127,7 +138,9 @@ class Box3D:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "center_m", _frozen_array("Box3D.center_m", self.center_m, (3,), np.float64))
-        object.__setattr__(self, "size_wlh_m", _frozen_array("Box3D.size_wlh_m", self.size_wlh_m, (3,), np.float64))
+        object.__setattr__(
+            self, "size_wlh_m", _frozen_array("Box3D.size_wlh_m", self.size_wlh_m, (3,), np.float64)
+        )
         object.__setattr__(
             self, "velocity_mps", _frozen_array("Box3D.velocity_mps", self.velocity_mps, (2,), np.float64)
         )
@@ -149,14 +162,31 @@ class Box3D:
         """The same box expressed in another frame (yaw taken about the new +z; velocity rotated)."""
         dst_from_box = dst_from_src @ self.frame_from_box
         velocity = dst_from_src.apply_vectors(np.array([*self.velocity_mps, 0.0]))[:2]
-        return Box3D(dst_from_box.translation, self.size_wlh_m, dst_from_box.yaw_rad, velocity, self.category,
-                     self.instance_id)
+        return Box3D(
+            dst_from_box.translation,
+            self.size_wlh_m,
+            dst_from_box.yaw_rad,
+            velocity,
+            self.category,
+            self.instance_id,
+        )
 
     def corners(self) -> np.ndarray:
         """[8, 3] float64 corners (m) in the devkit's ``Box.corners`` order: the four at the front first."""
         w, length, h = self.size_wlh_m
-        signs = np.array([[1, 1, 1], [1, -1, 1], [1, -1, -1], [1, 1, -1],
-                          [-1, 1, 1], [-1, -1, 1], [-1, -1, -1], [-1, 1, -1]], dtype=np.float64)
+        signs = np.array(
+            [
+                [1, 1, 1],
+                [1, -1, 1],
+                [1, -1, -1],
+                [1, 1, -1],
+                [-1, 1, 1],
+                [-1, -1, 1],
+                [-1, -1, -1],
+                [-1, 1, -1],
+            ],
+            dtype=np.float64,
+        )
         return self.frame_from_box.apply(signs * np.array([length, w, h]) / 2)
 
     def footprint(self) -> np.ndarray:
@@ -172,6 +202,9 @@ class Box3D:
         Returns:
             [N] bool.
         """
-        local = self.frame_from_box.inverse().apply(np.asarray(points)[:, :3])  # [N, 3] in the box frame
+        points = np.asarray(points)
+        if points.ndim != 2 or points.shape[1] < 3:
+            raise ValueError(f"points: expected shape [N, 3], got {list(points.shape)}")
+        local = self.frame_from_box.inverse().apply(points[:, :3])  # [N, 3] in the box frame
         half = np.array([self.size_wlh_m[1], self.size_wlh_m[0], self.size_wlh_m[2]]) / 2
         return np.all(np.abs(local) <= half, axis=1)

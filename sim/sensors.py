@@ -1,0 +1,548 @@
+"""Sensor rendering of the synthetic world: a 32-beam spinning LiDAR and the six nuScenes cameras, ray cast.
+
+The world is triangles: a ground quad at z = 0, one box per layout structure (buildings, walls, poles) and, per
+frame, the agents. Rays are cast with open3d's ``RaycastingScene`` (Embree). Sensors sit where nuScenes mounts
+them (the real ``calibrated_sensor`` records of the LIDAR_TOP and the six cameras), so every output is a
+``types.LidarSweep`` or ``types.CameraImage`` that downstream code reads exactly as it reads nuScenes.
+
+Agents are drawn strictly inside their annotation boxes: ``AGENT_INSET_M`` in from each side face and the top,
+and ``AGENT_INSET_M`` up from the bottom, so that a LiDAR return on an agent lies inside its ``Box3D`` and
+never on a face (the range noise is bounded accordingly).
+
+Scene strategy (measured on the ``intersection`` layout with 20 cars, 2 CPU cores, see ``sim/bench.py``): a
+fresh ``RaycastingScene`` per frame holding the static world and the agents beats a static scene built once
+plus a small agent scene cast separately (nearer hit kept); the BVH of a few thousand triangles builds in well
+under a millisecond, while the second cast costs a whole traversal per ray.
+
+Notation:
+    N  rays or returns
+    A  agents
+    B  boxes (mesh parts)
+    C  cameras
+    H, W  image rows and columns (pixels)
+    P  visibility sample points per agent
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import open3d as o3d
+
+from bevjepa.datasets import geometry, types
+from bevjepa.sim import layouts, materials
+
+AGENT_INSET_M = 0.03
+"""How far an agent's mesh stays inside its box: from each side face, from the top and from the bottom (m)."""
+
+NOISE_TRUNCATION_SIGMA = 2.5
+"""Range noise is a Gaussian truncated (clipped) at this many standard deviations."""
+
+_AGENT_NOISE_LIMIT_M = AGENT_INSET_M - 0.005
+"""On agents the range noise is also clipped to this (m), so that a return stays 5 mm inside its box."""
+
+GROUND_MARGIN_M = 10.0
+"""The ground quad reaches this far beyond the layout square on every side (m)."""
+
+SUN_DIRECTION = np.array([0.35, -0.25, 0.90]) / np.linalg.norm([0.35, -0.25, 0.90])
+"""[3] unit vector towards the sun (global frame), fixed."""
+
+AMBIENT = 0.45
+"""Lambertian shading: colour * (AMBIENT + (1 - AMBIENT) * max(0, n . sun))."""
+
+SKY_HORIZON_RGB = np.array([205.0, 225.0, 245.0], dtype=np.float32)
+SKY_ZENITH_RGB = np.array([115.0, 165.0, 235.0], dtype=np.float32)
+"""The sky blends from the horizon to the zenith colour as a ray climbs from 0 to 30 degrees elevation."""
+
+_VEHICLE_BODY_FRACTION = 0.55
+"""A vehicle's lower body fills this share of its box height; the cabin sits on top."""
+
+
+def nuscenes_lidar_top() -> geometry.RigidTransform:
+    """``ego_from_lidar`` of the nuScenes LIDAR_TOP (a Velodyne HDL-32E): x right, y forward, z up."""
+    return geometry.RigidTransform.from_quaternion(
+        np.array([0.7077955119163518, -0.006492242056004365, 0.010646214713995808, -0.7063073142877817]),
+        np.array([0.943713, 0.0, 1.84023]),
+    )
+
+
+@dataclass(frozen=True)
+class CameraCalibration:
+    """A nuScenes camera's real placement and intrinsics at the native 1600x900 resolution.
+
+    Attributes:
+        ego_from_camera: the mounting; camera frame x right, y down, z forward.
+        focal_px: fx = fy at 1600x900 (pixels).
+        cx_px, cy_px: principal point at 1600x900 (pixels).
+    """
+
+    ego_from_camera: geometry.RigidTransform
+    focal_px: float
+    cx_px: float
+    cy_px: float
+
+
+NATIVE_WIDTH_PX, NATIVE_HEIGHT_PX = 1600, 900
+"""The resolution the nuScenes intrinsics are given at."""
+
+
+def _calibration(translation: list[float], rotation_wxyz: list[float], focal_px: float, cx_px: float,
+                 cy_px: float) -> CameraCalibration:
+    # from_quaternion normalises the (rounded) quaternion.
+    return CameraCalibration(geometry.RigidTransform.from_quaternion(np.array(rotation_wxyz), np.array(translation)),
+                             focal_px, cx_px, cy_px)
+
+
+NUSCENES_CAMERAS: dict[str, CameraCalibration] = {
+    "CAM_FRONT": _calibration([1.7008, 0.0159, 1.511], [0.4998, -0.50303, 0.49978, -0.49737], 1266.4, 816.3, 491.5),
+    "CAM_FRONT_RIGHT": _calibration([1.5508, -0.4934, 1.4957], [0.20603, -0.20269, 0.68245, -0.67136], 1260.8, 808.0,
+                                    495.3),
+    "CAM_BACK_RIGHT": _calibration([1.0149, -0.4806, 1.5624], [0.12281, -0.1324, -0.70043, 0.6905], 1259.5, 807.3,
+                                   501.2),
+    "CAM_BACK": _calibration([0.0283, 0.0035, 1.5791], [0.50379, -0.4974, -0.49419, 0.50455], 809.2, 829.2, 481.8),
+    "CAM_BACK_LEFT": _calibration([1.0357, 0.4848, 1.591], [0.69242, -0.70316, -0.11648, 0.11203], 1256.7, 792.1,
+                                  492.8),
+    "CAM_FRONT_LEFT": _calibration([1.5239, 0.4946, 1.5093], [0.67573, -0.67363, 0.21214, -0.21123], 1272.6, 826.6,
+                                   479.8),
+}
+"""The six nuScenes cameras (one real ``calibrated_sensor`` record each), keyed by ``types.CAMERA_CHANNELS``."""
+
+
+@dataclass(frozen=True)
+class LidarConfig:
+    """A spinning LiDAR in the nuScenes LIDAR_TOP geometry (Velodyne HDL-32E).
+
+    The sweep is instantaneous: every ray leaves from one sensor pose, with no motion during the 50 ms spin
+    (the real sensor's rolling shutter is not modelled). Points are in the sensor frame.
+
+    Attributes:
+        beam_count: number of beams (rings); ring 0 is the lowest.
+        elevation_min_deg, elevation_max_deg: elevation of the lowest and highest beam (deg), evenly spread.
+        azimuth_steps: firings per revolution; 1200 gives 30-35 k returns in a typical street (measured: ~33 k).
+        max_range_m: returns beyond this are discarded (m).
+        range_noise_std_m: std of the Gaussian range noise (m), truncated at ``NOISE_TRUNCATION_SIGMA``.
+        drop_probability: chance that a return is lost at random.
+        ego_from_sensor: the mounting; default the real nuScenes LIDAR_TOP calibration.
+    """
+
+    beam_count: int = 32
+    elevation_min_deg: float = -30.67
+    elevation_max_deg: float = 10.67
+    azimuth_steps: int = 1200
+    max_range_m: float = 70.0
+    range_noise_std_m: float = 0.01
+    drop_probability: float = 0.03
+    ego_from_sensor: geometry.RigidTransform = field(default_factory=nuscenes_lidar_top)
+
+    def __post_init__(self) -> None:
+        if self.beam_count < 1 or self.azimuth_steps < 1:
+            raise ValueError(f"LidarConfig: beam_count ({self.beam_count}) and azimuth_steps "
+                             f"({self.azimuth_steps}) must be positive")
+        if not -90.0 < self.elevation_min_deg <= self.elevation_max_deg < 90.0:
+            raise ValueError(f"LidarConfig: elevations [{self.elevation_min_deg}, {self.elevation_max_deg}] deg "
+                             "must be ordered and within (-90, 90)")
+        if not self.max_range_m > 0:
+            raise ValueError(f"LidarConfig.max_range_m must be positive, got {self.max_range_m}")
+        if not self.range_noise_std_m >= 0:
+            raise ValueError(f"LidarConfig.range_noise_std_m must be >= 0, got {self.range_noise_std_m}")
+        if not 0.0 <= self.drop_probability < 1.0:
+            raise ValueError(f"LidarConfig.drop_probability must be in [0, 1), got {self.drop_probability}")
+
+    @property
+    def ray_count(self) -> int:
+        """Rays per sweep: ``beam_count * azimuth_steps``."""
+        return self.beam_count * self.azimuth_steps
+
+    def elevations_rad(self) -> np.ndarray:
+        """[beam_count] float64 beam elevations (rad), ring 0 first (lowest)."""
+        return np.radians(np.linspace(self.elevation_min_deg, self.elevation_max_deg, self.beam_count))
+
+    def ray_directions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unit ray directions in the sensor frame, in firing order (all rings at one azimuth, then the next).
+
+        Returns:
+            directions [N, 3] float32 (sensor frame), ring [N] float32 ring index.
+        """
+        elevation = self.elevations_rad()  # [R]
+        azimuth = np.arange(self.azimuth_steps) * (2 * np.pi / self.azimuth_steps)  # [S]
+        cos_el = np.cos(elevation)[None, :]
+        directions = np.stack(
+            [cos_el * np.cos(azimuth)[:, None], cos_el * np.sin(azimuth)[:, None],
+             np.broadcast_to(np.sin(elevation)[None, :], (self.azimuth_steps, self.beam_count))],
+            axis=-1,
+        ).reshape(-1, 3)  # [S*R, 3]
+        ring = np.tile(np.arange(self.beam_count, dtype=np.float32), self.azimuth_steps)  # [S*R]
+        return directions.astype(np.float32), ring
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """The six nuScenes cameras at a chosen resolution (intrinsics scaled from 1600x900).
+
+    Pixel (row v, column u) shows the ray through ``K^-1 [u + 0.5, v + 0.5, 1]``, so that the devkit's
+    ``view_points`` of a point on that ray, floored, gives ``(u, v)``.
+
+    Attributes:
+        width_px: image width W (pixels).
+        height_px: image height H (pixels).
+    """
+
+    width_px: int = 400
+    height_px: int = 225
+
+    def __post_init__(self) -> None:
+        if self.width_px < 1 or self.height_px < 1:
+            raise ValueError(f"CameraConfig: size {self.width_px}x{self.height_px} must be positive")
+
+    def intrinsics(self, channel: str) -> np.ndarray:
+        """[3, 3] float64 pinhole matrix of ``channel`` at this resolution (pixels)."""
+        calibration = NUSCENES_CAMERAS[channel]
+        sx, sy = self.width_px / NATIVE_WIDTH_PX, self.height_px / NATIVE_HEIGHT_PX
+        return np.array([[calibration.focal_px * sx, 0.0, calibration.cx_px * sx],
+                         [0.0, calibration.focal_px * sy, calibration.cy_px * sy],
+                         [0.0, 0.0, 1.0]])
+
+    def ray_directions(self, channel: str) -> np.ndarray:
+        """[H, W, 3] float64 unit ray directions (camera frame) of every pixel centre."""
+        k_inv = np.linalg.inv(self.intrinsics(channel))
+        v, u = np.meshgrid(np.arange(self.height_px) + 0.5, np.arange(self.width_px) + 0.5, indexing="ij")
+        pixels = np.stack([u, v, np.ones_like(u)], axis=-1)  # [H, W, 3]
+        directions = pixels @ k_inv.T
+        return directions / np.linalg.norm(directions, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------------ meshes
+
+
+def _unit_box() -> tuple[np.ndarray, np.ndarray]:
+    """Corners [8, 3] (signs, corner i has bits x, y, z = i & 1, i & 2, i & 4) and [12, 3] outward triangles."""
+    index = np.arange(8)
+    corners = np.stack([(index & 1) > 0, (index & 2) > 0, (index & 4) > 0], axis=-1) * 2.0 - 1.0
+    quads = np.array([[0, 1, 3, 2], [4, 5, 7, 6], [0, 1, 5, 4], [2, 3, 7, 6], [0, 2, 6, 4], [1, 3, 7, 5]])
+    triangles = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])  # [12, 3]
+    a, b, c = corners[triangles[:, 0]], corners[triangles[:, 1]], corners[triangles[:, 2]]
+    inward = np.einsum("ij,ij->i", np.cross(b - a, c - a), a + b + c) < 0
+    triangles[inward] = triangles[inward][:, [0, 2, 1]]
+    return corners, triangles
+
+
+_BOX_CORNERS, _BOX_TRIANGLES = _unit_box()
+
+
+def box_meshes(centers_m: np.ndarray, half_extents_m: np.ndarray, yaws_rad: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Triangle meshes of boxes that stand upright, merged into one.
+
+    Args:
+        centers_m: [B, 3] float — box centres (m).
+        half_extents_m: [B, 3] float — half sizes along the box's own x (length), y (width) and z (m).
+        yaws_rad: [B] float — heading of each box's x axis about +z (rad).
+
+    Returns:
+        vertices [8B, 3] float32 and triangles [12B, 3] uint32 (outward wound); box b owns triangles
+        ``12b .. 12b + 11``.
+    """
+    centers_m = np.asarray(centers_m, dtype=np.float64).reshape(-1, 3)
+    boxes = len(centers_m)
+    local = _BOX_CORNERS[None] * np.asarray(half_extents_m, dtype=np.float64).reshape(-1, 1, 3)  # [B, 8, 3]
+    cos, sin = np.cos(yaws_rad)[:, None], np.sin(yaws_rad)[:, None]
+    vertices = np.empty((boxes, 8, 3), dtype=np.float32)
+    vertices[..., 0] = cos * local[..., 0] - sin * local[..., 1] + centers_m[:, None, 0]
+    vertices[..., 1] = sin * local[..., 0] + cos * local[..., 1] + centers_m[:, None, 1]
+    vertices[..., 2] = local[..., 2] + centers_m[:, None, 2]
+    triangles = (_BOX_TRIANGLES[None] + 8 * np.arange(boxes)[:, None, None]).astype(np.uint32)  # [B, 12, 3]
+    return vertices.reshape(-1, 3), triangles.reshape(-1, 3)
+
+
+@dataclass(frozen=True)
+class AgentMesh:
+    """All agents of one frame as one triangle mesh (global frame).
+
+    Attributes:
+        vertices: [V, 3] float32 (m).
+        triangles: [T, 3] uint32 vertex indices, outward wound.
+        triangle_agent: [T] int32 index of the agent that owns each triangle.
+        agent_material: [A] uint8 ``materials.Material`` of each agent.
+    """
+
+    vertices: np.ndarray
+    triangles: np.ndarray
+    triangle_agent: np.ndarray
+    agent_material: np.ndarray
+
+    @staticmethod
+    def from_boxes(agents: Sequence[types.Box3D]) -> AgentMesh:
+        """Meshes strictly inside the boxes: vehicles a lower body and a narrower cabin, others one box."""
+        count = len(agents)
+        if count == 0:
+            return AgentMesh(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint32), np.zeros(0, np.int32),
+                             np.zeros(0, np.uint8))
+        center = np.stack([a.center_m for a in agents])  # [A, 3]
+        size_wlh = np.stack([a.size_wlh_m for a in agents])  # [A, 3]
+        yaw = np.array([a.yaw_rad for a in agents])  # [A]
+        material = np.array([materials.material_of_category(a.category) for a in agents], dtype=np.uint8)
+        if np.any(size_wlh < 4 * AGENT_INSET_M):
+            raise ValueError(f"AgentMesh: every box size must be at least {4 * AGENT_INSET_M} m to hold its mesh")
+        half_length = size_wlh[:, 1] / 2 - AGENT_INSET_M  # [A]
+        half_width = size_wlh[:, 0] / 2 - AGENT_INSET_M
+        bottom = center[:, 2] - size_wlh[:, 2] / 2 + AGENT_INSET_M
+        top = center[:, 2] + size_wlh[:, 2] / 2 - AGENT_INSET_M
+        is_vehicle = material == materials.Material.VEHICLE
+        split = np.where(is_vehicle, center[:, 2] - size_wlh[:, 2] / 2 + _VEHICLE_BODY_FRACTION * size_wlh[:, 2], top)
+        # Part 1 of every agent: the inset box (its lower body for vehicles), centred on the box axis.
+        body_center = np.stack([center[:, 0], center[:, 1], (bottom + split) / 2], axis=-1)
+        body_half = np.stack([half_length, half_width, (split - bottom) / 2], axis=-1)
+        # Part 2 of vehicles: a cabin 60% as long (set back by 10% of the length) and 85% as wide, up to the top.
+        vehicle = np.flatnonzero(is_vehicle)
+        offset = -0.1 * half_length[vehicle]
+        cabin_center = np.stack([center[vehicle, 0] + offset * np.cos(yaw[vehicle]),
+                                 center[vehicle, 1] + offset * np.sin(yaw[vehicle]),
+                                 (split[vehicle] + top[vehicle]) / 2], axis=-1)
+        cabin_half = np.stack([0.6 * half_length[vehicle], 0.85 * half_width[vehicle],
+                               (top[vehicle] - split[vehicle]) / 2], axis=-1)
+        part_agent = np.concatenate([np.arange(count), vehicle]).astype(np.int32)  # [B]
+        vertices, triangles = box_meshes(np.concatenate([body_center, cabin_center]),
+                                         np.concatenate([body_half, cabin_half]), yaw[part_agent])
+        return AgentMesh(vertices, triangles, np.repeat(part_agent, len(_BOX_TRIANGLES)), material)
+
+
+def _static_mesh(layout: layouts.RoadLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ground quad and every structure as boxes: vertices [V, 3] float32, triangles [T, 3] uint32, and
+    [T] uint8 material per triangle (the ground's two triangles first).
+    """
+    lo, hi = -GROUND_MARGIN_M, layout.extent_m + GROUND_MARGIN_M
+    ground_vertices = np.array([[lo, lo, 0.0], [hi, lo, 0.0], [hi, hi, 0.0], [lo, hi, 0.0]], dtype=np.float32)
+    ground_triangles = np.array([[0, 1, 2], [0, 2, 3]], dtype=np.uint32)  # counter-clockwise from above: +z
+    if layout.structures:
+        centers = np.stack([s.center_m for s in layout.structures])
+        size_wlh = np.stack([s.size_wlh_m for s in layout.structures])
+        yaws = np.array([s.yaw_rad for s in layout.structures])
+        box_vertices, box_triangles = box_meshes(centers, size_wlh[:, [1, 0, 2]] / 2, yaws)
+        box_material = np.repeat(np.array([s.material for s in layout.structures], dtype=np.uint8),
+                                 len(_BOX_TRIANGLES))
+    else:
+        box_vertices, box_triangles = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint32)
+        box_material = np.zeros(0, np.uint8)
+    vertices = np.concatenate([ground_vertices, box_vertices])
+    triangles = np.concatenate([ground_triangles, box_triangles + np.uint32(len(ground_vertices))])
+    material = np.concatenate([np.full(2, materials.Material.GROUND, dtype=np.uint8), box_material])
+    return vertices, triangles, material
+
+
+@dataclass(frozen=True)
+class _Hits:
+    """First hits of N rays.
+
+    Attributes:
+        t_hit: [N] float32 distance along the ray (units of the direction's length); inf on a miss.
+        material: [N] uint8 ``Material`` of what was hit (GROUND on a miss: mask with ``t_hit``).
+        agent: [N] int32 agent index, -1 for the static world or a miss.
+        normal: [N, 3] float32 unit normal of the hit triangle (global), as wound.
+    """
+
+    t_hit: np.ndarray
+    material: np.ndarray
+    agent: np.ndarray
+    normal: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------- renderer
+
+_VISIBILITY_PATTERN = np.concatenate([
+    0.9 * (_BOX_CORNERS),  # the 8 inset corners pulled 10% towards the centre
+    np.zeros((1, 3)),  # the centre
+    0.9 * np.concatenate([np.eye(3), -np.eye(3)]),  # the 6 face centres, pulled in alike
+])
+"""[P, 3] sample points of an agent as fractions of its inset half extents (box frame: length, width, up)."""
+
+
+class SensorRenderer:
+    """Renders LiDAR sweeps, camera images and agent visibility of a road layout with agents in it.
+
+    The static world (ground and structures) is meshed once; each call adds the given agents and casts.
+    """
+
+    def __init__(self, layout: layouts.RoadLayout, lidar: LidarConfig | None = None,
+                 cameras: CameraConfig | None = None) -> None:
+        self.layout = layout
+        self.lidar = LidarConfig() if lidar is None else lidar
+        self.cameras = CameraConfig() if cameras is None else cameras
+        self._static_vertices, self._static_triangles, self._static_material = _static_mesh(layout)
+        directions, self._lidar_ring = self.lidar.ray_directions()  # [N, 3] sensor frame, [N]
+        self._lidar_directions_h = np.concatenate([directions, np.ones((len(directions), 1), np.float32)], axis=1)
+        self._ego_from_sensor_matrix = self.lidar.ego_from_sensor.matrix
+        self._camera_directions = np.stack(
+            [self.cameras.ray_directions(c) for c in types.CAMERA_CHANNELS]).astype(np.float32)  # [C, H, W, 3]
+        self._intrinsics = np.stack([self.cameras.intrinsics(c) for c in types.CAMERA_CHANNELS])  # [C, 3, 3]
+
+    # ---------------------------------------------------------------------------------------- casting
+
+    def _cast(self, rays: np.ndarray, mesh: AgentMesh) -> _Hits:
+        """First hits of rays [N, 6] float32 (origin, direction; global) in the static world plus ``mesh``.
+
+        One fresh scene per call, static world and agents merged into one ``add_triangles``: measured faster
+        than a static scene built once plus an agent scene cast separately (see the module docstring).
+        """
+        static_count = len(self._static_material)
+        vertices = np.concatenate([self._static_vertices, mesh.vertices])
+        triangles = np.concatenate([self._static_triangles, mesh.triangles + np.uint32(len(self._static_vertices))])
+        # Per-triangle tables with one extra entry for a miss (primitive id INVALID_ID, clipped onto it).
+        triangle_agent = np.concatenate([np.full(static_count, -1, np.int32), mesh.triangle_agent, [-1]])
+        triangle_material = np.concatenate([self._static_material, mesh.agent_material[mesh.triangle_agent],
+                                            [materials.Material.GROUND]]).astype(np.uint8)
+        scene = o3d.t.geometry.RaycastingScene()
+        scene.add_triangles(o3d.core.Tensor.from_numpy(vertices), o3d.core.Tensor.from_numpy(triangles))
+        result = scene.cast_rays(o3d.core.Tensor.from_numpy(np.ascontiguousarray(rays, dtype=np.float32)))
+        primitive = np.minimum(result["primitive_ids"].numpy(), np.uint32(len(triangles)))  # [N]
+        return _Hits(result["t_hit"].numpy(), triangle_material[primitive], triangle_agent[primitive],
+                     result["primitive_normals"].numpy())
+
+    # ------------------------------------------------------------------------------------------ LiDAR
+
+    def lidar_sweep(self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform,
+                    timestamp_us: int, rng: np.random.Generator) -> tuple[types.LidarSweep, np.ndarray]:
+        """One instantaneous LiDAR sweep (no motion during the spin).
+
+        Args:
+            agents: the agents' boxes (global frame).
+            global_from_ego: the ego pose.
+            timestamp_us: the sweep's time (µs).
+            rng: draws the random drops and the range noise (nothing else is random).
+
+        Returns:
+            The sweep (points [N, 5] float32 in the sensor frame: x, y, z (m), intensity 0-255, ring 0-31), and
+            [N] int32 the index into ``agents`` of the agent each point lies on, -1 for the static world.
+        """
+        config = self.lidar
+        global_from_sensor = global_from_ego.matrix @ self._ego_from_sensor_matrix  # [4, 4]
+        # [N, 6] rays (origin, unit direction; global) as one product: [d, 1] @ [[0, R^T], [t, 0]].
+        rays = self._lidar_directions_h @ np.concatenate(
+            [np.concatenate([np.zeros((3, 3)), global_from_sensor[:3, :3].T], axis=1),
+             np.concatenate([global_from_sensor[:3, 3], np.zeros(3)])[None]]).astype(np.float32)
+        hits = self._cast(rays, AgentMesh.from_boxes(agents))
+
+        # Randomness: one drop draw and one noise draw per ray, in ray order.
+        dropped = rng.random(config.ray_count, dtype=np.float32) < config.drop_probability  # [N]
+        noise = np.clip(rng.standard_normal(config.ray_count, dtype=np.float32), -NOISE_TRUNCATION_SIGMA,
+                        NOISE_TRUNCATION_SIGMA) * np.float32(config.range_noise_std_m)
+        if NOISE_TRUNCATION_SIGMA * config.range_noise_std_m > _AGENT_NOISE_LIMIT_M:
+            noise = np.where(hits.agent >= 0, np.clip(noise, -_AGENT_NOISE_LIMIT_M, _AGENT_NOISE_LIMIT_M), noise)
+        range_m = hits.t_hit + noise  # [N] float32; inf on a miss
+        kept = np.flatnonzero((hits.t_hit <= config.max_range_m) & ~dropped & (range_m > 0)
+                              & (range_m <= config.max_range_m))  # [M] ray indices
+
+        material = hits.material[kept]  # [M]
+        reflectivity = materials.MATERIAL_REFLECTIVITY[material]
+        ground = kept[material == materials.Material.GROUND]
+        ground_xy = global_from_sensor[:2, 3] + rays[ground, 3:5] * hits.t_hit[ground, None]
+        reflectivity[material == materials.Material.GROUND] = materials.SURFACE_REFLECTIVITY[
+            self.layout.surface.lookup(ground_xy)]
+        cos_incidence = np.abs(np.einsum("ij,ij->i", np.take(hits.normal, kept, axis=0),
+                                         np.take(rays[:, 3:], kept, axis=0)))  # [M]
+
+        points = np.empty((len(kept), 5), dtype=np.float32)  # [M, 5]
+        points[:, :3] = np.take(self._lidar_directions_h[:, :3], kept, axis=0) * range_m[kept, None]
+        points[:, 3] = np.clip(reflectivity * cos_incidence * np.float32(255.0), 0.0, 255.0)
+        points[:, 4] = self._lidar_ring[kept]
+        sweep = types.LidarSweep(timestamp_us, points, config.ego_from_sensor, global_from_ego)
+        return sweep, hits.agent[kept]
+
+    # ---------------------------------------------------------------------------------------- cameras
+
+    def global_from_cameras(self, global_from_ego: geometry.RigidTransform) -> list[geometry.RigidTransform]:
+        """``global_from_camera`` of the six cameras, in ``types.CAMERA_CHANNELS`` order."""
+        return [global_from_ego @ NUSCENES_CAMERAS[c].ego_from_camera for c in types.CAMERA_CHANNELS]
+
+    def camera_images(self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform,
+                      timestamp_us: int) -> tuple[list[types.CameraImage], list[np.ndarray]]:
+        """The six camera images, shaded deterministically, and which agent each pixel shows.
+
+        Args:
+            agents: the agents' boxes (global frame).
+            global_from_ego: the ego pose.
+            timestamp_us: the images' time (µs).
+
+        Returns:
+            Six ``CameraImage`` ([H, W, 3] uint8 RGB) in ``types.CAMERA_CHANNELS`` order, and six [H, W] int32
+            images of the index into ``agents`` seen at each pixel (-1 where no agent).
+        """
+        cameras = self.global_from_cameras(global_from_ego)
+        count, height, width, _ = self._camera_directions.shape
+        rays = np.empty((count, height, width, 6), dtype=np.float32)  # [C, H, W, 6]
+        for c, global_from_camera in enumerate(cameras):
+            rays[c, ..., :3] = global_from_camera.translation
+            rays[c, ..., 3:] = self._camera_directions[c] @ global_from_camera.rotation.T.astype(np.float32)
+        rays = rays.reshape(-1, 6)  # [C*H*W, 6]
+        hits = self._cast(rays, AgentMesh.from_boxes(agents))
+
+        direction = rays[:, 3:]
+        hit = np.isfinite(hits.t_hit)
+        base = materials.MATERIAL_RGB[hits.material]  # [C*H*W, 3]
+        ground = np.flatnonzero(hit & (hits.material == materials.Material.GROUND))
+        ground_xy = rays[ground, :2] + direction[ground, :2] * hits.t_hit[ground, None]
+        base[ground] = materials.SURFACE_RGB[self.layout.surface.lookup(ground_xy)]
+        # Face the normal towards the camera, whatever the winding, then shade.
+        normal_dot_ray = np.einsum("ij,ij->i", hits.normal, direction)
+        normal_dot_sun = hits.normal @ SUN_DIRECTION.astype(np.float32) * -np.sign(normal_dot_ray)
+        shaded = base * (AMBIENT + (1 - AMBIENT) * np.maximum(normal_dot_sun, 0.0))[:, None]
+        sky = np.clip(direction[:, 2] / np.sin(np.radians(30.0)), 0.0, 1.0)[:, None]
+        sky_rgb = SKY_HORIZON_RGB * (1 - sky) + SKY_ZENITH_RGB * sky
+        rgb = np.where(hit[:, None], shaded, sky_rgb)
+        rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8).reshape(count, height, width, 3)
+        agent_images = hits.agent.reshape(count, height, width)
+
+        images = [
+            types.CameraImage(channel, timestamp_us, rgb[c], self._intrinsics[c],
+                              NUSCENES_CAMERAS[channel].ego_from_camera, global_from_ego)
+            for c, channel in enumerate(types.CAMERA_CHANNELS)
+        ]
+        return images, [agent_images[c] for c in range(count)]
+
+    # ------------------------------------------------------------------------------------- visibility
+
+    def visible_fraction(self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform
+                         ) -> np.ndarray:
+        """How much of each agent some camera sees.
+
+        Each agent has P = 15 sample points (its 8 inset corners pulled 10% inwards, its centre and its 6 face
+        centres pulled in alike). A point counts if it projects into some camera's image and the ray from that
+        camera's centre first hits this agent, or nothing before the point.
+
+        Returns:
+            [A] float64 fractions in [0, 1].
+        """
+        count = len(agents)
+        if count == 0:
+            return np.zeros(0)
+        center = np.stack([a.center_m for a in agents])  # [A, 3]
+        size_wlh = np.stack([a.size_wlh_m for a in agents])
+        yaw = np.array([a.yaw_rad for a in agents])
+        half = np.maximum(size_wlh[:, [1, 0, 2]] / 2 - AGENT_INSET_M, 0.0)  # [A, 3] inset half extents
+        local = _VISIBILITY_PATTERN[None] * half[:, None]  # [A, P, 3]
+        cos, sin = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
+        samples = np.stack([cos * local[..., 0] - sin * local[..., 1], sin * local[..., 0] + cos * local[..., 1],
+                            local[..., 2]], axis=-1) + center[:, None]  # [A, P, 3] global
+        samples = samples.reshape(-1, 3)  # [A*P, 3]
+
+        cameras = self.global_from_cameras(global_from_ego)
+        origins = np.stack([g.translation for g in cameras])  # [C, 3]
+        offsets = samples[None] - origins[:, None]  # [C, A*P, 3]
+        distance = np.linalg.norm(offsets, axis=-1)  # [C, A*P]
+        in_view = np.zeros(distance.shape, dtype=bool)
+        for c, global_from_camera in enumerate(cameras):
+            in_camera = global_from_camera.inverse().apply(samples)  # [A*P, 3]
+            depth = in_camera[:, 2]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                uv = (in_camera @ self._intrinsics[c].T)[:, :2] / depth[:, None]
+            in_view[c] = ((depth > 0.1) & (uv[:, 0] >= 0) & (uv[:, 0] < self.cameras.width_px)
+                          & (uv[:, 1] >= 0) & (uv[:, 1] < self.cameras.height_px))
+        rays = np.concatenate([np.broadcast_to(origins[:, None], offsets.shape),
+                               offsets / np.maximum(distance, 1e-9)[..., None]], axis=-1)  # [C, A*P, 6]
+        hits = self._cast(rays.reshape(-1, 6).astype(np.float32), AgentMesh.from_boxes(agents))
+        owner = np.repeat(np.arange(count), len(_VISIBILITY_PATTERN))  # [A*P]
+        first_hit = hits.agent.reshape(distance.shape)
+        clear = (first_hit == owner[None]) | (hits.t_hit.reshape(distance.shape) >= distance)
+        seen = np.any(in_view & clear, axis=0).reshape(count, -1)  # [A, P]
+        return seen.mean(axis=1)

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real nuScenes data in ``../shared/realdata`` (skipped where it is absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REALDATA = REPO_ROOT.parent / "shared" / "realdata"
+"""Real driving data, read in place (see its README.md); never copied into the project."""
+
+SCENE_0916 = "nuscenes-scene-0916"
+"""A v1.0-mini dataroot holding scene-0916: all tables, sensor files for the first 5 keyframes."""
+
+
+@pytest.fixture(scope="session")
+def realdata_root() -> Path:
+    """``../shared/realdata``, or skip the test where it is absent."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real data not found at {REALDATA}")
+    return REALDATA
+
+
+@pytest.fixture(scope="session")
+def real_scene_nusc(realdata_root: Path):
+    """``NuScenes('v1.0-mini')`` over the scene-0916 dataroot, loaded once per session."""
+    dataroot = realdata_root / SCENE_0916
+    if not (dataroot / "v1.0-mini").is_dir():
+        pytest.skip(f"nuScenes scene-0916 not found at {dataroot}")
+    from nuscenes.nuscenes import NuScenes
+
+    return NuScenes(version="v1.0-mini", dataroot=str(dataroot), verbose=False)
