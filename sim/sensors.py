@@ -332,26 +332,44 @@ def _static_mesh(layout: layouts.RoadLayout) -> tuple[np.ndarray, np.ndarray, np
 
 
 @dataclass(frozen=True)
+class _Scene:
+    """One frame's world in an open3d scene, with per-triangle lookup tables.
+
+    Triangle ``T`` of the tables (one past the last) stands for a miss: cast results clip their primitive id
+    onto it. Triangles 0 and 1 are the ground.
+
+    Attributes:
+        scene: the committed-on-first-cast open3d scene, in the frame its vertices were moved to.
+        triangle_material: [T + 1] uint8 ``Material`` (GROUND for a miss).
+        triangle_agent: [T + 1] int32 agent index, -1 for the static world and a miss.
+        triangle_reflectivity: [T + 1] float32 LiDAR reflectivity (0 for the ground: see the surface raster).
+    """
+
+    scene: o3d.t.geometry.RaycastingScene
+    triangle_material: np.ndarray
+    triangle_agent: np.ndarray
+    triangle_reflectivity: np.ndarray
+
+
+@dataclass(frozen=True)
 class _Hits:
     """First hits of N rays.
 
     Attributes:
-        t_hit: [N] float32 distance along the ray (units of the direction's length); inf on a miss.
-        material: [N] uint8 ``Material`` of what was hit (GROUND on a miss: mask with ``t_hit``).
-        agent: [N] int32 agent index, -1 for the static world or a miss.
-        normal: [N, 3] float32 unit normal of the hit triangle (global), as wound.
+        t_hit: [N] float32 distance along the ray (m, for unit directions); inf on a miss.
+        triangle: [N] int64 index into the ``_Scene`` tables (T on a miss).
+        normal: [N, 3] float32 unit normal of the hit triangle, as wound, in the scene's frame.
     """
 
     t_hit: np.ndarray
-    material: np.ndarray
-    agent: np.ndarray
+    triangle: np.ndarray
     normal: np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------- renderer
 
 _VISIBILITY_PATTERN = np.concatenate([
-    0.9 * (_BOX_CORNERS),  # the 8 inset corners pulled 10% towards the centre
+    0.9 * _BOX_CORNERS,  # the 8 inset corners pulled 10% towards the centre
     np.zeros((1, 3)),  # the centre
     0.9 * np.concatenate([np.eye(3), -np.eye(3)]),  # the 6 face centres, pulled in alike
 ])
@@ -361,7 +379,14 @@ _VISIBILITY_PATTERN = np.concatenate([
 class SensorRenderer:
     """Renders LiDAR sweeps, camera images and agent visibility of a road layout with agents in it.
 
-    The static world (ground and structures) is meshed once; each call adds the given agents and casts.
+    The static world (ground and structures) is meshed once; each call adds the given agents to a fresh
+    ``RaycastingScene`` and casts. LiDAR scenes are built in the sensor frame (a thousand vertices move
+    instead of tens of thousands of rays); camera and visibility scenes stay global.
+
+    Args:
+        layout: the road layout (global frame).
+        lidar: the LiDAR; default ``LidarConfig()``.
+        cameras: the cameras; default ``CameraConfig()``.
     """
 
     def __init__(self, layout: layouts.RoadLayout, lidar: LidarConfig | None = None,
@@ -370,40 +395,77 @@ class SensorRenderer:
         self.lidar = LidarConfig() if lidar is None else lidar
         self.cameras = CameraConfig() if cameras is None else cameras
         self._static_vertices, self._static_triangles, self._static_material = _static_mesh(layout)
+        self._static_reflectivity = np.where(self._static_material == materials.Material.GROUND, 0.0,
+                                             materials.MATERIAL_REFLECTIVITY[self._static_material]
+                                             ).astype(np.float32)
+        self._surface_classes = np.ascontiguousarray(layout.surface.classes).ravel()  # [R*C] uint8
         directions, self._lidar_ring = self.lidar.ray_directions()  # [N, 3] sensor frame, [N]
-        self._lidar_directions_h = np.concatenate([directions, np.ones((len(directions), 1), np.float32)], axis=1)
+        self._lidar_directions_t = np.ascontiguousarray(directions.T)  # [3, N]
         self._ego_from_sensor_matrix = self.lidar.ego_from_sensor.matrix
+        self._lidar_rays = o3d.core.Tensor(np.concatenate([np.zeros_like(directions), directions], axis=1))
         self._camera_directions = np.stack(
             [self.cameras.ray_directions(c) for c in types.CAMERA_CHANNELS]).astype(np.float32)  # [C, H, W, 3]
         self._intrinsics = np.stack([self.cameras.intrinsics(c) for c in types.CAMERA_CHANNELS])  # [C, 3, 3]
 
     # ---------------------------------------------------------------------------------------- casting
 
-    def _cast(self, rays: np.ndarray, mesh: AgentMesh) -> _Hits:
-        """First hits of rays [N, 6] float32 (origin, direction; global) in the static world plus ``mesh``.
+    def raycasting_scene(self, agents: Sequence[types.Box3D],
+                         frame_from_global: geometry.RigidTransform | None = None
+                         ) -> o3d.t.geometry.RaycastingScene:
+        """The open3d scene of the static world plus ``agents``, in the frame ``frame_from_global`` maps to."""
+        matrix = None if frame_from_global is None else frame_from_global.matrix
+        return self._scene(AgentMesh.from_boxes(agents), matrix).scene
 
-        One fresh scene per call, static world and agents merged into one ``add_triangles``: measured faster
-        than a static scene built once plus an agent scene cast separately (see the module docstring).
+    def _scene(self, mesh: AgentMesh, frame_from_global: np.ndarray | None) -> _Scene:
+        """Static world and agents merged into one ``add_triangles`` of a fresh scene.
+
+        A fresh scene per frame was measured faster than a static scene built once plus an agent scene cast
+        separately, keeping the nearer hit (see the module docstring).
         """
-        static_count = len(self._static_material)
-        vertices = np.concatenate([self._static_vertices, mesh.vertices])
+        vertices = np.concatenate([self._static_vertices, mesh.vertices])  # [V, 3] float32 global
+        if frame_from_global is not None:  # [4, 4]
+            vertices = (vertices @ frame_from_global[:3, :3].T + frame_from_global[:3, 3]).astype(np.float32)
         triangles = np.concatenate([self._static_triangles, mesh.triangles + np.uint32(len(self._static_vertices))])
-        # Per-triangle tables with one extra entry for a miss (primitive id INVALID_ID, clipped onto it).
-        triangle_agent = np.concatenate([np.full(static_count, -1, np.int32), mesh.triangle_agent, [-1]])
-        triangle_material = np.concatenate([self._static_material, mesh.agent_material[mesh.triangle_agent],
-                                            [materials.Material.GROUND]]).astype(np.uint8)
+        material = np.concatenate([self._static_material, mesh.agent_material[mesh.triangle_agent],
+                                   [materials.Material.GROUND]]).astype(np.uint8)  # [T + 1]
+        agent = np.concatenate([np.full(len(self._static_material), -1, np.int32), mesh.triangle_agent,
+                                [-1]]).astype(np.int32)
+        reflectivity = np.concatenate([self._static_reflectivity,
+                                       materials.MATERIAL_REFLECTIVITY[material[len(self._static_material):]]])
         scene = o3d.t.geometry.RaycastingScene()
         scene.add_triangles(o3d.core.Tensor.from_numpy(vertices), o3d.core.Tensor.from_numpy(triangles))
-        result = scene.cast_rays(o3d.core.Tensor.from_numpy(np.ascontiguousarray(rays, dtype=np.float32)))
-        primitive = np.minimum(result["primitive_ids"].numpy(), np.uint32(len(triangles)))  # [N]
-        return _Hits(result["t_hit"].numpy(), triangle_material[primitive], triangle_agent[primitive],
-                     result["primitive_normals"].numpy())
+        return _Scene(scene, material, agent, reflectivity.astype(np.float32))
+
+    @staticmethod
+    def _cast(scene: _Scene, rays: o3d.core.Tensor) -> _Hits:
+        """First hits of rays [N, 6] float32 (origin, unit direction) in ``scene``'s frame."""
+        result = scene.scene.cast_rays(rays)
+        miss = np.uint32(len(scene.triangle_agent) - 1)
+        triangle = np.minimum(result["primitive_ids"].numpy(), miss)  # [N]; INVALID_ID on a miss
+        return _Hits(result["t_hit"].numpy(), triangle, result["primitive_normals"].numpy())
+
+    def surface_classes(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
+        """The layout's ``Surface`` under points, as ``SurfaceRaster.lookup`` (faster: no masks, one gather).
+
+        Args:
+            x_m, y_m: [M] float — global coordinates (m).
+
+        Returns:
+            [M] uint8 ``Surface`` (OFFROAD outside the raster).
+        """
+        rows_count, cols_count = self.layout.surface.classes.shape
+        resolution = self.layout.surface.resolution_m
+        col = np.floor(np.asarray(x_m, dtype=np.float64) / resolution)
+        row = np.floor(rows_count - np.asarray(y_m, dtype=np.float64) / resolution)
+        inside = (col >= 0) & (col < cols_count) & (row >= 0) & (row < rows_count)
+        flat = np.where(inside, row * cols_count + col, 0).astype(np.int64)
+        return np.where(inside, self._surface_classes[flat], np.uint8(materials.Surface.OFFROAD))
 
     # ------------------------------------------------------------------------------------------ LiDAR
 
     def lidar_sweep(self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform,
                     timestamp_us: int, rng: np.random.Generator) -> tuple[types.LidarSweep, np.ndarray]:
-        """One instantaneous LiDAR sweep (no motion during the spin).
+        """One instantaneous LiDAR sweep (every ray from one pose: no motion during the 50 ms spin).
 
         Args:
             agents: the agents' boxes (global frame).
@@ -416,38 +478,44 @@ class SensorRenderer:
             [N] int32 the index into ``agents`` of the agent each point lies on, -1 for the static world.
         """
         config = self.lidar
+        # Raw matrices (no RigidTransform checks) keep the per-sweep overhead small.
         global_from_sensor = global_from_ego.matrix @ self._ego_from_sensor_matrix  # [4, 4]
-        # [N, 6] rays (origin, unit direction; global) as one product: [d, 1] @ [[0, R^T], [t, 0]].
-        rays = self._lidar_directions_h @ np.concatenate(
-            [np.concatenate([np.zeros((3, 3)), global_from_sensor[:3, :3].T], axis=1),
-             np.concatenate([global_from_sensor[:3, 3], np.zeros(3)])[None]]).astype(np.float32)
-        hits = self._cast(rays, AgentMesh.from_boxes(agents))
+        sensor_from_global = np.linalg.inv(global_from_sensor)
+        scene = self._scene(AgentMesh.from_boxes(agents), sensor_from_global)  # built in the sensor frame
+        hits = self._cast(scene, self._lidar_rays)
 
-        # Randomness: one drop draw and one noise draw per ray, in ray order.
-        dropped = rng.random(config.ray_count, dtype=np.float32) < config.drop_probability  # [N]
-        noise = np.clip(rng.standard_normal(config.ray_count, dtype=np.float32), -NOISE_TRUNCATION_SIGMA,
+        # Random drops, then Gaussian range noise truncated (tighter on agents: returns stay in their boxes).
+        valid = np.flatnonzero(hits.t_hit <= config.max_range_m)  # [M] ray indices; a miss is inf
+        valid = valid[rng.random(len(valid), dtype=np.float32) >= config.drop_probability]
+        noise = np.clip(rng.standard_normal(len(valid), dtype=np.float32), -NOISE_TRUNCATION_SIGMA,
                         NOISE_TRUNCATION_SIGMA) * np.float32(config.range_noise_std_m)
         if NOISE_TRUNCATION_SIGMA * config.range_noise_std_m > _AGENT_NOISE_LIMIT_M:
-            noise = np.where(hits.agent >= 0, np.clip(noise, -_AGENT_NOISE_LIMIT_M, _AGENT_NOISE_LIMIT_M), noise)
-        range_m = hits.t_hit + noise  # [N] float32; inf on a miss
-        kept = np.flatnonzero((hits.t_hit <= config.max_range_m) & ~dropped & (range_m > 0)
-                              & (range_m <= config.max_range_m))  # [M] ray indices
+            on_agent = scene.triangle_agent[hits.triangle[valid]] >= 0
+            noise = np.where(on_agent, np.clip(noise, -_AGENT_NOISE_LIMIT_M, _AGENT_NOISE_LIMIT_M), noise)
+        t_hit = hits.t_hit[valid]  # [M] float32 noiseless range (m)
+        range_m = t_hit + noise
+        keep = (range_m > 0) & (range_m <= config.max_range_m)
+        kept, t_hit, range_m = valid[keep], t_hit[keep], range_m[keep]
 
-        material = hits.material[kept]  # [M]
-        reflectivity = materials.MATERIAL_REFLECTIVITY[material]
-        ground = kept[material == materials.Material.GROUND]
-        ground_xy = global_from_sensor[:2, 3] + rays[ground, 3:5] * hits.t_hit[ground, None]
-        reflectivity[material == materials.Material.GROUND] = materials.SURFACE_REFLECTIVITY[
-            self.layout.surface.lookup(ground_xy)]
-        cos_incidence = np.abs(np.einsum("ij,ij->i", np.take(hits.normal, kept, axis=0),
-                                         np.take(rays[:, 3:], kept, axis=0)))  # [M]
+        # Column by column: 1-D gathers and products are several times faster than [M, 3] ones.
+        triangle = hits.triangle[kept]  # [M]
+        dx, dy, dz = self._lidar_directions_t[:, kept]  # 3 x [M] unit direction, sensor frame
+        normal = np.take(hits.normal, kept, axis=0)  # [M, 3] sensor frame
+        cos_incidence = np.abs(normal[:, 0] * dx + normal[:, 1] * dy + normal[:, 2] * dz)
+        reflectivity = scene.triangle_reflectivity[triangle]  # [M]
+        ground = np.flatnonzero(triangle < 2)  # [G] the ground quad's two triangles
+        ground_sensor = np.stack([dx[ground], dy[ground], dz[ground]]) * t_hit[ground]  # [3, G] noiseless hits
+        ground_xy = global_from_sensor[:2, :3] @ ground_sensor + global_from_sensor[:2, 3:]  # [2, G] global
+        reflectivity[ground] = materials.SURFACE_REFLECTIVITY[self.surface_classes(ground_xy[0], ground_xy[1])]
 
         points = np.empty((len(kept), 5), dtype=np.float32)  # [M, 5]
-        points[:, :3] = np.take(self._lidar_directions_h[:, :3], kept, axis=0) * range_m[kept, None]
+        points[:, 0] = dx * range_m
+        points[:, 1] = dy * range_m
+        points[:, 2] = dz * range_m
         points[:, 3] = np.clip(reflectivity * cos_incidence * np.float32(255.0), 0.0, 255.0)
         points[:, 4] = self._lidar_ring[kept]
         sweep = types.LidarSweep(timestamp_us, points, config.ego_from_sensor, global_from_ego)
-        return sweep, hits.agent[kept]
+        return sweep, scene.triangle_agent[triangle]
 
     # ---------------------------------------------------------------------------------------- cameras
 
@@ -470,28 +538,29 @@ class SensorRenderer:
         """
         cameras = self.global_from_cameras(global_from_ego)
         count, height, width, _ = self._camera_directions.shape
-        rays = np.empty((count, height, width, 6), dtype=np.float32)  # [C, H, W, 6]
+        rays = np.empty((count, height, width, 6), dtype=np.float32)  # [C, H, W, 6] global
         for c, global_from_camera in enumerate(cameras):
             rays[c, ..., :3] = global_from_camera.translation
             rays[c, ..., 3:] = self._camera_directions[c] @ global_from_camera.rotation.T.astype(np.float32)
         rays = rays.reshape(-1, 6)  # [C*H*W, 6]
-        hits = self._cast(rays, AgentMesh.from_boxes(agents))
+        scene = self._scene(AgentMesh.from_boxes(agents), None)
+        hits = self._cast(scene, o3d.core.Tensor.from_numpy(rays))
 
         direction = rays[:, 3:]
         hit = np.isfinite(hits.t_hit)
-        base = materials.MATERIAL_RGB[hits.material]  # [C*H*W, 3]
-        ground = np.flatnonzero(hit & (hits.material == materials.Material.GROUND))
+        base = materials.MATERIAL_RGB[scene.triangle_material[hits.triangle]]  # [C*H*W, 3]
+        ground = np.flatnonzero(hits.triangle < 2)
         ground_xy = rays[ground, :2] + direction[ground, :2] * hits.t_hit[ground, None]
-        base[ground] = materials.SURFACE_RGB[self.layout.surface.lookup(ground_xy)]
-        # Face the normal towards the camera, whatever the winding, then shade.
-        normal_dot_ray = np.einsum("ij,ij->i", hits.normal, direction)
-        normal_dot_sun = hits.normal @ SUN_DIRECTION.astype(np.float32) * -np.sign(normal_dot_ray)
-        shaded = base * (AMBIENT + (1 - AMBIENT) * np.maximum(normal_dot_sun, 0.0))[:, None]
+        base[ground] = materials.SURFACE_RGB[self.surface_classes(ground_xy[:, 0], ground_xy[:, 1])]
+        # Face each normal towards the camera, whatever the winding, then shade.
+        towards_camera = -np.sign(np.einsum("ij,ij->i", hits.normal, direction))
+        sunlit = np.maximum(hits.normal @ SUN_DIRECTION.astype(np.float32) * towards_camera, 0.0)
+        shaded = base * (AMBIENT + (1 - AMBIENT) * sunlit)[:, None]
         sky = np.clip(direction[:, 2] / np.sin(np.radians(30.0)), 0.0, 1.0)[:, None]
         sky_rgb = SKY_HORIZON_RGB * (1 - sky) + SKY_ZENITH_RGB * sky
         rgb = np.where(hit[:, None], shaded, sky_rgb)
         rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8).reshape(count, height, width, 3)
-        agent_images = hits.agent.reshape(count, height, width)
+        agent_images = scene.triangle_agent[hits.triangle].reshape(count, height, width)
 
         images = [
             types.CameraImage(channel, timestamp_us, rgb[c], self._intrinsics[c],
@@ -540,9 +609,10 @@ class SensorRenderer:
                           & (uv[:, 1] >= 0) & (uv[:, 1] < self.cameras.height_px))
         rays = np.concatenate([np.broadcast_to(origins[:, None], offsets.shape),
                                offsets / np.maximum(distance, 1e-9)[..., None]], axis=-1)  # [C, A*P, 6]
-        hits = self._cast(rays.reshape(-1, 6).astype(np.float32), AgentMesh.from_boxes(agents))
+        scene = self._scene(AgentMesh.from_boxes(agents), None)
+        hits = self._cast(scene, o3d.core.Tensor(rays.reshape(-1, 6).astype(np.float32)))
         owner = np.repeat(np.arange(count), len(_VISIBILITY_PATTERN))  # [A*P]
-        first_hit = hits.agent.reshape(distance.shape)
-        clear = (first_hit == owner[None]) | (hits.t_hit.reshape(distance.shape) >= distance)
+        first_agent = scene.triangle_agent[hits.triangle].reshape(distance.shape)
+        clear = (first_agent == owner[None]) | (hits.t_hit.reshape(distance.shape) >= distance)
         seen = np.any(in_view & clear, axis=0).reshape(count, -1)  # [A, P]
         return seen.mean(axis=1)
