@@ -40,7 +40,7 @@ AGENT_INSET_M = 0.03
 NOISE_TRUNCATION_SIGMA = 2.5
 """Range noise is a Gaussian truncated (clipped) at this many standard deviations."""
 
-_AGENT_NOISE_LIMIT_M = AGENT_INSET_M - 0.005
+_AGENT_NOISE_LIMIT_M = 0.025
 """On agents the range noise is also clipped to this (m), so that a return stays 5 mm inside its box."""
 
 GROUND_MARGIN_M = 10.0
@@ -398,7 +398,11 @@ class SensorRenderer:
         self._static_reflectivity = np.where(self._static_material == materials.Material.GROUND, 0.0,
                                              materials.MATERIAL_REFLECTIVITY[self._static_material]
                                              ).astype(np.float32)
-        self._surface_classes = np.ascontiguousarray(layout.surface.classes).ravel()  # [R*C] uint8
+        # The surface raster padded with OFFROAD beyond the ground quad, flat: lookups need no masks.
+        self._surface_pad = int(np.ceil(GROUND_MARGIN_M / layout.surface.resolution_m)) + 1
+        padded = np.pad(layout.surface.classes, self._surface_pad, constant_values=materials.Surface.OFFROAD)
+        self._padded_surface_shape = padded.shape
+        self._padded_surface = padded.ravel()  # [(R + 2 pad) * (C + 2 pad)] uint8
         directions, self._lidar_ring = self.lidar.ray_directions()  # [N, 3] sensor frame, [N]
         self._lidar_directions_t = np.ascontiguousarray(directions.T)  # [3, N]
         self._ego_from_sensor_matrix = self.lidar.ego_from_sensor.matrix
@@ -445,21 +449,22 @@ class SensorRenderer:
         return _Hits(result["t_hit"].numpy(), triangle, result["primitive_normals"].numpy())
 
     def surface_classes(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
-        """The layout's ``Surface`` under points, as ``SurfaceRaster.lookup`` (faster: no masks, one gather).
+        """The layout's ``Surface`` under points: the cells of ``SurfaceRaster.lookup``, without its masks.
 
         Args:
-            x_m, y_m: [M] float — global coordinates (m).
+            x_m, y_m: [M] float — finite global coordinates (m).
 
         Returns:
             [M] uint8 ``Surface`` (OFFROAD outside the raster).
         """
-        rows_count, cols_count = self.layout.surface.classes.shape
-        resolution = self.layout.surface.resolution_m
-        col = np.floor(np.asarray(x_m, dtype=np.float64) / resolution)
-        row = np.floor(rows_count - np.asarray(y_m, dtype=np.float64) / resolution)
-        inside = (col >= 0) & (col < cols_count) & (row >= 0) & (row < rows_count)
-        flat = np.where(inside, row * cols_count + col, 0).astype(np.int64)
-        return np.where(inside, self._surface_classes[flat], np.uint8(materials.Surface.OFFROAD))
+        rows_count, _ = self.layout.surface.classes.shape
+        padded_rows, padded_cols = self._padded_surface_shape
+        resolution, pad = self.layout.surface.resolution_m, self._surface_pad
+        # Same cells as ``lookup`` (floor of the float64 quotient), shifted into the OFFROAD-padded raster.
+        col = np.clip(np.floor(np.asarray(x_m, dtype=np.float64) / resolution) + pad, 0, padded_cols - 1)
+        row = np.clip(np.floor(rows_count - np.asarray(y_m, dtype=np.float64) / resolution) + pad, 0,
+                      padded_rows - 1)
+        return self._padded_surface[(row * padded_cols + col).astype(np.intp)]
 
     # ------------------------------------------------------------------------------------------ LiDAR
 
@@ -499,14 +504,15 @@ class SensorRenderer:
 
         # Column by column: 1-D gathers and products are several times faster than [M, 3] ones.
         triangle = hits.triangle[kept]  # [M]
-        dx, dy, dz = self._lidar_directions_t[:, kept]  # 3 x [M] unit direction, sensor frame
+        dx, dy, dz = (np.take(d, kept) for d in self._lidar_directions_t)  # 3 x [M] unit, sensor frame
         normal = np.take(hits.normal, kept, axis=0)  # [M, 3] sensor frame
         cos_incidence = np.abs(normal[:, 0] * dx + normal[:, 1] * dy + normal[:, 2] * dz)
         reflectivity = scene.triangle_reflectivity[triangle]  # [M]
         ground = np.flatnonzero(triangle < 2)  # [G] the ground quad's two triangles
-        ground_sensor = np.stack([dx[ground], dy[ground], dz[ground]]) * t_hit[ground]  # [3, G] noiseless hits
-        ground_xy = global_from_sensor[:2, :3] @ ground_sensor + global_from_sensor[:2, 3:]  # [2, G] global
-        reflectivity[ground] = materials.SURFACE_REFLECTIVITY[self.surface_classes(ground_xy[0], ground_xy[1])]
+        ground_x, ground_y = (  # [G] global xy of the noiseless hits
+            row[3] + t_hit[ground] * (row[0] * dx[ground] + row[1] * dy[ground] + row[2] * dz[ground])
+            for row in global_from_sensor[:2])
+        reflectivity[ground] = materials.SURFACE_REFLECTIVITY[self.surface_classes(ground_x, ground_y)]
 
         points = np.empty((len(kept), 5), dtype=np.float32)  # [M, 5]
         points[:, 0] = dx * range_m

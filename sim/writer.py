@@ -15,8 +15,10 @@ the output is the real dataset's:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +173,43 @@ def _attribute_name(actor: world.ActorSpec, speed_mps: float) -> str:
     return "vehicle.moving" if speed_mps > 0.5 else "vehicle.stopped"
 
 
+@dataclass(frozen=True)
+class Frame:
+    """The world at one LiDAR sweep of a scene.
+
+    Attributes:
+        step: sweep index from 0; keyframes are the multiples of ``SWEEPS_PER_KEYFRAME``.
+        timestamp_us: the sweep's timestamp (µs).
+        world: the scene's static world.
+        state: the world's state at ``timestamp_us``.
+    """
+
+    step: int
+    timestamp_us: int
+    world: world.World
+    state: world.WorldState
+
+    @property
+    def is_key_frame(self) -> bool:
+        """Whether a keyframe (sample) falls on this sweep."""
+        return self.step % SWEEPS_PER_KEYFRAME == 0
+
+
+def keyframe_count(duration_s: float) -> int:
+    """Keyframes in a scene of ``duration_s`` seconds (one every 0.5 s, the last at or before the end)."""
+    return max(1, int(round(duration_s / (SWEEP_DT_S * SWEEPS_PER_KEYFRAME))))
+
+
+def simulate(spec: SceneSpec) -> Iterator[Frame]:
+    """Step a scene's world once per sweep from its first to its last keyframe: the simulator's own truth."""
+    built_world, state = scenario.build_world(spec.scenario)
+    steps = (keyframe_count(spec.scenario.duration_s) - 1) * SWEEPS_PER_KEYFRAME + 1
+    for step in range(steps):
+        if step > 0:
+            state = world.step(built_world, state, SWEEP_DT_S)
+        yield Frame(step, spec.start_timestamp_us + round(step * SWEEP_DT_S * 1e6), built_world, state)
+
+
 def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
     """Simulate one scene and write its sensor files under ``root``; return its table records.
 
@@ -178,10 +217,12 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
         spec: the scene to write.
         root: the dataset root; ``samples/``, ``sweeps/`` and ``maps/`` are filled in.
     """
-    built_world, state = scenario.build_world(spec.scenario)
+    frames = simulate(spec)
+    first = next(frames)
+    built_world = first.world
     renderer = sensors.SensorRenderer(built_world.layout, spec.lidar, spec.cameras)
     rng = np.random.default_rng(np.random.SeedSequence([spec.dataset_seed, spec.index, 0x5E75]))
-    keyframes = max(1, int(round(spec.scenario.duration_s / (SWEEP_DT_S * SWEEPS_PER_KEYFRAME))))
+    keyframes = keyframe_count(spec.scenario.duration_s)
     steps = (keyframes - 1) * SWEEPS_PER_KEYFRAME + 1
 
     log_token, scene_token, map_token = spec.token("log"), spec.token("scene"), spec.token("map")
@@ -229,10 +270,8 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
     actor_index = {a.instance_id: i for i, a in enumerate(built_world.actors)}
     total_returns = 0
 
-    for step in range(steps):
-        if step > 0:
-            state = world.step(built_world, state, SWEEP_DT_S)
-        timestamp = timestamps[step]
+    for frame in itertools.chain([first], frames):
+        step, state, timestamp = frame.step, frame.state, frame.timestamp_us
         global_from_ego = world.ego_pose(built_world, state)
         boxes, _ = world.agent_boxes(built_world, state)
         sweep, _ = renderer.lidar_sweep(boxes, global_from_ego, timestamp, rng)
@@ -276,8 +315,8 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
         if not near:
             continue
         visible = renderer.visible_fraction(near, global_from_ego)
-        sensor_from_global = (global_from_ego @ spec.lidar.ego_from_sensor).inverse()
-        points = sweep.points[:, :3].astype(np.float64)
+        # Count in the global frame, where boxes are upright (the sensor frame is slightly tilted).
+        points = (global_from_ego @ spec.lidar.ego_from_sensor).apply(sweep.points[:, :3].astype(np.float64))
         for box, fraction in zip(near, visible, strict=True):
             actor = built_world.actors[actor_index[box.instance_id]]
             speed = float(np.linalg.norm(box.velocity_mps))
@@ -292,7 +331,7 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
                 "size": box.size_wlh_m.tolist(),
                 "rotation": box.quaternion.tolist(),
                 "prev": "", "next": "",
-                "num_lidar_pts": int(box.transformed(sensor_from_global).contains(points).sum()),
+                "num_lidar_pts": int(box.contains(points).sum()),
                 "num_radar_pts": 0,
             })
 
