@@ -59,6 +59,15 @@ def _point_before_end(centerline: np.ndarray, distance_m: float) -> np.ndarray:
     return centerline[-1] - direction / np.linalg.norm(direction) * distance_m
 
 
+def _lidar_rays(renderer: sensors.SensorRenderer, global_from_ego: geometry.RigidTransform) -> o3d.core.Tensor:
+    """[N, 6] float32 LiDAR rays (origin, unit direction) in the global frame."""
+    global_from_sensor = global_from_ego @ renderer.lidar.ego_from_sensor
+    directions, _ = renderer.lidar.ray_directions()
+    rays = np.concatenate([np.broadcast_to(global_from_sensor.translation, directions.shape),
+                           global_from_sensor.apply_vectors(directions)], axis=1)
+    return o3d.core.Tensor(rays.astype(np.float32))
+
+
 def _interleaved(rounds: int, *functions: Callable[[], object]) -> list[float]:
     """Median seconds per call of each function, called in turn ``rounds`` times after one warm-up round."""
     for function in functions:
@@ -77,7 +86,7 @@ def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: 
 
     (a) ``SensorRenderer.lidar_sweep``: agent meshing, a fresh scene, the cast, drops, noise, intensities and
     the ``LidarSweep``. (b) open3d's ``RaycastingScene.cast_rays`` alone, on the same scene (static world and
-    agents, in the sensor frame) built once, with the rays precomputed.
+    agents, global frame) built once, with the rays precomputed.
 
     Returns:
         ``sweeps_per_s``, ``rays_per_s`` and ``returns_per_sweep`` of (a); ``raw_sweeps_per_s`` and
@@ -92,10 +101,8 @@ def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: 
         sweep, _ = renderer.lidar_sweep(agents, global_from_ego, 0, rng)
         returns.append(len(sweep.points))
 
-    sensor_from_global = (global_from_ego @ renderer.lidar.ego_from_sensor).inverse()
-    scene = renderer.raycasting_scene(agents, sensor_from_global)
-    directions, _ = renderer.lidar.ray_directions()
-    rays = o3d.core.Tensor(np.concatenate([np.zeros_like(directions), directions], axis=1))  # [N, 6]
+    scene = renderer.raycasting_scene(agents)
+    rays = _lidar_rays(renderer, global_from_ego)
 
     seconds, raw_seconds = _interleaved(sweeps, render, lambda: scene.cast_rays(rays))
     ray_count = renderer.lidar.ray_count
@@ -161,11 +168,7 @@ def scene_strategies(layout_name: str = "intersection", sweeps: int = 20, seed: 
     renderer = sensors.SensorRenderer(layout)
     mesh = sensors.AgentMesh.from_boxes(agents)
     static_scene = renderer.raycasting_scene([])
-    global_from_sensor = global_from_ego @ renderer.lidar.ego_from_sensor
-    directions, _ = renderer.lidar.ray_directions()
-    rays = o3d.core.Tensor(np.concatenate(
-        [np.broadcast_to(global_from_sensor.translation, directions.shape),
-         global_from_sensor.apply_vectors(directions)], axis=1).astype(np.float32))  # [N, 6] global
+    rays = _lidar_rays(renderer, global_from_ego)
     static_scene.cast_rays(rays)  # commit the static scene's BVH outside the timing
 
     def fresh() -> np.ndarray:
