@@ -42,7 +42,7 @@ def test_a_vehicle_stops_behind_a_stationary_one_without_touching_it():
     states = _run(built, state, 30.0)
     gaps = [s.s_m[0] - s.s_m[1] - (world.EGO_SIZE_WLH_M[1] + CAR[1]) / 2 for s in states]
     assert min(gaps) > 0.5
-    assert states[-1].speed_mps[1] < 0.1 and gaps[-1] < 6.0
+    assert states[-1].speed_mps[1] < 0.5 and gaps[-1] < 6.0
 
 
 def test_a_follower_reacts_to_the_ego_braking_or_accelerating():
