@@ -17,9 +17,11 @@ def describe(dataroot: Path, version: str) -> str:
     lines.append("  " + ", ".join(f"{len(getattr(nusc, t))} {t}" for t in nusc.table_names))
     splits = create_splits_scenes()
     names = {s["name"] for s in nusc.scene}
-    for split in (["mini_train", "mini_val"] if version == "v1.0-mini" else ["train", "val"]):
+    for split in ["mini_train", "mini_val"] if version == "v1.0-mini" else ["train", "val"]:
         present = sorted(names & set(splits[split]))
-        lines.append(f"  split {split}: {len(present)} scenes ({', '.join(present[:6])}{'...' if len(present) > 6 else ''})")
+        lines.append(
+            f"  split {split}: {len(present)} scenes ({', '.join(present[:6])}{'...' if len(present) > 6 else ''})"
+        )
     categories: dict[str, int] = {}
     for ann in nusc.sample_annotation:
         name = nusc.get("instance", ann["instance_token"])["category_token"]
@@ -28,8 +30,13 @@ def describe(dataroot: Path, version: str) -> str:
     sample = nusc.sample[0]
     lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
     cloud = LidarPointCloud.from_file(str(Path(dataroot) / lidar["filename"]))
-    lines.append(f"  first sample: {len(sample['anns'])} annotations, LIDAR_TOP {cloud.points.shape[1]:,} points "
-                 f"(range {np.linalg.norm(cloud.points[:2], axis=0).max():.1f} m), "
-                 + ", ".join(f"{c} {nusc.get('sample_data', t)['width']}x{nusc.get('sample_data', t)['height']}"
-                             for c, t in sorted(sample["data"].items()) if c.startswith("CAM")))
+    lines.append(
+        f"  first sample: {len(sample['anns'])} annotations, LIDAR_TOP {cloud.points.shape[1]:,} points "
+        f"(range {np.linalg.norm(cloud.points[:2], axis=0).max():.1f} m), "
+        + ", ".join(
+            f"{c} {nusc.get('sample_data', t)['width']}x{nusc.get('sample_data', t)['height']}"
+            for c, t in sorted(sample["data"].items())
+            if c.startswith("CAM")
+        )
+    )
     return "\n".join(lines)

@@ -195,8 +195,9 @@ class _Arm:
         return np.array([-np.sin(self.angle_rad), np.cos(self.angle_rad)])
 
 
-def _junction_layout(name: str, arm_angles: list[float], lanes_per_direction: int, rng: np.random.Generator,
-                     extent_m: float = 300.0) -> RoadLayout:
+def _junction_layout(
+    name: str, arm_angles: list[float], lanes_per_direction: int, rng: np.random.Generator, extent_m: float = 300.0
+) -> RoadLayout:
     """A junction of straight arms meeting at the map centre (two opposite arms and no junction: a straight road)."""
     center = np.array([extent_m / 2, extent_m / 2])
     arms = [_Arm(a, lanes_per_direction) for a in arm_angles]
@@ -229,7 +230,9 @@ def _junction_layout(name: str, arm_angles: list[float], lanes_per_direction: in
         for bi, b_arm in enumerate(arms):
             if ai == bi:
                 continue
-            turn = np.degrees(np.arctan2(np.cross(-a_arm.out_dir, b_arm.out_dir), np.dot(-a_arm.out_dir, b_arm.out_dir)))
+            turn = np.degrees(
+                np.arctan2(np.cross(-a_arm.out_dir, b_arm.out_dir), np.dot(-a_arm.out_dir, b_arm.out_dir))
+            )
             if abs(turn) < 30:
                 pairs = [(k, k) for k in range(lanes_per_direction)]
             elif turn > 0:  # left turn from the innermost lane
@@ -269,9 +272,7 @@ def _junction_layout(name: str, arm_angles: list[float], lanes_per_direction: in
             for along in np.arange(strip_from_m + 30.0, strip_to_m - 10.0, 7.0):
                 xy = center + arm.out_dir * along + side * arm.left * (road_half_m + PARKING_WIDTH_M / 2)
                 parking_spots.append([xy[0], xy[1], np.arctan2(np.sin(yaw), np.cos(yaw))])
-    junction = (
-        box(*(center - junction_half_m), *(center + junction_half_m)) if junction_half_m > 0 else Polygon()
-    )
+    junction = box(*(center - junction_half_m), *(center + junction_half_m)) if junction_half_m > 0 else Polygon()
     road = unary_union([*arm_roads, junction])
     parking_area = unary_union(parking)
     drivable = unary_union([road, parking_area])
@@ -287,23 +288,41 @@ def _junction_layout(name: str, arm_angles: list[float], lanes_per_direction: in
         a = center + arm.out_dir * near_m
         b = center + arm.out_dir * (near_m + 4.0)
         width = road_half_m + PARKING_WIDTH_M + 0.01
-        crosswalks.append(Polygon([a - arm.left * width, b - arm.left * width, b + arm.left * width,
-                                   a + arm.left * width]))
+        crosswalks.append(
+            Polygon([a - arm.left * width, b - arm.left * width, b + arm.left * width, a + arm.left * width])
+        )
         mid = (a + b) / 2
         reach = road_half_m + PARKING_WIDTH_M + SIDEWALK_WIDTH_M / 2
         crossings.append(_segment(mid - arm.left * reach, mid + arm.left * reach, 0.5))
         for side in (1.0, -1.0):
             lateral = road_half_m + PARKING_WIDTH_M + SIDEWALK_WIDTH_M / 2
             start_m = junction_half_m + SIDEWALK_WIDTH_M / 2 if not is_straight else 0.0
-            walkways.append(_segment(center + arm.out_dir * start_m + side * arm.left * lateral,
-                                     center + arm.out_dir * (arm_length_m - 2) + side * arm.left * lateral, 1.0))
+            walkways.append(
+                _segment(
+                    center + arm.out_dir * start_m + side * arm.left * lateral,
+                    center + arm.out_dir * (arm_length_m - 2) + side * arm.left * lateral,
+                    1.0,
+                )
+            )
 
-    structures = _structures(arms, center, road_half_m + PARKING_WIDTH_M + SIDEWALK_WIDTH_M, junction_half_m,
-                             arm_length_m, rng)
+    structures = _structures(
+        arms, center, road_half_m + PARKING_WIDTH_M + SIDEWALK_WIDTH_M, junction_half_m, arm_length_m, rng
+    )
     lane_ids = sorted(lanes)
     routes = _ego_routes(arms, incoming, lanes, is_straight)
-    surface = _rasterize(extent_m, road, parking_area, sidewalks, crosswalks, lanes, arms, center, junction_half_m,
-                         arm_length_m, lanes_per_direction)
+    surface = _rasterize(
+        extent_m,
+        road,
+        parking_area,
+        sidewalks,
+        crosswalks,
+        lanes,
+        arms,
+        center,
+        junction_half_m,
+        arm_length_m,
+        lanes_per_direction,
+    )
     return RoadLayout(
         name=name,
         extent_m=extent_m,
@@ -326,8 +345,9 @@ def _replace_lane(lane: Lane, **changes: object) -> Lane:
     return replace(lane, **changes)
 
 
-def _ego_routes(arms: list[_Arm], incoming: dict[tuple[int, int], str], lanes: dict[str, Lane],
-                is_straight: bool) -> tuple[tuple[str, ...], ...]:
+def _ego_routes(
+    arms: list[_Arm], incoming: dict[tuple[int, int], str], lanes: dict[str, Lane], is_straight: bool
+) -> tuple[tuple[str, ...], ...]:
     """Every route from an incoming lane through the junction to the end of an outgoing lane."""
     routes = []
     for (_, _), in_id in sorted(incoming.items()):
@@ -336,8 +356,14 @@ def _ego_routes(arms: list[_Arm], incoming: dict[tuple[int, int], str], lanes: d
     return tuple(sorted(set(routes)))
 
 
-def _structures(arms: list[_Arm], center: np.ndarray, setback_m: float, junction_half_m: float,
-                arm_length_m: float, rng: np.random.Generator) -> list[Structure]:
+def _structures(
+    arms: list[_Arm],
+    center: np.ndarray,
+    setback_m: float,
+    junction_half_m: float,
+    arm_length_m: float,
+    rng: np.random.Generator,
+) -> list[Structure]:
     """Buildings, low walls and poles along both sides of every arm, placed at random behind the sidewalk."""
     structures: list[Structure] = []
     for arm in arms:
@@ -351,24 +377,44 @@ def _structures(arms: list[_Arm], center: np.ndarray, setback_m: float, junction
                 mid = center + arm.out_dir * (along + length / 2) + side * arm.left * lateral
                 if rng.uniform() < 0.2:  # a low wall in front of an empty lot
                     wall_mid = center + arm.out_dir * (along + length / 2) + side * arm.left * (setback_m + 1.0)
-                    structures.append(Structure(np.array([*wall_mid, 0.6]), np.array([0.3, length, 1.2]),
-                                                arm.angle_rad, Material.WALL))
+                    structures.append(
+                        Structure(
+                            np.array([*wall_mid, 0.6]), np.array([0.3, length, 1.2]), arm.angle_rad, Material.WALL
+                        )
+                    )
                 else:
                     height = rng.uniform(5, 18)
-                    structures.append(Structure(np.array([*mid, height / 2]), np.array([depth, length, height]),
-                                                arm.angle_rad, Material.BUILDING))
+                    structures.append(
+                        Structure(
+                            np.array([*mid, height / 2]),
+                            np.array([depth, length, height]),
+                            arm.angle_rad,
+                            Material.BUILDING,
+                        )
+                    )
                 along += length + gap
             # Street-light poles on the outer edge of the sidewalk.
             for pole_along in np.arange(junction_half_m + 8.0, arm_length_m - 5, 25.0):
                 xy = center + arm.out_dir * pole_along + side * arm.left * (setback_m - 0.4)
-                structures.append(Structure(np.array([*xy, 3.0]), np.array([0.3, 0.3, 6.0]), arm.angle_rad,
-                                            Material.POLE))
+                structures.append(
+                    Structure(np.array([*xy, 3.0]), np.array([0.3, 0.3, 6.0]), arm.angle_rad, Material.POLE)
+                )
     return structures
 
 
-def _rasterize(extent_m: float, road: Polygon, parking: Polygon | MultiPolygon, sidewalks: Polygon | MultiPolygon,
-               crosswalks: list[Polygon], lanes: dict[str, Lane], arms: list[_Arm], center: np.ndarray,
-               junction_half_m: float, arm_length_m: float, lanes_per_direction: int) -> SurfaceRaster:
+def _rasterize(
+    extent_m: float,
+    road: Polygon,
+    parking: Polygon | MultiPolygon,
+    sidewalks: Polygon | MultiPolygon,
+    crosswalks: list[Polygon],
+    lanes: dict[str, Lane],
+    arms: list[_Arm],
+    center: np.ndarray,
+    junction_half_m: float,
+    arm_length_m: float,
+    lanes_per_direction: int,
+) -> SurfaceRaster:
     """Draw the surfaces into a 0.1 m raster oriented as a nuScenes map mask (PIL fills the polygons)."""
     size = round(extent_m / RASTER_RESOLUTION_M)
     image = Image.new("L", (size, size), int(Surface.OFFROAD))
@@ -376,7 +422,7 @@ def _rasterize(extent_m: float, road: Polygon, parking: Polygon | MultiPolygon, 
 
     def pixels(coords: np.ndarray) -> list[tuple[float, float]]:
         coords = np.asarray(coords)
-        return list(zip(coords[:, 0] / RASTER_RESOLUTION_M, size - coords[:, 1] / RASTER_RESOLUTION_M))
+        return list(zip(coords[:, 0] / RASTER_RESOLUTION_M, size - coords[:, 1] / RASTER_RESOLUTION_M, strict=False))
 
     def fill(geometry: Polygon | MultiPolygon, value: Surface) -> None:
         for polygon in getattr(geometry, "geoms", [geometry]):
@@ -409,8 +455,12 @@ def _rasterize(extent_m: float, road: Polygon, parking: Polygon | MultiPolygon, 
         steps = int(np.linalg.norm(across) // 1.0)
         for i in range(0, steps, 2):  # zebra stripes half a metre wide
             t0, t1 = i / steps, (i + 0.5) / steps
-            stripe = [corners[0] + across * t0, corners[1] + across * t0, corners[1] + across * t1,
-                      corners[0] + across * t1]
+            stripe = [
+                corners[0] + across * t0,
+                corners[1] + across * t0,
+                corners[1] + across * t1,
+                corners[0] + across * t1,
+            ]
             draw.polygon(pixels(np.stack(stripe)), fill=int(Surface.CROSSWALK))
     return SurfaceRaster(np.asarray(image, dtype=np.uint8))
 

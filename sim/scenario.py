@@ -47,8 +47,9 @@ class ScenarioConfig:
 
     def __post_init__(self) -> None:
         if self.layout not in layouts.LAYOUTS:
-            raise ValueError(f"ScenarioConfig.layout: unknown layout {self.layout!r}; choose one of "
-                             f"{sorted(layouts.LAYOUTS)}")
+            raise ValueError(
+                f"ScenarioConfig.layout: unknown layout {self.layout!r}; choose one of {sorted(layouts.LAYOUTS)}"
+            )
         if not self.duration_s > 0:
             raise ValueError(f"ScenarioConfig.duration_s must be positive, got {self.duration_s}")
         for name in ("vehicles", "parked", "pedestrians", "cyclists"):
@@ -73,14 +74,14 @@ def build_world(config: ScenarioConfig) -> tuple[world.World, world.WorldState]:
     route = layout.ego_routes[rng.integers(len(layout.ego_routes))]
     ego_path = Path.from_polyline(layout.route_polyline(route))
     ego_speed = config.ego_speed_mps if config.ego_speed_mps is not None else float(rng.uniform(7.0, 11.0))
-    actors.append(world.ActorSpec(world.EGO_ID, "vehicle.car", "vehicle", world.EGO_SIZE_WLH_M, ego_path,
-                                  ego_speed))
+    actors.append(world.ActorSpec(world.EGO_ID, "vehicle.car", "vehicle", world.EGO_SIZE_WLH_M, ego_path, ego_speed))
     s0.append(40.0)
     v0.append(ego_speed)
     placed.append(ego_path.pose_at(np.array([40.0]))[0][0])
 
-    entry_lanes = [lane for lane in layout.lanes if lane.lane_id.split("_")[1].startswith("in")
-                   and not lane.is_connector]
+    entry_lanes = [
+        lane for lane in layout.lanes if lane.lane_id.split("_")[1].startswith("in") and not lane.is_connector
+    ]
     for n in range(config.vehicles):
         category, size = _vehicle_type(rng)
         lane = entry_lanes[rng.integers(len(entry_lanes))]
@@ -111,8 +112,9 @@ def build_world(config: ScenarioConfig) -> tuple[world.World, world.WorldState]:
                 break
         else:
             continue
-        actors.append(world.ActorSpec(f"vehicle-{n:03d}", category, world.KIND_VEHICLE, size, path, speed,
-                                      appear_time_s=appear))
+        actors.append(
+            world.ActorSpec(f"vehicle-{n:03d}", category, world.KIND_VEHICLE, size, path, speed, appear_time_s=appear)
+        )
         s0.append(s)
         v0.append(speed * float(rng.uniform(0.6, 1.0)))
 
@@ -120,8 +122,11 @@ def build_world(config: ScenarioConfig) -> tuple[world.World, world.WorldState]:
     for n, spot in enumerate(spots[: config.parked]):
         x, y, yaw = layout.parking_spots[spot]
         category, size = _vehicle_type(rng, parked=True)
-        actors.append(world.ActorSpec(f"parked-{n:03d}", category, world.KIND_VEHICLE, size,
-                                      Path.stationary(x, y, yaw), 0.0, parked=True))
+        actors.append(
+            world.ActorSpec(
+                f"parked-{n:03d}", category, world.KIND_VEHICLE, size, Path.stationary(x, y, yaw), 0.0, parked=True
+            )
+        )
         s0.append(0.0)
         v0.append(0.0)
 
@@ -139,8 +144,17 @@ def build_world(config: ScenarioConfig) -> tuple[world.World, world.WorldState]:
             depart = 0.0 if rng.uniform() < 0.8 else float(rng.uniform(0.0, config.duration_s))
             s = float(rng.uniform(0.0, 100.0))
         path = Path.from_polyline(polyline)
-        actors.append(world.ActorSpec(f"pedestrian-{n:03d}", "human.pedestrian.adult", world.KIND_PEDESTRIAN, size,
-                                      path, speed, depart_time_s=depart))
+        actors.append(
+            world.ActorSpec(
+                f"pedestrian-{n:03d}",
+                "human.pedestrian.adult",
+                world.KIND_PEDESTRIAN,
+                size,
+                path,
+                speed,
+                depart_time_s=depart,
+            )
+        )
         s0.append(min(s, path.length_m))
         v0.append(speed if depart == 0.0 else 0.0)
 
@@ -159,8 +173,16 @@ def build_world(config: ScenarioConfig) -> tuple[world.World, world.WorldState]:
         else:
             continue
         placed.append(xy)
-        actors.append(world.ActorSpec(f"cyclist-{n:03d}", "vehicle.bicycle", world.KIND_CYCLIST,
-                                      _jitter(rng, BICYCLE_SIZE_WLH_M, 0.05), path, speed))
+        actors.append(
+            world.ActorSpec(
+                f"cyclist-{n:03d}",
+                "vehicle.bicycle",
+                world.KIND_CYCLIST,
+                _jitter(rng, BICYCLE_SIZE_WLH_M, 0.05),
+                path,
+                speed,
+            )
+        )
         s0.append(s)
         v0.append(speed)
 

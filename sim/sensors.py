@@ -56,6 +56,13 @@ SKY_HORIZON_RGB = np.array([205.0, 225.0, 245.0], dtype=np.float32)
 SKY_ZENITH_RGB = np.array([115.0, 165.0, 235.0], dtype=np.float32)
 """The sky blends from the horizon to the zenith colour as a ray climbs from 0 to 30 degrees elevation."""
 
+_PALETTE_RGB = np.concatenate([materials.MATERIAL_RGB, materials.SURFACE_RGB])
+"""[len(Material) + len(Surface), 3] base colours: materials first, then ground surfaces."""
+
+_COLOUR_OFFSET = np.concatenate([np.zeros_like(_PALETTE_RGB), SKY_HORIZON_RGB[None]]).T.copy()
+_COLOUR_SCALE = np.concatenate([_PALETTE_RGB, (SKY_ZENITH_RGB - SKY_HORIZON_RGB)[None]]).T.copy()
+"""[3, len(_PALETTE_RGB) + 1] a pixel's colour is offset + scale * blend, per palette row; the last row is sky."""
+
 _VEHICLE_BODY_FRACTION = 0.55
 """A vehicle's lower body fills this share of its box height; the cabin sits on top."""
 
@@ -309,8 +316,11 @@ class AgentMesh:
 
 
 def _static_mesh(layout: layouts.RoadLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ground quad and every structure as boxes: vertices [V, 3] float32, triangles [T, 3] uint32, and
-    [T] uint8 material per triangle (the ground's two triangles first).
+    """The static world: the ground quad and every structure as a box.
+
+    Returns:
+        vertices [V, 3] float32 (m, global), triangles [T, 3] uint32 and material [T] uint8 per triangle; the
+        ground's two triangles come first.
     """
     lo, hi = -GROUND_MARGIN_M, layout.extent_m + GROUND_MARGIN_M
     ground_vertices = np.array([[lo, lo, 0.0], [hi, lo, 0.0], [hi, hi, 0.0], [lo, hi, 0.0]], dtype=np.float32)
@@ -405,10 +415,13 @@ class SensorRenderer:
         self._padded_surface_shape = padded.shape
         self._padded_surface = padded.ravel()  # [(R + 2 pad) * (C + 2 pad)] uint8
         directions, self._lidar_ring = self.lidar.ray_directions()  # [N, 3] sensor frame, [N]
-        self._lidar_directions_h = np.concatenate([directions, np.ones_like(directions[:, :1])], axis=1)  # [N, 4]
+        self._lidar_directions_t = np.ascontiguousarray(directions.T)  # [3, N]
+        self._lidar_directions_h = o3d.core.Tensor(
+            np.concatenate([directions, np.ones_like(directions[:, :1])], axis=1))  # [N, 4]
         self._ego_from_sensor_matrix = self.lidar.ego_from_sensor.matrix
-        self._camera_directions = np.stack(
-            [self.cameras.ray_directions(c) for c in types.CAMERA_CHANNELS]).astype(np.float32)  # [C, H, W, 3]
+        directions = np.stack([self.cameras.ray_directions(c).reshape(-1, 3) for c in types.CAMERA_CHANNELS])
+        self._camera_directions_h = o3d.core.Tensor(np.concatenate(
+            [directions, np.ones_like(directions[..., :1])], axis=-1).astype(np.float32))  # [C, H*W, 4]
         self._intrinsics = np.stack([self.cameras.intrinsics(c) for c in types.CAMERA_CHANNELS])  # [C, 3, 3]
 
     # ---------------------------------------------------------------------------------------- casting
@@ -447,7 +460,8 @@ class SensorRenderer:
         """The layout's ``Surface`` under points: the cells of ``SurfaceRaster.lookup``, without its masks.
 
         Args:
-            x_m, y_m: [M] float — finite global coordinates (m).
+            x_m: [M] float — finite global x (m).
+            y_m: [M] float — finite global y (m).
 
         Returns:
             [M] uint8 ``Surface`` (OFFROAD outside the raster).
@@ -484,9 +498,10 @@ class SensorRenderer:
         ray_map = np.zeros((4, 6), dtype=np.float32)
         ray_map[:3, 3:] = global_from_sensor[:3, :3].T
         ray_map[3, :3] = global_from_sensor[:3, 3]
-        rays = np.matmul(self._lidar_directions_h, ray_map)  # [N, 6]
+        rays_tensor = self._lidar_directions_h @ o3d.core.Tensor(ray_map)  # open3d's product: 4x numpy's here
+        rays = rays_tensor.numpy()  # [N, 6] float32, shared memory
         scene = self._scene(AgentMesh.from_boxes(agents))
-        hits = self._cast(scene, o3d.core.Tensor.from_numpy(rays))
+        hits = self._cast(scene, rays_tensor)
 
         # Random drops, then Gaussian range noise truncated (tighter on agents: returns stay in their boxes).
         valid = np.flatnonzero(hits.t_hit <= config.max_range_m)  # [M] ray indices; a miss is inf
@@ -501,23 +516,21 @@ class SensorRenderer:
         keep = (range_m > 0) & (range_m <= config.max_range_m)
         kept, t_hit, range_m = valid[keep], t_hit[keep], range_m[keep]
 
-        # Column by column: 1-D gathers and products are several times faster than [M, 3] ones.
+        # Column by column: strided 1-D products and gathers are several times faster than [M, 3] ones here.
+        normal = hits.normal  # [N, 3] global; zero on a miss
+        cos_incidence = np.abs(normal[:, 0] * rays[:, 3] + normal[:, 1] * rays[:, 4] + normal[:, 2] * rays[:, 5])
         triangle = hits.triangle[kept]  # [M]
-        direction = np.take(rays, kept, axis=0)[:, 3:]  # [M, 3] unit, global
-        normal = np.take(hits.normal, kept, axis=0)  # [M, 3] global
-        cos_incidence = np.abs(normal[:, 0] * direction[:, 0] + normal[:, 1] * direction[:, 1]
-                               + normal[:, 2] * direction[:, 2])
         reflectivity = scene.triangle_reflectivity[triangle]  # [M]
         ground = np.flatnonzero(triangle < 2)  # [G] the ground quad's two triangles
-        ground_t = t_hit[ground]  # noiseless hits
-        ground_x = global_from_sensor[0, 3] + ground_t * direction[ground, 0]
-        ground_y = global_from_sensor[1, 3] + ground_t * direction[ground, 1]
+        ground_ray, ground_t = kept[ground], t_hit[ground]  # noiseless hits
+        ground_x = global_from_sensor[0, 3] + ground_t * rays[ground_ray, 3]
+        ground_y = global_from_sensor[1, 3] + ground_t * rays[ground_ray, 4]
         reflectivity[ground] = materials.SURFACE_REFLECTIVITY[self.surface_classes(ground_x, ground_y)]
 
         points = np.empty((len(kept), 5), dtype=np.float32)  # [M, 5]
         for axis in range(3):  # x, y, z in the sensor frame
-            points[:, axis] = np.take(self._lidar_directions_h[:, axis], kept) * range_m
-        points[:, 3] = np.clip(reflectivity * cos_incidence * np.float32(255.0), 0.0, 255.0)
+            points[:, axis] = np.take(self._lidar_directions_t[axis], kept) * range_m
+        points[:, 3] = np.clip(reflectivity * cos_incidence[kept] * np.float32(255.0), 0.0, 255.0)
         points[:, 4] = self._lidar_ring[kept]
         sweep = types.LidarSweep(timestamp_us, points, config.ego_from_sensor, global_from_ego)
         return sweep, scene.triangle_agent[triangle]
@@ -542,29 +555,40 @@ class SensorRenderer:
             images of the index into ``agents`` seen at each pixel (-1 where no agent).
         """
         cameras = self.global_from_cameras(global_from_ego)
-        count, height, width, _ = self._camera_directions.shape
-        rays = np.empty((count, height, width, 6), dtype=np.float32)  # [C, H, W, 6] global
+        count, pixels, _ = self._camera_directions_h.shape
+        height, width = self.cameras.height_px, self.cameras.width_px
+        ray_maps = np.zeros((count, 4, 6), dtype=np.float32)  # [d_camera, 1] @ [[0, R^T], [t, 0]] per camera
         for c, global_from_camera in enumerate(cameras):
-            rays[c, ..., :3] = global_from_camera.translation
-            rays[c, ..., 3:] = self._camera_directions[c] @ global_from_camera.rotation.T.astype(np.float32)
-        rays = rays.reshape(-1, 6)  # [C*H*W, 6]
+            ray_maps[c, :3, 3:] = global_from_camera.rotation.T
+            ray_maps[c, 3, :3] = global_from_camera.translation
+        rays_tensor = o3d.core.concatenate([self._camera_directions_h[c] @ o3d.core.Tensor(ray_maps[c])
+                                            for c in range(count)])  # [C*H*W, 6] global
+        rays = rays_tensor.numpy()  # shared memory
         scene = self._scene(AgentMesh.from_boxes(agents))
-        hits = self._cast(scene, o3d.core.Tensor.from_numpy(rays))
+        hits = self._cast(scene, rays_tensor)
 
-        direction = rays[:, 3:]
-        hit = np.isfinite(hits.t_hit)
-        base = materials.MATERIAL_RGB[scene.triangle_material[hits.triangle]]  # [C*H*W, 3]
+        # Every pixel's colour is a + b * s with (a, b) from a palette row: (0, base colour) and s the Lambertian
+        # shade for a hit, (horizon, zenith - horizon) and s the sky blend for a miss (the last row).
+        palette_index = scene.triangle_material[hits.triangle].astype(np.intp)  # [C*H*W]
         ground = np.flatnonzero(hits.triangle < 2)
-        ground_xy = rays[ground, :2] + direction[ground, :2] * hits.t_hit[ground, None]
-        base[ground] = materials.SURFACE_RGB[self.surface_classes(ground_xy[:, 0], ground_xy[:, 1])]
-        # Face each normal towards the camera, whatever the winding, then shade.
-        towards_camera = -np.sign(np.einsum("ij,ij->i", hits.normal, direction))
-        sunlit = np.maximum(hits.normal @ SUN_DIRECTION.astype(np.float32) * towards_camera, 0.0)
-        shaded = base * (AMBIENT + (1 - AMBIENT) * sunlit)[:, None]
-        sky = np.clip(direction[:, 2] / np.sin(np.radians(30.0)), 0.0, 1.0)[:, None]
-        sky_rgb = SKY_HORIZON_RGB * (1 - sky) + SKY_ZENITH_RGB * sky
-        rgb = np.where(hit[:, None], shaded, sky_rgb)
-        rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8).reshape(count, height, width, 3)
+        ground_t = hits.t_hit[ground]
+        ground_x = rays[ground, 0] + ground_t * rays[ground, 3]
+        ground_y = rays[ground, 1] + ground_t * rays[ground, 4]
+        palette_index[ground] = len(materials.MATERIAL_RGB) + self.surface_classes(ground_x, ground_y)
+        miss = ~np.isfinite(hits.t_hit)
+        palette_index[miss] = len(_PALETTE_RGB)
+        normal = hits.normal  # [C*H*W, 3]; zero on a miss
+        facing = np.sign(normal[:, 0] * rays[:, 3] + normal[:, 1] * rays[:, 4] + normal[:, 2] * rays[:, 5])
+        sun = SUN_DIRECTION.astype(np.float32)
+        # A normal faces the camera whatever its winding: flip it against the ray before lighting.
+        sunlit = np.maximum(-facing * (normal[:, 0] * sun[0] + normal[:, 1] * sun[1] + normal[:, 2] * sun[2]), 0.0)
+        blend = np.float32(AMBIENT) + np.float32(1 - AMBIENT) * sunlit  # [C*H*W]
+        blend[miss] = np.clip(rays[miss, 5] / np.float32(np.sin(np.radians(30.0))), 0.0, 1.0)
+        rgb = np.empty((len(rays), 3), dtype=np.uint8)  # [C*H*W, 3]
+        for k in range(3):  # channel by channel: long 1-D loops
+            value = _COLOUR_OFFSET[k].take(palette_index) + _COLOUR_SCALE[k].take(palette_index) * blend
+            rgb[:, k] = np.rint(np.clip(value, 0, 255, out=value), out=value)
+        rgb = rgb.reshape(count, height, width, 3)
         agent_images = scene.triangle_agent[hits.triangle].reshape(count, height, width)
 
         images = [

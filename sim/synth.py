@@ -63,8 +63,10 @@ class SynthConfig:
             raise ValueError(f"--scenes must be at least 1, got {self.scenes}")
         limit = len(scene_names(self.version, None))
         if self.scenes > limit:
-            raise ValueError(f"--scenes: {self.version} has {limit} scene names, {self.scenes} asked for"
-                             + ("; use --version v1.0-trainval for more" if self.version == "v1.0-mini" else ""))
+            raise ValueError(
+                f"--scenes: {self.version} has {limit} scene names, {self.scenes} asked for"
+                + ("; use --version v1.0-trainval for more" if self.version == "v1.0-mini" else "")
+            )
         if not self.duration_s > 0:
             raise ValueError(f"--duration must be positive, got {self.duration_s} s")
         if not self.layouts:
@@ -126,16 +128,24 @@ def scene_specs(config: SynthConfig) -> list[writer.SceneSpec]:
             pedestrians=pedestrians,
             cyclists=cyclists,
         )
-        specs.append(writer.SceneSpec(index, name, scene, config.seed, FIRST_TIMESTAMP_US + index * 86_400_000_000,
-                                      config.lidar, config.cameras))
+        specs.append(
+            writer.SceneSpec(
+                index,
+                name,
+                scene,
+                config.seed,
+                FIRST_TIMESTAMP_US + index * 86_400_000_000,
+                config.lidar,
+                config.cameras,
+            )
+        )
     return specs
 
 
 def check_output_folder(out: Path) -> None:
     """Refuse an ``out`` that exists and is not an empty folder, before any work starts."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} already exists and is not an empty folder; choose a new path or "
-                              "remove it")
+        raise FileExistsError(f"--out {out} already exists and is not an empty folder; choose a new path or remove it")
 
 
 def synthesize(config: SynthConfig, progress: bool = True) -> SynthReport:
@@ -150,8 +160,10 @@ def synthesize(config: SynthConfig, progress: bool = True) -> SynthReport:
     specs = scene_specs(config)
     start = time.perf_counter()
     pool: workers.SequentialPool | workers.RayPool = (
-        workers.RayPool(config.workers, config.address) if config.workers > 1 or config.address
-        else workers.SequentialPool())
+        workers.RayPool(config.workers, config.address)
+        if config.workers > 1 or config.address
+        else workers.SequentialPool()
+    )
     try:
         results: list[writer.SceneRecords | None] = [None] * len(specs)
         with tqdm(total=len(specs), desc="synth scenes", unit="scene", disable=not progress) as bar:
@@ -160,8 +172,11 @@ def synthesize(config: SynthConfig, progress: bool = True) -> SynthReport:
                 bar.update()
         scenes = [r for r in results if r is not None]
         writer.write_tables(staging, config.version, scenes)
-        resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
-                    if k not in ("lidar", "cameras")}
+        resolved = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in asdict(config).items()
+            if k not in ("lidar", "cameras")
+        }
         resolved["lidar"] = {k: v for k, v in asdict(config.lidar).items() if k != "ego_from_sensor"}
         resolved["cameras"] = asdict(config.cameras)
         resolved.pop("out")
@@ -177,6 +192,13 @@ def synthesize(config: SynthConfig, progress: bool = True) -> SynthReport:
     finally:
         if isinstance(pool, workers.RayPool):
             pool.close()
-    return SynthReport(out, config.version, tuple(s.name for s in specs), sum(s.keyframes for s in scenes),
-                       sum(s.sweeps for s in scenes), sum(s.images for s in scenes),
-                       sum(s.returns for s in scenes), time.perf_counter() - start)
+    return SynthReport(
+        out,
+        config.version,
+        tuple(s.name for s in specs),
+        sum(s.keyframes for s in scenes),
+        sum(s.sweeps for s in scenes),
+        sum(s.images for s in scenes),
+        sum(s.returns for s in scenes),
+        time.perf_counter() - start,
+    )

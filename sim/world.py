@@ -162,8 +162,13 @@ class WorldState:
 def initial_state(world: World, s_m: np.ndarray, speed_mps: np.ndarray) -> WorldState:
     """The state at time 0 with actors at ``s_m`` ([A] m) moving at ``speed_mps`` ([A] m/s)."""
     count = len(world.actors)
-    return WorldState(0.0, np.asarray(s_m, dtype=np.float64), np.asarray(speed_mps, dtype=np.float64),
-                      np.zeros(count), np.zeros(count, dtype=bool))
+    return WorldState(
+        0.0,
+        np.asarray(s_m, dtype=np.float64),
+        np.asarray(speed_mps, dtype=np.float64),
+        np.zeros(count),
+        np.zeros(count, dtype=bool),
+    )
 
 
 def actor_poses(world: World, state: WorldState) -> tuple[np.ndarray, np.ndarray]:
@@ -194,8 +199,16 @@ def agent_boxes(world: World, state: WorldState) -> tuple[list[types.Box3D], np.
         actor = world.actors[i]
         w, length, h = actor.size_wlh_m
         velocity = state.speed_mps[i] * np.array([np.cos(yaw[i]), np.sin(yaw[i])])
-        boxes.append(types.Box3D(np.array([xy[i, 0], xy[i, 1], BOX_BOTTOM_Z_M + h / 2]), np.array([w, length, h]),
-                                 yaw[i], velocity, actor.category, actor.instance_id))
+        boxes.append(
+            types.Box3D(
+                np.array([xy[i, 0], xy[i, 1], BOX_BOTTOM_Z_M + h / 2]),
+                np.array([w, length, h]),
+                yaw[i],
+                velocity,
+                actor.category,
+                actor.instance_id,
+            )
+        )
     return boxes, indices
 
 
@@ -243,12 +256,17 @@ def step(world: World, state: WorldState, dt_s: float, ego_accel_mps2: float | N
     s = np.minimum(s, lengths)
     speed = np.where(stop_here, 0.0, speed)
     accel = np.where(stop_here, 0.0, accel)
-    return replace(state, time_s=state.time_s + dt_s, s_m=s, speed_mps=np.where(active, speed, state.speed_mps),
-                   accel_mps2=np.where(active, accel, 0.0), finished=state.finished | (leaves & active))
+    return replace(
+        state,
+        time_s=state.time_s + dt_s,
+        s_m=s,
+        speed_mps=np.where(active, speed, state.speed_mps),
+        accel_mps2=np.where(active, accel, 0.0),
+        finished=state.finished | (leaves & active),
+    )
 
 
-def _idm_accelerations(world: World, state: WorldState, lookahead_m: float = 60.0,
-                       sample_m: float = 2.0) -> np.ndarray:
+def _idm_accelerations(world: World, state: WorldState, lookahead_m: float = 60.0, sample_m: float = 2.0) -> np.ndarray:
     """[A] IDM accelerations (m/s²) of every actor against what lies in its corridor ahead."""
     idm = world.idm
     count = len(world.actors)
@@ -318,17 +336,28 @@ def _idm_accelerations(world: World, state: WorldState, lookahead_m: float = 60.
     target = np.maximum(target, 0.1)
 
     free = 1 - (speed / target) ** 4
-    desired_gap = idm.min_gap_m + speed * idm.time_headway_s + speed * (speed - leader_speed) / (
-        2 * np.sqrt(idm.max_accel_mps2 * idm.comfort_decel_mps2))
-    interaction = np.where(np.isfinite(leader_gap), (np.maximum(desired_gap, idm.min_gap_m) /
-                                                     np.maximum(leader_gap, 0.1)) ** 2, 0.0)
+    desired_gap = (
+        idm.min_gap_m
+        + speed * idm.time_headway_s
+        + speed * (speed - leader_speed) / (2 * np.sqrt(idm.max_accel_mps2 * idm.comfort_decel_mps2))
+    )
+    interaction = np.where(
+        np.isfinite(leader_gap), (np.maximum(desired_gap, idm.min_gap_m) / np.maximum(leader_gap, 0.1)) ** 2, 0.0
+    )
     accel = idm.max_accel_mps2 * (free - interaction)
     # The ego stops at the end of its route instead of driving off it.
     ego_left = world.actors[0].path.length_m - state.s_m[0]
     if np.isfinite(ego_left):
         ego_gap = max(ego_left - sizes[0, 1] / 2, 0.1)
-        ego_stop = idm.max_accel_mps2 * (1 - (idm.min_gap_m + speed[0] * idm.time_headway_s
-                                              + speed[0] ** 2 / (2 * np.sqrt(idm.max_accel_mps2 * idm.comfort_decel_mps2)))
-                                         ** 2 / ego_gap**2)
+        ego_stop = idm.max_accel_mps2 * (
+            1
+            - (
+                idm.min_gap_m
+                + speed[0] * idm.time_headway_s
+                + speed[0] ** 2 / (2 * np.sqrt(idm.max_accel_mps2 * idm.comfort_decel_mps2))
+            )
+            ** 2
+            / ego_gap**2
+        )
         accel[0] = min(accel[0], ego_stop)
     return accel

@@ -143,8 +143,11 @@ def static_tables() -> dict[str, list[dict]]:
         "category": [{"token": make_token("category", n), "name": n, "description": d} for n, d in CATEGORIES],
         "attribute": [{"token": make_token("attribute", n), "name": n, "description": d} for n, d in ATTRIBUTES],
         "visibility": [
-            {"token": token, "level": level,
-             "description": "visibility of whole object is between {} and {}%".format(*level[1:].split("-"))}
+            {
+                "token": token,
+                "level": level,
+                "description": "visibility of whole object is between {} and {}%".format(*level[1:].split("-")),
+            }
             for token, level, _ in VISIBILITY_LEVELS
         ],
         "sensor": [{"token": make_token("sensor", c), "channel": c, "modality": m} for c, m in SENSOR_CHANNELS],
@@ -152,8 +155,12 @@ def static_tables() -> dict[str, list[dict]]:
 
 
 def _pose_record(token: str, timestamp_us: int, transform: geometry.RigidTransform) -> dict:
-    return {"token": token, "timestamp": timestamp_us, "rotation": transform.quaternion.tolist(),
-            "translation": transform.translation.tolist()}
+    return {
+        "token": token,
+        "timestamp": timestamp_us,
+        "rotation": transform.quaternion.tolist(),
+        "translation": transform.translation.tolist(),
+    }
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -232,38 +239,75 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
     for folder in ["maps", *(f"samples/{c}" for c, _ in SENSOR_CHANNELS), f"sweeps/{types.LIDAR_CHANNEL}"]:
         (root / folder).mkdir(parents=True, exist_ok=True)
 
-    tables: dict[str, list[dict]] = {name: [] for name in (
-        "log", "map", "scene", "sample", "sample_data", "ego_pose", "calibrated_sensor", "instance",
-        "sample_annotation")}
-    tables["log"].append({"token": log_token, "logfile": spec.logfile, "vehicle": "sim", "date_captured":
-                          "2018-08-01", "location": f"sim-{spec.scenario.layout}"})
+    tables: dict[str, list[dict]] = {
+        name: []
+        for name in (
+            "log",
+            "map",
+            "scene",
+            "sample",
+            "sample_data",
+            "ego_pose",
+            "calibrated_sensor",
+            "instance",
+            "sample_annotation",
+        )
+    }
+    tables["log"].append(
+        {
+            "token": log_token,
+            "logfile": spec.logfile,
+            "vehicle": "sim",
+            "date_captured": "2018-08-01",
+            "location": f"sim-{spec.scenario.layout}",
+        }
+    )
     mask = Image.fromarray(built_world.layout.surface.drivable_mask(), mode="L")
     map_path = root / "maps" / f"{map_token}.png"
     tmp = map_path.with_name(map_path.name + ".tmp.png")
     mask.save(tmp, optimize=False)
     os.replace(tmp, map_path)
-    tables["map"].append({"category": "semantic_prior", "token": map_token, "filename": f"maps/{map_token}.png",
-                          "log_tokens": [log_token]})
-    tables["calibrated_sensor"].append({"token": calibrated[types.LIDAR_CHANNEL],
-                                        "sensor_token": make_token("sensor", types.LIDAR_CHANNEL),
-                                        "translation": spec.lidar.ego_from_sensor.translation.tolist(),
-                                        "rotation": spec.lidar.ego_from_sensor.quaternion.tolist(),
-                                        "camera_intrinsic": []})
+    tables["map"].append(
+        {
+            "category": "semantic_prior",
+            "token": map_token,
+            "filename": f"maps/{map_token}.png",
+            "log_tokens": [log_token],
+        }
+    )
+    tables["calibrated_sensor"].append(
+        {
+            "token": calibrated[types.LIDAR_CHANNEL],
+            "sensor_token": make_token("sensor", types.LIDAR_CHANNEL),
+            "translation": spec.lidar.ego_from_sensor.translation.tolist(),
+            "rotation": spec.lidar.ego_from_sensor.quaternion.tolist(),
+            "camera_intrinsic": [],
+        }
+    )
     for channel in types.CAMERA_CHANNELS:
         ego_from_camera = sensors.NUSCENES_CAMERAS[channel].ego_from_camera
-        tables["calibrated_sensor"].append({"token": calibrated[channel],
-                                            "sensor_token": make_token("sensor", channel),
-                                            "translation": ego_from_camera.translation.tolist(),
-                                            "rotation": ego_from_camera.quaternion.tolist(),
-                                            "camera_intrinsic": spec.cameras.intrinsics(channel).tolist()})
+        tables["calibrated_sensor"].append(
+            {
+                "token": calibrated[channel],
+                "sensor_token": make_token("sensor", channel),
+                "translation": ego_from_camera.translation.tolist(),
+                "rotation": ego_from_camera.quaternion.tolist(),
+                "camera_intrinsic": spec.cameras.intrinsics(channel).tolist(),
+            }
+        )
 
     sample_tokens = [spec.token("sample", k) for k in range(keyframes)]
     timestamps = [spec.start_timestamp_us + round(step * SWEEP_DT_S * 1e6) for step in range(steps)]
     for k, token in enumerate(sample_tokens):
-        tables["sample"].append({"token": token, "timestamp": timestamps[k * SWEEPS_PER_KEYFRAME],
-                                 "prev": sample_tokens[k - 1] if k > 0 else "",
-                                 "next": sample_tokens[k + 1] if k + 1 < keyframes else "",
-                                 "scene_token": scene_token})
+        tables["sample"].append(
+            {
+                "token": token,
+                "timestamp": timestamps[k * SWEEPS_PER_KEYFRAME],
+                "prev": sample_tokens[k - 1] if k > 0 else "",
+                "next": sample_tokens[k + 1] if k + 1 < keyframes else "",
+                "scene_token": scene_token,
+            }
+        )
     lidar_tokens = [spec.token("sample_data", types.LIDAR_CHANNEL, step) for step in range(steps)]
     camera_tokens = {c: [spec.token("sample_data", c, k) for k in range(keyframes)] for c in types.CAMERA_CHANNELS}
     tracks: dict[str, list[dict]] = {}  # instance id -> its annotations in time order
@@ -285,12 +329,22 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
         tables["ego_pose"].append(_pose_record(sd_token, timestamp, global_from_ego))
         # Sweeps belong to the keyframe that follows them, as in nuScenes.
         owner = sample_tokens[min(keyframe + (0 if is_key else 1), keyframes - 1)]
-        tables["sample_data"].append({
-            "token": sd_token, "sample_token": owner, "ego_pose_token": sd_token,
-            "calibrated_sensor_token": calibrated[types.LIDAR_CHANNEL], "timestamp": timestamp, "fileformat": "pcd",
-            "is_key_frame": is_key, "height": 0, "width": 0, "filename": lidar_file,
-            "prev": lidar_tokens[step - 1] if step > 0 else "", "next": lidar_tokens[step + 1] if step + 1 < steps
-            else ""})
+        tables["sample_data"].append(
+            {
+                "token": sd_token,
+                "sample_token": owner,
+                "ego_pose_token": sd_token,
+                "calibrated_sensor_token": calibrated[types.LIDAR_CHANNEL],
+                "timestamp": timestamp,
+                "fileformat": "pcd",
+                "is_key_frame": is_key,
+                "height": 0,
+                "width": 0,
+                "filename": lidar_file,
+                "prev": lidar_tokens[step - 1] if step > 0 else "",
+                "next": lidar_tokens[step + 1] if step + 1 < steps else "",
+            }
+        )
         if not is_key:
             continue
 
@@ -302,12 +356,22 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
             Image.fromarray(image.image).save(tmp_path, quality=JPEG_QUALITY)
             os.replace(tmp_path, root / cam_file)
             tables["ego_pose"].append(_pose_record(tokens[keyframe], timestamp, global_from_ego))
-            tables["sample_data"].append({
-                "token": tokens[keyframe], "sample_token": sample_tokens[keyframe], "ego_pose_token": tokens[keyframe],
-                "calibrated_sensor_token": calibrated[image.channel], "timestamp": timestamp, "fileformat": "jpg",
-                "is_key_frame": True, "height": image.image.shape[0], "width": image.image.shape[1],
-                "filename": cam_file, "prev": tokens[keyframe - 1] if keyframe > 0 else "",
-                "next": tokens[keyframe + 1] if keyframe + 1 < keyframes else ""})
+            tables["sample_data"].append(
+                {
+                    "token": tokens[keyframe],
+                    "sample_token": sample_tokens[keyframe],
+                    "ego_pose_token": tokens[keyframe],
+                    "calibrated_sensor_token": calibrated[image.channel],
+                    "timestamp": timestamp,
+                    "fileformat": "jpg",
+                    "is_key_frame": True,
+                    "height": image.image.shape[0],
+                    "width": image.image.shape[1],
+                    "filename": cam_file,
+                    "prev": tokens[keyframe - 1] if keyframe > 0 else "",
+                    "next": tokens[keyframe + 1] if keyframe + 1 < keyframes else "",
+                }
+            )
 
         # Annotations: agents near the ego, with the LiDAR points inside their box counted in the sensor frame.
         ego_xy = global_from_ego.translation[:2]
@@ -321,19 +385,22 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
             actor = built_world.actors[actor_index[box.instance_id]]
             speed = float(np.linalg.norm(box.velocity_mps))
             visibility = next(t for t, _, upper in VISIBILITY_LEVELS if fraction < upper)
-            tracks.setdefault(box.instance_id, []).append({
-                "token": spec.token("sample_annotation", box.instance_id, keyframe),
-                "sample_token": sample_tokens[keyframe],
-                "instance_token": spec.token("instance", box.instance_id),
-                "visibility_token": visibility,
-                "attribute_tokens": [attribute_tokens[_attribute_name(actor, speed)]],
-                "translation": box.center_m.tolist(),
-                "size": box.size_wlh_m.tolist(),
-                "rotation": box.quaternion.tolist(),
-                "prev": "", "next": "",
-                "num_lidar_pts": int(box.contains(points).sum()),
-                "num_radar_pts": 0,
-            })
+            tracks.setdefault(box.instance_id, []).append(
+                {
+                    "token": spec.token("sample_annotation", box.instance_id, keyframe),
+                    "sample_token": sample_tokens[keyframe],
+                    "instance_token": spec.token("instance", box.instance_id),
+                    "visibility_token": visibility,
+                    "attribute_tokens": [attribute_tokens[_attribute_name(actor, speed)]],
+                    "translation": box.center_m.tolist(),
+                    "size": box.size_wlh_m.tolist(),
+                    "rotation": box.quaternion.tolist(),
+                    "prev": "",
+                    "next": "",
+                    "num_lidar_pts": int(box.contains(points).sum()),
+                    "num_radar_pts": 0,
+                }
+            )
 
     for instance_id in sorted(tracks, key=lambda i: actor_index[i]):
         annotations = tracks[instance_id]
@@ -341,24 +408,46 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
             previous["next"], current["prev"] = current["token"], previous["token"]
         tables["sample_annotation"].extend(annotations)
         category = built_world.actors[actor_index[instance_id]].category
-        tables["instance"].append({"token": spec.token("instance", instance_id),
-                                   "category_token": category_tokens[category],
-                                   "nbr_annotations": len(annotations),
-                                   "first_annotation_token": annotations[0]["token"],
-                                   "last_annotation_token": annotations[-1]["token"]})
-    tables["scene"].append({"token": scene_token, "log_token": log_token, "nbr_samples": keyframes,
-                            "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],
-                            "name": spec.name, "description": f"Synthetic {spec.scenario.layout}, seed "
-                            f"{spec.scenario.seed}, {len(built_world.actors) - 1} agents"})
-    return SceneRecords(tables, sweeps=steps, keyframes=keyframes, images=keyframes * len(types.CAMERA_CHANNELS),
-                        returns=total_returns)
+        tables["instance"].append(
+            {
+                "token": spec.token("instance", instance_id),
+                "category_token": category_tokens[category],
+                "nbr_annotations": len(annotations),
+                "first_annotation_token": annotations[0]["token"],
+                "last_annotation_token": annotations[-1]["token"],
+            }
+        )
+    tables["scene"].append(
+        {
+            "token": scene_token,
+            "log_token": log_token,
+            "nbr_samples": keyframes,
+            "first_sample_token": sample_tokens[0],
+            "last_sample_token": sample_tokens[-1],
+            "name": spec.name,
+            "description": f"Synthetic {spec.scenario.layout}, seed "
+            f"{spec.scenario.seed}, {len(built_world.actors) - 1} agents",
+        }
+    )
+    return SceneRecords(
+        tables, sweeps=steps, keyframes=keyframes, images=keyframes * len(types.CAMERA_CHANNELS), returns=total_returns
+    )
 
 
 def write_tables(root: Path, version: str, scenes: list[SceneRecords]) -> None:
     """Merge the scenes' records with the static tables and write the 13 JSON tables under ``root/version``."""
     tables = static_tables()
-    for name in ("log", "map", "scene", "sample", "sample_data", "ego_pose", "calibrated_sensor", "instance",
-                 "sample_annotation"):
+    for name in (
+        "log",
+        "map",
+        "scene",
+        "sample",
+        "sample_data",
+        "ego_pose",
+        "calibrated_sensor",
+        "instance",
+        "sample_annotation",
+    ):
         tables[name] = [record for scene in scenes for record in scene.tables[name]]
     folder = root / version
     folder.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,27 @@ def _synth(args: argparse.Namespace) -> int:
         cameras=sensors.CameraConfig(width_px=args.image_width, height_px=round(args.image_width * 9 / 16)),
     )
     report = synth.synthesize(config)
-    print(f"wrote {report.out}: {len(report.scene_names)} scenes, {report.keyframes} keyframes, {report.sweeps} "
-          f"LiDAR sweeps ({report.lidar_returns / max(report.sweeps, 1):,.0f} returns each), {report.images} "
-          f"images in {report.wall_time_s:.1f} s")
+    print(
+        f"wrote {report.out}: {len(report.scene_names)} scenes, {report.keyframes} keyframes, {report.sweeps} "
+        f"LiDAR sweeps ({report.lidar_returns / max(report.sweeps, 1):,.0f} returns each), {report.images} "
+        f"images in {report.wall_time_s:.1f} s"
+    )
     if args.check:
         from bevjepa.sim import inspect
 
         print(inspect.describe(report.out, report.version))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from bevjepa.sim import inspect
+
+    dataroot = Path(args.dataroot)
+    if not (dataroot / args.version).is_dir():
+        raise FileNotFoundError(
+            f"--dataroot {dataroot} has no {args.version}/ tables folder; check the path and --version"
+        )
+    print(inspect.describe(dataroot, args.version))
     return 0
 
 
@@ -40,8 +54,11 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.what == "cameras":
         print(bench.format_report(bench.camera_throughput()))
     elif args.what == "synth":
-        print(bench.format_report(bench.synth_wall_time(scenes=args.scenes, duration_s=args.duration,
-                                                        workers=args.workers)))
+        print(
+            bench.format_report(
+                bench.synth_wall_time(scenes=args.scenes, duration_s=args.duration, workers=args.workers)
+            )
+        )
     return 0
 
 
@@ -50,21 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bevjepa", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    synth = commands.add_parser("synth", help="write a synthetic dataset in the nuScenes format",
-                                description="Simulate driving scenes and write them as a nuScenes dataset that "
-                                            "the nuscenes-devkit loads.")
+    synth = commands.add_parser(
+        "synth",
+        help="write a synthetic dataset in the nuScenes format",
+        description="Simulate driving scenes and write them as a nuScenes dataset that the nuscenes-devkit loads.",
+    )
     synth.add_argument("--out", required=True, help="dataset root to create (must not exist, or be empty)")
     synth.add_argument("--scenes", type=int, default=10, help="number of scenes (default 10)")
     synth.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     synth.add_argument("--duration", type=float, default=20.0, help="seconds per scene (default 20)")
     synth.add_argument("--version", default="v1.0-mini", help="v1.0-mini or v1.0-trainval (default v1.0-mini)")
-    synth.add_argument("--layouts", default="intersection,straight,t_junction",
-                       help="comma-separated layouts to cycle through (default all three)")
+    synth.add_argument(
+        "--layouts",
+        default="intersection,straight,t_junction",
+        help="comma-separated layouts to cycle through (default all three)",
+    )
     synth.add_argument("--image-width", type=int, default=400, help="camera image width in pixels (default 400)")
     synth.add_argument("--workers", type=int, default=1, help="parallel scene writers on Ray (default 1)")
     synth.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     synth.add_argument("--check", action="store_true", help="load the result with the devkit and describe it")
     synth.set_defaults(run=_synth)
+
+    inspect = commands.add_parser("inspect", help="describe a nuScenes dataset as the devkit loads it")
+    inspect.add_argument("--dataroot", required=True, help="the dataset root (holds v1.0-*/, samples/, maps/)")
+    inspect.add_argument("--version", default="v1.0-mini", help="table version (default v1.0-mini)")
+    inspect.set_defaults(run=_inspect)
 
     bench = commands.add_parser("bench", help="measure the simulator's throughput")
     bench.add_argument("what", choices=["lidar", "cameras", "synth"])

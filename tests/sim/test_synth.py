@@ -14,8 +14,11 @@ SMALL = dict(scenes=2, duration_s=1.5, agents=(4, 2, 3, 1))
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -69,8 +72,7 @@ def test_an_existing_folder_is_refused_and_left_untouched(tmp_path, capsys):
 def test_an_empty_folder_is_filled(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
-    report = synth.synthesize(synth.SynthConfig(out=out, scenes=1, duration_s=0.5, agents=(2, 0, 1, 0)),
-                              progress=False)
+    report = synth.synthesize(synth.SynthConfig(out=out, scenes=1, duration_s=0.5, agents=(2, 0, 1, 0)), progress=False)
     assert (report.out / "v1.0-mini" / "sample.json").exists()
 
 
@@ -95,8 +97,9 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_a_stale_partial_folder_of_a_killed_run_is_cleared(tmp_path):
     stale = tmp_path / ".data.partial-123"
     (stale / "samples").mkdir(parents=True)
-    synth.synthesize(synth.SynthConfig(out=tmp_path / "data", scenes=1, duration_s=0.5, agents=(1, 0, 0, 0)),
-                     progress=False)
+    synth.synthesize(
+        synth.SynthConfig(out=tmp_path / "data", scenes=1, duration_s=0.5, agents=(1, 0, 0, 0)), progress=False
+    )
     assert not stale.exists() and (tmp_path / "data").exists()
 
 

@@ -37,8 +37,8 @@ def _ego(path: Path, speed: float = 0.0) -> world.ActorSpec:
 def test_a_vehicle_stops_behind_a_stationary_one_without_touching_it():
     path = _straight()
     built, state = _world(
-        [_ego(path, 0.0), world.ActorSpec("car", "vehicle.car", "vehicle", CAR, path, 12.0)], [150.0, 50.0],
-        [0.0, 12.0])
+        [_ego(path, 0.0), world.ActorSpec("car", "vehicle.car", "vehicle", CAR, path, 12.0)], [150.0, 50.0], [0.0, 12.0]
+    )
     states = _run(built, state, 30.0)
     gaps = [s.s_m[0] - s.s_m[1] - (world.EGO_SIZE_WLH_M[1] + CAR[1]) / 2 for s in states]
     assert min(gaps) > 0.5
@@ -49,8 +49,10 @@ def test_a_follower_reacts_to_the_ego_braking_or_accelerating():
     """The counterfactual the world model must learn: the same scene under two ego actions."""
     path = _straight()
     built, state = _world(
-        [_ego(path, 10.0), world.ActorSpec("car", "vehicle.car", "vehicle", CAR, path, 14.0)], [80.0, 55.0],
-        [10.0, 10.0])
+        [_ego(path, 10.0), world.ActorSpec("car", "vehicle.car", "vehicle", CAR, path, 14.0)],
+        [80.0, 55.0],
+        [10.0, 10.0],
+    )
     braking = _run(built, state, 4.0, ego_accel_mps2=-3.0)
     accelerating = _run(built, state, 4.0, ego_accel_mps2=1.0)
     assert braking[-1].speed_mps[1] < accelerating[-1].speed_mps[1] - 2.0
@@ -63,7 +65,9 @@ def test_a_vehicle_stops_for_a_pedestrian_crossing_its_lane():
     pedestrian = world.ActorSpec("ped", "human.pedestrian.adult", "pedestrian", (0.67, 0.73, 1.77), crossing, 0.0)
     built, state = _world(
         [_ego(_straight(y_m=50.0)), world.ActorSpec("car", "vehicle.car", "vehicle", CAR, path, 10.0), pedestrian],
-        [10.0, 40.0, 8.0], [0.0, 10.0, 0.0])
+        [10.0, 40.0, 8.0],
+        [0.0, 10.0, 0.0],
+    )
     states = _run(built, state, 15.0)
     front = max(s.s_m[1] for s in states) + CAR[1] / 2
     assert front < 100.0 - 0.5 and states[-1].speed_mps[1] < 0.1
@@ -124,8 +128,11 @@ def test_layout_geometry_is_consistent(name):
     for walkway in layout.walkways:
         assert layout.sidewalks.buffer(0.01).contains(LineString(walkway))
     for structure in layout.structures:
-        footprint = Polygon(__import__("bevjepa.datasets.types", fromlist=["Box3D"]).Box3D(
-            structure.center_m, structure.size_wlh_m, structure.yaw_rad).footprint())
+        footprint = Polygon(
+            __import__("bevjepa.datasets.types", fromlist=["Box3D"])
+            .Box3D(structure.center_m, structure.size_wlh_m, structure.yaw_rad)
+            .footprint()
+        )
         assert not footprint.intersects(layout.drivable_area)
     # The raster agrees with the polygons away from their edges.
     rng = np.random.default_rng(0)

@@ -39,9 +39,7 @@ def truth(dataset: tuple[synth.SynthConfig, NuScenes]) -> dict[tuple[str, int], 
                 from bevjepa.sim import world
 
                 boxes, _ = world.agent_boxes(frame.world, frame.state)
-                table[(spec.name, frame.timestamp_us)] = {
-                    b.instance_id: (b.center_m, b.velocity_mps) for b in boxes
-                }
+                table[(spec.name, frame.timestamp_us)] = {b.instance_id: (b.center_m, b.velocity_mps) for b in boxes}
     return table
 
 
@@ -76,8 +74,15 @@ def test_devkit_loads_all_tables_and_the_mini_val_scenes(dataset):
     for table in nusc.table_names:
         assert getattr(nusc, table), f"table {table} is empty"
     sample = nusc.sample[0]
-    assert set(sample["data"]) == {"LIDAR_TOP", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK",
-                                   "CAM_BACK_LEFT", "CAM_FRONT_LEFT"}
+    assert set(sample["data"]) == {
+        "LIDAR_TOP",
+        "CAM_FRONT",
+        "CAM_FRONT_RIGHT",
+        "CAM_BACK_RIGHT",
+        "CAM_BACK",
+        "CAM_BACK_LEFT",
+        "CAM_FRONT_LEFT",
+    }
     path, boxes, intrinsic = nusc.get_sample_data(sample["data"]["CAM_FRONT"])
     assert Path(path).exists() and intrinsic.shape == (3, 3)
     cloud = LidarPointCloud.from_file(nusc.get_sample_data_path(sample["data"]["LIDAR_TOP"]))
@@ -129,11 +134,12 @@ def test_predict_helper_future_matches_the_simulator(dataset, truth):
     helper = PredictHelper(nusc)
     checked = 0
     for annotation in nusc.sample_annotation[::5]:
-        future = helper.get_future_for_agent(annotation["instance_token"], annotation["sample_token"], seconds=2,
-                                             in_agent_frame=False)
+        future = helper.get_future_for_agent(
+            annotation["instance_token"], annotation["sample_token"], seconds=2, in_agent_frame=False
+        )
         scene_name, actor_id = _instance_id(nusc, config, annotation)
         sample = nusc.get("sample", annotation["sample_token"])
-        for k, xy in enumerate(future, start=1):
+        for xy in future:
             sample = nusc.get("sample", sample["next"])
             np.testing.assert_allclose(xy, truth[(scene_name, sample["timestamp"])][actor_id][0][:2], atol=0.01)
             checked += 1
@@ -159,8 +165,11 @@ CLASS_HUE = {"vehicle": "blue", "human": "red", "vehicle.bicycle": "yellow"}
 def _colour(rgb: np.ndarray) -> np.ndarray:
     """[N] names of the dominant colour of JPEG pixels ([N, 3] uint8)."""
     r, g, b = (rgb[:, i].astype(int) for i in range(3))
-    return np.select([(b > r + 40) & (b > g + 20), (r > g + 60) & (r > b + 60), (r > b + 80) & (g > b + 60)],
-                     ["blue", "red", "yellow"], "other")
+    return np.select(
+        [(b > r + 40) & (b > g + 20), (r > g + 60) & (r > b + 60), (r > b + 80) & (g > b + 60)],
+        ["blue", "red", "yellow"],
+        "other",
+    )
 
 
 def test_lidar_points_on_agents_land_on_their_pixels_in_the_cameras(dataset):
@@ -184,8 +193,14 @@ def test_lidar_points_on_agents_land_on_their_pixels_in_the_cameras(dataset):
             inside = points_in_box(box, cloud.points[:3])
             if inside.sum() < 5:
                 continue
-            for channel in ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT",
-                            "CAM_BACK_RIGHT"):
+            for channel in (
+                "CAM_FRONT",
+                "CAM_FRONT_LEFT",
+                "CAM_FRONT_RIGHT",
+                "CAM_BACK",
+                "CAM_BACK_LEFT",
+                "CAM_BACK_RIGHT",
+            ):
                 cam = nusc.get("sample_data", sample["data"][channel])
                 cam_cs = nusc.get("calibrated_sensor", cam["calibrated_sensor_token"])
                 cam_pose = nusc.get("ego_pose", cam["ego_pose_token"])
