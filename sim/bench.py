@@ -8,8 +8,11 @@ Run ``python -m bevjepa.sim.bench`` to print all three measurements.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import open3d as o3d
@@ -59,15 +62,6 @@ def _point_before_end(centerline: np.ndarray, distance_m: float) -> np.ndarray:
     return centerline[-1] - direction / np.linalg.norm(direction) * distance_m
 
 
-def _lidar_rays(renderer: sensors.SensorRenderer, global_from_ego: geometry.RigidTransform) -> o3d.core.Tensor:
-    """[N, 6] float32 LiDAR rays (origin, unit direction) in the global frame."""
-    global_from_sensor = global_from_ego @ renderer.lidar.ego_from_sensor
-    directions, _ = renderer.lidar.ray_directions()
-    rays = np.concatenate([np.broadcast_to(global_from_sensor.translation, directions.shape),
-                           global_from_sensor.apply_vectors(directions)], axis=1)
-    return o3d.core.Tensor(rays.astype(np.float32))
-
-
 def _interleaved(rounds: int, *functions: Callable[[], object]) -> list[float]:
     """Median seconds per call of each function, called in turn ``rounds`` times after one warm-up round."""
     for function in functions:
@@ -102,7 +96,7 @@ def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: 
         returns.append(len(sweep.points))
 
     scene = renderer.raycasting_scene(agents)
-    rays = _lidar_rays(renderer, global_from_ego)
+    rays = renderer.lidar_rays(global_from_ego)
 
     seconds, raw_seconds = _interleaved(sweeps, render, lambda: scene.cast_rays(rays))
     ray_count = renderer.lidar.ray_count
@@ -132,15 +126,10 @@ def camera_throughput(layout_name: str = "intersection", frames: int = 5, seed: 
     renderer = sensors.SensorRenderer(layout, cameras=cameras)
     config = renderer.cameras
     scene = renderer.raycasting_scene(agents)
-    rays = np.concatenate([
-        np.concatenate([np.broadcast_to(g.translation, (config.height_px, config.width_px, 3)),
-                        config.ray_directions(channel) @ g.rotation.T], axis=-1)
-        for g, channel in zip(renderer.global_from_cameras(global_from_ego), types.CAMERA_CHANNELS, strict=True)
-    ]).reshape(-1, 6)  # [C*H*W, 6]
-    rays_tensor = o3d.core.Tensor(rays.astype(np.float32))
+    rays = renderer.camera_rays(global_from_ego)  # [C*H*W, 6]
 
     seconds, raw_seconds = _interleaved(frames, lambda: renderer.camera_images(agents, global_from_ego, 0),
-                                        lambda: scene.cast_rays(rays_tensor))
+                                        lambda: scene.cast_rays(rays))
     count = len(types.CAMERA_CHANNELS)
     return {
         "layout": layout_name,
@@ -148,8 +137,8 @@ def camera_throughput(layout_name: str = "intersection", frames: int = 5, seed: 
         "frames": frames,
         "images_per_s": count / seconds,
         "frames_per_s": 1.0 / seconds,
-        "rays_per_s": len(rays) / seconds,
-        "raw_rays_per_s": len(rays) / raw_seconds,
+        "rays_per_s": rays.shape[0] / seconds,
+        "raw_rays_per_s": rays.shape[0] / raw_seconds,
         "overhead_ratio": raw_seconds / seconds,
     }
 
@@ -168,7 +157,7 @@ def scene_strategies(layout_name: str = "intersection", sweeps: int = 20, seed: 
     renderer = sensors.SensorRenderer(layout)
     mesh = sensors.AgentMesh.from_boxes(agents)
     static_scene = renderer.raycasting_scene([])
-    rays = _lidar_rays(renderer, global_from_ego)
+    rays = renderer.lidar_rays(global_from_ego)
     static_scene.cast_rays(rays)  # commit the static scene's BVH outside the timing
 
     def fresh() -> np.ndarray:
@@ -190,10 +179,43 @@ def scene_strategies(layout_name: str = "intersection", sweeps: int = 20, seed: 
             "split_over_fresh": split_s / fresh_s}
 
 
+def synth_wall_time(scenes: int = 10, duration_s: float = 20.0, workers: int = 2, seed: int = 0) -> dict:
+    """Wall time of ``bevjepa synth`` writing a v1.0-mini-sized dataset (by default 10 scenes of 20 s).
+
+    The dataset goes to a temporary folder, removed afterwards.
+
+    Returns:
+        ``wall_s``, the counts written (keyframes, sweeps, images), ``bytes`` on disk and ``sweeps_per_s``.
+    """
+    from bevjepa.sim import synth
+
+    parent = Path(tempfile.mkdtemp(prefix="bevjepa-bench-"))
+    try:
+        config = synth.SynthConfig(out=parent / "mini", scenes=scenes, seed=seed, duration_s=duration_s,
+                                   workers=workers)
+        report = synth.synthesize(config)
+        size = sum(f.stat().st_size for f in report.out.rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    return {"scenes": scenes, "duration_s": duration_s, "workers": workers, "wall_s": report.wall_time_s,
+            "keyframes": report.keyframes, "sweeps": report.sweeps, "images": report.images, "bytes": size,
+            "sweeps_per_s": report.sweeps / report.wall_time_s}
+
+
+def format_report(result: dict) -> str:
+    """One measurement as aligned ``name: value`` lines."""
+    width = max(len(k) for k in result)
+    lines = []
+    for key, value in result.items():
+        shown = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+        lines.append(f"{key.ljust(width)}  {shown}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Print the LiDAR, camera and scene-strategy measurements."""
     for result in (lidar_throughput(), camera_throughput(), scene_strategies()):
-        print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
+        print(format_report(result), end="\n\n")
 
 
 if __name__ == "__main__":

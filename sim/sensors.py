@@ -9,10 +9,11 @@ Agents are drawn strictly inside their annotation boxes: ``AGENT_INSET_M`` in fr
 and ``AGENT_INSET_M`` up from the bottom, so that a LiDAR return on an agent lies inside its ``Box3D`` and
 never on a face (the range noise is bounded accordingly).
 
-Scene strategy (measured on the ``intersection`` layout with 20 cars, 2 CPU cores, see ``sim/bench.py``): a
-fresh ``RaycastingScene`` per frame holding the static world and the agents beats a static scene built once
-plus a small agent scene cast separately (nearer hit kept); the BVH of a few thousand triangles builds in well
-under a millisecond, while the second cast costs a whole traversal per ray.
+Scene strategy (``bench.scene_strategies``: ``intersection`` layout, 20 cars, LiDAR rays, 2 CPU cores): a fresh
+``RaycastingScene`` per frame holding the static world and the agents (~1.6 k triangles, one ``add_triangles``)
+took 3.3-3.5 ms a sweep; a static scene built once plus a per-frame agent scene, both cast and the nearer hit
+kept, took 0-2% longer (a tie within noise, before even merging the normals). The BVH builds in ~0.4 ms and the
+second cast costs about as much. The fresh scene is kept: as fast, one cast, one triangle table.
 
 Notation:
     N  rays or returns
@@ -286,9 +287,8 @@ class AgentMesh:
         if count == 0:
             return AgentMesh(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint32), np.zeros(0, np.int32),
                              np.zeros(0, np.uint8))
-        center = np.stack([a.center_m for a in agents])  # [A, 3]
-        size_wlh = np.stack([a.size_wlh_m for a in agents])  # [A, 3]
-        yaw = np.array([a.yaw_rad for a in agents])  # [A]
+        boxes = np.array([(*a.center_m, *a.size_wlh_m, a.yaw_rad) for a in agents])  # [A, 7]
+        center, size_wlh, yaw = boxes[:, :3], boxes[:, 3:6], boxes[:, 6]
         material = np.array([materials.material_of_category(a.category) for a in agents], dtype=np.uint8)
         if np.any(size_wlh < 4 * AGENT_INSET_M):
             raise ValueError(f"AgentMesh: every box size must be at least {4 * AGENT_INSET_M} m to hold its mesh")
@@ -341,6 +341,36 @@ def _static_mesh(layout: layouts.RoadLayout) -> tuple[np.ndarray, np.ndarray, np
     return vertices, triangles, material
 
 
+def _ego_rays(ego_from_sensors: list[geometry.RigidTransform], directions: np.ndarray) -> o3d.core.Tensor:
+    """Rays of S sensors in the ego frame, homogeneous for ``_global_rays``.
+
+    Args:
+        ego_from_sensors: the S sensors' mountings.
+        directions: [S, R, 3] float — unit ray directions in each sensor's frame.
+
+    Returns:
+        [S*R, 7] float32 open3d tensor: origin (m, ego), unit direction (ego), 1.
+    """
+    sensors, count, _ = directions.shape
+    rays = np.ones((sensors, count, 7))
+    for s, ego_from_sensor in enumerate(ego_from_sensors):
+        rays[s, :, :3] = ego_from_sensor.translation
+        rays[s, :, 3:6] = ego_from_sensor.apply_vectors(directions[s])
+    return o3d.core.Tensor(rays.reshape(-1, 7).astype(np.float32))
+
+
+def _global_rays(rays_ego: o3d.core.Tensor, global_from_ego: geometry.RigidTransform) -> o3d.core.Tensor:
+    """[N, 6] float32 rays (origin, unit direction) in the global frame, from ``_ego_rays`` output [N, 7].
+
+    One product ``[o, d, 1] @ [[R^T, 0], [0, R^T], [t, 0]]``; open3d's multiplies several times faster than
+    numpy's at these shapes.
+    """
+    transform = np.zeros((7, 6), dtype=np.float32)
+    transform[:3, :3] = transform[3:6, 3:] = global_from_ego.rotation.T
+    transform[6, :3] = global_from_ego.translation
+    return rays_ego @ o3d.core.Tensor(transform)
+
+
 @dataclass(frozen=True)
 class _Scene:
     """One frame's world in an open3d scene, with per-triangle lookup tables.
@@ -349,7 +379,7 @@ class _Scene:
     onto it. Triangles 0 and 1 are the ground.
 
     Attributes:
-        scene: the committed-on-first-cast open3d scene, in the frame its vertices were moved to.
+        scene: the open3d scene (global frame); its BVH is built on the first cast.
         triangle_material: [T + 1] uint8 ``Material`` (GROUND for a miss).
         triangle_agent: [T + 1] int32 agent index, -1 for the static world and a miss.
         triangle_reflectivity: [T + 1] float32 LiDAR reflectivity (0 for the ground: see the surface raster).
@@ -368,7 +398,7 @@ class _Hits:
     Attributes:
         t_hit: [N] float32 distance along the ray (m, for unit directions); inf on a miss.
         triangle: [N] int64 index into the ``_Scene`` tables (T on a miss).
-        normal: [N, 3] float32 unit normal of the hit triangle, as wound, in the scene's frame.
+        normal: [N, 3] float32 unit normal of the hit triangle, as wound (global); zero on a miss.
     """
 
     t_hit: np.ndarray
@@ -416,15 +446,21 @@ class SensorRenderer:
         self._padded_surface = padded.ravel()  # [(R + 2 pad) * (C + 2 pad)] uint8
         directions, self._lidar_ring = self.lidar.ray_directions()  # [N, 3] sensor frame, [N]
         self._lidar_directions_t = np.ascontiguousarray(directions.T)  # [3, N]
-        self._lidar_directions_h = o3d.core.Tensor(
-            np.concatenate([directions, np.ones_like(directions[:, :1])], axis=1))  # [N, 4]
-        self._ego_from_sensor_matrix = self.lidar.ego_from_sensor.matrix
-        directions = np.stack([self.cameras.ray_directions(c).reshape(-1, 3) for c in types.CAMERA_CHANNELS])
-        self._camera_directions_h = o3d.core.Tensor(np.concatenate(
-            [directions, np.ones_like(directions[..., :1])], axis=-1).astype(np.float32))  # [C, H*W, 4]
+        self._lidar_rays_ego = _ego_rays([self.lidar.ego_from_sensor], directions[None])  # [N, 7]
+        camera_directions = np.stack([self.cameras.ray_directions(c).reshape(-1, 3) for c in types.CAMERA_CHANNELS])
+        self._camera_rays_ego = _ego_rays([NUSCENES_CAMERAS[c].ego_from_camera for c in types.CAMERA_CHANNELS],
+                                          camera_directions)  # [C*H*W, 7]
         self._intrinsics = np.stack([self.cameras.intrinsics(c) for c in types.CAMERA_CHANNELS])  # [C, 3, 3]
 
     # ---------------------------------------------------------------------------------------- casting
+
+    def lidar_rays(self, global_from_ego: geometry.RigidTransform) -> o3d.core.Tensor:
+        """[N, 6] float32 LiDAR rays (origin, unit direction; global), in firing order, as ``lidar_sweep`` casts."""
+        return _global_rays(self._lidar_rays_ego, global_from_ego)
+
+    def camera_rays(self, global_from_ego: geometry.RigidTransform) -> o3d.core.Tensor:
+        """[C*H*W, 6] float32 pixel rays (global), camera by camera, row-major, as ``camera_images`` casts."""
+        return _global_rays(self._camera_rays_ego, global_from_ego)
 
     def raycasting_scene(self, agents: Sequence[types.Box3D]) -> o3d.t.geometry.RaycastingScene:
         """The open3d scene (global frame) of the static world plus ``agents``, as every method casts into."""
@@ -450,7 +486,7 @@ class SensorRenderer:
 
     @staticmethod
     def _cast(scene: _Scene, rays: o3d.core.Tensor) -> _Hits:
-        """First hits of rays [N, 6] float32 (origin, unit direction) in ``scene``'s frame."""
+        """First hits of rays [N, 6] float32 (origin, unit direction; global) in ``scene``."""
         result = scene.scene.cast_rays(rays)
         miss = np.uint32(len(scene.triangle_agent) - 1)
         triangle = np.minimum(result["primitive_ids"].numpy(), miss)  # [N]; INVALID_ID on a miss
@@ -492,14 +528,9 @@ class SensorRenderer:
             [N] int32 the index into ``agents`` of the agent each point lies on, -1 for the static world.
         """
         config = self.lidar
-        # Raw matrices (no RigidTransform checks) keep the per-sweep overhead small.
-        global_from_sensor = global_from_ego.matrix @ self._ego_from_sensor_matrix  # [4, 4]
-        # [N, 6] global rays in one product: [d_sensor, 1] @ [[0, R^T], [t, 0]].
-        ray_map = np.zeros((4, 6), dtype=np.float32)
-        ray_map[:3, 3:] = global_from_sensor[:3, :3].T
-        ray_map[3, :3] = global_from_sensor[:3, 3]
-        rays_tensor = self._lidar_directions_h @ o3d.core.Tensor(ray_map)  # open3d's product: 4x numpy's here
-        rays = rays_tensor.numpy()  # [N, 6] float32, shared memory
+        rays_tensor = self.lidar_rays(global_from_ego)
+        rays = rays_tensor.numpy()  # [N, 6] float32 global, shared memory
+        sensor_x, sensor_y = rays[0, :2]  # every ray leaves from the sensor
         scene = self._scene(AgentMesh.from_boxes(agents))
         hits = self._cast(scene, rays_tensor)
 
@@ -523,8 +554,8 @@ class SensorRenderer:
         reflectivity = scene.triangle_reflectivity[triangle]  # [M]
         ground = np.flatnonzero(triangle < 2)  # [G] the ground quad's two triangles
         ground_ray, ground_t = kept[ground], t_hit[ground]  # noiseless hits
-        ground_x = global_from_sensor[0, 3] + ground_t * rays[ground_ray, 3]
-        ground_y = global_from_sensor[1, 3] + ground_t * rays[ground_ray, 4]
+        ground_x = sensor_x + ground_t * rays[ground_ray, 3]
+        ground_y = sensor_y + ground_t * rays[ground_ray, 4]
         reflectivity[ground] = materials.SURFACE_REFLECTIVITY[self.surface_classes(ground_x, ground_y)]
 
         points = np.empty((len(kept), 5), dtype=np.float32)  # [M, 5]
@@ -554,16 +585,9 @@ class SensorRenderer:
             Six ``CameraImage`` ([H, W, 3] uint8 RGB) in ``types.CAMERA_CHANNELS`` order, and six [H, W] int32
             images of the index into ``agents`` seen at each pixel (-1 where no agent).
         """
-        cameras = self.global_from_cameras(global_from_ego)
-        count, pixels, _ = self._camera_directions_h.shape
-        height, width = self.cameras.height_px, self.cameras.width_px
-        ray_maps = np.zeros((count, 4, 6), dtype=np.float32)  # [d_camera, 1] @ [[0, R^T], [t, 0]] per camera
-        for c, global_from_camera in enumerate(cameras):
-            ray_maps[c, :3, 3:] = global_from_camera.rotation.T
-            ray_maps[c, 3, :3] = global_from_camera.translation
-        rays_tensor = o3d.core.concatenate([self._camera_directions_h[c] @ o3d.core.Tensor(ray_maps[c])
-                                            for c in range(count)])  # [C*H*W, 6] global
-        rays = rays_tensor.numpy()  # shared memory
+        count, height, width = len(types.CAMERA_CHANNELS), self.cameras.height_px, self.cameras.width_px
+        rays_tensor = self.camera_rays(global_from_ego)
+        rays = rays_tensor.numpy()  # [C*H*W, 6] float32 global, shared memory
         scene = self._scene(AgentMesh.from_boxes(agents))
         hits = self._cast(scene, rays_tensor)
 
@@ -606,7 +630,11 @@ class SensorRenderer:
 
         Each agent has P = 15 sample points (its 8 inset corners pulled 10% inwards, its centre and its 6 face
         centres pulled in alike). A point counts if it projects into some camera's image and the ray from that
-        camera's centre first hits this agent, or nothing before the point.
+        camera's centre first hits this agent, or nothing before the point. All agents and cameras are cast at once.
+
+        Args:
+            agents: the agents' boxes (global frame).
+            global_from_ego: the ego pose.
 
         Returns:
             [A] float64 fractions in [0, 1].

@@ -69,7 +69,7 @@ def test_sweep_size_rings_intensity_and_range(street):
     assert np.array_equal(ring, np.round(ring)) and set(np.unique(ring).astype(int)) == set(range(32))
     assert points[:, 3].min() >= 0 and points[:, 3].max() <= 255 and np.ptp(points[:, 3]) > 50
     assert np.linalg.norm(points[:, :3], axis=1).max() <= renderer.lidar.max_range_m
-    assert sweep.ego_from_sensor == renderer.lidar.ego_from_sensor and sweep.timestamp_us == 1_000_000
+    assert sweep.ego_from_sensor is renderer.lidar.ego_from_sensor and sweep.timestamp_us == 1_000_000
 
 
 def test_agent_points_lie_strictly_inside_their_boxes(street):
@@ -173,7 +173,7 @@ def test_camera_images_shapes_calibration_and_determinism(car_ahead):
         assert agent_image.shape == (225, 400) and agent_image.dtype == np.int32
         assert set(np.unique(agent_image)) <= {-1, 0}
         assert np.array_equal(image.image, other.image) and np.array_equal(agent_image, other_agent)
-        assert image.global_from_ego == ego and image.timestamp_us == 5
+        assert image.global_from_ego is ego and image.timestamp_us == 5
     front = images[0]
     np.testing.assert_allclose(front.intrinsics, [[1266.4 / 4, 0, 816.3 / 4], [0, 1266.4 / 4, 491.5 / 4], [0, 0, 1]])
     np.testing.assert_allclose(front.ego_from_camera.translation, [1.7008, 0.0159, 1.511])
