@@ -290,3 +290,49 @@ class GridSpec:
     def to_image(self, bev: np.ndarray) -> np.ndarray:
         """A BEV map ``[..., H, W]`` as an image of that shape, +x up and +y to the left (for plotting)."""
         return np.flip(bev, axis=(-2, -1))
+
+    def center_window(
+        self, lo_xy: np.ndarray, hi_xy: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Index windows holding every cell whose centre lies strictly inside axis-aligned rectangles.
+
+        The windows are conservative (they may hold one extra cell on each side, never miss one) and clipped to
+        the grid, so the caller still tests each candidate centre exactly.
+
+        Args:
+            lo_xy: [A, 2] float — finite lower corners (x, y) of the rectangles (m).
+            hi_xy: [A, 2] float — finite upper corners (x, y) of the rectangles (m).
+
+        Returns:
+            row_start, row_stop, col_start, col_stop: [A] int64 half-open index ranges within ``[0, H]`` and
+            ``[0, W]``; an empty window has ``stop == start``.
+        """
+        lo_xy = np.asarray(lo_xy, dtype=np.float64)
+        hi_xy = np.asarray(hi_xy, dtype=np.float64)
+        if lo_xy.ndim != 2 or lo_xy.shape[1] != 2 or hi_xy.shape != lo_xy.shape:
+            raise ValueError(f"lo_xy, hi_xy: expected two [A, 2] arrays, got {lo_xy.shape} and {hi_xy.shape}")
+        h, w = self.shape
+        origin = np.array([self.x_min_m, self.y_min_m])
+        limit = np.array([h, w], dtype=np.float64)
+        # Centre k sits at origin + (k + 0.5) * res: the first centre above lo has k >= (lo - origin)/res - 0.5,
+        # the last below hi has k < (hi - origin)/res - 0.5; floor and one cell of slack absorb rounding.
+        start = np.clip(np.floor((lo_xy - origin) / self.resolution_m - 0.5), 0, limit)  # [A, 2]
+        stop = np.clip(np.floor((hi_xy - origin) / self.resolution_m - 0.5) + 2, 0, limit)  # [A, 2]
+        stop = np.maximum(stop, start)
+        start_i, stop_i = start.astype(np.int64), stop.astype(np.int64)
+        return start_i[:, 0], stop_i[:, 0], start_i[:, 1], stop_i[:, 1]
+
+    def index_to_center_coords(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Centre coordinates of rows and of columns, separately (the same values as ``index_to_xy``).
+
+        Args:
+            rows: [...] int — row indices.
+            cols: [...] int — column indices (any shape; need not match ``rows``).
+
+        Returns:
+            x: float64 of ``rows``' shape — x (m) of the row centres; y: float64 of ``cols``' shape — y (m) of the
+            column centres. Broadcasting ``x`` against ``y`` gives cell centres without materialising [..., 2].
+        """
+        x = self.x_min_m + (np.asarray(rows, dtype=np.float64) + 0.5) * self.resolution_m
+        y = self.y_min_m + (np.asarray(cols, dtype=np.float64) + 0.5) * self.resolution_m
+        return x, y

@@ -52,7 +52,8 @@ class RayPool:
 
     def map_unordered(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> Iterator[tuple[int, Result]]:
         """Submit one task per item and yield results as tasks finish; a task's exception is raised here."""
-        remote = self._ray.remote(num_cpus=1)(_call)
+        # A task whose worker dies, or that raises, is retried (up to 3 times) before its error reaches the caller.
+        remote = self._ray.remote(num_cpus=1, max_retries=3, retry_exceptions=True)(_call)
         fn_ref = self._ray.put(fn)
         pending = {remote.remote(fn_ref, item): index for index, item in enumerate(items)}
         while pending:

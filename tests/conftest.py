@@ -31,3 +31,14 @@ def real_scene_nusc(realdata_root: Path):
     from nuscenes.nuscenes import NuScenes
 
     return NuScenes(version="v1.0-mini", dataroot=str(dataroot), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic v1.0-mini written by the simulator: 2 scenes of 4 s (8 keyframes each)."""
+    from bevjepa.sim import synth
+
+    out = tmp_path_factory.mktemp("synthetic") / "mini"
+    synth.synthesize(synth.SynthConfig(out=out, scenes=2, duration_s=4.0, seed=1, agents=(8, 2, 6, 2)),
+                     progress=False)
+    return out

@@ -34,6 +34,33 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from bevjepa.datasets import preprocess, windows
+
+    config = preprocess.PreprocessConfig(
+        dataroot=Path(args.dataroot),
+        out=Path(args.out),
+        version=args.version,
+        split=args.split,
+        workers=args.workers,
+        address=args.address,
+        strict=args.strict,
+        image_width_px=args.image_width,
+        lidar_sweeps=args.sweeps,
+        window=windows.WindowConfig(voxel_size_m=args.voxel_size),
+    )
+    try:
+        manifest = preprocess.preprocess(config)
+    except preprocess.StrictModeError as error:
+        print(f"bevjepa preprocess: --strict: {error}", file=sys.stderr)
+        return 1
+    counts = manifest["counts"]
+    print(f"wrote {counts['windows']} windows of {counts['scenes']} scenes to {args.out} "
+          f"({(counts['window_bytes'] + counts['frame_bytes']) / 1e6:.1f} MB); {counts['failed_windows']} failed, "
+          f"{counts['bad_inputs']} bad inputs (see {Path(args.out) / 'manifest.json'})")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from bevjepa.sim import inspect
 
@@ -87,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     synth.add_argument("--check", action="store_true", help="load the result with the devkit and describe it")
     synth.set_defaults(run=_synth)
+
+    prep = commands.add_parser("preprocess", help="turn a nuScenes dataset into training windows on Ray",
+                               description="Build training windows (inputs and targets) from a nuScenes dataset, "
+                                           "one Ray task per scene; resumable; bad inputs recorded.")
+    prep.add_argument("--dataroot", required=True, help="the nuScenes dataset root")
+    prep.add_argument("--version", default="v1.0-mini", help="table version (default v1.0-mini)")
+    prep.add_argument("--split", default=None, help="devkit split (mini_train, mini_val, train, val, ...)")
+    prep.add_argument("--out", required=True, help="output folder (an interrupted run is resumed)")
+    prep.add_argument("--workers", type=int, default=1, help="Ray workers (default 1: this process)")
+    prep.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    prep.add_argument("--strict", action="store_true", help="stop at the first bad input or failed window")
+    prep.add_argument("--image-width", type=int, default=256, help="camera width after resizing (default 256)")
+    prep.add_argument("--sweeps", type=int, default=10, help="LiDAR sweeps per keyframe (default 10)")
+    prep.add_argument("--voxel-size", type=float, default=0.1, help="voxel downsampling in m; 0 keeps every point")
+    prep.set_defaults(run=_preprocess)
 
     inspect = commands.add_parser("inspect", help="describe a nuScenes dataset as the devkit loads it")
     inspect.add_argument("--dataroot", required=True, help="the dataset root (holds v1.0-*/, samples/, maps/)")

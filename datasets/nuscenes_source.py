@@ -1,0 +1,288 @@
+"""The nuScenes source: keyframes of any dataroot, version and split (real or synthetic) through the devkit.
+
+For each keyframe: the six cameras resized (intrinsics scaled to match) with their poses at the image's own
+timestamp; LiDAR aggregated over N sweeps into the keyframe's ego frame with per-sweep ego-motion compensation and
+a time-lag channel (as the devkit's ``LidarPointCloud.from_file_multisweep``, which works in the sensor frame);
+annotations as boxes in the keyframe's ego frame with their class, velocity and instance token.
+
+Bad input does not stop the source: a missing or truncated file, an empty sweep or NaN points are recorded as
+``BadInput`` on the keyframe, and the keyframe is made from what exists.
+
+Notation:
+    N  LiDAR points
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nuscenes.nuscenes import NuScenes
+from nuscenes.utils.splits import create_splits_scenes
+from PIL import Image
+
+from bevjepa.datasets import categories, geometry, types
+
+LIDAR_POINT_BYTES = 5 * 4
+"""A nuScenes LiDAR point: x, y, z, intensity, ring as float32."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Which data to read and how.
+
+    Attributes:
+        dataroot: the dataset root (holds ``v1.0-*/``, ``samples/``, ``sweeps/``, ``maps/``).
+        version: the table version, e.g. ``v1.0-mini`` or ``v1.0-trainval``.
+        split: a devkit split (``mini_train``, ``mini_val``, ``train``, ``val``, ...); None takes every scene.
+        image_width_px: cameras are resized to this width, keeping their aspect ratio.
+        lidar_sweeps: sweeps aggregated per keyframe (10 = 0.5 s at 20 Hz).
+        min_point_distance_m: points with |x| and |y| below this in their sensor frame are dropped (the devkit's
+            ``remove_close``: returns from the ego vehicle itself).
+    """
+
+    dataroot: Path
+    version: str = "v1.0-mini"
+    split: str | None = None
+    image_width_px: int = 256
+    lidar_sweeps: int = 10
+    min_point_distance_m: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.image_width_px < 8:
+            raise ValueError(f"SourceConfig.image_width_px must be at least 8, got {self.image_width_px}")
+        if self.lidar_sweeps < 1:
+            raise ValueError(f"SourceConfig.lidar_sweeps must be at least 1, got {self.lidar_sweeps}")
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A file or record that could not be used as it is.
+
+    Attributes:
+        sample_token: the keyframe that needed it.
+        file: the file (relative to the dataroot) or the table record at fault.
+        reason: what is wrong, e.g. ``missing file`` or ``truncated: 1234 bytes``.
+    """
+
+    sample_token: str
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    """One keyframe (nuScenes ``sample``) with its sensors and annotations.
+
+    Attributes:
+        sample_token: the sample's token.
+        scene_name: the scene's name, e.g. ``scene-0061``.
+        timestamp_us: the keyframe's (LIDAR_TOP) timestamp (µs).
+        global_from_ego: the ego pose at ``timestamp_us``.
+        lidar_points: [N, 5] float32 — x, y, z (m, this keyframe's ego frame), intensity (0-255), time lag (s)
+            behind the keyframe.
+        cameras: the cameras that could be read, resized; each carries its own pose at its own timestamp.
+        boxes: annotated agents of the predicted classes, in this keyframe's ego frame, with velocity (m/s, ego
+            frame; NaN where the devkit cannot tell) and the instance token as ``instance_id``.
+        bad_inputs: what was missing or damaged.
+    """
+
+    sample_token: str
+    scene_name: str
+    timestamp_us: int
+    global_from_ego: geometry.RigidTransform
+    lidar_points: np.ndarray
+    cameras: tuple[types.CameraImage, ...]
+    boxes: tuple[types.Box3D, ...]
+    bad_inputs: tuple[BadInput, ...]
+
+
+class BadInputError(Exception):
+    """A file that cannot be used; ``reason`` says why."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+
+def open_nuscenes(dataroot: Path, version: str) -> NuScenes:
+    """Load the devkit's tables, with a clear error for a wrong dataroot or version."""
+    dataroot = Path(dataroot)
+    if not dataroot.is_dir():
+        raise FileNotFoundError(f"dataroot {dataroot} does not exist; pass the folder that holds {version}/")
+    if not (dataroot / version).is_dir():
+        found = sorted(p.name for p in dataroot.glob("v1.0-*") if p.is_dir())
+        raise FileNotFoundError(f"dataroot {dataroot} has no {version}/ tables folder (found: {found or 'none'}); "
+                                "check --dataroot and --version")
+    return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+
+
+def read_lidar_file(dataroot: Path, filename: str) -> tuple[np.ndarray, list[str]]:
+    """Read a ``.pcd.bin`` LiDAR file.
+
+    Returns:
+        points [N, 5] float32 (x, y, z in the sensor frame, intensity, ring), with rows holding NaN or inf
+        removed, and a list of non-fatal problems (``"3 points with NaN removed"``).
+
+    Raises:
+        BadInputError: the file is missing, truncated (not whole points) or holds no finite point.
+    """
+    path = Path(dataroot) / filename
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInputError(filename, "missing file") from None
+    if len(raw) % LIDAR_POINT_BYTES:
+        raise BadInputError(filename, f"truncated: {len(raw)} bytes is not a whole number of 20-byte points")
+    points = np.frombuffer(raw, dtype=np.float32).reshape(-1, 5)
+    if len(points) == 0:
+        raise BadInputError(filename, "empty sweep: no points")
+    finite = np.isfinite(points).all(axis=1)
+    problems = []
+    if not finite.all():
+        problems.append(f"{int((~finite).sum())} points with NaN or inf removed")
+        points = points[finite]
+        if len(points) == 0:
+            raise BadInputError(filename, "empty sweep: every point is NaN or inf")
+    return points, problems
+
+
+class NuScenesSource:
+    """Keyframes of one dataroot, version and split, read through the devkit."""
+
+    def __init__(self, config: SourceConfig, nusc: NuScenes | None = None) -> None:
+        self.config = config
+        self.nusc = nusc if nusc is not None else open_nuscenes(config.dataroot, config.version)
+        names = {scene["name"] for scene in self.nusc.scene}
+        if config.split is None:
+            wanted = names
+        else:
+            splits = create_splits_scenes()
+            if config.split not in splits:
+                raise ValueError(f"unknown split {config.split!r}; choose one of {sorted(splits)}")
+            wanted = set(splits[config.split]) & names
+            if not wanted:
+                raise ValueError(f"split {config.split!r} has no scene in {config.dataroot} ({config.version})")
+        self.scenes = tuple(sorted((s for s in self.nusc.scene if s["name"] in wanted), key=lambda s: s["name"]))
+
+    def scene_sample_tokens(self, scene: dict) -> list[str]:
+        """The keyframe tokens of a scene, in time order."""
+        tokens, token = [], scene["first_sample_token"]
+        while token:
+            tokens.append(token)
+            token = self.nusc.get("sample", token)["next"]
+        return tokens
+
+    def ego_pose(self, sample_token: str) -> tuple[int, geometry.RigidTransform]:
+        """The keyframe's timestamp (µs) and ``global_from_ego`` (at its LIDAR_TOP sample_data)."""
+        record = self.nusc.get("sample_data", self.nusc.get("sample", sample_token)["data"][types.LIDAR_CHANNEL])
+        return record["timestamp"], self._global_from_ego(record)
+
+    def keyframe(self, sample_token: str) -> Keyframe:
+        """Read one keyframe: LiDAR, cameras and boxes; damaged inputs become ``bad_inputs``."""
+        sample = self.nusc.get("sample", sample_token)
+        scene = self.nusc.get("scene", sample["scene_token"])
+        timestamp, global_from_ego = self.ego_pose(sample_token)
+        bad: list[BadInput] = []
+        points = self.aggregate_lidar(sample_token, bad)
+        cameras = self.cameras(sample_token, bad)
+        return Keyframe(sample_token, scene["name"], timestamp, global_from_ego, points, tuple(cameras),
+                        tuple(self.boxes(sample_token, global_from_ego)), tuple(bad))
+
+    def _global_from_ego(self, sample_data: dict) -> geometry.RigidTransform:
+        pose = self.nusc.get("ego_pose", sample_data["ego_pose_token"])
+        return geometry.RigidTransform.from_quaternion(pose["rotation"], pose["translation"])
+
+    def _ego_from_sensor(self, sample_data: dict) -> geometry.RigidTransform:
+        calibration = self.nusc.get("calibrated_sensor", sample_data["calibrated_sensor_token"])
+        return geometry.RigidTransform.from_quaternion(calibration["rotation"], calibration["translation"])
+
+    def aggregate_lidar(self, sample_token: str, bad: list[BadInput]) -> np.ndarray:
+        """LIDAR_TOP sweeps up to the keyframe, moved into the keyframe's ego frame with their time lag.
+
+        Walks the ``prev`` chain from the keyframe's sweep as the devkit does; a sweep whose file is missing or
+        damaged is skipped (and recorded in ``bad``), its predecessors still used.
+
+        Returns:
+            [N, 5] float32 — x, y, z (m, keyframe ego frame), intensity, time lag (s).
+        """
+        sample = self.nusc.get("sample", sample_token)
+        reference = self.nusc.get("sample_data", sample["data"][types.LIDAR_CHANNEL])
+        ego_from_global = self._global_from_ego(reference).inverse()
+        parts = []
+        record = reference
+        for _ in range(self.config.lidar_sweeps):
+            try:
+                points, problems = read_lidar_file(self.config.dataroot, record["filename"])
+                bad.extend(BadInput(sample_token, record["filename"], p) for p in problems)
+            except BadInputError as error:
+                bad.append(BadInput(sample_token, error.file, error.reason))
+                points = None
+            if points is not None:
+                radius = self.config.min_point_distance_m
+                points = points[~((np.abs(points[:, 0]) < radius) & (np.abs(points[:, 1]) < radius))]
+                keyframe_ego_from_sensor = ego_from_global @ self._global_from_ego(record) @ self._ego_from_sensor(
+                    record)
+                xyz = keyframe_ego_from_sensor.apply(points[:, :3])  # [n, 3] float64
+                lag_s = (reference["timestamp"] - record["timestamp"]) * 1e-6
+                part = np.empty((len(points), 5), dtype=np.float32)
+                part[:, :3] = xyz
+                part[:, 3] = points[:, 3]
+                part[:, 4] = lag_s
+                parts.append(part)
+            if not record["prev"]:
+                break
+            record = self.nusc.get("sample_data", record["prev"])
+        return np.concatenate(parts) if parts else np.zeros((0, 5), dtype=np.float32)
+
+    def cameras(self, sample_token: str, bad: list[BadInput]) -> list[types.CameraImage]:
+        """The keyframe's camera images resized to ``image_width_px``, intrinsics scaled to match."""
+        sample = self.nusc.get("sample", sample_token)
+        images = []
+        for channel in types.CAMERA_CHANNELS:
+            if channel not in sample["data"]:
+                bad.append(BadInput(sample_token, f"sample {sample_token}", f"no {channel} sample_data"))
+                continue
+            record = self.nusc.get("sample_data", sample["data"][channel])
+            path = Path(self.config.dataroot) / record["filename"]
+            try:
+                with Image.open(io.BytesIO(path.read_bytes())) as image:
+                    image.load()
+                    width, height = image.size
+                    new_height = round(height * self.config.image_width_px / width)
+                    resized = np.asarray(image.convert("RGB").resize((self.config.image_width_px, new_height),
+                                                                    Image.BILINEAR))
+            except FileNotFoundError:
+                bad.append(BadInput(sample_token, record["filename"], "missing file"))
+                continue
+            except OSError as error:  # PIL: truncated or not an image
+                bad.append(BadInput(sample_token, record["filename"], f"unreadable image: {error}"))
+                continue
+            calibration = self.nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
+            scale = np.diag([self.config.image_width_px / width, new_height / height, 1.0])
+            images.append(types.CameraImage(
+                channel=channel,
+                timestamp_us=record["timestamp"],
+                image=resized,
+                intrinsics=scale @ np.asarray(calibration["camera_intrinsic"], dtype=np.float64),
+                ego_from_camera=self._ego_from_sensor(record),
+                global_from_ego=self._global_from_ego(record),
+            ))
+        return images
+
+    def boxes(self, sample_token: str, global_from_ego: geometry.RigidTransform) -> list[types.Box3D]:
+        """Annotated agents of the predicted classes, in the ego frame of ``global_from_ego``."""
+        ego_from_global = global_from_ego.inverse()
+        boxes = []
+        for annotation_token in self.nusc.get("sample", sample_token)["anns"]:
+            annotation = self.nusc.get("sample_annotation", annotation_token)
+            if categories.class_index(annotation["category_name"]) < 0:
+                continue
+            velocity = self.nusc.box_velocity(annotation_token)[:2]
+            yaw = geometry.quaternion_yaw(np.asarray(annotation["rotation"]))
+            box = types.Box3D(np.asarray(annotation["translation"]), np.asarray(annotation["size"]), float(yaw),
+                              velocity, annotation["category_name"], annotation["instance_token"])
+            boxes.append(box.transformed(ego_from_global))
+        return boxes

@@ -1,0 +1,276 @@
+"""``bevjepa preprocess``: a nuScenes dataset into training windows, one Ray task per scene, resumable.
+
+Output (``OUT``):
+
+    config.json                              the resolved configuration and its hash
+    frames/<scene>/<sample_token>.npz        one keyframe's inputs (LiDAR, cameras as JPEG), ``windows.Frame``
+    windows/<scene>/<sample_token>.npz       one window's targets and the names of its frames, ``windows.Window``
+    meta/<scene>/<sample_token>[.frame].json  size and bad inputs, written after the file it describes
+    manifest.json                            config hash, dataset, counts, every window, bad inputs, failures
+
+Why Ray tasks and not Ray Data: the unit of work is a scene (its keyframes are shared by overlapping windows, so
+one task reads each keyframe's sensors once), results are files written by the task itself, and the driver
+only needs small per-scene summaries; tasks give that with automatic retries when a worker dies, and no
+dataset-shaped intermediate to materialize. Each worker process loads the devkit's tables once and keeps them.
+
+Every file is written atomically (temporary file, then rename) and its meta file after it, so a frame or window
+counts as done only when its meta exists; a rerun skips those and writes the rest, and ends with the same
+manifest. The bytes of a window in the manifest are its own file's plus its share of the frames it names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import resource
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bevjepa.datasets import nuscenes_source, windows, workers
+
+MANIFEST_FORMAT = "bevjepa-windows"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """A preprocessing job.
+
+    Attributes:
+        dataroot: the nuScenes dataset root.
+        version: the table version.
+        split: a devkit split; None takes every scene.
+        out: the output folder (created; an existing one of the same config is resumed).
+        workers: Ray workers; 1 runs in this process.
+        address: a Ray cluster to run on (its workers must see ``dataroot`` and ``out``).
+        strict: stop at the first bad input or failed window.
+        image_width_px: camera width after resizing (pixels).
+        lidar_sweeps: sweeps aggregated per keyframe.
+        window: what each window holds.
+    """
+
+    dataroot: Path
+    out: Path
+    version: str = "v1.0-mini"
+    split: str | None = None
+    workers: int = 1
+    address: str | None = None
+    strict: bool = False
+    image_width_px: int = 256
+    lidar_sweeps: int = 10
+    window: windows.WindowConfig = field(default_factory=windows.WindowConfig)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+
+    def source_config(self) -> nuscenes_source.SourceConfig:
+        """The source this job reads."""
+        return nuscenes_source.SourceConfig(Path(self.dataroot), self.version, self.split, self.image_width_px,
+                                            self.lidar_sweeps)
+
+    def content(self) -> dict:
+        """What determines the windows' content (not where they go or how many workers write them)."""
+        return {
+            "version": self.version,
+            "split": self.split,
+            "image_width_px": self.image_width_px,
+            "lidar_sweeps": self.lidar_sweeps,
+            "window": dataclasses.asdict(self.window),
+            "window_format": windows.FORMAT_VERSION,
+        }
+
+    def content_hash(self) -> str:
+        """A short hash of ``content``."""
+        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StrictModeError(RuntimeError):
+    """A bad input or failed window met under ``--strict``."""
+
+
+@dataclass(frozen=True)
+class SceneTask:
+    """One scene to turn into windows."""
+
+    config: PreprocessConfig
+    scene_name: str
+
+
+@dataclass(frozen=True)
+class SceneResult:
+    """What a scene task did.
+
+    Attributes:
+        scene_name: the scene.
+        windows: (sample_token, relative file, bytes, bad inputs) of every window of the scene, in time order.
+        frame_bytes: total size of the scene's frame files.
+        failed: (sample_token, error) of windows that could not be built.
+        strict_violation: under ``--strict``, the first problem met (the task stopped there).
+        peak_memory_bytes: the worker process's peak resident memory.
+    """
+
+    scene_name: str
+    windows: tuple[tuple[str, str, int, tuple[dict, ...]], ...]
+    frame_bytes: int
+    failed: tuple[tuple[str, str], ...]
+    strict_violation: str | None
+    peak_memory_bytes: int
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_source(source_config: nuscenes_source.SourceConfig) -> nuscenes_source.NuScenesSource:
+    """One devkit instance per worker process and dataset (loading the tables is the slow part)."""
+    return nuscenes_source.NuScenesSource(source_config)
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def process_scene(task: SceneTask) -> SceneResult:
+    """Build and write every frame and window of one scene that is not on disk yet."""
+    config = task.config
+    source = _cached_source(config.source_config())
+    scene = next(s for s in source.scenes if s["name"] == task.scene_name)
+    tokens = source.scene_sample_tokens(scene)
+    builder = windows.WindowBuilder(source, config.window)
+    out = Path(config.out)
+    frame_meta: dict[str, dict] = {}
+    written, failed = [], []
+
+    def frame(token: str) -> dict:
+        """The frame's meta, building and writing the frame first if needed."""
+        if token not in frame_meta:
+            meta_path = out / "meta" / task.scene_name / f"{token}.frame.json"
+            if meta_path.exists():
+                frame_meta[token] = json.loads(meta_path.read_text())
+            else:
+                stored = builder.frame(token)
+                size = windows.save_frame(stored, out / "frames" / task.scene_name / f"{token}.npz")
+                frame_meta[token] = {"bytes": size, "bad_inputs": json.loads(stored.bad_inputs)}
+                _write_json(meta_path, frame_meta[token])
+        return frame_meta[token]
+
+    for index in windows.window_sample_tokens(tokens, config.window):
+        token = tokens[index]
+        relative = f"windows/{task.scene_name}/{token}.npz"
+        meta_path = out / "meta" / task.scene_name / f"{token}.json"
+        try:
+            if meta_path.exists():
+                meta = json.loads(meta_path.read_text())
+            else:
+                past = tokens[index - config.window.past_keyframes + 1 : index + 1]
+                bad = [item for t in past for item in frame(t)["bad_inputs"]]
+                if config.strict and bad:
+                    message = f"bad input in window {token} of {task.scene_name}: {bad[0]['file']}: {bad[0]['reason']}"
+                    return SceneResult(task.scene_name, tuple(written), 0, tuple(failed), message, _peak_memory())
+                size = windows.save_window(builder.window(tokens, index), out / relative)
+                meta = {"bytes": size, "frames": list(past), "bad_inputs": bad}
+                _write_json(meta_path, meta)
+        except Exception as error:  # noqa: BLE001 — recorded, and the scene goes on
+            failed.append((token, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"))
+            if config.strict:
+                message = f"window {token} of {task.scene_name} failed: {type(error).__name__}: {error}"
+                return SceneResult(task.scene_name, tuple(written), 0, tuple(failed), message, _peak_memory())
+            continue
+        written.append((token, relative, meta["bytes"], tuple(meta["bad_inputs"])))
+    frame_bytes = sum(json.loads(p.read_text())["bytes"]
+                      for p in sorted((out / "meta" / task.scene_name).glob("*.frame.json")))
+    return SceneResult(task.scene_name, tuple(written), frame_bytes, tuple(failed), None, _peak_memory())
+
+
+def _peak_memory() -> int:
+    """Peak resident memory of this process (bytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process_scene) -> dict:
+    """Run the job and write ``manifest.json``; returns the manifest.
+
+    Args:
+        config: the job.
+        progress: show a progress bar.
+        scene_fn: the per-scene work (``process_scene``); a seam for fault-injection tests.
+
+    Raises:
+        StrictModeError: under ``--strict``, at the first bad input or failed window.
+        FileExistsError: ``out`` holds windows of another configuration.
+    """
+    out = Path(config.out)
+    source = nuscenes_source.NuScenesSource(config.source_config())  # fails early on a wrong dataroot
+    resolved = {"content": config.content(), "hash": config.content_hash(), "dataroot": str(config.dataroot)}
+    existing = out / "config.json"
+    if existing.exists():
+        previous = json.loads(existing.read_text())
+        if previous.get("hash") != resolved["hash"]:
+            raise FileExistsError(f"--out {out} holds windows of another configuration (hash {previous.get('hash')},"
+                                  f" this one {resolved['hash']}); choose another --out or remove it")
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not a bevjepa windows folder; choose another path")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(existing, resolved)
+
+    scene_names = [s["name"] for s in source.scenes]
+    tasks = [SceneTask(config, name) for name in scene_names]
+    expected = {s["name"]: len(windows.window_sample_tokens(source.scene_sample_tokens(s), config.window))
+                for s in source.scenes}
+    pool: workers.SequentialPool | workers.RayPool = (
+        workers.RayPool(config.workers, config.address) if config.workers > 1 or config.address
+        else workers.SequentialPool())
+    results: dict[str, SceneResult] = {}
+    try:
+        with tqdm(total=sum(expected.values()), desc="preprocess windows", unit="window",
+                  disable=not progress) as bar:
+            for index, result in pool.map_unordered(scene_fn, tasks):
+                results[scene_names[index]] = result
+                bar.update(expected[scene_names[index]])
+                if result.strict_violation:
+                    raise StrictModeError(result.strict_violation)
+    finally:
+        if isinstance(pool, workers.RayPool):
+            pool.close()
+    manifest = build_manifest(config, [results[n] for n in scene_names])
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict:
+    """The manifest of a finished job, from the scenes' results (in scene order): deterministic."""
+    entries, bad_inputs, failed, seen = [], [], [], set()
+    for result in results:
+        for token, relative, size, bad in result.windows:
+            entries.append({"scene": result.scene_name, "sample_token": token, "file": relative, "bytes": size})
+            for item in bad:
+                key = (item["file"], item["reason"])
+                if key not in seen:
+                    seen.add(key)
+                    bad_inputs.append({"sample_token": token, **item})
+        failed.extend({"scene": result.scene_name, "sample_token": t, "error": e.splitlines()[0]}
+                      for t, e in result.failed)
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": windows.FORMAT_VERSION,
+        "config_hash": config.content_hash(),
+        "config": config.content(),
+        "dataset": {"dataroot": str(config.dataroot), "version": config.version, "split": config.split},
+        "counts": {
+            "scenes": len(results),
+            "windows": len(entries),
+            "failed_windows": len(failed),
+            "bad_inputs": len(bad_inputs),
+            "window_bytes": sum(e["bytes"] for e in entries),
+            "frame_bytes": sum(r.frame_bytes for r in results),
+        },
+        "windows": entries,
+        "bad_inputs": bad_inputs,
+        "failed_windows": failed,
+    }
