@@ -3,9 +3,9 @@
 ``rasterize_boxes`` paints oriented boxes: a cell belongs to a box iff its centre lies strictly inside the box
 footprint (``box_footprints``), which is exactly ``shapely.contains_xy(Polygon(footprint), cx, cy)``. For all
 boxes at once it takes each box's window of candidate cells (``GridSpec.center_window``), pads the windows to a
-common size, and tests every candidate centre against the four edges with the orientation determinant and
-Shewchuk's error bound; the rare centres within rounding of an edge are settled by shapely itself, so the result
-is shapely's to the last cell.
+common size, and tests every candidate centre against the four edges with the orientation determinant and a
+forward bound on its rounding error; the rare centres within rounding of an edge are settled by shapely itself,
+so the result is shapely's to the last cell.
 
 ``observed_cells`` is the LiDAR visibility mask: returns are binned by azimuth around the sensor, and a cell is
 observed if its centre is no farther from the sensor than the farthest return of its azimuth bin (the beam passed
@@ -20,6 +20,7 @@ Notation:
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -81,10 +82,10 @@ def _inside(corners: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     ax, ay = corners[:, :, 0], corners[:, :, 1]  # [a, 4]
     bx, by = np.roll(ax, -1, axis=1), np.roll(ay, -1, axis=1)  # [a, 4] next corner
     const, along_x, along_y = ax * by - ay * bx, ay - by, bx - ax  # [a, 4]
-    det_min = None
-    for k in range(4):
-        det = (along_x[:, k, None, None] * px + const[:, k, None, None]) + along_y[:, k, None, None] * py  # [a, R, K]
-        det_min = det if det_min is None else np.minimum(det_min, det)
+    dets = (  # [a, R, K] per edge: a small [a, R, 1] part plus a small [a, 1, K] part
+        (along_x[:, k, None, None] * px + const[:, k, None, None]) + along_y[:, k, None, None] * py for k in range(4)
+    )
+    det_min = functools.reduce(np.minimum, dets)  # [a, R, K]
     # Forward error: |det - exact| <= gamma_4 * (|ax by| + |ay bx| + |px| (|ay| + |by|) + |py| (|ax| + |bx|)).
     big_x = np.maximum(np.abs(ax).max(axis=1), np.nanmax(np.abs(px), axis=(1, 2), initial=0.0))  # [a]
     big_y = np.maximum(np.abs(ay).max(axis=1), np.nanmax(np.abs(py), axis=(1, 2), initial=0.0))  # [a]

@@ -1,0 +1,172 @@
+"""``bevjepa preprocess`` on Ray: manifests, resuming, dying workers, bad input, the real scene."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bevjepa.datasets import preprocess, windows
+from bevjepa.tools import cli
+
+
+def _config(dataroot: Path, out: Path, **changes) -> preprocess.PreprocessConfig:
+    return preprocess.PreprocessConfig(dataroot=dataroot, out=out, **changes)
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_mini, tmp_path_factory) -> dict:
+    """The manifest of one uninterrupted single-process run."""
+    return preprocess.preprocess(_config(synthetic_mini, tmp_path_factory.mktemp("ref") / "w"), progress=False)
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+
+
+def test_the_manifest_counts_and_lists_every_window(reference, synthetic_mini, tmp_path):
+    assert reference["format"] == "bevjepa-windows"
+    assert reference["counts"]["scenes"] == 2 and reference["counts"]["windows"] == 4
+    assert reference["counts"]["failed_windows"] == 0 and reference["bad_inputs"] == []
+    assert len(reference["config_hash"]) == 16
+    # A second run over the same output writes nothing and returns the same manifest.
+    out = tmp_path / "w"
+    first = preprocess.preprocess(_config(synthetic_mini, out), progress=False)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
+    again = preprocess.preprocess(_config(synthetic_mini, out), progress=False)
+    assert again == first == reference
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")} == stamps
+    for entry in reference["windows"]:
+        window = windows.load_window(out / entry["file"])
+        assert window.sample_token == entry["sample_token"]
+
+
+def test_ray_workers_give_the_same_manifest_and_files(reference, synthetic_mini, tmp_path):
+    out = tmp_path / "w"
+    manifest = preprocess.preprocess(_config(synthetic_mini, out, workers=2), progress=False)
+    assert manifest == reference
+
+
+def _die_once(marker: str, how: str):
+    """A scene function that kills its worker process (or raises) the first time it runs, then works."""
+
+    def scene_fn(task):
+        flag = Path(marker)
+        if not flag.exists():
+            flag.write_text("done")
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("transient failure")
+        from bevjepa.datasets import preprocess as module
+
+        return module.process_scene(task)
+
+    return scene_fn
+
+
+@pytest.mark.parametrize("how", ["kill", "raise"])
+def test_a_dying_worker_leaves_every_window_written_once(reference, synthetic_mini, tmp_path, how):
+    out = tmp_path / "w"
+    scene_fn = _die_once(str(tmp_path / "marker"), how)
+    manifest = preprocess.preprocess(_config(synthetic_mini, out, workers=2), progress=False, scene_fn=scene_fn)
+    assert (tmp_path / "marker").exists()
+    assert manifest == reference
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert len(list(out.glob("windows/*/*.npz"))) == reference["counts"]["windows"]
+
+
+def test_a_killed_run_resumes_where_it_stopped(reference, synthetic_mini, tmp_path):
+    out = tmp_path / "w"
+    command = [sys.executable, "-m", "bevjepa.tools.cli", "preprocess", "--dataroot", str(synthetic_mini),
+               "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("meta/*/*.frame.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    done_before = len(list(out.glob("meta/*/*.json")))
+    assert cli.main(["preprocess", "--dataroot", str(synthetic_mini), "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text()) == reference
+    assert done_before >= 1
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # a half-written file was rewritten and renamed
+
+
+@pytest.fixture()
+def damaged(synthetic_mini, tmp_path) -> tuple[Path, dict]:
+    root = tmp_path / "damaged"
+    shutil.copytree(synthetic_mini, root)
+    tables = {t: json.loads((root / "v1.0-mini" / f"{t}.json").read_text()) for t in ("sample_data", "sample")}
+    sweeps = sorted((r for r in tables["sample_data"] if r["filename"].startswith("sweeps/")),
+                    key=lambda r: r["timestamp"])
+    cameras = sorted((r for r in tables["sample_data"] if "CAM_FRONT/" in r["filename"]), key=lambda r: r["timestamp"])
+    broken = {
+        sweeps[5]["filename"]: "missing file",
+        sweeps[12]["filename"]: "truncated",
+        sweeps[20]["filename"]: "3 points with NaN or inf removed",
+        cameras[3]["filename"]: "missing file",
+    }
+    (root / sweeps[5]["filename"]).unlink()
+    data = (root / sweeps[12]["filename"]).read_bytes()
+    (root / sweeps[12]["filename"]).write_bytes(data[:-3])
+    points = np.fromfile(root / sweeps[20]["filename"], dtype=np.float32).reshape(-1, 5)
+    points[:3, 2] = np.nan
+    points.tofile(root / sweeps[20]["filename"])
+    (root / cameras[3]["filename"]).unlink()
+    return root, broken
+
+
+def test_bad_inputs_are_listed_with_file_and_reason(damaged, tmp_path):
+    root, broken = damaged
+    manifest = preprocess.preprocess(_config(root, tmp_path / "w"), progress=False)
+    listed = {b["file"]: b["reason"] for b in manifest["bad_inputs"]}
+    for file, reason in broken.items():
+        assert file in listed, f"{file} not in the manifest"
+        assert listed[file].startswith(reason)
+    assert manifest["counts"]["windows"] == 4  # every window still made from what exists
+
+
+def test_strict_stops_at_the_first_bad_input(damaged, tmp_path, capsys):
+    root, broken = damaged
+    code = cli.main(["preprocess", "--dataroot", str(root), "--out", str(tmp_path / "w"), "--strict"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "--strict: bad input" in error and any(file in error for file in broken)
+
+
+def test_wrong_dataroot_version_or_foreign_out_folder(synthetic_mini, tmp_path, capsys):
+    assert cli.main(["preprocess", "--dataroot", str(tmp_path / "none"), "--out", str(tmp_path / "w")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["preprocess", "--dataroot", str(synthetic_mini), "--version", "v1.0-trainval",
+                     "--out", str(tmp_path / "w")]) == 2
+    assert "no v1.0-trainval/ tables folder" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert cli.main(["preprocess", "--dataroot", str(synthetic_mini), "--out", str(foreign)]) == 2
+    assert "not a bevjepa windows folder" in capsys.readouterr().err
+    other = tmp_path / "other"
+    preprocess.preprocess(_config(synthetic_mini, other), progress=False)
+    assert cli.main(["preprocess", "--dataroot", str(synthetic_mini), "--out", str(other), "--sweeps", "5"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_the_real_scene_makes_windows_and_says_what_was_missing(real_scene_nusc, tmp_path):
+    dataroot = Path(real_scene_nusc.dataroot)
+    manifest = preprocess.preprocess(_config(dataroot, tmp_path / "w"), progress=False)
+    assert manifest["counts"]["windows"] == 41 - 2 - 4
+    assert manifest["counts"]["failed_windows"] == 0
+    missing = [b for b in manifest["bad_inputs"] if b["reason"] == "missing file"]
+    assert any(b["file"].startswith("sweeps/LIDAR_TOP/") for b in missing)
+    assert any(b["file"].startswith("samples/CAM_FRONT/") for b in missing)
+    first = windows.load_window(tmp_path / "w" / manifest["windows"][0]["file"])
+    assert first.agent_future_mask.any() and first.occupancy[0].any()
