@@ -96,10 +96,18 @@ class StrictModeError(RuntimeError):
 
 @dataclass(frozen=True)
 class SceneTask:
-    """One scene to turn into windows."""
+    """A run of consecutive windows of one scene to build (a task of the pool).
+
+    Attributes:
+        config: the job.
+        scene_name: the scene.
+        first, stop: the range of the scene's windows (in time order) this task builds; None for all of them.
+    """
 
     config: PreprocessConfig
     scene_name: str
+    first: int = 0
+    stop: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,7 @@ class SceneResult:
 
     Attributes:
         scene_name: the scene.
-        windows: (sample_token, relative file, bytes, bad inputs) of every window of the scene, in time order.
-        frame_bytes: total size of the scene's frame files.
+        windows: (sample_token, relative file, bytes, bad inputs) of the task's windows, in time order.
         failed: (sample_token, error) of windows that could not be built.
         strict_violation: under ``--strict``, the first problem met (the task stopped there).
         peak_memory_bytes: the worker process's peak resident memory.
@@ -117,7 +124,6 @@ class SceneResult:
 
     scene_name: str
     windows: tuple[tuple[str, str, int, tuple[dict, ...]], ...]
-    frame_bytes: int
     failed: tuple[tuple[str, str], ...]
     strict_violation: str | None
     peak_memory_bytes: int
@@ -131,7 +137,7 @@ def _cached_source(source_config: nuscenes_source.SourceConfig) -> nuscenes_sour
 
 def _write_json(path: Path, value: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
@@ -160,7 +166,7 @@ def process_scene(task: SceneTask) -> SceneResult:
                 _write_json(meta_path, frame_meta[token])
         return frame_meta[token]
 
-    for index in windows.window_sample_tokens(tokens, config.window):
+    for index in windows.window_sample_tokens(tokens, config.window)[task.first : task.stop]:
         token = tokens[index]
         relative = f"windows/{task.scene_name}/{token}.npz"
         meta_path = out / "meta" / task.scene_name / f"{token}.json"
@@ -172,7 +178,7 @@ def process_scene(task: SceneTask) -> SceneResult:
                 bad = [item for t in past for item in frame(t)["bad_inputs"]]
                 if config.strict and bad:
                     message = f"bad input in window {token} of {task.scene_name}: {bad[0]['file']}: {bad[0]['reason']}"
-                    return SceneResult(task.scene_name, tuple(written), 0, tuple(failed), message, _peak_memory())
+                    return SceneResult(task.scene_name, tuple(written), tuple(failed), message, _peak_memory())
                 size = windows.save_window(builder.window(tokens, index), out / relative)
                 meta = {"bytes": size, "frames": list(past), "bad_inputs": bad}
                 _write_json(meta_path, meta)
@@ -180,12 +186,10 @@ def process_scene(task: SceneTask) -> SceneResult:
             failed.append((token, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"))
             if config.strict:
                 message = f"window {token} of {task.scene_name} failed: {type(error).__name__}: {error}"
-                return SceneResult(task.scene_name, tuple(written), 0, tuple(failed), message, _peak_memory())
+                return SceneResult(task.scene_name, tuple(written), tuple(failed), message, _peak_memory())
             continue
         written.append((token, relative, meta["bytes"], tuple(meta["bad_inputs"])))
-    frame_bytes = sum(json.loads(p.read_text())["bytes"]
-                      for p in sorted((out / "meta" / task.scene_name).glob("*.frame.json")))
-    return SceneResult(task.scene_name, tuple(written), frame_bytes, tuple(failed), None, _peak_memory())
+    return SceneResult(task.scene_name, tuple(written), tuple(failed), None, _peak_memory())
 
 
 def _peak_memory() -> int:
@@ -218,33 +222,47 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
         raise FileExistsError(f"--out {out} exists and is not a bevjepa windows folder; choose another path")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(existing, resolved)
+    for stale in out.glob("*/*/*.tmp*"):  # half-written files of a killed run; no other job writes here
+        stale.unlink()
 
-    scene_names = [s["name"] for s in source.scenes]
-    tasks = [SceneTask(config, name) for name in scene_names]
-    expected = {s["name"]: len(windows.window_sample_tokens(source.scene_sample_tokens(s), config.window))
-                for s in source.scenes}
+    tasks = scene_tasks(config, source)
     pool: workers.SequentialPool | workers.RayPool = (
         workers.RayPool(config.workers, config.address) if config.workers > 1 or config.address
         else workers.SequentialPool())
-    results: dict[str, SceneResult] = {}
+    results: list[SceneResult | None] = [None] * len(tasks)
     try:
-        with tqdm(total=sum(expected.values()), desc="preprocess windows", unit="window",
+        with tqdm(total=sum(t.stop - t.first for t in tasks), desc="preprocess windows", unit="window",
                   disable=not progress) as bar:
             for index, result in pool.map_unordered(scene_fn, tasks):
-                results[scene_names[index]] = result
-                bar.update(expected[scene_names[index]])
+                results[index] = result
+                bar.update(tasks[index].stop - tasks[index].first)
                 if result.strict_violation:
                     raise StrictModeError(result.strict_violation)
     finally:
         if isinstance(pool, workers.RayPool):
             pool.close()
-    manifest = build_manifest(config, [results[n] for n in scene_names])
+    manifest = build_manifest(config, [r for r in results if r is not None])
     _write_json(out / "manifest.json", manifest)
     return manifest
 
 
+def scene_tasks(config: PreprocessConfig, source: nuscenes_source.NuScenesSource,
+                windows_per_task: int = 8) -> list[SceneTask]:
+    """The job's tasks: each scene's windows in runs of at most ``windows_per_task``.
+
+    Short runs balance the work across workers; a frame at a boundary may be built by both neighbours (its
+    writes are atomic, so the second rename replaces identical bytes).
+    """
+    tasks = []
+    for scene in source.scenes:
+        count = len(windows.window_sample_tokens(source.scene_sample_tokens(scene), config.window))
+        tasks.extend(SceneTask(config, scene["name"], first, min(first + windows_per_task, count))
+                     for first in range(0, count, windows_per_task))
+    return tasks
+
+
 def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict:
-    """The manifest of a finished job, from the scenes' results (in scene order): deterministic."""
+    """The manifest of a finished job, from the tasks' results (in task order): deterministic."""
     entries, bad_inputs, failed, seen = [], [], [], set()
     for result in results:
         for token, relative, size, bad in result.windows:
@@ -256,6 +274,8 @@ def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict
                     bad_inputs.append({"sample_token": token, **item})
         failed.extend({"scene": result.scene_name, "sample_token": t, "error": e.splitlines()[0]}
                       for t, e in result.failed)
+    frame_bytes = sum(json.loads(p.read_text())["bytes"]
+                      for p in sorted(Path(config.out).glob("meta/*/*.frame.json")))
     return {
         "format": MANIFEST_FORMAT,
         "format_version": windows.FORMAT_VERSION,
@@ -263,12 +283,12 @@ def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict
         "config": config.content(),
         "dataset": {"dataroot": str(config.dataroot), "version": config.version, "split": config.split},
         "counts": {
-            "scenes": len(results),
+            "scenes": len({r.scene_name for r in results}),
             "windows": len(entries),
             "failed_windows": len(failed),
             "bad_inputs": len(bad_inputs),
             "window_bytes": sum(e["bytes"] for e in entries),
-            "frame_bytes": sum(r.frame_bytes for r in results),
+            "frame_bytes": frame_bytes,
         },
         "windows": entries,
         "bad_inputs": bad_inputs,

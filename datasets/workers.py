@@ -51,12 +51,18 @@ class RayPool:
         self.workers = workers
 
     def map_unordered(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> Iterator[tuple[int, Result]]:
-        """Submit one task per item and yield results as tasks finish; a task's exception is raised here."""
-        # A task whose worker dies, or that raises, is retried (up to 3 times) before its error reaches the caller.
+        """Run one task per item, at most ``workers`` at a time, yielding results as tasks finish.
+
+        A task whose worker process dies, or that raises, is retried (up to 3 times) before its error is raised here.
+        """
         remote = self._ray.remote(num_cpus=1, max_retries=3, retry_exceptions=True)(_call)
         fn_ref = self._ray.put(fn)
-        pending = {remote.remote(fn_ref, item): index for index, item in enumerate(items)}
-        while pending:
+        queue = list(enumerate(items))[::-1]
+        pending: dict = {}
+        while queue or pending:
+            while queue and len(pending) < self.workers:
+                index, item = queue.pop()
+                pending[remote.remote(fn_ref, item)] = index
             done, _ = self._ray.wait(list(pending), num_returns=1)
             for ref in done:
                 yield pending.pop(ref), self._ray.get(ref)

@@ -80,6 +80,20 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench.format_report(bench.lidar_throughput(sweeps=args.sweeps)))
     elif args.what == "cameras":
         print(bench.format_report(bench.camera_throughput()))
+    elif args.what == "preprocess":
+        import tempfile
+
+        from bevjepa.datasets import bench as dataset_bench
+        from bevjepa.sim import synth
+
+        if args.dataroot:
+            print(bench.format_report(dataset_bench.preprocess_throughput(Path(args.dataroot), args.version)))
+        else:
+            with tempfile.TemporaryDirectory(prefix="bevjepa-bench-data-") as folder:
+                data = Path(folder) / "mini"
+                synth.synthesize(synth.SynthConfig(out=data, scenes=args.scenes, duration_s=args.duration,
+                                                   workers=args.workers))
+                print(bench.format_report(dataset_bench.preprocess_throughput(data)))
     elif args.what == "synth":
         print(
             bench.format_report(
@@ -135,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--version", default="v1.0-mini", help="table version (default v1.0-mini)")
     inspect.set_defaults(run=_inspect)
 
-    bench = commands.add_parser("bench", help="measure the simulator's throughput")
-    bench.add_argument("what", choices=["lidar", "cameras", "synth"])
+    bench = commands.add_parser("bench", help="measure throughput (simulator, sensors, preprocessing)")
+    bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess"])
+    bench.add_argument("--dataroot", default=None, help="dataset to preprocess (preprocess; default: a synthetic one)")
+    bench.add_argument("--version", default="v1.0-mini", help="table version of --dataroot (preprocess)")
     bench.add_argument("--sweeps", type=int, default=40, help="sweeps to time (lidar)")
-    bench.add_argument("--scenes", type=int, default=10, help="scenes to write (synth)")
-    bench.add_argument("--duration", type=float, default=20.0, help="seconds per scene (synth)")
+    bench.add_argument("--scenes", type=int, default=10, help="scenes to write (synth, preprocess)")
+    bench.add_argument("--duration", type=float, default=20.0, help="seconds per scene (synth, preprocess)")
     bench.add_argument("--workers", type=int, default=2, help="Ray workers (synth)")
     bench.set_defaults(run=_bench)
     return parser
