@@ -175,12 +175,14 @@ def process_scene(task: SceneTask) -> SceneResult:
                 meta = json.loads(meta_path.read_text())
             else:
                 past = tokens[index - config.window.past_keyframes + 1 : index + 1]
-                bad = [item for t in past for item in frame(t)["bad_inputs"]]
+                future = tokens[index + 1 : index + 1 + config.window.occupancy_steps]
+                # The future frames feed the JEPA target encoder; their bad inputs count as the window's too.
+                bad = [item for t in (*past, *future) for item in frame(t)["bad_inputs"]]
                 if config.strict and bad:
                     message = f"bad input in window {token} of {task.scene_name}: {bad[0]['file']}: {bad[0]['reason']}"
                     return SceneResult(task.scene_name, tuple(written), tuple(failed), message, _peak_memory())
                 size = windows.save_window(builder.window(tokens, index), out / relative)
-                meta = {"bytes": size, "frames": list(past), "bad_inputs": bad}
+                meta = {"bytes": size, "frames": [*past, *future], "bad_inputs": bad}
                 _write_json(meta_path, meta)
         except Exception as error:  # noqa: BLE001 — recorded, and the scene goes on
             failed.append((token, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"))

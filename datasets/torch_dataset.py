@@ -106,6 +106,46 @@ def _check_fields(owner: object, spec: dict[str, tuple[tuple[int | str, ...], to
 
 
 @dataclass(frozen=True)
+class FutureInputs:
+    """What the sensors saw at a window's F future keyframes, in the t0 ego frame: the JEPA target encoder's input.
+
+    Attributes:
+        points: [N, 5] float32 — x, y, z (m, t0 ego frame), intensity, time lag (s) behind the point's keyframe.
+        points_frame: [N] int64 — the future keyframe of each point (0 = t0 + 0.5 s, ..., F-1).
+        images: [F, 6, 3, Hc, Wc] uint8.
+        camera_mask: [F, 6] bool.
+        intrinsics: [F, 6, 3, 3] float32.
+        t0_from_camera: [F, 6, 4, 4] float32.
+        t0_from_ego: [F, 4, 4] float32 — the ego's pose at each future keyframe in the t0 ego frame.
+    """
+
+    points: torch.Tensor
+    points_frame: torch.Tensor
+    images: torch.Tensor
+    camera_mask: torch.Tensor
+    intrinsics: torch.Tensor
+    t0_from_camera: torch.Tensor
+    t0_from_ego: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FutureBatch:
+    """``FutureInputs`` of B windows: points concatenated with ``points_batch`` [M], the rest stacked on B."""
+
+    points: torch.Tensor
+    points_frame: torch.Tensor
+    points_batch: torch.Tensor
+    images: torch.Tensor
+    camera_mask: torch.Tensor
+    intrinsics: torch.Tensor
+    t0_from_camera: torch.Tensor
+    t0_from_ego: torch.Tensor
+
+    def _map_tensors(self, fn) -> FutureBatch:
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+
+@dataclass(frozen=True)
 class WindowSample:
     """One training window as tensors, everything in the ego frame of t0 (see the module notation).
 
@@ -161,6 +201,7 @@ class WindowSample:
     occupancy: torch.Tensor
     instances: torch.Tensor
     observed: torch.Tensor
+    future: FutureInputs | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, _SAMPLE_SPEC)
@@ -204,6 +245,7 @@ class WindowBatch:
         occupancy: [B, F + 1, C, H, W] bool.
         instances: [B, F + 1, H, W] int64 — 1..A of a sample are its agents, as in ``WindowSample``.
         observed: [B, H, W] bool.
+        future: the future keyframes' sensor inputs, when the dataset was asked for them.
     """
 
     sample_tokens: tuple[str, ...]
@@ -231,6 +273,7 @@ class WindowBatch:
     occupancy: torch.Tensor
     instances: torch.Tensor
     observed: torch.Tensor
+    future: FutureBatch | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, _BATCH_SPEC)
@@ -244,8 +287,11 @@ class WindowBatch:
         return int(self.images.shape[0])
 
     def _map_tensors(self, fn) -> WindowBatch:
-        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+        changes = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        if self.future is not None:
+            changes["future"] = self.future._map_tensors(fn)
+        return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> WindowBatch:
         """A new batch with every tensor on ``device`` (``non_blocking`` for pinned memory to a GPU)."""
@@ -284,8 +330,23 @@ def collate(samples: list[WindowSample]) -> WindowBatch:
         points_frame=torch.cat([s.points_frame for s in samples]),  # [M]
         points_batch=torch.repeat_interleave(torch.arange(len(samples)), counts),  # [M]
         agent_mask=torch.arange(a_max)[None, :] < agent_counts[:, None],  # [B, A_max]
+        future=_collate_future([s.future for s in samples]),
         **stacked,
         **padded,
+    )
+
+
+def _collate_future(futures: list[FutureInputs | None]) -> FutureBatch | None:
+    """Batch the samples' future inputs (all present, or None)."""
+    if any(f is None for f in futures):
+        return None
+    counts = torch.tensor([f.points.shape[0] for f in futures])
+    return FutureBatch(
+        points=torch.cat([f.points for f in futures]),  # [M, 5]
+        points_frame=torch.cat([f.points_frame for f in futures]),  # [M]
+        points_batch=torch.repeat_interleave(torch.arange(len(futures)), counts),  # [M]
+        **{name: torch.stack([getattr(f, name) for f in futures])  # [B, F, ...]
+           for name in ("images", "camera_mask", "intrinsics", "t0_from_camera", "t0_from_ego")},
     )
 
 
@@ -307,6 +368,7 @@ class WindowDataset(Dataset):
         scenes: keep only the windows of these scenes (manifest order); None keeps all.
         image_hw: camera image size (H, W) in pixels; None reads it from the data (see the module docstring).
         frame_cache_size: frames kept in memory per dataset copy (one copy per ``DataLoader`` worker).
+        future_inputs: also load the future keyframes' sensors (``WindowSample.future``), for JEPA training.
 
     Raises:
         FileNotFoundError: ``root/manifest.json`` is missing.
@@ -315,8 +377,9 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, root: Path, scenes: Sequence[str] | None = None, image_hw: tuple[int, int] | None = None,
-                 frame_cache_size: int = 8) -> None:
+                 frame_cache_size: int = 8, future_inputs: bool = False) -> None:
         self.root = Path(root)
+        self.future_inputs = future_inputs
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path} not found: run `bevjepa preprocess --out {self.root}` to write "
@@ -376,6 +439,20 @@ class WindowDataset(Dataset):
             occupancy=torch.from_numpy(window.occupancy),
             instances=torch.from_numpy(window.instances.astype(np.int64)),
             observed=torch.from_numpy(window.observed),
+            future=self._future(entry["scene"], window) if self.future_inputs else None,
+        )
+
+    def _future(self, scene: str, window: windows.Window) -> FutureInputs:
+        frames = [self.frame(scene, str(token)) for token in window.future_keyframe_tokens]
+        inputs = windows.assemble_inputs(window, frames, self.image_hw, future=True)
+        return FutureInputs(
+            points=torch.from_numpy(inputs.points),
+            points_frame=torch.from_numpy(inputs.points_frame.astype(np.int64)),
+            images=torch.from_numpy(inputs.images).permute(0, 1, 4, 2, 3).contiguous(),  # [F, 6, 3, Hc, Wc]
+            camera_mask=torch.from_numpy(inputs.camera_mask),
+            intrinsics=torch.from_numpy(inputs.intrinsics.astype(np.float32)),
+            t0_from_camera=torch.from_numpy(inputs.t0_from_camera),
+            t0_from_ego=torch.from_numpy(window.t0_from_future_ego.astype(np.float32)),
         )
 
     def frame_path(self, scene: str, token: str) -> Path:

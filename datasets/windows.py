@@ -32,7 +32,7 @@ from bevjepa.datasets import categories, geometry, nuscenes_source, rasterize, t
 
 KEYFRAME_INTERVAL_US = 500_000
 """nuScenes keyframes are 0.5 s apart."""
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class WindowConfig:
     occupancy_steps: int = 4
     trajectory_steps: int = 12
     grid: geometry.GridSpec = field(default_factory=geometry.GridSpec)
-    voxel_size_m: float = 0.1
+    voxel_size_m: float = 0.2
     frame_margin_m: float = 20.0
     jpeg_quality: int = 90
 
@@ -116,6 +116,9 @@ class Window:
         timestamp_us: t0 (µs).
         keyframe_tokens: [P] str — the input frames, oldest first (t0 last).
         t0_from_ego: [P, 4, 4] float64 — the ego's pose at each input keyframe, in the t0 ego frame.
+        future_keyframe_tokens: [F] str — the frames of the F future keyframes (for the JEPA target encoder, which
+            encodes what the sensors saw there; never a model input at inference).
+        t0_from_future_ego: [F, 4, 4] float64 — the ego's pose at each future keyframe, in the t0 ego frame.
         ego_future: [T, 3] float32 — the ego's future x, y (m) and yaw (rad).
         ego_future_mask: [T] bool — where the scene still has a keyframe.
         actions: [P - 1 + T, 3] float32 — ego motion over each step (dx, dy in m, dyaw in rad) in the frame of the
@@ -140,6 +143,8 @@ class Window:
     timestamp_us: int
     keyframe_tokens: np.ndarray
     t0_from_ego: np.ndarray
+    future_keyframe_tokens: np.ndarray
+    t0_from_future_ego: np.ndarray
     ego_future: np.ndarray
     ego_future_mask: np.ndarray
     actions: np.ndarray
@@ -402,12 +407,16 @@ class WindowBuilder:
 
         t0_points = self.keyframe(t0_token).lidar_points
         observed = rasterize.observed_cells(grid, t0_points[:, :2], self._lidar_xy(t0_token))
+        occupancy_tokens = future_tokens[:f_count]
         return Window(
             sample_token=t0_token,
             scene_name=self.keyframe(t0_token).scene_name,
             timestamp_us=t0_timestamp,
             keyframe_tokens=np.array(past_tokens),
             t0_from_ego=t0_from_ego,
+            future_keyframe_tokens=np.array(occupancy_tokens),
+            t0_from_future_ego=np.stack([(t0_from_global @ self.source.ego_pose(t)[1]).matrix
+                                         for t in occupancy_tokens]),
             ego_future=ego_future.astype(np.float32),
             ego_future_mask=ego_future_mask,
             actions=actions.astype(np.float32),
@@ -455,25 +464,33 @@ class WindowInputs:
     t0_from_camera: np.ndarray
 
 
-def assemble_inputs(window: Window, frames: list[Frame], image_hw: tuple[int, int]) -> WindowInputs:
-    """Move a window's P frames (oldest first) into its t0 ego frame and decode their cameras.
+def assemble_inputs(window: Window, frames: list[Frame], image_hw: tuple[int, int],
+                    future: bool = False) -> WindowInputs:
+    """Move a window's frames into its t0 ego frame and decode their cameras.
 
     Args:
         window: the window.
-        frames: its frames, in ``window.keyframe_tokens`` order.
+        frames: its P input frames in ``window.keyframe_tokens`` order, or with ``future`` its F future frames in
+            ``window.future_keyframe_tokens`` order.
         image_hw: (H, W) of the stored images, used where a camera is missing.
+        future: assemble the future frames (for the target encoder); ``points_frame`` then counts 0..F-1 from
+            the first future keyframe, and time lags are taken behind each frame's own keyframe.
     """
-    if [f.sample_token for f in frames] != list(window.keyframe_tokens):
-        raise ValueError(f"window {window.sample_token}: frames do not match its keyframe_tokens")
+    tokens = window.future_keyframe_tokens if future else window.keyframe_tokens
+    poses = window.t0_from_future_ego if future else window.t0_from_ego
+    if [f.sample_token for f in frames] != list(tokens):
+        raise ValueError(f"window {window.sample_token}: frames do not match its "
+                         f"{'future_' if future else ''}keyframe_tokens")
     p_count = len(frames)
     clouds, owners = [], []
     images = np.zeros((p_count, 6, *image_hw, 3), dtype=np.uint8)
     t0_from_camera = np.zeros((p_count, 6, 4, 4), dtype=np.float32)
     for p, frame in enumerate(frames):
-        t0_from_this = window.t0_from_ego[p]  # [4, 4]
+        t0_from_this = poses[p]  # [4, 4]
         points = frame.points.copy()
         points[:, :3] = points[:, :3] @ t0_from_this[:3, :3].T.astype(np.float32) + t0_from_this[:3, 3]
-        points[:, 4] += (window.timestamp_us - frame.timestamp_us) * 1e-6
+        if not future:
+            points[:, 4] += (window.timestamp_us - frame.timestamp_us) * 1e-6
         clouds.append(points)
         owners.append(np.full(len(points), p, dtype=np.uint8))
         for c in np.flatnonzero(frame.camera_mask):

@@ -88,6 +88,20 @@ SENSOR_CHANNELS: tuple[tuple[str, str], ...] = ((types.LIDAR_CHANNEL, "lidar"),)
 )
 
 
+SCENE_TABLES: tuple[str, ...] = (
+    "log",
+    "map",
+    "scene",
+    "sample",
+    "sample_data",
+    "ego_pose",
+    "calibrated_sensor",
+    "instance",
+    "sample_annotation",
+)
+"""The tables whose records each scene brings; with ``static_tables`` they make the 13 of nuScenes."""
+
+
 def make_token(*parts: object) -> str:
     """A 32-hex-digit token, as nuScenes uses, derived deterministically from ``parts``."""
     return hashlib.md5("/".join(str(p) for p in parts).encode()).hexdigest()
@@ -239,20 +253,7 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
     for folder in ["maps", *(f"samples/{c}" for c, _ in SENSOR_CHANNELS), f"sweeps/{types.LIDAR_CHANNEL}"]:
         (root / folder).mkdir(parents=True, exist_ok=True)
 
-    tables: dict[str, list[dict]] = {
-        name: []
-        for name in (
-            "log",
-            "map",
-            "scene",
-            "sample",
-            "sample_data",
-            "ego_pose",
-            "calibrated_sensor",
-            "instance",
-            "sample_annotation",
-        )
-    }
+    tables: dict[str, list[dict]] = {name: [] for name in SCENE_TABLES}
     tables["log"].append(
         {
             "token": log_token,
@@ -437,17 +438,7 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
 def write_tables(root: Path, version: str, scenes: list[SceneRecords]) -> None:
     """Merge the scenes' records with the static tables and write the 13 JSON tables under ``root/version``."""
     tables = static_tables()
-    for name in (
-        "log",
-        "map",
-        "scene",
-        "sample",
-        "sample_data",
-        "ego_pose",
-        "calibrated_sensor",
-        "instance",
-        "sample_annotation",
-    ):
+    for name in SCENE_TABLES:
         tables[name] = [record for scene in scenes for record in scene.tables[name]]
     folder = root / version
     folder.mkdir(parents=True, exist_ok=True)

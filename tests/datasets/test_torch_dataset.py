@@ -14,15 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from bevjepa.datasets import preprocess, torch_dataset, windows
-from bevjepa.sim import synth
 
 
 @pytest.fixture(scope="module")
-def windows_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def windows_root(tmp_path_factory: pytest.TempPathFactory, synthetic_mini: Path) -> Path:
     base = tmp_path_factory.mktemp("torch_dataset")
-    synth.synthesize(synth.SynthConfig(out=base / "synth", scenes=2, duration_s=4.0, agents=(6, 2, 4, 1)),
-                     progress=False)
-    preprocess.preprocess(preprocess.PreprocessConfig(dataroot=base / "synth", out=base / "windows"), progress=False)
+    preprocess.preprocess(preprocess.PreprocessConfig(dataroot=synthetic_mini, out=base / "windows"), progress=False)
     return base / "windows"
 
 
@@ -253,3 +250,19 @@ def test_loader_throughput_reports_rates(windows_root):
     report = torch_dataset.loader_throughput(windows_root, batch_size=2)
     assert report["windows"] == 4
     assert report["loader_windows_per_s"] > 0 and report["plain_windows_per_s"] > 0
+
+
+def test_future_inputs_for_the_target_encoder(windows_root):
+    dataset = torch_dataset.WindowDataset(windows_root, future_inputs=True)
+    sample = dataset[0]
+    window = windows.load_window(windows_root / _manifest(windows_root)["windows"][0]["file"])
+    future = sample.future
+    assert future is not None and future.images.shape[0] == len(window.future_keyframe_tokens) == 4
+    frame = dataset.frame(sample.scene_name, str(window.future_keyframe_tokens[0]))
+    pose = window.t0_from_future_ego[0]
+    expected = frame.points[:, :3].astype(np.float64) @ pose[:3, :3].T + pose[:3, 3]
+    np.testing.assert_allclose(future.points[future.points_frame == 0, :3].numpy(), expected, atol=1e-3)
+    batch = torch_dataset.collate([sample, dataset[1]])
+    assert batch.future is not None and batch.future.images.shape[:2] == (2, 4)
+    assert int(batch.future.points_batch.max()) == 1
+    assert torch_dataset.WindowDataset(windows_root)[0].future is None

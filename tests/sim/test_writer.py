@@ -15,6 +15,7 @@ from nuscenes.utils.splits import create_splits_scenes
 from PIL import Image
 from pyquaternion import Quaternion
 
+from bevjepa.datasets import types
 from bevjepa.sim import synth, writer
 
 SCENES, DURATION_S = 4, 4.0
@@ -74,15 +75,7 @@ def test_devkit_loads_all_tables_and_the_mini_val_scenes(dataset):
     for table in nusc.table_names:
         assert getattr(nusc, table), f"table {table} is empty"
     sample = nusc.sample[0]
-    assert set(sample["data"]) == {
-        "LIDAR_TOP",
-        "CAM_FRONT",
-        "CAM_FRONT_RIGHT",
-        "CAM_BACK_RIGHT",
-        "CAM_BACK",
-        "CAM_BACK_LEFT",
-        "CAM_FRONT_LEFT",
-    }
+    assert set(sample["data"]) == {"LIDAR_TOP", *types.CAMERA_CHANNELS}
     path, boxes, intrinsic = nusc.get_sample_data(sample["data"]["CAM_FRONT"])
     assert Path(path).exists() and intrinsic.shape == (3, 3)
     cloud = LidarPointCloud.from_file(nusc.get_sample_data_path(sample["data"]["LIDAR_TOP"]))
