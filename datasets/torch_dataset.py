@@ -152,6 +152,8 @@ class WindowSample:
     Attributes:
         sample_token: the t0 keyframe.
         scene_name: its scene.
+        timestamp_us: t0 (µs).
+        agent_ids: [A] the agents' instance tokens.
         points: [N, 5] float32 — x, y, z (m, t0 ego frame), intensity, time lag (s) behind t0.
         points_frame: [N] int64 — the input keyframe of each point (0 = oldest, P-1 = t0).
         images: [P, 6, 3, Hc, Wc] uint8 — RGB, channels first, cameras in ``types.CAMERA_CHANNELS`` order; zeros
@@ -180,6 +182,8 @@ class WindowSample:
 
     sample_token: str
     scene_name: str
+    timestamp_us: int
+    agent_ids: tuple[str, ...]
     points: torch.Tensor
     points_frame: torch.Tensor
     images: torch.Tensor
@@ -222,6 +226,8 @@ class WindowBatch:
     Attributes:
         sample_tokens: [B] the t0 keyframes.
         scene_names: [B] their scenes.
+        timestamps_us: [B] their times (µs).
+        agent_ids: [B] each sample's agent instance tokens (A of them, before padding).
         points: [M, 5] float32 — every sample's points, sample after sample (M = the sum of the samples' N).
         points_frame: [M] int64 — input keyframe of each point (0 = oldest, P-1 = t0).
         points_batch: [M] int64 — the sample (0..B-1) of each point; non-decreasing.
@@ -250,6 +256,8 @@ class WindowBatch:
 
     sample_tokens: tuple[str, ...]
     scene_names: tuple[str, ...]
+    timestamps_us: tuple[int, ...]
+    agent_ids: tuple[tuple[str, ...], ...]
     points: torch.Tensor
     points_frame: torch.Tensor
     points_batch: torch.Tensor
@@ -326,6 +334,8 @@ def collate(samples: list[WindowSample]) -> WindowBatch:
     return WindowBatch(
         sample_tokens=tuple(s.sample_token for s in samples),
         scene_names=tuple(s.scene_name for s in samples),
+        timestamps_us=tuple(s.timestamp_us for s in samples),
+        agent_ids=tuple(s.agent_ids for s in samples),
         points=torch.cat([s.points for s in samples]),  # [M, 5]
         points_frame=torch.cat([s.points_frame for s in samples]),  # [M]
         points_batch=torch.repeat_interleave(torch.arange(len(samples)), counts),  # [M]
@@ -418,6 +428,8 @@ class WindowDataset(Dataset):
         return WindowSample(
             sample_token=str(window.sample_token),
             scene_name=str(window.scene_name),
+            timestamp_us=int(window.timestamp_us),
+            agent_ids=tuple(str(a) for a in window.agent_ids),
             points=torch.from_numpy(inputs.points),
             points_frame=torch.from_numpy(inputs.points_frame.astype(np.int64)),
             images=torch.from_numpy(inputs.images).permute(0, 1, 4, 2, 3).contiguous(),  # [P, 6, 3, Hc, Wc]

@@ -61,6 +61,54 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from bevjepa.prediction import config as experiment_config
+    from bevjepa.prediction import train
+
+    config = experiment_config.preset(args.config)
+    changes = {"seed": args.seed, "max_minutes": args.minutes, "loader_workers": args.loader_workers}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
+    if args.no_jepa:
+        changes["weights"] = dataclasses.replace(config.train.weights, latent=0.0)
+    model_changes = {}
+    if args.sensors == "lidar":
+        model_changes["use_camera"] = False
+    elif args.sensors == "camera":
+        model_changes["use_lidar"] = False
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes),
+                                 model=dataclasses.replace(config.model, **model_changes))
+    if args.address:
+        from bevjepa.prediction import distributed
+
+        summary = distributed.train_on_ray(Path(args.data), Path(args.out), config, args.address, args.workers)
+    else:
+        summary = train.train(Path(args.data), Path(args.out), config, resume=args.resume)
+    print(f"trained {summary.steps} steps in {summary.wall_time_s:.0f} s ({summary.step_time_s * 1e3:.0f} ms a step);"
+          f" validation loss {summary.validation.get('total', float('nan')):.3f}; checkpoint in {summary.run}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from bevjepa.evaluation import open_loop
+
+    result = open_loop.evaluate(Path(args.data), args.split, Path(args.checkpoint) if args.checkpoint else None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    for name, scores in result["models"].items():
+        print(f"{name:18s} minADE_5 {scores.get('minADE_5', float('nan')):6.3f}  minFDE_5 "
+              f"{scores.get('minFDE_5', float('nan')):6.3f}  IoU@2s {scores['iou_2s_mean']:.3f}")
+    print(f"{result['windows']} windows, {result['agents']} agents with a full 6 s future; {out / 'metrics.json'}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from bevjepa.sim import inspect
 
@@ -144,6 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--voxel-size", type=float, default=0.2, help="voxel downsampling in m (default 0.2, under a "
                       "0.5 m pillar); 0 keeps every point")
     prep.set_defaults(run=_preprocess)
+
+    trainer = commands.add_parser("train", help="train the BEV JEPA world model on preprocessed windows")
+    trainer.add_argument("--data", required=True, help="a `bevjepa preprocess` output")
+    trainer.add_argument("--config", default="small", help="config preset: small (CPU) or base (GPU)")
+    trainer.add_argument("--out", required=True, help="the run folder (checkpoints, TensorBoard, config)")
+    trainer.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    trainer.add_argument("--batch-size", type=int, default=None, help="windows per step (default: the preset's)")
+    trainer.add_argument("--minutes", type=float, default=None, help="stop, with a checkpoint, after this long")
+    trainer.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    trainer.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    trainer.add_argument("--no-jepa", action="store_true", help="train without the latent (JEPA) loss")
+    trainer.add_argument("--sensors", choices=["both", "lidar", "camera"], default="both",
+                         help="which sensors the model sees (default both)")
+    trainer.add_argument("--loader-workers", type=int, default=1, help="DataLoader worker processes (default 1)")
+    trainer.add_argument("--address", default=None, help="train data-parallel on this Ray cluster (Ray Train)")
+    trainer.add_argument("--workers", type=int, default=2, help="Ray Train workers with --address (default 2)")
+    trainer.set_defaults(run=_train)
+
+    evaluator = commands.add_parser("eval", help="score a checkpoint and the baselines on preprocessed windows")
+    evaluator.add_argument("--data", required=True, help="a `bevjepa preprocess` output")
+    evaluator.add_argument("--split", default="mini_val", help="devkit split to score (default mini_val)")
+    evaluator.add_argument("--checkpoint", default=None, help="a run folder; without it only the baselines")
+    evaluator.add_argument("--out", required=True, help="report folder (metrics.json)")
+    evaluator.set_defaults(run=_eval)
 
     inspect = commands.add_parser("inspect", help="describe a nuScenes dataset as the devkit loads it")
     inspect.add_argument("--dataroot", required=True, help="the dataset root (holds v1.0-*/, samples/, maps/)")

@@ -1,0 +1,134 @@
+"""BEV fusion: camera and LiDAR features into one latent, modality dropout, and past latents warped into t0.
+
+Notation:
+    B  batch       C  channels       H, W  latent rows (along +x) and columns (along +y), ``GridSpec`` layout
+    P  past frames (t0 last)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bevjepa.datasets import geometry
+
+
+def latent_grid() -> geometry.GridSpec:
+    """The latent grid of the ``small`` preset: ±32 m at 2 m (32 × 32), stride 4 of the 0.5 m target grid."""
+    return geometry.GridSpec(-32.0, 32.0, -32.0, 32.0, 2.0)
+
+
+@dataclass(frozen=True)
+class FuserConfig:
+    """The fuser.
+
+    Attributes:
+        camera_channels: channels of the camera BEV features.
+        lidar_channels: channels of the LiDAR BEV features.
+        channels: channels of the fused latent.
+        past_frames: P, the frames the temporal fuser combines (t0 included).
+        modality_dropout: in training, the chance that a sample loses one of its two modalities (either with
+            equal odds), so that each sensor alone still works.
+        grid: the latent grid (both inputs and the output live on it).
+    """
+
+    camera_channels: int = 64
+    lidar_channels: int = 64
+    channels: int = 64
+    past_frames: int = 3
+    modality_dropout: float = 0.2
+    grid: geometry.GridSpec = field(default_factory=latent_grid)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"FuserConfig.modality_dropout must be in [0, 1), got {self.modality_dropout}")
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class BevFuser(nn.Module):
+    """Concatenate camera and LiDAR BEV features and convolve; a missing modality is zeros."""
+
+    def __init__(self, config: FuserConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.fuse = nn.Sequential(_conv_block(config.camera_channels + config.lidar_channels, config.channels),
+                                  nn.Conv2d(config.channels, config.channels, 3, padding=1))
+
+    def forward(self, camera: torch.Tensor | None, lidar: torch.Tensor | None) -> torch.Tensor:
+        """Fuse one frame's features.
+
+        Args:
+            camera: [B, Cc, H, W] camera BEV features, or None when there are no cameras.
+            lidar: [B, Cl, H, W] LiDAR BEV features, or None.
+
+        Returns:
+            [B, C, H, W] the fused latent.
+        """
+        reference = camera if camera is not None else lidar
+        if reference is None:
+            raise ValueError("BevFuser needs at least one modality")
+        b, _, h, w = reference.shape
+        if camera is None:
+            camera = reference.new_zeros(b, self.config.camera_channels, h, w)
+        if lidar is None:
+            lidar = reference.new_zeros(b, self.config.lidar_channels, h, w)
+        if self.training and self.config.modality_dropout > 0:
+            drop = torch.rand(b, device=reference.device) < self.config.modality_dropout  # [B]
+            drop_camera = drop & (torch.rand(b, device=reference.device) < 0.5)  # [B]
+            drop_lidar = drop & ~drop_camera
+            camera = camera * (~drop_camera).float()[:, None, None, None]
+            lidar = lidar * (~drop_lidar).float()[:, None, None, None]
+        return self.fuse(torch.cat([camera, lidar], dim=1))  # [B, C, H, W]
+
+
+def warp_to_reference(latent: torch.Tensor, reference_from_frame: torch.Tensor, grid: geometry.GridSpec
+                      ) -> torch.Tensor:
+    """Resample BEV maps expressed in their own ego frames into a reference ego frame (the ego-motion warp).
+
+    Each output cell centre (x, y) of the reference frame reads the input at ``frame_from_reference @ (x, y)``
+    (bilinear; zeros outside the input's extent).
+
+    Args:
+        latent: [B, C, H, W] maps, each in its own frame, on ``grid``.
+        reference_from_frame: [B, 4, 4] each map's frame in the reference frame (only the planar part is used).
+        grid: the grid of both input and output.
+
+    Returns:
+        [B, C, H, W] the maps in the reference frame.
+    """
+    b = latent.shape[0]
+    centers = torch.as_tensor(grid.cell_centers(), dtype=latent.dtype, device=latent.device)  # [H, W, 2]
+    h, w, _ = centers.shape
+    frame_from_reference = torch.linalg.inv(reference_from_frame.to(latent.dtype))  # [B, 4, 4]
+    rotation, translation = frame_from_reference[:, :2, :2], frame_from_reference[:, :2, 3]  # [B, 2, 2], [B, 2]
+    source = torch.einsum("bij,hwj->bhwi", rotation, centers) + translation[:, None, None, :]  # [B, H, W, 2] x, y
+    # grid_sample's last axis is (column, row) = (y, x), normalised so that -1 and 1 are the outer cell edges.
+    normalised_x = (source[..., 0] - grid.x_min_m) / (grid.x_max_m - grid.x_min_m) * 2 - 1  # rows
+    normalised_y = (source[..., 1] - grid.y_min_m) / (grid.y_max_m - grid.y_min_m) * 2 - 1  # columns
+    sampling = torch.stack([normalised_y, normalised_x], dim=-1)  # [B, H, W, 2]
+    assert sampling.shape == (b, h, w, 2)
+    return F.grid_sample(latent, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class TemporalFuser(nn.Module):
+    """Combine P latents already warped into the reference frame (oldest first) into one."""
+
+    def __init__(self, config: FuserConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.mix = nn.Sequential(_conv_block(config.channels * config.past_frames, config.channels),
+                                 nn.Conv2d(config.channels, config.channels, 3, padding=1))
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, P, C, H, W] → [B, C, H, W]; the newest latent passes through a residual path."""
+        b, p, c, h, w = latents.shape
+        if p != self.config.past_frames:
+            raise ValueError(f"TemporalFuser expects {self.config.past_frames} frames, got {p}")
+        return latents[:, -1] + self.mix(latents.reshape(b, p * c, h, w))  # [B, C, H, W]

@@ -1,0 +1,337 @@
+"""Camera encoder: a small image backbone and the Lift-Splat view transform into the bird's-eye view.
+
+Lift-Splat (Philion & Fidler, ECCV 2020), read top to bottom in ``CameraEncoder.forward``:
+
+1. **Backbone.** Each camera image goes through a few strided conv-BN-ReLU blocks to ``feature_stride``.
+2. **Lift.** A 1x1 head gives, per feature pixel, ``D`` depth logits and ``C`` context features; the outer
+   product ``softmax(depth) x features`` places the features along the pixel's ray, weighted by depth.
+3. **Splat.** Every (pixel, depth) frustum point ``d * K^-1 [u, v, 1]`` (camera frame, depth along z) is moved
+   into the BEV frame by ``ego_from_camera`` and sum-pooled into the cell of ``splat_grid`` that ``GridSpec``
+   names; points outside the grid (or its height band) and points of missing cameras contribute nothing.
+4. **BEV block.** A few convolutions, one with stride ``out_grid.resolution / splat_grid.resolution``, take
+   the splat to the latent grid.
+
+Notation:
+    B  batch
+    N  cameras per sample
+    H, W  image rows and columns (pixels)
+    h, w  feature rows and columns (``ceil(H / stride)``, ``ceil(W / stride)``)
+    D  depth bins
+    C  channels
+    P  frustum points (``B * N * D * h * w``)
+    X, Y  splat-grid rows (along +x) and columns (along +y); the latent grid is ``out_grid.shape``
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bevjepa.datasets import geometry
+
+IMAGE_MEAN = 0.5
+"""Image normalisation: ``(pixel / 255 - IMAGE_MEAN) / IMAGE_STD``."""
+IMAGE_STD = 0.25
+
+
+@dataclass(frozen=True)
+class CameraEncoderConfig:
+    """Configuration of ``CameraEncoder``.
+
+    Attributes:
+        channels: C, context-feature channels of the lift and of the output latent.
+        depth_min_m: nearest depth bin (m, along the camera's optical axis).
+        depth_max_m: end of the depth range (m, exclusive): bins at ``depth_min_m + k * depth_step_m < max``.
+        depth_step_m: spacing of the depth bins (m); the defaults give 41 bins, 4 .. 44 m, as Lift-Splat.
+        feature_stride: image pixels per feature pixel; a power of two (one stride-2 block per factor 2).
+        splat_grid: the BEV grid the frustum points are pooled into.
+        out_grid: the latent grid; same extent as ``splat_grid``, a whole multiple of its resolution.
+        backbone_width: channels of the first backbone block; each stride-2 block doubles them.
+        z_min_m: lowest height (m, BEV frame) of a frustum point that is pooled, as Lift-Splat's z bound.
+        z_max_m: height (m, BEV frame) from which frustum points are dropped.
+    """
+
+    channels: int = 64
+    depth_min_m: float = 4.0
+    depth_max_m: float = 45.0
+    depth_step_m: float = 1.0
+    feature_stride: int = 8
+    splat_grid: geometry.GridSpec = geometry.GridSpec(-32.0, 32.0, -32.0, 32.0, 1.0)
+    out_grid: geometry.GridSpec = geometry.GridSpec(-32.0, 32.0, -32.0, 32.0, 2.0)
+    backbone_width: int = 32
+    z_min_m: float = -10.0
+    z_max_m: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.backbone_width < 1:
+            raise ValueError(
+                f"CameraEncoderConfig: channels ({self.channels}) and backbone_width ({self.backbone_width}) "
+                "must be positive"
+            )
+        if not (0 < self.depth_min_m < self.depth_max_m and self.depth_step_m > 0):
+            raise ValueError(
+                "CameraEncoderConfig: need 0 < depth_min_m < depth_max_m and depth_step_m > 0, got "
+                f"{self.depth_min_m}, {self.depth_max_m}, {self.depth_step_m}"
+            )
+        bins = (self.depth_max_m - self.depth_min_m) / self.depth_step_m
+        if abs(bins - round(bins)) > 1e-6:
+            raise ValueError(
+                f"CameraEncoderConfig: the depth range [{self.depth_min_m}, {self.depth_max_m}) must be a whole "
+                f"number of {self.depth_step_m} m steps"
+            )
+        if self.feature_stride < 2 or self.feature_stride & (self.feature_stride - 1):
+            raise ValueError(
+                f"CameraEncoderConfig.feature_stride must be a power of two >= 2, got {self.feature_stride}"
+            )
+        if not self.z_min_m < self.z_max_m:
+            raise ValueError(f"CameraEncoderConfig: need z_min_m < z_max_m, got {self.z_min_m}, {self.z_max_m}")
+        s, o = self.splat_grid, self.out_grid
+        if (s.x_min_m, s.x_max_m, s.y_min_m, s.y_max_m) != (o.x_min_m, o.x_max_m, o.y_min_m, o.y_max_m):
+            raise ValueError(f"CameraEncoderConfig: splat_grid {s} and out_grid {o} must cover the same extent")
+        ratio = o.resolution_m / s.resolution_m
+        if ratio < 1 - 1e-9 or abs(ratio - round(ratio)) > 1e-6:
+            raise ValueError(
+                f"CameraEncoderConfig: out_grid.resolution_m ({o.resolution_m}) must be a whole multiple of "
+                f"splat_grid.resolution_m ({s.resolution_m})"
+            )
+
+    @property
+    def depth_bins(self) -> int:
+        """D, the number of depth bins."""
+        return round((self.depth_max_m - self.depth_min_m) / self.depth_step_m)
+
+    @property
+    def bev_stride(self) -> int:
+        """Splat cells per latent cell along each axis."""
+        return round(self.out_grid.resolution_m / self.splat_grid.resolution_m)
+
+
+def lift_splat_pool(features: torch.Tensor, flat_index: torch.Tensor, inside: torch.Tensor, cells: int) -> torch.Tensor:
+    """Sum-pool frustum-point features into flat BEV cells: the splat of Lift-Splat.
+
+    One ``index_add_`` over the kept points: on CPU it beats the sort + cumsum "QuickCumsum" of the paper
+    (which pays for the sort and a [P, C] cumsum) and its backward is a plain ``index_select``.
+
+    Args:
+        features: [P, C] float — features of the frustum points.
+        flat_index: [P] int64 — flat cell of each point (``b * X * Y + i * Y + j``), any value where not inside.
+        inside: [P] bool — False for points that contribute nothing (outside the grid, missing camera).
+        cells: number of flat cells (``B * X * Y``).
+
+    Returns:
+        [cells, C] float — per-cell sums; zero where no point landed.
+    """
+    kept = inside.nonzero().squeeze(1)  # [P']
+    pooled = features.new_zeros(cells, features.shape[1])  # [cells, C]
+    return pooled.index_add_(0, flat_index.index_select(0, kept), features.index_select(0, kept))
+
+
+def naive_scatter_pool(
+    features: torch.Tensor, flat_index: torch.Tensor, inside: torch.Tensor, cells: int
+) -> torch.Tensor:
+    """The same sums as ``lift_splat_pool``, written the straightforward way: a baseline for the benchmark.
+
+    Zero the features of dropped points and ``scatter_add_`` every point with its index broadcast over the
+    channels (``torch_scatter.scatter_sum``'s recipe, here in core torch): no compaction, and an index per
+    element rather than per row.
+
+    Args and Returns: as ``lift_splat_pool``.
+    """
+    P, C = features.shape
+    index = torch.where(inside, flat_index, 0)[:, None].expand(P, C)  # [P, C]
+    values = features * inside[:, None].to(features.dtype)  # [P, C]
+    return features.new_zeros(cells, C).scatter_add_(0, index, values)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """A 3x3 convolution (padding 1), batch norm and ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class CameraEncoder(nn.Module):
+    """Surround camera images to a BEV latent by Lift-Splat (see the module docstring)."""
+
+    def __init__(self, config: CameraEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        C, D = config.channels, config.depth_bins
+        blocks, width, in_channels = [], config.backbone_width, 3
+        for _ in range(int(math.log2(config.feature_stride))):
+            blocks.append(_conv_bn_relu(in_channels, width, stride=2))
+            in_channels, width = width, width * 2
+        blocks.append(_conv_bn_relu(in_channels, in_channels, stride=1))
+        self.backbone = nn.Sequential(*blocks)
+        self.lift_head = nn.Conv2d(in_channels, D + C, kernel_size=1)
+        self.bev_block = nn.Sequential(
+            _conv_bn_relu(C, C, stride=1),
+            _conv_bn_relu(C, C, stride=config.bev_stride),
+            nn.Conv2d(C, C, kernel_size=1),
+        )
+        depths = config.depth_min_m + config.depth_step_m * torch.arange(D, dtype=torch.float32)  # [D]
+        self.register_buffer("depths_m", depths, persistent=False)
+        self._frustum_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def frustum(self, h: int, w: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Frustum points of a feature map in homogeneous pixel coordinates scaled by depth, cached per size.
+
+        Feature pixel ``(u, v)`` stands for image pixel ``((u + 0.5) * s, (v + 0.5) * s)``; its point at depth
+        ``d`` is ``(x_px * d, y_px * d, d)``, so that ``K^-1`` of it is the camera-frame point at depth ``d``.
+
+        Args:
+            h: feature rows.
+            w: feature columns.
+            dtype: dtype of the result.
+
+        Returns:
+            [D, h, w, 3] float — ``(x_px * d, y_px * d, d)`` per depth bin and feature pixel.
+        """
+        key = (h, w, self.depths_m.device, dtype)
+        if key not in self._frustum_cache:
+            s = self.config.feature_stride
+            depths = self.depths_m.to(dtype)[:, None, None]  # [D, 1, 1]
+            xs = ((torch.arange(w, dtype=dtype, device=depths.device) + 0.5) * s)[None, None, :]  # [1, 1, w]
+            ys = ((torch.arange(h, dtype=dtype, device=depths.device) + 0.5) * s)[None, :, None]  # [1, h, 1]
+            shape = (depths.shape[0], h, w)
+            self._frustum_cache[key] = torch.stack(
+                [(xs * depths).expand(shape), (ys * depths).expand(shape), depths.expand(shape)], dim=-1
+            )  # [D, h, w, 3]
+        return self._frustum_cache[key]
+
+    def frustum_points(
+        self, h: int, w: int, intrinsics: torch.Tensor, ego_from_camera: torch.Tensor, camera_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Frustum points in the BEV frame: ``ego_from_camera @ (d * K^-1 [x_px, y_px, 1])``.
+
+        Args:
+            h: feature rows.
+            w: feature columns.
+            intrinsics: [B, N, 3, 3] float — pinhole matrices (pixels, at the image's resolution).
+            ego_from_camera: [B, N, 4, 4] float — camera poses in the BEV frame.
+            camera_mask: [B, N] bool — False for missing cameras, whose (possibly singular) K is replaced by
+                the identity so that no NaN appears; their points are dropped by the caller.
+
+        Returns:
+            [B, N, D, h, w, 3] float — x, y, z (m) in the BEV frame.
+        """
+        eye = torch.eye(3, dtype=intrinsics.dtype, device=intrinsics.device)
+        safe_k = torch.where(camera_mask[..., None, None], intrinsics, eye)  # [B, N, 3, 3]
+        ego_from_pixel = ego_from_camera[..., :3, :3] @ torch.linalg.inv(safe_k)  # [B, N, 3, 3]
+        frustum = self.frustum(h, w, intrinsics.dtype)  # [D, h, w, 3]
+        points = torch.einsum("bnij,dhwj->bndhwi", ego_from_pixel, frustum)  # [B, N, D, h, w, 3]
+        return points + ego_from_camera[:, :, None, None, None, :3, 3]  # [B, N, D, h, w, 3]
+
+    def splat(
+        self,
+        features: torch.Tensor,
+        depth_probs: torch.Tensor,
+        intrinsics: torch.Tensor,
+        ego_from_camera: torch.Tensor,
+        camera_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Lift features along their rays by depth probabilities and sum-pool them into ``splat_grid``.
+
+        Args:
+            features: [B, N, C, h, w] float — context features per feature pixel.
+            depth_probs: [B, N, D, h, w] float — depth distribution per feature pixel (a softmax in forward).
+            intrinsics: [B, N, 3, 3] float — pinhole matrices (pixels, at the image's resolution).
+            ego_from_camera: [B, N, 4, 4] float — camera poses in the BEV frame (camera x right, y down, z fwd).
+            camera_mask: [B, N] bool — False for missing cameras, which contribute nothing.
+
+        Returns:
+            [B, C, X, Y] float — the splat on ``splat_grid`` (rows along +x, columns along +y).
+        """
+        B, N, C, h, w = features.shape
+        D = depth_probs.shape[2]
+        if depth_probs.shape != (B, N, D, h, w) or D != self.config.depth_bins:
+            raise ValueError(
+                f"depth_probs: expected shape {(B, N, self.config.depth_bins, h, w)}, got {tuple(depth_probs.shape)}"
+            )
+        grid = self.config.splat_grid
+        X, Y = grid.shape
+        points = self.frustum_points(h, w, intrinsics, ego_from_camera, camera_mask)  # [B, N, D, h, w, 3]
+        points = points.reshape(B, N * D * h * w, 3)  # [B, N*D*h*w, 3]
+        cell, inside = _flat_index(grid, points[..., 0], points[..., 1])  # [B, N*D*h*w] each
+        z = points[..., 2]  # [B, N*D*h*w]
+        present = camera_mask[:, :, None].expand(B, N, D * h * w).reshape(B, N * D * h * w)  # [B, N*D*h*w]
+        inside = inside & present & (z >= self.config.z_min_m) & (z < self.config.z_max_m)
+        batch_offset = torch.arange(B, device=cell.device)[:, None] * (X * Y)  # [B, 1]
+        flat = (cell + batch_offset).reshape(-1)  # [P]
+
+        # The outer product, laid out channels-last so that the flattening below copies nothing.
+        channels_last = features.permute(0, 1, 3, 4, 2).contiguous()  # [B, N, h, w, C]
+        lifted = depth_probs[..., None] * channels_last[:, :, None]  # [B, N, D, h, w, C]
+        lifted = lifted.reshape(B * N * D * h * w, C)  # [P, C]
+        pooled = lift_splat_pool(lifted, flat, inside.reshape(-1), B * X * Y)  # [B*X*Y, C]
+        return pooled.view(B, X, Y, C).permute(0, 3, 1, 2)  # [B, C, X, Y]
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        intrinsics: torch.Tensor,
+        ego_from_camera: torch.Tensor,
+        camera_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Encode surround images into the BEV latent.
+
+        Args:
+            images: [B, N, 3, H, W] uint8 — RGB images.
+            intrinsics: [B, N, 3, 3] float — pinhole matrices (pixels, at the images' resolution).
+            ego_from_camera: [B, N, 4, 4] float — each camera's pose in the BEV frame (camera frame: x right,
+                y down, z forward).
+            camera_mask: [B, N] bool — False for missing cameras: their images, intrinsics and poses are
+                ignored. A sample with no camera at all gets a zero latent.
+
+        Returns:
+            [B, channels, *out_grid.shape] float — the BEV latent (rows along +x, columns along +y).
+        """
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"images: expected shape [B, N, 3, H, W], got {tuple(images.shape)}")
+        B, N, _, H, W = images.shape
+        _check_shape("intrinsics", intrinsics, (B, N, 3, 3))
+        _check_shape("ego_from_camera", ego_from_camera, (B, N, 4, 4))
+        _check_shape("camera_mask", camera_mask, (B, N))
+        if images.dtype != torch.uint8:
+            raise ValueError(f"images: expected dtype uint8, got {images.dtype}")
+        C, D = self.config.channels, self.config.depth_bins
+        dtype = self.lift_head.weight.dtype
+        camera_mask = camera_mask.to(torch.bool)
+
+        # Backbone and lift head, on the present cameras only.
+        present = camera_mask.reshape(B * N).nonzero().squeeze(1)  # [N']
+        x = images.reshape(B * N, 3, H, W)[present].to(dtype)  # [N', 3, H, W]
+        x = (x / 255.0 - IMAGE_MEAN) / IMAGE_STD
+        x = self.lift_head(self.backbone(x))  # [N', D + C, h, w]
+        h, w = x.shape[-2:]
+        head = x.new_zeros(B * N, D + C, h, w).index_copy(0, present, x)  # [B*N, D + C, h, w]
+        head = head.view(B, N, D + C, h, w)  # [B, N, D + C, h, w]
+        depth_probs = head[:, :, :D].softmax(dim=2)  # [B, N, D, h, w]
+        features = head[:, :, D:]  # [B, N, C, h, w]
+
+        bev = self.splat(
+            features, depth_probs, intrinsics.to(dtype), ego_from_camera.to(dtype), camera_mask
+        )  # [B, C, X, Y]
+        bev = self.bev_block(bev)  # [B, C, *out_grid.shape]
+        return bev * camera_mask.any(dim=1).to(dtype)[:, None, None, None]  # [B, C, *out_grid.shape]
+
+
+def _flat_index(grid: geometry.GridSpec, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-in for ``GridSpec.flat_index_torch`` until it lands."""
+    h, w = grid.shape
+    rows = torch.floor((x - grid.x_min_m) / grid.resolution_m)
+    cols = torch.floor((y - grid.y_min_m) / grid.resolution_m)
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    flat = torch.where(inside, rows, 0).long() * w + torch.where(inside, cols, 0).long()
+    return flat, inside
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` naming ``name`` where ``tensor`` is not of shape ``expected``."""
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(tensor.shape)}")

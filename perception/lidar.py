@@ -1,0 +1,193 @@
+"""LiDAR encoder: dynamic pillars (PointPillars without a cap on points per pillar) to a BEV latent.
+
+Read top to bottom in ``LidarEncoder.forward``:
+
+1. **Pillars.** Each point falls into the cell of ``pillar_grid`` that ``GridSpec`` names; points outside the
+   grid or the height band are dropped. Cells are flattened per batch as ``b * H * W + i * W + j``.
+2. **Point features.** x, y, z, intensity / 255, time lag, the offset from the mean of its pillar's points
+   (a scatter mean) and the offset from the pillar's centre: 10 numbers per point.
+3. **PointNet.** Linear-LayerNorm-ReLU twice, shared by all points (LayerNorm, not BatchNorm: any number of
+   points, even one, trains the same).
+4. **Pool and scatter.** Max over each pillar's points with ``scatter_reduce_(..., "amax")`` straight into the
+   flat [B * H * W, C] pseudo-image; empty pillars stay zero.
+5. **Backbone.** Per factor 2 between ``pillar_grid`` and ``out_grid`` a stage of two 3x3 conv-BN-ReLU blocks,
+   the first with stride 2; then a 1x1 convolution.
+
+Notation:
+    M  points (all samples of the batch together)
+    B  batch
+    H, W  pillar-grid rows (along +x) and columns (along +y)
+    F  point-feature width (10)
+    C  channels
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bevjepa.datasets import geometry
+
+POINT_FEATURES = 10
+"""F: x, y, z, intensity / 255, lag, offset from the pillar mean (3), offset from the pillar centre (2)."""
+
+
+@dataclass(frozen=True)
+class LidarEncoderConfig:
+    """Configuration of ``LidarEncoder``.
+
+    Attributes:
+        channels: C, channels of the output latent.
+        pillar_grid: the grid of pillars (the pseudo-image).
+        out_grid: the latent grid; same extent as ``pillar_grid``, a power-of-two multiple of its resolution.
+        z_min_m: lowest height (m, BEV frame) of a kept point.
+        z_max_m: height (m, BEV frame) from which points are dropped.
+        pointnet_width: channels of the per-point PointNet, hence of the pseudo-image.
+    """
+
+    channels: int = 64
+    pillar_grid: geometry.GridSpec = geometry.GridSpec()
+    out_grid: geometry.GridSpec = geometry.GridSpec(-32.0, 32.0, -32.0, 32.0, 2.0)
+    z_min_m: float = -3.0
+    z_max_m: float = 5.0
+    pointnet_width: int = 32
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.pointnet_width < 1:
+            raise ValueError(
+                f"LidarEncoderConfig: channels ({self.channels}) and pointnet_width ({self.pointnet_width}) "
+                "must be positive"
+            )
+        if not self.z_min_m < self.z_max_m:
+            raise ValueError(f"LidarEncoderConfig: need z_min_m < z_max_m, got {self.z_min_m}, {self.z_max_m}")
+        p, o = self.pillar_grid, self.out_grid
+        if (p.x_min_m, p.x_max_m, p.y_min_m, p.y_max_m) != (o.x_min_m, o.x_max_m, o.y_min_m, o.y_max_m):
+            raise ValueError(f"LidarEncoderConfig: pillar_grid {p} and out_grid {o} must cover the same extent")
+        ratio = round(o.resolution_m / p.resolution_m)
+        if abs(o.resolution_m / p.resolution_m - ratio) > 1e-6 or ratio < 1 or ratio & (ratio - 1):
+            raise ValueError(
+                f"LidarEncoderConfig: out_grid.resolution_m ({o.resolution_m}) must be a power-of-two multiple of "
+                f"pillar_grid.resolution_m ({p.resolution_m})"
+            )
+
+    @property
+    def stride(self) -> int:
+        """Pillars per latent cell along each axis."""
+        return round(self.out_grid.resolution_m / self.pillar_grid.resolution_m)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """A 3x3 convolution (padding 1), batch norm and ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class LidarEncoder(nn.Module):
+    """A LiDAR sweep (points in the BEV frame) to a BEV latent by dynamic pillars (see the module docstring)."""
+
+    def __init__(self, config: LidarEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        P, C = config.pointnet_width, config.channels
+        self.pointnet = nn.Sequential(
+            nn.Linear(POINT_FEATURES, P),
+            nn.LayerNorm(P),
+            nn.ReLU(inplace=True),
+            nn.Linear(P, P),
+            nn.LayerNorm(P),
+            nn.ReLU(inplace=True),
+        )
+        blocks, in_channels = [], P
+        for _ in range(int(math.log2(config.stride))):  # one stage per factor 2: [B, C, H/2^k, W/2^k]
+            blocks += [_conv_bn_relu(in_channels, C, stride=2), _conv_bn_relu(C, C, stride=1)]
+            in_channels = C
+        if not blocks:  # out_grid == pillar_grid
+            blocks = [_conv_bn_relu(P, C, stride=1)]
+        self.backbone = nn.Sequential(*blocks, nn.Conv2d(C, C, kernel_size=1))
+        h, w = config.pillar_grid.shape
+        centers = torch.from_numpy(config.pillar_grid.cell_centers().reshape(h * w, 2)).float()  # [H*W, 2]
+        self.register_buffer("pillar_centers_m", centers, persistent=False)
+
+    def pillar_features(self, points: torch.Tensor, points_batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The pseudo-image: PointNet features max-pooled per pillar, before the backbone.
+
+        Args: as ``forward``.
+
+        Returns:
+            [B, pointnet_width, H, W] float — zero in pillars without a kept point.
+        """
+        return self._pillars(points, points_batch, batch_size)[0]
+
+    def _pillars(
+        self, points: torch.Tensor, points_batch: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pillar_features`` and [B] bool: whether each sample kept at least one point."""
+        if points.ndim != 2 or points.shape[1] != 5:
+            raise ValueError(f"points: expected shape [M, 5], got {tuple(points.shape)}")
+        if points_batch.shape != points.shape[:1]:
+            raise ValueError(f"points_batch: expected shape {tuple(points.shape[:1])}, got {tuple(points_batch.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+        if points_batch.numel() and (int(points_batch.min()) < 0 or int(points_batch.max()) >= batch_size):
+            raise ValueError(f"points_batch: values must lie in [0, {batch_size}), the batch size")
+        grid = self.config.pillar_grid
+        H, W = grid.shape
+        P = self.config.pointnet_width
+        points = points.to(self.pillar_centers_m.dtype)
+
+        # Pillars: flat cell per point, dropping points outside the grid or the height band.
+        cell, inside = _flat_index(grid, points[:, 0], points[:, 1])  # [M] each
+        z = points[:, 2]  # [M]
+        kept = (inside & (z >= self.config.z_min_m) & (z < self.config.z_max_m)).nonzero().squeeze(1)  # [M']
+        points, cell = points[kept], cell[kept]  # [M', 5], [M']
+        flat = points_batch[kept].long() * (H * W) + cell  # [M']
+
+        # Point features: raw values, offset from the pillar's point mean, offset from the pillar centre.
+        xyz = points[:, :3]  # [M', 3]
+        sums = xyz.new_zeros(batch_size * H * W, 3).index_add_(0, flat, xyz)  # [B*H*W, 3]
+        counts = torch.bincount(flat, minlength=batch_size * H * W).clamp_(min=1)  # [B*H*W]
+        mean = sums[flat] / counts[flat, None].to(xyz.dtype)  # [M', 3]
+        center = self.pillar_centers_m[cell]  # [M', 2]
+        per_point = torch.cat(
+            [xyz, points[:, 3:4] / 255.0, points[:, 4:5], xyz - mean, xyz[:, :2] - center], dim=1
+        )  # [M', F]
+        per_point = self.pointnet(per_point)  # [M', P]
+
+        # Max-pool per pillar into the flat pseudo-image; empty pillars keep their zero.
+        pooled = per_point.new_zeros(batch_size * H * W, P).scatter_reduce_(
+            0, flat[:, None].expand(-1, P), per_point, reduce="amax", include_self=False
+        )  # [B*H*W, P]
+        occupied = torch.bincount(points_batch[kept].long(), minlength=batch_size) > 0  # [B]
+        return pooled.view(batch_size, H, W, P).permute(0, 3, 1, 2), occupied  # [B, P, H, W], [B]
+
+    def forward(self, points: torch.Tensor, points_batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Encode LiDAR sweeps into the BEV latent.
+
+        Args:
+            points: [M, 5] float — x, y, z (m, in the BEV frame), intensity (0-255), time lag (s); M may be 0.
+            points_batch: [M] int64 — the sample of each point, in ``[0, batch_size)``.
+            batch_size: B.
+
+        Returns:
+            [B, channels, *out_grid.shape] float — the BEV latent (rows along +x, columns along +y); zero for a
+            sample without a point inside the grid (an empty sweep).
+        """
+        pseudo_image, occupied = self._pillars(points, points_batch, batch_size)  # [B, P, H, W], [B]
+        bev = self.backbone(pseudo_image)  # [B, C, *out_grid.shape]
+        return bev * occupied.to(bev.dtype)[:, None, None, None]  # [B, C, *out_grid.shape]
+
+
+def _flat_index(grid: geometry.GridSpec, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-in for ``GridSpec.flat_index_torch`` until it lands."""
+    h, w = grid.shape
+    rows = torch.floor((x - grid.x_min_m) / grid.resolution_m)
+    cols = torch.floor((y - grid.y_min_m) / grid.resolution_m)
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    flat = torch.where(inside, rows, 0).long() * w + torch.where(inside, cols, 0).long()
+    return flat, inside

@@ -1,0 +1,427 @@
+"""Heads that decode the BEV latent: per-class occupancy, K-mode agent trajectories, CenterPoint-style detection.
+
+Everything is in the ego frame of the present keyframe t0. The latent lives on the latent grid
+(``fuser.latent_grid()``, 32 x 32 cells of 2 m); occupancy is decoded onto the 0.5 m target grid (128 x 128),
+detection onto ``detection_grid()`` (64 x 64 cells of 1 m). Every BEV map is ``[..., H, W]`` with rows along +x
+and columns along +y, as ``geometry.GridSpec`` documents; the grids own the mapping between metres and cells.
+
+Notation:
+    B  samples          A  agents per sample (padded)     C  latent channels     H, W  BEV rows, columns
+    K  trajectory modes  T  trajectory steps (0.5 s)       P  past keyframes (t0 last)
+    L  latents a trajectory is read from (z0 and the F rolled-out ones)     S  sample points per agent
+    N  detections (all samples)     R  regression channels (``REGRESSION_CHANNELS``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bevjepa.datasets import geometry
+from bevjepa.fusion import fuser
+
+REGRESSION_CHANNELS: tuple[str, ...] = (
+    "dx", "dy", "z", "log_w", "log_l", "log_h", "sin_yaw", "cos_yaw", "vx", "vy",
+)
+"""The detection regression channels: centre offset from the cell centre (cells), centre height (m), log box
+width, length and height (log m), heading as sin and cos, velocity (m/s) in t0."""
+
+
+def detection_grid() -> geometry.GridSpec:
+    """The detection heat-map grid: ±32 m at 1 m (64 x 64), stride 2 of the 0.5 m target grid."""
+    return geometry.GridSpec(-32.0, 32.0, -32.0, 32.0, 1.0)
+
+
+def _rotate(xy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [..., 2] vectors counter-clockwise by the angle whose cos and sin ([...]) are given."""
+    x, y = xy.unbind(-1)
+    return torch.stack([cos * x - sin * y, sin * x + cos * y], dim=-1)
+
+
+def sample_bev(z: torch.Tensor, xy: torch.Tensor, grid: geometry.GridSpec) -> torch.Tensor:
+    """Bilinear samples of a BEV map at metric points (zero outside the grid).
+
+    ``grid_sample``'s last axis is (x, y) = (column, row) = (W, H): column index j follows the metric y, row
+    index i the metric x. With ``align_corners=False`` the normalised -1 and 1 are the outer cell edges, so a
+    cell centre ``x_min + (i + 0.5) * res`` lands exactly on row ``i``.
+
+    Args:
+        z: [B, D, H, W] float — a map on ``grid``.
+        xy: [B, N, 2] float — x, y (m) in the grid's frame.
+        grid: the map's grid.
+
+    Returns:
+        [B, N, D] the features at the points.
+    """
+    B, D, H, W = z.shape
+    if (H, W) != grid.shape:
+        raise ValueError(f"z: expected [B, D, {grid.shape[0]}, {grid.shape[1]}] on its grid, got {list(z.shape)}")
+    rows = (xy[..., 0] - grid.x_min_m) / (grid.x_max_m - grid.x_min_m) * 2 - 1  # [B, N] along H
+    cols = (xy[..., 1] - grid.y_min_m) / (grid.y_max_m - grid.y_min_m) * 2 - 1  # [B, N] along W
+    sampling = torch.stack([cols, rows], dim=-1)[:, :, None].to(z.dtype)  # [B, N, 1, 2] (W, H) order
+    out = F.grid_sample(z, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B, D, N, 1]
+    return out[..., 0].transpose(1, 2)  # [B, N, D]
+
+
+class OccupancyHead(nn.Module):
+    """Per-class occupancy logits on the target grid from a latent: conv, bilinear upsampling, conv."""
+
+    def __init__(self, channels: int = 64, classes: int = 3, upsample: int = 4, hidden: int = 64,
+                 prior_probability: float = 0.02) -> None:
+        """Build the head.
+
+        Args:
+            channels: C, latent channels.
+            classes: output classes.
+            upsample: target cells per latent cell along each axis (4: 2 m latent → 0.5 m targets).
+            hidden: width of the convolutions.
+            prior_probability: the initial occupancy probability everywhere (the last bias), as occupancy is sparse.
+        """
+        super().__init__()
+        self.classes, self.upsample = classes, upsample
+        self.encode = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.SiLU(),
+        )
+        self.decode = nn.Sequential(
+            nn.Conv2d(hidden, hidden // 2, 3, padding=1), nn.GroupNorm(8, hidden // 2), nn.SiLU(),
+            nn.Conv2d(hidden // 2, classes, 1),
+        )
+        with torch.no_grad():
+            self.decode[-1].bias.fill_(float(np.log(prior_probability / (1 - prior_probability))))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., classes, H*up, W*up]`` of latents ``[..., C, H, W]`` (any leading dimensions)."""
+        *lead, C, H, W = z.shape
+        h = self.encode(z.reshape(-1, C, H, W))  # [N, D, H, W]
+        h = F.interpolate(h, scale_factor=self.upsample, mode="bilinear", align_corners=False)  # [N, D, H*up, W*up]
+        logits = self.decode(h)  # [N, classes, H*up, W*up]
+        return logits.reshape(*lead, *logits.shape[1:])
+
+
+class TrajectoryHead(nn.Module):
+    """K trajectory modes per agent, from latent features around the agent and its past motion.
+
+    For each agent: a heading-aligned ``patch x patch`` square of points around its position is sampled from z0
+    and from every rolled-out latent (``sample_latent``); each latent's samples are projected and a GRU runs over
+    the L latents in time order. The agent's past positions, relative to its current position and in its heading
+    frame, go through an MLP. Both, with its position and heading in t0 and a class embedding, feed an MLP that
+    emits per-step displacements in the heading frame (cumulated, rotated into t0, added to the position) and one
+    logit per mode.
+    """
+
+    def __init__(self, channels: int = 64, modes: int = 10, steps: int = 12, past_steps: int = 3, classes: int = 3,
+                 hidden: int = 128, patch: int = 3, patch_spacing_m: float = 2.0, motion_scale_m: float = 5.0,
+                 grid: geometry.GridSpec | None = None) -> None:
+        """Build the head.
+
+        Args:
+            channels: C, latent channels.
+            modes: K, trajectory modes (10: minADE_5 and minADE_10 both read off the top modes by probability).
+            steps: T, future steps (0.5 s each).
+            past_steps: P, past positions per agent (t0 last).
+            classes: agent classes (for the class embedding).
+            hidden: width of the MLPs and the GRU.
+            patch: side of the square of sample points around each agent (1: its position only).
+            patch_spacing_m: spacing of those points (m).
+            motion_scale_m: metres per unit of the net's past-position inputs and per-step displacement outputs.
+            grid: the latent's grid; None: ``fuser.latent_grid()``.
+        """
+        super().__init__()
+        if min(channels, modes, steps, past_steps, classes, hidden, patch) < 1:
+            raise ValueError("TrajectoryHead: channels, modes, steps, past_steps, classes, hidden, patch must be >= 1")
+        self.grid = grid if grid is not None else fuser.latent_grid()
+        self.modes, self.steps, self.past_steps, self.classes = modes, steps, past_steps, classes
+        self.motion_scale_m = motion_scale_m
+        self.position_scale_m = max(abs(self.grid.x_min_m), abs(self.grid.x_max_m),
+                                    abs(self.grid.y_min_m), abs(self.grid.y_max_m))
+        k = (torch.arange(patch, dtype=torch.float32) - (patch - 1) / 2) * patch_spacing_m  # [patch]
+        along, across = torch.meshgrid(k, k, indexing="ij")
+        self.register_buffer("patch_offsets", torch.stack([along, across], -1).reshape(-1, 2),
+                             persistent=False)  # [S, 2] (m) in the agent's heading frame
+
+        self.latent_proj = nn.Sequential(nn.Linear(patch * patch * channels, hidden), nn.LayerNorm(hidden), nn.SiLU())
+        self.temporal = nn.GRU(hidden, hidden, batch_first=True)
+        self.past_mlp = nn.Sequential(nn.Linear(past_steps * 3, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.class_embedding = nn.Embedding(classes, hidden)
+        self.fuse = nn.Linear(2 * hidden + 4, hidden)
+        self.trunk = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                   nn.Linear(hidden, hidden), nn.SiLU())
+        self.displacement_out = nn.Linear(hidden, modes * steps * 2)
+        self.mode_out = nn.Linear(hidden, modes)
+
+    def sample_latent(self, z: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        """Latent features at metric points: z [B, D, H, W] on the latent grid, xy [B, N, 2] (m, t0) → [B, N, D]."""
+        return sample_bev(z, xy, self.grid)
+
+    def forward(self, z0: torch.Tensor, agent_xy: torch.Tensor, agent_past: torch.Tensor,
+                agent_past_mask: torch.Tensor, agent_yaw: torch.Tensor, agent_class: torch.Tensor,
+                rollout: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trajectory modes of every agent.
+
+        Args:
+            z0: [B, C, H, W] float — the latent at t0.
+            agent_xy: [B, A, 2] float — agents' positions (m) at t0, t0 frame; finite (padding: 0).
+            agent_past: [B, A, P, 2] float — their past positions (m, t0 frame), oldest first, t0 last.
+            agent_past_mask: [B, A, P] bool — valid past positions (others are ignored, even if NaN).
+            agent_yaw: [B, A] float — their heading (rad) at t0 in the t0 frame.
+            agent_class: [B, A] int — class index (clamped into range, so padding may hold anything).
+            rollout: [B, F, C, H, W] float — the rolled-out latents ẑ_1..ẑ_F, also read; None: z0 only. A head
+                trained with a rollout must be called with one.
+
+        Returns:
+            modes: [B, A, K, T, 2] float — xy (m) in the t0 frame at each future step.
+            mode_logits: [B, A, K] float — unnormalised mode log-probabilities.
+        """
+        B, C, H, W = z0.shape
+        A = agent_xy.shape[1]
+        P = self.past_steps
+        if agent_xy.shape != (B, A, 2) or agent_yaw.shape != (B, A) or agent_class.shape != (B, A):
+            raise ValueError(f"agent_xy [B, A, 2], agent_yaw [B, A], agent_class [B, A] expected with B={B}, got "
+                             f"{list(agent_xy.shape)}, {list(agent_yaw.shape)}, {list(agent_class.shape)}")
+        if agent_past.shape != (B, A, P, 2) or agent_past_mask.shape != (B, A, P):
+            raise ValueError(f"agent_past: expected [{B}, {A}, {P}, 2] and mask [{B}, {A}, {P}], got "
+                             f"{list(agent_past.shape)} and {list(agent_past_mask.shape)}")
+        latents = z0[:, None] if rollout is None else torch.cat([z0[:, None], rollout], dim=1)  # [B, L, C, H, W]
+        L = latents.shape[1]
+        cos, sin = torch.cos(agent_yaw), torch.sin(agent_yaw)  # [B, A]
+
+        # Latent features: a heading-aligned square around each agent, sampled from every latent.
+        S = self.patch_offsets.shape[0]
+        points = agent_xy[:, :, None] + _rotate(self.patch_offsets.to(agent_xy.dtype), cos[..., None],
+                                                sin[..., None])  # [B, A, S, 2] (m, t0)
+        samples = self.sample_latent(latents.reshape(B, L * C, H, W), points.reshape(B, A * S, 2))  # [B, A*S, L*C]
+        samples = samples.reshape(B, A, S, L, C).permute(0, 1, 3, 2, 4).reshape(B * A, L, S * C)  # [B*A, L, S*C]
+        per_latent = self.latent_proj(samples)  # [B*A, L, D]
+        _, last = self.temporal(per_latent)  # [1, B*A, D]
+        latent_h = last[0].reshape(B, A, -1)  # [B, A, D]
+
+        # Past motion: relative to the current position, in the heading frame; invalid steps zeroed.
+        relative = _rotate(agent_past - agent_xy[:, :, None], cos[..., None], -sin[..., None])  # [B, A, P, 2]
+        relative = torch.where(agent_past_mask[..., None], relative / self.motion_scale_m, 0.0)
+        past_in = torch.cat([relative, agent_past_mask[..., None].to(relative.dtype)], dim=-1)  # [B, A, P, 3]
+        past_h = self.past_mlp(past_in.reshape(B, A, P * 3))  # [B, A, D]
+
+        pose = torch.stack([agent_xy[..., 0] / self.position_scale_m, agent_xy[..., 1] / self.position_scale_m,
+                            cos, sin], dim=-1)  # [B, A, 4]
+        h = self.fuse(torch.cat([latent_h, past_h, pose], dim=-1))  # [B, A, D]
+        h = h + self.class_embedding(agent_class.long().clamp(0, self.classes - 1))
+        h = self.trunk(h)  # [B, A, D]
+
+        K, T = self.modes, self.steps
+        steps = self.displacement_out(h).reshape(B, A, K, T, 2) * self.motion_scale_m  # per-step (m), heading frame
+        offsets = steps.cumsum(dim=3)  # [B, A, K, T, 2] from the current position
+        modes = agent_xy[:, :, None, None] + _rotate(offsets, cos[..., None, None], sin[..., None, None])
+        return modes, self.mode_out(h)  # [B, A, K, T, 2], [B, A, K]
+
+
+class DetectionHead(nn.Module):
+    """CenterPoint-style detection at t0: a per-class centre heat-map and box regression on ``detection_grid()``."""
+
+    def __init__(self, channels: int = 64, classes: int = 3, upsample: int = 2, hidden: int = 64,
+                 grid: geometry.GridSpec | None = None) -> None:
+        """Build the head.
+
+        Args:
+            channels: C, latent channels.
+            classes: detected classes (heat-map channels).
+            upsample: heat-map cells per latent cell along each axis (2: 2 m latent → 1 m heat-map).
+            hidden: width of the convolutions.
+            grid: the heat-map grid; None: ``detection_grid()``. Its shape must be the latent's times ``upsample``.
+        """
+        super().__init__()
+        self.grid = grid if grid is not None else detection_grid()
+        self.classes, self.upsample = classes, upsample
+        self.shared = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.SiLU(),
+            nn.Upsample(scale_factor=upsample, mode="bilinear", align_corners=False),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.SiLU(),
+        )
+        self.heatmap = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, classes, 1))
+        self.regression = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU(),
+                                        nn.Conv2d(hidden, len(REGRESSION_CHANNELS), 1))
+        with torch.no_grad():
+            self.heatmap[-1].bias.fill_(-2.19)  # initial centre probability 0.1, as CenterNet and CenterPoint
+
+    def forward(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heat-map logits [B, classes, Hd, Wd] and regression [B, R, Hd, Wd] of a latent [B, C, H, W]."""
+        B, C, H, W = z0.shape
+        if (H * self.upsample, W * self.upsample) != self.grid.shape:
+            raise ValueError(f"z0: a [{H}, {W}] latent upsampled {self.upsample}x does not give the detection "
+                             f"grid's {self.grid.shape}")
+        h = self.shared(z0)  # [B, D, Hd, Wd]
+        return self.heatmap(h), self.regression(h)
+
+
+def gaussian_radius(length_cells: torch.Tensor, width_cells: torch.Tensor, min_overlap: float = 0.1) -> torch.Tensor:
+    """CenterNet's heat-map radius (cells) for boxes of the given size, as CenterPoint computes it.
+
+    The smallest radius of the three cases (both corners inside, both outside, one of each) for which a box
+    displaced by it still overlaps the true one by ``min_overlap``; kept with CenterNet's formula as published.
+    """
+    h, w, o = length_cells, width_cells, min_overlap
+    b1, c1 = h + w, w * h * (1 - o) / (1 + o)
+    r1 = (b1 + torch.sqrt((b1**2 - 4 * c1).clamp(min=0))) / 2
+    b2, c2 = 2 * (h + w), (1 - o) * w * h
+    r2 = (b2 + torch.sqrt((b2**2 - 16 * c2).clamp(min=0))) / 2
+    a3, b3, c3 = 4 * o, -2 * o * (h + w), (o - 1) * w * h
+    r3 = (b3 + torch.sqrt((b3**2 - 4 * a3 * c3).clamp(min=0))) / 2
+    return torch.minimum(torch.minimum(r1, r2), r3)
+
+
+def detection_targets(agent_box: torch.Tensor, agent_velocity: torch.Tensor, agent_class: torch.Tensor,
+                      agent_mask: torch.Tensor, grid: geometry.GridSpec | None = None, classes: int = 3,
+                      min_radius: int = 2, min_overlap: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CenterPoint targets: Gaussian centre splats per class, and box regression at the centre cells.
+
+    Each valid agent (masked in, of a class in range, centre inside the grid, finite box) splats
+    ``exp(-d² / (2 σ²))`` over the cells within ``radius`` (Chebyshev, in cells) of its centre cell, σ = (2r + 1) / 6
+    and r = max(``min_radius``, floor(``gaussian_radius``(length, width))); a class channel keeps the maximum of
+    its splats, so the centre cell holds exactly 1. Where two agents share a centre cell one of them (either) gives
+    the regression target.
+
+    Args:
+        agent_box: [B, A, 7] float — x, y, z, width, length, height (m), yaw (rad), t0 frame.
+        agent_velocity: [B, A, 2] float — vx, vy (m/s), t0 frame; NaN where unknown.
+        agent_class: [B, A] int — class index.
+        agent_mask: [B, A] bool — real agents (False: padding).
+        grid: the heat-map grid; None: ``detection_grid()``.
+        classes: heat-map channels.
+        min_radius: the smallest splat radius (cells).
+        min_overlap: the IoU ``gaussian_radius`` keeps.
+
+    Returns:
+        heatmap: [B, classes, H, W] float in [0, 1].
+        regression: [B, R, H, W] float — ``REGRESSION_CHANNELS`` at centre cells, 0 elsewhere; vx, vy are NaN
+            where the velocity is unknown (``losses.detection_loss`` leaves non-finite targets out).
+        regression_mask: [B, H, W] bool — the centre cells.
+    """
+    grid = grid if grid is not None else detection_grid()
+    B, A, _ = agent_box.shape
+    H, W = grid.shape
+    device, dtype = agent_box.device, agent_box.dtype
+    res = grid.resolution_m
+
+    # Centre cells, from the grid.
+    rows_np, cols_np, inside_np = grid.xy_to_index(agent_box[..., :2].detach().double().cpu().numpy().reshape(-1, 2))
+    centres = torch.as_tensor(grid.index_to_xy(rows_np, cols_np), dtype=dtype, device=device).reshape(B, A, 2)
+    rows = torch.as_tensor(rows_np, device=device).reshape(B, A)
+    cols = torch.as_tensor(cols_np, device=device).reshape(B, A)
+    cls = agent_class.long()
+    valid = (agent_mask & torch.as_tensor(inside_np, device=device).reshape(B, A) & (cls >= 0) & (cls < classes)
+             & torch.isfinite(agent_box).all(-1))  # [B, A]
+    cls = cls.clamp(0, classes - 1)
+
+    # Gaussian splats over a (2R + 1)² window around each centre, R the largest radius in the batch.
+    size = torch.nan_to_num(agent_box[..., 3:5], nan=0.0).clamp(min=0) / res  # [B, A, 2] width, length (cells)
+    radius = gaussian_radius(size[..., 1], size[..., 0], min_overlap).floor().clamp(min=min_radius)  # [B, A]
+    radius = torch.where(valid, radius, torch.zeros_like(radius))
+    R = int(radius.max().item()) if valid.any() else 0
+    k = torch.arange(-R, R + 1, device=device)
+    di, dj = torch.meshgrid(k, k, indexing="ij")
+    di, dj = di.reshape(-1), dj.reshape(-1)  # [Q], Q = (2R + 1)²
+    sigma = (2 * radius + 1) / 6  # [B, A]
+    splat = torch.exp(-(di**2 + dj**2).to(dtype) / (2 * sigma[..., None] ** 2))  # [B, A, Q]
+    r_i, r_j = rows[..., None] + di, cols[..., None] + dj  # [B, A, Q]
+    keep = (valid[..., None] & (di.abs() <= radius[..., None]) & (dj.abs() <= radius[..., None])
+            & (r_i >= 0) & (r_i < H) & (r_j >= 0) & (r_j < W))
+    splat = torch.where(keep, splat, torch.zeros_like(splat))
+    flat = cls[..., None] * (H * W) + r_i.clamp(0, H - 1) * W + r_j.clamp(0, W - 1)  # [B, A, Q] into classes*H*W
+    heatmap = torch.zeros(B, classes * H * W, dtype=dtype, device=device)
+    heatmap = heatmap.scatter_reduce(1, flat.reshape(B, -1), splat.reshape(B, -1), reduce="amax")
+    heatmap = heatmap.reshape(B, classes, H, W)
+
+    # Regression at the centre cells.
+    box = agent_box
+    values = torch.cat([
+        (box[..., :2] - centres) / res, box[..., 2:3], torch.log(box[..., 3:6].clamp(min=1e-3)),
+        torch.sin(box[..., 6:7]), torch.cos(box[..., 6:7]), agent_velocity.to(dtype),
+    ], dim=-1)  # [B, A, R]
+    batch_index = torch.arange(B, device=device)[:, None].expand(B, A)
+    regression = torch.zeros(B, H, W, len(REGRESSION_CHANNELS), dtype=dtype, device=device)
+    regression[batch_index[valid], rows[valid], cols[valid]] = values[valid]
+    regression_mask = torch.zeros(B, H, W, dtype=torch.bool, device=device)
+    regression_mask[batch_index[valid], rows[valid], cols[valid]] = True
+    return heatmap, regression.permute(0, 3, 1, 2), regression_mask
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Decoded detections of a batch, in the t0 ego frame.
+
+    Attributes:
+        boxes: [N, 7] float32 — x, y, z, width, length, height (m), yaw (rad).
+        velocity: [N, 2] float32 — vx, vy (m/s).
+        scores: [N] float32 — heat-map peak probability.
+        classes: [N] int64 — class index.
+        batch_index: [N] int64 — the sample each detection belongs to.
+    """
+
+    boxes: np.ndarray
+    velocity: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    batch_index: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.scores)
+        for name, shape in (("boxes", (n, 7)), ("velocity", (n, 2)), ("scores", (n,)), ("classes", (n,)),
+                            ("batch_index", (n,))):
+            value = getattr(self, name)
+            if not isinstance(value, np.ndarray) or value.shape != shape:
+                raise ValueError(f"Detections.{name}: expected an array of shape {shape}, got "
+                                 f"{getattr(value, 'shape', type(value).__name__)}")
+
+    def for_sample(self, b: int) -> Detections:
+        """The detections of sample ``b``."""
+        keep = self.batch_index == b
+        return Detections(self.boxes[keep], self.velocity[keep], self.scores[keep], self.classes[keep],
+                          self.batch_index[keep])
+
+
+@torch.no_grad()
+def decode_detections(heatmap_logits: torch.Tensor, regression: torch.Tensor, grid: geometry.GridSpec | None = None,
+                      top_k: int = 100, threshold: float = 0.1) -> Detections:
+    """Boxes from the heat-map peaks: 3 x 3 max-pool NMS, the ``top_k`` best per sample, those above ``threshold``.
+
+    Args:
+        heatmap_logits: [B, classes, H, W] float.
+        regression: [B, R, H, W] float — ``REGRESSION_CHANNELS``.
+        grid: the heat-map grid; None: ``detection_grid()``.
+        top_k: the most detections per sample.
+        threshold: the lowest score kept.
+
+    Returns:
+        ``Detections`` ordered by sample, then by decreasing score.
+    """
+    grid = grid if grid is not None else detection_grid()
+    B, C, H, W = heatmap_logits.shape
+    if (H, W) != grid.shape or regression.shape != (B, len(REGRESSION_CHANNELS), H, W):
+        raise ValueError(f"heatmap_logits [B, C, {grid.shape[0]}, {grid.shape[1]}] and regression "
+                         f"[B, {len(REGRESSION_CHANNELS)}, H, W] expected, got {list(heatmap_logits.shape)} and "
+                         f"{list(regression.shape)}")
+    scores = torch.sigmoid(heatmap_logits.float())  # [B, C, H, W]
+    peaks = F.max_pool2d(scores, kernel_size=3, stride=1, padding=1)
+    scores = torch.where(scores == peaks, scores, torch.zeros_like(scores))
+    top_scores, index = scores.reshape(B, C * H * W).topk(min(top_k, C * H * W), dim=1)  # [B, k]
+    cls, cell = index // (H * W), index % (H * W)  # [B, k]
+    R = regression.shape[1]
+    reg = regression.float().reshape(B, R, H * W).gather(2, cell[:, None].expand(B, R, cell.shape[1]))  # [B, R, k]
+    reg = reg.transpose(1, 2)  # [B, k, R]
+    centres = torch.as_tensor(grid.cell_centers(), dtype=torch.float32, device=reg.device).reshape(H * W, 2)
+    xy = centres[cell] + reg[..., 0:2] * grid.resolution_m  # [B, k, 2]
+    size = torch.exp(reg[..., 3:6].clamp(max=8.0))  # [B, k, 3] width, length, height (m)
+    yaw = torch.atan2(reg[..., 6], reg[..., 7])  # [B, k]
+    boxes = torch.cat([xy, reg[..., 2:3], size, yaw[..., None]], dim=-1)  # [B, k, 7]
+    keep = top_scores > threshold  # [B, k]
+    batch_index = torch.arange(B, device=reg.device)[:, None].expand_as(cls)
+    return Detections(
+        boxes=boxes[keep].cpu().numpy().astype(np.float32),
+        velocity=reg[..., 8:10][keep].cpu().numpy().astype(np.float32),
+        scores=top_scores[keep].cpu().numpy().astype(np.float32),
+        classes=cls[keep].cpu().numpy().astype(np.int64),
+        batch_index=batch_index[keep].cpu().numpy().astype(np.int64),
+    )

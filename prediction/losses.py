@@ -1,0 +1,223 @@
+"""Training losses of the world model and its heads, and the simple trajectory metrics of the provisional evaluation.
+
+Notation:
+    B  samples        F  rolled-out steps     S  occupancy steps      C  latent channels     H, W  BEV rows, columns
+    A  agents (padded) K  modes                T  trajectory steps     N  samples * cells, or agents kept
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _layer_norm_channels(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """Normalise ``z`` to zero mean and unit variance along ``dim`` (no affine)."""
+    mean = z.mean(dim=dim, keepdim=True)
+    var = z.var(dim=dim, keepdim=True, unbiased=False)
+    return (z - mean) * torch.rsqrt(var + 1e-5)
+
+
+def latent_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """The JEPA loss: smooth-L1 between the layer-normalised channels of each cell, the target detached.
+
+    Both latents are normalised over channels per cell, so the loss compares the pattern of the channels and not
+    their scale (the target's scale is the EMA encoder's, which the predictor cannot move).
+
+    Args:
+        predicted: [B, F, C, H, W] float — the rolled-out latents ẑ_1..ẑ_F.
+        target: [B, F, C, H, W] float — the target encoder's z̄_1..z̄_F (stop-gradient applied here).
+        mask: [B, F] bool — steps to score; None: all.
+
+    Returns:
+        [] the mean over the scored steps, cells and channels (0 with gradient if none is scored).
+    """
+    if predicted.shape != target.shape or predicted.dim() != 5:
+        raise ValueError(f"predicted and target: expected equal [B, F, C, H, W], got {list(predicted.shape)} and "
+                         f"{list(target.shape)}")
+    loss = F.smooth_l1_loss(_layer_norm_channels(predicted, 2), _layer_norm_channels(target.detach(), 2),
+                            reduction="none").mean(dim=(2, 3, 4))  # [B, F]
+    if mask is None:
+        return loss.mean()
+    weight = mask.to(loss.dtype)
+    return (loss * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def vicreg_regularizer(z: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's anti-collapse terms over the samples (every cell of every latent is a sample).
+
+    Args:
+        z: [B, C, H, W] or [N, C] float.
+        eps: added to the variance before the square root.
+
+    Returns:
+        variance_loss: [] mean over channels of ``relu(1 - std)``; 0 when every channel has std >= 1.
+        covariance_loss: [] sum of the squared off-diagonal covariances, divided by C.
+    """
+    if z.dim() == 4:
+        B, C, H, W = z.shape
+        z = z.permute(0, 2, 3, 1).reshape(B * H * W, C)  # [N, C]
+    elif z.dim() != 2:
+        raise ValueError(f"z: expected [B, C, H, W] or [N, C], got {list(z.shape)}")
+    N, C = z.shape
+    centred = z - z.mean(dim=0)  # [N, C]
+    std = torch.sqrt(centred.pow(2).sum(dim=0) / max(N - 1, 1) + eps)  # [C]
+    variance_loss = F.relu(1.0 - std).mean()
+    cov = centred.T @ centred / max(N - 1, 1)  # [C, C]
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    return variance_loss, off_diagonal.pow(2).sum() / C
+
+
+def occupancy_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                   pos_weight: float | torch.Tensor = 5.0, focal_gamma: float = 0.0) -> torch.Tensor:
+    """Per-class occupancy: binary cross-entropy with a weight on the (rare) occupied cells, optionally focal.
+
+    Args:
+        logits: [B, S, Cls, H, W] float.
+        target: [B, S, Cls, H, W] bool — occupied cells.
+        mask: [B, S] bool — steps to score; None: all.
+        pos_weight: weight of the occupied cells' term: a number, or [Cls] per class.
+        focal_gamma: focal exponent: each term is scaled by ``(1 - p_t) ** gamma`` (0: plain BCE).
+
+    Returns:
+        [] the mean over the scored elements.
+    """
+    if logits.shape != target.shape or logits.dim() != 5:
+        raise ValueError(f"logits and target: expected equal [B, S, Cls, H, W], got {list(logits.shape)} and "
+                         f"{list(target.shape)}")
+    y = target.to(logits.dtype)
+    weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    if weight.dim() == 1:
+        weight = weight[:, None, None]  # [Cls, 1, 1]
+    loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight, reduction="none")  # [B, S, Cls, H, W]
+    if focal_gamma > 0:
+        p = torch.sigmoid(logits)
+        p_true = torch.where(target, p, 1 - p)
+        loss = loss * (1 - p_true).pow(focal_gamma)
+    per_step = loss.mean(dim=(2, 3, 4))  # [B, S]
+    if mask is None:
+        return per_step.mean()
+    m = mask.to(per_step.dtype)
+    return (per_step * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _masked_displacements(modes: torch.Tensor, future: torch.Tensor, future_mask: torch.Tensor) -> torch.Tensor:
+    """Euclidean errors [..., K, T] of modes [..., K, T, 2] against future [..., T, 2], 0 at masked steps."""
+    future = torch.where(future_mask[..., None], future, torch.zeros_like(future))  # NaN-safe
+    error = torch.linalg.vector_norm(modes - future[..., None, :, :], dim=-1)  # [..., K, T]
+    return torch.where(future_mask[..., None, :], error, torch.zeros_like(error))
+
+
+def trajectory_loss(modes: torch.Tensor, mode_logits: torch.Tensor, future: torch.Tensor, future_mask: torch.Tensor,
+                    agent_mask: torch.Tensor, huber_delta_m: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Winner-takes-all trajectory loss: the mode with the least masked ADE is regressed and classified.
+
+    Agents that are padding or have no valid future step are left out.
+
+    Args:
+        modes: [B, A, K, T, 2] float — predicted xy (m).
+        mode_logits: [B, A, K] float.
+        future: [B, A, T, 2] float — true xy (m); anything (NaN too) at masked steps.
+        future_mask: [B, A, T] bool.
+        agent_mask: [B, A] bool.
+        huber_delta_m: the Huber loss's threshold (m).
+
+    Returns:
+        regression: [] Huber loss of the winning mode (summed over x and y, mean over valid steps, then over agents).
+        classification: [] cross-entropy of the mode logits against the winner, mean over agents.
+        Both are 0, with gradient, when no agent counts.
+    """
+    B, A, K, T, _ = modes.shape
+    if mode_logits.shape != (B, A, K) or future.shape != (B, A, T, 2) or future_mask.shape != (B, A, T) \
+            or agent_mask.shape != (B, A):
+        raise ValueError(f"trajectory_loss: shapes do not agree with modes {list(modes.shape)}: mode_logits "
+                         f"{list(mode_logits.shape)}, future {list(future.shape)}, future_mask "
+                         f"{list(future_mask.shape)}, agent_mask {list(agent_mask.shape)}")
+    valid = agent_mask & future_mask.any(dim=-1)  # [B, A]
+    if not bool(valid.any()):
+        zero = modes.sum() * 0.0 + mode_logits.sum() * 0.0
+        return zero, zero.clone()
+    modes_v, logits_v = modes[valid], mode_logits[valid]  # [N, K, T, 2], [N, K]
+    mask_v = future_mask[valid]  # [N, T]
+    future_v = torch.where(mask_v[..., None], future[valid], torch.zeros_like(future[valid]))  # [N, T, 2]
+    count = mask_v.sum(dim=-1).to(modes.dtype)  # [N]
+    with torch.no_grad():
+        ade = _masked_displacements(modes_v, future_v, mask_v).sum(dim=-1) / count[:, None]  # [N, K]
+        winner = ade.argmin(dim=-1)  # [N]
+    best = modes_v[torch.arange(len(winner), device=modes.device), winner]  # [N, T, 2]
+    huber = F.huber_loss(best, future_v, delta=huber_delta_m, reduction="none").sum(dim=-1)  # [N, T]
+    regression = ((huber * mask_v).sum(dim=-1) / count).mean()
+    classification = F.cross_entropy(logits_v, winner)
+    return regression, classification
+
+
+def detection_loss(heatmap_logits: torch.Tensor, regression: torch.Tensor, heatmap_target: torch.Tensor,
+                   regression_target: torch.Tensor, regression_mask: torch.Tensor, alpha: float = 2.0,
+                   beta: float = 4.0, regression_weight: float = 0.25) -> torch.Tensor:
+    """CenterNet's focal loss on the heat-map plus L1 on the box regression at the object centres.
+
+    Args:
+        heatmap_logits: [B, Cls, H, W] float.
+        regression: [B, R, H, W] float.
+        heatmap_target: [B, Cls, H, W] float in [0, 1], exactly 1 at the centres (``heads.detection_targets``).
+        regression_target: [B, R, H, W] float; non-finite entries (unknown velocity) are left out.
+        regression_mask: [B, H, W] bool — the centre cells.
+        alpha, beta: the focal exponents on the prediction and on the target's distance from a centre.
+        regression_weight: weight of the regression term.
+
+    Returns:
+        [] focal loss (normalised by the number of centres) + ``regression_weight`` * L1 (summed over channels,
+        mean over centres).
+    """
+    log_p, log_not_p = F.logsigmoid(heatmap_logits), F.logsigmoid(-heatmap_logits)
+    p = torch.sigmoid(heatmap_logits)
+    positive = heatmap_target == 1
+    pos_term = (1 - p).pow(alpha) * log_p
+    neg_term = (1 - heatmap_target).pow(beta) * p.pow(alpha) * log_not_p
+    focal = torch.where(positive, pos_term, neg_term)  # [B, Cls, H, W]
+    centres = positive.sum().clamp(min=1).to(heatmap_logits.dtype)
+    heatmap_term = -focal.sum() / centres
+
+    pred = regression.permute(0, 2, 3, 1)[regression_mask]  # [M, R]
+    target = regression_target.permute(0, 2, 3, 1)[regression_mask]  # [M, R]
+    finite = torch.isfinite(target)
+    l1 = torch.where(finite, (pred - torch.where(finite, target, torch.zeros_like(target))).abs(),
+                     torch.zeros_like(pred))  # [M, R]
+    regression_term = l1.sum() / max(pred.shape[0], 1)
+    return heatmap_term + regression_weight * regression_term
+
+
+@torch.no_grad()
+def min_ade_fde(modes: torch.Tensor, mode_logits: torch.Tensor, future: torch.Tensor, future_mask: torch.Tensor,
+                k: int, agent_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """minADE_k and minFDE_k of each agent, over its ``k`` most probable modes (each minimised on its own).
+
+    ADE is the mean displacement over the agent's valid steps, FDE the displacement at its last valid step, as
+    the nuScenes prediction metrics (there over the full horizon). Agents with no valid step are left out.
+
+    Args:
+        modes: [B, A, K, T, 2] float — predicted xy (m).
+        mode_logits: [B, A, K] float.
+        future: [B, A, T, 2] float — true xy (m).
+        future_mask: [B, A, T] bool.
+        k: modes considered, 1 <= k <= K.
+        agent_mask: [B, A] bool — real agents; None: every agent with a valid step.
+
+    Returns:
+        ade: [N] float (m), fde: [N] float (m) — one per kept agent, in (sample, agent) order.
+    """
+    B, A, K, T, _ = modes.shape
+    if not 1 <= k <= K:
+        raise ValueError(f"k must be in [1, {K}], got {k}")
+    valid = future_mask.any(dim=-1)  # [B, A]
+    if agent_mask is not None:
+        valid = valid & agent_mask
+    top = mode_logits[valid].topk(k, dim=-1).indices  # [N, k]
+    modes_v = modes[valid].gather(1, top[:, :, None, None].expand(-1, k, T, 2))  # [N, k, T, 2]
+    mask_v = future_mask[valid]  # [N, T]
+    error = _masked_displacements(modes_v, future[valid], mask_v)  # [N, k, T]
+    ade = (error.sum(dim=-1) / mask_v.sum(dim=-1, keepdim=True)).min(dim=-1).values  # [N]
+    last = (torch.arange(T, device=modes.device) * mask_v).argmax(dim=-1)  # [N] last valid step
+    fde = error.gather(2, last[:, None, None].expand(-1, k, 1))[..., 0].min(dim=-1).values  # [N]
+    return ade, fde

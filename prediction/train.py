@@ -1,0 +1,214 @@
+"""``bevjepa train``: the training loop, on this machine or data-parallel on Ray Train.
+
+One step: encode the input frames, roll the latent out under the ego's actions, decode every step with the
+heads, and add the JEPA latent loss against the EMA target encoder's view of the observed future; then AdamW,
+a cosine learning-rate schedule and the EMA update. TensorBoard scalars go to ``RUN/tensorboard``: every loss
+term, the learning rate and the standard deviation of the latents (a collapse diagnostic: it falls toward 0
+when the representation collapses). Validation runs every ``val_every`` steps, a checkpoint follows it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nuscenes.utils.splits import create_splits_scenes
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from bevjepa.datasets import torch_dataset
+from bevjepa.prediction import checkpoint, model
+from bevjepa.prediction import config as experiment_config
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a training run did.
+
+    Attributes:
+        run: the run folder.
+        steps: the step reached.
+        wall_time_s: time spent in this call.
+        step_time_s: median wall time of one optimizer step.
+        final_losses: the last training step's loss terms.
+        validation: the last validation's mean loss terms.
+    """
+
+    run: Path
+    steps: int
+    wall_time_s: float
+    step_time_s: float
+    final_losses: dict[str, float]
+    validation: dict[str, float]
+
+
+def split_scenes(data: Path, split: str) -> list[str]:
+    """The scenes of a devkit split that the windows folder holds."""
+    manifest = json.loads((Path(data) / "manifest.json").read_text())
+    present = {w["scene"] for w in manifest["windows"]}
+    scenes = [s for s in create_splits_scenes().get(split, []) if s in present]
+    if not scenes:
+        raise ValueError(f"{data} has no windows of split {split!r} (its scenes: {sorted(present)})")
+    return scenes
+
+
+def make_loader(data: Path, scenes: list[str], batch_size: int, shuffle: bool, seed: int, workers: int,
+                future: bool) -> DataLoader:
+    """A DataLoader of collated window batches, shuffled reproducibly from ``seed``."""
+    dataset = torch_dataset.WindowDataset(data, scenes=scenes, future_inputs=future)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=torch_dataset.collate,
+                      num_workers=workers, generator=generator, persistent_workers=workers > 0, drop_last=False)
+
+
+def _cycle(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def _learning_rate(config: experiment_config.TrainConfig, step: int) -> float:
+    """Linear warm-up over 50 steps, then cosine decay to 5% of the peak."""
+    warmup = min(50, config.steps // 10)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    return config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def validate(net: model.BevJepa, loader: DataLoader, weights: model.LossWeights) -> dict[str, float]:
+    """Mean loss terms over a loader, in eval mode."""
+    was_training = net.training
+    net.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        output = net(batch)
+        terms = model.compute_losses(net, batch, output, weights).scalars()
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + value * batch.batch_size
+        totals["latent_std"] = totals.get("latent_std", 0.0) + float(output.latent.std(dim=(0, 2, 3)).mean()) * \
+            batch.batch_size
+        count += batch.batch_size
+    net.train(was_training)
+    return {name: value / max(count, 1) for name, value in totals.items()}
+
+
+def train(data: Path, run: Path, config: experiment_config.ExperimentConfig, resume: bool = False,
+          progress: bool = True) -> TrainSummary:
+    """Train ``config`` on the windows in ``data``; checkpoints, TensorBoard and metrics go to ``run``.
+
+    Args:
+        data: a ``bevjepa preprocess`` output holding the training and validation splits' scenes.
+        run: the run folder.
+        config: the experiment.
+        resume: continue from the checkpoint in ``run`` (same config) instead of starting afresh.
+        progress: show a progress bar.
+    """
+    return training_loop(data, run, config, resume, progress, distributed=False)
+
+
+def training_loop(data: Path, run: Path, config: experiment_config.ExperimentConfig, resume: bool, progress: bool,
+                  distributed: bool) -> TrainSummary:
+    """The loop behind ``train``; with ``distributed`` it runs inside a Ray Train worker (DDP, sharded data) and
+    only the worker of rank 0 writes checkpoints and TensorBoard.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = Path(run)
+    settings = config.train
+    rank = 0
+    if distributed:
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+    if resume:
+        previous = checkpoint.load_state(run)
+        if previous["config_hash"] != config.content_hash():
+            raise ValueError(f"--resume: {run} was trained with another configuration (hash "
+                             f"{previous['config_hash']}, this one {config.content_hash()})")
+    elif (run / "state.json").exists() and rank == 0:
+        raise FileExistsError(f"--out {run} already holds a checkpoint; pass --resume to continue it or choose "
+                              "another folder")
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    net = model.BevJepa(config.model)
+    step = 0
+    history: list[dict] = []
+    if resume:
+        _, loaded = checkpoint.load_model(run)
+        net.load_state_dict(loaded.state_dict())
+        state = checkpoint.load_state(run)
+        step, history = state["step"], state.get("history", [])
+        torch.manual_seed(settings.seed + step)
+    net.train()
+    future = settings.weights.latent > 0
+    train_loader = make_loader(data, split_scenes(data, settings.train_split), settings.batch_size, True,
+                               settings.seed + step, settings.loader_workers, future)
+    val_loader = make_loader(data, split_scenes(data, settings.val_split), settings.batch_size, False, 0, 0,
+                             future)
+    core = net
+    if distributed:
+        import ray.train.torch
+
+        net = ray.train.torch.prepare_model(net)  # DistributedDataParallel; ``core`` stays the bare model
+        train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)
+    optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    if resume:
+        checkpoint.load_optimizer(run, optimizer)
+    writer = SummaryWriter(str(run / "tensorboard")) if rank == 0 else None
+    batches = _cycle(train_loader)
+    start = time.perf_counter()
+    step_times: list[float] = []
+    last: dict[str, float] = {}
+    validation: dict[str, float] = {}
+    bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
+    try:
+        while step < settings.steps:
+            tick = time.perf_counter()
+            batch = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(settings, step)
+            output = net(batch)
+            terms = model.compute_losses(core, batch, output, settings.weights)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(core.parameters(), settings.grad_clip)
+            optimizer.step()
+            core.update_target(settings.ema_decay)
+            step += 1
+            step_times.append(time.perf_counter() - tick)
+            last = terms.scalars()
+            last["latent_std"] = float(output.latent.detach().std(dim=(0, 2, 3)).mean())
+            if writer is not None:
+                for name, value in last.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+                writer.add_scalar("train/learning_rate", optimizer.param_groups[0]["lr"], step)
+            bar.update()
+            bar.set_postfix(loss=f"{last['total']:.3f}")
+            out_of_time = settings.max_minutes is not None and time.perf_counter() - start > 60 * settings.max_minutes
+            if step % settings.val_every == 0 or step == settings.steps or out_of_time:
+                if rank == 0:
+                    validation = validate(core, val_loader, settings.weights)
+                    for name, value in validation.items():
+                        writer.add_scalar(f"val/{name}", value, step)
+                    history.append({"step": step, "train": last, "val": validation})
+                    checkpoint.save(run, config, core, optimizer, {"step": step, "history": history})
+                if distributed:
+                    import ray.train
+
+                    ray.train.report({"step": step, **{f"train_{k}": v for k, v in last.items()}})
+            if out_of_time:
+                break
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return TrainSummary(run, step, time.perf_counter() - start, float(np.median(step_times)) if step_times else 0.0,
+                        last, validation)
