@@ -115,8 +115,10 @@ def train(data: Path, run: Path, config: experiment_config.ExperimentConfig, res
 
 def training_loop(data: Path, run: Path, config: experiment_config.ExperimentConfig, resume: bool, progress: bool,
                   distributed: bool) -> TrainSummary:
-    """The loop behind ``train``; with ``distributed`` it runs inside a Ray Train worker (DDP, sharded data) and
-    only the worker of rank 0 writes checkpoints and TensorBoard.
+    """The loop behind ``train``.
+
+    With ``distributed`` it runs inside a Ray Train worker (DDP, sharded data), and only the worker of rank 0
+    validates and writes checkpoints and TensorBoard.
     """
     from torch.utils.tensorboard import SummaryWriter
 
