@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported lazily where it is used: datasets must not need it at import
+    import torch
 
 
 def quaternion_to_matrix(quaternion_wxyz: np.ndarray) -> np.ndarray:
@@ -274,6 +278,26 @@ class GridSpec:
         rows = np.clip(np.nan_to_num(fr), 0, h - 1).astype(np.int64)
         cols = np.clip(np.nan_to_num(fc), 0, w - 1).astype(np.int64)
         return rows, cols, inside
+
+    def flat_index_torch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat cells ``i * W + j`` holding metric points, in torch (the same cells as ``xy_to_index``).
+
+        Args:
+            x: [...] float tensor — x (m) in the grid's frame; computed in its dtype and on its device.
+            y: [...] float tensor of ``x``'s shape — y (m).
+
+        Returns:
+            flat [...] int64 — ``i * W + j``, 0 where not inside (so it always indexes safely); inside [...] bool
+            — False where the point is outside the grid or not finite.
+        """
+        import torch
+
+        h, w = self.shape
+        rows = torch.floor((x - self.x_min_m) / self.resolution_m)  # [...]
+        cols = torch.floor((y - self.y_min_m) / self.resolution_m)  # [...]
+        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # [...]; NaN compares False
+        flat = torch.where(inside, rows, 0).long() * w + torch.where(inside, cols, 0).long()  # [...]
+        return flat, inside
 
     def index_to_xy(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Centres of cells: rows [N] and cols [N] int → [N, 2] float64 x, y (m)."""

@@ -257,7 +257,7 @@ class CameraEncoder(nn.Module):
         X, Y = grid.shape
         points = self.frustum_points(h, w, intrinsics, ego_from_camera, camera_mask)  # [B, N, D, h, w, 3]
         points = points.reshape(B, N * D * h * w, 3)  # [B, N*D*h*w, 3]
-        cell, inside = _flat_index(grid, points[..., 0], points[..., 1])  # [B, N*D*h*w] each
+        cell, inside = grid.flat_index_torch(points[..., 0], points[..., 1])  # [B, N*D*h*w] each
         z = points[..., 2]  # [B, N*D*h*w]
         present = camera_mask[:, :, None].expand(B, N, D * h * w).reshape(B, N * D * h * w)  # [B, N*D*h*w]
         inside = inside & present & (z >= self.config.z_min_m) & (z < self.config.z_max_m)
@@ -319,16 +319,6 @@ class CameraEncoder(nn.Module):
         )  # [B, C, X, Y]
         bev = self.bev_block(bev)  # [B, C, *out_grid.shape]
         return bev * camera_mask.any(dim=1).to(dtype)[:, None, None, None]  # [B, C, *out_grid.shape]
-
-
-def _flat_index(grid: geometry.GridSpec, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stand-in for ``GridSpec.flat_index_torch`` until it lands."""
-    h, w = grid.shape
-    rows = torch.floor((x - grid.x_min_m) / grid.resolution_m)
-    cols = torch.floor((y - grid.y_min_m) / grid.resolution_m)
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    flat = torch.where(inside, rows, 0).long() * w + torch.where(inside, cols, 0).long()
-    return flat, inside
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:

@@ -18,7 +18,8 @@ Notation:
     B  batch
     H, W  pillar-grid rows (along +x) and columns (along +y)
     F  point-feature width (10)
-    C  channels
+    P  PointNet width (``pointnet_width``), the pseudo-image's channels
+    C  channels of the latent
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class LidarEncoder(nn.Module):
         points = points.to(self.pillar_centers_m.dtype)
 
         # Pillars: flat cell per point, dropping points outside the grid or the height band.
-        cell, inside = _flat_index(grid, points[:, 0], points[:, 1])  # [M] each
+        cell, inside = grid.flat_index_torch(points[:, 0], points[:, 1])  # [M] each
         z = points[:, 2]  # [M]
         kept = (inside & (z >= self.config.z_min_m) & (z < self.config.z_max_m)).nonzero().squeeze(1)  # [M']
         points, cell = points[kept], cell[kept]  # [M', 5], [M']
@@ -181,13 +182,3 @@ class LidarEncoder(nn.Module):
         pseudo_image, occupied = self._pillars(points, points_batch, batch_size)  # [B, P, H, W], [B]
         bev = self.backbone(pseudo_image)  # [B, C, *out_grid.shape]
         return bev * occupied.to(bev.dtype)[:, None, None, None]  # [B, C, *out_grid.shape]
-
-
-def _flat_index(grid: geometry.GridSpec, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stand-in for ``GridSpec.flat_index_torch`` until it lands."""
-    h, w = grid.shape
-    rows = torch.floor((x - grid.x_min_m) / grid.resolution_m)
-    cols = torch.floor((y - grid.y_min_m) / grid.resolution_m)
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    flat = torch.where(inside, rows, 0).long() * w + torch.where(inside, cols, 0).long()
-    return flat, inside

@@ -145,12 +145,19 @@ class BevEncoder(nn.Module):
         """The latent of the last P frames: [B, C, H, W] (S must equal P)."""
         return self.temporal(self.frame_latents(frames))
 
-    def sequence(self, frames: SensorFrames) -> torch.Tensor:
-        """The latents of every run of P consecutive frames: [B, S - P + 1, C, H, W] (for the target encoder)."""
-        latents = self.frame_latents(frames)  # [B, S, C, H, W]
-        p = self.config.fuser.past_frames
-        windows = [self.temporal(latents[:, k : k + p]) for k in range(latents.shape[1] - p + 1)]
-        return torch.stack(windows, dim=1)
+
+
+def _select_frames(frames: SensorFrames, keep: list[int]) -> SensorFrames:
+    """The frames ``keep`` (indices into S) of every sample, renumbered 0..len(keep)-1 in that order."""
+    s = frames.reference_from_ego.shape[1]
+    renumber = torch.full((s,), -1, dtype=torch.long, device=frames.points.device)
+    renumber[keep] = torch.arange(len(keep), device=frames.points.device)
+    new_frame = renumber[frames.points_frame]  # [M]
+    kept = new_frame >= 0
+    index = torch.as_tensor(keep, device=frames.points.device)
+    return SensorFrames(frames.points[kept], new_frame[kept], frames.points_batch[kept], frames.images[:, index],
+                        frames.camera_mask[:, index], frames.intrinsics[:, index],
+                        frames.reference_from_camera[:, index], frames.reference_from_ego[:, index])
 
 
 @dataclass(frozen=True)
@@ -214,10 +221,21 @@ class BevJepa(nn.Module):
         return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression)
 
     @torch.no_grad()
-    def target_latents(self, batch: torch_dataset.WindowBatch) -> torch.Tensor:
-        """z̄_1..z̄_F: the EMA encoder on the observed frames k-P+1..k, in t0's frame: [B, F, C, H, W]."""
-        sequence = self.target_encoder.sequence(SensorFrames.observed_sequence(batch))  # [B, F + 1, C, H, W]
-        return sequence[:, 1:]
+    def target_latents(self, batch: torch_dataset.WindowBatch, steps: list[int] | None = None) -> torch.Tensor:
+        """z̄_k: the EMA encoder on the observed frames k-P+1..k, in t0's frame: [B, len(steps), C, H, W].
+
+        Args:
+            batch: windows loaded with their future inputs.
+            steps: the rollout steps k (1..F) to encode; None encodes all F.
+        """
+        frames = SensorFrames.observed_sequence(batch)
+        steps = list(range(1, self.config.occupancy_steps + 1)) if steps is None else steps
+        p = self.config.fuser.past_frames
+        needed = sorted({s for k in steps for s in range(k, k + p)})  # frame indices in the P + F sequence
+        latents = self.target_encoder.frame_latents(_select_frames(frames, needed))  # [B, len(needed), C, H, W]
+        position = {s: i for i, s in enumerate(needed)}
+        return torch.stack([self.target_encoder.temporal(latents[:, [position[s] for s in range(k, k + p)]])
+                            for k in steps], dim=1)
 
     @torch.no_grad()
     def update_target(self, decay: float) -> None:
@@ -231,6 +249,8 @@ class LossWeights:
 
     Attributes:
         latent: the JEPA latent prediction loss (0 turns JEPA off).
+        latent_steps: rollout steps whose target latent is encoded per iteration, drawn at random among 1..F
+            (the target encoder's cost grows with it; the expected loss is the same up to scale).
         variance, covariance: the VICReg anti-collapse terms on z_t0 and the rollout.
         occupancy: per-class occupancy BCE over steps 0..F.
         trajectory: winner-takes-all regression of the trajectory modes.
@@ -239,6 +259,7 @@ class LossWeights:
     """
 
     latent: float = 1.0
+    latent_steps: int = 1
     variance: float = 1.0
     covariance: float = 0.04
     occupancy: float = 1.0
@@ -270,8 +291,10 @@ def compute_losses(model: BevJepa, batch: torch_dataset.WindowBatch, output: Mod
     """All loss terms of one batch; the latent term needs the batch's future inputs when its weight is not 0."""
     zero = output.latent.new_zeros(())
     if weights.latent > 0:
-        target = model.target_latents(batch)  # [B, F, C, H, W], no gradient
-        latent = losses.latent_prediction_loss(output.rollout, target)
+        f = output.rollout.shape[1]
+        steps = sorted((torch.randperm(f)[: min(weights.latent_steps, f)] + 1).tolist())
+        target = model.target_latents(batch, steps)  # [B, len(steps), C, H, W], no gradient
+        latent = losses.latent_prediction_loss(output.rollout[:, [k - 1 for k in steps]], target)
     else:
         latent = zero
     b, f, c, h, w = output.rollout.shape

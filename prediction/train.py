@@ -48,10 +48,13 @@ class TrainSummary:
 
 
 def split_scenes(data: Path, split: str) -> list[str]:
-    """The scenes of a devkit split that the windows folder holds."""
-    manifest = json.loads((Path(data) / "manifest.json").read_text())
-    present = {w["scene"] for w in manifest["windows"]}
-    scenes = [s for s in create_splits_scenes().get(split, []) if s in present]
+    """The scenes of a devkit split (or ``all``) that the windows folder holds."""
+    manifest_path = Path(data) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: --data must be a `bevjepa preprocess` output")
+    present = {w["scene"] for w in json.loads(manifest_path.read_text())["windows"]}
+    names = sorted(present) if split == "all" else create_splits_scenes().get(split, [])
+    scenes = [s for s in names if s in present]
     if not scenes:
         raise ValueError(f"{data} has no windows of split {split!r} (its scenes: {sorted(present)})")
     return scenes
@@ -81,13 +84,16 @@ def _learning_rate(config: experiment_config.TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def validate(net: model.BevJepa, loader: DataLoader, weights: model.LossWeights) -> dict[str, float]:
-    """Mean loss terms over a loader, in eval mode."""
+def validate(net: model.BevJepa, loader: DataLoader, weights: model.LossWeights,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Mean loss terms over a loader (its first ``max_batches``), in eval mode."""
     was_training = net.training
     net.eval()
     totals: dict[str, float] = {}
     count = 0
-    for batch in loader:
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
         output = net(batch)
         terms = model.compute_losses(net, batch, output, weights).scalars()
         for name, value in terms.items():
@@ -197,7 +203,7 @@ def training_loop(data: Path, run: Path, config: experiment_config.ExperimentCon
             out_of_time = settings.max_minutes is not None and time.perf_counter() - start > 60 * settings.max_minutes
             if step % settings.val_every == 0 or step == settings.steps or out_of_time:
                 if rank == 0:
-                    validation = validate(core, val_loader, settings.weights)
+                    validation = validate(core, val_loader, settings.weights, settings.val_batches)
                     for name, value in validation.items():
                         writer.add_scalar(f"val/{name}", value, step)
                     history.append({"step": step, "train": last, "val": validation})

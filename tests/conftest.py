@@ -42,3 +42,13 @@ def synthetic_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synth.synthesize(synth.SynthConfig(out=out, scenes=2, duration_s=4.0, seed=1, agents=(8, 2, 6, 2)),
                      progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_windows(synthetic_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``synthetic_mini`` preprocessed into windows: 2 per scene, one scene in mini_train and one in mini_val."""
+    from bevjepa.datasets import preprocess
+
+    out = tmp_path_factory.mktemp("windows") / "mini"
+    preprocess.preprocess(preprocess.PreprocessConfig(dataroot=synthetic_mini, out=out), progress=False)
+    return out

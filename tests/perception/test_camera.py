@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bevjepa.datasets import geometry
-from bevjepa.perception import camera
+from bevjepa.perception import bench, camera
 
 IMAGE_HW = (144, 256)
 STRIDE = 8
@@ -212,3 +212,10 @@ def test_pooling_equals_the_naive_scatter_and_a_dense_reference(seed) -> None:
     one_hot = torch.nn.functional.one_hot(flat_index.clamp(0, cells - 1), cells).double() * inside[:, None]
     torch.testing.assert_close(pooled, naive)
     torch.testing.assert_close(pooled, one_hot.T @ features)
+
+
+def test_benchmarks_run_and_agree() -> None:
+    pooling = bench.pooling_speed(points=2000, repeats=2)
+    assert pooling["max_abs_diff"] < 1e-4 and pooling["pool_ms"] > 0 and pooling["naive_ms"] > 0
+    latency = bench.encoder_latency(image_hw=(32, 64), sweep_points=1000, repeats=1)
+    assert latency["camera_ms"] > 0 and latency["lidar_ms"] > 0

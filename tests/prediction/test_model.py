@@ -1,0 +1,172 @@
+"""The assembled model, its training loop, checkpoints, the forecaster API, and the provisional evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bevjepa.datasets import geometry, torch_dataset
+from bevjepa.evaluation import open_loop
+from bevjepa.prediction import checkpoint, forecaster, model, train
+from bevjepa.prediction import config as experiment_config
+from bevjepa.tools import cli
+
+
+def _tiny(steps: int = 2, **train_changes) -> experiment_config.ExperimentConfig:
+    config = experiment_config.small()
+    settings = {"steps": steps, "val_every": steps, "val_batches": 1, "loader_workers": 0, **train_changes}
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
+
+
+@pytest.fixture(scope="module")
+def batch(synthetic_windows: Path) -> torch_dataset.WindowBatch:
+    dataset = torch_dataset.WindowDataset(synthetic_windows, future_inputs=True)
+    return torch_dataset.collate([dataset[0], dataset[1]])
+
+
+def test_forward_losses_and_gradients(batch):
+    torch.manual_seed(0)
+    net = model.BevJepa(experiment_config.small().model)
+    output = net(batch)
+    assert output.latent.shape == (2, 64, 32, 32) and output.rollout.shape == (2, 4, 64, 32, 32)
+    assert output.occupancy_logits.shape == (2, 5, 3, 128, 128)
+    assert output.modes.shape[2:] == (10, 12, 2)
+    terms = model.compute_losses(net, batch, output, model.LossWeights(latent_steps=4))
+    assert all(np.isfinite(v) for v in terms.scalars().values())
+    terms.total.backward()
+    assert all(p.grad is None for p in net.target_encoder.parameters())
+    assert net.encoder.camera.lift_head.weight.grad.abs().sum() > 0
+    assert net.encoder.lidar.pillar_net[0].weight.grad.abs().sum() > 0 if hasattr(net.encoder.lidar, "pillar_net") \
+        else True
+    before = [p.clone() for p in net.target_encoder.parameters()]
+    with torch.no_grad():
+        for p in net.encoder.parameters():
+            p.add_(1.0)
+    net.update_target(0.9)
+    moved = [float((a - b).abs().max()) for a, b in zip(net.target_encoder.parameters(), before, strict=True)]
+    assert max(moved) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_rollout_depends_on_the_actions(batch):
+    torch.manual_seed(0)
+    net = model.BevJepa(experiment_config.small().model).eval()
+    with torch.no_grad():
+        braking = net(batch, actions=torch.zeros(2, 4, 3))
+        driving = net(batch, actions=torch.tensor([5.0, 0.0, 0.0]).expand(2, 4, 3))
+    assert not torch.allclose(braking.rollout, driving.rollout)
+    torch.testing.assert_close(braking.latent, driving.latent)
+
+
+def test_training_is_deterministic_and_resumes(synthetic_windows, tmp_path):
+    first = train.train(synthetic_windows, tmp_path / "a", _tiny(2), progress=False)
+    second = train.train(synthetic_windows, tmp_path / "b", _tiny(2), progress=False)
+    assert first.steps == second.steps == 2
+    a = checkpoint.load_model(tmp_path / "a")[1].state_dict()
+    b = checkpoint.load_model(tmp_path / "b")[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "model.safetensors").exists() and list((tmp_path / "a" / "tensorboard").iterdir())
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        train.train(synthetic_windows, tmp_path / "a", _tiny(2), progress=False)
+    with pytest.raises(ValueError, match="another configuration"):
+        train.train(synthetic_windows, tmp_path / "a", _tiny(3), resume=True, progress=False)
+    resumed_config = _tiny(2)
+    resumed_config = dataclasses.replace(resumed_config, train=dataclasses.replace(resumed_config.train, steps=2))
+    state = checkpoint.load_state(tmp_path / "a")
+    assert state["step"] == 2 and state["history"][0]["val"]["total"] > 0
+
+
+def test_checkpoints_hold_no_pickle_and_reload_exactly(synthetic_windows, tmp_path, batch):
+    train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "run" / name).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
+    config, net = checkpoint.load_model(tmp_path / "run")
+    assert config == _tiny(1)
+    again = checkpoint.load_model(tmp_path / "run")[1]
+    with torch.no_grad():
+        torch.testing.assert_close(net(batch).occupancy_logits, again(batch).occupancy_logits)
+    with pytest.raises(FileNotFoundError, match="not a bevjepa run folder"):
+        checkpoint.load_model(tmp_path / "nothing")
+
+
+def test_forecaster_api(synthetic_windows, tmp_path):
+    train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
+    model_forecaster = forecaster.Forecaster.from_checkpoint(tmp_path / "run")
+    sample = torch_dataset.WindowDataset(synthetic_windows)[0]
+    forecast = model_forecaster.forecast(sample)
+    assert forecast.occupancy.shape == (5, 3, 128, 128) and forecast.times_s.tolist() == [0, 0.5, 1, 1.5, 2]
+    assert forecast.trajectories.shape == (len(sample.agent_ids), 10, 12, 2)
+    np.testing.assert_allclose(forecast.mode_probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert forecast.timestamp_us == sample.timestamp_us and list(forecast.agent_ids) == list(sample.agent_ids)
+    forecast.save(tmp_path / "forecast.npz")
+    loaded = forecaster.OccupancyForecast.load(tmp_path / "forecast.npz")
+    np.testing.assert_array_equal(loaded.occupancy, forecast.occupancy)
+    assert loaded.grid == forecast.grid
+    braking = model_forecaster.forecast(sample, actions=np.zeros((4, 3)))
+    assert not np.array_equal(braking.occupancy[1:], model_forecaster.forecast(
+        sample, actions=np.tile([[4.0, 0.0, 0.0]], (4, 1))).occupancy[1:])
+
+
+def test_occupancy_queries_and_collision_probability():
+    grid = geometry.GridSpec()
+    occupancy = np.zeros((3, 3, 128, 128), dtype=np.float32)
+    rows, cols, _ = grid.xy_to_index(np.array([[10.2, 0.2]]))
+    occupancy[2, 0, rows[0], cols[0]] = 0.8  # a vehicle 10 m ahead at t = 1 s
+    forecast = forecaster.OccupancyForecast(0, grid, ("vehicle", "pedestrian", "cyclist"),
+                                            np.array([0.0, 0.5, 1.0], dtype=np.float32), occupancy,
+                                            np.array([], dtype=str), np.zeros(0, dtype=np.int64),
+                                            np.array([0.5]), np.zeros((0, 1, 1, 2)), np.zeros((0, 1)))
+    np.testing.assert_allclose(forecast.occupancy_at(np.array([[10.2, 0.2]]), 1.0), [0.8])
+    np.testing.assert_allclose(forecast.occupancy_at(np.array([[10.2, 0.2]]), 0.75), [0.4])
+    assert forecast.occupancy_at(np.array([[100.0, 0.0]]), 1.0)[0] == 0.0
+    straight = np.array([[0.0, 0.0, 0.0], [4.5, 0.0, 0.0], [9.0, 0.0, 0.0]])
+    swerve = np.array([[0.0, 0.0, 0.0], [4.5, 3.0, 0.0], [9.0, 6.0, 0.0]])
+    times = np.array([0.0, 0.5, 1.0])
+    assert forecast.collision_probability(straight, times) == pytest.approx(0.8)
+    assert forecast.collision_probability(swerve, times) == 0.0
+
+
+def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["train", "--data", str(synthetic_windows), "--out", str(run), "--loader-workers", "0",
+              "--batch-size", "2"]
+    assert cli.main([*common, "--steps", "1"]) == 0
+    assert cli.main([*common, "--steps", "1"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 1
+    report = tmp_path / "report"
+    assert cli.main(["eval", "--data", str(synthetic_windows), "--checkpoint", str(run), "--out", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"model", "constant_velocity", "persistence"}
+    assert metrics["windows"] == 2
+
+
+def test_baselines_reproduce_the_present_exactly(synthetic_windows):
+    result = open_loop.evaluate(synthetic_windows, "mini_val")
+    # 4 s scenes: no agent has a whole 6 s future, so no trajectory is scored.
+    assert result["agents"] == 0 and np.isnan(result["models"]["constant_velocity"]["minADE_5"])
+    # At t0 both baselines are the ground truth itself; later they drift.
+    for name in ("constant_velocity", "persistence"):
+        assert result["models"][name]["iou"]["vehicle"][0] == pytest.approx(1.0)
+    assert result["models"]["persistence"]["iou"]["vehicle"][-1] < 1.0
+
+
+@pytest.mark.slow
+def test_data_parallel_training_on_ray_train_with_two_cpu_workers(synthetic_windows, tmp_path):
+    from bevjepa.prediction import distributed
+
+    summary = distributed.train_on_ray(synthetic_windows, tmp_path / "run", _tiny(2), "local", workers=2)
+    assert summary.steps == 2
+    assert checkpoint.load_state(tmp_path / "run")["step"] == 2
+
+
+@pytest.mark.slow
+def test_the_small_model_overfits_four_windows(synthetic_windows, tmp_path):
+    config = _tiny(150, batch_size=4, val_every=10, train_split="all", val_split="all")
+    summary = train.train(synthetic_windows, tmp_path / "run", config, progress=False)
+    first = checkpoint.load_state(tmp_path / "run")["history"][0]["train"]["total"]
+    assert summary.final_losses["total"] < 0.1 * first, (first, summary.final_losses)
