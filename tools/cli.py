@@ -142,6 +142,15 @@ def _bench(args: argparse.Namespace) -> int:
                 synth.synthesize(synth.SynthConfig(out=data, scenes=args.scenes, duration_s=args.duration,
                                                    workers=args.workers))
                 print(bench.format_report(dataset_bench.preprocess_throughput(data)))
+    elif args.what == "model":
+        from bevjepa.perception import bench as perception_bench
+        from bevjepa.prediction import bench as model_bench
+
+        if not args.data:
+            raise ValueError("bench model needs --data (a `bevjepa preprocess` output)")
+        print(bench.format_report(model_bench.inference_latency(Path(args.data))), end="\n\n")
+        print(bench.format_report(model_bench.training_step_time(Path(args.data))), end="\n\n")
+        print(bench.format_report(perception_bench.pooling_speed()))
     elif args.what == "synth":
         print(
             bench.format_report(
@@ -223,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
 
     bench = commands.add_parser("bench", help="measure throughput (simulator, sensors, preprocessing)")
-    bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess"])
+    bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model"])
+    bench.add_argument("--data", default=None, help="windows to time the model on (model)")
     bench.add_argument("--dataroot", default=None, help="dataset to preprocess (preprocess; default: a synthetic one)")
     bench.add_argument("--version", default="v1.0-mini", help="table version of --dataroot (preprocess)")
     bench.add_argument("--sweeps", type=int, default=40, help="sweeps to time (lidar)")

@@ -1,0 +1,117 @@
+"""Benchmarks of the model: inference latency per frame, broken down by stage, and the training step time."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bevjepa.datasets import torch_dataset
+from bevjepa.fusion import fuser
+from bevjepa.prediction import config as experiment_config
+from bevjepa.prediction import model
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+@torch.no_grad()
+def inference_latency(data: Path, preset: str = "small", repeats: int = 10, threads: int = 2) -> dict:
+    """Milliseconds to forecast one window (batch 1, eval mode), end to end and by stage.
+
+    The stages run on the same window as the whole forward pass: cameras and LiDAR over the P input frames,
+    fusion (modalities, warp into t0, temporal), the rollout of F steps, and the heads (occupancy at every
+    step, trajectories, detection). Weights are untrained: latency does not depend on them.
+    """
+    torch.set_num_threads(threads)
+    config = experiment_config.preset(preset)
+    net = model.BevJepa(config.model).eval()
+    sample = torch_dataset.WindowDataset(data)[0]
+    batch = torch_dataset.collate([sample])
+    frames = model.SensorFrames.past(batch)
+    encoder = net.encoder
+    b, s = frames.reference_from_ego.shape[:2]
+    ego_from_reference = torch.linalg.inv(frames.reference_from_ego.reshape(b * s, 4, 4))
+    own_from_camera = ego_from_reference[:, None] @ frames.reference_from_camera.reshape(b * s, 6, 4, 4)
+    owner = frames.points_batch * s + frames.points_frame
+    transform = ego_from_reference[owner]
+    xyz = torch.einsum("mij,mj->mi", transform[:, :3, :3], frames.points[:, :3]) + transform[:, :3, 3]
+    points = torch.cat([xyz, frames.points[:, 3:]], dim=1)
+    images = frames.images.reshape(b * s, *frames.images.shape[2:])
+
+    def cameras():
+        return encoder.camera(images, frames.intrinsics.reshape(b * s, 6, 3, 3), own_from_camera,
+                              frames.camera_mask.reshape(b * s, 6))
+
+    def lidar():
+        return encoder.lidar(points, owner, b * s)
+
+    camera_bev, lidar_bev = cameras(), lidar()
+
+    def fusion():
+        fused = encoder.fuse(camera_bev, lidar_bev)
+        warped = fuser.warp_to_reference(fused, frames.reference_from_ego.reshape(b * s, 4, 4),
+                                         encoder.config.fuser.grid)
+        return encoder.temporal(warped.reshape(b, s, *warped.shape[1:]))
+
+    latent = fusion()
+    actions = batch.actions[:, s - 1 : s - 1 + config.model.occupancy_steps]
+
+    def rollout():
+        return net.predictor.rollout(latent, actions)
+
+    rolled = rollout()
+
+    def heads():
+        sequence = torch.cat([latent[:, None], rolled], dim=1)
+        net.occupancy(sequence.reshape(-1, *latent.shape[1:]))
+        net.trajectory(latent, batch.agent_box[..., :2], batch.agent_past, batch.agent_past_mask,
+                       batch.agent_box[..., 6], batch.agent_class, rollout=rolled)
+        net.detection(latent)
+
+    for fn in (cameras, lidar, fusion, rollout, heads, lambda: net(batch)):
+        fn()  # warm up
+    result = {
+        "preset": preset,
+        "threads": threads,
+        "points": int(batch.points.shape[0]),
+        "agents": int(batch.agent_mask.sum()),
+        "end_to_end_ms": _median_ms(lambda: net(batch), repeats),
+        "cameras_ms": _median_ms(cameras, repeats),
+        "lidar_ms": _median_ms(lidar, repeats),
+        "fusion_ms": _median_ms(fusion, repeats),
+        "rollout_ms": _median_ms(rollout, repeats),
+        "heads_ms": _median_ms(heads, repeats),
+    }
+    result["frames_per_s"] = 1e3 / result["end_to_end_ms"]
+    return result
+
+
+def training_step_time(data: Path, preset: str = "small", repeats: int = 5, threads: int = 2) -> dict:
+    """Milliseconds of one training step (forward, losses with the JEPA target, backward, AdamW, EMA)."""
+    torch.set_num_threads(threads)
+    config = experiment_config.preset(preset)
+    torch.manual_seed(0)
+    net = model.BevJepa(config.model).train()
+    dataset = torch_dataset.WindowDataset(data, future_inputs=True)
+    batch = torch_dataset.collate([dataset[i % len(dataset)] for i in range(config.train.batch_size)])
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        output = net(batch)
+        terms = model.compute_losses(net, batch, output, config.train.weights)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+        net.update_target(config.train.ema_decay)
+
+    step()
+    return {"preset": preset, "batch_size": config.train.batch_size, "step_ms": _median_ms(step, repeats)}
