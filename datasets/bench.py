@@ -11,8 +11,13 @@ from pathlib import Path
 from bevjepa.datasets import preprocess, windows, workers
 
 
-def _timed_run(dataroot: Path, version: str, out: Path, pool: workers.SequentialPool | workers.RayPool,
-               window: windows.WindowConfig) -> tuple[float, list[preprocess.SceneResult]]:
+def _timed_run(
+    dataroot: Path,
+    version: str,
+    out: Path,
+    pool: workers.SequentialPool | workers.RayPool,
+    window: windows.WindowConfig,
+) -> tuple[float, list[preprocess.SceneResult]]:
     """Preprocess every scene through ``pool`` into ``out``; returns the wall time and the scenes' results."""
     config = preprocess.PreprocessConfig(dataroot=dataroot, out=out, version=version, window=window)
     source = preprocess._cached_source(config.source_config())
@@ -26,8 +31,9 @@ def _timed_run(dataroot: Path, version: str, out: Path, pool: workers.Sequential
     return seconds, results
 
 
-def preprocess_throughput(dataroot: Path, version: str = "v1.0-mini", window: windows.WindowConfig | None = None
-                          ) -> dict:
+def preprocess_throughput(
+    dataroot: Path, version: str = "v1.0-mini", window: windows.WindowConfig | None = None
+) -> dict:
     """Windows per second: a plain single-process loop, then Ray with 1 and with 2 workers, in one run.
 
     Ray is started once (2 CPUs) before the Ray runs, so its start-up is not counted; each Ray worker loads the

@@ -151,9 +151,7 @@ class RigidTransform:
     @staticmethod
     def from_quaternion(quaternion_wxyz: np.ndarray, translation: np.ndarray) -> RigidTransform:
         """From a nuScenes ``rotation`` ([4] w, x, y, z) and ``translation`` ([3] m) pair."""
-        return RigidTransform(
-            quaternion_to_matrix(quaternion_wxyz), np.asarray(translation, dtype=np.float64)
-        )
+        return RigidTransform(quaternion_to_matrix(quaternion_wxyz), np.asarray(translation, dtype=np.float64))
 
     @staticmethod
     def from_matrix(matrix: np.ndarray) -> RigidTransform:
@@ -192,9 +190,7 @@ class RigidTransform:
 
     def __matmul__(self, other: RigidTransform) -> RigidTransform:
         """Composition: ``(a_from_b @ b_from_c) = a_from_c``."""
-        return RigidTransform(
-            self.rotation @ other.rotation, self.rotation @ other.translation + self.translation
-        )
+        return RigidTransform(self.rotation @ other.rotation, self.rotation @ other.translation + self.translation)
 
     def apply(self, points: np.ndarray) -> np.ndarray:
         """Move points from the source into the destination frame.

@@ -114,8 +114,10 @@ def open_nuscenes(dataroot: Path, version: str) -> NuScenes:
         raise FileNotFoundError(f"dataroot {dataroot} does not exist; pass the folder that holds {version}/")
     if not (dataroot / version).is_dir():
         found = sorted(p.name for p in dataroot.glob("v1.0-*") if p.is_dir())
-        raise FileNotFoundError(f"dataroot {dataroot} has no {version}/ tables folder (found: {found or 'none'}); "
-                                "check --dataroot and --version")
+        raise FileNotFoundError(
+            f"dataroot {dataroot} has no {version}/ tables folder (found: {found or 'none'}); "
+            "check --dataroot and --version"
+        )
     return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
 
 
@@ -188,8 +190,16 @@ class NuScenesSource:
         bad: list[BadInput] = []
         points = self.aggregate_lidar(sample_token, bad)
         cameras = self.cameras(sample_token, bad)
-        return Keyframe(sample_token, scene["name"], timestamp, global_from_ego, points, tuple(cameras),
-                        tuple(self.boxes(sample_token, global_from_ego)), tuple(bad))
+        return Keyframe(
+            sample_token,
+            scene["name"],
+            timestamp,
+            global_from_ego,
+            points,
+            tuple(cameras),
+            tuple(self.boxes(sample_token, global_from_ego)),
+            tuple(bad),
+        )
 
     def _global_from_ego(self, sample_data: dict) -> geometry.RigidTransform:
         pose = self.nusc.get("ego_pose", sample_data["ego_pose_token"])
@@ -223,8 +233,9 @@ class NuScenesSource:
             if points is not None:
                 radius = self.config.min_point_distance_m
                 points = points[~((np.abs(points[:, 0]) < radius) & (np.abs(points[:, 1]) < radius))]
-                keyframe_ego_from_sensor = ego_from_global @ self._global_from_ego(record) @ self._ego_from_sensor(
-                    record)
+                keyframe_ego_from_sensor = (
+                    ego_from_global @ self._global_from_ego(record) @ self._ego_from_sensor(record)
+                )
                 xyz = keyframe_ego_from_sensor.apply(points[:, :3])  # [n, 3] float64
                 lag_s = (reference["timestamp"] - record["timestamp"]) * 1e-6
                 part = np.empty((len(points), 5), dtype=np.float32)
@@ -252,8 +263,9 @@ class NuScenesSource:
                     image.load()
                     width, height = image.size
                     new_height = round(height * self.config.image_width_px / width)
-                    resized = np.asarray(image.convert("RGB").resize((self.config.image_width_px, new_height),
-                                                                    Image.BILINEAR))
+                    resized = np.asarray(
+                        image.convert("RGB").resize((self.config.image_width_px, new_height), Image.BILINEAR)
+                    )
             except FileNotFoundError:
                 bad.append(BadInput(sample_token, record["filename"], "missing file"))
                 continue
@@ -262,14 +274,16 @@ class NuScenesSource:
                 continue
             calibration = self.nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
             scale = np.diag([self.config.image_width_px / width, new_height / height, 1.0])
-            images.append(types.CameraImage(
-                channel=channel,
-                timestamp_us=record["timestamp"],
-                image=resized,
-                intrinsics=scale @ np.asarray(calibration["camera_intrinsic"], dtype=np.float64),
-                ego_from_camera=self._ego_from_sensor(record),
-                global_from_ego=self._global_from_ego(record),
-            ))
+            images.append(
+                types.CameraImage(
+                    channel=channel,
+                    timestamp_us=record["timestamp"],
+                    image=resized,
+                    intrinsics=scale @ np.asarray(calibration["camera_intrinsic"], dtype=np.float64),
+                    ego_from_camera=self._ego_from_sensor(record),
+                    global_from_ego=self._global_from_ego(record),
+                )
+            )
         return images
 
     def boxes(self, sample_token: str, global_from_ego: geometry.RigidTransform) -> list[types.Box3D]:
@@ -282,7 +296,13 @@ class NuScenesSource:
                 continue
             velocity = self.nusc.box_velocity(annotation_token)[:2]
             yaw = geometry.quaternion_yaw(np.asarray(annotation["rotation"]))
-            box = types.Box3D(np.asarray(annotation["translation"]), np.asarray(annotation["size"]), float(yaw),
-                              velocity, annotation["category_name"], annotation["instance_token"])
+            box = types.Box3D(
+                np.asarray(annotation["translation"]),
+                np.asarray(annotation["size"]),
+                float(yaw),
+                velocity,
+                annotation["category_name"],
+                annotation["instance_token"],
+            )
             boxes.append(box.transformed(ego_from_global))
         return boxes

@@ -71,8 +71,9 @@ class PreprocessConfig:
 
     def source_config(self) -> nuscenes_source.SourceConfig:
         """The source this job reads."""
-        return nuscenes_source.SourceConfig(Path(self.dataroot), self.version, self.split, self.image_width_px,
-                                            self.lidar_sweeps)
+        return nuscenes_source.SourceConfig(
+            Path(self.dataroot), self.version, self.split, self.image_width_px, self.lidar_sweeps
+        )
 
     def content(self) -> dict:
         """What determines the windows' content (not where they go or how many workers write them)."""
@@ -218,8 +219,10 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
     if existing.exists():
         previous = json.loads(existing.read_text())
         if previous.get("hash") != resolved["hash"]:
-            raise FileExistsError(f"--out {out} holds windows of another configuration (hash {previous.get('hash')},"
-                                  f" this one {resolved['hash']}); choose another --out or remove it")
+            raise FileExistsError(
+                f"--out {out} holds windows of another configuration (hash {previous.get('hash')},"
+                f" this one {resolved['hash']}); choose another --out or remove it"
+            )
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not a bevjepa windows folder; choose another path")
     out.mkdir(parents=True, exist_ok=True)
@@ -229,12 +232,15 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
 
     tasks = scene_tasks(config, source)
     pool: workers.SequentialPool | workers.RayPool = (
-        workers.RayPool(config.workers, config.address) if config.workers > 1 or config.address
-        else workers.SequentialPool())
+        workers.RayPool(config.workers, config.address)
+        if config.workers > 1 or config.address
+        else workers.SequentialPool()
+    )
     results: list[SceneResult | None] = [None] * len(tasks)
     try:
-        with tqdm(total=sum(t.stop - t.first for t in tasks), desc="preprocess windows", unit="window",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=sum(t.stop - t.first for t in tasks), desc="preprocess windows", unit="window", disable=not progress
+        ) as bar:
             for index, result in pool.map_unordered(scene_fn, tasks):
                 results[index] = result
                 bar.update(tasks[index].stop - tasks[index].first)
@@ -248,8 +254,9 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
     return manifest
 
 
-def scene_tasks(config: PreprocessConfig, source: nuscenes_source.NuScenesSource,
-                windows_per_task: int = 8) -> list[SceneTask]:
+def scene_tasks(
+    config: PreprocessConfig, source: nuscenes_source.NuScenesSource, windows_per_task: int = 8
+) -> list[SceneTask]:
     """The job's tasks: each scene's windows in runs of at most ``windows_per_task``.
 
     Short runs balance the work across workers; a frame at a boundary may be built by both neighbours (its
@@ -258,8 +265,10 @@ def scene_tasks(config: PreprocessConfig, source: nuscenes_source.NuScenesSource
     tasks = []
     for scene in source.scenes:
         count = len(windows.window_sample_tokens(source.scene_sample_tokens(scene), config.window))
-        tasks.extend(SceneTask(config, scene["name"], first, min(first + windows_per_task, count))
-                     for first in range(0, count, windows_per_task))
+        tasks.extend(
+            SceneTask(config, scene["name"], first, min(first + windows_per_task, count))
+            for first in range(0, count, windows_per_task)
+        )
     return tasks
 
 
@@ -274,10 +283,10 @@ def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict
                 if key not in seen:
                     seen.add(key)
                     bad_inputs.append({"sample_token": token, **item})
-        failed.extend({"scene": result.scene_name, "sample_token": t, "error": e.splitlines()[0]}
-                      for t, e in result.failed)
-    frame_bytes = sum(json.loads(p.read_text())["bytes"]
-                      for p in sorted(Path(config.out).glob("meta/*/*.frame.json")))
+        failed.extend(
+            {"scene": result.scene_name, "sample_token": t, "error": e.splitlines()[0]} for t, e in result.failed
+        )
+    frame_bytes = sum(json.loads(p.read_text())["bytes"] for p in sorted(Path(config.out).glob("meta/*/*.frame.json")))
     return {
         "format": MANIFEST_FORMAT,
         "format_version": windows.FORMAT_VERSION,

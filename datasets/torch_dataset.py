@@ -74,8 +74,15 @@ _SAMPLE_SPEC: dict[str, tuple[tuple[int | str, ...], torch.dtype]] = {
     "observed": (("H", "W"), torch.bool),
 }
 _POINT_FIELDS = ("points", "points_frame")
-_AGENT_FIELDS = ("agent_class", "agent_box", "agent_velocity", "agent_past", "agent_past_mask", "agent_future",
-                 "agent_future_mask")
+_AGENT_FIELDS = (
+    "agent_class",
+    "agent_box",
+    "agent_velocity",
+    "agent_past",
+    "agent_past_mask",
+    "agent_future",
+    "agent_future_mask",
+)
 _BATCH_SPEC: dict[str, tuple[tuple[int | str, ...], torch.dtype]] = {
     **{name: (("B", *shape), dtype) for name, (shape, dtype) in _SAMPLE_SPEC.items() if name not in _POINT_FIELDS},
     "points": (("M", 5), torch.float32),
@@ -210,8 +217,10 @@ class WindowSample:
     def __post_init__(self) -> None:
         _check_fields(self, _SAMPLE_SPEC)
         if self.actions.shape[0] != self.t0_from_ego.shape[0] - 1 + self.ego_future.shape[0]:
-            raise ValueError(f"WindowSample.actions has {self.actions.shape[0]} steps, want P - 1 + T = "
-                             f"{self.t0_from_ego.shape[0] - 1 + self.ego_future.shape[0]}")
+            raise ValueError(
+                f"WindowSample.actions has {self.actions.shape[0]} steps, want P - 1 + T = "
+                f"{self.t0_from_ego.shape[0] - 1 + self.ego_future.shape[0]}"
+            )
 
     @property
     def agent_count(self) -> int:
@@ -286,8 +295,10 @@ class WindowBatch:
     def __post_init__(self) -> None:
         _check_fields(self, _BATCH_SPEC)
         if len(self.sample_tokens) != self.images.shape[0] or len(self.scene_names) != self.images.shape[0]:
-            raise ValueError(f"WindowBatch has {len(self.sample_tokens)} sample_tokens and {len(self.scene_names)} "
-                             f"scene_names for a batch of {self.images.shape[0]}")
+            raise ValueError(
+                f"WindowBatch has {len(self.sample_tokens)} sample_tokens and {len(self.scene_names)} "
+                f"scene_names for a batch of {self.images.shape[0]}"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -295,8 +306,11 @@ class WindowBatch:
         return int(self.images.shape[0])
 
     def _map_tensors(self, fn) -> WindowBatch:
-        changes = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        changes = {
+            f.name: fn(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         if self.future is not None:
             changes["future"] = self.future._map_tensors(fn)
         return dataclasses.replace(self, **changes)
@@ -329,8 +343,10 @@ def collate(samples: list[WindowSample]) -> WindowBatch:
     counts = torch.tensor([s.points.shape[0] for s in samples])  # [B]
     agent_counts = torch.tensor([s.agent_count for s in samples])  # [B]
     a_max = int(agent_counts.max())
-    padded = {name: pad_sequence([getattr(s, name) for s in samples], batch_first=True)  # [B, A_max, ...]
-              for name in _AGENT_FIELDS}
+    padded = {
+        name: pad_sequence([getattr(s, name) for s in samples], batch_first=True)  # [B, A_max, ...]
+        for name in _AGENT_FIELDS
+    }
     return WindowBatch(
         sample_tokens=tuple(s.sample_token for s in samples),
         scene_names=tuple(s.scene_name for s in samples),
@@ -355,8 +371,10 @@ def _collate_future(futures: list[FutureInputs | None]) -> FutureBatch | None:
         points=torch.cat([f.points for f in futures]),  # [M, 5]
         points_frame=torch.cat([f.points_frame for f in futures]),  # [M]
         points_batch=torch.repeat_interleave(torch.arange(len(futures)), counts),  # [M]
-        **{name: torch.stack([getattr(f, name) for f in futures])  # [B, F, ...]
-           for name in ("images", "camera_mask", "intrinsics", "t0_from_camera", "t0_from_ego")},
+        **{
+            name: torch.stack([getattr(f, name) for f in futures])  # [B, F, ...]
+            for name in ("images", "camera_mask", "intrinsics", "t0_from_camera", "t0_from_ego")
+        },
     )
 
 
@@ -386,21 +404,29 @@ class WindowDataset(Dataset):
             no windows.
     """
 
-    def __init__(self, root: Path, scenes: Sequence[str] | None = None, image_hw: tuple[int, int] | None = None,
-                 frame_cache_size: int = 8, future_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        scenes: Sequence[str] | None = None,
+        image_hw: tuple[int, int] | None = None,
+        frame_cache_size: int = 8,
+        future_inputs: bool = False,
+    ) -> None:
         self.root = Path(root)
         self.future_inputs = future_inputs
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path} not found: run `bevjepa preprocess --out {self.root}` to write "
-                                    "the windows first")
+            raise FileNotFoundError(
+                f"{manifest_path} not found: run `bevjepa preprocess --out {self.root}` to write the windows first"
+            )
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != preprocess.MANIFEST_FORMAT:
-            raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, want "
-                             f"{preprocess.MANIFEST_FORMAT!r}")
+            raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, want {preprocess.MANIFEST_FORMAT!r}")
         if manifest.get("format_version") != windows.FORMAT_VERSION:
-            raise ValueError(f"{manifest_path}: format_version {manifest.get('format_version')}; this version of "
-                             f"bevjepa reads {windows.FORMAT_VERSION}: rerun `bevjepa preprocess`")
+            raise ValueError(
+                f"{manifest_path}: format_version {manifest.get('format_version')}; this version of "
+                f"bevjepa reads {windows.FORMAT_VERSION}: rerun `bevjepa preprocess`"
+            )
         self.manifest_path = manifest_path
         self.config: dict = manifest["config"]
         entries: list[dict] = manifest["windows"]
@@ -480,8 +506,9 @@ class WindowDataset(Dataset):
         frame = self._load(windows.load_frame, path, "frame")
         sizes = _jpeg_hw(frame.camera_jpeg, frame.camera_offsets, frame.camera_mask)
         if sizes - {self.image_hw}:
-            raise ValueError(f"{path}: camera images of size {sorted(sizes)} (H, W), but this dataset's images are "
-                             f"{self.image_hw}")
+            raise ValueError(
+                f"{path}: camera images of size {sorted(sizes)} (H, W), but this dataset's images are {self.image_hw}"
+            )
         if self.frame_cache_size > 0:
             self._frames[path] = frame
             while len(self._frames) > self.frame_cache_size:
@@ -491,8 +518,10 @@ class WindowDataset(Dataset):
     def _load(self, loader, path: Path, what: str):
         """``loader(path)``, with a missing file reported as part of this dataset."""
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: {what} listed in {self.manifest_path} is missing; the preprocessing "
-                                    "output is incomplete (rerun `bevjepa preprocess` with the same --out)")
+            raise FileNotFoundError(
+                f"{path}: {what} listed in {self.manifest_path} is missing; the preprocessing "
+                "output is incomplete (rerun `bevjepa preprocess` with the same --out)"
+            )
         return loader(path)
 
     def _read_image_hw(self) -> tuple[int, int]:
@@ -523,8 +552,9 @@ def loader_throughput(root: Path, batch_size: int = 4, num_workers: int = 0, epo
         points_per_window: mean points per window.
     """
     dataset = WindowDataset(root)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                        persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0
+    )
     start = time.perf_counter()
     first_batch_s, points = None, 0
     for _ in range(epochs):

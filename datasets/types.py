@@ -80,9 +80,7 @@ class LidarSweep:
     global_from_ego: geometry.RigidTransform
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "points", _frozen_array("LidarSweep.points", self.points, (None, 5), np.float32)
-        )
+        object.__setattr__(self, "points", _frozen_array("LidarSweep.points", self.points, (None, 5), np.float32))
 
 
 @dataclass(frozen=True)
@@ -108,9 +106,7 @@ class CameraImage:
     def __post_init__(self) -> None:
         if self.channel not in CAMERA_CHANNELS:
             raise ValueError(f"CameraImage.channel: {self.channel!r} is not one of {CAMERA_CHANNELS}")
-        object.__setattr__(
-            self, "image", _frozen_array("CameraImage.image", self.image, (None, None, 3), np.uint8)
-        )
+        object.__setattr__(self, "image", _frozen_array("CameraImage.image", self.image, (None, None, 3), np.uint8))
         object.__setattr__(
             self, "intrinsics", _frozen_array("CameraImage.intrinsics", self.intrinsics, (3, 3), np.float64)
         )
@@ -138,9 +134,7 @@ class Box3D:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "center_m", _frozen_array("Box3D.center_m", self.center_m, (3,), np.float64))
-        object.__setattr__(
-            self, "size_wlh_m", _frozen_array("Box3D.size_wlh_m", self.size_wlh_m, (3,), np.float64)
-        )
+        object.__setattr__(self, "size_wlh_m", _frozen_array("Box3D.size_wlh_m", self.size_wlh_m, (3,), np.float64))
         object.__setattr__(
             self, "velocity_mps", _frozen_array("Box3D.velocity_mps", self.velocity_mps, (2,), np.float64)
         )

@@ -223,8 +223,9 @@ def _relative_motion(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     """(dx, dy, dyaw) of ``end`` in the frame of ``start``; both [..., 3] x, y (m), yaw (rad)."""
     dx, dy = end[..., 0] - start[..., 0], end[..., 1] - start[..., 1]
     cos, sin = np.cos(start[..., 2]), np.sin(start[..., 2])
-    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy, geometry.wrap_angle(end[..., 2] - start[..., 2])],
-                    axis=-1)
+    return np.stack(
+        [cos * dx + sin * dy, -sin * dx + cos * dy, geometry.wrap_angle(end[..., 2] - start[..., 2])], axis=-1
+    )
 
 
 def voxel_downsample(points: np.ndarray, voxel_size_m: float) -> np.ndarray:
@@ -263,15 +264,18 @@ def voxel_downsample_open3d(points: np.ndarray, voxel_size_m: float) -> np.ndarr
     cloud.point["intensity"] = o3d.core.Tensor(np.ascontiguousarray(points[:, 3:4]))
     cloud.point["lag"] = o3d.core.Tensor(np.ascontiguousarray(points[:, 4:5]))
     down = cloud.voxel_down_sample(voxel_size_m)
-    return np.concatenate([down.point.positions.numpy(), down.point["intensity"].numpy(), down.point["lag"].numpy()],
-                          axis=1).astype(np.float32)
+    return np.concatenate(
+        [down.point.positions.numpy(), down.point["intensity"].numpy(), down.point["lag"].numpy()], axis=1
+    ).astype(np.float32)
 
 
 def build_frame(keyframe: nuscenes_source.Keyframe, config: WindowConfig) -> Frame:
     """A keyframe's stored inputs: its LiDAR cropped (and voxel-downsampled), its cameras as JPEG."""
     points = keyframe.lidar_points
-    reach = max(abs(config.grid.x_min_m), abs(config.grid.x_max_m), abs(config.grid.y_min_m),
-                abs(config.grid.y_max_m)) + config.frame_margin_m
+    reach = (
+        max(abs(config.grid.x_min_m), abs(config.grid.x_max_m), abs(config.grid.y_min_m), abs(config.grid.y_max_m))
+        + config.frame_margin_m
+    )
     points = points[(np.abs(points[:, 0]) <= reach) & (np.abs(points[:, 1]) <= reach)]
     if config.voxel_size_m > 0:
         points = voxel_downsample(points, config.voxel_size_m)
@@ -415,16 +419,18 @@ class WindowBuilder:
             keyframe_tokens=np.array(past_tokens),
             t0_from_ego=t0_from_ego,
             future_keyframe_tokens=np.array(occupancy_tokens),
-            t0_from_future_ego=np.stack([(t0_from_global @ self.source.ego_pose(t)[1]).matrix
-                                         for t in occupancy_tokens]),
+            t0_from_future_ego=np.stack(
+                [(t0_from_global @ self.source.ego_pose(t)[1]).matrix for t in occupancy_tokens]
+            ),
             ego_future=ego_future.astype(np.float32),
             ego_future_mask=ego_future_mask,
             actions=actions.astype(np.float32),
             action_mask=action_mask,
             agent_ids=np.array(agent_ids, dtype="U64").reshape(-1),
             agent_class=np.array([categories.class_index(b.category) for b in agents], dtype=np.int8),
-            agent_box=np.array([[*b.center_m, *b.size_wlh_m, b.yaw_rad] for b in agents],
-                               dtype=np.float32).reshape(-1, 7),
+            agent_box=np.array([[*b.center_m, *b.size_wlh_m, b.yaw_rad] for b in agents], dtype=np.float32).reshape(
+                -1, 7
+            ),
             agent_velocity=np.array([b.velocity_mps for b in agents], dtype=np.float32).reshape(-1, 2),
             agent_past=agent_past.astype(np.float32),
             agent_past_mask=agent_past_mask,
@@ -464,8 +470,9 @@ class WindowInputs:
     t0_from_camera: np.ndarray
 
 
-def assemble_inputs(window: Window, frames: list[Frame], image_hw: tuple[int, int],
-                    future: bool = False) -> WindowInputs:
+def assemble_inputs(
+    window: Window, frames: list[Frame], image_hw: tuple[int, int], future: bool = False
+) -> WindowInputs:
     """Move a window's frames into its t0 ego frame and decode their cameras.
 
     Args:
@@ -479,8 +486,9 @@ def assemble_inputs(window: Window, frames: list[Frame], image_hw: tuple[int, in
     tokens = window.future_keyframe_tokens if future else window.keyframe_tokens
     poses = window.t0_from_future_ego if future else window.t0_from_ego
     if [f.sample_token for f in frames] != list(tokens):
-        raise ValueError(f"window {window.sample_token}: frames do not match its "
-                         f"{'future_' if future else ''}keyframe_tokens")
+        raise ValueError(
+            f"window {window.sample_token}: frames do not match its {'future_' if future else ''}keyframe_tokens"
+        )
     p_count = len(frames)
     clouds, owners = [], []
     images = np.zeros((p_count, 6, *image_hw, 3), dtype=np.uint8)

@@ -27,8 +27,9 @@ def agent_velocities(agent_velocity: np.ndarray, agent_past: np.ndarray, agent_p
     """
     velocity = np.asarray(agent_velocity, dtype=np.float64).copy()
     from_past = (agent_past[:, -1] - agent_past[:, -2]) / STEP_S if agent_past.shape[1] >= 2 else velocity * 0
-    past_ok = agent_past_mask[:, -1] & agent_past_mask[:, -2] if agent_past.shape[1] >= 2 else np.zeros(len(velocity),
-                                                                                                        bool)
+    past_ok = (
+        agent_past_mask[:, -1] & agent_past_mask[:, -2] if agent_past.shape[1] >= 2 else np.zeros(len(velocity), bool)
+    )
     unknown = ~np.isfinite(velocity).all(axis=1)
     velocity[unknown] = np.where(past_ok[unknown, None], from_past[unknown], 0.0)
     return velocity
@@ -40,8 +41,14 @@ def constant_velocity_trajectories(agent_xy: np.ndarray, velocity: np.ndarray, s
     return (agent_xy[:, None, :] + velocity[:, None, :] * times[None, :, None])[:, None]  # [A, 1, T, 2]
 
 
-def constant_velocity_occupancy(agent_box: np.ndarray, agent_class: np.ndarray, velocity: np.ndarray,
-                                grid: geometry.GridSpec, classes: int, steps: int = 4) -> np.ndarray:
+def constant_velocity_occupancy(
+    agent_box: np.ndarray,
+    agent_class: np.ndarray,
+    velocity: np.ndarray,
+    grid: geometry.GridSpec,
+    classes: int,
+    steps: int = 4,
+) -> np.ndarray:
     """[S, C, H, W] bool: the t0 boxes moved at constant velocity and rasterized at t0 and each of ``steps``.
 
     Args:
@@ -52,8 +59,9 @@ def constant_velocity_occupancy(agent_box: np.ndarray, agent_class: np.ndarray, 
     maps = []
     for k in range(steps + 1):
         centers = agent_box[:, :2] + velocity * (k * STEP_S)
-        occupancy, _ = rasterize.rasterize_boxes(grid, centers, agent_box[:, [3, 4]], agent_box[:, 6],
-                                                 agent_class.astype(np.int64), classes)
+        occupancy, _ = rasterize.rasterize_boxes(
+            grid, centers, agent_box[:, [3, 4]], agent_box[:, 6], agent_class.astype(np.int64), classes
+        )
         maps.append(occupancy)
     return np.stack(maps)
 

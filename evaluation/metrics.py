@@ -15,8 +15,9 @@ def top_k_modes(modes: np.ndarray, probabilities: np.ndarray, k: int) -> np.ndar
     return np.take_along_axis(modes, order[:, :, None, None], axis=1)
 
 
-def min_ade_fde(modes: np.ndarray, probabilities: np.ndarray, truth: np.ndarray, k: int) -> tuple[np.ndarray,
-                                                                                                   np.ndarray]:
+def min_ade_fde(
+    modes: np.ndarray, probabilities: np.ndarray, truth: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """minADE_k and minFDE_k per agent, over its ``k`` most probable modes (as the nuScenes prediction metrics).
 
     Args:
@@ -32,8 +33,9 @@ def min_ade_fde(modes: np.ndarray, probabilities: np.ndarray, truth: np.ndarray,
     return errors.mean(axis=2).min(axis=1), errors[:, :, -1].min(axis=1)
 
 
-def miss_rate(modes: np.ndarray, probabilities: np.ndarray, truth: np.ndarray, k: int,
-              tolerance_m: float = 2.0) -> np.ndarray:
+def miss_rate(
+    modes: np.ndarray, probabilities: np.ndarray, truth: np.ndarray, k: int, tolerance_m: float = 2.0
+) -> np.ndarray:
     """[N] bool: no top-``k`` mode stays within ``tolerance_m`` of the truth at every step (MissRate_2_k)."""
     chosen = top_k_modes(modes, probabilities, k)
     worst = np.linalg.norm(chosen - truth[:, None], axis=-1).max(axis=2)  # [N, k]

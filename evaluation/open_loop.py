@@ -19,8 +19,7 @@ from bevjepa.evaluation import baselines, metrics
 from bevjepa.prediction import forecaster, train
 
 
-def evaluate(data: Path, split: str, run: Path | None = None, batch_size: int = 4,
-             threshold: float = 0.5) -> dict:
+def evaluate(data: Path, split: str, run: Path | None = None, batch_size: int = 4, threshold: float = 0.5) -> dict:
     """Score the model of ``run`` (if given) and the baselines on the windows of ``split``.
 
     Returns:
@@ -44,9 +43,11 @@ def evaluate(data: Path, split: str, run: Path | None = None, batch_size: int = 
                 cls = batch.agent_class[b, :count].numpy()
                 future = batch.agent_future[b, :count].numpy().astype(np.float64)
                 full = batch.agent_future_mask[b, :count].numpy().all(axis=1)
-                velocity = baselines.agent_velocities(batch.agent_velocity[b, :count].numpy(),
-                                                      batch.agent_past[b, :count].numpy(),
-                                                      batch.agent_past_mask[b, :count].numpy())
+                velocity = baselines.agent_velocities(
+                    batch.agent_velocity[b, :count].numpy(),
+                    batch.agent_past[b, :count].numpy(),
+                    batch.agent_past_mask[b, :count].numpy(),
+                )
                 cv_modes = baselines.constant_velocity_trajectories(box[:, :2], velocity, future.shape[1])
                 trajectories["constant_velocity"].append((cv_modes[full], np.ones((int(full.sum()), 1))))
                 truths.append(future[full])
@@ -54,8 +55,9 @@ def evaluate(data: Path, split: str, run: Path | None = None, batch_size: int = 
                 steps = target.shape[0] - 1
                 cv_occupancy = baselines.constant_velocity_occupancy(box, cls, velocity, grid, target.shape[1], steps)
                 counts["constant_velocity"].append(metrics.iou_counts(cv_occupancy, target))
-                counts["persistence"].append(metrics.iou_counts(baselines.persistence_occupancy(target[0], steps),
-                                                                target))
+                counts["persistence"].append(
+                    metrics.iou_counts(baselines.persistence_occupancy(target[0], steps), target)
+                )
                 if forecasts is not None:
                     forecast = forecasts[b]
                     trajectories["model"].append((forecast.trajectories[full], forecast.mode_probabilities[full]))
@@ -73,8 +75,9 @@ def evaluate(data: Path, split: str, run: Path | None = None, batch_size: int = 
                 ade, fde = metrics.min_ade_fde(modes, probabilities, truth, k)
                 scores[f"minADE_{k}"] = float(ade.mean()) if len(ade) else float("nan")
                 scores[f"minFDE_{k}"] = float(fde.mean()) if len(fde) else float("nan")
-                scores[f"MissRate_2_{k}"] = float(metrics.miss_rate(modes, probabilities, truth, k).mean()) \
-                    if len(ade) else float("nan")
+                scores[f"MissRate_2_{k}"] = (
+                    float(metrics.miss_rate(modes, probabilities, truth, k).mean()) if len(ade) else float("nan")
+                )
         intersection = np.sum([c[0] for c in counts[name]], axis=0)  # [S, C]
         union = np.sum([c[1] for c in counts[name]], axis=0)
         per_step = metrics.iou(intersection, union)  # [S, C]

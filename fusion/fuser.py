@@ -48,8 +48,11 @@ class FuserConfig:
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
 
 
 class BevFuser(nn.Module):
@@ -58,8 +61,10 @@ class BevFuser(nn.Module):
     def __init__(self, config: FuserConfig) -> None:
         super().__init__()
         self.config = config
-        self.fuse = nn.Sequential(_conv_block(config.camera_channels + config.lidar_channels, config.channels),
-                                  nn.Conv2d(config.channels, config.channels, 3, padding=1))
+        self.fuse = nn.Sequential(
+            _conv_block(config.camera_channels + config.lidar_channels, config.channels),
+            nn.Conv2d(config.channels, config.channels, 3, padding=1),
+        )
 
     def forward(self, camera: torch.Tensor | None, lidar: torch.Tensor | None) -> torch.Tensor:
         """Fuse one frame's features.
@@ -88,8 +93,9 @@ class BevFuser(nn.Module):
         return self.fuse(torch.cat([camera, lidar], dim=1))  # [B, C, H, W]
 
 
-def warp_to_reference(latent: torch.Tensor, reference_from_frame: torch.Tensor, grid: geometry.GridSpec
-                      ) -> torch.Tensor:
+def warp_to_reference(
+    latent: torch.Tensor, reference_from_frame: torch.Tensor, grid: geometry.GridSpec
+) -> torch.Tensor:
     """Resample BEV maps expressed in their own ego frames into a reference ego frame (the ego-motion warp).
 
     Each output cell centre (x, y) of the reference frame reads the input at ``frame_from_reference @ (x, y)``
@@ -123,8 +129,10 @@ class TemporalFuser(nn.Module):
     def __init__(self, config: FuserConfig) -> None:
         super().__init__()
         self.config = config
-        self.mix = nn.Sequential(_conv_block(config.channels * config.past_frames, config.channels),
-                                 nn.Conv2d(config.channels, config.channels, 3, padding=1))
+        self.mix = nn.Sequential(
+            _conv_block(config.channels * config.past_frames, config.channels),
+            nn.Conv2d(config.channels, config.channels, 3, padding=1),
+        )
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, P, C, H, W] → [B, C, H, W]; the newest latent passes through a residual path."""

@@ -48,8 +48,9 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
     images = frames.images.reshape(b * s, *frames.images.shape[2:])
 
     def cameras():
-        return encoder.camera(images, frames.intrinsics.reshape(b * s, 6, 3, 3), own_from_camera,
-                              frames.camera_mask.reshape(b * s, 6))
+        return encoder.camera(
+            images, frames.intrinsics.reshape(b * s, 6, 3, 3), own_from_camera, frames.camera_mask.reshape(b * s, 6)
+        )
 
     def lidar():
         return encoder.lidar(points, owner, b * s)
@@ -58,8 +59,9 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
 
     def fusion():
         fused = encoder.fuse(camera_bev, lidar_bev)
-        warped = fuser.warp_to_reference(fused, frames.reference_from_ego.reshape(b * s, 4, 4),
-                                         encoder.config.fuser.grid)
+        warped = fuser.warp_to_reference(
+            fused, frames.reference_from_ego.reshape(b * s, 4, 4), encoder.config.fuser.grid
+        )
         return encoder.temporal(warped.reshape(b, s, *warped.shape[1:]))
 
     latent = fusion()
@@ -73,8 +75,15 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
     def heads():
         sequence = torch.cat([latent[:, None], rolled], dim=1)
         net.occupancy(sequence.reshape(-1, *latent.shape[1:]))
-        net.trajectory(latent, batch.agent_box[..., :2], batch.agent_past, batch.agent_past_mask,
-                       batch.agent_box[..., 6], batch.agent_class, rollout=rolled)
+        net.trajectory(
+            latent,
+            batch.agent_box[..., :2],
+            batch.agent_past,
+            batch.agent_past_mask,
+            batch.agent_box[..., 6],
+            batch.agent_class,
+            rollout=rolled,
+        )
         net.detection(latent)
 
     for fn in (cameras, lidar, fusion, rollout, heads, lambda: net(batch)):

@@ -30,8 +30,13 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save(run: Path, config: experiment_config.ExperimentConfig, net: model.BevJepa,
-         optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+def save(
+    run: Path,
+    config: experiment_config.ExperimentConfig,
+    net: model.BevJepa,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict,
+) -> None:
     """Write a checkpoint into ``run`` (each file atomically; ``state.json`` last, so it names a whole set)."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -42,8 +47,13 @@ def save(run: Path, config: experiment_config.ExperimentConfig, net: model.BevJe
     if optimizer is not None:
         tensors, groups = _optimizer_tensors(optimizer)
         _atomic(run / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
-    full_state = {"format": FORMAT, "format_version": FORMAT_VERSION, "config_hash": config.content_hash(),
-                  "param_groups": groups, **state}
+    full_state = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config_hash": config.content_hash(),
+        "param_groups": groups,
+        **state,
+    }
     _atomic(run / "state.json", lambda p: p.write_text(json.dumps(full_state, indent=1)))
 
 
@@ -51,8 +61,9 @@ def load_config(run: Path) -> experiment_config.ExperimentConfig:
     """The configuration of a run folder."""
     path = Path(run) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run} is not a bevjepa run folder (train one with "
-                                "`bevjepa train --out RUN`)")
+        raise FileNotFoundError(
+            f"{path} not found: {run} is not a bevjepa run folder (train one with `bevjepa train --out RUN`)"
+        )
     return experiment_config.from_dict(experiment_config.ExperimentConfig, json.loads(path.read_text()))
 
 
@@ -67,8 +78,9 @@ def load_state(run: Path) -> dict:
     return state
 
 
-def load_model(run: Path, device: str | torch.device = "cpu") -> tuple[experiment_config.ExperimentConfig,
-                                                                         model.BevJepa]:
+def load_model(
+    run: Path, device: str | torch.device = "cpu"
+) -> tuple[experiment_config.ExperimentConfig, model.BevJepa]:
     """Rebuild the model of a run folder from its config and weights (eval mode)."""
     config = load_config(run)
     load_state(run)
@@ -99,6 +111,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
         for name, value in values.items():
             tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"state.{index}.{name}"] = tensor.detach().contiguous()
-    groups = [{k: v for k, v in group.items() if k != "params"} | {"params": group["params"]}
-              for group in state["param_groups"]]
+    groups = [
+        {k: v for k, v in group.items() if k != "params"} | {"params": group["params"]}
+        for group in state["param_groups"]
+    ]
     return tensors, groups

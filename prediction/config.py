@@ -89,8 +89,9 @@ def small() -> ExperimentConfig:
     return ExperimentConfig(
         "small",
         model.ModelConfig(
-            camera=camera_encoder.CameraEncoderConfig(feature_stride=16, depth_step_m=2.0, depth_max_m=44.0,
-                                                      backbone_width=16),
+            camera=camera_encoder.CameraEncoderConfig(
+                feature_stride=16, depth_step_m=2.0, depth_max_m=44.0, backbone_width=16
+            ),
             lidar=lidar_encoder.LidarEncoderConfig(pointnet_width=16),
         ),
         TrainConfig(batch_size=2),
@@ -108,17 +109,28 @@ def base() -> ExperimentConfig:
     return ExperimentConfig(
         "base",
         model.ModelConfig(
-            camera=camera_encoder.CameraEncoderConfig(channels=channels, splat_grid=geometry.GridSpec(
-                -50.0, 50.0, -50.0, 50.0, 1.0), out_grid=latent, backbone_width=64),
-            lidar=lidar_encoder.LidarEncoderConfig(channels=channels, pillar_grid=target, out_grid=latent,
-                                                   pointnet_width=64),
-            fuser=fuser.FuserConfig(camera_channels=channels, lidar_channels=channels, channels=channels,
-                                    grid=latent),
+            camera=camera_encoder.CameraEncoderConfig(
+                channels=channels,
+                splat_grid=geometry.GridSpec(-50.0, 50.0, -50.0, 50.0, 1.0),
+                out_grid=latent,
+                backbone_width=64,
+            ),
+            lidar=lidar_encoder.LidarEncoderConfig(
+                channels=channels, pillar_grid=target, out_grid=latent, pointnet_width=64
+            ),
+            fuser=fuser.FuserConfig(camera_channels=channels, lidar_channels=channels, channels=channels, grid=latent),
             predictor=world_model.PredictorConfig(channels=channels, hidden=192, blocks=3),
             grid=target,
         ),
-        TrainConfig(steps=40_000, batch_size=8, learning_rate=1e-3, loader_workers=8, train_split="train",
-                    val_split="val", val_every=2000),
+        TrainConfig(
+            steps=40_000,
+            batch_size=8,
+            learning_rate=1e-3,
+            loader_workers=8,
+            train_split="train",
+            val_split="val",
+            val_every=2000,
+        ),
     )
 
 

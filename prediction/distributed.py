@@ -15,12 +15,19 @@ from bevjepa.prediction import train
 
 def _worker(settings: dict) -> None:
     config = experiment_config.from_dict(experiment_config.ExperimentConfig, settings["config"])
-    train.training_loop(Path(settings["data"]), Path(settings["run"]), config, settings["resume"], progress=False,
-                        distributed=True)
+    train.training_loop(
+        Path(settings["data"]), Path(settings["run"]), config, settings["resume"], progress=False, distributed=True
+    )
 
 
-def train_on_ray(data: Path, run: Path, config: experiment_config.ExperimentConfig, address: str | None,
-                 workers: int = 2, resume: bool = False) -> train.TrainSummary:
+def train_on_ray(
+    data: Path,
+    run: Path,
+    config: experiment_config.ExperimentConfig,
+    address: str | None,
+    workers: int = 2,
+    resume: bool = False,
+) -> train.TrainSummary:
     """Train with ``workers`` Ray Train workers on the cluster at ``address`` (``local``: start Ray here)."""
     import time
 
@@ -41,8 +48,12 @@ def train_on_ray(data: Path, run: Path, config: experiment_config.ExperimentConf
     try:
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"data": str(Path(data).absolute()), "run": str(Path(run).absolute()),
-                               "config": experiment_config.to_dict(config), "resume": resume},
+            train_loop_config={
+                "data": str(Path(data).absolute()),
+                "run": str(Path(run).absolute()),
+                "config": experiment_config.to_dict(config),
+                "resume": resume,
+            },
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=str(Path(run).absolute() / "ray"), name="train"),

@@ -74,8 +74,15 @@ class OccupancyForecast:
         value = (1 - frac) * any_class[lower, rows, cols] + frac * any_class[upper, rows, cols]
         return np.where(inside, value, 0.0)
 
-    def collision_probability(self, ego_trajectory: np.ndarray, times_s: np.ndarray, length_m: float = 4.08,
-                              width_m: float = 1.73, rear_axle_to_center_m: float = 1.34, samples: int = 5) -> float:
+    def collision_probability(
+        self,
+        ego_trajectory: np.ndarray,
+        times_s: np.ndarray,
+        length_m: float = 4.08,
+        width_m: float = 1.73,
+        rear_axle_to_center_m: float = 1.34,
+        samples: int = 5,
+    ) -> float:
         """The probability that a candidate ego trajectory overlaps occupied space.
 
         The ego's footprint (a ``length_m`` × ``width_m`` box whose centre lies ``rear_axle_to_center_m`` ahead
@@ -99,12 +106,24 @@ class OccupancyForecast:
 
     def save(self, path: Path) -> None:
         """Write the forecast as an ``.npz`` (format ``bevjepa-occupancy-forecast`` version 1; no pickle)."""
-        header = {"format": FORECAST_FORMAT, "format_version": FORECAST_VERSION, "timestamp_us": self.timestamp_us,
-                  "grid": asdict(self.grid), "classes": list(self.classes)}
-        np.savez_compressed(path, header=np.array(json.dumps(header)), times_s=self.times_s,
-                            occupancy=self.occupancy, agent_ids=self.agent_ids, agent_classes=self.agent_classes,
-                            trajectory_times_s=self.trajectory_times_s, trajectories=self.trajectories,
-                            mode_probabilities=self.mode_probabilities)
+        header = {
+            "format": FORECAST_FORMAT,
+            "format_version": FORECAST_VERSION,
+            "timestamp_us": self.timestamp_us,
+            "grid": asdict(self.grid),
+            "classes": list(self.classes),
+        }
+        np.savez_compressed(
+            path,
+            header=np.array(json.dumps(header)),
+            times_s=self.times_s,
+            occupancy=self.occupancy,
+            agent_ids=self.agent_ids,
+            agent_classes=self.agent_classes,
+            trajectory_times_s=self.trajectory_times_s,
+            trajectories=self.trajectories,
+            mode_probabilities=self.mode_probabilities,
+        )
 
     @staticmethod
     def load(path: Path) -> OccupancyForecast:
@@ -113,10 +132,24 @@ class OccupancyForecast:
             header = json.loads(str(data["header"]))
             if header.get("format") != FORECAST_FORMAT or header.get("format_version") != FORECAST_VERSION:
                 raise ValueError(f"{path}: not a {FORECAST_FORMAT} version {FORECAST_VERSION} file")
-            arrays = {name: data[name] for name in ("times_s", "occupancy", "agent_ids", "agent_classes",
-                                                    "trajectory_times_s", "trajectories", "mode_probabilities")}
-        return OccupancyForecast(timestamp_us=int(header["timestamp_us"]), grid=geometry.GridSpec(**header["grid"]),
-                                 classes=tuple(header["classes"]), **arrays)
+            arrays = {
+                name: data[name]
+                for name in (
+                    "times_s",
+                    "occupancy",
+                    "agent_ids",
+                    "agent_classes",
+                    "trajectory_times_s",
+                    "trajectories",
+                    "mode_probabilities",
+                )
+            }
+        return OccupancyForecast(
+            timestamp_us=int(header["timestamp_us"]),
+            grid=geometry.GridSpec(**header["grid"]),
+            classes=tuple(header["classes"]),
+            **arrays,
+        )
 
 
 class Forecaster:
@@ -133,8 +166,9 @@ class Forecaster:
         return Forecaster(net, device)
 
     @torch.no_grad()
-    def forecast_batch(self, batch: torch_dataset.WindowBatch, actions: torch.Tensor | None = None
-                       ) -> list[OccupancyForecast]:
+    def forecast_batch(
+        self, batch: torch_dataset.WindowBatch, actions: torch.Tensor | None = None
+    ) -> list[OccupancyForecast]:
         """Forecasts for every window of a batch; ``actions`` [B, F, 3] overrides the ego's future motion."""
         batch = batch.to(self.device)
         output = self.net(batch, actions=actions)
@@ -147,18 +181,20 @@ class Forecaster:
         results = []
         for b in range(batch.batch_size):
             count = int(batch.agent_mask[b].sum())
-            results.append(OccupancyForecast(
-                timestamp_us=batch.timestamps_us[b],
-                grid=self.net.config.grid,
-                classes=categories.CLASSES,
-                times_s=steps,
-                occupancy=occupancy[b],
-                agent_ids=np.array(batch.agent_ids[b], dtype=str).reshape(-1),
-                agent_classes=batch.agent_class[b, :count].cpu().numpy(),
-                trajectory_times_s=trajectory_times,
-                trajectories=modes[b, :count],
-                mode_probabilities=probabilities[b, :count],
-            ))
+            results.append(
+                OccupancyForecast(
+                    timestamp_us=batch.timestamps_us[b],
+                    grid=self.net.config.grid,
+                    classes=categories.CLASSES,
+                    times_s=steps,
+                    occupancy=occupancy[b],
+                    agent_ids=np.array(batch.agent_ids[b], dtype=str).reshape(-1),
+                    agent_classes=batch.agent_class[b, :count].cpu().numpy(),
+                    trajectory_times_s=trajectory_times,
+                    trajectories=modes[b, :count],
+                    mode_probabilities=probabilities[b, :count],
+                )
+            )
         return results
 
     def forecast(self, window: torch_dataset.WindowSample, actions: np.ndarray | None = None) -> OccupancyForecast:

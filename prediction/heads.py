@@ -25,7 +25,16 @@ from bevjepa.datasets import geometry
 from bevjepa.fusion import fuser
 
 REGRESSION_CHANNELS: tuple[str, ...] = (
-    "dx", "dy", "z", "log_w", "log_l", "log_h", "sin_yaw", "cos_yaw", "vx", "vy",
+    "dx",
+    "dy",
+    "z",
+    "log_w",
+    "log_l",
+    "log_h",
+    "sin_yaw",
+    "cos_yaw",
+    "vx",
+    "vy",
 )
 """The detection regression channels: centre offset from the cell centre (cells), centre height (m), log box
 width, length and height (log m), heading as sin and cos, velocity (m/s) in t0."""
@@ -70,8 +79,9 @@ def sample_bev(z: torch.Tensor, xy: torch.Tensor, grid: geometry.GridSpec) -> to
 class OccupancyHead(nn.Module):
     """Per-class occupancy logits on the target grid from a latent: conv, bilinear upsampling, conv."""
 
-    def __init__(self, channels: int = 64, classes: int = 3, upsample: int = 4, hidden: int = 64,
-                 prior_probability: float = 0.02) -> None:
+    def __init__(
+        self, channels: int = 64, classes: int = 3, upsample: int = 4, hidden: int = 64, prior_probability: float = 0.02
+    ) -> None:
         """Build the head.
 
         Args:
@@ -84,10 +94,14 @@ class OccupancyHead(nn.Module):
         super().__init__()
         self.classes, self.upsample = classes, upsample
         self.encode = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.SiLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.GroupNorm(8, hidden),
+            nn.SiLU(),
         )
         self.decode = nn.Sequential(
-            nn.Conv2d(hidden, hidden // 2, 3, padding=1), nn.GroupNorm(8, hidden // 2), nn.SiLU(),
+            nn.Conv2d(hidden, hidden // 2, 3, padding=1),
+            nn.GroupNorm(8, hidden // 2),
+            nn.SiLU(),
             nn.Conv2d(hidden // 2, classes, 1),
         )
         with torch.no_grad():
@@ -113,9 +127,19 @@ class TrajectoryHead(nn.Module):
     logit per mode.
     """
 
-    def __init__(self, channels: int = 64, modes: int = 10, steps: int = 12, past_steps: int = 3, classes: int = 3,
-                 hidden: int = 128, patch: int = 3, patch_spacing_m: float = 2.0, motion_scale_m: float = 5.0,
-                 grid: geometry.GridSpec | None = None) -> None:
+    def __init__(
+        self,
+        channels: int = 64,
+        modes: int = 10,
+        steps: int = 12,
+        past_steps: int = 3,
+        classes: int = 3,
+        hidden: int = 128,
+        patch: int = 3,
+        patch_spacing_m: float = 2.0,
+        motion_scale_m: float = 5.0,
+        grid: geometry.GridSpec | None = None,
+    ) -> None:
         """Build the head.
 
         Args:
@@ -136,20 +160,23 @@ class TrajectoryHead(nn.Module):
         self.grid = grid if grid is not None else fuser.latent_grid()
         self.modes, self.steps, self.past_steps, self.classes = modes, steps, past_steps, classes
         self.motion_scale_m = motion_scale_m
-        self.position_scale_m = max(abs(self.grid.x_min_m), abs(self.grid.x_max_m),
-                                    abs(self.grid.y_min_m), abs(self.grid.y_max_m))
+        self.position_scale_m = max(
+            abs(self.grid.x_min_m), abs(self.grid.x_max_m), abs(self.grid.y_min_m), abs(self.grid.y_max_m)
+        )
         k = (torch.arange(patch, dtype=torch.float32) - (patch - 1) / 2) * patch_spacing_m  # [patch]
         along, across = torch.meshgrid(k, k, indexing="ij")
-        self.register_buffer("patch_offsets", torch.stack([along, across], -1).reshape(-1, 2),
-                             persistent=False)  # [S, 2] (m) in the agent's heading frame
+        self.register_buffer(
+            "patch_offsets", torch.stack([along, across], -1).reshape(-1, 2), persistent=False
+        )  # [S, 2] (m) in the agent's heading frame
 
         self.latent_proj = nn.Sequential(nn.Linear(patch * patch * channels, hidden), nn.LayerNorm(hidden), nn.SiLU())
         self.temporal = nn.GRU(hidden, hidden, batch_first=True)
         self.past_mlp = nn.Sequential(nn.Linear(past_steps * 3, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embedding = nn.Embedding(classes, hidden)
         self.fuse = nn.Linear(2 * hidden + 4, hidden)
-        self.trunk = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                   nn.Linear(hidden, hidden), nn.SiLU())
+        self.trunk = nn.Sequential(
+            nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
         self.displacement_out = nn.Linear(hidden, modes * steps * 2)
         self.mode_out = nn.Linear(hidden, modes)
 
@@ -157,9 +184,16 @@ class TrajectoryHead(nn.Module):
         """Latent features at metric points: z [B, D, H, W] on the latent grid, xy [B, N, 2] (m, t0) → [B, N, D]."""
         return sample_bev(z, xy, self.grid)
 
-    def forward(self, z0: torch.Tensor, agent_xy: torch.Tensor, agent_past: torch.Tensor,
-                agent_past_mask: torch.Tensor, agent_yaw: torch.Tensor, agent_class: torch.Tensor,
-                rollout: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        z0: torch.Tensor,
+        agent_xy: torch.Tensor,
+        agent_past: torch.Tensor,
+        agent_past_mask: torch.Tensor,
+        agent_yaw: torch.Tensor,
+        agent_class: torch.Tensor,
+        rollout: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trajectory modes of every agent.
 
         Args:
@@ -180,19 +214,24 @@ class TrajectoryHead(nn.Module):
         A = agent_xy.shape[1]
         P = self.past_steps
         if agent_xy.shape != (B, A, 2) or agent_yaw.shape != (B, A) or agent_class.shape != (B, A):
-            raise ValueError(f"agent_xy [B, A, 2], agent_yaw [B, A], agent_class [B, A] expected with B={B}, got "
-                             f"{list(agent_xy.shape)}, {list(agent_yaw.shape)}, {list(agent_class.shape)}")
+            raise ValueError(
+                f"agent_xy [B, A, 2], agent_yaw [B, A], agent_class [B, A] expected with B={B}, got "
+                f"{list(agent_xy.shape)}, {list(agent_yaw.shape)}, {list(agent_class.shape)}"
+            )
         if agent_past.shape != (B, A, P, 2) or agent_past_mask.shape != (B, A, P):
-            raise ValueError(f"agent_past: expected [{B}, {A}, {P}, 2] and mask [{B}, {A}, {P}], got "
-                             f"{list(agent_past.shape)} and {list(agent_past_mask.shape)}")
+            raise ValueError(
+                f"agent_past: expected [{B}, {A}, {P}, 2] and mask [{B}, {A}, {P}], got "
+                f"{list(agent_past.shape)} and {list(agent_past_mask.shape)}"
+            )
         latents = z0[:, None] if rollout is None else torch.cat([z0[:, None], rollout], dim=1)  # [B, L, C, H, W]
         L = latents.shape[1]
         cos, sin = torch.cos(agent_yaw), torch.sin(agent_yaw)  # [B, A]
 
         # Latent features: a heading-aligned square around each agent, sampled from every latent.
         S = self.patch_offsets.shape[0]
-        points = agent_xy[:, :, None] + _rotate(self.patch_offsets.to(agent_xy.dtype), cos[..., None],
-                                                sin[..., None])  # [B, A, S, 2] (m, t0)
+        points = agent_xy[:, :, None] + _rotate(
+            self.patch_offsets.to(agent_xy.dtype), cos[..., None], sin[..., None]
+        )  # [B, A, S, 2] (m, t0)
         samples = self.sample_latent(latents.reshape(B, L * C, H, W), points.reshape(B, A * S, 2))  # [B, A*S, L*C]
         samples = samples.reshape(B, A, S, L, C).permute(0, 1, 3, 2, 4).reshape(B * A, L, S * C)  # [B*A, L, S*C]
         per_latent = self.latent_proj(samples)  # [B*A, L, D]
@@ -205,8 +244,9 @@ class TrajectoryHead(nn.Module):
         past_in = torch.cat([relative, agent_past_mask[..., None].to(relative.dtype)], dim=-1)  # [B, A, P, 3]
         past_h = self.past_mlp(past_in.reshape(B, A, P * 3))  # [B, A, D]
 
-        pose = torch.stack([agent_xy[..., 0] / self.position_scale_m, agent_xy[..., 1] / self.position_scale_m,
-                            cos, sin], dim=-1)  # [B, A, 4]
+        pose = torch.stack(
+            [agent_xy[..., 0] / self.position_scale_m, agent_xy[..., 1] / self.position_scale_m, cos, sin], dim=-1
+        )  # [B, A, 4]
         h = self.fuse(torch.cat([latent_h, past_h, pose], dim=-1))  # [B, A, D]
         h = h + self.class_embedding(agent_class.long().clamp(0, self.classes - 1))
         h = self.trunk(h)  # [B, A, D]
@@ -221,8 +261,14 @@ class TrajectoryHead(nn.Module):
 class DetectionHead(nn.Module):
     """CenterPoint-style detection at t0: a per-class centre heat-map and box regression on ``detection_grid()``."""
 
-    def __init__(self, channels: int = 64, classes: int = 3, upsample: int = 2, hidden: int = 64,
-                 grid: geometry.GridSpec | None = None) -> None:
+    def __init__(
+        self,
+        channels: int = 64,
+        classes: int = 3,
+        upsample: int = 2,
+        hidden: int = 64,
+        grid: geometry.GridSpec | None = None,
+    ) -> None:
         """Build the head.
 
         Args:
@@ -236,13 +282,18 @@ class DetectionHead(nn.Module):
         self.grid = grid if grid is not None else detection_grid()
         self.classes, self.upsample = classes, upsample
         self.shared = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.SiLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.GroupNorm(8, hidden),
+            nn.SiLU(),
             nn.Upsample(scale_factor=upsample, mode="bilinear", align_corners=False),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(8, hidden), nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.GroupNorm(8, hidden),
+            nn.SiLU(),
         )
         self.heatmap = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, classes, 1))
-        self.regression = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU(),
-                                        nn.Conv2d(hidden, len(REGRESSION_CHANNELS), 1))
+        self.regression = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, len(REGRESSION_CHANNELS), 1)
+        )
         with torch.no_grad():
             self.heatmap[-1].bias.fill_(-2.19)  # initial centre probability 0.1, as CenterNet and CenterPoint
 
@@ -250,8 +301,10 @@ class DetectionHead(nn.Module):
         """Heat-map logits [B, classes, Hd, Wd] and regression [B, R, Hd, Wd] of a latent [B, C, H, W]."""
         B, C, H, W = z0.shape
         if (H * self.upsample, W * self.upsample) != self.grid.shape:
-            raise ValueError(f"z0: a [{H}, {W}] latent upsampled {self.upsample}x does not give the detection "
-                             f"grid's {self.grid.shape}")
+            raise ValueError(
+                f"z0: a [{H}, {W}] latent upsampled {self.upsample}x does not give the detection "
+                f"grid's {self.grid.shape}"
+            )
         h = self.shared(z0)  # [B, D, Hd, Wd]
         return self.heatmap(h), self.regression(h)
 
@@ -272,9 +325,16 @@ def gaussian_radius(length_cells: torch.Tensor, width_cells: torch.Tensor, min_o
     return torch.minimum(torch.minimum(r1, r2), r3)
 
 
-def detection_targets(agent_box: torch.Tensor, agent_velocity: torch.Tensor, agent_class: torch.Tensor,
-                      agent_mask: torch.Tensor, grid: geometry.GridSpec | None = None, classes: int = 3,
-                      min_radius: int = 2, min_overlap: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def detection_targets(
+    agent_box: torch.Tensor,
+    agent_velocity: torch.Tensor,
+    agent_class: torch.Tensor,
+    agent_mask: torch.Tensor,
+    grid: geometry.GridSpec | None = None,
+    classes: int = 3,
+    min_radius: int = 2,
+    min_overlap: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CenterPoint targets: Gaussian centre splats per class, and box regression at the centre cells.
 
     Each valid agent (masked in, of a class in range, centre inside the grid, finite box) splats
@@ -311,8 +371,13 @@ def detection_targets(agent_box: torch.Tensor, agent_velocity: torch.Tensor, age
     rows = torch.as_tensor(rows_np, device=device).reshape(B, A)
     cols = torch.as_tensor(cols_np, device=device).reshape(B, A)
     cls = agent_class.long()
-    valid = (agent_mask & torch.as_tensor(inside_np, device=device).reshape(B, A) & (cls >= 0) & (cls < classes)
-             & torch.isfinite(agent_box).all(-1))  # [B, A]
+    valid = (
+        agent_mask
+        & torch.as_tensor(inside_np, device=device).reshape(B, A)
+        & (cls >= 0)
+        & (cls < classes)
+        & torch.isfinite(agent_box).all(-1)
+    )  # [B, A]
     cls = cls.clamp(0, classes - 1)
 
     # Gaussian splats over a (2R + 1)² window around each centre, R the largest radius in the batch.
@@ -326,8 +391,15 @@ def detection_targets(agent_box: torch.Tensor, agent_velocity: torch.Tensor, age
     sigma = (2 * radius + 1) / 6  # [B, A]
     splat = torch.exp(-(di**2 + dj**2).to(dtype) / (2 * sigma[..., None] ** 2))  # [B, A, Q]
     r_i, r_j = rows[..., None] + di, cols[..., None] + dj  # [B, A, Q]
-    keep = (valid[..., None] & (di.abs() <= radius[..., None]) & (dj.abs() <= radius[..., None])
-            & (r_i >= 0) & (r_i < H) & (r_j >= 0) & (r_j < W))
+    keep = (
+        valid[..., None]
+        & (di.abs() <= radius[..., None])
+        & (dj.abs() <= radius[..., None])
+        & (r_i >= 0)
+        & (r_i < H)
+        & (r_j >= 0)
+        & (r_j < W)
+    )
     splat = torch.where(keep, splat, torch.zeros_like(splat))
     flat = cls[..., None] * (H * W) + r_i.clamp(0, H - 1) * W + r_j.clamp(0, W - 1)  # [B, A, Q] into classes*H*W
     heatmap = torch.zeros(B, classes * H * W, dtype=dtype, device=device)
@@ -336,10 +408,17 @@ def detection_targets(agent_box: torch.Tensor, agent_velocity: torch.Tensor, age
 
     # Regression at the centre cells.
     box = agent_box
-    values = torch.cat([
-        (box[..., :2] - centres) / res, box[..., 2:3], torch.log(box[..., 3:6].clamp(min=1e-3)),
-        torch.sin(box[..., 6:7]), torch.cos(box[..., 6:7]), agent_velocity.to(dtype),
-    ], dim=-1)  # [B, A, R]
+    values = torch.cat(
+        [
+            (box[..., :2] - centres) / res,
+            box[..., 2:3],
+            torch.log(box[..., 3:6].clamp(min=1e-3)),
+            torch.sin(box[..., 6:7]),
+            torch.cos(box[..., 6:7]),
+            agent_velocity.to(dtype),
+        ],
+        dim=-1,
+    )  # [B, A, R]
     batch_index = torch.arange(B, device=device)[:, None].expand(B, A)
     regression = torch.zeros(B, H, W, len(REGRESSION_CHANNELS), dtype=dtype, device=device)
     regression[batch_index[valid], rows[valid], cols[valid]] = values[valid]
@@ -368,23 +447,36 @@ class Detections:
 
     def __post_init__(self) -> None:
         n = len(self.scores)
-        for name, shape in (("boxes", (n, 7)), ("velocity", (n, 2)), ("scores", (n,)), ("classes", (n,)),
-                            ("batch_index", (n,))):
+        for name, shape in (
+            ("boxes", (n, 7)),
+            ("velocity", (n, 2)),
+            ("scores", (n,)),
+            ("classes", (n,)),
+            ("batch_index", (n,)),
+        ):
             value = getattr(self, name)
             if not isinstance(value, np.ndarray) or value.shape != shape:
-                raise ValueError(f"Detections.{name}: expected an array of shape {shape}, got "
-                                 f"{getattr(value, 'shape', type(value).__name__)}")
+                raise ValueError(
+                    f"Detections.{name}: expected an array of shape {shape}, got "
+                    f"{getattr(value, 'shape', type(value).__name__)}"
+                )
 
     def for_sample(self, b: int) -> Detections:
         """The detections of sample ``b``."""
         keep = self.batch_index == b
-        return Detections(self.boxes[keep], self.velocity[keep], self.scores[keep], self.classes[keep],
-                          self.batch_index[keep])
+        return Detections(
+            self.boxes[keep], self.velocity[keep], self.scores[keep], self.classes[keep], self.batch_index[keep]
+        )
 
 
 @torch.no_grad()
-def decode_detections(heatmap_logits: torch.Tensor, regression: torch.Tensor, grid: geometry.GridSpec | None = None,
-                      top_k: int = 100, threshold: float = 0.1) -> Detections:
+def decode_detections(
+    heatmap_logits: torch.Tensor,
+    regression: torch.Tensor,
+    grid: geometry.GridSpec | None = None,
+    top_k: int = 100,
+    threshold: float = 0.1,
+) -> Detections:
     """Boxes from the heat-map peaks: 3 x 3 max-pool NMS, the ``top_k`` best per sample, those above ``threshold``.
 
     Args:
@@ -400,9 +492,11 @@ def decode_detections(heatmap_logits: torch.Tensor, regression: torch.Tensor, gr
     grid = grid if grid is not None else detection_grid()
     B, C, H, W = heatmap_logits.shape
     if (H, W) != grid.shape or regression.shape != (B, len(REGRESSION_CHANNELS), H, W):
-        raise ValueError(f"heatmap_logits [B, C, {grid.shape[0]}, {grid.shape[1]}] and regression "
-                         f"[B, {len(REGRESSION_CHANNELS)}, H, W] expected, got {list(heatmap_logits.shape)} and "
-                         f"{list(regression.shape)}")
+        raise ValueError(
+            f"heatmap_logits [B, C, {grid.shape[0]}, {grid.shape[1]}] and regression "
+            f"[B, {len(REGRESSION_CHANNELS)}, H, W] expected, got {list(heatmap_logits.shape)} and "
+            f"{list(regression.shape)}"
+        )
     scores = torch.sigmoid(heatmap_logits.float())  # [B, C, H, W]
     peaks = F.max_pool2d(scores, kernel_size=3, stride=1, padding=1)
     scores = torch.where(scores == peaks, scores, torch.zeros_like(scores))

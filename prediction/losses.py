@@ -18,8 +18,9 @@ def _layer_norm_channels(z: torch.Tensor, dim: int) -> torch.Tensor:
     return (z - mean) * torch.rsqrt(var + 1e-5)
 
 
-def latent_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+def latent_prediction_loss(
+    predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The JEPA loss: smooth-L1 between the layer-normalised channels of each cell, the target detached.
 
     Both latents are normalised over channels per cell, so the loss compares the pattern of the channels and not
@@ -34,10 +35,13 @@ def latent_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, mask: 
         [] the mean over the scored steps, cells and channels (0 with gradient if none is scored).
     """
     if predicted.shape != target.shape or predicted.dim() != 5:
-        raise ValueError(f"predicted and target: expected equal [B, F, C, H, W], got {list(predicted.shape)} and "
-                         f"{list(target.shape)}")
-    loss = F.smooth_l1_loss(_layer_norm_channels(predicted, 2), _layer_norm_channels(target.detach(), 2),
-                            reduction="none").mean(dim=(2, 3, 4))  # [B, F]
+        raise ValueError(
+            f"predicted and target: expected equal [B, F, C, H, W], got {list(predicted.shape)} and "
+            f"{list(target.shape)}"
+        )
+    loss = F.smooth_l1_loss(
+        _layer_norm_channels(predicted, 2), _layer_norm_channels(target.detach(), 2), reduction="none"
+    ).mean(dim=(2, 3, 4))  # [B, F]
     if mask is None:
         return loss.mean()
     weight = mask.to(loss.dtype)
@@ -69,8 +73,13 @@ def vicreg_regularizer(z: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor
     return variance_loss, off_diagonal.pow(2).sum() / C
 
 
-def occupancy_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
-                   pos_weight: float | torch.Tensor = 5.0, focal_gamma: float = 0.0) -> torch.Tensor:
+def occupancy_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    pos_weight: float | torch.Tensor = 5.0,
+    focal_gamma: float = 0.0,
+) -> torch.Tensor:
     """Per-class occupancy: binary cross-entropy with a weight on the (rare) occupied cells, optionally focal.
 
     Args:
@@ -84,8 +93,9 @@ def occupancy_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
         [] the mean over the scored elements.
     """
     if logits.shape != target.shape or logits.dim() != 5:
-        raise ValueError(f"logits and target: expected equal [B, S, Cls, H, W], got {list(logits.shape)} and "
-                         f"{list(target.shape)}")
+        raise ValueError(
+            f"logits and target: expected equal [B, S, Cls, H, W], got {list(logits.shape)} and {list(target.shape)}"
+        )
     y = target.to(logits.dtype)
     weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
     if weight.dim() == 1:
@@ -109,8 +119,14 @@ def _masked_displacements(modes: torch.Tensor, future: torch.Tensor, future_mask
     return torch.where(future_mask[..., None, :], error, torch.zeros_like(error))
 
 
-def trajectory_loss(modes: torch.Tensor, mode_logits: torch.Tensor, future: torch.Tensor, future_mask: torch.Tensor,
-                    agent_mask: torch.Tensor, huber_delta_m: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def trajectory_loss(
+    modes: torch.Tensor,
+    mode_logits: torch.Tensor,
+    future: torch.Tensor,
+    future_mask: torch.Tensor,
+    agent_mask: torch.Tensor,
+    huber_delta_m: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Winner-takes-all trajectory loss: the mode with the least masked ADE is regressed and classified.
 
     Agents that are padding or have no valid future step are left out.
@@ -129,11 +145,17 @@ def trajectory_loss(modes: torch.Tensor, mode_logits: torch.Tensor, future: torc
         Both are 0, with gradient, when no agent counts.
     """
     B, A, K, T, _ = modes.shape
-    if mode_logits.shape != (B, A, K) or future.shape != (B, A, T, 2) or future_mask.shape != (B, A, T) \
-            or agent_mask.shape != (B, A):
-        raise ValueError(f"trajectory_loss: shapes do not agree with modes {list(modes.shape)}: mode_logits "
-                         f"{list(mode_logits.shape)}, future {list(future.shape)}, future_mask "
-                         f"{list(future_mask.shape)}, agent_mask {list(agent_mask.shape)}")
+    if (
+        mode_logits.shape != (B, A, K)
+        or future.shape != (B, A, T, 2)
+        or future_mask.shape != (B, A, T)
+        or agent_mask.shape != (B, A)
+    ):
+        raise ValueError(
+            f"trajectory_loss: shapes do not agree with modes {list(modes.shape)}: mode_logits "
+            f"{list(mode_logits.shape)}, future {list(future.shape)}, future_mask "
+            f"{list(future_mask.shape)}, agent_mask {list(agent_mask.shape)}"
+        )
     valid = agent_mask & future_mask.any(dim=-1)  # [B, A]
     if not bool(valid.any()):
         zero = modes.sum() * 0.0 + mode_logits.sum() * 0.0
@@ -152,9 +174,16 @@ def trajectory_loss(modes: torch.Tensor, mode_logits: torch.Tensor, future: torc
     return regression, classification
 
 
-def detection_loss(heatmap_logits: torch.Tensor, regression: torch.Tensor, heatmap_target: torch.Tensor,
-                   regression_target: torch.Tensor, regression_mask: torch.Tensor, alpha: float = 2.0,
-                   beta: float = 4.0, regression_weight: float = 0.25) -> torch.Tensor:
+def detection_loss(
+    heatmap_logits: torch.Tensor,
+    regression: torch.Tensor,
+    heatmap_target: torch.Tensor,
+    regression_target: torch.Tensor,
+    regression_mask: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 4.0,
+    regression_weight: float = 0.25,
+) -> torch.Tensor:
     """CenterNet's focal loss on the heat-map plus L1 on the box regression at the object centres.
 
     Args:
@@ -182,15 +211,22 @@ def detection_loss(heatmap_logits: torch.Tensor, regression: torch.Tensor, heatm
     pred = regression.permute(0, 2, 3, 1)[regression_mask]  # [M, R]
     target = regression_target.permute(0, 2, 3, 1)[regression_mask]  # [M, R]
     finite = torch.isfinite(target)
-    l1 = torch.where(finite, (pred - torch.where(finite, target, torch.zeros_like(target))).abs(),
-                     torch.zeros_like(pred))  # [M, R]
+    l1 = torch.where(
+        finite, (pred - torch.where(finite, target, torch.zeros_like(target))).abs(), torch.zeros_like(pred)
+    )  # [M, R]
     regression_term = l1.sum() / max(pred.shape[0], 1)
     return heatmap_term + regression_weight * regression_term
 
 
 @torch.no_grad()
-def min_ade_fde(modes: torch.Tensor, mode_logits: torch.Tensor, future: torch.Tensor, future_mask: torch.Tensor,
-                k: int, agent_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def min_ade_fde(
+    modes: torch.Tensor,
+    mode_logits: torch.Tensor,
+    future: torch.Tensor,
+    future_mask: torch.Tensor,
+    k: int,
+    agent_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """minADE_k and minFDE_k of each agent, over its ``k`` most probable modes (each minimised on its own).
 
     ADE is the mean displacement over the agent's valid steps, FDE the displacement at its last valid step, as

@@ -87,8 +87,16 @@ class SensorFrames:
     @staticmethod
     def past(batch: torch_dataset.WindowBatch) -> SensorFrames:
         """The window's P input frames."""
-        return SensorFrames(batch.points, batch.points_frame, batch.points_batch, batch.images, batch.camera_mask,
-                            batch.intrinsics, batch.t0_from_camera, batch.t0_from_ego)
+        return SensorFrames(
+            batch.points,
+            batch.points_frame,
+            batch.points_batch,
+            batch.images,
+            batch.camera_mask,
+            batch.intrinsics,
+            batch.t0_from_camera,
+            batch.t0_from_ego,
+        )
 
     @staticmethod
     def observed_sequence(batch: torch_dataset.WindowBatch) -> SensorFrames:
@@ -127,9 +135,12 @@ class BevEncoder(nn.Module):
         camera_bev = lidar_bev = None
         if self.camera is not None:
             own_from_camera = ego_from_reference[:, None] @ frames.reference_from_camera.reshape(b * s, 6, 4, 4)
-            camera_bev = self.camera(frames.images.reshape(b * s, *frames.images.shape[2:]),  # [B*S, 6, 3, Hc, Wc]
-                                     frames.intrinsics.reshape(b * s, 6, 3, 3), own_from_camera,
-                                     frames.camera_mask.reshape(b * s, 6))  # [B*S, Cc, H, W]
+            camera_bev = self.camera(
+                frames.images.reshape(b * s, *frames.images.shape[2:]),  # [B*S, 6, 3, Hc, Wc]
+                frames.intrinsics.reshape(b * s, 6, 3, 3),
+                own_from_camera,
+                frames.camera_mask.reshape(b * s, 6),
+            )  # [B*S, Cc, H, W]
         if self.lidar is not None:
             owner = frames.points_batch * s + frames.points_frame  # [M] index into B*S
             transform = ego_from_reference[owner]  # [M, 4, 4]
@@ -137,14 +148,14 @@ class BevEncoder(nn.Module):
             points = torch.cat([xyz, frames.points[:, 3:]], dim=1)  # [M, 5] in each frame's own ego frame
             lidar_bev = self.lidar(points, owner, b * s)  # [B*S, Cl, H, W]
         fused = self.fuse(camera_bev, lidar_bev)  # [B*S, C, H, W]
-        warped = fuser.warp_to_reference(fused, frames.reference_from_ego.reshape(b * s, 4, 4),
-                                         self.config.fuser.grid)  # [B*S, C, H, W]
+        warped = fuser.warp_to_reference(
+            fused, frames.reference_from_ego.reshape(b * s, 4, 4), self.config.fuser.grid
+        )  # [B*S, C, H, W]
         return warped.reshape(b, s, *warped.shape[1:])
 
     def forward(self, frames: SensorFrames) -> torch.Tensor:
         """The latent of the last P frames: [B, C, H, W] (S must equal P)."""
         return self.temporal(self.frame_latents(frames))
-
 
 
 def _select_frames(frames: SensorFrames, keep: list[int]) -> SensorFrames:
@@ -155,9 +166,16 @@ def _select_frames(frames: SensorFrames, keep: list[int]) -> SensorFrames:
     new_frame = renumber[frames.points_frame]  # [M]
     kept = new_frame >= 0
     index = torch.as_tensor(keep, device=frames.points.device)
-    return SensorFrames(frames.points[kept], new_frame[kept], frames.points_batch[kept], frames.images[:, index],
-                        frames.camera_mask[:, index], frames.intrinsics[:, index],
-                        frames.reference_from_camera[:, index], frames.reference_from_ego[:, index])
+    return SensorFrames(
+        frames.points[kept],
+        new_frame[kept],
+        frames.points_batch[kept],
+        frames.images[:, index],
+        frames.camera_mask[:, index],
+        frames.intrinsics[:, index],
+        frames.reference_from_camera[:, index],
+        frames.reference_from_ego[:, index],
+    )
 
 
 @dataclass(frozen=True)
@@ -194,8 +212,9 @@ class BevJepa(nn.Module):
         self.predictor = world_model.Predictor(config.predictor)
         channels = config.fuser.channels
         self.occupancy = heads.OccupancyHead(channels=channels, classes=config.classes)
-        self.trajectory = heads.TrajectoryHead(channels=channels, modes=config.modes, steps=config.trajectory_steps,
-                                               past_steps=config.fuser.past_frames)
+        self.trajectory = heads.TrajectoryHead(
+            channels=channels, modes=config.modes, steps=config.trajectory_steps, past_steps=config.fuser.past_frames
+        )
         self.detection = heads.DetectionHead(channels=channels, classes=config.classes)
 
     def forward(self, batch: torch_dataset.WindowBatch, actions: torch.Tensor | None = None) -> ModelOutput:
@@ -215,8 +234,15 @@ class BevJepa(nn.Module):
         occupancy = self.occupancy(sequence.reshape(b * (f + 1), c, h, w))  # [B*(F+1), classes, 128, 128]
         occupancy = occupancy.reshape(b, f + 1, *occupancy.shape[1:])
         agent_xy = batch.agent_box[..., :2]  # [B, A, 2]
-        modes, mode_logits = self.trajectory(latent, agent_xy, batch.agent_past, batch.agent_past_mask,
-                                             batch.agent_box[..., 6], batch.agent_class, rollout=rollout)
+        modes, mode_logits = self.trajectory(
+            latent,
+            agent_xy,
+            batch.agent_past,
+            batch.agent_past_mask,
+            batch.agent_box[..., 6],
+            batch.agent_class,
+            rollout=rollout,
+        )
         heatmap, regression = self.detection(latent)
         return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression)
 
@@ -234,8 +260,9 @@ class BevJepa(nn.Module):
         needed = sorted({s for k in steps for s in range(k, k + p)})  # frame indices in the P + F sequence
         latents = self.target_encoder.frame_latents(_select_frames(frames, needed))  # [B, len(needed), C, H, W]
         position = {s: i for i, s in enumerate(needed)}
-        return torch.stack([self.target_encoder.temporal(latents[:, [position[s] for s in range(k, k + p)]])
-                            for k in steps], dim=1)
+        return torch.stack(
+            [self.target_encoder.temporal(latents[:, [position[s] for s in range(k, k + p)]]) for k in steps], dim=1
+        )
 
     @torch.no_grad()
     def update_target(self, decay: float) -> None:
@@ -286,8 +313,9 @@ class Losses:
         return {name: float(getattr(self, name).detach()) for name in self.__dataclass_fields__}
 
 
-def compute_losses(model: BevJepa, batch: torch_dataset.WindowBatch, output: ModelOutput,
-                   weights: LossWeights) -> Losses:
+def compute_losses(
+    model: BevJepa, batch: torch_dataset.WindowBatch, output: ModelOutput, weights: LossWeights
+) -> Losses:
     """All loss terms of one batch; the latent term needs the batch's future inputs when its weight is not 0."""
     zero = output.latent.new_zeros(())
     if weights.latent > 0:
@@ -301,13 +329,22 @@ def compute_losses(model: BevJepa, batch: torch_dataset.WindowBatch, output: Mod
     everything = torch.cat([output.latent[:, None], output.rollout], dim=1).reshape(b * (f + 1), c, h, w)
     variance, covariance = losses.vicreg_regularizer(everything)
     occupancy = losses.occupancy_loss(output.occupancy_logits, batch.occupancy)
-    trajectory, mode = losses.trajectory_loss(output.modes, output.mode_logits, batch.agent_future,
-                                              batch.agent_future_mask, batch.agent_mask)
+    trajectory, mode = losses.trajectory_loss(
+        output.modes, output.mode_logits, batch.agent_future, batch.agent_future_mask, batch.agent_mask
+    )
     heatmap_target, regression_target, regression_mask = heads.detection_targets(
-        batch.agent_box, batch.agent_velocity, batch.agent_class, batch.agent_mask, model.detection.grid)
-    detection = losses.detection_loss(output.heatmap_logits, output.regression, heatmap_target, regression_target,
-                                      regression_mask)
-    total = (weights.latent * latent + weights.variance * variance + weights.covariance * covariance
-             + weights.occupancy * occupancy + weights.trajectory * trajectory + weights.mode * mode
-             + weights.detection * detection)
+        batch.agent_box, batch.agent_velocity, batch.agent_class, batch.agent_mask, model.detection.grid
+    )
+    detection = losses.detection_loss(
+        output.heatmap_logits, output.regression, heatmap_target, regression_target, regression_mask
+    )
+    total = (
+        weights.latent * latent
+        + weights.variance * variance
+        + weights.covariance * covariance
+        + weights.occupancy * occupancy
+        + weights.trajectory * trajectory
+        + weights.mode * mode
+        + weights.detection * detection
+    )
     return Losses(total, latent, variance, covariance, occupancy, trajectory, mode, detection)

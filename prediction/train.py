@@ -60,13 +60,22 @@ def split_scenes(data: Path, split: str) -> list[str]:
     return scenes
 
 
-def make_loader(data: Path, scenes: list[str], batch_size: int, shuffle: bool, seed: int, workers: int,
-                future: bool) -> DataLoader:
+def make_loader(
+    data: Path, scenes: list[str], batch_size: int, shuffle: bool, seed: int, workers: int, future: bool
+) -> DataLoader:
     """A DataLoader of collated window batches, shuffled reproducibly from ``seed``."""
     dataset = torch_dataset.WindowDataset(data, scenes=scenes, future_inputs=future)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=torch_dataset.collate,
-                      num_workers=workers, generator=generator, persistent_workers=workers > 0, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=torch_dataset.collate,
+        num_workers=workers,
+        generator=generator,
+        persistent_workers=workers > 0,
+        drop_last=False,
+    )
 
 
 def _cycle(loader: DataLoader):
@@ -84,8 +93,9 @@ def _learning_rate(config: experiment_config.TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def validate(net: model.BevJepa, loader: DataLoader, weights: model.LossWeights,
-             max_batches: int | None = None) -> dict[str, float]:
+def validate(
+    net: model.BevJepa, loader: DataLoader, weights: model.LossWeights, max_batches: int | None = None
+) -> dict[str, float]:
     """Mean loss terms over a loader (its first ``max_batches``), in eval mode."""
     was_training = net.training
     net.eval()
@@ -98,15 +108,17 @@ def validate(net: model.BevJepa, loader: DataLoader, weights: model.LossWeights,
         terms = model.compute_losses(net, batch, output, weights).scalars()
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value * batch.batch_size
-        totals["latent_std"] = totals.get("latent_std", 0.0) + float(output.latent.std(dim=(0, 2, 3)).mean()) * \
-            batch.batch_size
+        totals["latent_std"] = (
+            totals.get("latent_std", 0.0) + float(output.latent.std(dim=(0, 2, 3)).mean()) * batch.batch_size
+        )
         count += batch.batch_size
     net.train(was_training)
     return {name: value / max(count, 1) for name, value in totals.items()}
 
 
-def train(data: Path, run: Path, config: experiment_config.ExperimentConfig, resume: bool = False,
-          progress: bool = True) -> TrainSummary:
+def train(
+    data: Path, run: Path, config: experiment_config.ExperimentConfig, resume: bool = False, progress: bool = True
+) -> TrainSummary:
     """Train ``config`` on the windows in ``data``; checkpoints, TensorBoard and metrics go to ``run``.
 
     Args:
@@ -119,8 +131,9 @@ def train(data: Path, run: Path, config: experiment_config.ExperimentConfig, res
     return training_loop(data, run, config, resume, progress, distributed=False)
 
 
-def training_loop(data: Path, run: Path, config: experiment_config.ExperimentConfig, resume: bool, progress: bool,
-                  distributed: bool) -> TrainSummary:
+def training_loop(
+    data: Path, run: Path, config: experiment_config.ExperimentConfig, resume: bool, progress: bool, distributed: bool
+) -> TrainSummary:
     """The loop behind ``train``.
 
     With ``distributed`` it runs inside a Ray Train worker (DDP, sharded data), and only the worker of rank 0
@@ -138,11 +151,14 @@ def training_loop(data: Path, run: Path, config: experiment_config.ExperimentCon
     if resume:
         previous = checkpoint.load_state(run)
         if previous["config_hash"] != config.content_hash():
-            raise ValueError(f"--resume: {run} was trained with another configuration (hash "
-                             f"{previous['config_hash']}, this one {config.content_hash()})")
+            raise ValueError(
+                f"--resume: {run} was trained with another configuration (hash "
+                f"{previous['config_hash']}, this one {config.content_hash()})"
+            )
     elif (run / "state.json").exists() and rank == 0:
-        raise FileExistsError(f"--out {run} already holds a checkpoint; pass --resume to continue it or choose "
-                              "another folder")
+        raise FileExistsError(
+            f"--out {run} already holds a checkpoint; pass --resume to continue it or choose another folder"
+        )
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     net = model.BevJepa(config.model)
@@ -156,18 +172,25 @@ def training_loop(data: Path, run: Path, config: experiment_config.ExperimentCon
         torch.manual_seed(settings.seed + step)
     net.train()
     future = settings.weights.latent > 0
-    train_loader = make_loader(data, split_scenes(data, settings.train_split), settings.batch_size, True,
-                               settings.seed + step, settings.loader_workers, future)
-    val_loader = make_loader(data, split_scenes(data, settings.val_split), settings.batch_size, False, 0, 0,
-                             future)
+    train_loader = make_loader(
+        data,
+        split_scenes(data, settings.train_split),
+        settings.batch_size,
+        True,
+        settings.seed + step,
+        settings.loader_workers,
+        future,
+    )
+    val_loader = make_loader(data, split_scenes(data, settings.val_split), settings.batch_size, False, 0, 0, future)
     core = net
     if distributed:
         import ray.train.torch
 
         net = ray.train.torch.prepare_model(net)  # DistributedDataParallel; ``core`` stays the bare model
         train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)
-    optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in core.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
     if resume:
         checkpoint.load_optimizer(run, optimizer)
     writer = SummaryWriter(str(run / "tensorboard")) if rank == 0 else None
@@ -218,5 +241,6 @@ def training_loop(data: Path, run: Path, config: experiment_config.ExperimentCon
         bar.close()
         if writer is not None:
             writer.close()
-    return TrainSummary(run, step, time.perf_counter() - start, float(np.median(step_times)) if step_times else 0.0,
-                        last, validation)
+    return TrainSummary(
+        run, step, time.perf_counter() - start, float(np.median(step_times)) if step_times else 0.0, last, validation
+    )

@@ -135,8 +135,10 @@ class Predictor(nn.Module):
         """
         B, C, H, W = z.shape
         if (C, H, W) != (self.config.channels, *self.config.grid.shape):
-            raise ValueError(f"z: expected [B, {self.config.channels}, {self.config.grid.shape[0]}, "
-                             f"{self.config.grid.shape[1]}], got {list(z.shape)}")
+            raise ValueError(
+                f"z: expected [B, {self.config.channels}, {self.config.grid.shape[0]}, "
+                f"{self.config.grid.shape[1]}], got {list(z.shape)}"
+            )
         if action.shape != (B, 3):
             raise ValueError(f"action: expected [{B}, 3], got {list(action.shape)}")
         if t0_from_ego is None:
@@ -202,8 +204,7 @@ def ema_update(target: nn.Module, online: nn.Module, decay: float) -> None:
         ("buffers", dict(target.named_buffers()), dict(online.named_buffers())),
     ):
         if t_items.keys() != o_items.keys():
-            raise ValueError(f"ema_update: target and online {kind} differ: "
-                             f"{sorted(set(t_items) ^ set(o_items))[:5]}")
+            raise ValueError(f"ema_update: target and online {kind} differ: {sorted(set(t_items) ^ set(o_items))[:5]}")
         for name, t in t_items.items():
             o = o_items[name].detach()
             if t.is_floating_point():

@@ -25,8 +25,9 @@ BOX_BOTTOM_Z_M = 0.02
 """Agent boxes stand this far above the ground, as the simulator places them."""
 
 
-def street_scene(layout_name: str = "intersection", seed: int = 0, agent_count: int = 20
-                 ) -> tuple[layouts.RoadLayout, list[types.Box3D], geometry.RigidTransform]:
+def street_scene(
+    layout_name: str = "intersection", seed: int = 0, agent_count: int = 20
+) -> tuple[layouts.RoadLayout, list[types.Box3D], geometry.RigidTransform]:
     """A layout, ``agent_count`` cars on its lanes near the ego, and the ego pose.
 
     The ego drives the first incoming lane 25 m before its end; the cars stand on lane centrelines (every 10 m
@@ -49,8 +50,13 @@ def street_scene(layout_name: str = "intersection", seed: int = 0, agent_count: 
     order = np.argsort(np.where(distance >= 9.0, distance, np.inf), kind="stable")[:agent_count]
     w, length, h = CAR_SIZE_WLH_M
     agents = [
-        types.Box3D(np.array([*xy[i], BOX_BOTTOM_Z_M + h / 2]), np.array([w, length, h]),
-                    float(np.arctan2(step[i, 1], step[i, 0])), category="vehicle.car", instance_id=f"car-{n:02d}")
+        types.Box3D(
+            np.array([*xy[i], BOX_BOTTOM_Z_M + h / 2]),
+            np.array([w, length, h]),
+            float(np.arctan2(step[i, 1], step[i, 0])),
+            category="vehicle.car",
+            instance_id=f"car-{n:02d}",
+        )
         for n, i in enumerate(order)
     ]
     return layout, agents, global_from_ego
@@ -114,8 +120,9 @@ def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: 
     }
 
 
-def camera_throughput(layout_name: str = "intersection", frames: int = 5, seed: int = 0,
-                      cameras: sensors.CameraConfig | None = None) -> dict:
+def camera_throughput(
+    layout_name: str = "intersection", frames: int = 5, seed: int = 0, cameras: sensors.CameraConfig | None = None
+) -> dict:
     """Camera images per second (six per frame), end to end, against bare ``cast_rays`` of the same rays.
 
     Returns:
@@ -128,8 +135,9 @@ def camera_throughput(layout_name: str = "intersection", frames: int = 5, seed: 
     scene = renderer.raycasting_scene(agents)
     rays = renderer.camera_rays(global_from_ego)  # [C*H*W, 6]
 
-    seconds, raw_seconds = _interleaved(frames, lambda: renderer.camera_images(agents, global_from_ego, 0),
-                                        lambda: scene.cast_rays(rays))
+    seconds, raw_seconds = _interleaved(
+        frames, lambda: renderer.camera_images(agents, global_from_ego, 0), lambda: scene.cast_rays(rays)
+    )
     count = len(types.CAMERA_CHANNELS)
     return {
         "layout": layout_name,
@@ -175,8 +183,13 @@ def scene_strategies(layout_name: str = "intersection", sweeps: int = 20, seed: 
     if not np.array_equal(fresh(), split()):
         raise AssertionError("scene_strategies: the two strategies disagree on the hits")
     fresh_s, split_s = _interleaved(sweeps, fresh, split)
-    return {"layout": layout_name, "sweeps": sweeps, "fresh_ms": 1e3 * fresh_s, "split_ms": 1e3 * split_s,
-            "split_over_fresh": split_s / fresh_s}
+    return {
+        "layout": layout_name,
+        "sweeps": sweeps,
+        "fresh_ms": 1e3 * fresh_s,
+        "split_ms": 1e3 * split_s,
+        "split_over_fresh": split_s / fresh_s,
+    }
 
 
 def synth_wall_time(scenes: int = 10, duration_s: float = 20.0, workers: int = 2, seed: int = 0) -> dict:
@@ -191,15 +204,24 @@ def synth_wall_time(scenes: int = 10, duration_s: float = 20.0, workers: int = 2
 
     parent = Path(tempfile.mkdtemp(prefix="bevjepa-bench-"))
     try:
-        config = synth.SynthConfig(out=parent / "mini", scenes=scenes, seed=seed, duration_s=duration_s,
-                                   workers=workers)
+        config = synth.SynthConfig(
+            out=parent / "mini", scenes=scenes, seed=seed, duration_s=duration_s, workers=workers
+        )
         report = synth.synthesize(config)
         size = sum(f.stat().st_size for f in report.out.rglob("*") if f.is_file())
     finally:
         shutil.rmtree(parent, ignore_errors=True)
-    return {"scenes": scenes, "duration_s": duration_s, "workers": workers, "wall_s": report.wall_time_s,
-            "keyframes": report.keyframes, "sweeps": report.sweeps, "images": report.images, "bytes": size,
-            "sweeps_per_s": report.sweeps / report.wall_time_s}
+    return {
+        "scenes": scenes,
+        "duration_s": duration_s,
+        "workers": workers,
+        "wall_s": report.wall_time_s,
+        "keyframes": report.keyframes,
+        "sweeps": report.sweeps,
+        "images": report.images,
+        "bytes": size,
+        "sweeps_per_s": report.sweeps / report.wall_time_s,
+    }
 
 
 def format_report(result: dict) -> str:

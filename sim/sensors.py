@@ -96,24 +96,30 @@ NATIVE_WIDTH_PX, NATIVE_HEIGHT_PX = 1600, 900
 """The resolution the nuScenes intrinsics are given at."""
 
 
-def _calibration(translation: list[float], rotation_wxyz: list[float], focal_px: float, cx_px: float,
-                 cy_px: float) -> CameraCalibration:
+def _calibration(
+    translation: list[float], rotation_wxyz: list[float], focal_px: float, cx_px: float, cy_px: float
+) -> CameraCalibration:
     # from_quaternion normalises the (rounded) quaternion.
-    return CameraCalibration(geometry.RigidTransform.from_quaternion(np.array(rotation_wxyz), np.array(translation)),
-                             focal_px, cx_px, cy_px)
+    return CameraCalibration(
+        geometry.RigidTransform.from_quaternion(np.array(rotation_wxyz), np.array(translation)), focal_px, cx_px, cy_px
+    )
 
 
 NUSCENES_CAMERAS: dict[str, CameraCalibration] = {
     "CAM_FRONT": _calibration([1.7008, 0.0159, 1.511], [0.4998, -0.50303, 0.49978, -0.49737], 1266.4, 816.3, 491.5),
-    "CAM_FRONT_RIGHT": _calibration([1.5508, -0.4934, 1.4957], [0.20603, -0.20269, 0.68245, -0.67136], 1260.8, 808.0,
-                                    495.3),
-    "CAM_BACK_RIGHT": _calibration([1.0149, -0.4806, 1.5624], [0.12281, -0.1324, -0.70043, 0.6905], 1259.5, 807.3,
-                                   501.2),
+    "CAM_FRONT_RIGHT": _calibration(
+        [1.5508, -0.4934, 1.4957], [0.20603, -0.20269, 0.68245, -0.67136], 1260.8, 808.0, 495.3
+    ),
+    "CAM_BACK_RIGHT": _calibration(
+        [1.0149, -0.4806, 1.5624], [0.12281, -0.1324, -0.70043, 0.6905], 1259.5, 807.3, 501.2
+    ),
     "CAM_BACK": _calibration([0.0283, 0.0035, 1.5791], [0.50379, -0.4974, -0.49419, 0.50455], 809.2, 829.2, 481.8),
-    "CAM_BACK_LEFT": _calibration([1.0357, 0.4848, 1.591], [0.69242, -0.70316, -0.11648, 0.11203], 1256.7, 792.1,
-                                  492.8),
-    "CAM_FRONT_LEFT": _calibration([1.5239, 0.4946, 1.5093], [0.67573, -0.67363, 0.21214, -0.21123], 1272.6, 826.6,
-                                   479.8),
+    "CAM_BACK_LEFT": _calibration(
+        [1.0357, 0.4848, 1.591], [0.69242, -0.70316, -0.11648, 0.11203], 1256.7, 792.1, 492.8
+    ),
+    "CAM_FRONT_LEFT": _calibration(
+        [1.5239, 0.4946, 1.5093], [0.67573, -0.67363, 0.21214, -0.21123], 1272.6, 826.6, 479.8
+    ),
 }
 """The six nuScenes cameras (one real ``calibrated_sensor`` record each), keyed by ``types.CAMERA_CHANNELS``."""
 
@@ -146,11 +152,14 @@ class LidarConfig:
 
     def __post_init__(self) -> None:
         if self.beam_count < 1 or self.azimuth_steps < 1:
-            raise ValueError(f"LidarConfig: beam_count ({self.beam_count}) and azimuth_steps "
-                             f"({self.azimuth_steps}) must be positive")
+            raise ValueError(
+                f"LidarConfig: beam_count ({self.beam_count}) and azimuth_steps ({self.azimuth_steps}) must be positive"
+            )
         if not -90.0 < self.elevation_min_deg <= self.elevation_max_deg < 90.0:
-            raise ValueError(f"LidarConfig: elevations [{self.elevation_min_deg}, {self.elevation_max_deg}] deg "
-                             "must be ordered and within (-90, 90)")
+            raise ValueError(
+                f"LidarConfig: elevations [{self.elevation_min_deg}, {self.elevation_max_deg}] deg "
+                "must be ordered and within (-90, 90)"
+            )
         if not self.max_range_m > 0:
             raise ValueError(f"LidarConfig.max_range_m must be positive, got {self.max_range_m}")
         if not self.range_noise_std_m >= 0:
@@ -177,8 +186,11 @@ class LidarConfig:
         azimuth = np.arange(self.azimuth_steps) * (2 * np.pi / self.azimuth_steps)  # [S]
         cos_el = np.cos(elevation)[None, :]
         directions = np.stack(
-            [cos_el * np.cos(azimuth)[:, None], cos_el * np.sin(azimuth)[:, None],
-             np.broadcast_to(np.sin(elevation)[None, :], (self.azimuth_steps, self.beam_count))],
+            [
+                cos_el * np.cos(azimuth)[:, None],
+                cos_el * np.sin(azimuth)[:, None],
+                np.broadcast_to(np.sin(elevation)[None, :], (self.azimuth_steps, self.beam_count)),
+            ],
             axis=-1,
         ).reshape(-1, 3)  # [S*R, 3]
         ring = np.tile(np.arange(self.beam_count, dtype=np.float32), self.azimuth_steps)  # [S*R]
@@ -208,9 +220,13 @@ class CameraConfig:
         """[3, 3] float64 pinhole matrix of ``channel`` at this resolution (pixels)."""
         calibration = NUSCENES_CAMERAS[channel]
         sx, sy = self.width_px / NATIVE_WIDTH_PX, self.height_px / NATIVE_HEIGHT_PX
-        return np.array([[calibration.focal_px * sx, 0.0, calibration.cx_px * sx],
-                         [0.0, calibration.focal_px * sy, calibration.cy_px * sy],
-                         [0.0, 0.0, 1.0]])
+        return np.array(
+            [
+                [calibration.focal_px * sx, 0.0, calibration.cx_px * sx],
+                [0.0, calibration.focal_px * sy, calibration.cy_px * sy],
+                [0.0, 0.0, 1.0],
+            ]
+        )
 
     def ray_directions(self, channel: str) -> np.ndarray:
         """[H, W, 3] float64 unit ray directions (camera frame) of every pixel centre."""
@@ -239,8 +255,9 @@ def _unit_box() -> tuple[np.ndarray, np.ndarray]:
 _BOX_CORNERS, _BOX_TRIANGLES = _unit_box()
 
 
-def box_meshes(centers_m: np.ndarray, half_extents_m: np.ndarray, yaws_rad: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+def box_meshes(
+    centers_m: np.ndarray, half_extents_m: np.ndarray, yaws_rad: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Triangle meshes of boxes that stand upright, merged into one.
 
     Args:
@@ -285,8 +302,9 @@ class AgentMesh:
         """Meshes strictly inside the boxes: vehicles a lower body and a narrower cabin, others one box."""
         count = len(agents)
         if count == 0:
-            return AgentMesh(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint32), np.zeros(0, np.int32),
-                             np.zeros(0, np.uint8))
+            return AgentMesh(
+                np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint32), np.zeros(0, np.int32), np.zeros(0, np.uint8)
+            )
         boxes = np.array([(*a.center_m, *a.size_wlh_m, a.yaw_rad) for a in agents])  # [A, 7]
         center, size_wlh, yaw = boxes[:, :3], boxes[:, 3:6], boxes[:, 6]
         material = np.array([materials.material_of_category(a.category) for a in agents], dtype=np.uint8)
@@ -304,14 +322,21 @@ class AgentMesh:
         # Part 2 of vehicles: a cabin 60% as long (set back by 10% of the length) and 85% as wide, up to the top.
         vehicle = np.flatnonzero(is_vehicle)
         offset = -0.1 * half_length[vehicle]
-        cabin_center = np.stack([center[vehicle, 0] + offset * np.cos(yaw[vehicle]),
-                                 center[vehicle, 1] + offset * np.sin(yaw[vehicle]),
-                                 (split[vehicle] + top[vehicle]) / 2], axis=-1)
-        cabin_half = np.stack([0.6 * half_length[vehicle], 0.85 * half_width[vehicle],
-                               (top[vehicle] - split[vehicle]) / 2], axis=-1)
+        cabin_center = np.stack(
+            [
+                center[vehicle, 0] + offset * np.cos(yaw[vehicle]),
+                center[vehicle, 1] + offset * np.sin(yaw[vehicle]),
+                (split[vehicle] + top[vehicle]) / 2,
+            ],
+            axis=-1,
+        )
+        cabin_half = np.stack(
+            [0.6 * half_length[vehicle], 0.85 * half_width[vehicle], (top[vehicle] - split[vehicle]) / 2], axis=-1
+        )
         part_agent = np.concatenate([np.arange(count), vehicle]).astype(np.int32)  # [B]
-        vertices, triangles = box_meshes(np.concatenate([body_center, cabin_center]),
-                                         np.concatenate([body_half, cabin_half]), yaw[part_agent])
+        vertices, triangles = box_meshes(
+            np.concatenate([body_center, cabin_center]), np.concatenate([body_half, cabin_half]), yaw[part_agent]
+        )
         return AgentMesh(vertices, triangles, np.repeat(part_agent, len(_BOX_TRIANGLES)), material)
 
 
@@ -330,8 +355,7 @@ def _static_mesh(layout: layouts.RoadLayout) -> tuple[np.ndarray, np.ndarray, np
         size_wlh = np.stack([s.size_wlh_m for s in layout.structures])
         yaws = np.array([s.yaw_rad for s in layout.structures])
         box_vertices, box_triangles = box_meshes(centers, size_wlh[:, [1, 0, 2]] / 2, yaws)
-        box_material = np.repeat(np.array([s.material for s in layout.structures], dtype=np.uint8),
-                                 len(_BOX_TRIANGLES))
+        box_material = np.repeat(np.array([s.material for s in layout.structures], dtype=np.uint8), len(_BOX_TRIANGLES))
     else:
         box_vertices, box_triangles = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint32)
         box_material = np.zeros(0, np.uint8)
@@ -408,11 +432,13 @@ class _Hits:
 
 # ---------------------------------------------------------------------------------------------- renderer
 
-_VISIBILITY_PATTERN = np.concatenate([
-    0.9 * _BOX_CORNERS,  # the 8 inset corners pulled 10% towards the centre
-    np.zeros((1, 3)),  # the centre
-    0.9 * np.concatenate([np.eye(3), -np.eye(3)]),  # the 6 face centres, pulled in alike
-])
+_VISIBILITY_PATTERN = np.concatenate(
+    [
+        0.9 * _BOX_CORNERS,  # the 8 inset corners pulled 10% towards the centre
+        np.zeros((1, 3)),  # the centre
+        0.9 * np.concatenate([np.eye(3), -np.eye(3)]),  # the 6 face centres, pulled in alike
+    ]
+)
 """[P, 3] sample points of an agent as fractions of its inset half extents (box frame: length, width, up)."""
 
 
@@ -430,15 +456,18 @@ class SensorRenderer:
         cameras: the cameras; default ``CameraConfig()``.
     """
 
-    def __init__(self, layout: layouts.RoadLayout, lidar: LidarConfig | None = None,
-                 cameras: CameraConfig | None = None) -> None:
+    def __init__(
+        self, layout: layouts.RoadLayout, lidar: LidarConfig | None = None, cameras: CameraConfig | None = None
+    ) -> None:
         self.layout = layout
         self.lidar = LidarConfig() if lidar is None else lidar
         self.cameras = CameraConfig() if cameras is None else cameras
         self._static_vertices, self._static_triangles, self._static_material = _static_mesh(layout)
-        self._static_reflectivity = np.where(self._static_material == materials.Material.GROUND, 0.0,
-                                             materials.MATERIAL_REFLECTIVITY[self._static_material]
-                                             ).astype(np.float32)
+        self._static_reflectivity = np.where(
+            self._static_material == materials.Material.GROUND,
+            0.0,
+            materials.MATERIAL_REFLECTIVITY[self._static_material],
+        ).astype(np.float32)
         # The surface raster padded with OFFROAD beyond the ground quad, flat: lookups need no masks.
         self._surface_pad = int(np.ceil(GROUND_MARGIN_M / layout.surface.resolution_m)) + 1
         padded = np.pad(layout.surface.classes, self._surface_pad, constant_values=materials.Surface.OFFROAD)
@@ -448,8 +477,9 @@ class SensorRenderer:
         self._lidar_directions_t = np.ascontiguousarray(directions.T)  # [3, N]
         self._lidar_rays_ego = _ego_rays([self.lidar.ego_from_sensor], directions[None])  # [N, 7]
         camera_directions = np.stack([self.cameras.ray_directions(c).reshape(-1, 3) for c in types.CAMERA_CHANNELS])
-        self._camera_rays_ego = _ego_rays([NUSCENES_CAMERAS[c].ego_from_camera for c in types.CAMERA_CHANNELS],
-                                          camera_directions)  # [C*H*W, 7]
+        self._camera_rays_ego = _ego_rays(
+            [NUSCENES_CAMERAS[c].ego_from_camera for c in types.CAMERA_CHANNELS], camera_directions
+        )  # [C*H*W, 7]
         self._intrinsics = np.stack([self.cameras.intrinsics(c) for c in types.CAMERA_CHANNELS])  # [C, 3, 3]
 
     # ---------------------------------------------------------------------------------------- casting
@@ -474,12 +504,15 @@ class SensorRenderer:
         """
         vertices = np.concatenate([self._static_vertices, mesh.vertices])  # [V, 3] float32 global
         triangles = np.concatenate([self._static_triangles, mesh.triangles + np.uint32(len(self._static_vertices))])
-        material = np.concatenate([self._static_material, mesh.agent_material[mesh.triangle_agent],
-                                   [materials.Material.GROUND]]).astype(np.uint8)  # [T + 1]
-        agent = np.concatenate([np.full(len(self._static_material), -1, np.int32), mesh.triangle_agent,
-                                [-1]]).astype(np.int32)
-        reflectivity = np.concatenate([self._static_reflectivity,
-                                       materials.MATERIAL_REFLECTIVITY[material[len(self._static_material):]]])
+        material = np.concatenate(
+            [self._static_material, mesh.agent_material[mesh.triangle_agent], [materials.Material.GROUND]]
+        ).astype(np.uint8)  # [T + 1]
+        agent = np.concatenate([np.full(len(self._static_material), -1, np.int32), mesh.triangle_agent, [-1]]).astype(
+            np.int32
+        )
+        reflectivity = np.concatenate(
+            [self._static_reflectivity, materials.MATERIAL_REFLECTIVITY[material[len(self._static_material) :]]]
+        )
         scene = o3d.t.geometry.RaycastingScene()
         scene.add_triangles(o3d.core.Tensor.from_numpy(vertices), o3d.core.Tensor.from_numpy(triangles))
         return _Scene(scene, material, agent, reflectivity.astype(np.float32))
@@ -507,14 +540,18 @@ class SensorRenderer:
         resolution, pad = self.layout.surface.resolution_m, self._surface_pad
         # Same cells as ``lookup`` (floor of the float64 quotient), shifted into the OFFROAD-padded raster.
         col = np.clip(np.floor(np.asarray(x_m, dtype=np.float64) / resolution) + pad, 0, padded_cols - 1)
-        row = np.clip(np.floor(rows_count - np.asarray(y_m, dtype=np.float64) / resolution) + pad, 0,
-                      padded_rows - 1)
+        row = np.clip(np.floor(rows_count - np.asarray(y_m, dtype=np.float64) / resolution) + pad, 0, padded_rows - 1)
         return self._padded_surface[(row * padded_cols + col).astype(np.intp)]
 
     # ------------------------------------------------------------------------------------------ LiDAR
 
-    def lidar_sweep(self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform,
-                    timestamp_us: int, rng: np.random.Generator) -> tuple[types.LidarSweep, np.ndarray]:
+    def lidar_sweep(
+        self,
+        agents: Sequence[types.Box3D],
+        global_from_ego: geometry.RigidTransform,
+        timestamp_us: int,
+        rng: np.random.Generator,
+    ) -> tuple[types.LidarSweep, np.ndarray]:
         """One instantaneous LiDAR sweep (every ray from one pose: no motion during the 50 ms spin).
 
         Args:
@@ -537,8 +574,9 @@ class SensorRenderer:
         # Random drops, then Gaussian range noise truncated (tighter on agents: returns stay in their boxes).
         valid = np.flatnonzero(hits.t_hit <= config.max_range_m)  # [M] ray indices; a miss is inf
         valid = valid[rng.random(len(valid), dtype=np.float32) >= config.drop_probability]
-        noise = np.clip(rng.standard_normal(len(valid), dtype=np.float32), -NOISE_TRUNCATION_SIGMA,
-                        NOISE_TRUNCATION_SIGMA) * np.float32(config.range_noise_std_m)
+        noise = np.clip(
+            rng.standard_normal(len(valid), dtype=np.float32), -NOISE_TRUNCATION_SIGMA, NOISE_TRUNCATION_SIGMA
+        ) * np.float32(config.range_noise_std_m)
         if NOISE_TRUNCATION_SIGMA * config.range_noise_std_m > _AGENT_NOISE_LIMIT_M:
             on_agent = scene.triangle_agent[hits.triangle[valid]] >= 0
             noise = np.where(on_agent, np.clip(noise, -_AGENT_NOISE_LIMIT_M, _AGENT_NOISE_LIMIT_M), noise)
@@ -572,8 +610,9 @@ class SensorRenderer:
         """``global_from_camera`` of the six cameras, in ``types.CAMERA_CHANNELS`` order."""
         return [global_from_ego @ NUSCENES_CAMERAS[c].ego_from_camera for c in types.CAMERA_CHANNELS]
 
-    def camera_images(self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform,
-                      timestamp_us: int) -> tuple[list[types.CameraImage], list[np.ndarray]]:
+    def camera_images(
+        self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform, timestamp_us: int
+    ) -> tuple[list[types.CameraImage], list[np.ndarray]]:
         """The six camera images, shaded deterministically, and which agent each pixel shows.
 
         Args:
@@ -616,16 +655,21 @@ class SensorRenderer:
         agent_images = scene.triangle_agent[hits.triangle].reshape(count, height, width)
 
         images = [
-            types.CameraImage(channel, timestamp_us, rgb[c], self._intrinsics[c],
-                              NUSCENES_CAMERAS[channel].ego_from_camera, global_from_ego)
+            types.CameraImage(
+                channel,
+                timestamp_us,
+                rgb[c],
+                self._intrinsics[c],
+                NUSCENES_CAMERAS[channel].ego_from_camera,
+                global_from_ego,
+            )
             for c, channel in enumerate(types.CAMERA_CHANNELS)
         ]
         return images, [agent_images[c] for c in range(count)]
 
     # ------------------------------------------------------------------------------------- visibility
 
-    def visible_fraction(self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform
-                         ) -> np.ndarray:
+    def visible_fraction(self, agents: Sequence[types.Box3D], global_from_ego: geometry.RigidTransform) -> np.ndarray:
         """How much of each agent some camera sees.
 
         Each agent has P = 15 sample points (its 8 inset corners pulled 10% inwards, its centre and its 6 face
@@ -648,8 +692,13 @@ class SensorRenderer:
         half = np.maximum(size_wlh[:, [1, 0, 2]] / 2 - AGENT_INSET_M, 0.0)  # [A, 3] inset half extents
         local = _VISIBILITY_PATTERN[None] * half[:, None]  # [A, P, 3]
         cos, sin = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
-        samples = np.stack([cos * local[..., 0] - sin * local[..., 1], sin * local[..., 0] + cos * local[..., 1],
-                            local[..., 2]], axis=-1) + center[:, None]  # [A, P, 3] global
+        samples = (
+            np.stack(
+                [cos * local[..., 0] - sin * local[..., 1], sin * local[..., 0] + cos * local[..., 1], local[..., 2]],
+                axis=-1,
+            )
+            + center[:, None]
+        )  # [A, P, 3] global
         samples = samples.reshape(-1, 3)  # [A*P, 3]
 
         cameras = self.global_from_cameras(global_from_ego)
@@ -662,10 +711,16 @@ class SensorRenderer:
             depth = in_camera[:, 2]
             with np.errstate(divide="ignore", invalid="ignore"):
                 uv = (in_camera @ self._intrinsics[c].T)[:, :2] / depth[:, None]
-            in_view[c] = ((depth > 0.1) & (uv[:, 0] >= 0) & (uv[:, 0] < self.cameras.width_px)
-                          & (uv[:, 1] >= 0) & (uv[:, 1] < self.cameras.height_px))
-        rays = np.concatenate([np.broadcast_to(origins[:, None], offsets.shape),
-                               offsets / np.maximum(distance, 1e-9)[..., None]], axis=-1)  # [C, A*P, 6]
+            in_view[c] = (
+                (depth > 0.1)
+                & (uv[:, 0] >= 0)
+                & (uv[:, 0] < self.cameras.width_px)
+                & (uv[:, 1] >= 0)
+                & (uv[:, 1] < self.cameras.height_px)
+            )
+        rays = np.concatenate(
+            [np.broadcast_to(origins[:, None], offsets.shape), offsets / np.maximum(distance, 1e-9)[..., None]], axis=-1
+        )  # [C, A*P, 6]
         scene = self._scene(AgentMesh.from_boxes(agents))
         hits = self._cast(scene, o3d.core.Tensor(rays.reshape(-1, 6).astype(np.float32)))
         owner = np.repeat(np.arange(count), len(_VISIBILITY_PATTERN))  # [A*P]

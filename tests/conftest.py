@@ -39,8 +39,7 @@ def synthetic_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bevjepa.sim import synth
 
     out = tmp_path_factory.mktemp("synthetic") / "mini"
-    synth.synthesize(synth.SynthConfig(out=out, scenes=2, duration_s=4.0, seed=1, agents=(8, 2, 6, 2)),
-                     progress=False)
+    synth.synthesize(synth.SynthConfig(out=out, scenes=2, duration_s=4.0, seed=1, agents=(8, 2, 6, 2)), progress=False)
     return out
 
 

@@ -55,9 +55,11 @@ def _preprocess(args: argparse.Namespace) -> int:
         print(f"bevjepa preprocess: --strict: {error}", file=sys.stderr)
         return 1
     counts = manifest["counts"]
-    print(f"wrote {counts['windows']} windows of {counts['scenes']} scenes to {args.out} "
-          f"({(counts['window_bytes'] + counts['frame_bytes']) / 1e6:.1f} MB); {counts['failed_windows']} failed, "
-          f"{counts['bad_inputs']} bad inputs (see {Path(args.out) / 'manifest.json'})")
+    print(
+        f"wrote {counts['windows']} windows of {counts['scenes']} scenes to {args.out} "
+        f"({(counts['window_bytes'] + counts['frame_bytes']) / 1e6:.1f} MB); {counts['failed_windows']} failed, "
+        f"{counts['bad_inputs']} bad inputs (see {Path(args.out) / 'manifest.json'})"
+    )
     return 0
 
 
@@ -80,16 +82,21 @@ def _train(args: argparse.Namespace) -> int:
         model_changes["use_camera"] = False
     elif args.sensors == "camera":
         model_changes["use_lidar"] = False
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes),
-                                 model=dataclasses.replace(config.model, **model_changes))
+    config = dataclasses.replace(
+        config,
+        train=dataclasses.replace(config.train, **changes),
+        model=dataclasses.replace(config.model, **model_changes),
+    )
     if args.address:
         from bevjepa.prediction import distributed
 
         summary = distributed.train_on_ray(Path(args.data), Path(args.out), config, args.address, args.workers)
     else:
         summary = train.train(Path(args.data), Path(args.out), config, resume=args.resume)
-    print(f"trained {summary.steps} steps in {summary.wall_time_s:.0f} s ({summary.step_time_s * 1e3:.0f} ms a step);"
-          f" validation loss {summary.validation.get('total', float('nan')):.3f}; checkpoint in {summary.run}")
+    print(
+        f"trained {summary.steps} steps in {summary.wall_time_s:.0f} s ({summary.step_time_s * 1e3:.0f} ms a step);"
+        f" validation loss {summary.validation.get('total', float('nan')):.3f}; checkpoint in {summary.run}"
+    )
     return 0
 
 
@@ -103,8 +110,10 @@ def _eval(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     for name, scores in result["models"].items():
-        print(f"{name:18s} minADE_5 {scores.get('minADE_5', float('nan')):6.3f}  minFDE_5 "
-              f"{scores.get('minFDE_5', float('nan')):6.3f}  IoU@2s {scores['iou_2s_mean']:.3f}")
+        print(
+            f"{name:18s} minADE_5 {scores.get('minADE_5', float('nan')):6.3f}  minFDE_5 "
+            f"{scores.get('minFDE_5', float('nan')):6.3f}  IoU@2s {scores['iou_2s_mean']:.3f}"
+        )
     print(f"{result['windows']} windows, {result['agents']} agents with a full 6 s future; {out / 'metrics.json'}")
     return 0
 
@@ -139,8 +148,9 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="bevjepa-bench-data-") as folder:
                 data = Path(folder) / "mini"
-                synth.synthesize(synth.SynthConfig(out=data, scenes=args.scenes, duration_s=args.duration,
-                                                   workers=args.workers))
+                synth.synthesize(
+                    synth.SynthConfig(out=data, scenes=args.scenes, duration_s=args.duration, workers=args.workers)
+                )
                 print(bench.format_report(dataset_bench.preprocess_throughput(data)))
     elif args.what == "model":
         from bevjepa.perception import bench as perception_bench
@@ -186,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--check", action="store_true", help="load the result with the devkit and describe it")
     synth.set_defaults(run=_synth)
 
-    prep = commands.add_parser("preprocess", help="turn a nuScenes dataset into training windows on Ray",
-                               description="Build training windows (inputs and targets) from a nuScenes dataset, "
-                                           "one Ray task per scene; resumable; bad inputs recorded.")
+    prep = commands.add_parser(
+        "preprocess",
+        help="turn a nuScenes dataset into training windows on Ray",
+        description="Build training windows (inputs and targets) from a nuScenes dataset, "
+        "one Ray task per scene; resumable; bad inputs recorded.",
+    )
     prep.add_argument("--dataroot", required=True, help="the nuScenes dataset root")
     prep.add_argument("--version", default="v1.0-mini", help="table version (default v1.0-mini)")
     prep.add_argument("--split", default=None, help="devkit split (mini_train, mini_val, train, val, ...)")
@@ -198,8 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--strict", action="store_true", help="stop at the first bad input or failed window")
     prep.add_argument("--image-width", type=int, default=256, help="camera width after resizing (default 256)")
     prep.add_argument("--sweeps", type=int, default=10, help="LiDAR sweeps per keyframe (default 10)")
-    prep.add_argument("--voxel-size", type=float, default=0.2, help="voxel downsampling in m (default 0.2, under a "
-                      "0.5 m pillar); 0 keeps every point")
+    prep.add_argument(
+        "--voxel-size",
+        type=float,
+        default=0.2,
+        help="voxel downsampling in m (default 0.2, under a 0.5 m pillar); 0 keeps every point",
+    )
     prep.set_defaults(run=_preprocess)
 
     trainer = commands.add_parser("train", help="train the BEV JEPA world model on preprocessed windows")
@@ -212,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     trainer.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     trainer.add_argument("--no-jepa", action="store_true", help="train without the latent (JEPA) loss")
-    trainer.add_argument("--sensors", choices=["both", "lidar", "camera"], default="both",
-                         help="which sensors the model sees (default both)")
+    trainer.add_argument(
+        "--sensors",
+        choices=["both", "lidar", "camera"],
+        default="both",
+        help="which sensors the model sees (default both)",
+    )
     trainer.add_argument("--loader-workers", type=int, default=1, help="DataLoader worker processes (default 1)")
     trainer.add_argument("--address", default=None, help="train data-parallel on this Ray cluster (Ray Train)")
     trainer.add_argument("--workers", type=int, default=2, help="Ray Train workers with --address (default 2)")

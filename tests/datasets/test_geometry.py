@@ -61,9 +61,7 @@ def test_quaternion_to_matrix_matches_pyquaternion(rng: np.random.Generator) -> 
     quaternions = np.concatenate([random_quaternions(rng, 200), SPECIAL_QUATERNIONS])
     assert (quaternions[:, 0] < 0).sum() > 50  # both signs of w are covered
     for q in quaternions:
-        np.testing.assert_allclose(
-            geometry.quaternion_to_matrix(q), Quaternion(q).rotation_matrix, atol=1e-12
-        )
+        np.testing.assert_allclose(geometry.quaternion_to_matrix(q), Quaternion(q).rotation_matrix, atol=1e-12)
 
 
 def test_quaternion_to_matrix_normalises_and_is_a_proper_rotation(rng: np.random.Generator) -> None:
@@ -193,9 +191,7 @@ def test_composition_reads_a_from_b_at_b_from_c(rng: np.random.Generator) -> Non
     # The order matters: the other order is a different transform.
     assert not np.allclose((b_from_c @ a_from_b).matrix, a_from_c.matrix, atol=1e-3)
     # (a_from_b @ b_from_c)^-1 = c_from_b @ b_from_a.
-    np.testing.assert_allclose(
-        a_from_c.inverse().matrix, (b_from_c.inverse() @ a_from_b.inverse()).matrix, atol=1e-12
-    )
+    np.testing.assert_allclose(a_from_c.inverse().matrix, (b_from_c.inverse() @ a_from_b.inverse()).matrix, atol=1e-12)
 
 
 def test_matrix_matches_devkit_transform_matrix(rng: np.random.Generator) -> None:
@@ -250,9 +246,7 @@ def test_from_pose_2d_and_identity() -> None:
         (np.eye(3), np.array([0.0, np.nan, 0.0]), "RigidTransform"),
     ],
 )
-def test_rigid_transform_rejects_bad_fields(
-    rotation: np.ndarray, translation: np.ndarray, field: str
-) -> None:
+def test_rigid_transform_rejects_bad_fields(rotation: np.ndarray, translation: np.ndarray, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         geometry.RigidTransform(rotation, translation)
 
@@ -316,9 +310,7 @@ def test_grid_cell_centres_round_trip(grid: geometry.GridSpec) -> None:
     np.testing.assert_array_equal(back_cols, cols)
     np.testing.assert_allclose(grid.cell_centers().reshape(-1, 2), xy)
     # The first centre is half a cell inside the corner.
-    np.testing.assert_allclose(
-        xy[0], [grid.x_min_m + grid.resolution_m / 2, grid.y_min_m + grid.resolution_m / 2]
-    )
+    np.testing.assert_allclose(xy[0], [grid.x_min_m + grid.resolution_m / 2, grid.y_min_m + grid.resolution_m / 2])
 
 
 def test_grid_random_points_fall_in_the_cell_that_covers_them(rng: np.random.Generator) -> None:
@@ -430,9 +422,7 @@ def test_real_lidar_to_global_matches_devkit(real_scene_nusc) -> None:
     cloud64.points = cloud64.points.astype(np.float64)
     expected_float64 = devkit_to_global(cloud64)
 
-    ego_from_lidar = geometry.RigidTransform.from_quaternion(
-        calibration["rotation"], calibration["translation"]
-    )
+    ego_from_lidar = geometry.RigidTransform.from_quaternion(calibration["rotation"], calibration["translation"])
     global_from_ego = geometry.RigidTransform.from_quaternion(pose["rotation"], pose["translation"])
     global_from_lidar = global_from_ego @ ego_from_lidar
     actual = global_from_lidar.apply(points_lidar)
@@ -444,9 +434,9 @@ def test_real_lidar_to_global_matches_devkit(real_scene_nusc) -> None:
     float32_step = np.spacing(np.float32(np.abs(expected_float32).max()))
     np.testing.assert_allclose(actual, expected_float32, rtol=0, atol=max(1e-4, 2 * float32_step))
     # And the same through the devkit's homogeneous matrices.
-    devkit_global_from_lidar = transform_matrix(
-        pose["translation"], Quaternion(pose["rotation"])
-    ) @ transform_matrix(calibration["translation"], Quaternion(calibration["rotation"]))
+    devkit_global_from_lidar = transform_matrix(pose["translation"], Quaternion(pose["rotation"])) @ transform_matrix(
+        calibration["translation"], Quaternion(calibration["rotation"])
+    )
     np.testing.assert_allclose(global_from_lidar.matrix, devkit_global_from_lidar, atol=1e-9)
     # The way back lands on the sensor's points.
     np.testing.assert_allclose(global_from_lidar.inverse().apply(actual), points_lidar, atol=1e-9)

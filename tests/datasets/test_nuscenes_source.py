@@ -51,13 +51,14 @@ def test_keyframe_boxes_cameras_and_classes(synthetic_mini):
     full = np.array(source.nusc.get("calibrated_sensor", record["calibrated_sensor_token"])["camera_intrinsic"])
     np.testing.assert_allclose(image.intrinsics[0, 2] / 200, full[0, 2] / record["width"], rtol=1e-9)
     # Boxes are in the ego frame: moved back to global they sit where the devkit's annotations are.
-    annotations = {a["instance_token"]: a for a in (source.nusc.get("sample_annotation", t)
-                                                    for t in source.nusc.get("sample", token)["anns"])}
+    annotations = {
+        a["instance_token"]: a
+        for a in (source.nusc.get("sample_annotation", t) for t in source.nusc.get("sample", token)["anns"])
+    }
     assert keyframe.boxes
     for box in keyframe.boxes:
         annotation = annotations[box.instance_id]
-        np.testing.assert_allclose(keyframe.global_from_ego.apply(box.center_m), annotation["translation"],
-                                   atol=1e-6)
+        np.testing.assert_allclose(keyframe.global_from_ego.apply(box.center_m), annotation["translation"], atol=1e-6)
         assert categories.class_index(box.category) >= 0
 
 

@@ -85,8 +85,16 @@ def test_a_dying_worker_leaves_every_window_written_once(reference, synthetic_mi
 
 def test_a_killed_run_resumes_where_it_stopped(reference, synthetic_mini, tmp_path):
     out = tmp_path / "w"
-    command = [sys.executable, "-m", "bevjepa.tools.cli", "preprocess", "--dataroot", str(synthetic_mini),
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "bevjepa.tools.cli",
+        "preprocess",
+        "--dataroot",
+        str(synthetic_mini),
+        "--out",
+        str(out),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(out.glob("meta/*/*.frame.json")) and time.time() < deadline:
@@ -106,8 +114,9 @@ def damaged(synthetic_mini, tmp_path) -> tuple[Path, dict]:
     root = tmp_path / "damaged"
     shutil.copytree(synthetic_mini, root)
     tables = {t: json.loads((root / "v1.0-mini" / f"{t}.json").read_text()) for t in ("sample_data", "sample")}
-    sweeps = sorted((r for r in tables["sample_data"] if r["filename"].startswith("sweeps/")),
-                    key=lambda r: r["timestamp"])
+    sweeps = sorted(
+        (r for r in tables["sample_data"] if r["filename"].startswith("sweeps/")), key=lambda r: r["timestamp"]
+    )
     cameras = sorted((r for r in tables["sample_data"] if "CAM_FRONT/" in r["filename"]), key=lambda r: r["timestamp"])
     broken = {
         sweeps[5]["filename"]: "missing file",
@@ -146,8 +155,20 @@ def test_strict_stops_at_the_first_bad_input(damaged, tmp_path, capsys):
 def test_wrong_dataroot_version_or_foreign_out_folder(synthetic_mini, tmp_path, capsys):
     assert cli.main(["preprocess", "--dataroot", str(tmp_path / "none"), "--out", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["preprocess", "--dataroot", str(synthetic_mini), "--version", "v1.0-trainval",
-                     "--out", str(tmp_path / "w")]) == 2
+    assert (
+        cli.main(
+            [
+                "preprocess",
+                "--dataroot",
+                str(synthetic_mini),
+                "--version",
+                "v1.0-trainval",
+                "--out",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 2
+    )
     assert "no v1.0-trainval/ tables folder" in capsys.readouterr().err
     foreign = tmp_path / "foreign"
     foreign.mkdir()

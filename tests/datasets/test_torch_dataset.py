@@ -141,8 +141,9 @@ def test_collate_pads_agents(dataset):
     counts = [s.agent_count for s in samples]
     assert len(set(counts)) > 1, counts  # the two scenes have different agent counts
     # And one sample with no agents at all.
-    empty = dataclasses.replace(samples[0], **{name: getattr(samples[0], name)[:0]
-                                               for name in torch_dataset._AGENT_FIELDS})
+    empty = dataclasses.replace(
+        samples[0], **{name: getattr(samples[0], name)[:0] for name in torch_dataset._AGENT_FIELDS}
+    )
     samples.append(empty)
     counts.append(0)
     batch = torch_dataset.collate(samples)

@@ -68,9 +68,7 @@ def test_box_corner_order_front_first() -> None:
 def test_box_quaternion_matches_devkit_orientation(rng: np.random.Generator) -> None:
     for _ in range(20):
         box = random_box(rng)
-        np.testing.assert_allclose(
-            box.quaternion, Quaternion(axis=[0, 0, 1], angle=box.yaw_rad).elements, atol=1e-12
-        )
+        np.testing.assert_allclose(box.quaternion, Quaternion(axis=[0, 0, 1], angle=box.yaw_rad).elements, atol=1e-12)
 
 
 def test_box_contains_matches_devkit_points_in_box(rng: np.random.Generator) -> None:
@@ -87,9 +85,7 @@ def test_box_contains_matches_devkit_points_in_box(rng: np.random.Generator) -> 
 
 def test_box_contains_includes_faces_and_excludes_just_outside() -> None:
     box = types.Box3D(np.array([1.0, 2.0, 0.0]), np.array([2.0, 4.0, 2.0]), 0.0)
-    points = np.array(
-        [[3.0, 2.0, 0.0], [1.0, 3.0, 1.0], [3.001, 2.0, 0.0], [1.0, 3.001, 0.0], [1.0, 2.0, -1.001]]
-    )
+    points = np.array([[3.0, 2.0, 0.0], [1.0, 3.0, 1.0], [3.001, 2.0, 0.0], [1.0, 3.001, 0.0], [1.0, 2.0, -1.001]])
     np.testing.assert_array_equal(box.contains(points), [True, True, False, False, False])
     # Extra columns (intensity, ring) are ignored.
     np.testing.assert_array_equal(box.contains(np.c_[points, np.ones((5, 2))]), box.contains(points))
@@ -156,9 +152,7 @@ def test_box_footprint_area_is_width_times_length(rng: np.random.Generator) -> N
             box.center_m[1]
         )
         # The same four corners as the devkit's bottom_corners, starting at the front left.
-        np.testing.assert_allclose(
-            footprint, np.roll(devkit_box(box).bottom_corners()[:2].T, -1, axis=0), atol=1e-9
-        )
+        np.testing.assert_allclose(footprint, np.roll(devkit_box(box).bottom_corners()[:2].T, -1, axis=0), atol=1e-9)
 
 
 def test_box_footprint_starts_front_left() -> None:
@@ -307,9 +301,7 @@ def test_real_annotations_as_box3d_match_devkit_and_count_lidar_points(real_scen
     sweep = types.LidarSweep(
         timestamp_us=sample_data["timestamp"],
         points=raw,
-        ego_from_sensor=geometry.RigidTransform.from_quaternion(
-            calibration["rotation"], calibration["translation"]
-        ),
+        ego_from_sensor=geometry.RigidTransform.from_quaternion(calibration["rotation"], calibration["translation"]),
         global_from_ego=geometry.RigidTransform.from_quaternion(pose["rotation"], pose["translation"]),
     )
     points_global = (sweep.global_from_ego @ sweep.ego_from_sensor).apply(sweep.points[:, :3])  # [N, 3]

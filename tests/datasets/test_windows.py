@@ -60,15 +60,21 @@ def test_occupancy_holds_every_agent_at_t0_and_its_instance(built):
 def test_actions_rebuild_the_ego_path(built):
     _, _, result = built
     for _, _, window in result:
-        pose = np.array([window.t0_from_ego[0, 0, 3], window.t0_from_ego[0, 1, 3],
-                         np.arctan2(window.t0_from_ego[0, 1, 0], window.t0_from_ego[0, 0, 0])])
+        pose = np.array(
+            [
+                window.t0_from_ego[0, 0, 3],
+                window.t0_from_ego[0, 1, 3],
+                np.arctan2(window.t0_from_ego[0, 1, 0], window.t0_from_ego[0, 0, 0]),
+            ]
+        )
         path = []
         for action, valid in zip(window.actions, window.action_mask, strict=True):
             if not valid:
                 break
             c, s = np.cos(pose[2]), np.sin(pose[2])
-            pose = np.array([pose[0] + c * action[0] - s * action[1], pose[1] + s * action[0] + c * action[1],
-                             pose[2] + action[2]])
+            pose = np.array(
+                [pose[0] + c * action[0] - s * action[1], pose[1] + s * action[0] + c * action[1], pose[2] + action[2]]
+            )
             path.append(pose)
         path = np.array(path)
         p = len(window.keyframe_tokens)
@@ -108,8 +114,9 @@ def test_frames_and_windows_round_trip_through_npz(built, tmp_path):
 
 def test_voxel_downsampling_averages_within_voxels():
     rng = np.random.default_rng(0)
-    points = np.concatenate([rng.uniform(0, 2, (5000, 3)), rng.uniform(0, 255, (5000, 1)),
-                             rng.uniform(0, 0.5, (5000, 1))], axis=1).astype(np.float32)
+    points = np.concatenate(
+        [rng.uniform(0, 2, (5000, 3)), rng.uniform(0, 255, (5000, 1)), rng.uniform(0, 0.5, (5000, 1))], axis=1
+    ).astype(np.float32)
     down = windows.voxel_downsample(points, 0.5)
     assert len(down) == 64  # 4 x 4 x 4 voxels
     np.testing.assert_allclose(down[:, 3].mean(), points[:, 3].mean(), rtol=0.05)

@@ -19,12 +19,15 @@ def _hot(x: float, y: float) -> torch.Tensor:
     return latent
 
 
-@pytest.mark.parametrize(("pose", "point", "expected"), [
-    ((0.0, 0.0, 0.0), (9.0, 5.0), (9.0, 5.0)),
-    ((4.0, -2.0, 0.0), (9.0, 5.0), (13.0, 3.0)),
-    ((0.0, 0.0, np.pi / 2), (9.0, 5.0), (-5.0, 9.0)),
-    ((2.0, 6.0, -np.pi / 2), (-3.0, 11.0), (13.0, 9.0)),
-])
+@pytest.mark.parametrize(
+    ("pose", "point", "expected"),
+    [
+        ((0.0, 0.0, 0.0), (9.0, 5.0), (9.0, 5.0)),
+        ((4.0, -2.0, 0.0), (9.0, 5.0), (13.0, 3.0)),
+        ((0.0, 0.0, np.pi / 2), (9.0, 5.0), (-5.0, 9.0)),
+        ((2.0, 6.0, -np.pi / 2), (-3.0, 11.0), (13.0, 9.0)),
+    ],
+)
 def test_warp_moves_a_cell_to_where_the_pose_sends_it(pose, point, expected):
     reference_from_frame = torch.as_tensor(geometry.RigidTransform.from_pose_2d(*pose).matrix, dtype=torch.float32)
     warped = fuser.warp_to_reference(_hot(*point), reference_from_frame[None], GRID)

@@ -141,14 +141,28 @@ def test_trajectory_head_overfits_one_batch():
 
 def boxes_batch():
     """Two samples: agents of each class, one with unknown velocity, one outside the grid, one padding."""
-    box = torch.tensor([
-        [[10.3, -5.6, 0.8, 1.9, 4.5, 1.6, 0.3], [-20.2, 14.9, 0.9, 0.7, 0.8, 1.7, -2.0],
-         [3.7, 3.2, 1.0, 0.8, 1.9, 1.5, 2.9], [50.0, 0.0, 1.0, 2.0, 4.0, 1.5, 0.0]],
-        [[-0.4, 0.6, 1.1, 2.5, 11.0, 3.4, -1.2], [25.0, -25.0, 0.7, 1.8, 4.2, 1.5, 1.0],
-         [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]],
-    ])
-    velocity = torch.tensor([[[4.0, 1.0], [0.5, -0.3], [float("nan"), float("nan")], [1.0, 1.0]],
-                             [[-6.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    box = torch.tensor(
+        [
+            [
+                [10.3, -5.6, 0.8, 1.9, 4.5, 1.6, 0.3],
+                [-20.2, 14.9, 0.9, 0.7, 0.8, 1.7, -2.0],
+                [3.7, 3.2, 1.0, 0.8, 1.9, 1.5, 2.9],
+                [50.0, 0.0, 1.0, 2.0, 4.0, 1.5, 0.0],
+            ],
+            [
+                [-0.4, 0.6, 1.1, 2.5, 11.0, 3.4, -1.2],
+                [25.0, -25.0, 0.7, 1.8, 4.2, 1.5, 1.0],
+                [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0],
+                [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0],
+            ],
+        ]
+    )
+    velocity = torch.tensor(
+        [
+            [[4.0, 1.0], [0.5, -0.3], [float("nan"), float("nan")], [1.0, 1.0]],
+            [[-6.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+        ]
+    )
     cls = torch.tensor([[0, 1, 2, 0], [0, 0, 0, 0]])
     mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
     return box, velocity, cls, mask
@@ -191,8 +205,9 @@ def test_a_bigger_box_gets_a_wider_splat():
     box = torch.tensor([[[0.5, 0.5, 0.0, 1.8, 4.5, 1.5, 0.0], [20.5, 0.5, 0.0, 6.0, 30.0, 4.0, 0.0]]])
     radius = heads.gaussian_radius(box[0, :, 4], box[0, :, 3]).floor().clamp(min=2)
     assert radius.tolist()[0] == 2 and radius.tolist()[1] > 2
-    heat, _, _ = heads.detection_targets(box, torch.zeros(1, 2, 2), torch.zeros(1, 2, dtype=torch.long),
-                                         torch.ones(1, 2, dtype=torch.bool))
+    heat, _, _ = heads.detection_targets(
+        box, torch.zeros(1, 2, 2), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool)
+    )
     widths = (heat[0, 0, [32, 52]] > 0).sum(dim=-1)  # along the centre rows
     assert widths.tolist() == [5, 2 * int(radius[1]) + 1]
 
@@ -286,13 +301,14 @@ def test_occupancy_loss_weights_positives_and_masks_steps():
 def test_trajectory_loss_picks_the_closest_mode():
     T = 4
     future = torch.stack([torch.arange(1, T + 1, dtype=torch.float32), torch.zeros(T)], -1)  # [T, 2]
-    modes = torch.stack([future + torch.tensor([0.0, 3.0]), future + torch.tensor([0.0, -2.0]),
-                         future + torch.tensor([0.5, 0.0])])  # [K=3, T, 2]: mode 2 is closest
+    modes = torch.stack(
+        [future + torch.tensor([0.0, 3.0]), future + torch.tensor([0.0, -2.0]), future + torch.tensor([0.5, 0.0])]
+    )  # [K=3, T, 2]: mode 2 is closest
     modes = modes[None, None].clone().requires_grad_(True)  # [1, 1, 3, T, 2]
     logits = torch.tensor([[[2.0, 1.0, 0.0]]], requires_grad=True)
-    regression, classification = losses.trajectory_loss(modes, logits, future[None, None],
-                                                         torch.ones(1, 1, T, dtype=torch.bool),
-                                                         torch.ones(1, 1, dtype=torch.bool))
+    regression, classification = losses.trajectory_loss(
+        modes, logits, future[None, None], torch.ones(1, 1, T, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)
+    )
     torch.testing.assert_close(regression, torch.tensor(0.5 * 0.5**2))  # Huber of a 0.5 m error in x
     torch.testing.assert_close(classification, F.cross_entropy(logits[0], torch.tensor([2])))
     (regression + classification).backward()
@@ -320,34 +336,52 @@ def test_trajectory_loss_ignores_agents_without_future_and_handles_none():
 def test_min_ade_fde_against_a_hand_computation():
     future = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [99.0, 99.0]])  # last step masked
     future_mask = torch.tensor([True, True, True, False])
-    modes = torch.stack([
-        future + torch.tensor([0.0, 1.0]),  # ADE 1, FDE 1 (valid steps only)
-        torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 0.0]]),  # perfect (ADE 0, FDE 0), least probable
-        future + torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 3.0], [0.0, 0.0]]),  # ADE 1, FDE 3
-    ])  # [K=3, T=4, 2]
+    modes = torch.stack(
+        [
+            future + torch.tensor([0.0, 1.0]),  # ADE 1, FDE 1 (valid steps only)
+            torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 0.0]]),  # perfect (ADE 0, FDE 0), least probable
+            future + torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 3.0], [0.0, 0.0]]),  # ADE 1, FDE 3
+        ]
+    )  # [K=3, T=4, 2]
     logits = torch.tensor([0.5, -1.0, 2.0])
     shape = (1, 1)
-    ade, fde = losses.min_ade_fde(modes.reshape(*shape, 3, 4, 2), logits.reshape(*shape, 3),
-                                  future.reshape(*shape, 4, 2), future_mask.reshape(*shape, 4), k=2)
+    ade, fde = losses.min_ade_fde(
+        modes.reshape(*shape, 3, 4, 2),
+        logits.reshape(*shape, 3),
+        future.reshape(*shape, 4, 2),
+        future_mask.reshape(*shape, 4),
+        k=2,
+    )
     # Top-2 by probability: modes 2 and 0. ADE: min(1, 1) = 1; FDE at step 2: min(3, 1) = 1.
     torch.testing.assert_close(ade, torch.tensor([1.0]))
     torch.testing.assert_close(fde, torch.tensor([1.0]))
-    ade, fde = losses.min_ade_fde(modes.reshape(*shape, 3, 4, 2), logits.reshape(*shape, 3),
-                                  future.reshape(*shape, 4, 2), future_mask.reshape(*shape, 4), k=3)
+    ade, fde = losses.min_ade_fde(
+        modes.reshape(*shape, 3, 4, 2),
+        logits.reshape(*shape, 3),
+        future.reshape(*shape, 4, 2),
+        future_mask.reshape(*shape, 4),
+        k=3,
+    )
     torch.testing.assert_close(ade, torch.tensor([0.0]))
     torch.testing.assert_close(fde, torch.tensor([0.0]))
     # Agents with no valid step, or masked out, are left out.
     modes2 = modes.reshape(1, 1, 3, 4, 2).expand(1, 3, 3, 4, 2)
     mask2 = future_mask.reshape(1, 1, 4).expand(1, 3, 4).clone()
     mask2[0, 1] = False
-    ade, fde = losses.min_ade_fde(modes2, logits.reshape(1, 1, 3).expand(1, 3, 3),
-                                  future.reshape(1, 1, 4, 2).expand(1, 3, 4, 2), mask2, k=1,
-                                  agent_mask=torch.tensor([[True, True, False]]))
+    ade, fde = losses.min_ade_fde(
+        modes2,
+        logits.reshape(1, 1, 3).expand(1, 3, 3),
+        future.reshape(1, 1, 4, 2).expand(1, 3, 4, 2),
+        mask2,
+        k=1,
+        agent_mask=torch.tensor([[True, True, False]]),
+    )
     assert ade.shape == (1,) and fde.shape == (1,)
     torch.testing.assert_close(fde, torch.tensor([3.0]))  # mode 2 alone: FDE 3 at the last valid step
     with pytest.raises(ValueError, match="k"):
-        losses.min_ade_fde(modes2, logits.reshape(1, 1, 3).expand(1, 3, 3),
-                           future.reshape(1, 1, 4, 2).expand(1, 3, 4, 2), mask2, k=4)
+        losses.min_ade_fde(
+            modes2, logits.reshape(1, 1, 3).expand(1, 3, 3), future.reshape(1, 1, 4, 2).expand(1, 3, 4, 2), mask2, k=4
+        )
 
 
 def test_detection_loss_is_small_for_perfect_predictions_and_ignores_unknown_velocity():
@@ -381,8 +415,9 @@ def test_all_losses_finite_and_backprop_through_the_heads():
         losses.latent_prediction_loss(rollout, torch.randn_like(rollout)),
         *losses.vicreg_regularizer(sequence.reshape(-1, C, 32, 32)),
         losses.occupancy_loss(occupancy, occ_target, focal_gamma=2.0),
-        *losses.trajectory_loss(modes, logits, future, torch.ones(B, A, 6, dtype=torch.bool),
-                                torch.ones(B, A, dtype=torch.bool)),
+        *losses.trajectory_loss(
+            modes, logits, future, torch.ones(B, A, 6, dtype=torch.bool), torch.ones(B, A, dtype=torch.bool)
+        ),
         losses.detection_loss(heat, reg, *targets),
     ]
     assert all(torch.isfinite(t) and t.dim() == 0 for t in terms)

@@ -41,8 +41,11 @@ def test_forward_losses_and_gradients(batch):
     terms.total.backward()
     assert all(p.grad is None for p in net.target_encoder.parameters())
     assert net.encoder.camera.lift_head.weight.grad.abs().sum() > 0
-    assert net.encoder.lidar.pillar_net[0].weight.grad.abs().sum() > 0 if hasattr(net.encoder.lidar, "pillar_net") \
+    assert (
+        net.encoder.lidar.pillar_net[0].weight.grad.abs().sum() > 0
+        if hasattr(net.encoder.lidar, "pillar_net")
         else True
+    )
     before = [p.clone() for p in net.target_encoder.parameters()]
     with torch.no_grad():
         for p in net.encoder.parameters():
@@ -107,8 +110,10 @@ def test_forecaster_api(synthetic_windows, tmp_path):
     np.testing.assert_array_equal(loaded.occupancy, forecast.occupancy)
     assert loaded.grid == forecast.grid
     braking = model_forecaster.forecast(sample, actions=np.zeros((4, 3)))
-    assert not np.array_equal(braking.occupancy[1:], model_forecaster.forecast(
-        sample, actions=np.tile([[4.0, 0.0, 0.0]], (4, 1))).occupancy[1:])
+    assert not np.array_equal(
+        braking.occupancy[1:],
+        model_forecaster.forecast(sample, actions=np.tile([[4.0, 0.0, 0.0]], (4, 1))).occupancy[1:],
+    )
 
 
 def test_occupancy_queries_and_collision_probability():
@@ -116,10 +121,18 @@ def test_occupancy_queries_and_collision_probability():
     occupancy = np.zeros((3, 3, 128, 128), dtype=np.float32)
     rows, cols, _ = grid.xy_to_index(np.array([[10.2, 0.2]]))
     occupancy[2, 0, rows[0], cols[0]] = 0.8  # a vehicle 10 m ahead at t = 1 s
-    forecast = forecaster.OccupancyForecast(0, grid, ("vehicle", "pedestrian", "cyclist"),
-                                            np.array([0.0, 0.5, 1.0], dtype=np.float32), occupancy,
-                                            np.array([], dtype=str), np.zeros(0, dtype=np.int64),
-                                            np.array([0.5]), np.zeros((0, 1, 1, 2)), np.zeros((0, 1)))
+    forecast = forecaster.OccupancyForecast(
+        0,
+        grid,
+        ("vehicle", "pedestrian", "cyclist"),
+        np.array([0.0, 0.5, 1.0], dtype=np.float32),
+        occupancy,
+        np.array([], dtype=str),
+        np.zeros(0, dtype=np.int64),
+        np.array([0.5]),
+        np.zeros((0, 1, 1, 2)),
+        np.zeros((0, 1)),
+    )
     np.testing.assert_allclose(forecast.occupancy_at(np.array([[10.2, 0.2]]), 1.0), [0.8])
     np.testing.assert_allclose(forecast.occupancy_at(np.array([[10.2, 0.2]]), 0.75), [0.4])
     assert forecast.occupancy_at(np.array([[100.0, 0.0]]), 1.0)[0] == 0.0
@@ -132,8 +145,17 @@ def test_occupancy_queries_and_collision_probability():
 
 def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["train", "--data", str(synthetic_windows), "--out", str(run), "--loader-workers", "0",
-              "--batch-size", "2"]
+    common = [
+        "train",
+        "--data",
+        str(synthetic_windows),
+        "--out",
+        str(run),
+        "--loader-workers",
+        "0",
+        "--batch-size",
+        "2",
+    ]
     assert cli.main([*common, "--steps", "1"]) == 0
     assert cli.main([*common, "--steps", "1"]) == 2
     assert "pass --resume" in capsys.readouterr().err

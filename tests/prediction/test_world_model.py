@@ -52,8 +52,9 @@ def test_config_checks():
 def test_rollout_equals_repeated_step_with_composed_poses(predictor):
     torch.manual_seed(1)
     z0 = torch.randn(2, 8, 32, 32)
-    actions = torch.tensor([[[4.0, 0.5, 0.1], [4.0, -0.2, 0.3], [3.0, 0.0, -0.2]],
-                            [[1.0, 0.0, 0.0], [0.5, 0.1, 0.5], [0.0, 0.0, 0.0]]])
+    actions = torch.tensor(
+        [[[4.0, 0.5, 0.1], [4.0, -0.2, 0.3], [3.0, 0.0, -0.2]], [[1.0, 0.0, 0.0], [0.5, 0.1, 0.5], [0.0, 0.0, 0.0]]]
+    )
     rolled = predictor.rollout(z0, actions)
     z, pose = z0, torch.zeros(2, 3)
     for k in range(3):

@@ -29,8 +29,13 @@ def _ahead(pose: geometry.RigidTransform, distance_m: float, z_m: float = 0.0) -
 
 def _car(center_xy: np.ndarray, yaw_rad: float, instance_id: str = "car") -> types.Box3D:
     w, length, h = bench.CAR_SIZE_WLH_M
-    return types.Box3D(np.array([*center_xy[:2], bench.BOX_BOTTOM_Z_M + h / 2]), np.array([w, length, h]), yaw_rad,
-                       category="vehicle.car", instance_id=instance_id)
+    return types.Box3D(
+        np.array([*center_xy[:2], bench.BOX_BOTTOM_Z_M + h / 2]),
+        np.array([w, length, h]),
+        yaw_rad,
+        category="vehicle.car",
+        instance_id=instance_id,
+    )
 
 
 def _global_points(sweep: types.LidarSweep) -> np.ndarray:
@@ -105,8 +110,9 @@ def test_same_seed_same_sweep_and_other_seed_differs(car_ahead):
 def test_exact_ranges_to_ground_and_wall_without_noise_or_drops():
     layout = layouts.build_layout("intersection", np.random.default_rng(0))
     ego = _pose_on_lane(layout, "a0_in0", before_end_m=40.0)
-    wall = layouts.Structure(_ahead(ego, 20.0, z_m=2.0), np.array([0.3, 30.0, 4.0]), ego.yaw_rad + np.pi / 2,
-                             materials.Material.WALL)
+    wall = layouts.Structure(
+        _ahead(ego, 20.0, z_m=2.0), np.array([0.3, 30.0, 4.0]), ego.yaw_rad + np.pi / 2, materials.Material.WALL
+    )
     renderer = sensors.SensorRenderer(dataclasses.replace(layout, structures=(wall,)), lidar=EXACT)
     sweep, agent_index = renderer.lidar_sweep([], ego, 0, np.random.default_rng(0))
     assert (agent_index == -1).all()
@@ -226,8 +232,9 @@ def test_visible_fraction_unoccluded_and_hidden(car_ahead):
     assert renderer.visible_fraction([], ego).shape == (0,)
 
     hidden = _car(_ahead(ego, 16.0), ego.yaw_rad, "hidden")
-    block = layouts.Structure(_ahead(ego, 8.0, z_m=2.5), np.array([1.0, 12.0, 5.0]), ego.yaw_rad + np.pi / 2,
-                              materials.Material.BUILDING)
+    block = layouts.Structure(
+        _ahead(ego, 8.0, z_m=2.5), np.array([1.0, 12.0, 5.0]), ego.yaw_rad + np.pi / 2, materials.Material.BUILDING
+    )
     blocked = sensors.SensorRenderer(dataclasses.replace(layout, structures=(*layout.structures, block)))
     fraction = blocked.visible_fraction([hidden, car], ego)
     assert fraction[0] < 0.05
@@ -246,14 +253,18 @@ def test_surface_classes_match_the_raster_lookup(car_ahead):
 
 
 def test_agent_meshes_stay_inside_their_boxes():
-    agents = [_car(np.array([10.0, 5.0]), 0.7),
-              types.Box3D(np.array([3.0, -2.0, 0.9]), np.array([0.67, 0.73, 1.77]), -2.0,
-                          category="human.pedestrian.adult"),
-              types.Box3D(np.array([-4.0, 1.0, 0.9]), np.array([0.61, 1.7, 1.7]), 3.0, category="vehicle.bicycle")]
+    agents = [
+        _car(np.array([10.0, 5.0]), 0.7),
+        types.Box3D(np.array([3.0, -2.0, 0.9]), np.array([0.67, 0.73, 1.77]), -2.0, category="human.pedestrian.adult"),
+        types.Box3D(np.array([-4.0, 1.0, 0.9]), np.array([0.61, 1.7, 1.7]), 3.0, category="vehicle.bicycle"),
+    ]
     mesh = sensors.AgentMesh.from_boxes(agents)
     assert len(mesh.triangles) == 12 * 4  # a car's body and cabin, one box for the others
-    assert mesh.agent_material.tolist() == [materials.Material.VEHICLE, materials.Material.PEDESTRIAN,
-                                            materials.Material.CYCLIST]
+    assert mesh.agent_material.tolist() == [
+        materials.Material.VEHICLE,
+        materials.Material.PEDESTRIAN,
+        materials.Material.CYCLIST,
+    ]
     for a, box in enumerate(agents):
         vertices = mesh.vertices[np.unique(mesh.triangles[mesh.triangle_agent == a])]
         local = box.frame_from_box.inverse().apply(vertices)
@@ -264,8 +275,7 @@ def test_agent_meshes_stay_inside_their_boxes():
 
 
 def test_box_triangles_wind_outwards():
-    vertices, triangles = sensors.box_meshes(np.array([[1.0, 2.0, 3.0]]), np.array([[2.0, 1.0, 0.5]]),
-                                             np.array([0.3]))
+    vertices, triangles = sensors.box_meshes(np.array([[1.0, 2.0, 3.0]]), np.array([[2.0, 1.0, 0.5]]), np.array([0.3]))
     a, b, c = (vertices[triangles[:, k]] for k in range(3))
     normal = np.cross(b - a, c - a)
     assert np.all(np.einsum("ij,ij->i", normal, (a + b + c) / 3 - [1.0, 2.0, 3.0]) > 0)
