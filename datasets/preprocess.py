@@ -1,4 +1,4 @@
-"""``bevjepa preprocess``: a nuScenes dataset into training windows, one Ray task per scene, resumable.
+"""``bevjepa preprocess``: a nuScenes dataset into training windows, Ray tasks of consecutive windows, resumable.
 
 Output (``OUT``):
 
