@@ -8,9 +8,9 @@ Output (``OUT``):
     meta/<scene>/<sample_token>[.frame].json  size and bad inputs, written after the file it describes
     manifest.json                            config hash, dataset, counts, every window, bad inputs, failures
 
-Why Ray tasks and not Ray Data: the unit of work is a scene (its keyframes are shared by overlapping windows, so
-one task reads each keyframe's sensors once), results are files written by the task itself, and the driver
-only needs small per-scene summaries; tasks give that with automatic retries when a worker dies, and no
+Why Ray tasks and not Ray Data: the unit of work is a run of consecutive windows of one scene (they share
+keyframes, so one task reads each keyframe's sensors once), results are files written by the task itself, and
+the driver only needs small summaries; tasks give that with automatic retries when a worker dies, and no
 dataset-shaped intermediate to materialize. Each worker process loads the devkit's tables once and keeps them.
 
 Every file is written atomically (temporary file, then rename) and its meta file after it, so a frame or window
