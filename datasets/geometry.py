@@ -295,6 +295,21 @@ class GridSpec:
         flat = torch.where(inside, rows, 0).long() * w + torch.where(inside, cols, 0).long()  # [...]
         return flat, inside
 
+    def sampling_coords_torch(self, xy: torch.Tensor) -> torch.Tensor:
+        """``F.grid_sample`` coordinates of metric points on a map ``[..., H, W]`` of this grid.
+
+        Args:
+            xy: [..., 2] float tensor — x, y (m) in the grid's frame.
+
+        Returns:
+            [..., 2] — (column, row) normalised so that -1 and 1 are the outer cell edges (``align_corners=False``).
+        """
+        import torch
+
+        rows = (xy[..., 0] - self.x_min_m) / (self.x_max_m - self.x_min_m) * 2 - 1  # [...] along H
+        cols = (xy[..., 1] - self.y_min_m) / (self.y_max_m - self.y_min_m) * 2 - 1  # [...] along W
+        return torch.stack([cols, rows], dim=-1)
+
     def index_to_xy(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Centres of cells: rows [N] and cols [N] int → [N, 2] float64 x, y (m)."""
         x = self.x_min_m + (np.asarray(rows, dtype=np.float64) + 0.5) * self.resolution_m

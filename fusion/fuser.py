@@ -115,10 +115,7 @@ def warp_to_reference(
     frame_from_reference = torch.linalg.inv(reference_from_frame.to(latent.dtype))  # [B, 4, 4]
     rotation, translation = frame_from_reference[:, :2, :2], frame_from_reference[:, :2, 3]  # [B, 2, 2], [B, 2]
     source = torch.einsum("bij,hwj->bhwi", rotation, centers) + translation[:, None, None, :]  # [B, H, W, 2] x, y
-    # grid_sample's last axis is (column, row) = (y, x), normalised so that -1 and 1 are the outer cell edges.
-    normalised_x = (source[..., 0] - grid.x_min_m) / (grid.x_max_m - grid.x_min_m) * 2 - 1  # rows
-    normalised_y = (source[..., 1] - grid.y_min_m) / (grid.y_max_m - grid.y_min_m) * 2 - 1  # columns
-    sampling = torch.stack([normalised_y, normalised_x], dim=-1)  # [B, H, W, 2]
+    sampling = grid.sampling_coords_torch(source)  # [B, H, W, 2] (column, row)
     assert sampling.shape == (b, h, w, 2)
     return F.grid_sample(latent, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -69,9 +69,7 @@ def sample_bev(z: torch.Tensor, xy: torch.Tensor, grid: geometry.GridSpec) -> to
     B, D, H, W = z.shape
     if (H, W) != grid.shape:
         raise ValueError(f"z: expected [B, D, {grid.shape[0]}, {grid.shape[1]}] on its grid, got {list(z.shape)}")
-    rows = (xy[..., 0] - grid.x_min_m) / (grid.x_max_m - grid.x_min_m) * 2 - 1  # [B, N] along H
-    cols = (xy[..., 1] - grid.y_min_m) / (grid.y_max_m - grid.y_min_m) * 2 - 1  # [B, N] along W
-    sampling = torch.stack([cols, rows], dim=-1)[:, :, None].to(z.dtype)  # [B, N, 1, 2] (W, H) order
+    sampling = grid.sampling_coords_torch(xy)[:, :, None].to(z.dtype)  # [B, N, 1, 2] (W, H) order
     out = F.grid_sample(z, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B, D, N, 1]
     return out[..., 0].transpose(1, 2)  # [B, N, D]
 
