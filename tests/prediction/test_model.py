@@ -192,3 +192,12 @@ def test_the_small_model_overfits_four_windows(synthetic_windows, tmp_path):
     summary = train.train(synthetic_windows, tmp_path / "run", config, progress=False)
     first = checkpoint.load_state(tmp_path / "run")["history"][0]["train"]["total"]
     assert summary.final_losses["total"] < 0.1 * first, (first, summary.final_losses)
+
+
+def test_train_and_eval_refuse_data_that_is_not_windows(synthetic_windows, tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
+    assert "must be a `bevjepa preprocess` output" in capsys.readouterr().err
+    assert cli.main(["eval", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "report")]) == 2
+    assert "must be a `bevjepa preprocess` output" in capsys.readouterr().err
+    assert cli.main(["eval", "--data", str(synthetic_windows), "--split", "test", "--out", str(tmp_path / "r")]) == 2
+    assert "has no windows of split 'test'" in capsys.readouterr().err
