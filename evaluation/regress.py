@@ -1,0 +1,958 @@
+"""The regression gate: a closed-loop suite run against a stored baseline, failing where a metric got worse.
+
+A metric *regresses* when it moved in its bad direction by more than its allowed slack::
+
+    slack = max(tolerance.absolute, tolerance.relative * |baseline|)
+    higher is better: regressed if current < baseline - slack
+    lower is better:  regressed if current > baseline + slack
+    either (a metric of unknown direction): regressed if |current - baseline| > slack
+
+The direction and default tolerance of each closed-loop metric is one table, ``METRIC_RULES``; a metric not
+in it gets its direction from the keywords of ``DIRECTION_KEYWORDS`` (e.g. ``collision`` -> lower is better),
+or, failing that, is gated on any change ("either"). A metric in the baseline but missing from the current run
+fails the gate (a renamed or dropped metric must not pass silently); a metric new in the current run is
+reported and not gated until the baseline is updated. A value that turns NaN fails.
+
+The baseline file is JSON (``BASELINE_FORMAT``, version ``BASELINE_VERSION``): the suite name, the forecast
+source, the checkpoint (its path and the SHA-256 of its ``model.safetensors``), the aggregate metrics, and the
+tolerances used. It is written atomically. The gate also reports as JUnit XML: one ``<testsuite>`` per suite
+run, one ``<testcase>`` per metric (``<failure>`` with the diff when it regressed), and one per failed episode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+BASELINE_FORMAT = "bevjepa-regress-baseline"
+BASELINE_VERSION = 1
+FORECASTS = ("model", "cv", "oracle", "none")
+"""Forecast sources of the closed-loop runner."""
+FAILED_EPISODES = "failed_episodes"
+"""A gated metric that the gate adds to every run: how many episodes raised instead of finishing."""
+
+HIGHER = "higher"
+LOWER = "lower"
+EITHER = "either"
+DIRECTIONS = (HIGHER, LOWER, EITHER)
+_EPS = 1e-9
+"""Slack below any tolerance: float noise in the last digits is never a regression."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a metric may move in its bad direction before the gate fails.
+
+    The allowed slack is the larger of the two: ``max(absolute, relative * |baseline|)``.
+
+    Attributes:
+        absolute: slack in the metric's own units (>= 0).
+        relative: slack as a fraction of the baseline's magnitude (>= 0; 0.05 is 5 %).
+    """
+
+    absolute: float = 0.0
+    relative: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("absolute", "relative"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"Tolerance.{name} must be a finite number >= 0, got {value!r}")
+
+    def slack(self, baseline: float) -> float:
+        """The allowed change (in the metric's units) from ``baseline``."""
+        return max(self.absolute, self.relative * abs(baseline)) + _EPS
+
+    def describe(self) -> str:
+        """E.g. ``±0.02``, ``±5%`` or ``±0.02 or ±5%``."""
+        parts = []
+        if self.absolute or not self.relative:
+            parts.append(f"±{self.absolute:g}")
+        if self.relative:
+            parts.append(f"±{self.relative * 100:g}%")
+        return " or ".join(parts)
+
+    def to_dict(self) -> dict:
+        """JSON form: ``{"absolute": a, "relative": r}``."""
+        return {"absolute": self.absolute, "relative": self.relative}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Tolerance:
+        """Inverse of ``to_dict``."""
+        return cls(float(data.get("absolute", 0.0)), float(data.get("relative", 0.0)))
+
+    @classmethod
+    def parse(cls, text: str) -> Tolerance:
+        """Parse ``0.05`` (absolute), ``5%`` (relative) or ``0.05,5%`` (both; the larger slack applies)."""
+        absolute, relative = 0.0, 0.0
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts or len(parts) > 2:
+            raise ValueError(f"tolerance {text!r}: write an absolute value (0.05), a percentage (5%), or both")
+        for part in parts:
+            try:
+                if part.endswith("%"):
+                    relative = float(part[:-1]) / 100.0
+                else:
+                    absolute = float(part)
+            except ValueError:
+                raise ValueError(f"tolerance {text!r}: {part!r} is not a number; write 0.05, 5% or 0.05,5%") from None
+        return cls(absolute, relative)
+
+
+@dataclass(frozen=True)
+class MetricRule:
+    """Which way a metric is better, and its default tolerance.
+
+    Attributes:
+        direction: ``"higher"`` (higher is better), ``"lower"`` (lower is better) or ``"either"``.
+        tolerance: the default tolerance.
+        description: one line: what the metric measures, in which units.
+    """
+
+    direction: str
+    tolerance: Tolerance
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"MetricRule.direction must be one of {DIRECTIONS}, got {self.direction!r}")
+
+
+METRIC_RULES: dict[str, MetricRule] = {
+    "collision_rate": MetricRule(LOWER, Tolerance(absolute=0.0), "share of episodes with an at-fault collision"),
+    "collisions": MetricRule(LOWER, Tolerance(absolute=0.0), "collisions over the suite (count)"),
+    "progress": MetricRule(HIGHER, Tolerance(relative=0.05), "route progress, as a fraction or in m"),
+    "progress_m": MetricRule(HIGHER, Tolerance(relative=0.05), "distance driven along the route (m)"),
+    "progress_ratio": MetricRule(HIGHER, Tolerance(absolute=0.03), "route progress relative to the expert (0-1)"),
+    "min_ttc_s": MetricRule(HIGHER, Tolerance(absolute=0.25), "minimum time-to-collision (s)"),
+    "min_ttc": MetricRule(HIGHER, Tolerance(absolute=0.25), "minimum time-to-collision (s)"),
+    "ttc_compliance": MetricRule(HIGHER, Tolerance(absolute=0.03), "share of steps with TTC above its bound (0-1)"),
+    "drivable_area_compliance": MetricRule(HIGHER, Tolerance(absolute=0.02), "share of steps on the road (0-1)"),
+    "comfort": MetricRule(HIGHER, Tolerance(absolute=0.05), "share of comfortable episodes or steps (0-1)"),
+    "max_jerk_mps3": MetricRule(LOWER, Tolerance(relative=0.10), "largest jerk (m/s^3)"),
+    "max_accel_mps2": MetricRule(LOWER, Tolerance(relative=0.10), "largest acceleration magnitude (m/s^2)"),
+    "pdms": MetricRule(HIGHER, Tolerance(absolute=0.02), "composite score in the spirit of NAVSIM's PDMS (0-1)"),
+    "score": MetricRule(HIGHER, Tolerance(absolute=0.02), "composite score (0-1)"),
+    FAILED_EPISODES: MetricRule(LOWER, Tolerance(absolute=0.0), "episodes that raised instead of finishing"),
+}
+"""Direction and default tolerance of the closed-loop metrics, by name (case-insensitive)."""
+
+DIRECTION_KEYWORDS: tuple[tuple[str, str], ...] = (
+    ("collision", LOWER),
+    ("jerk", LOWER),
+    ("violation", LOWER),
+    ("fail", LOWER),
+    ("error", LOWER),
+    ("offroad", LOWER),
+    ("off_road", LOWER),
+    ("ade", LOWER),
+    ("fde", LOWER),
+    ("miss", LOWER),
+    ("latency", LOWER),
+    ("ttc", HIGHER),
+    ("progress", HIGHER),
+    ("compliance", HIGHER),
+    ("comfort", HIGHER),
+    ("pdms", HIGHER),
+    ("score", HIGHER),
+    ("success", HIGHER),
+    ("completion", HIGHER),
+    ("iou", HIGHER),
+)
+"""For a metric not in ``METRIC_RULES``: the first keyword found in its name gives the direction."""
+DEFAULT_TOLERANCE = Tolerance(absolute=0.01, relative=0.05)
+"""Tolerance of a metric not in ``METRIC_RULES``."""
+
+
+def rule_for(name: str) -> MetricRule:
+    """The rule of a metric: from ``METRIC_RULES``, else its direction from ``DIRECTION_KEYWORDS``."""
+    key = name.lower()
+    if key in METRIC_RULES:
+        return METRIC_RULES[key]
+    for keyword, direction in DIRECTION_KEYWORDS:
+        if keyword in key:
+            return MetricRule(direction, DEFAULT_TOLERANCE, f"direction inferred from {keyword!r}")
+    return MetricRule(EITHER, DEFAULT_TOLERANCE, "unknown direction: any change beyond tolerance fails")
+
+
+OK = "ok"
+IMPROVED = "improved"
+REGRESSED = "regressed"
+MISSING_CURRENT = "missing in current run"
+MISSING_BASELINE = "not in baseline"
+STATUSES = (OK, IMPROVED, REGRESSED, MISSING_CURRENT, MISSING_BASELINE)
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    """One metric, baseline against current.
+
+    Attributes:
+        name: metric name.
+        baseline: the baseline's value; None where the baseline lacks the metric; NaN where it was NaN.
+        current: the current run's value; None where the run lacks the metric.
+        direction: ``"higher"``, ``"lower"`` or ``"either"``.
+        tolerance: the tolerance applied.
+        status: one of ``STATUSES``: ``ok`` (within tolerance), ``improved``, ``regressed``,
+            ``missing in current run`` (fails), ``not in baseline`` (reported, not gated).
+    """
+
+    name: str
+    baseline: float | None
+    current: float | None
+    direction: str
+    tolerance: Tolerance
+    status: str
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"MetricComparison.status must be one of {STATUSES}, got {self.status!r}")
+
+    @property
+    def delta(self) -> float | None:
+        """``current - baseline``; None where either is missing."""
+        if self.baseline is None or self.current is None:
+            return None
+        return self.current - self.baseline
+
+    @property
+    def failed(self) -> bool:
+        """Whether this metric fails the gate (regressed, or missing from the current run)."""
+        return self.status in (REGRESSED, MISSING_CURRENT)
+
+    def explain(self) -> str:
+        """One line naming the metric, baseline -> current, and the tolerance."""
+        arrow = f"{_fmt(self.baseline)} → {_fmt(self.current)}"
+        better = {HIGHER: "higher is better", LOWER: "lower is better", EITHER: "any change counts"}[self.direction]
+        if self.status == MISSING_CURRENT:
+            return f"{self.name}: in the baseline ({_fmt(self.baseline)}) but missing from the current run"
+        if self.status == MISSING_BASELINE:
+            return f"{self.name}: {_fmt(self.current)} is not in the baseline (not gated; --update-baseline tracks it)"
+        return (
+            f"{self.name} {self.status}: {arrow} (delta {_fmt_delta(self.delta)}, tolerance "
+            f"{self.tolerance.describe()}, {better})"
+        )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every metric of a run against its baseline.
+
+    Attributes:
+        metrics: one entry per metric in either, sorted by name.
+    """
+
+    metrics: tuple[MetricComparison, ...]
+
+    @property
+    def failures(self) -> tuple[MetricComparison, ...]:
+        """The metrics that fail the gate."""
+        return tuple(m for m in self.metrics if m.failed)
+
+    @property
+    def passed(self) -> bool:
+        """Whether no metric fails the gate."""
+        return not self.failures
+
+    def get(self, name: str) -> MetricComparison:
+        """The comparison of one metric (KeyError naming the known metrics if absent)."""
+        for metric in self.metrics:
+            if metric.name == name:
+                return metric
+        raise KeyError(f"no metric {name!r}; compared: {[m.name for m in self.metrics]}")
+
+    def table(self) -> str:
+        """A readable per-metric diff table, then one line per failing metric."""
+        header = ("metric", "baseline", "current", "delta", "tolerance", "better", "status")
+        rows = [
+            (
+                m.name,
+                _fmt(m.baseline),
+                _fmt(m.current),
+                _fmt_delta(m.delta),
+                m.tolerance.describe(),
+                m.direction,
+                m.status.upper() if m.failed else m.status,
+            )
+            for m in self.metrics
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header]]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        failures = self.failures
+        if failures:
+            lines.append("")
+            lines.append(f"FAILED: {len(failures)} of {len(self.metrics)} metrics")
+            lines += [f"  {m.explain()}" for m in failures]
+        else:
+            lines.append("")
+            lines.append(f"PASSED: {len(self.metrics)} metrics within tolerance")
+        new = [m for m in self.metrics if m.status == MISSING_BASELINE]
+        lines += [f"  note: {m.explain()}" for m in new]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON form (NaN as null)."""
+        return {
+            "passed": self.passed,
+            "metrics": [
+                {
+                    "name": m.name,
+                    "baseline": _json_float(m.baseline),
+                    "current": _json_float(m.current),
+                    "delta": _json_float(m.delta),
+                    "direction": m.direction,
+                    "tolerance": m.tolerance.to_dict(),
+                    "status": m.status,
+                }
+                for m in self.metrics
+            ],
+        }
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.4g}"
+
+
+def _fmt_delta(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "nan"
+    return f"{value:+.4g}"
+
+
+def _json_float(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _as_float(name: str, value: object, where: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}: metric {name!r} is {value!r}, not a number")
+    return float(value)
+
+
+def resolve_tolerances(names: list[str] | set[str], overrides: Mapping[str, Tolerance | float | str] | None) -> dict:
+    """The tolerance of each metric: ``overrides`` first, then ``METRIC_RULES`` / ``DEFAULT_TOLERANCE``.
+
+    Args:
+        names: metric names.
+        overrides: per metric a ``Tolerance``, a number (absolute) or a string for ``Tolerance.parse``.
+
+    Returns:
+        ``{name: Tolerance}`` for every name.
+    """
+    overrides = dict(overrides or {})
+    resolved = {}
+    for name in names:
+        value = overrides.get(name, rule_for(name).tolerance)
+        if isinstance(value, Tolerance):
+            resolved[name] = value
+        elif isinstance(value, str):
+            resolved[name] = Tolerance.parse(value)
+        elif isinstance(value, Mapping):
+            resolved[name] = Tolerance.from_dict(value)
+        else:
+            resolved[name] = Tolerance(absolute=float(value))
+    return resolved
+
+
+def compare(
+    current: Mapping[str, float], baseline: Mapping[str, float], tolerances: Mapping | None = None
+) -> Comparison:
+    """Compare a run's aggregate metrics with a baseline's.
+
+    Args:
+        current: ``{metric: value}`` of the run under test (None or NaN counts as NaN).
+        baseline: ``{metric: value}`` of the baseline.
+        tolerances: per metric a ``Tolerance``, a number (absolute slack) or a string (``"0.05"``, ``"5%"``,
+            ``"0.05,5%"``); metrics absent here take their default from ``METRIC_RULES``.
+
+    Returns:
+        The per-metric comparison; ``Comparison.passed`` is the gate's verdict.
+    """
+    names = sorted(set(current) | set(baseline))
+    resolved = resolve_tolerances(names, tolerances)
+    results = []
+    for name in names:
+        direction = rule_for(name).direction
+        tolerance = resolved[name]
+        if name not in current:
+            base = _as_float(name, baseline[name], "baseline")
+            results.append(MetricComparison(name, base, None, direction, tolerance, MISSING_CURRENT))
+            continue
+        now = _as_float(name, current[name], "current run")
+        if name not in baseline:
+            results.append(MetricComparison(name, None, now, direction, tolerance, MISSING_BASELINE))
+            continue
+        base = _as_float(name, baseline[name], "baseline")
+        results.append(
+            MetricComparison(name, base, now, direction, tolerance, _status(base, now, direction, tolerance))
+        )
+    return Comparison(tuple(results))
+
+
+def _status(base: float, now: float, direction: str, tolerance: Tolerance) -> str:
+    if math.isnan(base) and math.isnan(now):
+        return OK
+    if math.isnan(now):
+        return REGRESSED  # a number turned NaN
+    if math.isnan(base):
+        return IMPROVED  # NaN turned into a number
+    slack = tolerance.slack(base)
+    delta = now - base
+    if direction == EITHER:
+        return REGRESSED if abs(delta) > slack else OK
+    gain = delta if direction == HIGHER else -delta
+    if gain < -slack:
+        return REGRESSED
+    if gain > slack:
+        return IMPROVED
+    return OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: identity, and a deliberately degraded copy.
+
+
+def weights_sha256(run: Path) -> str:
+    """SHA-256 (hex) of a run folder's ``model.safetensors``."""
+    path = Path(run) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run} is not a bevjepa run folder (train one with `bevjepa train`)")
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_NOT_WEIGHTS = ("running_mean", "running_var", "num_batches_tracked")
+"""State entries that are statistics, not weights: left as they are (noise would make a variance negative)."""
+
+
+def perturb_checkpoint(run: Path, out: Path, noise_std: float, seed: int) -> Path:
+    """Copy a run folder with Gaussian noise added to every floating weight: a deliberately degraded model.
+
+    The files at the top of ``run`` are copied (sub-folders such as ``tensorboard/`` are not);
+    ``model.safetensors`` is rewritten with ``w + noise_std * N(0, 1)`` for every floating tensor except the
+    normalization statistics (``running_mean``, ``running_var``); dtypes, shapes and the file's metadata are kept.
+    ``state.json`` records the perturbation. The same ``seed`` gives byte-identical weights. The folder appears
+    whole or not at all (written next to ``out``, then renamed).
+
+    Args:
+        run: a run folder (``config.json``, ``state.json``, ``model.safetensors``).
+        out: the folder to create; must not exist, or be empty.
+        noise_std: standard deviation of the noise, in the weights' own units (>= 0).
+        seed: seeds the noise.
+
+    Returns:
+        ``out``.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run, out = Path(run), Path(out)
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
+    source = run / "model.safetensors"
+    for name in ("config.json", "state.json", "model.safetensors"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run / name} not found: {run} is not a bevjepa run folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or remove it")
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    generator = torch.Generator().manual_seed(int(seed))
+    noisy = {}
+    for key in sorted(tensors):  # a fixed order: the same seed gives the same noise per tensor
+        tensor = tensors[key]
+        if tensor.is_floating_point() and not key.endswith(_NOT_WEIGHTS) and noise_std > 0:
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * noise_std
+            tensor = (tensor.float() + noise).to(tensor.dtype)
+        noisy[key] = tensor.contiguous()
+    record = {"from": str(run), "from_sha256": weights_sha256(run), "noise_std": noise_std, "seed": int(seed)}
+    metadata["perturbation"] = json.dumps(record)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for item in run.iterdir():
+            if item.is_file() and item.name != "model.safetensors" and not item.name.endswith(".tmp"):
+                shutil.copy2(item, staging / item.name)
+        save_file(noisy, str(staging / "model.safetensors"), metadata=metadata)
+        state = json.loads((staging / "state.json").read_text())
+        state["perturbation"] = record
+        (staging / "state.json").write_text(json.dumps(state, indent=1))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The baseline file.
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """The checkpoint a run used.
+
+    Attributes:
+        path: the run folder, as given.
+        weights_sha256: SHA-256 (hex) of its ``model.safetensors``.
+    """
+
+    path: str
+    weights_sha256: str
+
+    @classmethod
+    def of(cls, run: Path) -> CheckpointRef:
+        """Hash the weights of a run folder."""
+        return cls(str(run), weights_sha256(run))
+
+    def describe(self) -> str:
+        """E.g. ``out/run (weights sha256 1a2b3c4d5e6f)``."""
+        return f"{self.path} (weights sha256 {self.weights_sha256[:12]})"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a suite run scored, kept to compare later runs with.
+
+    Attributes:
+        suite: the suite's name.
+        forecast: the forecast source (one of ``FORECASTS``).
+        checkpoint: the checkpoint of a ``model`` forecast; None for the others.
+        metrics: ``{metric: value}``, the suite's aggregate metrics plus ``failed_episodes``; NaN where undefined.
+        tolerances: ``{metric: Tolerance}`` used when the baseline was written.
+        episodes: how many episodes the suite ran.
+        created_utc: when it was written (ISO 8601).
+    """
+
+    suite: str
+    forecast: str
+    checkpoint: CheckpointRef | None
+    metrics: dict[str, float]
+    tolerances: dict[str, Tolerance]
+    episodes: int = 0
+    created_utc: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON form (NaN as null)."""
+        return {
+            "format": BASELINE_FORMAT,
+            "format_version": BASELINE_VERSION,
+            "suite": self.suite,
+            "forecast": self.forecast,
+            "checkpoint": dataclasses.asdict(self.checkpoint) if self.checkpoint else None,
+            "episodes": self.episodes,
+            "created_utc": self.created_utc,
+            "metrics": {k: _json_float(v) for k, v in sorted(self.metrics.items())},
+            "tolerances": {k: v.to_dict() for k, v in sorted(self.tolerances.items())},
+        }
+
+
+def write_baseline(path: Path, baseline: Baseline) -> Path:
+    """Write a baseline file atomically (temporary file, then rename)."""
+    path = Path(path)
+    _atomic_write_text(path, json.dumps(baseline.to_dict(), indent=1) + "\n")
+    return path
+
+
+def read_baseline(path: Path) -> Baseline:
+    """Read and check a baseline file; a clear ``ValueError`` naming the file where it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"baseline {path} not found; write one with `bevjepa regress --suite ... --baseline {path} "
+            "--update-baseline`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"baseline {path} is not valid JSON ({error}); restore it from version control or rewrite it with "
+            "--update-baseline"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
+        raise ValueError(f"baseline {path} is not a {BASELINE_FORMAT} file (its 'format' field is missing or other)")
+    if data.get("format_version") != BASELINE_VERSION:
+        raise ValueError(
+            f"baseline {path} has format_version {data.get('format_version')!r}; this bevjepa reads version "
+            f"{BASELINE_VERSION}: rewrite it with --update-baseline"
+        )
+    try:
+        metrics = data["metrics"]
+        if not isinstance(metrics, dict):
+            raise ValueError("'metrics' is not an object")
+        checkpoint = data.get("checkpoint")
+        return Baseline(
+            suite=str(data["suite"]),
+            forecast=str(data["forecast"]),
+            checkpoint=CheckpointRef(str(checkpoint["path"]), str(checkpoint["weights_sha256"]))
+            if checkpoint
+            else None,
+            metrics={str(k): _as_float(k, v, f"baseline {path}") for k, v in metrics.items()},
+            tolerances={str(k): Tolerance.from_dict(v) for k, v in (data.get("tolerances") or {}).items()},
+            episodes=int(data.get("episodes", 0)),
+            created_utc=str(data.get("created_utc", "")),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"baseline {path} is corrupt ({type(error).__name__}: {error}); rewrite it with --update-baseline"
+        ) from None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Suite results.
+
+
+def run_metrics(result: Mapping) -> dict[str, float]:
+    """The gated metrics of a ``closed_loop.run_suite`` result: its aggregate plus ``failed_episodes``."""
+    aggregate = result.get("aggregate")
+    if not isinstance(aggregate, Mapping):
+        raise ValueError("suite result has no 'aggregate' metrics object")
+    metrics = {str(k): _as_float(k, v, "suite result") for k, v in aggregate.items()}
+    metrics[FAILED_EPISODES] = float(len(result.get("failed") or ()))
+    return metrics
+
+
+def _episode_failure(entry: object, index: int) -> tuple[str, str]:
+    """(name, message) of one entry of a suite result's ``failed`` list."""
+    if isinstance(entry, Mapping):
+        name = next((str(entry[k]) for k in ("name", "scenario", "episode", "id") if entry.get(k) is not None), None)
+        message = next((str(entry[k]) for k in ("error", "message", "traceback") if entry.get(k)), json.dumps(entry))
+        return name or f"episode {index}", message
+    return f"episode {index}", str(entry)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JUnit XML.
+
+
+def junit_xml(
+    comparison: Comparison,
+    suite: str,
+    failed_episodes: list | tuple = (),
+    properties: Mapping[str, str] | None = None,
+    time_s: float = 0.0,
+) -> ET.ElementTree:
+    """The gate's verdict as JUnit XML: one testsuite, a testcase per metric and per failed episode.
+
+    Args:
+        comparison: the metrics compared.
+        suite: the suite's name (the testsuite's name).
+        failed_episodes: the ``failed`` entries of the suite result (dicts with a name and an error, or strings).
+        properties: ``<property>`` entries of the testsuite (forecast, checkpoint, baseline file...).
+        time_s: wall time of the suite run (s).
+    """
+    episodes = [_episode_failure(entry, i) for i, entry in enumerate(failed_episodes)]
+    failures = len(comparison.failures) + len(episodes)
+    skipped = sum(m.status == MISSING_BASELINE for m in comparison.metrics)
+    root = ET.Element("testsuites", name="bevjepa regress", tests=str(len(comparison.metrics) + len(episodes)))
+    root.set("failures", str(failures))
+    root.set("errors", "0")
+    node = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(comparison.metrics) + len(episodes)),
+        failures=str(failures),
+        errors="0",
+        skipped=str(skipped),
+        time=f"{time_s:.3f}",
+        timestamp=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        hostname=socket.gethostname(),
+    )
+    if properties:
+        props = ET.SubElement(node, "properties")
+        for key, value in properties.items():
+            ET.SubElement(props, "property", name=str(key), value=str(value))
+    for metric in comparison.metrics:
+        case = ET.SubElement(node, "testcase", classname=f"regress.{suite}.metrics", name=metric.name, time="0")
+        if metric.failed:
+            failure = ET.SubElement(case, "failure", message=metric.explain(), type=metric.status.replace(" ", "_"))
+            failure.text = comparison.table()
+        elif metric.status == MISSING_BASELINE:
+            ET.SubElement(case, "skipped", message=metric.explain())
+        else:
+            ET.SubElement(case, "system-out").text = metric.explain()
+    for name, message in episodes:
+        case = ET.SubElement(node, "testcase", classname=f"regress.{suite}.episodes", name=name, time="0")
+        failure = ET.SubElement(case, "failure", message=f"episode {name} failed", type="episode_failed")
+        failure.text = message
+    ET.indent(root)
+    return ET.ElementTree(root)
+
+
+def write_junit(path: Path, tree: ET.ElementTree) -> Path:
+    """Write JUnit XML atomically."""
+    path = Path(path)
+    text = ET.tostring(tree.getroot(), encoding="unicode", xml_declaration=False)
+    _atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>\n' + text + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gate: run, compare, report.
+
+
+@dataclass(frozen=True)
+class RegressConfig:
+    """One ``bevjepa regress`` invocation.
+
+    Attributes:
+        suite: a suite file (TOML) or the name of a shipped suite, as ``closed_loop.run_suite`` takes it.
+        baseline: the baseline JSON file.
+        forecast: forecast source (one of ``FORECASTS``); None takes the baseline's (``cv`` without a baseline,
+            ``model`` where a checkpoint is given).
+        checkpoint: run folder of a ``model`` forecast; None takes the baseline's, whose weights must then be
+            unchanged.
+        tolerances: per-metric overrides of the baseline's tolerances.
+        workers: Ray workers for the episodes (1: in this process).
+        address: Ray cluster address (None: start Ray locally where workers > 1).
+        junit: where to write JUnit XML (None: nowhere).
+        out: folder for the suite's outputs plus ``regress.json`` and ``diff.txt`` (None: nowhere).
+        update_baseline: write the baseline from this run instead of gating on it.
+        progress: show the suite's progress.
+    """
+
+    suite: str
+    baseline: Path
+    forecast: str | None = None
+    checkpoint: Path | None = None
+    tolerances: Mapping[str, Tolerance] = dataclasses.field(default_factory=dict)
+    workers: int = 1
+    address: str | None = None
+    junit: Path | None = None
+    out: Path | None = None
+    update_baseline: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.forecast is not None and self.forecast not in FORECASTS:
+            raise ValueError(f"RegressConfig.forecast must be one of {FORECASTS}, got {self.forecast!r}")
+        if self.workers < 1:
+            raise ValueError(f"RegressConfig.workers must be >= 1, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class RegressReport:
+    """What the gate found.
+
+    Attributes:
+        exit_code: 0 (passed, or baseline written) or 1 (a metric regressed, or no baseline to compare with).
+        text: the report to print: header, diff table, verdict.
+        comparison: the comparison; None where there was no baseline to compare with.
+        baseline: the baseline compared with, or the one written.
+        result: the suite result (``closed_loop.run_suite``'s dict); empty where the suite did not run.
+    """
+
+    exit_code: int
+    text: str
+    comparison: Comparison | None
+    baseline: Baseline | None
+    result: dict
+
+
+def regress(config: RegressConfig) -> RegressReport:
+    """Run the suite, compare it with the baseline (or write the baseline), and report.
+
+    Raises:
+        ValueError: a corrupt baseline, a suite that is not the baseline's, a checkpoint whose weights changed
+            under the baseline's path, a ``model`` forecast without a checkpoint, or a checkpoint with another
+            forecast.
+    """
+    baseline_path = Path(config.baseline)
+    baseline: Baseline | None = None
+    notes: list[str] = []
+    if baseline_path.exists():
+        try:
+            baseline = read_baseline(baseline_path)
+        except ValueError as error:
+            if not config.update_baseline:
+                raise
+            notes.append(f"note: replacing an unreadable baseline ({error})")
+    elif not config.update_baseline:
+        text = (
+            f"baseline {baseline_path} not found: nothing to compare with. Write it from a run with "
+            f"`bevjepa regress --suite {config.suite} --baseline {baseline_path} --update-baseline`"
+        )
+        return RegressReport(1, text, None, None, {})
+
+    forecast = config.forecast or (baseline.forecast if baseline else ("model" if config.checkpoint else "cv"))
+    checkpoint = _resolve_checkpoint(config, forecast, baseline, baseline_path)
+
+    import time
+
+    from bevjepa.evaluation import closed_loop
+
+    started = time.perf_counter()
+    result = closed_loop.run_suite(
+        config.suite,
+        forecast,
+        checkpoint=checkpoint,
+        workers=config.workers,
+        address=config.address,
+        out=config.out,
+        progress=config.progress,
+    )
+    wall_s = time.perf_counter() - started
+    suite = str(result.get("suite", config.suite))
+    current = run_metrics(result)
+    current_ref = CheckpointRef.of(checkpoint) if checkpoint is not None else None
+    failed = list(result.get("failed") or ())
+    episodes = len(result.get("episodes") or ()) + (0 if result.get("episodes") else len(failed))
+
+    if baseline is not None and baseline.suite != suite and not config.update_baseline:
+        raise ValueError(
+            f"suite mismatch: baseline {baseline_path} was written for suite {baseline.suite!r}, this run is "
+            f"suite {suite!r}; pass the baseline of this suite, or write one with --update-baseline"
+        )
+    header = [f"suite {suite}: {episodes} episodes, {len(failed)} failed, {wall_s:.1f} s"]
+    header += _identity_lines(baseline, baseline_path, forecast, current_ref)
+    header += notes
+    properties = {
+        "forecast": forecast,
+        "checkpoint": current_ref.describe() if current_ref else "none",
+        "baseline": str(baseline_path),
+    }
+
+    if config.update_baseline:
+        kept = dict(baseline.tolerances) if baseline is not None and baseline.suite == suite else {}
+        tolerances = resolve_tolerances(set(current), {**kept, **config.tolerances})
+        written = Baseline(
+            suite=suite,
+            forecast=forecast,
+            checkpoint=current_ref,
+            metrics=current,
+            tolerances=tolerances,
+            episodes=episodes,
+            created_utc=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        )
+        comparison = compare(current, current, tolerances)
+        lines = [*header]
+        if baseline is not None and baseline.suite == suite:
+            previous = compare(current, baseline.metrics, tolerances)
+            lines += ["", "against the previous baseline:", previous.table()]
+        write_baseline(baseline_path, written)
+        lines += ["", f"wrote baseline {baseline_path}: {len(current)} metrics"]
+        lines += [
+            f"  {name} = {_fmt(value)}  (tolerance {tolerances[name].describe()})"
+            for name, value in sorted(current.items())
+        ]
+        report = RegressReport(0, "\n".join(lines), comparison, written, result)
+    else:
+        assert baseline is not None
+        tolerances = {**baseline.tolerances, **config.tolerances}
+        comparison = compare(current, baseline.metrics, tolerances)
+        verdict = (
+            "regress: PASSED"
+            if comparison.passed
+            else "regress: FAILED — "
+            + ", ".join(f"{m.name} ({_fmt(m.baseline)} → {_fmt(m.current)})" for m in comparison.failures)
+        )
+        text = "\n".join([*header, "", comparison.table(), "", verdict])
+        report = RegressReport(0 if comparison.passed else 1, text, comparison, baseline, result)
+
+    if config.junit is not None:
+        write_junit(config.junit, junit_xml(comparison, suite, failed, properties, wall_s))
+    if config.out is not None:
+        out = Path(config.out)
+        _atomic_write_text(out / "diff.txt", report.text + "\n")
+        summary = {
+            "suite": suite,
+            "forecast": forecast,
+            "checkpoint": dataclasses.asdict(current_ref) if current_ref else None,
+            "baseline": str(baseline_path),
+            "exit_code": report.exit_code,
+            "updated_baseline": config.update_baseline,
+            "metrics": {k: _json_float(v) for k, v in sorted(current.items())},
+            "comparison": comparison.to_dict(),
+        }
+        _atomic_write_text(out / "regress.json", json.dumps(summary, indent=1) + "\n")
+    return report
+
+
+def _resolve_checkpoint(
+    config: RegressConfig, forecast: str, baseline: Baseline | None, baseline_path: Path
+) -> Path | None:
+    """The checkpoint to run, checked against the forecast and the baseline."""
+    if forecast != "model":
+        if config.checkpoint is not None:
+            raise ValueError(f"--checkpoint is only used by --forecast model, not {forecast!r}; drop one of them")
+        return None
+    if config.checkpoint is not None:
+        weights_sha256(Path(config.checkpoint))  # a clear error now, not after the suite
+        return Path(config.checkpoint)
+    if baseline is None or baseline.checkpoint is None:
+        raise ValueError("--forecast model needs --checkpoint RUN (a `bevjepa train` run folder)")
+    path = Path(baseline.checkpoint.path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"checkpoint mismatch: baseline {baseline_path} names checkpoint {path}, which holds no "
+            "model.safetensors; pass --checkpoint RUN"
+        )
+    found = weights_sha256(path)
+    if found != baseline.checkpoint.weights_sha256:
+        raise ValueError(
+            f"checkpoint mismatch: the weights at {path} (sha256 {found[:12]}) are not those baseline "
+            f"{baseline_path} was written with (sha256 {baseline.checkpoint.weights_sha256[:12]}); pass "
+            "--checkpoint to gate this model against the baseline, or --update-baseline to re-baseline"
+        )
+    return path
+
+
+def _identity_lines(
+    baseline: Baseline | None, baseline_path: Path, forecast: str, current: CheckpointRef | None
+) -> list[str]:
+    """Header lines: what the baseline and this run used; notes where they differ."""
+    ours = current.describe() if current else "none"
+    if baseline is None:
+        return [f"forecast {forecast}, checkpoint {ours}; no baseline yet at {baseline_path}"]
+    theirs = baseline.checkpoint.describe() if baseline.checkpoint else "none"
+    lines = [
+        f"baseline {baseline_path} ({baseline.created_utc or 'undated'}): forecast {baseline.forecast}, "
+        f"checkpoint {theirs}",
+        f"this run: forecast {forecast}, checkpoint {ours}",
+    ]
+    if baseline.forecast != forecast:
+        lines.append(f"note: forecast differs from the baseline's ({baseline.forecast} → {forecast})")
+    same_weights = (baseline.checkpoint and current) and baseline.checkpoint.weights_sha256 == current.weights_sha256
+    if (baseline.checkpoint or current) and not same_weights:
+        lines.append("note: the model's weights differ from the baseline's")
+    return lines
