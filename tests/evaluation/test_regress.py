@@ -1,0 +1,219 @@
+"""The regression gate: comparison, baseline file, JUnit XML, degraded checkpoints, and `bevjepa regress`."""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bevjepa.evaluation import regress
+from bevjepa.prediction import checkpoint, model
+from bevjepa.prediction import config as experiment_config
+
+BASE = {"collision_rate": 0.25, "progress": 0.80, "min_ttc_s": 2.0, "drivable_area_compliance": 0.95, "pdms": 0.70}
+
+
+# --- compare -------------------------------------------------------------------------------------------------------
+
+
+def test_identical_metrics_pass():
+    comparison = regress.compare(dict(BASE), BASE)
+    assert comparison.passed and {m.status for m in comparison.metrics} == {regress.OK}
+    assert all(m.delta == 0 for m in comparison.metrics)
+
+
+def test_improvements_pass_in_either_direction():
+    better = {**BASE, "collision_rate": 0.0, "progress": 0.95, "min_ttc_s": 3.0}
+    comparison = regress.compare(better, BASE)
+    assert comparison.passed
+    for name in ("collision_rate", "progress", "min_ttc_s"):
+        assert comparison.get(name).status == regress.IMPROVED, name
+    assert comparison.get("collision_rate").delta == pytest.approx(-0.25)
+
+
+def test_a_regression_beyond_tolerance_fails_and_is_named():
+    worse = {**BASE, "collision_rate": 0.5, "min_ttc_s": 1.0}
+    comparison = regress.compare(worse, BASE)
+    assert not comparison.passed
+    assert [m.name for m in comparison.failures] == ["collision_rate", "min_ttc_s"]
+    table = comparison.table()
+    assert "FAILED: 2 of 5 metrics" in table
+    assert "collision_rate regressed: 0.25 → 0.5" in table and "lower is better" in table
+    assert "min_ttc_s regressed: 2 → 1" in table and "tolerance ±0.25" in table
+
+
+def test_within_tolerance_passes_and_the_tolerance_is_applied_both_ways():
+    # progress: 5 % relative by default; 0.80 -> 0.77 is a 3.75 % drop, 0.80 -> 0.75 is 6.25 %.
+    assert regress.compare({**BASE, "progress": 0.77}, BASE).get("progress").status == regress.OK
+    assert regress.compare({**BASE, "progress": 0.75}, BASE).get("progress").status == regress.REGRESSED
+    # an explicit absolute tolerance replaces the default
+    loose = regress.compare({**BASE, "progress": 0.75}, BASE, {"progress": 0.1})
+    assert loose.passed and loose.get("progress").tolerance == regress.Tolerance(absolute=0.1)
+    strict = regress.compare({**BASE, "pdms": 0.69}, BASE, {"pdms": "0.001"})
+    assert strict.get("pdms").status == regress.REGRESSED
+    # the larger of absolute and relative slack applies
+    both = regress.Tolerance.parse("0.01,10%")
+    assert both == regress.Tolerance(absolute=0.01, relative=0.1)
+    assert both.slack(2.0) == pytest.approx(0.2) and both.slack(0.05) == pytest.approx(0.01)
+
+
+def test_direction_decides_which_change_is_a_regression():
+    # The same numeric move (+0.1) is a regression for a lower-is-better metric and an improvement for a higher one.
+    base = {"collision_rate": 0.1, "drivable_area_compliance": 0.8}
+    moved = {"collision_rate": 0.2, "drivable_area_compliance": 0.9}
+    comparison = regress.compare(moved, base)
+    assert comparison.get("collision_rate").status == regress.REGRESSED
+    assert comparison.get("drivable_area_compliance").status == regress.IMPROVED
+    # unknown names: a keyword gives the direction, else any change beyond tolerance fails
+    assert regress.rule_for("offroad_collisions_per_km").direction == regress.LOWER
+    assert regress.rule_for("mean_ttc_s").direction == regress.HIGHER
+    unknown = regress.compare({"mystery": 1.5}, {"mystery": 1.0})
+    assert unknown.get("mystery").direction == regress.EITHER and not unknown.passed
+    assert regress.compare({"mystery": 0.5}, {"mystery": 1.0}).get("mystery").status == regress.REGRESSED
+
+
+def test_missing_metrics_are_reported_clearly():
+    current = {k: v for k, v in BASE.items() if k != "pdms"} | {"route_completion": 0.9}
+    comparison = regress.compare(current, BASE)
+    gone, new = comparison.get("pdms"), comparison.get("route_completion")
+    assert gone.status == regress.MISSING_CURRENT and gone.failed and gone.current is None and gone.delta is None
+    assert new.status == regress.MISSING_BASELINE and not new.failed
+    assert [m.name for m in comparison.failures] == ["pdms"]
+    table = comparison.table()
+    assert "pdms: in the baseline (0.7) but missing from the current run" in table
+    assert "route_completion: 0.9 is not in the baseline" in table
+
+
+def test_nan_handling():
+    assert regress.compare({"pdms": math.nan}, {"pdms": 0.7}).get("pdms").status == regress.REGRESSED
+    assert regress.compare({"min_ttc_s": None}, {"min_ttc_s": None}).passed
+    assert regress.compare({"min_ttc_s": 3.0}, {"min_ttc_s": math.nan}).get("min_ttc_s").status == regress.IMPROVED
+    with pytest.raises(ValueError, match="'pdms' is 'high', not a number"):
+        regress.compare({"pdms": "high"}, {"pdms": 0.7})
+
+
+@pytest.mark.parametrize("text", ["", "abc", "5%%", "1,2,3", "-0.1"])
+def test_bad_tolerances_are_refused(text):
+    with pytest.raises(ValueError, match="tolerance|Tolerance"):
+        regress.Tolerance.parse(text)
+
+
+# --- baseline file -------------------------------------------------------------------------------------------------
+
+
+def _baseline(**changes) -> regress.Baseline:
+    fields = {
+        "suite": "smoke",
+        "forecast": "cv",
+        "checkpoint": None,
+        "metrics": {**BASE, "min_ttc_s": math.nan, regress.FAILED_EPISODES: 0.0},
+        "tolerances": regress.resolve_tolerances(set(BASE), {"pdms": "3%"}),
+        "episodes": 4,
+        "created_utc": "2024-01-01T00:00:00+00:00",
+    }
+    return regress.Baseline(**(fields | changes))
+
+
+def test_baseline_round_trips_through_json(tmp_path):
+    path = regress.write_baseline(tmp_path / "ci" / "baseline.json", _baseline())
+    data = json.loads(path.read_text())  # strict JSON: NaN is written as null
+    assert data["format"] == regress.BASELINE_FORMAT and data["format_version"] == regress.BASELINE_VERSION
+    assert data["metrics"]["min_ttc_s"] is None and data["tolerances"]["pdms"] == {"absolute": 0.0, "relative": 0.03}
+    back = regress.read_baseline(path)
+    assert back.suite == "smoke" and back.tolerances == _baseline().tolerances
+    assert math.isnan(back.metrics["min_ttc_s"]) and back.metrics["pdms"] == 0.70
+    assert [p.name for p in path.parent.iterdir()] == ["baseline.json"]  # no temporary file left behind
+
+
+def test_missing_and_corrupt_baselines_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--update-baseline"):
+        regress.read_baseline(tmp_path / "none.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"format": "bevjepa-regress-baseline", "metr')
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        regress.read_baseline(broken)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"metrics": {}}))
+    with pytest.raises(ValueError, match="other.json is not a bevjepa-regress-baseline file"):
+        regress.read_baseline(other)
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps(_baseline().to_dict() | {"format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        regress.read_baseline(future)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(json.dumps({k: v for k, v in _baseline().to_dict().items() if k != "suite"}))
+    with pytest.raises(ValueError, match="truncated.json is corrupt"):
+        regress.read_baseline(truncated)
+
+
+# --- JUnit XML -----------------------------------------------------------------------------------------------------
+
+
+def test_junit_xml_parses_and_counts_failures(tmp_path):
+    worse = {**BASE, "collision_rate": 0.5, "route_completion": 1.0}
+    comparison = regress.compare(worse, BASE)
+    failed = [{"episode": "crossing/3", "error": "RuntimeError: planner found no trajectory"}, "bare failure"]
+    tree = regress.junit_xml(comparison, "smoke", failed, {"forecast": "cv"}, time_s=1.5)
+    path = regress.write_junit(tmp_path / "junit.xml", tree)
+    root = ET.parse(path).getroot()
+    suite = root.find("testsuite")
+    assert suite.get("name") == "smoke" and suite.get("tests") == "8" and suite.get("failures") == "3"
+    assert suite.get("skipped") == "1" and root.get("failures") == "3"
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert set(cases) == {*BASE, "route_completion", "crossing/3", "episode 1"}
+    failure = cases["collision_rate"].find("failure")
+    assert "collision_rate regressed: 0.25 → 0.5" in failure.get("message") and "FAILED" in failure.text
+    assert cases["progress"].find("failure") is None
+    assert cases["route_completion"].find("skipped") is not None
+    assert "no trajectory" in cases["crossing/3"].find("failure").text
+    assert suite.find("properties/property").attrib == {"name": "forecast", "value": "cv"}
+
+
+# --- degraded checkpoints ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """An untrained small model saved as a run folder (a real checkpoint; training is not what is tested here)."""
+    torch.manual_seed(0)
+    config = experiment_config.small()
+    run = tmp_path_factory.mktemp("runs") / "run"
+    checkpoint.save(run, config, model.BevJepa(config.model), None, {"step": 0})
+    return run
+
+
+def test_perturb_checkpoint_adds_deterministic_noise(tiny_run, tmp_path):
+    first = regress.perturb_checkpoint(tiny_run, tmp_path / "a", noise_std=0.05, seed=3)
+    second = regress.perturb_checkpoint(tiny_run, tmp_path / "b", noise_std=0.05, seed=3)
+    other = regress.perturb_checkpoint(tiny_run, tmp_path / "c", noise_std=0.05, seed=4)
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert regress.weights_sha256(first) != regress.weights_sha256(other) != regress.weights_sha256(tiny_run)
+    original, noisy = load_file(str(tiny_run / "model.safetensors")), load_file(str(first / "model.safetensors"))
+    assert set(original) == set(noisy)
+    moved = []
+    for key, value in original.items():
+        assert noisy[key].dtype == value.dtype and noisy[key].shape == value.shape
+        if value.is_floating_point() and not key.endswith(("running_mean", "running_var")) and value.numel() > 1000:
+            moved.append(float((noisy[key] - value).std()))
+        elif not value.is_floating_point() or key.endswith("running_var"):
+            assert torch.equal(noisy[key], value), key
+    assert moved and all(s == pytest.approx(0.05, rel=0.1) for s in moved)
+    # the copy is a loadable run folder that says what was done to it
+    config, net = checkpoint.load_model(first)
+    assert config == checkpoint.load_config(tiny_run)
+    assert checkpoint.load_state(first)["perturbation"] == {
+        "from": str(tiny_run),
+        "from_sha256": regress.weights_sha256(tiny_run),
+        "noise_std": 0.05,
+        "seed": 3,
+    }
+    with pytest.raises(FileExistsError, match="not empty"):
+        regress.perturb_checkpoint(tiny_run, tmp_path / "a", noise_std=0.05, seed=3)
+    with pytest.raises(FileNotFoundError, match="not a bevjepa run folder"):
+        regress.perturb_checkpoint(tmp_path / "nothing", tmp_path / "d", noise_std=0.05, seed=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no staging folder left behind
