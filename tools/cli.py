@@ -170,6 +170,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _regress(args: argparse.Namespace) -> int:
+    from bevjepa.evaluation import regress
+
+    config = regress.RegressConfig(
+        suite=args.suite,
+        baseline=Path(args.baseline),
+        forecast=args.forecast,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        tolerances=regress.parse_overrides(args.tolerance),
+        workers=args.workers,
+        address=args.address,
+        junit=Path(args.junit) if args.junit else None,
+        out=Path(args.out) if args.out else None,
+        update_baseline=args.update_baseline,
+    )
+    report = regress.regress(config)
+    if report.comparison is None:
+        print(f"bevjepa regress: error: {report.text}", file=sys.stderr)
+    else:
+        print(report.text)
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="bevjepa", description=__doc__)
@@ -262,6 +285,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=20.0, help="seconds per scene (synth, preprocess)")
     bench.add_argument("--workers", type=int, default=2, help="Ray workers (synth)")
     bench.set_defaults(run=_bench)
+
+    gate = commands.add_parser(
+        "regress",
+        help="CI regression gate: run a closed-loop suite and compare it with a baseline",
+        description="Run a closed-loop scenario suite, compare its aggregate metrics with a baseline file, print "
+        "a per-metric diff, and exit 1 when a metric regressed beyond its tolerance (or the baseline is missing).",
+    )
+    gate.add_argument("--suite", required=True, help="suite file, e.g. suites/ci.toml")
+    gate.add_argument("--baseline", required=True, help="baseline JSON file (written with --update-baseline)")
+    gate.add_argument(
+        "--forecast",
+        choices=["model", "cv", "oracle", "none"],
+        default=None,
+        help="forecast source (default: the baseline's; cv without one, model with --checkpoint)",
+    )
+    gate.add_argument("--checkpoint", default=None, help="run folder for --forecast model (default: the baseline's)")
+    gate.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="override a tolerance: absolute (collision_rate=0.05), relative (progress=5%%) or both (pdms=0.01,2%%)",
+    )
+    gate.add_argument("--workers", type=int, default=1, help="Ray workers, one episode per task (default 1)")
+    gate.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    gate.add_argument("--junit", default=None, help="write JUnit XML here")
+    gate.add_argument("--out", default=None, help="folder for the suite's outputs, diff.txt and regress.json")
+    gate.add_argument("--update-baseline", action="store_true", help="write the baseline from this run; exit 0")
+    gate.set_defaults(run=_regress)
     return parser
 
 
