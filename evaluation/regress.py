@@ -110,6 +110,17 @@ class Tolerance:
         return cls(absolute, relative)
 
 
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Tolerance]:
+    """Parse ``METRIC=VALUE`` items (``--tolerance``), VALUE as ``Tolerance.parse`` reads it."""
+    overrides = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--tolerance {item!r}: write METRIC=VALUE, e.g. collision_rate=0.05 or progress=5%")
+        overrides[name.strip()] = Tolerance.parse(value)
+    return overrides
+
+
 @dataclass(frozen=True)
 class MetricRule:
     """Which way a metric is better, and its default tolerance.
