@@ -466,8 +466,9 @@ def perturb_checkpoint(run: Path, out: Path, noise_std: float, seed: int) -> Pat
     The files at the top of ``run`` are copied (sub-folders such as ``tensorboard/`` are not);
     ``model.safetensors`` is rewritten with ``w + noise_std * N(0, 1)`` for every floating tensor except the
     normalization statistics (``running_mean``, ``running_var``); dtypes, shapes and the file's metadata are kept.
-    ``state.json`` records the perturbation. The same ``seed`` gives byte-identical weights. The folder appears
-    whole or not at all (written next to ``out``, then renamed).
+    ``state.json`` records the perturbation (source, its weights' SHA-256, ``noise_std``, ``seed``). The same
+    ``seed`` gives byte-identical weights. The folder appears whole or not at all (written next to ``out``, then
+    renamed).
 
     Args:
         run: a run folder (``config.json``, ``state.json``, ``model.safetensors``).
@@ -502,8 +503,9 @@ def perturb_checkpoint(run: Path, out: Path, noise_std: float, seed: int) -> Pat
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * noise_std
             tensor = (tensor.float() + noise).to(tensor.dtype)
         noisy[key] = tensor.contiguous()
+    # The record goes into state.json only: safetensors orders several metadata keys differently from run to run,
+    # and the same seed must give the same bytes.
     record = {"from": str(run), "from_sha256": weights_sha256(run), "noise_std": noise_std, "seed": int(seed)}
-    metadata["perturbation"] = json.dumps(record)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -827,6 +829,10 @@ def regress(config: RegressConfig) -> RegressReport:
 
     forecast = config.forecast or (baseline.forecast if baseline else ("model" if config.checkpoint else "cv"))
     checkpoint = _resolve_checkpoint(config, forecast, baseline, baseline_path)
+    if baseline is not None and not config.update_baseline and Path(config.suite).is_file():
+        from bevjepa.evaluation import scenarios
+
+        _check_suite(baseline, baseline_path, scenarios.load_suite(config.suite).name)  # before, not after, the run
 
     import time
 
@@ -849,11 +855,8 @@ def regress(config: RegressConfig) -> RegressReport:
     failed = list(result.get("failed") or ())
     episodes = len(result.get("episodes") or ()) + (0 if result.get("episodes") else len(failed))
 
-    if baseline is not None and baseline.suite != suite and not config.update_baseline:
-        raise ValueError(
-            f"suite mismatch: baseline {baseline_path} was written for suite {baseline.suite!r}, this run is "
-            f"suite {suite!r}; pass the baseline of this suite, or write one with --update-baseline"
-        )
+    if baseline is not None and not config.update_baseline:
+        _check_suite(baseline, baseline_path, suite)
     header = [f"suite {suite}: {episodes} episodes, {len(failed)} failed, {wall_s:.1f} s"]
     header += _identity_lines(baseline, baseline_path, forecast, current_ref)
     header += notes
@@ -917,6 +920,14 @@ def regress(config: RegressConfig) -> RegressReport:
         }
         _atomic_write_text(out / "regress.json", json.dumps(summary, indent=1) + "\n")
     return report
+
+
+def _check_suite(baseline: Baseline, baseline_path: Path, suite: str) -> None:
+    if baseline.suite != suite:
+        raise ValueError(
+            f"suite mismatch: baseline {baseline_path} was written for suite {baseline.suite!r}, this run is "
+            f"suite {suite!r}; pass the baseline of this suite, or write one with --update-baseline"
+        )
 
 
 def _resolve_checkpoint(

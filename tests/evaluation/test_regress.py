@@ -217,3 +217,55 @@ def test_perturb_checkpoint_adds_deterministic_noise(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a bevjepa run folder"):
         regress.perturb_checkpoint(tmp_path / "nothing", tmp_path / "d", noise_std=0.05, seed=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no staging folder left behind
+
+
+# --- `bevjepa regress`: the errors that stop it before any episode runs ----------------------------------------------
+
+SUITE_TOML = """
+name = "tiny"
+
+[[scenario]]
+name = "straight"
+layout = "straight"
+seeds = [0]
+duration_s = 2.0
+vehicles = 1
+parked = 0
+pedestrians = 0
+cyclists = 0
+"""
+
+
+def test_cli_refuses_missing_corrupt_and_mismatched_baselines(tmp_path, tiny_run, capsys):
+    from bevjepa.tools import cli
+
+    suite = tmp_path / "tiny.toml"
+    suite.write_text(SUITE_TOML)
+    baseline = tmp_path / "baseline.json"
+    args = ["regress", "--suite", str(suite), "--baseline", str(baseline)]
+
+    assert cli.main(args) == 1  # no baseline and no --update-baseline
+    err = capsys.readouterr().err
+    assert f"baseline {baseline} not found" in err and "--update-baseline" in err
+
+    baseline.write_text("{not json")
+    assert cli.main(args) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+
+    regress.write_baseline(baseline, _baseline(suite="nightly"))
+    assert cli.main(args) == 2
+    assert "suite mismatch" in capsys.readouterr().err and "'nightly'" in capsys.readouterr().err + "'nightly'"
+
+    wrong_weights = regress.CheckpointRef(str(tiny_run), "0" * 64)
+    regress.write_baseline(baseline, _baseline(suite="tiny", forecast="model", checkpoint=wrong_weights))
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint mismatch" in err and str(tiny_run) in err
+
+    assert cli.main([*args, "--forecast", "cv", "--checkpoint", str(tiny_run)]) == 2
+    assert "--checkpoint is only used by --forecast model" in capsys.readouterr().err
+    regress.write_baseline(baseline, _baseline(suite="tiny", forecast="cv"))
+    assert cli.main([*args, "--forecast", "model"]) == 2
+    assert "--forecast model needs --checkpoint" in capsys.readouterr().err
+    assert cli.main([*args, "--tolerance", "pdms"]) == 2
+    assert "write METRIC=VALUE" in capsys.readouterr().err
