@@ -185,6 +185,9 @@ class WindowSample:
         instances: [F + 1, H, W] int64 — 0 where free, else 1 + the instance's index: 1..A are the agents in
             agent order, larger values instances that appear only at future steps.
         observed: [H, W] bool — cells the LiDAR observed at t0.
+        future: the future keyframes' sensor inputs, when the dataset was asked for them.
+        frame_tokens: [P] the input keyframes' sample tokens, oldest first (empty where unknown); a stream of
+            forecasts uses them to encode each keyframe once.
     """
 
     sample_token: str
@@ -213,9 +216,14 @@ class WindowSample:
     instances: torch.Tensor
     observed: torch.Tensor
     future: FutureInputs | None = None
+    frame_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_fields(self, _SAMPLE_SPEC)
+        if self.frame_tokens and len(self.frame_tokens) != self.t0_from_ego.shape[0]:
+            raise ValueError(
+                f"WindowSample.frame_tokens has {len(self.frame_tokens)} tokens for {self.t0_from_ego.shape[0]} frames"
+            )
         if self.actions.shape[0] != self.t0_from_ego.shape[0] - 1 + self.ego_future.shape[0]:
             raise ValueError(
                 f"WindowSample.actions has {self.actions.shape[0]} steps, want P - 1 + T = "
@@ -261,6 +269,7 @@ class WindowBatch:
         instances: [B, F + 1, H, W] int64 — 1..A of a sample are its agents, as in ``WindowSample``.
         observed: [B, H, W] bool.
         future: the future keyframes' sensor inputs, when the dataset was asked for them.
+        frame_tokens: [B] each sample's input keyframe tokens (see ``WindowSample.frame_tokens``).
     """
 
     sample_tokens: tuple[str, ...]
@@ -291,6 +300,7 @@ class WindowBatch:
     instances: torch.Tensor
     observed: torch.Tensor
     future: FutureBatch | None = None
+    frame_tokens: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         _check_fields(self, _BATCH_SPEC)
@@ -357,6 +367,7 @@ def collate(samples: list[WindowSample]) -> WindowBatch:
         points_batch=torch.repeat_interleave(torch.arange(len(samples)), counts),  # [M]
         agent_mask=torch.arange(a_max)[None, :] < agent_counts[:, None],  # [B, A_max]
         future=_collate_future([s.future for s in samples]),
+        frame_tokens=tuple(s.frame_tokens for s in samples),
         **stacked,
         **padded,
     )
@@ -478,6 +489,7 @@ class WindowDataset(Dataset):
             instances=torch.from_numpy(window.instances.astype(np.int64)),
             observed=torch.from_numpy(window.observed),
             future=self._future(entry["scene"], window) if self.future_inputs else None,
+            frame_tokens=tuple(str(token) for token in window.keyframe_tokens),
         )
 
     def _future(self, scene: str, window: windows.Window) -> FutureInputs:

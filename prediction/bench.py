@@ -11,7 +11,7 @@ import torch
 from bevjepa.datasets import torch_dataset
 from bevjepa.fusion import fuser
 from bevjepa.prediction import config as experiment_config
-from bevjepa.prediction import model
+from bevjepa.prediction import forecaster, model
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -124,3 +124,39 @@ def training_step_time(data: Path, preset: str = "small", repeats: int = 5, thre
 
     step()
     return {"preset": preset, "batch_size": config.train.batch_size, "step_ms": _median_ms(step, repeats)}
+
+
+@torch.no_grad()
+def stream_latency(data: Path, preset: str = "small", windows: int = 12, threads: int = 2) -> dict:
+    """Milliseconds per forecast through the planner's API over consecutive windows of one scene, cold and streaming.
+
+    Cold: every forecast encodes its P input keyframes. Streaming: ``Forecaster(cache_frames=...)`` encodes each
+    keyframe once, so a forecast pays for one new frame's sensors (the first forecast of the stream, which
+    encodes all P, is left out of both medians). Both run the same weights on the same windows, alternating.
+    """
+    torch.set_num_threads(threads)
+    config = experiment_config.preset(preset)
+    torch.manual_seed(0)
+    net = model.BevJepa(config.model).eval()
+    dataset = torch_dataset.WindowDataset(data)
+    scene = dataset.entries[0]["scene"]
+    indices = [i for i, entry in enumerate(dataset.entries) if entry["scene"] == scene][:windows]
+    samples = [dataset[i] for i in indices]
+    cold, streaming = forecaster.Forecaster(net), forecaster.Forecaster(net, cache_frames=2 * len(samples))
+    cold.forecast(samples[0])  # warm up
+    streaming.forecast(samples[0])
+    cold_ms, stream_ms = [], []
+    for sample in samples[1:]:
+        for runner, times in ((cold, cold_ms), (streaming, stream_ms)):
+            start = time.perf_counter()
+            runner.forecast(sample)
+            times.append(1e3 * (time.perf_counter() - start))
+    return {
+        "preset": preset,
+        "threads": threads,
+        "forecasts": len(samples) - 1,
+        "cold_ms": float(np.median(cold_ms)),
+        "streaming_ms": float(np.median(stream_ms)),
+        "streaming_per_s": 1e3 / float(np.median(stream_ms)),
+        "speedup": float(np.median(cold_ms) / np.median(stream_ms)),
+    }

@@ -11,6 +11,7 @@ Notation:
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
-from bevjepa.prediction import checkpoint
+from bevjepa.prediction import checkpoint, model
 
 FORECAST_FORMAT = "bevjepa-occupancy-forecast"
 FORECAST_VERSION = 1
@@ -153,17 +154,50 @@ class OccupancyForecast:
 
 
 class Forecaster:
-    """A trained model behind the forecast API."""
+    """A trained model behind the forecast API.
 
-    def __init__(self, net, device: str | torch.device = "cpu") -> None:
+    With ``cache_frames`` > 0 the forecaster keeps the encoded latents of the last ``cache_frames`` keyframes
+    (by scene and sample token, ``WindowSample.frame_tokens``), so a stream of forecasts, each over the last P
+    keyframes, encodes every keyframe once: a new forecast pays for one frame's cameras and LiDAR instead of P.
+    The result is the same as without the cache (a frame's own-frame latent does not depend on t0).
+    """
+
+    def __init__(self, net, device: str | torch.device = "cpu", cache_frames: int = 0) -> None:
         self.net = net.to(device).eval()
         self.device = torch.device(device)
+        self.cache_frames = cache_frames
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 
     @staticmethod
-    def from_checkpoint(run: Path, device: str | torch.device = "cpu") -> Forecaster:
+    def from_checkpoint(run: Path, device: str | torch.device = "cpu", cache_frames: int = 0) -> Forecaster:
         """Load the model of a run folder (safetensors and JSON; nothing is unpickled)."""
         _, net = checkpoint.load_model(run, device)
-        return Forecaster(net, device)
+        return Forecaster(net, device, cache_frames)
+
+    def _own_latents(self, batch: torch_dataset.WindowBatch) -> torch.Tensor | None:
+        """[B, P, C, H, W] the input frames' own-frame latents, encoding only those not in the cache."""
+        if self.cache_frames <= 0 or not batch.frame_tokens or not all(batch.frame_tokens):
+            return None
+        keys = [
+            [(scene, token) for token in tokens]
+            for scene, tokens in zip(batch.scene_names, batch.frame_tokens, strict=True)
+        ]
+        missing = sorted({p for row in keys for p, key in enumerate(row) if key not in self._cache})
+        if missing:
+            frames = model.SensorFrames.past(batch)
+            if len(missing) < frames.reference_from_ego.shape[1]:
+                frames = model.select_frames(frames, missing)
+            encoded = self.net.encoder.own_frame_latents(frames)  # [B, len(missing), C, H, W]
+            for b, row in enumerate(keys):
+                for i, p in enumerate(missing):
+                    self._cache.setdefault(row[p], encoded[b, i])
+        latents = torch.stack([torch.stack([self._cache[key] for key in row]) for row in keys])
+        for row in keys:
+            for key in row:
+                self._cache.move_to_end(key)
+        while len(self._cache) > max(self.cache_frames, len(keys[0]) * len(keys)):
+            self._cache.popitem(last=False)
+        return latents
 
     @torch.no_grad()
     def forecast_batch(
@@ -171,7 +205,7 @@ class Forecaster:
     ) -> list[OccupancyForecast]:
         """Forecasts for every window of a batch; ``actions`` [B, F, 3] overrides the ego's future motion."""
         batch = batch.to(self.device)
-        output = self.net(batch, actions=actions)
+        output = self.net(batch, actions=actions, own_latents=self._own_latents(batch))
         occupancy = torch.sigmoid(output.occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
         probabilities = torch.softmax(output.mode_logits, dim=-1).cpu().numpy().astype(np.float32)  # [B, A, K]
         modes = output.modes.cpu().numpy().astype(np.float32)  # [B, A, K, T, 2]

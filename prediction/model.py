@@ -128,8 +128,12 @@ class BevEncoder(nn.Module):
         self.fuse = fuser.BevFuser(config.fuser)
         self.temporal = fuser.TemporalFuser(config.fuser)
 
-    def frame_latents(self, frames: SensorFrames) -> torch.Tensor:
-        """Every frame's fused latent, warped into the reference frame: [B, S, C, H, W]."""
+    def own_frame_latents(self, frames: SensorFrames) -> torch.Tensor:
+        """Every frame's fused latent in that frame's own ego frame: [B, S, C, H, W].
+
+        A frame's own latent does not depend on the reference frame, so a stream of forecasts can encode each
+        keyframe once and reuse it (``Forecaster(cache_frames=...)``).
+        """
         b, s = frames.reference_from_ego.shape[:2]
         ego_from_reference = torch.linalg.inv(frames.reference_from_ego.reshape(b * s, 4, 4))  # [B*S, 4, 4]
         camera_bev = lidar_bev = None
@@ -148,17 +152,28 @@ class BevEncoder(nn.Module):
             points = torch.cat([xyz, frames.points[:, 3:]], dim=1)  # [M, 5] in each frame's own ego frame
             lidar_bev = self.lidar(points, owner, b * s)  # [B*S, Cl, H, W]
         fused = self.fuse(camera_bev, lidar_bev)  # [B*S, C, H, W]
+        return fused.reshape(b, s, *fused.shape[1:])
+
+    def warp(self, own_latents: torch.Tensor, reference_from_ego: torch.Tensor) -> torch.Tensor:
+        """Own-frame latents [B, S, C, H, W] warped into the reference frame by ``reference_from_ego`` [B, S, 4, 4]."""
+        b, s = own_latents.shape[:2]
         warped = fuser.warp_to_reference(
-            fused, frames.reference_from_ego.reshape(b * s, 4, 4), self.config.fuser.grid
+            own_latents.reshape(b * s, *own_latents.shape[2:]),
+            reference_from_ego.reshape(b * s, 4, 4),
+            self.config.fuser.grid,
         )  # [B*S, C, H, W]
         return warped.reshape(b, s, *warped.shape[1:])
+
+    def frame_latents(self, frames: SensorFrames) -> torch.Tensor:
+        """Every frame's fused latent, warped into the reference frame: [B, S, C, H, W]."""
+        return self.warp(self.own_frame_latents(frames), frames.reference_from_ego)
 
     def forward(self, frames: SensorFrames) -> torch.Tensor:
         """The latent of the last P frames: [B, C, H, W] (S must equal P)."""
         return self.temporal(self.frame_latents(frames))
 
 
-def _select_frames(frames: SensorFrames, keep: list[int]) -> SensorFrames:
+def select_frames(frames: SensorFrames, keep: list[int]) -> SensorFrames:
     """The frames ``keep`` (indices into S) of every sample, renumbered 0..len(keep)-1 in that order."""
     s = frames.reference_from_ego.shape[1]
     renumber = torch.full((s,), -1, dtype=torch.long, device=frames.points.device)
@@ -190,6 +205,7 @@ class ModelOutput:
         mode_logits: [B, A, K].
         heatmap_logits: [B, classes, 64, 64] detection heat-map at t0.
         regression: [B, 10, 64, 64] detection box regression at t0 (see ``heads.REGRESSION_CHANNELS``).
+        own_latents: [B, P, C, H, W] the input frames' fused latents, each in its own ego frame.
     """
 
     latent: torch.Tensor
@@ -199,6 +215,7 @@ class ModelOutput:
     mode_logits: torch.Tensor
     heatmap_logits: torch.Tensor
     regression: torch.Tensor
+    own_latents: torch.Tensor
 
 
 class BevJepa(nn.Module):
@@ -217,15 +234,24 @@ class BevJepa(nn.Module):
         )
         self.detection = heads.DetectionHead(channels=channels, classes=config.classes)
 
-    def forward(self, batch: torch_dataset.WindowBatch, actions: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self,
+        batch: torch_dataset.WindowBatch,
+        actions: torch.Tensor | None = None,
+        own_latents: torch.Tensor | None = None,
+    ) -> ModelOutput:
         """Predict from a batch's input frames.
 
         Args:
             batch: the windows.
             actions: [B, F, 3] the ego actions to roll out under; None takes the batch's own future actions.
+            own_latents: [B, P, C, H, W] the input frames' latents in their own ego frames, when already encoded
+                (``BevEncoder.own_frame_latents``); None encodes the batch's sensors.
         """
         p, f = self.config.fuser.past_frames, self.config.occupancy_steps
-        latent = self.encoder(SensorFrames.past(batch))  # [B, C, H, W]
+        if own_latents is None:
+            own_latents = self.encoder.own_frame_latents(SensorFrames.past(batch))
+        latent = self.encoder.temporal(self.encoder.warp(own_latents, batch.t0_from_ego))  # [B, C, H, W]
         if actions is None:
             actions = batch.actions[:, p - 1 : p - 1 + f]  # [B, F, 3]
         rollout = self.predictor.rollout(latent, actions)  # [B, F, C, H, W]
@@ -244,7 +270,7 @@ class BevJepa(nn.Module):
             rollout=rollout,
         )
         heatmap, regression = self.detection(latent)
-        return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression)
+        return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression, own_latents)
 
     @torch.no_grad()
     def target_latents(self, batch: torch_dataset.WindowBatch, steps: list[int] | None = None) -> torch.Tensor:
@@ -258,7 +284,7 @@ class BevJepa(nn.Module):
         steps = list(range(1, self.config.occupancy_steps + 1)) if steps is None else steps
         p = self.config.fuser.past_frames
         needed = sorted({s for k in steps for s in range(k, k + p)})  # frame indices in the P + F sequence
-        latents = self.target_encoder.frame_latents(_select_frames(frames, needed))  # [B, len(needed), C, H, W]
+        latents = self.target_encoder.frame_latents(select_frames(frames, needed))  # [B, len(needed), C, H, W]
         position = {s: i for i, s in enumerate(needed)}
         return torch.stack(
             [self.target_encoder.temporal(latents[:, [position[s] for s in range(k, k + p)]]) for k in steps], dim=1

@@ -101,20 +101,29 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    from bevjepa.evaluation import report
 
-    from bevjepa.evaluation import open_loop
-
-    result = open_loop.evaluate(Path(args.data), args.split, Path(args.checkpoint) if args.checkpoint else None)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    for name, scores in result["models"].items():
-        print(
-            f"{name:18s} minADE_5 {scores.get('minADE_5', float('nan')):6.3f}  minFDE_5 "
-            f"{scores.get('minFDE_5', float('nan')):6.3f}  IoU@2s {scores['iou_2s_mean']:.3f}"
-        )
-    print(f"{result['windows']} windows, {result['agents']} agents with a full 6 s future; {out / 'metrics.json'}")
+    config = report.EvalConfig(
+        out=Path(args.out),
+        split=args.split,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        data=Path(args.data) if args.data else None,
+        dataroot=Path(args.dataroot) if args.dataroot else None,
+        version=args.version,
+        workers=args.workers,
+        address=args.address,
+        figure_windows=args.figures,
+        animation_windows=args.animation_windows,
+    )
+    result = report.run(config)
+    metrics = result.metrics
+    for name, scores in metrics["models"].items():
+        cells = [f"{key} {report.format_value(scores.get(key)):>6s}" for key in ("minADE_5", "minFDE_5", "iou_2s_mean")]
+        print(f"{name:26s} " + "  ".join(cells))
+    print(
+        f"{metrics['windows']} windows, {metrics['agents']} agents with a full 6 s future; "
+        f"{result.metrics_path}, {result.report_path}, {len(result.figures)} figures"
+    )
     return 0
 
 
@@ -160,6 +169,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError("bench model needs --data (a `bevjepa preprocess` output)")
         print(bench.format_report(model_bench.inference_latency(Path(args.data))), end="\n\n")
         print(bench.format_report(model_bench.training_step_time(Path(args.data))), end="\n\n")
+        print(bench.format_report(model_bench.stream_latency(Path(args.data))), end="\n\n")
         print(bench.format_report(perception_bench.pooling_speed()))
     elif args.what == "synth":
         print(
@@ -263,11 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--workers", type=int, default=2, help="Ray Train workers with --address (default 2)")
     trainer.set_defaults(run=_train)
 
-    evaluator = commands.add_parser("eval", help="score a checkpoint and the baselines on preprocessed windows")
-    evaluator.add_argument("--data", required=True, help="a `bevjepa preprocess` output")
+    evaluator = commands.add_parser(
+        "eval",
+        help="score a checkpoint and the baselines; write metrics.json, report.md and figures",
+        description="Open-loop evaluation of a checkpoint against the baselines on one split: metrics.json, a "
+        "Markdown report with tables and PNG panels, an animated GIF. Without --data the split of --dataroot is "
+        "preprocessed into OUT/windows first (resumable).",
+    )
+    evaluator.add_argument("--data", default=None, help="a `bevjepa preprocess` output (default: preprocess)")
+    evaluator.add_argument("--dataroot", default=None, help="the nuScenes dataset root (without --data)")
+    evaluator.add_argument("--version", default="v1.0-mini", help="table version of --dataroot (default v1.0-mini)")
     evaluator.add_argument("--split", default="mini_val", help="devkit split to score (default mini_val)")
     evaluator.add_argument("--checkpoint", default=None, help="a run folder; without it only the baselines")
-    evaluator.add_argument("--out", required=True, help="report folder (metrics.json)")
+    evaluator.add_argument("--out", required=True, help="report folder (metrics.json, report.md, figures/)")
+    evaluator.add_argument("--workers", type=int, default=1, help="Ray workers for preprocessing (default 1)")
+    evaluator.add_argument("--address", default=None, help="Ray cluster address for preprocessing")
+    evaluator.add_argument("--figures", type=int, default=2, help="windows drawn as PNG panels (default 2)")
+    evaluator.add_argument(
+        "--animation-windows", type=int, default=6, help="consecutive windows in figures/scene.gif (default 6; 0: none)"
+    )
     evaluator.set_defaults(run=_eval)
 
     inspect = commands.add_parser("inspect", help="describe a nuScenes dataset as the devkit loads it")

@@ -201,3 +201,21 @@ def test_train_and_eval_refuse_data_that_is_not_windows(synthetic_windows, tmp_p
     assert "must be a `bevjepa preprocess` output" in capsys.readouterr().err
     assert cli.main(["eval", "--data", str(synthetic_windows), "--split", "test", "--out", str(tmp_path / "r")]) == 2
     assert "has no windows of split 'test'" in capsys.readouterr().err
+
+
+def test_a_stream_of_forecasts_encodes_each_keyframe_once_and_gives_the_same_forecasts(synthetic_windows, tmp_path):
+    train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
+    dataset = torch_dataset.WindowDataset(synthetic_windows)
+    scene = dataset[0].scene_name
+    stream = [dataset[i] for i in range(len(dataset)) if dataset[i].scene_name == scene]
+    assert len(stream) >= 2 and stream[0].frame_tokens[1:] == stream[1].frame_tokens[:-1]
+    cold = forecaster.Forecaster.from_checkpoint(tmp_path / "run")
+    streaming = forecaster.Forecaster.from_checkpoint(tmp_path / "run", cache_frames=8)
+    encoded = []
+    original = streaming.net.encoder.own_frame_latents
+    streaming.net.encoder.own_frame_latents = lambda frames: encoded.append(frames.images.shape[1]) or original(frames)
+    for sample in stream:
+        expected, got = cold.forecast(sample), streaming.forecast(sample)
+        np.testing.assert_allclose(got.occupancy, expected.occupancy, atol=1e-4)
+        np.testing.assert_allclose(got.trajectories, expected.trajectories, atol=1e-4)
+    assert encoded == [3] + [1] * (len(stream) - 1)
