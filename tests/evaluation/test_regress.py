@@ -254,7 +254,8 @@ def test_cli_refuses_missing_corrupt_and_mismatched_baselines(tmp_path, tiny_run
 
     regress.write_baseline(baseline, _baseline(suite="nightly"))
     assert cli.main(args) == 2
-    assert "suite mismatch" in capsys.readouterr().err and "'nightly'" in capsys.readouterr().err + "'nightly'"
+    err = capsys.readouterr().err
+    assert "suite mismatch" in err and "suite 'nightly', this run is suite 'tiny'" in err
 
     wrong_weights = regress.CheckpointRef(str(tiny_run), "0" * 64)
     regress.write_baseline(baseline, _baseline(suite="tiny", forecast="model", checkpoint=wrong_weights))
