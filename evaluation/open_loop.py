@@ -1,13 +1,49 @@
 """Open-loop evaluation on preprocessed windows: a model against the baselines, on the same agents and cells.
 
-The baselines are constant velocity and persistence.
-Trajectories are scored on the agents whose whole 6 s future is annotated (as the nuScenes prediction
-challenge does): minADE_k, minFDE_k and MissRate_2_k. Occupancy is scored as IoU per class at every step, with
-the model's probabilities thresholded at 0.5, counts summed over the split before dividing.
+Sources (``evaluate(...)["models"]``):
+
+* ``model``: the checkpoint of ``run`` (only with a run): its K trajectory modes and mode probabilities, its
+  occupancy probabilities (IoU and VPQ on the map thresholded at ``threshold``; VPQ instances are connected
+  components, ``metrics.connected_instances``).
+* ``constant_velocity``: the ground-truth t0 boxes moved at their annotated velocity (oracle input).
+* ``constant_velocity_detected`` (only with a run): the model's own t0 detections moved at their regressed
+  velocity: occupancy only, since detections carry no agent identity to score trajectories against.
+* ``ctrv``: constant turn rate and velocity (``baselines.yaw_rate_from_past``).
+* ``persistence``: everything stays where it is at t0 (trajectories: the agent stands still).
+
+Trajectories are scored on the agents whose whole future over the scored horizon is annotated (as the nuScenes
+prediction challenge does; the horizon is the windows' T steps, 6 s, unless ``trajectory_seconds`` is given), with
+``metrics.min_ade_fde`` and ``metrics.miss_rate``, which agree with the devkit's ``MinADEK``, ``MinFDEK`` and
+``MissRateTopK``. Occupancy counts are summed over the split before dividing. Baselines' Brier score and ECE are
+those of their 0/1 maps.
+
+Returned structure (every number a float; NaN where nothing was scored):
+
+    {
+      "split": str, "windows": int,
+      "agents": int,                        agents scored for trajectories (all classes)
+      "agents_per_class": {class: int},
+      "trajectory_steps": int,              steps of the scored horizon (0.5 s each)
+      "settings": {"threshold", "ece_bins", "detection_threshold", "trajectory_seconds"},
+      "models": {name: {
+          "minADE_k", "minFDE_k", "MissRate_2_k"    for k in 1, 5, 10 (trajectory sources only),
+          "per_class": {class: {"agents": int, "minADE_k", "minFDE_k", "MissRate_2_k"}},
+          "iou": {class: [per step 0..F]},          IoU of the (thresholded) occupancy
+          "iou_2s_mean": float,                     mean over classes of the IoU at the last step (NaN skipped)
+          "vpq": {class: [per step 0..F]},          FIERY's VPQ_t (``metrics.VpqCounts.vpq``)
+          "vpq_all_steps": {class: float},          FIERY's normalised VPQ over steps 0..F
+          "vpq_2s_mean": float,                     mean over classes of VPQ at the last step (NaN skipped)
+          "brier": {class: [per step 0..F]},        mean squared error of the occupancy probability per cell
+          "brier_mean": float,                      over all steps and classes
+          "ece": {class: float},                    expected calibration error, ``ece_bins`` equal bins, all steps
+          "ece_all": float,                         the same with all classes' cells pooled
+      }}
+    }
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,72 +52,244 @@ from torch.utils.data import DataLoader
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.evaluation import baselines, metrics
-from bevjepa.prediction import forecaster, train
+from bevjepa.prediction import forecaster, heads, train
+
+TOP_K = (1, 5, 10)
+"""The k of minADE_k, minFDE_k and MissRate_2_k."""
+TRAJECTORY_SOURCES = ("model", "constant_velocity", "ctrv", "persistence")
 
 
-def evaluate(data: Path, split: str, run: Path | None = None, batch_size: int = 4, threshold: float = 0.5) -> dict:
+@dataclass
+class _Scores:
+    """What one source accumulates over the windows."""
+
+    steps: int
+    classes: int
+    bins: int
+    modes: list[np.ndarray] = field(default_factory=list)  # [N_i, K, T, 2] per window
+    probabilities: list[np.ndarray] = field(default_factory=list)  # [N_i, K]
+    intersection: np.ndarray | None = None  # [S, C]
+    union: np.ndarray | None = None
+    squared_error: np.ndarray | None = None  # [S, C]
+    cells: np.ndarray | None = None
+    calibration: np.ndarray | None = None  # [C, B, 3]
+    vpq: metrics.VpqCounts | None = None
+
+    def __post_init__(self) -> None:
+        shape = (self.steps, self.classes)
+        self.intersection, self.union = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+        self.squared_error, self.cells = np.zeros(shape), np.zeros(shape, np.int64)
+        self.calibration = np.zeros((self.classes, self.bins, 3))
+        self.vpq = metrics.empty_vpq_counts(*shape)
+
+    def add_occupancy(
+        self,
+        probability: np.ndarray,
+        labels: np.ndarray,
+        threshold: float,
+        target: np.ndarray,
+        target_labels: np.ndarray,
+    ) -> None:
+        """One window: probability [S, C, H, W] (or 0/1), its instance labels [S, C, H, W], and the truth."""
+        intersection, union = metrics.iou_counts(probability >= threshold, target)
+        self.intersection += intersection
+        self.union += union
+        squared_error, cells = metrics.brier_counts(probability, target)
+        self.squared_error += squared_error
+        self.cells += cells
+        self.calibration += metrics.calibration_counts(probability, target, self.bins)
+        self.vpq = self.vpq + metrics.vpq_counts(labels, target_labels)
+
+    def add_trajectories(self, modes: np.ndarray, probabilities: np.ndarray) -> None:
+        self.modes.append(np.asarray(modes, dtype=np.float64))
+        self.probabilities.append(np.asarray(probabilities, dtype=np.float64))
+
+    def summary(self, truth: np.ndarray, truth_class: np.ndarray) -> dict:
+        """The JSON scores (see the module docstring); ``truth`` [N, T, 2], ``truth_class`` [N]."""
+        scores: dict = {}
+        if self.modes:
+            modes, probabilities = np.concatenate(self.modes), np.concatenate(self.probabilities)
+            scores.update(_trajectory_scores(modes, probabilities, truth))
+            scores["per_class"] = {
+                name: {
+                    "agents": int((truth_class == c).sum()),
+                    **_trajectory_scores(
+                        modes[truth_class == c], probabilities[truth_class == c], truth[truth_class == c]
+                    ),
+                }
+                for c, name in enumerate(categories.CLASSES)
+            }
+        per_step = metrics.iou(self.intersection, self.union)  # [S, C]
+        vpq_step, vpq_all = self.vpq.vpq()
+        brier = self.squared_error / np.maximum(self.cells, 1)
+        names = categories.CLASSES
+        scores["iou"] = {name: per_step[:, c].tolist() for c, name in enumerate(names)}
+        scores["iou_2s_mean"] = _nanmean(per_step[-1])
+        scores["vpq"] = {name: vpq_step[:, c].tolist() for c, name in enumerate(names)}
+        scores["vpq_all_steps"] = {name: float(vpq_all[c]) for c, name in enumerate(names)}
+        scores["vpq_2s_mean"] = _nanmean(vpq_step[-1])
+        scores["brier"] = {name: brier[:, c].tolist() for c, name in enumerate(names)}
+        scores["brier_mean"] = float(self.squared_error.sum() / max(int(self.cells.sum()), 1))
+        ece = metrics.expected_calibration_error(self.calibration)  # [C]
+        scores["ece"] = {name: float(ece[c]) for c, name in enumerate(names)}
+        scores["ece_all"] = float(metrics.expected_calibration_error(self.calibration.sum(axis=0)))
+        return scores
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
+
+
+def _trajectory_scores(modes: np.ndarray, probabilities: np.ndarray, truth: np.ndarray) -> dict:
+    """minADE_k, minFDE_k, MissRate_2_k for ``TOP_K`` (NaN without agents)."""
+    scores = {}
+    for k in TOP_K:
+        if len(truth):
+            ade, fde = metrics.min_ade_fde(modes, probabilities, truth, k)
+            miss = metrics.miss_rate(modes, probabilities, truth, k)
+            scores.update({f"minADE_{k}": ade.mean(), f"minFDE_{k}": fde.mean(), f"MissRate_2_{k}": miss.mean()})
+        else:
+            scores.update({f"minADE_{k}": np.nan, f"minFDE_{k}": np.nan, f"MissRate_2_{k}": np.nan})
+    return {key: float(value) for key, value in scores.items()}
+
+
+def scored_agents(agent_future_mask: np.ndarray, steps: int) -> np.ndarray:
+    """[A] bool: agents whose future is annotated at every one of the first ``steps`` steps ([A, T] mask)."""
+    return np.asarray(agent_future_mask, dtype=bool)[:, :steps].all(axis=1)
+
+
+def evaluate(
+    data: Path,
+    split: str,
+    run: Path | None = None,
+    batch_size: int = 4,
+    threshold: float = 0.5,
+    trajectory_seconds: float | None = None,
+    detection_threshold: float = 0.3,
+    ece_bins: int = metrics.ECE_BINS,
+) -> dict:
     """Score the model of ``run`` (if given) and the baselines on the windows of ``split``.
 
+    Args:
+        data: a ``bevjepa preprocess`` output.
+        split: a devkit split (``mini_val``, ...) or ``all``.
+        run: a run folder; None scores the baselines only.
+        batch_size: windows per model forward.
+        threshold: occupancy probability from which a cell counts as occupied (IoU, VPQ).
+        trajectory_seconds: the trajectory horizon scored (s, a multiple of 0.5); None: all T steps.
+        detection_threshold: the lowest detection score ``constant_velocity_detected`` moves.
+        ece_bins: equal-width bins of the ECE.
+
     Returns:
-        ``{"windows": n, "agents": n, "models": {name: {"minADE_5": ..., "minFDE_5": ..., "MissRate_2_5": ...,
-        "minADE_10": ..., "minFDE_10": ..., "iou": {class: [per step]}, "iou_2s_mean": ...}}}``.
+        The scores, structured as the module docstring describes.
     """
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=torch_dataset.collate)
     model = forecaster.Forecaster.from_checkpoint(run) if run is not None else None
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
-    trajectories: dict[str, list] = {"model": [], "constant_velocity": []}
-    truths, windows_seen = [], 0
-    counts: dict[str, list] = {"model": [], "constant_velocity": [], "persistence": []}
-    with torch.no_grad():
-        for batch in loader:
-            forecasts = model.forecast_batch(batch) if model is not None else None
-            for b in range(batch.batch_size):
-                windows_seen += 1
-                count = int(batch.agent_mask[b].sum())
-                box = batch.agent_box[b, :count].numpy().astype(np.float64)
-                cls = batch.agent_class[b, :count].numpy()
-                future = batch.agent_future[b, :count].numpy().astype(np.float64)
-                full = batch.agent_future_mask[b, :count].numpy().all(axis=1)
-                velocity = baselines.agent_velocities(
-                    batch.agent_velocity[b, :count].numpy(),
-                    batch.agent_past[b, :count].numpy(),
-                    batch.agent_past_mask[b, :count].numpy(),
-                )
-                cv_modes = baselines.constant_velocity_trajectories(box[:, :2], velocity, future.shape[1])
-                trajectories["constant_velocity"].append((cv_modes[full], np.ones((int(full.sum()), 1))))
-                truths.append(future[full])
-                target = batch.occupancy[b].numpy()  # [S, C, H, W]
-                steps = target.shape[0] - 1
-                cv_occupancy = baselines.constant_velocity_occupancy(box, cls, velocity, grid, target.shape[1], steps)
-                counts["constant_velocity"].append(metrics.iou_counts(cv_occupancy, target))
-                counts["persistence"].append(
-                    metrics.iou_counts(baselines.persistence_occupancy(target[0], steps), target)
-                )
-                if forecasts is not None:
-                    forecast = forecasts[b]
-                    trajectories["model"].append((forecast.trajectories[full], forecast.mode_probabilities[full]))
-                    counts["model"].append(metrics.iou_counts(forecast.occupancy >= threshold, target))
-    truth = np.concatenate(truths) if truths else np.zeros((0, 12, 2))
-    result: dict = {"split": split, "windows": windows_seen, "agents": int(len(truth)), "models": {}}
-    for name in counts:
-        if not counts[name]:
-            continue
-        scores: dict = {}
-        if trajectories.get(name):
-            modes = np.concatenate([m for m, _ in trajectories[name]])
-            probabilities = np.concatenate([p for _, p in trajectories[name]])
-            for k in (1, 5, 10):
-                ade, fde = metrics.min_ade_fde(modes, probabilities, truth, k)
-                scores[f"minADE_{k}"] = float(ade.mean()) if len(ade) else float("nan")
-                scores[f"minFDE_{k}"] = float(fde.mean()) if len(fde) else float("nan")
-                scores[f"MissRate_2_{k}"] = (
-                    float(metrics.miss_rate(modes, probabilities, truth, k).mean()) if len(ade) else float("nan")
-                )
-        intersection = np.sum([c[0] for c in counts[name]], axis=0)  # [S, C]
-        union = np.sum([c[1] for c in counts[name]], axis=0)
-        per_step = metrics.iou(intersection, union)  # [S, C]
-        scores["iou"] = {cls: per_step[:, c].tolist() for c, cls in enumerate(categories.CLASSES)}
-        scores["iou_2s_mean"] = float(np.nanmean(per_step[-1]))
-        result["models"][name] = scores
+    window_steps = int(dataset.config["window"]["trajectory_steps"])
+    steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
+    if not 1 <= steps <= window_steps:
+        raise ValueError(f"trajectory_seconds={trajectory_seconds}: the windows of {data} hold {window_steps} steps")
+    names = ["model", "constant_velocity", "constant_velocity_detected"] if model is not None else []
+    names += [n for n in ("constant_velocity", "ctrv", "persistence") if n not in names]
+    scores: dict[str, _Scores] = {}
+    truths, truth_classes, windows_seen = [], [], 0
+    captured: list = []
+    hook = model.net.detection.register_forward_hook(lambda _m, _i, out: captured.append(out)) if model else None
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                captured.clear()
+                forecasts = model.forecast_batch(batch) if model is not None else None
+                detections = heads.decode_detections(*captured[-1], threshold=detection_threshold) if model else None
+                for b in range(batch.batch_size):
+                    windows_seen += 1
+                    target = batch.occupancy[b].numpy()  # [S, C, H, W]
+                    S, C = target.shape[:2]
+                    if not scores:
+                        scores = {name: _Scores(S, C, ece_bins) for name in names}
+                    truth_labels = metrics.class_labels(target, batch.instances[b].numpy())
+                    count = int(batch.agent_mask[b].sum())
+                    box = batch.agent_box[b, :count].numpy().astype(np.float64)
+                    cls = batch.agent_class[b, :count].numpy()
+                    future = batch.agent_future[b, :count, :steps].numpy().astype(np.float64)  # [A, T', 2]
+                    full = scored_agents(batch.agent_future_mask[b, :count].numpy(), steps)
+                    truths.append(future[full])
+                    truth_classes.append(cls[full])
+                    past = batch.agent_past[b, :count].numpy().astype(np.float64)
+                    past_mask = batch.agent_past_mask[b, :count].numpy()
+                    velocity = baselines.agent_velocities(batch.agent_velocity[b, :count].numpy(), past, past_mask)
+                    one = np.ones((int(full.sum()), 1))
+                    # Agent classes for the instance labels of box baselines: index 0 unused.
+                    box_class = np.r_[-1, cls]
+
+                    cv_modes = baselines.constant_velocity_trajectories(box[:, :2], velocity, steps)
+                    scores["constant_velocity"].add_trajectories(cv_modes[full], one)
+                    occupancy, ids = baselines.constant_velocity_occupancy_instances(box, cls, velocity, grid, C, S - 1)
+                    _add_boxes(scores["constant_velocity"], occupancy, ids, box_class, target, truth_labels)
+
+                    yaw_rate = baselines.yaw_rate_from_past(past, past_mask)
+                    scores["ctrv"].add_trajectories(
+                        baselines.ctrv_trajectories(box[:, :2], velocity, yaw_rate, steps)[full], one
+                    )
+                    occupancy, ids = baselines.ctrv_occupancy(box, cls, velocity, yaw_rate, grid, C, S - 1)
+                    _add_boxes(scores["ctrv"], occupancy, ids, box_class, target, truth_labels)
+
+                    still = baselines.constant_velocity_trajectories(box[:, :2], np.zeros_like(velocity), steps)
+                    scores["persistence"].add_trajectories(still[full], one)
+                    persistence = baselines.persistence_occupancy(target[0], S - 1)
+                    labels = np.repeat(truth_labels[:1], S, axis=0)
+                    scores["persistence"].add_occupancy(persistence, labels, threshold, target, truth_labels)
+
+                    if forecasts is not None:
+                        forecast = forecasts[b]
+                        scores["model"].add_trajectories(
+                            forecast.trajectories[full, :, :steps], forecast.mode_probabilities[full]
+                        )
+                        labels = metrics.connected_instances(forecast.occupancy >= threshold)
+                        scores["model"].add_occupancy(forecast.occupancy, labels, threshold, target, truth_labels)
+                        found = detections.for_sample(b)
+                        occupancy, ids = baselines.constant_velocity_detected(found, grid, C, S - 1)
+                        _add_boxes(
+                            scores["constant_velocity_detected"],
+                            occupancy,
+                            ids,
+                            np.r_[-1, found.classes],
+                            target,
+                            truth_labels,
+                        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    truth = np.concatenate(truths) if truths else np.zeros((0, steps, 2))
+    truth_class = np.concatenate(truth_classes) if truth_classes else np.zeros(0, dtype=np.int64)
+    result: dict = {
+        "split": split,
+        "windows": windows_seen,
+        "agents": int(len(truth)),
+        "agents_per_class": {name: int((truth_class == c).sum()) for c, name in enumerate(categories.CLASSES)},
+        "trajectory_steps": steps,
+        "settings": {
+            "threshold": threshold,
+            "ece_bins": ece_bins,
+            "detection_threshold": detection_threshold,
+            "trajectory_seconds": steps * baselines.STEP_S,
+        },
+        "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
+    }
     return result
+
+
+def _add_boxes(
+    scores: _Scores,
+    occupancy: np.ndarray,
+    ids: np.ndarray,
+    box_class: np.ndarray,
+    target: np.ndarray,
+    truth_labels: np.ndarray,
+) -> None:
+    """Score a box baseline's 0/1 occupancy [S, C, H, W] with its instance map [S, H, W] (ids 1 + box index)."""
+    labels = metrics.class_labels(occupancy, ids, box_class.astype(np.int64))
+    scores.add_occupancy(occupancy.astype(np.float32), labels, 0.5, target, truth_labels)
