@@ -1,0 +1,233 @@
+"""A sampling planner: candidate longitudinal plans along the ego's path, scored against an ``OccupancyForecast``.
+
+The ego drives along a fixed path (its route); the planner only chooses how fast. Every planning step it samples
+``len(PlannerConfig.accelerations_mps2)`` candidates, each a constant commanded acceleration held over the
+horizon (speed clipped to ``[0, cruise speed]``), turns each into rear-axle poses [N, 3] in the current (t0) ego
+frame at ``PlannerConfig.pose_dt_s`` intervals, and picks the one with the lowest cost:
+
+    cost = collision_weight · collision + progress_weight · (1 - progress / best progress) + comfort_weight · comfort
+
+where
+
+- ``collision`` = max over the candidate's poses of ``p_t · (1 - 0.5 · t / horizon)``, with ``p_t`` the
+  forecast's ``OccupancyForecast.collision_probability`` of the footprint (enlarged by ``footprint_margin_m``)
+  at pose ``t``: a collision late in the horizon costs half one that is about to happen;
+- ``progress`` is the distance the candidate covers over the horizon (m), relative to the farthest candidate;
+- ``comfort`` = (a / 4)² + (|a - a_now| / 8)², the commanded acceleration and the change from the current one.
+
+Default weights: collision 10, progress 1, comfort 0.2: no amount of progress or comfort is worth a likely
+collision, and among safe candidates progress decides. Without a forecast (the ``none`` source) the collision
+term is dropped and the planner drives at its cruise speed.
+
+Notation:
+    N  candidate plans     K  poses of a plan (times 0, dt, ..., horizon)     F  0.5 s action steps
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bevjepa.datasets import geometry
+from bevjepa.prediction import forecaster
+from bevjepa.sim import paths, world
+
+ACTION_STEP_S = 0.5
+"""One world-model action step (a keyframe interval)."""
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """The sampling planner.
+
+    Attributes:
+        horizon_s: how far ahead a candidate is scored (s); the forecasts reach 2 s.
+        pose_dt_s: time between a candidate's poses (s).
+        accelerations_mps2: the candidates' constant commanded accelerations (m/s²).
+        collision_weight: weight of the collision term.
+        progress_weight: weight of the progress term.
+        comfort_weight: weight of the comfort term.
+        footprint_margin_m: added to the ego's length and width when the forecast is queried (m).
+    """
+
+    horizon_s: float = 2.0
+    pose_dt_s: float = 0.25
+    accelerations_mps2: tuple[float, ...] = (-6.0, -4.0, -2.5, -1.5, -0.5, 0.0, 0.75, 1.5)
+    collision_weight: float = 10.0
+    progress_weight: float = 1.0
+    comfort_weight: float = 0.2
+    footprint_margin_m: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not (self.horizon_s > 0 and self.pose_dt_s > 0):
+            raise ValueError("PlannerConfig: horizon_s and pose_dt_s must be positive")
+        if not self.accelerations_mps2:
+            raise ValueError("PlannerConfig.accelerations_mps2 needs at least one candidate")
+        if min(self.collision_weight, self.progress_weight, self.comfort_weight, self.footprint_margin_m) < 0:
+            raise ValueError("PlannerConfig: weights and footprint_margin_m must not be negative")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One candidate: a speed profile along the ego's path.
+
+    Attributes:
+        accel_mps2: the commanded acceleration (m/s²).
+        times_s: [K] float64 — seconds after t0 of each pose (0 first).
+        s_m: [K] float64 — distance along the path from the ego's current position (m).
+        speed_mps: [K] float64 — speed at each pose (m/s).
+        poses: [K, 3] float64 — x, y (m), yaw (rad) of the rear axle in the t0 ego frame.
+    """
+
+    accel_mps2: float
+    times_s: np.ndarray
+    s_m: np.ndarray
+    speed_mps: np.ndarray
+    poses: np.ndarray
+
+    def accel_profile(self, dt_s: float, steps: int) -> np.ndarray:
+        """[steps] float64 the accelerations (m/s²) that follow this plan's speed profile over ``dt_s`` sub-steps."""
+        t = np.arange(steps + 1) * dt_s
+        speed = np.interp(t, self.times_s, self.speed_mps, right=self.speed_mps[-1])
+        return np.diff(speed) / dt_s
+
+    def actions(self, steps: int = 4) -> np.ndarray:
+        """[F, 3] float32 the ego motion over each 0.5 s step (dx, dy in m, dyaw in rad, in the step's start frame)."""
+        t = np.arange(steps + 1) * ACTION_STEP_S
+        x = np.interp(t, self.times_s, self.poses[:, 0])
+        y = np.interp(t, self.times_s, self.poses[:, 1])
+        yaw = np.interp(t, self.times_s, np.unwrap(self.poses[:, 2]))
+        dx, dy = np.diff(x), np.diff(y)
+        cos, sin = np.cos(yaw[:-1]), np.sin(yaw[:-1])
+        return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy, np.diff(yaw)], axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The planner's decision.
+
+    Attributes:
+        plan: the chosen candidate.
+        index: its index among ``candidates``.
+        candidates: every candidate, in ``PlannerConfig.accelerations_mps2`` order.
+        costs: [N, 4] float64 — total, collision, progress and comfort terms of each candidate (unweighted terms).
+    """
+
+    plan: Plan
+    index: int
+    candidates: tuple[Plan, ...]
+    costs: np.ndarray = field(repr=False)
+
+
+def ego_poses_along_path(path: paths.Path, s_m: np.ndarray, ego_from_global: geometry.RigidTransform) -> np.ndarray:
+    """Rear-axle poses of the ego at arc lengths of its path, in an ego frame.
+
+    Args:
+        path: the ego's path (its box centre moves along it, as ``world.ActorSpec.path``).
+        s_m: [K] float — arc lengths (m, from the path's start).
+        ego_from_global: the frame to express the poses in (the t0 ego frame).
+
+    Returns:
+        [K, 3] float64 x, y (m), yaw (rad) of the rear axle.
+    """
+    xy, heading = path.pose_at(np.asarray(s_m, dtype=np.float64))  # [K, 2], [K]
+    rear = xy - np.stack([np.cos(heading), np.sin(heading)], axis=1) * world.EGO_REAR_AXLE_TO_CENTER_M
+    local = ego_from_global.apply(np.concatenate([rear, np.zeros((len(rear), 1))], axis=1))[:, :2]  # [K, 2]
+    yaw = geometry.wrap_angle(heading + ego_from_global.yaw_rad)
+    return np.concatenate([local, np.asarray(yaw).reshape(-1, 1)], axis=1)
+
+
+class SamplingPlanner:
+    """Samples constant-acceleration candidates along the ego's path and picks the cheapest (module docstring)."""
+
+    def __init__(self, config: PlannerConfig | None = None) -> None:
+        self.config = PlannerConfig() if config is None else config
+
+    def candidates(
+        self,
+        path: paths.Path,
+        s_m: float,
+        speed_mps: float,
+        cruise_speed_mps: float,
+        ego_from_global: geometry.RigidTransform,
+    ) -> list[Plan]:
+        """The candidate plans from the ego's current state.
+
+        Args:
+            path: the ego's path.
+            s_m: the ego's current arc length along it (m).
+            speed_mps: its current speed (m/s).
+            cruise_speed_mps: the speed it never exceeds (m/s).
+            ego_from_global: the current (t0) ego frame.
+        """
+        config = self.config
+        times = np.arange(0.0, config.horizon_s + 1e-9, config.pose_dt_s)  # [K]
+        accel = np.asarray(config.accelerations_mps2, dtype=np.float64)  # [N]
+        fine_dt = 0.05
+        fine_t = np.arange(0.0, config.horizon_s + 1e-9, fine_dt)  # integrate finely, then sample
+        cap = max(cruise_speed_mps, speed_mps)
+        speed = np.clip(speed_mps + accel[:, None] * fine_t[None, :], 0.0, cap)  # [N, K_fine]
+        distance = np.concatenate(
+            [np.zeros((len(accel), 1)), np.cumsum((speed[:, 1:] + speed[:, :-1]) / 2 * fine_dt, axis=1)], axis=1
+        )  # [N, K_fine]
+        plans = []
+        for n, a in enumerate(accel):  # a handful of candidates
+            s_rel = np.interp(times, fine_t, distance[n])  # [K]
+            v = np.interp(times, fine_t, speed[n])
+            poses = ego_poses_along_path(path, s_m + s_rel, ego_from_global)
+            plans.append(Plan(float(a), times, s_rel, v, poses))
+        return plans
+
+    def score(
+        self,
+        plans: list[Plan],
+        forecasts: forecaster.OccupancyForecast | list[forecaster.OccupancyForecast] | None,
+        accel_now_mps2: float,
+    ) -> np.ndarray:
+        """[N, 4] total cost and the collision, progress and comfort terms of each plan.
+
+        Args:
+            plans: the candidates.
+            forecasts: one forecast for all, one per plan (a world model rolled out under each), or None.
+            accel_now_mps2: the ego's current acceleration (m/s²).
+        """
+        config = self.config
+        length_m = world.EGO_SIZE_WLH_M[1] + config.footprint_margin_m
+        width_m = world.EGO_SIZE_WLH_M[0] + config.footprint_margin_m
+        collision = np.zeros(len(plans))
+        if forecasts is not None:
+            per_plan = forecasts if isinstance(forecasts, list) else [forecasts] * len(plans)
+            for n, (plan, forecast) in enumerate(zip(plans, per_plan, strict=True)):  # N candidates × K poses
+                p = np.array(
+                    [
+                        forecast.collision_probability(
+                            plan.poses[k : k + 1],
+                            plan.times_s[k : k + 1],
+                            length_m=length_m,
+                            width_m=width_m,
+                            rear_axle_to_center_m=world.EGO_REAR_AXLE_TO_CENTER_M,
+                        )
+                        for k in range(len(plan.times_s))
+                    ]
+                )
+                collision[n] = float(np.max(p * (1 - 0.5 * plan.times_s / config.horizon_s)))
+        reach = np.array([plan.s_m[-1] for plan in plans])
+        progress = 1.0 - reach / max(float(reach.max()), 1e-6)
+        accel = np.array([plan.accel_mps2 for plan in plans])
+        comfort = (accel / 4.0) ** 2 + (np.abs(accel - accel_now_mps2) / 8.0) ** 2
+        total = (
+            config.collision_weight * collision + config.progress_weight * progress + config.comfort_weight * comfort
+        )
+        return np.stack([total, collision, progress, comfort], axis=1)
+
+    def choose(
+        self,
+        plans: list[Plan],
+        forecasts: forecaster.OccupancyForecast | list[forecaster.OccupancyForecast] | None,
+        accel_now_mps2: float,
+    ) -> Choice:
+        """The cheapest candidate (ties go to the earlier candidate in ``PlannerConfig.accelerations_mps2``)."""
+        costs = self.score(plans, forecasts, accel_now_mps2)
+        index = int(np.argmin(costs[:, 0]))
+        return Choice(plans[index], index, tuple(plans), costs)

@@ -1,0 +1,219 @@
+"""Closed-loop scenario suites: a TOML file of scenarios, each expanded into one episode per seed.
+
+A suite file (read with the standard library's ``tomllib``) looks like this::
+
+    name = "ci"                       # required: the suite's name
+    description = "busy junctions"    # optional
+
+    [defaults]                        # optional: fields every scenario takes unless it sets its own
+    duration_s = 10.0
+
+    [[scenario]]                      # one table per scenario; at least one
+    name = "crossing-traffic"         # required, unique within the suite
+    layout = "intersection"           # required: one of sim.layouts.LAYOUTS (intersection, straight, t_junction)
+    seeds = [0, 1, 2]                 # required: one episode per seed (non-negative integers, no repeats)
+    duration_s = 10.0                 # required here or in [defaults]: seconds the episode runs (> 0)
+    vehicles = 14                     # moving vehicles        (default 14)
+    parked = 4                        # parked vehicles        (default 8)
+    pedestrians = 10                  # pedestrians            (default 12)
+    cyclists = 2                      # cyclists               (default 3)
+    ego_speed_mps = 9.0               # the ego's cruise speed (default: drawn from the seed, 7-11 m/s)
+
+Every key is checked: an unknown key, a missing required field, a wrong type or a value out of range raises
+``SuiteError`` naming the file, the scenario and the field. The scenario's world is ``sim.scenario.build_world``
+of the ``ScenarioConfig`` made from these fields with the episode's seed, so an episode is byte-identical on
+every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+from bevjepa.sim import layouts, scenario
+
+SCENARIO_KEYS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "layout": str,
+    "seeds": list,
+    "duration_s": (int, float),
+    "vehicles": int,
+    "parked": int,
+    "pedestrians": int,
+    "cyclists": int,
+    "ego_speed_mps": (int, float),
+}
+"""Every key a ``[[scenario]]`` table (or ``[defaults]``) may hold, with its TOML type."""
+_COUNT_DEFAULTS = {"vehicles": 14, "parked": 8, "pedestrians": 12, "cyclists": 3}
+
+
+class SuiteError(ValueError):
+    """A suite file that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One closed-loop episode: a scenario with one seed.
+
+    Attributes:
+        suite: the suite's name.
+        scenario: the scenario's name.
+        seed: the episode's seed (seeds the world).
+        layout: the layout's name; checked when the world is built (``scenario_config``), so that a suite made in
+            code can hold an episode that fails at run time.
+        duration_s: how long the episode runs (s).
+        vehicles: moving vehicles.
+        parked: parked vehicles.
+        pedestrians: pedestrians.
+        cyclists: cyclists.
+        ego_speed_mps: the ego's cruise speed (m/s); None lets the seed draw one.
+    """
+
+    suite: str
+    scenario: str
+    seed: int
+    layout: str
+    duration_s: float
+    vehicles: int = 14
+    parked: int = 8
+    pedestrians: int = 12
+    cyclists: int = 3
+    ego_speed_mps: float | None = None
+
+    @property
+    def episode_id(self) -> str:
+        """``scenario/seed``: unique within a suite."""
+        return f"{self.scenario}/{self.seed}"
+
+    def scenario_config(self) -> scenario.ScenarioConfig:
+        """The simulator's scenario (raises ``ValueError`` for an unknown layout or a bad count)."""
+        return scenario.ScenarioConfig(
+            layout=self.layout,
+            seed=self.seed,
+            duration_s=self.duration_s,
+            vehicles=self.vehicles,
+            parked=self.parked,
+            pedestrians=self.pedestrians,
+            cyclists=self.cyclists,
+            ego_speed_mps=self.ego_speed_mps,
+        )
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named list of episodes.
+
+    Attributes:
+        name: the suite's name.
+        episodes: every episode, scenario by scenario, seeds in file order.
+        description: free text.
+        path: the file it was read from (None when made in code).
+    """
+
+    name: str
+    episodes: tuple[Episode, ...]
+    description: str = ""
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        ids = [e.episode_id for e in self.episodes]
+        if len(set(ids)) != len(ids):
+            raise SuiteError(f"suite {self.name!r}: episode ids must be unique, got {ids}")
+
+
+def load_suite(path: Path | str) -> Suite:
+    """Read and check a suite file (see the module docstring for the format).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        SuiteError: the file is not valid TOML or breaks the format; the message names the file and field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"suite file {path} not found; pass a .toml file such as suites/ci.toml")
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise SuiteError(f"{path}: not valid TOML: {error}") from None
+    return parse_suite(document, str(path), path)
+
+
+def parse_suite(document: dict, where: str = "<suite>", path: Path | None = None) -> Suite:
+    """Check a parsed suite document and expand it into episodes; ``where`` names it in errors."""
+    unknown = sorted(set(document) - {"name", "description", "defaults", "scenario"})
+    if unknown:
+        raise SuiteError(f"{where}: unknown top-level keys {unknown}; allowed: name, description, defaults, scenario")
+    name = document.get("name")
+    if not isinstance(name, str) or not name:
+        raise SuiteError(f"{where}: `name` is required and must be a non-empty string")
+    description = document.get("description", "")
+    if not isinstance(description, str):
+        raise SuiteError(f"{where}: `description` must be a string")
+    defaults = document.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise SuiteError(f"{where}: [defaults] must be a table")
+    _check_keys(defaults, f"{where}: [defaults]", allow_identity=False)
+    scenarios = document.get("scenario")
+    if not isinstance(scenarios, list) or not scenarios:
+        raise SuiteError(f"{where}: needs at least one [[scenario]] table")
+    episodes: list[Episode] = []
+    names: set[str] = set()
+    for number, table in enumerate(scenarios):
+        if not isinstance(table, dict):
+            raise SuiteError(f"{where}: scenario {number} must be a table")
+        label = f"{where}: scenario {table.get('name', number)!r}"
+        _check_keys(table, label, allow_identity=True)
+        fields = {**_COUNT_DEFAULTS, **defaults, **table}
+        for required in ("name", "layout", "seeds", "duration_s"):
+            if required not in fields:
+                raise SuiteError(f"{label}: `{required}` is required")
+        if fields["name"] in names:
+            raise SuiteError(f"{label}: another scenario has the same name")
+        names.add(fields["name"])
+        if fields["layout"] not in layouts.LAYOUTS:
+            raise SuiteError(
+                f"{label}: `layout` {fields['layout']!r} is unknown; choose one of {sorted(layouts.LAYOUTS)}"
+            )
+        seeds = fields["seeds"]
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise SuiteError(f"{label}: `seeds` must be a non-empty list of non-negative integers, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise SuiteError(f"{label}: `seeds` repeats a seed: {seeds!r}")
+        if not fields["duration_s"] > 0:
+            raise SuiteError(f"{label}: `duration_s` must be positive, got {fields['duration_s']}")
+        for count in _COUNT_DEFAULTS:
+            if fields[count] < 0:
+                raise SuiteError(f"{label}: `{count}` must not be negative, got {fields[count]}")
+        speed = fields.get("ego_speed_mps")
+        if speed is not None and not 0 < speed <= 20:
+            raise SuiteError(f"{label}: `ego_speed_mps` must lie in (0, 20] m/s, got {speed}")
+        for seed in seeds:
+            episodes.append(
+                Episode(
+                    suite=name,
+                    scenario=fields["name"],
+                    seed=seed,
+                    layout=fields["layout"],
+                    duration_s=float(fields["duration_s"]),
+                    vehicles=fields["vehicles"],
+                    parked=fields["parked"],
+                    pedestrians=fields["pedestrians"],
+                    cyclists=fields["cyclists"],
+                    ego_speed_mps=None if speed is None else float(speed),
+                )
+            )
+    return Suite(name, tuple(episodes), description, path)
+
+
+def _check_keys(table: dict, label: str, allow_identity: bool) -> None:
+    """Unknown keys and wrong types raise ``SuiteError`` naming ``label`` and the key."""
+    for key, value in table.items():
+        if key not in SCENARIO_KEYS or (not allow_identity and key in ("name", "seeds")):
+            allowed = sorted(k for k in SCENARIO_KEYS if allow_identity or k not in ("name", "seeds"))
+            raise SuiteError(f"{label}: unknown key `{key}`; allowed: {', '.join(allowed)}")
+        want = SCENARIO_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, want):
+            names = want.__name__ if isinstance(want, type) else " or ".join(t.__name__ for t in want)
+            raise SuiteError(f"{label}: `{key}` must be {names}, got {type(value).__name__} {value!r}")
