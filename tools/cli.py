@@ -203,6 +203,15 @@ def _regress(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from bevjepa.evaluation import demo
+
+    kwargs = {"suite": Path(args.suite)} if args.suite else {}
+    result = demo.run(demo.DemoConfig(out=Path(args.out), minutes=args.minutes, workers=args.workers, **kwargs))
+    print(f"report: {result.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="bevjepa", description=__doc__)
@@ -338,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--out", default=None, help="folder for the suite's outputs, diff.txt and regress.json")
     gate.add_argument("--update-baseline", action="store_true", help="write the baseline from this run; exit 0")
     gate.set_defaults(run=_regress)
+
+    runner = commands.add_parser(
+        "demo",
+        help="the whole system on this machine: synthetic data, Ray preprocessing, training, open and closed loop",
+    )
+    runner.add_argument("--out", default="out/demo", help="output folder (a rerun reuses what is done)")
+    runner.add_argument("--minutes", type=float, default=15.0, help="time budget; training gets what is left")
+    runner.add_argument("--workers", type=int, default=2, help="Ray workers")
+    runner.add_argument("--suite", default=None, help="closed-loop scenario suite (default: suites/ci.toml)")
+    runner.set_defaults(run=_demo)
     return parser
 
 

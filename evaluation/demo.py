@@ -1,0 +1,316 @@
+"""The main job, end to end: a synthetic v1.0-mini, Ray preprocessing, training, open-loop and closed-loop evaluation.
+
+``run(DemoConfig(out=...))`` writes into ``out``::
+
+    nuscenes/         the synthetic dataset (nuScenes format; the devkit loads it)
+    windows/          its training windows (``bevjepa preprocess``)
+    run/              the trained ``small`` model (safetensors + JSON), TensorBoard scalars
+    open-loop/        ``bevjepa eval`` on mini_val: metrics.json, report.md, figures/, scene.gif
+    closed-loop/      the ``ci`` suite driven with the model's, constant-velocity and oracle forecasts
+    plan.json         the training steps chosen for the time budget (a rerun keeps them)
+    report.md         the summary: tables from the metrics files, the animation, the closed-loop results
+
+Every stage keeps its output and a rerun skips what is done (the dataset and windows when complete, training
+when its last step is reached, each evaluation when its metrics file exists), so a second run only rewrites
+the summary. Training gets what the time budget leaves after the other stages' expected durations; its step
+count is set from a measured step time, so the learning-rate schedule runs to its end within the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bevjepa.datasets import preprocess
+from bevjepa.evaluation import closed_loop, report
+from bevjepa.prediction import bench as model_bench
+from bevjepa.prediction import checkpoint, train
+from bevjepa.prediction import config as experiment_config
+from bevjepa.sim import synth
+
+SUITES = Path(__file__).resolve().parents[1] / "suites"
+"""The scenario suites shipped with the project."""
+
+FORECASTS = ("model", "constant_velocity", "oracle")
+"""The closed-loop forecast sources the demo compares, as the report names them."""
+
+_SOURCE = {"model": "model", "constant_velocity": "cv", "oracle": "oracle"}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's settings.
+
+    Attributes:
+        out: the output folder.
+        minutes: the whole run's time budget (min); training gets what the other stages leave.
+        scenes: synthetic scenes (``v1.0-mini`` names: 10 make the real mini_train / mini_val split, 8 and 2).
+        duration_s: seconds per scene.
+        workers: Ray workers for the dataset, preprocessing and the closed loop.
+        suite: the closed-loop scenario suite.
+        seed: seeds the dataset and the training.
+        reserve_s: expected seconds of the stages after training (evaluation, closed loop, report), kept free.
+        min_steps: training steps even when the budget is spent.
+        max_steps: training steps at most.
+        progress: show progress bars.
+    """
+
+    out: Path = Path("out/demo")
+    minutes: float = 15.0
+    scenes: int = 10
+    duration_s: float = 20.0
+    workers: int = 2
+    suite: Path = SUITES / "ci.toml"
+    seed: int = 0
+    reserve_s: float = 360.0
+    min_steps: int = 100
+    max_steps: int = 1500
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise ValueError(f"--minutes must be positive, got {self.minutes}")
+        if self.scenes < 2 or self.workers < 1:
+            raise ValueError(f"the demo needs at least 2 scenes and 1 worker, got {self.scenes} and {self.workers}")
+        if not Path(self.suite).is_file():
+            raise FileNotFoundError(f"scenario suite {self.suite} not found; pass --suite FILE.toml")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo wrote.
+
+    Attributes:
+        out: the output folder.
+        report: ``out/report.md``.
+        stage_seconds: wall time of each stage in this run (0 where its output was reused).
+        open_loop: the open-loop metrics.json.
+        closed_loop: each forecast source's closed-loop metrics.json.
+    """
+
+    out: Path
+    report: Path
+    stage_seconds: dict[str, float]
+    open_loop: dict
+    closed_loop: dict[str, dict] = field(default_factory=dict)
+
+
+def _timed(seconds: dict[str, float], name: str, fn: Callable[[], object], say: Callable[[str], None]) -> object:
+    say(f"[demo] {name} ...")
+    start = time.perf_counter()
+    value = fn()
+    seconds[name] = time.perf_counter() - start
+    say(f"[demo] {name}: {seconds[name]:.0f} s")
+    return value
+
+
+def _write_json(path: Path, value: object) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    temporary.replace(path)
+
+
+def _dataset(config: DemoConfig, dataroot: Path) -> None:
+    if (dataroot / "v1.0-mini" / "sample.json").is_file():
+        return
+    if dataroot.exists():  # an interrupted write leaves nothing at ``dataroot`` (atomic); anything else is foreign
+        synth.check_output_folder(dataroot)
+    synth.synthesize(
+        synth.SynthConfig(
+            out=dataroot, scenes=config.scenes, duration_s=config.duration_s, seed=config.seed, workers=config.workers
+        ),
+        progress=config.progress,
+    )
+
+
+def _windows(config: DemoConfig, dataroot: Path, windows: Path) -> None:
+    if (windows / "manifest.json").is_file():
+        return
+    preprocess.preprocess(
+        preprocess.PreprocessConfig(dataroot=dataroot, out=windows, workers=config.workers), progress=config.progress
+    )
+
+
+def _plan_steps(config: DemoConfig, windows: Path, spent_s: float) -> dict:
+    """The training plan: steps that fit the budget at the measured step time (kept in plan.json)."""
+    plan_path = config.out / "plan.json"
+    if plan_path.is_file():
+        return json.loads(plan_path.read_text())
+    step_s = model_bench.training_step_time(windows, repeats=2)["step_ms"] / 1e3
+    budget_s = config.minutes * 60 - spent_s - config.reserve_s
+    steps = int(min(config.max_steps, max(config.min_steps, budget_s / step_s)))
+    plan = {"steps": steps, "measured_step_s": step_s, "training_budget_s": budget_s, "seed": config.seed}
+    _write_json(plan_path, plan)
+    return plan
+
+
+def _train(config: DemoConfig, windows: Path, run: Path, plan: dict) -> None:
+    preset = experiment_config.small()
+    experiment = dataclasses.replace(
+        preset,
+        train=dataclasses.replace(
+            preset.train,
+            steps=plan["steps"],
+            seed=plan["seed"],
+            val_every=max(50, plan["steps"] // 4),
+            max_minutes=1.5 * plan["steps"] * plan["measured_step_s"] / 60,
+        ),
+    )
+    if (run / "state.json").is_file():
+        if checkpoint.load_state(run).get("step", 0) >= plan["steps"]:
+            return
+        train.train(windows, run, experiment, resume=True, progress=config.progress)
+    else:
+        train.train(windows, run, experiment, progress=config.progress)
+
+
+def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage (reusing finished ones) and write ``out/report.md``."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataroot, windows, run_folder = out / "nuscenes", out / "windows", out / "run"
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    _timed(seconds, "synthetic dataset", lambda: _dataset(config, dataroot), say)
+    _timed(seconds, "preprocessing", lambda: _windows(config, dataroot, windows), say)
+    plan = _plan_steps(config, windows, time.perf_counter() - started)
+    say(f"[demo] training plan: {plan['steps']} steps at {plan['measured_step_s']:.2f} s a step")
+    _timed(seconds, "training", lambda: _train(config, windows, run_folder, plan), say)
+
+    open_loop_dir = out / "open-loop"
+    if not (open_loop_dir / "metrics.json").is_file() or not (open_loop_dir / "report.md").is_file():
+        _timed(
+            seconds,
+            "open-loop evaluation",
+            lambda: report.run(
+                report.EvalConfig(
+                    out=open_loop_dir,
+                    split="mini_val",
+                    checkpoint=run_folder,
+                    data=windows,
+                    dataroot=dataroot,
+                    version="v1.0-mini",
+                    progress=config.progress,
+                )
+            ),
+            say,
+        )
+    open_loop = json.loads((open_loop_dir / "metrics.json").read_text())
+
+    closed: dict[str, dict] = {}
+    for name in FORECASTS:
+        folder = out / "closed-loop" / name
+        if not (folder / "metrics.json").is_file():
+            _timed(
+                seconds,
+                f"closed loop ({name})",
+                lambda name=name, folder=folder: closed_loop.run_suite(
+                    config.suite,
+                    _SOURCE[name],
+                    checkpoint=run_folder if name == "model" else None,
+                    workers=config.workers,
+                    out=folder,
+                    progress=config.progress,
+                ),
+                say,
+            )
+        closed[name] = json.loads((folder / "metrics.json").read_text())
+
+    seconds["total"] = time.perf_counter() - started
+    report_path = out / "report.md"
+    temporary = report_path.with_suffix(".tmp")
+    temporary.write_text(render(config, plan, seconds, open_loop, closed, out))
+    temporary.replace(report_path)
+    say(f"[demo] done in {seconds['total']:.0f} s: {report_path}")
+    return DemoResult(out, report_path, seconds, open_loop, closed)
+
+
+def _number(value: object, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+OPEN_LOOP_COLUMNS = (
+    ("minADE_5", "minADE₅ (m)"),
+    ("minFDE_5", "minFDE₅ (m)"),
+    ("MissRate_2_5", "MissRate₂,₅"),
+    ("iou_2s_mean", "occupancy IoU @ 2 s"),
+)
+"""The open-loop figures the summary shows, as keys of ``metrics.json``'s ``models`` entries."""
+
+CLOSED_LOOP_COLUMNS = (
+    ("collision_rate", "collision rate"),
+    ("progress_m", "progress (m)"),
+    ("min_ttc_s", "min TTC (s)"),
+    ("drivable_compliance", "drivable area"),
+    ("comfort", "comfort"),
+    ("pdms", "PDMS"),
+)
+"""The closed-loop aggregate figures the summary shows (those the suite's metrics file holds)."""
+
+
+def render(
+    config: DemoConfig, plan: dict, seconds: dict[str, float], open_loop: dict, closed: dict[str, dict], out: Path
+) -> str:
+    """The summary report's Markdown; every number is read from the metrics files passed in."""
+    models = open_loop.get("models", {})
+    lines = [
+        "# bevjepa demo",
+        "",
+        f"A synthetic nuScenes v1.0-mini ({config.scenes} scenes × {config.duration_s:.0f} s), preprocessed on Ray, "
+        f"the `small` model trained for {plan['steps']} steps, then scored open loop on `mini_val` and closed loop "
+        f"on the `{Path(config.suite).stem}` suite.",
+        "",
+    ]
+    if (out / "open-loop" / "scene.gif").is_file():
+        lines += ["![a mini_val scene: ground truth (left) and the forecast (right)](open-loop/scene.gif)", ""]
+    lines += ["## Open loop on mini_val", ""]
+    lines += [
+        f"{open_loop.get('windows', '?')} windows, {open_loop.get('agents', '?')} agents with a full 6 s future "
+        "(from `open-loop/metrics.json`; the full tables and figures are in `open-loop/report.md`).",
+        "",
+    ]
+    rows = [[name] + [_number(models[name].get(key)) for key, _ in OPEN_LOOP_COLUMNS] for name in models]
+    lines += _table(["forecast"] + [label for _, label in OPEN_LOOP_COLUMNS], rows)
+    lines += [
+        "",
+        "`constant_velocity` moves the annotated t0 boxes (it sees the ground truth at t0); "
+        "`constant_velocity_detected` moves the model's own detections, the same sensor input the model has.",
+        "",
+    ]
+    if "detection" in open_loop:
+        detection = open_loop["detection"]
+        lines += [
+            f"Detection (devkit `DetectionEval`): mAP {_number(detection.get('mAP'))}, "
+            f"NDS {_number(detection.get('NDS'))}.",
+            "",
+        ]
+    lines += ["## Closed loop", ""]
+    keys = [
+        (key, label)
+        for key, label in CLOSED_LOOP_COLUMNS
+        if any(key in c.get("aggregate", {}) for c in closed.values())
+    ]
+    extra = sorted({k for c in closed.values() for k in c.get("aggregate", {})} - {k for k, _ in keys})
+    keys += [(k, k) for k in extra]
+    rows = [
+        [name] + [_number(result.get("aggregate", {}).get(key)) for key, _ in keys] for name, result in closed.items()
+    ]
+    lines += _table(["forecast"] + [label for _, label in keys], rows)
+    lines += ["", "Per-episode results: `closed-loop/<forecast>/metrics.json`.", "", "## Time", ""]
+    lines += _table(["stage", "seconds (this run)"], [[name, f"{value:.0f}"] for name, value in seconds.items()])
+    lines += ["", f"Training plan: {json.dumps(plan)}", ""]
+    return "\n".join(lines)
