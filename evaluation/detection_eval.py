@@ -388,7 +388,9 @@ def score_submission(
         thresholds}, ``per_class_ap_by_distance`` {class: {threshold m: AP}}, ``per_class_tp_errors``
         {class: {trans_err, scale_err, orient_err, vel_err, attr_err}}, ``tp_scores``, ``classes``,
         ``samples`` (scored), ``predicted_boxes`` and ``ground_truth_boxes`` (after the devkit's filters, of the
-        scored classes), ``split``, ``version``, ``config`` (the devkit config with its ``class_names``).
+        scored classes), ``per_class_predicted_boxes`` and ``per_class_ground_truth_boxes`` (the same per class;
+        the devkit gives a class without ground truth AP 0 and TP errors 1, which still count in mAP and NDS),
+        ``split``, ``version``, ``config`` (the devkit config with its ``class_names``).
 
     Raises:
         FileNotFoundError: no tables of ``version`` under ``dataroot``, or no submission file.
@@ -463,6 +465,10 @@ def score_submission(
         "samples": len(evaluation.sample_tokens),
         "predicted_boxes": sum(b.detection_name in scored for b in evaluation.pred_boxes.all),
         "ground_truth_boxes": sum(b.detection_name in scored for b in evaluation.gt_boxes.all),
+        "per_class_predicted_boxes": {c: sum(b.detection_name == c for b in evaluation.pred_boxes.all) for c in scored},
+        "per_class_ground_truth_boxes": {
+            c: sum(b.detection_name == c for b in evaluation.gt_boxes.all) for c in scored
+        },
         "split": split,
         "version": version,
         "config": {**config.serialize(), "class_names": list(config.class_names), "name": CONFIG_NAME},
