@@ -39,8 +39,9 @@ BASELINE_FORMAT = "bevjepa-regress-baseline"
 BASELINE_VERSION = 1
 FORECASTS = ("model", "cv", "oracle", "none")
 """Forecast sources of the closed-loop runner."""
-FAILED_EPISODES = "failed_episodes"
-"""A gated metric that the gate adds to every run: how many episodes raised instead of finishing."""
+FAILED_EPISODES = "failed"
+"""The aggregate metric counting episodes that raised instead of finishing (added from the ``failed`` list where a
+suite result's aggregate lacks it)."""
 
 HIGHER = "higher"
 LOWER = "lower"
@@ -141,20 +142,21 @@ class MetricRule:
 
 
 METRIC_RULES: dict[str, MetricRule] = {
-    "collision_rate": MetricRule(LOWER, Tolerance(absolute=0.0), "share of episodes with an at-fault collision"),
-    "collisions": MetricRule(LOWER, Tolerance(absolute=0.0), "collisions over the suite (count)"),
-    "progress": MetricRule(HIGHER, Tolerance(relative=0.05), "route progress, as a fraction or in m"),
-    "progress_m": MetricRule(HIGHER, Tolerance(relative=0.05), "distance driven along the route (m)"),
-    "progress_ratio": MetricRule(HIGHER, Tolerance(absolute=0.03), "route progress relative to the expert (0-1)"),
-    "min_ttc_s": MetricRule(HIGHER, Tolerance(absolute=0.25), "minimum time-to-collision (s)"),
-    "min_ttc": MetricRule(HIGHER, Tolerance(absolute=0.25), "minimum time-to-collision (s)"),
-    "ttc_compliance": MetricRule(HIGHER, Tolerance(absolute=0.03), "share of steps with TTC above its bound (0-1)"),
-    "drivable_area_compliance": MetricRule(HIGHER, Tolerance(absolute=0.02), "share of steps on the road (0-1)"),
-    "comfort": MetricRule(HIGHER, Tolerance(absolute=0.05), "share of comfortable episodes or steps (0-1)"),
-    "max_jerk_mps3": MetricRule(LOWER, Tolerance(relative=0.10), "largest jerk (m/s^3)"),
-    "max_accel_mps2": MetricRule(LOWER, Tolerance(relative=0.10), "largest acceleration magnitude (m/s^2)"),
-    "pdms": MetricRule(HIGHER, Tolerance(absolute=0.02), "composite score in the spirit of NAVSIM's PDMS (0-1)"),
-    "score": MetricRule(HIGHER, Tolerance(absolute=0.02), "composite score (0-1)"),
+    "collision_rate": MetricRule(LOWER, Tolerance(absolute=0.0), "share of episodes with a collision: none may be new"),
+    "progress_m": MetricRule(HIGHER, Tolerance(relative=0.05), "mean distance driven along the route (m)"),
+    "progress_ratio": MetricRule(HIGHER, Tolerance(absolute=0.03), "EP: progress against the expected, 0-1"),
+    "min_ttc_s": MetricRule(HIGHER, Tolerance(absolute=0.25), "mean minimum time-to-collision (s)"),
+    "ttc": MetricRule(HIGHER, Tolerance(absolute=0.0), "share of episodes whose minimum TTC stays above 1 s"),
+    "drivable_compliance": MetricRule(HIGHER, Tolerance(absolute=0.02), "mean share of sub-steps on the road"),
+    "dac": MetricRule(HIGHER, Tolerance(absolute=0.0), "share of episodes on the drivable area throughout"),
+    "comfort": MetricRule(
+        HIGHER, Tolerance(absolute=0.13), "share of episodes within comfort limits (one episode in eight may flip)"
+    ),
+    "score": MetricRule(HIGHER, Tolerance(absolute=0.02), "PDMS-style composite score, 0-1"),
+    "pdms": MetricRule(HIGHER, Tolerance(absolute=0.02), "PDMS-style composite score, 0-1"),
+    "max_abs_lon_jerk_mps3": MetricRule(LOWER, Tolerance(relative=0.10), "largest longitudinal jerk (m/s^3)"),
+    "max_abs_lon_accel_mps2": MetricRule(LOWER, Tolerance(relative=0.10), "largest longitudinal acceleration (m/s^2)"),
+    "episodes": MetricRule(EITHER, Tolerance(absolute=0.0), "episodes that finished: a change means the suite changed"),
     FAILED_EPISODES: MetricRule(LOWER, Tolerance(absolute=0.0), "episodes that raised instead of finishing"),
 }
 """Direction and default tolerance of the closed-loop metrics, by name (case-insensitive)."""
@@ -560,7 +562,7 @@ class Baseline:
         suite: the suite's name.
         forecast: the forecast source (one of ``FORECASTS``).
         checkpoint: the checkpoint of a ``model`` forecast; None for the others.
-        metrics: ``{metric: value}``, the suite's aggregate metrics plus ``failed_episodes``; NaN where undefined.
+        metrics: ``{metric: value}``, the suite's aggregate metrics (with the ``failed`` count); NaN where undefined.
         tolerances: ``{metric: Tolerance}`` used when the baseline was written.
         episodes: how many episodes the suite ran.
         created_utc: when it was written (ISO 8601).
@@ -655,21 +657,22 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def run_metrics(result: Mapping) -> dict[str, float]:
-    """The gated metrics of a ``closed_loop.run_suite`` result: its aggregate plus ``failed_episodes``."""
+    """The gated metrics of a ``closed_loop.run_suite`` result: its aggregate, with the ``failed`` count."""
     aggregate = result.get("aggregate")
     if not isinstance(aggregate, Mapping):
         raise ValueError("suite result has no 'aggregate' metrics object")
     metrics = {str(k): _as_float(k, v, "suite result") for k, v in aggregate.items()}
-    metrics[FAILED_EPISODES] = float(len(result.get("failed") or ()))
+    metrics.setdefault(FAILED_EPISODES, float(len(result.get("failed") or ())))
     return metrics
 
 
 def _episode_failure(entry: object, index: int) -> tuple[str, str]:
     """(name, message) of one entry of a suite result's ``failed`` list."""
     if isinstance(entry, Mapping):
-        name = next((str(entry[k]) for k in ("name", "scenario", "episode", "id") if entry.get(k) is not None), None)
-        message = next((str(entry[k]) for k in ("error", "message", "traceback") if entry.get(k)), json.dumps(entry))
-        return name or f"episode {index}", message
+        keys = ("episode_id", "name", "scenario", "episode", "id")
+        name = next((str(entry[k]) for k in keys if entry.get(k) is not None), None)
+        message = "\n".join(str(entry[k]) for k in ("error", "message", "traceback") if entry.get(k))
+        return name or f"episode {index}", message or json.dumps(entry)
     return f"episode {index}", str(entry)
 
 

@@ -15,7 +15,7 @@ from bevjepa.evaluation import regress
 from bevjepa.prediction import checkpoint, model
 from bevjepa.prediction import config as experiment_config
 
-BASE = {"collision_rate": 0.25, "progress": 0.80, "min_ttc_s": 2.0, "drivable_area_compliance": 0.95, "pdms": 0.70}
+BASE = {"collision_rate": 0.25, "progress_m": 80.0, "min_ttc_s": 2.0, "drivable_compliance": 0.95, "score": 0.70}
 
 
 # --- compare -------------------------------------------------------------------------------------------------------
@@ -28,10 +28,10 @@ def test_identical_metrics_pass():
 
 
 def test_improvements_pass_in_either_direction():
-    better = {**BASE, "collision_rate": 0.0, "progress": 0.95, "min_ttc_s": 3.0}
+    better = {**BASE, "collision_rate": 0.0, "progress_m": 95.0, "min_ttc_s": 3.0}
     comparison = regress.compare(better, BASE)
     assert comparison.passed
-    for name in ("collision_rate", "progress", "min_ttc_s"):
+    for name in ("collision_rate", "progress_m", "min_ttc_s"):
         assert comparison.get(name).status == regress.IMPROVED, name
     assert comparison.get("collision_rate").delta == pytest.approx(-0.25)
 
@@ -48,14 +48,14 @@ def test_a_regression_beyond_tolerance_fails_and_is_named():
 
 
 def test_within_tolerance_passes_and_the_tolerance_is_applied_both_ways():
-    # progress: 5 % relative by default; 0.80 -> 0.77 is a 3.75 % drop, 0.80 -> 0.75 is 6.25 %.
-    assert regress.compare({**BASE, "progress": 0.77}, BASE).get("progress").status == regress.OK
-    assert regress.compare({**BASE, "progress": 0.75}, BASE).get("progress").status == regress.REGRESSED
+    # progress_m: 5 % relative by default; 80 -> 77 m is a 3.75 % drop, 80 -> 75 m is 6.25 %.
+    assert regress.compare({**BASE, "progress_m": 77.0}, BASE).get("progress_m").status == regress.OK
+    assert regress.compare({**BASE, "progress_m": 75.0}, BASE).get("progress_m").status == regress.REGRESSED
     # an explicit absolute tolerance replaces the default
-    loose = regress.compare({**BASE, "progress": 0.75}, BASE, {"progress": 0.1})
-    assert loose.passed and loose.get("progress").tolerance == regress.Tolerance(absolute=0.1)
-    strict = regress.compare({**BASE, "pdms": 0.69}, BASE, {"pdms": "0.001"})
-    assert strict.get("pdms").status == regress.REGRESSED
+    loose = regress.compare({**BASE, "progress_m": 75.0}, BASE, {"progress_m": 10})
+    assert loose.passed and loose.get("progress_m").tolerance == regress.Tolerance(absolute=10.0)
+    strict = regress.compare({**BASE, "score": 0.69}, BASE, {"score": "0.001"})
+    assert strict.get("score").status == regress.REGRESSED
     # the larger of absolute and relative slack applies
     both = regress.Tolerance.parse("0.01,10%")
     assert both == regress.Tolerance(absolute=0.01, relative=0.1)
@@ -64,11 +64,11 @@ def test_within_tolerance_passes_and_the_tolerance_is_applied_both_ways():
 
 def test_direction_decides_which_change_is_a_regression():
     # The same numeric move (+0.1) is a regression for a lower-is-better metric and an improvement for a higher one.
-    base = {"collision_rate": 0.1, "drivable_area_compliance": 0.8}
-    moved = {"collision_rate": 0.2, "drivable_area_compliance": 0.9}
+    base = {"collision_rate": 0.1, "drivable_compliance": 0.8}
+    moved = {"collision_rate": 0.2, "drivable_compliance": 0.9}
     comparison = regress.compare(moved, base)
     assert comparison.get("collision_rate").status == regress.REGRESSED
-    assert comparison.get("drivable_area_compliance").status == regress.IMPROVED
+    assert comparison.get("drivable_compliance").status == regress.IMPROVED
     # unknown names: a keyword gives the direction, else any change beyond tolerance fails
     assert regress.rule_for("offroad_collisions_per_km").direction == regress.LOWER
     assert regress.rule_for("mean_ttc_s").direction == regress.HIGHER
@@ -78,23 +78,23 @@ def test_direction_decides_which_change_is_a_regression():
 
 
 def test_missing_metrics_are_reported_clearly():
-    current = {k: v for k, v in BASE.items() if k != "pdms"} | {"route_completion": 0.9}
+    current = {k: v for k, v in BASE.items() if k != "score"} | {"route_completion": 0.9}
     comparison = regress.compare(current, BASE)
-    gone, new = comparison.get("pdms"), comparison.get("route_completion")
+    gone, new = comparison.get("score"), comparison.get("route_completion")
     assert gone.status == regress.MISSING_CURRENT and gone.failed and gone.current is None and gone.delta is None
     assert new.status == regress.MISSING_BASELINE and not new.failed
-    assert [m.name for m in comparison.failures] == ["pdms"]
+    assert [m.name for m in comparison.failures] == ["score"]
     table = comparison.table()
-    assert "pdms: in the baseline (0.7) but missing from the current run" in table
+    assert "score: in the baseline (0.7) but missing from the current run" in table
     assert "route_completion: 0.9 is not in the baseline" in table
 
 
 def test_nan_handling():
-    assert regress.compare({"pdms": math.nan}, {"pdms": 0.7}).get("pdms").status == regress.REGRESSED
+    assert regress.compare({"score": math.nan}, {"score": 0.7}).get("score").status == regress.REGRESSED
     assert regress.compare({"min_ttc_s": None}, {"min_ttc_s": None}).passed
     assert regress.compare({"min_ttc_s": 3.0}, {"min_ttc_s": math.nan}).get("min_ttc_s").status == regress.IMPROVED
-    with pytest.raises(ValueError, match="'pdms' is 'high', not a number"):
-        regress.compare({"pdms": "high"}, {"pdms": 0.7})
+    with pytest.raises(ValueError, match="'score' is 'high', not a number"):
+        regress.compare({"score": "high"}, {"score": 0.7})
 
 
 @pytest.mark.parametrize("text", ["", "abc", "5%%", "1,2,3", "-0.1"])
@@ -112,7 +112,7 @@ def _baseline(**changes) -> regress.Baseline:
         "forecast": "cv",
         "checkpoint": None,
         "metrics": {**BASE, "min_ttc_s": math.nan, regress.FAILED_EPISODES: 0.0},
-        "tolerances": regress.resolve_tolerances(set(BASE), {"pdms": "3%"}),
+        "tolerances": regress.resolve_tolerances(set(BASE), {"score": "3%"}),
         "episodes": 4,
         "created_utc": "2024-01-01T00:00:00+00:00",
     }
@@ -123,10 +123,10 @@ def test_baseline_round_trips_through_json(tmp_path):
     path = regress.write_baseline(tmp_path / "ci" / "baseline.json", _baseline())
     data = json.loads(path.read_text())  # strict JSON: NaN is written as null
     assert data["format"] == regress.BASELINE_FORMAT and data["format_version"] == regress.BASELINE_VERSION
-    assert data["metrics"]["min_ttc_s"] is None and data["tolerances"]["pdms"] == {"absolute": 0.0, "relative": 0.03}
+    assert data["metrics"]["min_ttc_s"] is None and data["tolerances"]["score"] == {"absolute": 0.0, "relative": 0.03}
     back = regress.read_baseline(path)
     assert back.suite == "smoke" and back.tolerances == _baseline().tolerances
-    assert math.isnan(back.metrics["min_ttc_s"]) and back.metrics["pdms"] == 0.70
+    assert math.isnan(back.metrics["min_ttc_s"]) and back.metrics["score"] == 0.70
     assert [p.name for p in path.parent.iterdir()] == ["baseline.json"]  # no temporary file left behind
 
 
@@ -157,7 +157,7 @@ def test_missing_and_corrupt_baselines_give_clear_errors(tmp_path):
 def test_junit_xml_parses_and_counts_failures(tmp_path):
     worse = {**BASE, "collision_rate": 0.5, "route_completion": 1.0}
     comparison = regress.compare(worse, BASE)
-    failed = [{"episode": "crossing/3", "error": "RuntimeError: planner found no trajectory"}, "bare failure"]
+    failed = [{"episode_id": "crossing/3", "error": "RuntimeError: planner found no trajectory"}, "bare failure"]
     tree = regress.junit_xml(comparison, "smoke", failed, {"forecast": "cv"}, time_s=1.5)
     path = regress.write_junit(tmp_path / "junit.xml", tree)
     root = ET.parse(path).getroot()
@@ -168,7 +168,7 @@ def test_junit_xml_parses_and_counts_failures(tmp_path):
     assert set(cases) == {*BASE, "route_completion", "crossing/3", "episode 1"}
     failure = cases["collision_rate"].find("failure")
     assert "collision_rate regressed: 0.25 → 0.5" in failure.get("message") and "FAILED" in failure.text
-    assert cases["progress"].find("failure") is None
+    assert cases["progress_m"].find("failure") is None
     assert cases["route_completion"].find("skipped") is not None
     assert "no trajectory" in cases["crossing/3"].find("failure").text
     assert suite.find("properties/property").attrib == {"name": "forecast", "value": "cv"}
@@ -268,5 +268,5 @@ def test_cli_refuses_missing_corrupt_and_mismatched_baselines(tmp_path, tiny_run
     regress.write_baseline(baseline, _baseline(suite="tiny", forecast="cv"))
     assert cli.main([*args, "--forecast", "model"]) == 2
     assert "--forecast model needs --checkpoint" in capsys.readouterr().err
-    assert cli.main([*args, "--tolerance", "pdms"]) == 2
+    assert cli.main([*args, "--tolerance", "score"]) == 2
     assert "write METRIC=VALUE" in capsys.readouterr().err
