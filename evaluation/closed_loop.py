@@ -56,6 +56,7 @@ import json
 import os
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -102,6 +103,10 @@ METRIC_DEFINITIONS = {
     "dac": "DAC: share of episodes with the ego footprint on the drivable area at every sub-step",
     "comfort": "C: share of episodes within NAVSIM's accel/jerk/lateral/yaw-rate limits at every sub-step",
     "score": f"mean PDMS-style composite, {PDMS_FORMULA}, NC = 1 - collision",
+    "max_abs_lon_accel_mps2": "the largest |longitudinal acceleration| of any episode (m/s^2)",
+    "max_abs_lon_jerk_mps3": "the largest |longitudinal jerk| of any episode (m/s^3)",
+    "episodes": "episodes that finished",
+    "failed": "episodes that raised (see failed)",
 }
 FORECASTS = ("model", "cv", "oracle", "none")
 _DRIVABLE = np.array(
@@ -584,9 +589,12 @@ def window_sample_from_frames(
         occupancy=torch.from_numpy(window.occupancy),
         instances=torch.from_numpy(window.instances.astype(np.int64)),
         observed=torch.from_numpy(window.observed),
+        frame_tokens=tuple(str(t) for t in tokens),
     )
 
 
+FRAME_CACHE = 8
+"""Encoded keyframes the model source's ``Forecaster`` keeps: each planning step encodes one new keyframe."""
 _FORECASTERS: dict[str, tuple] = {}
 """Loaded checkpoints of this process (a Ray worker runs many episodes): run folder -> (config, Forecaster)."""
 
@@ -601,7 +609,7 @@ def load_forecaster(run: Path | str):
     if key not in _FORECASTERS:
         config, net = checkpoint.load_model(Path(run))
         torch.set_grad_enabled(False)
-        _FORECASTERS[key] = (config, forecaster_api.Forecaster(net))
+        _FORECASTERS[key] = (config, forecaster_api.Forecaster(net, cache_frames=FRAME_CACHE))
     return _FORECASTERS[key]
 
 
@@ -615,7 +623,7 @@ class ModelSource:
         lidar_sweeps: sweeps aggregated per keyframe, one per 0.1 s sub-step.
         rollout_candidates: roll the model out under every candidate's actions (one batched forward pass).
         seed: seeds the LiDAR's drops and noise.
-        name_prefix: the keyframes' scene name and token prefix.
+        name_prefix: the keyframes' scene name and token prefix (a random suffix keeps runs apart).
     """
 
     name = "model"
@@ -645,7 +653,8 @@ class ModelSource:
         )
         self.rollout_candidates = rollout_candidates
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC105ED]))
-        self.name_prefix = name_prefix
+        # A fresh scene name per run: the forecaster's latent cache must never mix two runs' frames.
+        self.name_prefix = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
         self.sweeps: deque[tuple[int, np.ndarray, geometry.RigidTransform]] = deque(maxlen=lidar_sweeps)
         self.frames: deque[windows.Frame] = deque(maxlen=self.window_config.past_keyframes)
         self.history: deque[tuple[geometry.RigidTransform, dict[int, np.ndarray]]] = deque(
@@ -958,12 +967,18 @@ AGGREGATE_KEYS = (
 
 
 def aggregate(results: Sequence[dict], failed: int = 0) -> dict[str, float]:
-    """The suite's flat {metric: value}: means over the finished episodes (``METRIC_DEFINITIONS``), and counts."""
+    """The suite's flat {metric: value} (``METRIC_DEFINITIONS``).
+
+    Means over the finished episodes, the largest longitudinal acceleration and jerk of any episode, and the
+    counts of finished and failed episodes.
+    """
     out: dict[str, float] = {}
     for key in AGGREGATE_KEYS:
         field_name = "collision" if key == "collision_rate" else key
         values = [float(r[field_name]) for r in results]
         out[key] = float(np.mean(values)) if values else float("nan")
+    for key in ("max_abs_lon_accel_mps2", "max_abs_lon_jerk_mps3"):  # the worst episode
+        out[key] = float(max(float(r[key]) for r in results)) if results else float("nan")
     out["episodes"] = float(len(results))
     out["failed"] = float(failed)
     return out
@@ -988,7 +1003,8 @@ def run_suite(
     """Run every episode of a suite, one task each, and aggregate.
 
     Args:
-        suite_path_or_suite: a suite file (``scenarios.load_suite``) or a ``Suite``.
+        suite_path_or_suite: a suite file (``scenarios.load_suite``), the name of a shipped suite (``ci``,
+            ``smoke``: ``suites/NAME.toml`` of the repository), or a ``Suite``.
         forecast: ``model``, ``cv``, ``oracle`` or ``none``.
         checkpoint: the run folder for ``model``.
         workers: parallel episodes; 1 without ``address`` runs in this process, otherwise one Ray task per episode.
@@ -1004,7 +1020,7 @@ def run_suite(
     suite = (
         suite_path_or_suite
         if isinstance(suite_path_or_suite, scenarios.Suite)
-        else scenarios.load_suite(suite_path_or_suite)
+        else scenarios.load_suite(scenarios.resolve_suite_path(suite_path_or_suite))
     )
     if forecast not in FORECASTS:
         raise ValueError(f"unknown forecast source {forecast!r}; choose one of {list(FORECASTS)}")
@@ -1099,17 +1115,19 @@ def throughput(
     then times the suite's episodes.
 
     Returns:
-        ``{"suite", "forecast", "episodes", "runs": [{"workers", "wall_time_s", "episodes_per_s", "failed"}],
-        "ratio": episodes/s of the largest worker count over the smallest}``.
+        A flat dict: ``suite``, ``forecast``, ``episodes``, for each worker count W ``workers_W_wall_s``,
+        ``workers_W_episodes_per_s`` and ``workers_W_failed``, and ``ratio``: episodes/s of the last worker count
+        over the first.
     """
     import ray
 
     if ray.is_initialized():
         raise ValueError("throughput starts its own local Ray for each worker count: call ray.shutdown() first")
-    suite = suite if isinstance(suite, scenarios.Suite) else scenarios.load_suite(suite)
+    suite = suite if isinstance(suite, scenarios.Suite) else scenarios.load_suite(scenarios.resolve_suite_path(suite))
     checkpoint_arg = None if checkpoint is None else str(Path(checkpoint).resolve())
     task = functools.partial(_episode_task, forecast=forecast, checkpoint=checkpoint_arg)
-    runs = []
+    result: dict = {"suite": suite.name, "forecast": forecast, "episodes": len(suite.episodes)}
+    rates = []
     for count in workers_list:
         pool = worker_pools.RayPool(count)
         try:
@@ -1119,18 +1137,9 @@ def throughput(
             wall = time.perf_counter() - start
         finally:
             pool.close()
-        runs.append(
-            {
-                "workers": count,
-                "wall_time_s": wall,
-                "episodes_per_s": len(suite.episodes) / wall,
-                "failed": sum(not o["ok"] for o in outcomes),
-            }
-        )
-    return {
-        "suite": suite.name,
-        "forecast": forecast,
-        "episodes": len(suite.episodes),
-        "runs": runs,
-        "ratio": runs[-1]["episodes_per_s"] / runs[0]["episodes_per_s"],
-    }
+        rates.append(len(suite.episodes) / wall)
+        result[f"workers_{count}_wall_s"] = wall
+        result[f"workers_{count}_episodes_per_s"] = rates[-1]
+        result[f"workers_{count}_failed"] = sum(not o["ok"] for o in outcomes)
+    result["ratio"] = rates[-1] / rates[0]
+    return result

@@ -123,6 +123,21 @@ class Suite:
             raise SuiteError(f"suite {self.name!r}: episode ids must be unique, got {ids}")
 
 
+SHIPPED_SUITES = Path(__file__).resolve().parents[1] / "suites"
+"""The suites that come with the repository (``suites/ci.toml``, ``suites/smoke.toml``)."""
+
+
+def resolve_suite_path(suite: Path | str) -> Path:
+    """A suite file's path: ``suite`` itself if it exists, else the shipped ``suites/<suite>.toml`` of that name."""
+    path = Path(suite)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_SUITES / f"{suite}.toml"
+    if path.suffix == "" and path.parent == Path(".") and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_suite(path: Path | str) -> Suite:
     """Read and check a suite file (see the module docstring for the format).
 

@@ -171,12 +171,33 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench.format_report(model_bench.training_step_time(Path(args.data))), end="\n\n")
         print(bench.format_report(model_bench.stream_latency(Path(args.data))), end="\n\n")
         print(bench.format_report(perception_bench.pooling_speed()))
+    elif args.what == "closed-loop":
+        from bevjepa.evaluation import closed_loop
+
+        print(bench.format_report(closed_loop.throughput(args.suite, workers_list=(1, args.workers))))
     elif args.what == "synth":
         print(
             bench.format_report(
                 bench.synth_wall_time(scenes=args.scenes, duration_s=args.duration, workers=args.workers)
             )
         )
+    return 0
+
+
+def _closed_loop(args: argparse.Namespace) -> int:
+    from bevjepa.evaluation import closed_loop
+
+    report = closed_loop.run_suite(
+        args.suite,
+        args.forecast,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        workers=args.workers,
+        address=args.address,
+        out=Path(args.out),
+        model_options={"rollout_candidates": True} if args.rollout_candidates else None,
+    )
+    print(closed_loop.format_table(report))
+    print(f"{len(report['episodes'])} episodes, {len(report['failed'])} failed; {Path(args.out) / 'metrics.json'}")
     return 0
 
 
@@ -309,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
 
     bench = commands.add_parser("bench", help="measure throughput (simulator, sensors, preprocessing)")
-    bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model"])
+    bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model", "closed-loop"])
+    bench.add_argument("--suite", default="suites/ci.toml", help="suite to time (closed-loop)")
     bench.add_argument("--data", default=None, help="windows to time the model on (model)")
     bench.add_argument("--dataroot", default=None, help="dataset to preprocess (preprocess; default: a synthetic one)")
     bench.add_argument("--version", default="v1.0-mini", help="table version of --dataroot (preprocess)")
@@ -318,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=20.0, help="seconds per scene (synth, preprocess)")
     bench.add_argument("--workers", type=int, default=2, help="Ray workers (synth)")
     bench.set_defaults(run=_bench)
+
+    loop = commands.add_parser(
+        "closed-loop",
+        help="run a closed-loop scenario suite: simulator, forecast, sampling planner; one Ray task per episode",
+    )
+    loop.add_argument("--suite", required=True, help="suite file, e.g. suites/ci.toml (or a shipped suite's name)")
+    loop.add_argument("--forecast", choices=["model", "cv", "oracle", "none"], required=True, help="forecast source")
+    loop.add_argument("--checkpoint", default=None, help="run folder of the model (--forecast model)")
+    loop.add_argument("--workers", type=int, default=1, help="parallel episodes on Ray (default 1: this process)")
+    loop.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    loop.add_argument("--out", required=True, help="output folder (metrics.json)")
+    loop.add_argument(
+        "--rollout-candidates", action="store_true", help="model: roll the world model out under every candidate"
+    )
+    loop.set_defaults(run=_closed_loop)
 
     gate = commands.add_parser(
         "regress",
