@@ -1,0 +1,124 @@
+"""Open-loop evaluation with a tiny trained checkpoint on the synthetic windows."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nuscenes.eval.prediction import compute_metrics
+from nuscenes.eval.prediction import metrics as devkit
+from nuscenes.eval.prediction.config import PredictionConfig
+from nuscenes.nuscenes import NuScenes
+from nuscenes.prediction import PredictHelper
+
+from bevjepa.datasets import categories, torch_dataset
+from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export
+from bevjepa.prediction import checkpoint, heads, train
+from bevjepa.prediction import config as experiment_config
+
+SOURCES = {"model", "constant_velocity", "constant_velocity_detected", "ctrv", "persistence"}
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = experiment_config.small()
+    settings = {"steps": 1, "val_every": 1, "val_batches": 1, "loader_workers": 0}
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
+    out = tmp_path_factory.mktemp("open_loop") / "run"
+    train.train(synthetic_windows, out, config, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(synthetic_windows: Path, run: Path) -> dict:
+    return open_loop.evaluate(synthetic_windows, "all", run, batch_size=2, trajectory_seconds=2.0)
+
+
+def test_every_source_reports_every_metric(result):
+    assert set(result["models"]) == SOURCES
+    assert result["split"] == "all" and result["windows"] == 4 and result["trajectory_steps"] == 4
+    assert result["agents"] == sum(result["agents_per_class"].values()) > 0
+    json.loads(json.dumps(result))  # plain JSON values
+    classes = list(categories.CLASSES)
+    for name, scores in result["models"].items():
+        for key in ("iou", "vpq", "brier"):
+            assert list(scores[key]) == classes and all(len(v) == 5 for v in scores[key].values()), (name, key)
+        assert list(scores["vpq_all_steps"]) == list(scores["ece"]) == classes
+        for key in ("iou_2s_mean", "vpq_2s_mean", "brier_mean", "ece_all"):
+            assert isinstance(scores[key], float), (name, key)
+        assert 0 <= scores["brier_mean"] <= 1 and 0 <= scores["ece_all"] <= 1
+        if name == "constant_velocity_detected":
+            assert "minADE_5" not in scores  # detections have no agent identity
+            continue
+        for k in (1, 5, 10):
+            assert {f"minADE_{k}", f"minFDE_{k}", f"MissRate_2_{k}"} <= set(scores)
+        assert scores["minADE_10"] <= scores["minADE_5"] <= scores["minADE_1"]
+        per_class = scores["per_class"]
+        assert sum(v["agents"] for v in per_class.values()) == result["agents"]
+        weighted = sum(v["agents"] * v["minADE_5"] for v in per_class.values() if v["agents"])
+        assert weighted / result["agents"] == pytest.approx(scores["minADE_5"])
+
+
+def test_box_baselines_are_exact_at_t0(result):
+    for name in ("constant_velocity", "ctrv", "persistence"):
+        scores = result["models"][name]
+        for cls in ("vehicle", "cyclist"):
+            assert scores["iou"][cls][0] == 1.0 and scores["vpq"][cls][0] == 1.0, (name, cls)
+            assert scores["brier"][cls][0] == 0.0
+        assert math.isnan(scores["iou"]["pedestrian"][0]) or scores["iou"]["pedestrian"][0] == 1.0
+    assert result["models"]["persistence"]["vpq"]["vehicle"][-1] < 1.0
+
+
+def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result):
+    """The model's and the detection baseline's occupancy scores, recomputed from the network's own output."""
+    _, net = checkpoint.load_model(run)
+    net.eval()
+    dataset = torch_dataset.WindowDataset(synthetic_windows)
+    counts = {"model": [], "constant_velocity_detected": []}
+    vpq = metrics.empty_vpq_counts(5, 3)
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            batch = torch_dataset.collate([dataset[index]])
+            output = net(batch)
+            probability = torch.sigmoid(output.occupancy_logits)[0].numpy()
+            target = batch.occupancy[0].numpy()
+            counts["model"].append(metrics.iou_counts(probability >= 0.5, target))
+            truth_labels = metrics.class_labels(target, batch.instances[0].numpy())
+            vpq = vpq + metrics.vpq_counts(metrics.connected_instances(probability >= 0.5), truth_labels)
+            found = heads.decode_detections(output.heatmap_logits, output.regression, threshold=0.3).for_sample(0)
+            occupancy, _ = baselines.constant_velocity_detected(found, net.config.grid, 3, 4)
+            counts["constant_velocity_detected"].append(metrics.iou_counts(occupancy, target))
+    for name, pairs in counts.items():
+        per_step = metrics.iou(sum(p[0] for p in pairs), sum(p[1] for p in pairs))
+        np.testing.assert_allclose(
+            np.array(result["models"][name]["iou"]["vehicle"]), per_step[:, 0], rtol=1e-12, err_msg=name
+        )
+    np.testing.assert_allclose(result["models"]["model"]["vpq"]["vehicle"], vpq.vpq()[0][:, 0], rtol=1e-12)
+
+
+def test_the_devkit_scores_the_exported_model_as_the_open_loop_does(synthetic_mini, synthetic_windows, run, result):
+    out = Path(run) / "predictions.json"
+    records = prediction_export.export(synthetic_windows, "all", out, "model", run, trajectory_seconds=2.0)
+    assert len(records) == result["agents"] and records[0].number_of_modes == 10
+    np.testing.assert_allclose([r.probabilities.sum() for r in records], 1.0, rtol=1e-5)
+    helper = PredictHelper(NuScenes("v1.0-mini", dataroot=str(synthetic_mini), verbose=False))
+    config = PredictionConfig(
+        [devkit.MinADEK([1, 5, 10], [devkit.RowMean()]), devkit.MinFDEK([1, 5, 10], [devkit.RowMean()])], seconds=2
+    )
+    scored = compute_metrics.compute_metrics(json.loads(out.read_text()), helper, config)
+    for i, k in enumerate((1, 5, 10)):
+        assert result["models"]["model"][f"minADE_{k}"] == pytest.approx(scored["MinADEK"]["RowMean"][i], abs=1e-4)
+        assert result["models"]["model"][f"minFDE_{k}"] == pytest.approx(scored["MinFDEK"]["RowMean"][i], abs=1e-4)
+
+
+def test_without_a_run_only_the_baselines_and_bad_horizons_are_refused(synthetic_windows):
+    baseline_only = open_loop.evaluate(synthetic_windows, "mini_val")
+    assert set(baseline_only["models"]) == {"constant_velocity", "ctrv", "persistence"}
+    assert baseline_only["agents"] == 0 and math.isnan(baseline_only["models"]["ctrv"]["minADE_5"])
+    with pytest.raises(ValueError, match="hold 12 steps"):
+        open_loop.evaluate(synthetic_windows, "all", trajectory_seconds=7.0)
