@@ -270,3 +270,66 @@ def test_cli_refuses_missing_corrupt_and_mismatched_baselines(tmp_path, tiny_run
     assert "--forecast model needs --checkpoint" in capsys.readouterr().err
     assert cli.main([*args, "--tolerance", "score"]) == 2
     assert "write METRIC=VALUE" in capsys.readouterr().err
+
+
+# --- `bevjepa regress` on real closed-loop runs ------------------------------------------------------------------
+
+MERGE_TOML = """
+# One 4 s episode of the CI suite's T-junction merge: driving on blind (`none`) hits a merging car, the oracle
+# forecast brakes in time.
+name = "merge"
+
+[[scenario]]
+name = "t-junction-merge"
+layout = "t_junction"
+seeds = [5]
+duration_s = 4.0
+vehicles = 14
+parked = 4
+pedestrians = 10
+cyclists = 2
+"""
+
+
+def test_cli_gate_passes_the_baseline_run_and_fails_a_blind_planner(tmp_path, capsys):
+    from bevjepa.tools import cli
+
+    suite = tmp_path / "merge.toml"
+    suite.write_text(MERGE_TOML)
+    baseline, junit = tmp_path / "gate" / "baseline.json", tmp_path / "junit.xml"
+    args = ["regress", "--suite", str(suite), "--baseline", str(baseline), "--junit", str(junit)]
+
+    assert cli.main([*args, "--forecast", "oracle", "--update-baseline", "--out", str(tmp_path / "out")]) == 0
+    assert f"wrote baseline {baseline}" in capsys.readouterr().out
+    written = regress.read_baseline(baseline)
+    assert written.suite == "merge" and written.forecast == "oracle" and written.checkpoint is None
+    assert written.metrics["collision_rate"] == 0.0 and written.metrics["episodes"] == 1.0
+    assert written.tolerances["collision_rate"] == regress.Tolerance(absolute=0.0)
+    assert {"metrics.json", "diff.txt", "regress.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+    # the same forecast again (the baseline's, by default) reproduces it exactly
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "regress: PASSED" in out and "forecast oracle" in out
+    assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
+
+    # planning without a forecast drives into the merging car
+    assert cli.main([*args, "--forecast", "none"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "collision_rate regressed: 0 → 1" in out and "note: forecast differs from the baseline's (oracle → none)" in out
+    )
+    suite_node = ET.parse(junit).getroot().find("testsuite")
+    failing = {case.get("name") for case in suite_node.iter("testcase") if case.find("failure") is not None}
+    assert "collision_rate" in failing and suite_node.get("failures") == str(len(failing))
+    # a tolerance from the command line is applied on top of the baseline's
+    assert cli.main([*args, "--forecast", "none", "--tolerance", "collision_rate=1"]) == 1
+    out = capsys.readouterr().out
+    assert "collision_rate regressed" not in out and "regress: FAILED" in out
+
+    # --update-baseline overwrites it from the current run and exits 0, showing what changed
+    assert cli.main([*args, "--forecast", "none", "--update-baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "against the previous baseline:" in out and "collision_rate" in out
+    assert regress.read_baseline(baseline).forecast == "none"
+    assert cli.main(args) == 0
