@@ -188,22 +188,12 @@ def _random_detections(rng: np.random.Generator, n: int, samples: int) -> heads.
     )
 
 
-def test_records_round_trip_through_the_devkit_box(real_scene_nusc):
+def _check_round_trip(poses: np.ndarray, tokens: list[str]) -> None:
+    """Random ego-frame detections → records equal the devkit's Box moved by the pose, and come back."""
     rng = np.random.default_rng(0)
-    # Two poses: a tilted synthetic one and the real ego pose of scene-0916's first keyframe.
-    tilted = np.eye(4)
-    tilted[:3, :3] = Quaternion(axis=[0.05, -0.08, 1.0], angle=2.3).rotation_matrix
-    tilted[:3, 3] = [612.5, 1643.0, 1.2]
-    sample = real_scene_nusc.sample[0]
-    pose_record = real_scene_nusc.get(
-        "ego_pose", real_scene_nusc.get("sample_data", sample["data"]["LIDAR_TOP"])["ego_pose_token"]
-    )
-    real = geometry.RigidTransform.from_quaternion(pose_record["rotation"], pose_record["translation"]).matrix
-    poses = np.stack([tilted, real])
-    detections = _random_detections(rng, 40, 2)
-    records = detection_eval.detection_records(detections, ["tilted", sample["token"]], poses)
+    detections = _random_detections(rng, 40, len(tokens))
+    records = detection_eval.detection_records(detections, tokens, poses)
     assert len(records) == 40
-
     for n, record in enumerate(records):
         x, y, z, w, length, h, yaw = detections.boxes[n].astype(np.float64)
         vx, vy = detections.velocity[n].astype(np.float64)
@@ -212,7 +202,7 @@ def test_records_round_trip_through_the_devkit_box(real_scene_nusc):
         box = Box([x, y, z], [w, length, h], Quaternion(axis=[0, 0, 1], angle=yaw), velocity=(vx, vy, 0.0))
         box.rotate(pose_q)
         box.translate(pose[:3, 3])
-        assert record.sample_token == ["tilted", sample["token"]][detections.batch_index[n]]
+        assert record.sample_token == tokens[detections.batch_index[n]]
         np.testing.assert_allclose(record.translation, box.center, atol=1e-4)
         np.testing.assert_allclose(record.size, box.wlh, rtol=1e-6)
         sign = 1.0 if np.dot(record.rotation, box.orientation.elements) > 0 else -1.0
@@ -237,6 +227,24 @@ def test_records_round_trip_through_the_devkit_box(real_scene_nusc):
         assert geometry.wrap_angle(geometry.quaternion_yaw(back.orientation.elements) - yaw) == pytest.approx(
             0.0, abs=1e-6
         )
+
+
+def test_records_round_trip_through_the_devkit_box():
+    poses = np.stack([np.eye(4)] * 2)
+    # Tilted poses (roll and pitch as well as yaw) far from the origin.
+    poses[0, :3, :3] = Quaternion(axis=[0.05, -0.08, 1.0], angle=2.3).rotation_matrix
+    poses[0, :3, 3] = [612.5, 1643.0, 1.2]
+    poses[1, :3, :3] = Quaternion(axis=[-0.02, 0.03, -1.0], angle=0.7).rotation_matrix
+    poses[1, :3, 3] = [-1530.0, 88.25, -0.4]
+    _check_round_trip(poses, ["first", "second"])
+
+
+def test_records_round_trip_with_a_real_ego_pose(real_scene_nusc):
+    sample = real_scene_nusc.sample[0]
+    lidar = real_scene_nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    pose = real_scene_nusc.get("ego_pose", lidar["ego_pose_token"])
+    real = geometry.RigidTransform.from_quaternion(pose["rotation"], pose["translation"]).matrix
+    _check_round_trip(real[None], [sample["token"]])
 
 
 def test_records_refuse_inconsistent_inputs():
