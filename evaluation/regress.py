@@ -870,6 +870,14 @@ def regress(config: RegressConfig) -> RegressReport:
     }
 
     if config.update_baseline:
+        if failed and not result.get("episodes"):
+            name, message = _episode_failure(failed[0], 0)
+            raise ValueError(
+                f"every episode of suite {suite!r} failed, so there is nothing to write a baseline from; the first, "
+                f"{name}: {message.splitlines()[0] if message else '?'}"
+            )
+        if failed:
+            header.append(f"warning: {len(failed)} episodes failed; the baseline records that as its `failed` count")
         kept = dict(baseline.tolerances) if baseline is not None and baseline.suite == suite else {}
         tolerances = resolve_tolerances(set(current), {**kept, **config.tolerances})
         written = Baseline(
