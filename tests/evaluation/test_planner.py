@@ -1,0 +1,126 @@
+"""The sampling planner: candidates along the ego's path, their poses and actions, and the choice under a forecast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bevjepa.datasets import categories, geometry, rasterize
+from bevjepa.evaluation import planner
+from bevjepa.prediction import forecaster
+from bevjepa.sim import paths, world
+
+
+def _straight_path() -> paths.Path:
+    """A path along +x from (100, 50): the ego frame is the global frame shifted, so poses are easy to check."""
+    return paths.Path.from_polyline(np.array([[100.0, 50.0], [400.0, 50.0]]))
+
+
+def _ego_from_global(path: paths.Path, s_m: float) -> geometry.RigidTransform:
+    xy, yaw = path.pose_at(np.array([s_m]))
+    rear = xy[0] - np.array([np.cos(yaw[0]), np.sin(yaw[0])]) * world.EGO_REAR_AXLE_TO_CENTER_M
+    return geometry.RigidTransform.from_pose_2d(rear[0], rear[1], float(yaw[0])).inverse()
+
+
+def _obstacle_forecast(x_m: float) -> forecaster.OccupancyForecast:
+    """A parked car centred ``x_m`` ahead of the rear axle, occupied at every forecast time."""
+    grid = geometry.GridSpec()
+    occupancy, _ = rasterize.rasterize_boxes(
+        grid, np.array([[x_m, 0.0]]), np.array([[1.9, 4.5]]), np.array([0.0]), np.array([0]), 3
+    )
+    return forecaster.OccupancyForecast(
+        timestamp_us=0,
+        grid=grid,
+        classes=categories.CLASSES,
+        times_s=np.arange(5, dtype=np.float32) * 0.5,
+        occupancy=np.repeat(occupancy[None].astype(np.float32), 5, axis=0),
+        agent_ids=np.array([], dtype=str),
+        agent_classes=np.zeros(0, dtype=np.int64),
+        trajectory_times_s=np.arange(1, 13, dtype=np.float32) * 0.5,
+        trajectories=np.zeros((0, 1, 12, 2), dtype=np.float32),
+        mode_probabilities=np.zeros((0, 1), dtype=np.float32),
+    )
+
+
+def test_candidates_follow_the_path_with_clipped_speeds():
+    path = _straight_path()
+    sampler = planner.SamplingPlanner()
+    plans = sampler.candidates(path, 30.0, 8.0, 9.0, _ego_from_global(path, 30.0))
+    assert len(plans) == len(planner.PlannerConfig().accelerations_mps2)
+    for plan in plans:
+        np.testing.assert_allclose(plan.poses[0], [0.0, 0.0, 0.0], atol=1e-6)  # the rear axle at t0
+        np.testing.assert_allclose(plan.poses[:, 0], plan.s_m, atol=1e-6)  # straight ahead: x is the distance
+        np.testing.assert_allclose(plan.poses[:, 1:], 0.0, atol=1e-6)
+        assert np.all(np.diff(plan.s_m) >= -1e-12)
+        assert plan.speed_mps.min() >= 0.0 and plan.speed_mps.max() <= 9.0 + 1e-9
+    hardest = plans[0]
+    assert hardest.accel_mps2 == -6.0 and hardest.speed_mps[-1] == 0.0
+    # Braking from 8 m/s at 6 m/s² stops after v²/2a.
+    assert hardest.s_m[-1] == pytest.approx(8.0**2 / (2 * 6.0), abs=0.05)
+    # The profile's accelerations reproduce its speeds; the actions its motion.
+    profile = hardest.accel_profile(0.1, 20)
+    assert 8.0 + profile.sum() * 0.1 == pytest.approx(0.0, abs=1e-6)
+    actions = plans[-1].actions(4)
+    np.testing.assert_allclose(actions[:, 0].sum(), plans[-1].s_m[-1], atol=1e-5)
+    np.testing.assert_allclose(actions[:, 1:], 0.0, atol=1e-6)
+
+
+def test_poses_on_a_curve_are_in_the_ego_frame():
+    arc = np.linspace(0, np.pi / 2, 60)
+    path = paths.Path.from_polyline(np.stack([100 + 20 * np.sin(arc), 100 + 20 * (1 - np.cos(arc))], axis=1))
+    plans = planner.SamplingPlanner().candidates(path, 5.0, 6.0, 6.0, _ego_from_global(path, 5.0))
+    fastest = plans[-1]
+    assert np.all(np.diff(fastest.poses[:, 2]) > 0)  # turning left
+    assert fastest.poses[-1, 1] > 1.0  # to the left of the t0 heading
+    # Back in the global frame, the rear axle lies 1.34 m behind the path point (the box centre), along the heading.
+    global_from_ego = _ego_from_global(path, 5.0).inverse()
+    rear = global_from_ego.apply(np.concatenate([fastest.poses[:, :2], np.zeros((len(fastest.poses), 1))], 1))
+    center, heading = path.pose_at(5.0 + fastest.s_m)
+    offset = center - rear[:, :2]
+    np.testing.assert_allclose(np.linalg.norm(offset, axis=1), world.EGO_REAR_AXLE_TO_CENTER_M, atol=1e-6)
+    np.testing.assert_allclose(np.arctan2(offset[:, 1], offset[:, 0]), heading, atol=1e-6)
+    step = np.linalg.norm(np.diff(fastest.poses[:, :2], axis=0), axis=1)
+    np.testing.assert_allclose(step.sum(), fastest.s_m[-1], rtol=0.02)  # chord length ~ arc length
+
+
+def test_without_a_forecast_the_planner_cruises():
+    path = _straight_path()
+    sampler = planner.SamplingPlanner()
+    plans = sampler.candidates(path, 30.0, 5.0, 9.0, _ego_from_global(path, 30.0))
+    choice = sampler.choose(plans, None, 0.0)
+    assert choice.plan.accel_mps2 == max(planner.PlannerConfig().accelerations_mps2)
+    assert np.all(choice.costs[:, 1] == 0)
+
+
+def test_an_obstacle_ahead_makes_the_planner_brake():
+    path = _straight_path()
+    sampler = planner.SamplingPlanner()
+    plans = sampler.candidates(path, 30.0, 9.0, 9.0, _ego_from_global(path, 30.0))
+    free = sampler.choose(plans, _obstacle_forecast(60.0), 0.0)  # beyond the 2 s reach: no effect
+    assert free.plan.accel_mps2 >= 0.0 and free.costs[free.index, 1] == 0.0
+    blocked = sampler.choose(plans, _obstacle_forecast(16.0), 0.0)
+    assert blocked.plan.accel_mps2 < 0.0
+    assert blocked.costs[blocked.index, 1] < blocked.costs[-1, 1]  # safer than cruising on
+    assert blocked.costs[-1, 1] > 0.4  # cruising on runs into the car within the horizon
+    # The chosen plan's footprint stays clear of the car's rear (16 - 2.25 m) with the ego's front overhang.
+    front = blocked.plan.s_m[-1] + world.EGO_REAR_AXLE_TO_CENTER_M + world.EGO_SIZE_WLH_M[1] / 2
+    assert front < 16.0 - 2.25
+
+
+def test_one_forecast_per_candidate():
+    path = _straight_path()
+    sampler = planner.SamplingPlanner()
+    plans = sampler.candidates(path, 30.0, 9.0, 9.0, _ego_from_global(path, 30.0))
+    # Only the cruising candidate is told about the car: it alone pays for a collision.
+    forecasts = [_obstacle_forecast(60.0)] * (len(plans) - 1) + [_obstacle_forecast(16.0)]
+    costs = sampler.score(plans, forecasts, 0.0)
+    assert costs[-1, 1] > 0 and np.all(costs[:-1, 1] == 0)
+    with pytest.raises(ValueError):
+        sampler.score(plans, forecasts[:-1], 0.0)
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="horizon_s"):
+        planner.PlannerConfig(horizon_s=0)
+    with pytest.raises(ValueError, match="accelerations_mps2"):
+        planner.PlannerConfig(accelerations_mps2=())
