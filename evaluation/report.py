@@ -395,7 +395,8 @@ def _detection_tables(detection: dict) -> list[str]:
         if not isinstance(value, dict) or not value:
             continue
         if all(_is_scalar(v) for v in value.values()):
-            lines += [f"### `{key}`", "", *_table(["class", "value"], [[k, format_value(v)] for k, v in value.items()])]
+            rows = [[k, format_value(v)] for k, v in value.items()]
+            lines += [f"### `{key}`", "", *_table(["name", "value"], rows)]
         elif all(isinstance(v, dict) for v in value.values()):
             columns = sorted({c for v in value.values() for c, y in v.items() if _is_scalar(y)})
             rows = [[k, *(format_value(v.get(c)) for c in columns)] for k, v in value.items()]
@@ -517,12 +518,20 @@ def make_figures(
     grid = geometry.GridSpec(**dataset.config["window"]["grid"])
     steps = int(dataset.config["window"]["occupancy_steps"])
 
+    cache: dict[int, tuple[torch_dataset.WindowSample, forecaster.OccupancyForecast]] = {}
+
     def forecasts_of(indices: list[int]) -> tuple[list, list]:
-        samples = [dataset[i] for i in indices]
-        if model is None:
-            return samples, [constant_velocity_forecast(s, grid, steps) for s in samples]
-        with torch.no_grad():
-            return samples, model.forecast_batch(torch_dataset.collate(samples))
+        """The windows and their forecasts, each forecast once (the figures and the GIF share windows)."""
+        todo = [i for i in dict.fromkeys(indices) if i not in cache]
+        for first in range(0, len(todo), 4):  # a few windows per forward pass
+            samples = [dataset[i] for i in todo[first : first + 4]]
+            if model is None:
+                forecasts = [constant_velocity_forecast(s, grid, steps) for s in samples]
+            else:
+                with torch.no_grad():
+                    forecasts = model.forecast_batch(torch_dataset.collate(samples))
+            cache.update(zip(todo[first : first + 4], zip(samples, forecasts, strict=True), strict=True))
+        return [cache[i][0] for i in indices], [cache[i][1] for i in indices]
 
     samples, forecasts = forecasts_of(chosen[:figure_windows])
     for n, (index, sample, forecast) in enumerate(zip(chosen, samples, forecasts, strict=False), start=1):
@@ -547,11 +556,7 @@ def make_figures(
         position = of_scene.index(chosen[0])
         start = max(0, min(position - animation_windows // 2, len(of_scene) - animation_windows))
         run_of_windows = of_scene[start : start + animation_windows]
-        samples, forecasts = [], []
-        for first in range(0, len(run_of_windows), 4):  # a few windows per forward pass
-            more_samples, more_forecasts = forecasts_of(run_of_windows[first : first + 4])
-            samples += more_samples
-            forecasts += more_forecasts
+        samples, forecasts = forecasts_of(run_of_windows)
         plots.scene_animation(samples, forecasts, figures_dir / "scene.gif", label)
         figures.append(
             (

@@ -31,10 +31,13 @@ def run_folder(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def evaluated(synthetic_windows: Path, run_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def evaluated(
+    synthetic_mini: Path, synthetic_windows: Path, run_folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("eval") / "report"
     argv = ["eval", "--data", str(synthetic_windows), "--checkpoint", str(run_folder), "--out", str(out)]
-    assert cli.main([*argv, "--animation-windows", "2"]) == 0
+    # --dataroot with --data: the windows are used as they are, the dataroot feeds the detection evaluation.
+    assert cli.main([*argv, "--dataroot", str(synthetic_mini), "--animation-windows", "2"]) == 0
     return out
 
 
@@ -42,22 +45,24 @@ def _no_nan(constant: str) -> None:
     raise AssertionError(f"metrics.json holds {constant}: not strict JSON")
 
 
-def _tables(markdown: str) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(the heading above, header cells, rows of cells) of every Markdown table."""
+def _tables(markdown: str) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(the ## section, the heading above, header cells, rows of cells) of every Markdown table."""
 
     def cells(line: str) -> list[str]:
         return [c.strip() for c in line.strip().strip("|").split("|")]
 
-    tables, heading, lines, i = [], "", markdown.splitlines(), 0
+    tables, section, heading, lines, i = [], "", "", markdown.splitlines(), 0
     while i < len(lines):
-        if lines[i].startswith("#"):
+        if lines[i].startswith("## "):
+            section = heading = lines[i]
+        elif lines[i].startswith("#"):
             heading = lines[i]
         if lines[i].startswith("|") and i + 1 < len(lines) and set(lines[i + 1]) <= set("|- "):
             header, rows, i = cells(lines[i]), [], i + 2
             while i < len(lines) and lines[i].startswith("|"):
                 rows.append(cells(lines[i]))
                 i += 1
-            tables.append((heading, header, rows))
+            tables.append((section, heading, header, rows))
             continue
         i += 1
     return tables
@@ -80,20 +85,33 @@ def test_metrics_json_is_strict_and_says_what_was_evaluated(evaluated, synthetic
     assert metrics["evaluated"]["config"]["trained_steps"] == 1
     # 4 s scenes: no agent has a whole 6 s future, so the trajectory metrics are null, not NaN.
     assert metrics["agents"] == 0 and metrics["models"]["model"]["minADE_5"] is None
-    assert "detection" not in metrics  # no --dataroot: the detection evaluation does not run
+    detection = metrics["detection"]
+    assert "error" not in detection and 0 <= detection["mAP"] <= 1 and 0 <= detection["NDS"] <= 1
+    assert (evaluated / "detection").is_dir()
 
 
 def test_every_number_in_the_report_is_the_one_in_metrics_json(evaluated):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     text = (evaluated / "report.md").read_text()
-    checked = 0
+    checked, checked_detection = 0, 0
     tables = _tables(text)
     assert tables
-    for heading, header, rows in tables:
+    for section, heading, header, rows in tables:
+        key = (re.findall(r"`([^`]+)`", heading) or [""])[-1]
         for row in rows:
             assert len(row) == len(header), (heading, row)
+            if section == "## Detection at t0":
+                value = metrics["detection"] if heading == section else metrics["detection"][key]
+                if header == ["metric", "value"]:
+                    assert _same(row[1], value[row[0].strip("`")]), (heading, row)
+                elif header == ["name", "value"]:
+                    assert _same(row[1], value[row[0]]), (heading, row)
+                else:
+                    for column, cell in zip(header[1:], row[1:], strict=True):
+                        assert _same(cell, value[row[0]][column]), (heading, row, column)
+                checked_detection += 1
+                continue
             model = metrics["models"][row[0].strip("`")]
-            key = (re.findall(r"`([^`]+)`", heading) or [""])[-1]
             if header[1] == "class" and header[2].endswith(" s"):  # {class: [per step]}, by horizon
                 for step, cell in enumerate(row[2:]):
                     assert _same(cell, model[key][row[1]][step]), (heading, row, step)
@@ -112,6 +130,7 @@ def test_every_number_in_the_report_is_the_one_in_metrics_json(evaluated):
                     checked += 1
     iou_cells = sum(len(v) for m in metrics["models"].values() for v in m["iou"].values())
     assert checked >= iou_cells + len(metrics["models"])  # every IoU per step and every IoU at 2 s at least
+    assert checked_detection >= 2  # mAP and NDS at least
     assert "## What was evaluated" in text and "mini_val" in text and "2 windows" in text
 
 
@@ -161,7 +180,7 @@ def test_the_report_renders_the_keys_that_exist():
         "detection": {"mAP": 0.4, "NDS": 0.5, "per_class_ap": {"vehicle": 0.6}},
     }
     text = report.render_report(metrics)
-    tables = {heading: (header, rows) for heading, header, rows in _tables(text)}
+    tables = {heading: (header, rows) for _, heading, header, rows in _tables(text)}
     trajectory = next(v for k, v in tables.items() if "Trajectories" in k)
     assert trajectory == (["model", "minADE_5"], [["`model`", "1.235"]])
     occupancy = next(v for k, v in tables.items() if "calibration" in k)
