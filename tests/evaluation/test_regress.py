@@ -333,3 +333,27 @@ def test_cli_gate_passes_the_baseline_run_and_fails_a_blind_planner(tmp_path, ca
     assert "against the previous baseline:" in out and "collision_rate" in out
     assert regress.read_baseline(baseline).forecast == "none"
     assert cli.main(args) == 0
+
+
+@pytest.mark.slow
+def test_the_gate_fails_a_degraded_model_and_passes_the_intact_one(synthetic_windows, tmp_path, capsys):
+    """Acceptance: a trained checkpoint passes against its own baseline; the same weights plus noise do not."""
+    import dataclasses
+
+    from bevjepa.prediction import train
+    from bevjepa.tools import cli
+
+    config = experiment_config.small()
+    settings = {"steps": 40, "val_every": 40, "val_batches": 1, "loader_workers": 0, "train_split": "all"}
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
+    run = train.train(synthetic_windows, tmp_path / "run", config, progress=False).run
+    degraded = regress.perturb_checkpoint(run, tmp_path / "degraded", noise_std=0.2, seed=0)
+    suite = Path(__file__).resolve().parents[2] / "suites" / "smoke.toml"
+    args = ["regress", "--suite", str(suite), "--baseline", str(tmp_path / "baseline.json")]
+
+    assert cli.main([*args, "--checkpoint", str(run), "--update-baseline"]) == 0
+    assert cli.main(args) == 0  # the baseline's own checkpoint, by default
+    assert "regress: PASSED" in capsys.readouterr().out
+    assert cli.main([*args, "--checkpoint", str(degraded)]) == 1
+    out = capsys.readouterr().out
+    assert "regress: FAILED" in out and " regressed: " in out and "note: the model's weights differ" in out
