@@ -838,7 +838,12 @@ def run_episode(
     for _ in range(steps):
         global_from_ego = world.ego_pose(built, state)
         plans = sampler.candidates(
-            ego.path, float(state.s_m[0]), float(state.speed_mps[0]), ego.desired_speed_mps, global_from_ego.inverse()
+            ego.path,
+            float(state.s_m[0]),
+            float(state.speed_mps[0]),
+            ego.desired_speed_mps,
+            global_from_ego.inverse(),
+            float(state.accel_mps2[0]),
         )
         tick = time.perf_counter()
         forecast = source.forecast(built, state, previous, plans)

@@ -1,9 +1,10 @@
 """A sampling planner: candidate longitudinal plans along the ego's path, scored against an ``OccupancyForecast``.
 
 The ego drives along a fixed path (its route); the planner only chooses how fast. Every planning step it samples
-``len(PlannerConfig.accelerations_mps2)`` candidates, each a constant commanded acceleration held over the
-horizon (speed clipped to ``[0, cruise speed]``), turns each into rear-axle poses [N, 3] in the current (t0) ego
-frame at ``PlannerConfig.pose_dt_s`` intervals, and picks the one with the lowest cost:
+``len(PlannerConfig.accelerations_mps2)`` candidates, each a commanded acceleration reached from the current one
+within the world's jerk limit and held over the horizon (easing onto the cruise speed or into a stop), turns
+each into rear-axle poses [K, 3] in the current (t0) ego frame at ``PlannerConfig.pose_dt_s`` intervals, and
+picks the one with the lowest cost:
 
     cost = collision_weight · collision + progress_weight · (1 - progress / best progress) + comfort_weight · comfort
 
@@ -35,6 +36,10 @@ from bevjepa.sim import paths, world
 
 ACTION_STEP_S = 0.5
 """One world-model action step (a keyframe interval)."""
+CRUISE_EASE_S = 1.0
+"""A candidate's acceleration is at most (cruise speed - speed) / this: it settles onto the cruise speed."""
+STOP_EASE_S = 0.5
+"""A candidate's deceleration is at most speed / this: it eases into a stop."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class PlannerConfig:
         progress_weight: weight of the progress term.
         comfort_weight: weight of the comfort term.
         footprint_margin_m: added to the ego's length and width when the forecast is queried (m).
+        max_jerk_mps3: how fast a candidate's acceleration may change (m/s³); the world's own limit
+            (``world.IdmParams.max_jerk_mps3``), so that the ego drives what was planned.
     """
 
     horizon_s: float = 2.0
@@ -58,12 +65,15 @@ class PlannerConfig:
     progress_weight: float = 1.0
     comfort_weight: float = 0.2
     footprint_margin_m: float = 0.6
+    max_jerk_mps3: float = 6.0
 
     def __post_init__(self) -> None:
         if not (self.horizon_s > 0 and self.pose_dt_s > 0):
             raise ValueError("PlannerConfig: horizon_s and pose_dt_s must be positive")
         if not self.accelerations_mps2:
             raise ValueError("PlannerConfig.accelerations_mps2 needs at least one candidate")
+        if not self.max_jerk_mps3 > 0:
+            raise ValueError(f"PlannerConfig.max_jerk_mps3 must be positive, got {self.max_jerk_mps3}")
         if min(self.collision_weight, self.progress_weight, self.comfort_weight, self.footprint_margin_m) < 0:
             raise ValueError("PlannerConfig: weights and footprint_margin_m must not be negative")
 
@@ -78,6 +88,8 @@ class Plan:
         s_m: [K] float64 — distance along the path from the ego's current position (m).
         speed_mps: [K] float64 — speed at each pose (m/s).
         poses: [K, 3] float64 — x, y (m), yaw (rad) of the rear axle in the t0 ego frame.
+        profile_times_s: [L] float64 — the fine times the speed profile was integrated at (s).
+        profile_speed_mps: [L] float64 — the speed at each of them (m/s).
     """
 
     accel_mps2: float
@@ -85,11 +97,16 @@ class Plan:
     s_m: np.ndarray
     speed_mps: np.ndarray
     poses: np.ndarray
+    profile_times_s: np.ndarray
+    profile_speed_mps: np.ndarray
 
     def accel_profile(self, dt_s: float, steps: int) -> np.ndarray:
-        """[steps] float64 the accelerations (m/s²) that follow this plan's speed profile over ``dt_s`` sub-steps."""
+        """[steps] float64 the accelerations (m/s²) that follow this plan's speed profile over ``dt_s`` sub-steps.
+
+        Beyond the horizon the plan holds its last speed.
+        """
         t = np.arange(steps + 1) * dt_s
-        speed = np.interp(t, self.times_s, self.speed_mps, right=self.speed_mps[-1])
+        speed = np.interp(t, self.profile_times_s, self.profile_speed_mps)
         return np.diff(speed) / dt_s
 
     def actions(self, steps: int = 4) -> np.ndarray:
@@ -151,8 +168,12 @@ class SamplingPlanner:
         speed_mps: float,
         cruise_speed_mps: float,
         ego_from_global: geometry.RigidTransform,
+        accel_mps2: float = 0.0,
     ) -> list[Plan]:
         """The candidate plans from the ego's current state.
+
+        Each candidate's acceleration moves from the current one towards its own at most ``max_jerk_mps3``, eases
+        off as the speed nears the cruise speed (within ``CRUISE_EASE_S``) or zero (``STOP_EASE_S``).
 
         Args:
             path: the ego's path.
@@ -160,14 +181,24 @@ class SamplingPlanner:
             speed_mps: its current speed (m/s).
             cruise_speed_mps: the speed it never exceeds (m/s).
             ego_from_global: the current (t0) ego frame.
+            accel_mps2: its current acceleration (m/s²).
         """
         config = self.config
         times = np.arange(0.0, config.horizon_s + 1e-9, config.pose_dt_s)  # [K]
         accel = np.asarray(config.accelerations_mps2, dtype=np.float64)  # [N]
         fine_dt = 0.05
-        fine_t = np.arange(0.0, config.horizon_s + 1e-9, fine_dt)  # integrate finely, then sample
+        fine_steps = int(round(config.horizon_s / fine_dt))
+        fine_t = np.arange(fine_steps + 1) * fine_dt  # integrate finely, then sample
         cap = max(cruise_speed_mps, speed_mps)
-        speed = np.clip(speed_mps + accel[:, None] * fine_t[None, :], 0.0, cap)  # [N, K_fine]
+        speed = np.empty((len(accel), fine_steps + 1))  # [N, K_fine]
+        speed[:, 0] = speed_mps
+        current = np.full(len(accel), float(accel_mps2))  # [N]
+        max_change = config.max_jerk_mps3 * fine_dt
+        for k in range(fine_steps):  # time steps, every candidate at once
+            goal = np.minimum(accel, (cap - speed[:, k]) / CRUISE_EASE_S)  # settle onto the cruise speed
+            goal = np.maximum(goal, -speed[:, k] / STOP_EASE_S)  # and ease into a stop
+            current = current + np.clip(goal - current, -max_change, max_change)
+            speed[:, k + 1] = np.maximum(speed[:, k] + current * fine_dt, 0.0)
         distance = np.concatenate(
             [np.zeros((len(accel), 1)), np.cumsum((speed[:, 1:] + speed[:, :-1]) / 2 * fine_dt, axis=1)], axis=1
         )  # [N, K_fine]
@@ -176,7 +207,7 @@ class SamplingPlanner:
             s_rel = np.interp(times, fine_t, distance[n])  # [K]
             v = np.interp(times, fine_t, speed[n])
             poses = ego_poses_along_path(path, s_m + s_rel, ego_from_global)
-            plans.append(Plan(float(a), times, s_rel, v, poses))
+            plans.append(Plan(float(a), times, s_rel, v, poses, fine_t, speed[n]))
         return plans
 
     def score(
