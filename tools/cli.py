@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure throughput (simulator, sensors, preprocessing)")
     bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model", "closed-loop"])
-    bench.add_argument("--suite", default="suites/ci.toml", help="suite to time (closed-loop)")
+    bench.add_argument("--suite", default="ci", help="suite to time (closed-loop; default the shipped ci suite)")
     bench.add_argument("--data", default=None, help="windows to time the model on (model)")
     bench.add_argument("--dataroot", default=None, help="dataset to preprocess (preprocess; default: a synthetic one)")
     bench.add_argument("--version", default="v1.0-mini", help="table version of --dataroot (preprocess)")
