@@ -603,14 +603,11 @@ _FORECASTERS: dict[str, tuple] = {}
 
 def load_forecaster(run: Path | str):
     """The ``Forecaster`` and ``ExperimentConfig`` of a run folder, loaded once per process."""
-    import torch
-
     from bevjepa.prediction import checkpoint
 
     key = str(Path(run).resolve())
     if key not in _FORECASTERS:
         config, net = checkpoint.load_model(Path(run))
-        torch.set_grad_enabled(False)
         _FORECASTERS[key] = (config, forecaster_api.Forecaster(net, cache_frames=FRAME_CACHE))
     return _FORECASTERS[key]
 

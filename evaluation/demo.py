@@ -5,7 +5,7 @@
     nuscenes/         the synthetic dataset (nuScenes format; the devkit loads it)
     windows/          its training windows (``bevjepa preprocess``)
     run/              the trained ``small`` model (safetensors + JSON), TensorBoard scalars
-    open-loop/        ``bevjepa eval`` on mini_val: metrics.json, report.md, figures/, scene.gif
+    open-loop/        ``bevjepa eval`` on mini_val: metrics.json, report.md, figures/ (PNG panels, scene.gif)
     closed-loop/      the ``ci`` suite driven with the model's, constant-velocity and oracle forecasts
     plan.json         the training steps chosen for the time budget (a rerun keeps them)
     report.md         the summary: tables from the metrics files, the animation, the closed-loop results
@@ -254,12 +254,38 @@ OPEN_LOOP_COLUMNS = (
 CLOSED_LOOP_COLUMNS = (
     ("collision_rate", "collision rate"),
     ("progress_m", "progress (m)"),
+    ("progress_ratio", "progress ratio"),
     ("min_ttc_s", "min TTC (s)"),
     ("drivable_compliance", "drivable area"),
     ("comfort", "comfort"),
-    ("pdms", "PDMS"),
+    ("score", "PDMS-style score"),
+    ("failed", "failed episodes"),
 )
-"""The closed-loop aggregate figures the summary shows (those the suite's metrics file holds)."""
+"""The closed-loop aggregate figures the summary shows (``closed_loop.run_suite``'s ``aggregate``; the score is
+``closed_loop.PDMS_FORMULA``)."""
+
+
+def verdicts(models: dict) -> list[str]:
+    """One line per comparison of the model against a constant-velocity baseline, read from ``models``."""
+    model = models.get("model")
+    if model is None:
+        return []
+    lines = []
+    for key, label, baseline, lower_is_better in (
+        ("minADE_5", "minADE₅", "constant_velocity", True),
+        ("minFDE_5", "minFDE₅", "constant_velocity", True),
+        ("iou_2s_mean", "occupancy IoU at 2 s", "constant_velocity_detected", False),
+        ("iou_2s_mean", "occupancy IoU at 2 s", "constant_velocity", False),
+    ):
+        ours, theirs = model.get(key), models.get(baseline, {}).get(key)
+        if ours is None or theirs is None:
+            continue
+        better = ours < theirs if lower_is_better else ours > theirs
+        lines.append(
+            f"- {label}: the model {'beats' if better else 'does not beat'} `{baseline}` "
+            f"({_number(ours)} against {_number(theirs)})."
+        )
+    return lines
 
 
 def render(
@@ -275,8 +301,8 @@ def render(
         f"on the `{Path(config.suite).stem}` suite.",
         "",
     ]
-    if (out / "open-loop" / "scene.gif").is_file():
-        lines += ["![a mini_val scene: ground truth (left) and the forecast (right)](open-loop/scene.gif)", ""]
+    if (out / "open-loop" / "figures" / "scene.gif").is_file():
+        lines += ["![a mini_val scene: ground truth (left) and the forecast (right)](open-loop/figures/scene.gif)", ""]
     lines += ["## Open loop on mini_val", ""]
     lines += [
         f"{open_loop.get('windows', '?')} windows, {open_loop.get('agents', '?')} agents with a full 6 s future "
@@ -298,14 +324,9 @@ def render(
             f"NDS {_number(detection.get('NDS'))}.",
             "",
         ]
-    lines += ["## Closed loop", ""]
-    keys = [
-        (key, label)
-        for key, label in CLOSED_LOOP_COLUMNS
-        if any(key in c.get("aggregate", {}) for c in closed.values())
-    ]
-    extra = sorted({k for c in closed.values() for k in c.get("aggregate", {})} - {k for k, _ in keys})
-    keys += [(k, k) for k in extra]
+    lines += [*verdicts(models), ""] if verdicts(models) else []
+    lines += ["## Closed loop", "", f"The score: `{closed_loop.PDMS_FORMULA}` (`evaluation/closed_loop.py`).", ""]
+    keys = list(CLOSED_LOOP_COLUMNS)
     rows = [
         [name] + [_number(result.get("aggregate", {}).get(key)) for key, _ in keys] for name, result in closed.items()
     ]
