@@ -267,8 +267,8 @@ def connected_instances(occupied: np.ndarray) -> np.ndarray:
             current = components[s, c]
             ids = np.unique(current[current > 0])  # [n] this step's components
             track = np.arange(next_id, next_id + len(ids))  # new ids unless linked below
-            if previous is not None and len(ids):
-                both = (current > 0) & (previous > 0)
+            both = (current > 0) & (previous > 0) if previous is not None else None
+            if both is not None and both.any():
                 cur = np.searchsorted(ids, current[both])  # [Q] component index of each shared cell
                 pairs, overlap = np.unique(np.stack([cur, previous[both]], axis=1), axis=0, return_counts=True)
                 # For each current component its best previous id: sort by (component, -overlap, previous id).

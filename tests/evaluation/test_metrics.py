@@ -212,3 +212,11 @@ def test_brier_and_expected_calibration_error_by_hand():
     exact = metrics.calibration_counts(target.astype(float), target)
     assert exact[0, -1, 0] == 2 and metrics.expected_calibration_error(exact)[0] == 0.0
     assert np.isnan(metrics.expected_calibration_error(np.zeros((10, 3))))
+
+
+def test_connected_instances_where_consecutive_steps_share_no_cell():
+    occupied = np.zeros((2, 1, 6, 6), dtype=bool)
+    occupied[0, 0, 0:2, 0:2] = True
+    occupied[1, 0, 4:6, 4:6] = True  # the component moved away: no shared cell, so a new id
+    labels = metrics.connected_instances(occupied)
+    assert set(np.unique(labels[0])) == {0, 1} and set(np.unique(labels[1])) == {0, 2}
