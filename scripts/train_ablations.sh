@@ -12,7 +12,8 @@ run() {
         "$BEVJEPA" train --data "$WINDOWS" --out "$OUT/$name" --steps "$STEPS" --minutes 19 "$@"
         echo "$name: trained in $((SECONDS - start)) s"
     fi
-    "$BEVJEPA" eval --data "$WINDOWS" --split mini_val --checkpoint "$OUT/$name" --out "$OUT/$name/eval"
+    "$BEVJEPA" eval --data "$WINDOWS" --split mini_val --checkpoint "$OUT/$name" --out "$OUT/$name/eval" \
+        --figures 0 --animation-windows 0
 }
 run full
 run no-jepa --no-jepa
