@@ -399,6 +399,52 @@ def _jpeg_hw(jpeg: np.ndarray, offsets: np.ndarray, camera_mask: np.ndarray) -> 
     return sizes
 
 
+def sample_from_window(
+    window: windows.Window,
+    frames: list[windows.Frame],
+    image_hw: tuple[int, int],
+    future: FutureInputs | None = None,
+) -> WindowSample:
+    """A window and its P input frames (in ``window.keyframe_tokens`` order) as tensors in the t0 ego frame.
+
+    Args:
+        window: the window (targets and the input frames' names and poses).
+        frames: its input frames.
+        image_hw: (H, W) of the stored images, used where a camera is missing.
+        future: the future frames' inputs, for the target encoder.
+    """
+    inputs = windows.assemble_inputs(window, frames, image_hw)
+    return WindowSample(
+        sample_token=str(window.sample_token),
+        scene_name=str(window.scene_name),
+        timestamp_us=int(window.timestamp_us),
+        agent_ids=tuple(str(a) for a in window.agent_ids),
+        points=torch.from_numpy(inputs.points),
+        points_frame=torch.from_numpy(inputs.points_frame.astype(np.int64)),
+        images=torch.from_numpy(inputs.images).permute(0, 1, 4, 2, 3).contiguous(),  # [P, 6, 3, Hc, Wc]
+        camera_mask=torch.from_numpy(inputs.camera_mask),
+        intrinsics=torch.from_numpy(inputs.intrinsics.astype(np.float32)),
+        t0_from_camera=torch.from_numpy(inputs.t0_from_camera),
+        t0_from_ego=torch.from_numpy(window.t0_from_ego.astype(np.float32)),
+        actions=torch.from_numpy(window.actions.astype(np.float32)),
+        action_mask=torch.from_numpy(window.action_mask),
+        ego_future=torch.from_numpy(window.ego_future.astype(np.float32)),
+        ego_future_mask=torch.from_numpy(window.ego_future_mask),
+        agent_class=torch.from_numpy(window.agent_class.astype(np.int64)),
+        agent_box=torch.from_numpy(window.agent_box.astype(np.float32)),
+        agent_velocity=torch.from_numpy(window.agent_velocity.astype(np.float32)),
+        agent_past=torch.from_numpy(window.agent_past.astype(np.float32)),
+        agent_past_mask=torch.from_numpy(window.agent_past_mask),
+        agent_future=torch.from_numpy(window.agent_future.astype(np.float32)),
+        agent_future_mask=torch.from_numpy(window.agent_future_mask),
+        occupancy=torch.from_numpy(window.occupancy),
+        instances=torch.from_numpy(window.instances.astype(np.int64)),
+        observed=torch.from_numpy(window.observed),
+        future=future,
+        frame_tokens=tuple(str(token) for token in window.keyframe_tokens),
+    )
+
+
 class WindowDataset(Dataset):
     """The windows of a ``bevjepa preprocess`` output as ``WindowSample``s.
 
@@ -461,36 +507,8 @@ class WindowDataset(Dataset):
         entry = self.entries[index]
         window = self._load(windows.load_window, self.root / entry["file"], "window")
         frames = [self.frame(entry["scene"], str(token)) for token in window.keyframe_tokens]
-        inputs = windows.assemble_inputs(window, frames, self.image_hw)
-        return WindowSample(
-            sample_token=str(window.sample_token),
-            scene_name=str(window.scene_name),
-            timestamp_us=int(window.timestamp_us),
-            agent_ids=tuple(str(a) for a in window.agent_ids),
-            points=torch.from_numpy(inputs.points),
-            points_frame=torch.from_numpy(inputs.points_frame.astype(np.int64)),
-            images=torch.from_numpy(inputs.images).permute(0, 1, 4, 2, 3).contiguous(),  # [P, 6, 3, Hc, Wc]
-            camera_mask=torch.from_numpy(inputs.camera_mask),
-            intrinsics=torch.from_numpy(inputs.intrinsics.astype(np.float32)),
-            t0_from_camera=torch.from_numpy(inputs.t0_from_camera),
-            t0_from_ego=torch.from_numpy(window.t0_from_ego.astype(np.float32)),
-            actions=torch.from_numpy(window.actions.astype(np.float32)),
-            action_mask=torch.from_numpy(window.action_mask),
-            ego_future=torch.from_numpy(window.ego_future.astype(np.float32)),
-            ego_future_mask=torch.from_numpy(window.ego_future_mask),
-            agent_class=torch.from_numpy(window.agent_class.astype(np.int64)),
-            agent_box=torch.from_numpy(window.agent_box.astype(np.float32)),
-            agent_velocity=torch.from_numpy(window.agent_velocity.astype(np.float32)),
-            agent_past=torch.from_numpy(window.agent_past.astype(np.float32)),
-            agent_past_mask=torch.from_numpy(window.agent_past_mask),
-            agent_future=torch.from_numpy(window.agent_future.astype(np.float32)),
-            agent_future_mask=torch.from_numpy(window.agent_future_mask),
-            occupancy=torch.from_numpy(window.occupancy),
-            instances=torch.from_numpy(window.instances.astype(np.int64)),
-            observed=torch.from_numpy(window.observed),
-            future=self._future(entry["scene"], window) if self.future_inputs else None,
-            frame_tokens=tuple(str(token) for token in window.keyframe_tokens),
-        )
+        future = self._future(entry["scene"], window) if self.future_inputs else None
+        return sample_from_window(window, frames, self.image_hw, future)
 
     def _future(self, scene: str, window: windows.Window) -> FutureInputs:
         frames = [self.frame(scene, str(token)) for token in window.future_keyframe_tokens]

@@ -514,8 +514,6 @@ def window_sample_from_frames(
     Returns:
         ``torch_dataset.WindowSample``; its targets (futures, occupancy, instances, observed) are zero.
     """
-    import torch
-
     from bevjepa.datasets import torch_dataset
 
     p_count, t_count, f_count = len(frames), config.trajectory_steps, config.occupancy_steps
@@ -564,35 +562,7 @@ def window_sample_from_frames(
         instances=np.zeros((f_count + 1, h, w), dtype=np.int32),
         observed=np.zeros((h, w), dtype=bool),
     )
-    inputs = windows.assemble_inputs(window, list(frames), image_hw)
-    return torch_dataset.WindowSample(
-        sample_token=str(window.sample_token),
-        scene_name=str(window.scene_name),
-        timestamp_us=int(window.timestamp_us),
-        agent_ids=tuple(str(a) for a in window.agent_ids),
-        points=torch.from_numpy(inputs.points),
-        points_frame=torch.from_numpy(inputs.points_frame.astype(np.int64)),
-        images=torch.from_numpy(inputs.images).permute(0, 1, 4, 2, 3).contiguous(),  # [P, 6, 3, Hc, Wc]
-        camera_mask=torch.from_numpy(inputs.camera_mask),
-        intrinsics=torch.from_numpy(inputs.intrinsics.astype(np.float32)),
-        t0_from_camera=torch.from_numpy(inputs.t0_from_camera),
-        t0_from_ego=torch.from_numpy(t0_from_ego.astype(np.float32)),
-        actions=torch.from_numpy(actions),
-        action_mask=torch.from_numpy(action_mask),
-        ego_future=torch.from_numpy(window.ego_future),
-        ego_future_mask=torch.from_numpy(window.ego_future_mask),
-        agent_class=torch.from_numpy(window.agent_class.astype(np.int64)),
-        agent_box=torch.from_numpy(window.agent_box),
-        agent_velocity=torch.from_numpy(window.agent_velocity),
-        agent_past=torch.from_numpy(window.agent_past),
-        agent_past_mask=torch.from_numpy(window.agent_past_mask),
-        agent_future=torch.from_numpy(window.agent_future),
-        agent_future_mask=torch.from_numpy(window.agent_future_mask),
-        occupancy=torch.from_numpy(window.occupancy),
-        instances=torch.from_numpy(window.instances.astype(np.int64)),
-        observed=torch.from_numpy(window.observed),
-        frame_tokens=tuple(str(t) for t in tokens),
-    )
+    return torch_dataset.sample_from_window(window, list(frames), image_hw)
 
 
 FRAME_CACHE = 8
