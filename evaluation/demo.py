@@ -10,6 +10,7 @@
     plan.json         the training steps chosen for the time budget (a rerun keeps them)
     timings.json      each stage's wall time in the run that did its work
     report.md         the summary: tables from the metrics files, the animation, the closed-loop results
+    (``rerun``)       with ``DemoConfig.rerun``: a Rerun recording of one mini_val scene (``rerun FILE.rrd``)
 
 Every stage keeps its output and a rerun skips what is done (the dataset and windows when complete, training
 when its last step is reached, each evaluation when its metrics file exists), so a second run only rewrites
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bevjepa.datasets import preprocess
-from bevjepa.evaluation import closed_loop, report
+from bevjepa.evaluation import closed_loop, report, rerun_recording
 from bevjepa.prediction import bench as model_bench
 from bevjepa.prediction import checkpoint, train
 from bevjepa.prediction import config as experiment_config
@@ -58,6 +59,8 @@ class DemoConfig:
         min_steps: training steps even when the budget is spent.
         max_steps: training steps at most.
         progress: show progress bars.
+        rerun: write a Rerun recording of one mini_val scene here after the open-loop stage (a ``.rrd`` file;
+            needs ``pip install 'bevjepa[rerun]'``; kept when it exists); None: no recording.
     """
 
     out: Path = Path("out/demo")
@@ -71,6 +74,7 @@ class DemoConfig:
     min_steps: int = 100
     max_steps: int = 1500
     progress: bool = True
+    rerun: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:
@@ -79,6 +83,8 @@ class DemoConfig:
             raise ValueError(f"the demo needs at least 2 scenes and 1 worker, got {self.scenes} and {self.workers}")
         if not Path(self.suite).is_file():
             raise FileNotFoundError(f"scenario suite {self.suite} not found; pass --suite FILE.toml")
+        if self.rerun is not None:
+            rerun_recording.check_output(Path(self.rerun))
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,13 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
             say,
         )
     open_loop = json.loads((open_loop_dir / "metrics.json").read_text())
+    if config.rerun is not None and not Path(config.rerun).is_file():
+        _timed(
+            seconds,
+            "rerun recording",
+            lambda: rerun_recording.record_scene(windows, "mini_val", run_folder, Path(config.rerun)),
+            say,
+        )
 
     closed: dict[str, dict] = {}
     for name in FORECASTS:

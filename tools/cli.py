@@ -115,6 +115,10 @@ def _eval(args: argparse.Namespace) -> int:
         figure_windows=args.figures,
         animation_windows=args.animation_windows,
     )
+    if args.rerun:
+        from bevjepa.evaluation import rerun_recording
+
+        rerun_recording.check_output(Path(args.rerun))  # before the evaluation: the extra and a .rrd path
     result = report.run(config)
     metrics = result.metrics
     for name, scores in metrics["models"].items():
@@ -124,6 +128,9 @@ def _eval(args: argparse.Namespace) -> int:
         f"{metrics['windows']} windows, {metrics['agents']} agents with a full 6 s future; "
         f"{result.metrics_path}, {result.report_path}, {len(result.figures)} figures"
     )
+    if args.rerun:
+        recording = rerun_recording.record_scene(result.windows, args.split, config.checkpoint, Path(args.rerun))
+        print(f"Rerun recording: {recording} (open it with `rerun {recording}`)")
     return 0
 
 
@@ -228,6 +235,8 @@ def _demo(args: argparse.Namespace) -> int:
     from bevjepa.evaluation import demo
 
     kwargs = {"suite": Path(args.suite)} if args.suite else {}
+    if args.rerun:
+        kwargs["rerun"] = Path(args.rerun)
     result = demo.run(demo.DemoConfig(out=Path(args.out), minutes=args.minutes, workers=args.workers, **kwargs))
     print(f"report: {result.report}")
     return 0
@@ -322,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument(
         "--animation-windows", type=int, default=6, help="consecutive windows in figures/scene.gif (default 6; 0: none)"
     )
+    evaluator.add_argument(
+        "--rerun", default=None, metavar="FILE.rrd", help="also write a Rerun recording of one scene (extra: rerun)"
+    )
     evaluator.set_defaults(run=_eval)
 
     inspect = commands.add_parser("inspect", help="describe a nuScenes dataset as the devkit loads it")
@@ -393,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("--minutes", type=float, default=15.0, help="time budget; training gets what is left")
     runner.add_argument("--workers", type=int, default=2, help="Ray workers")
     runner.add_argument("--suite", default=None, help="closed-loop scenario suite (default: suites/ci.toml)")
+    runner.add_argument(
+        "--rerun", default=None, metavar="FILE.rrd", help="also write a Rerun recording of a mini_val scene"
+    )
     runner.set_defaults(run=_demo)
     return parser
 
