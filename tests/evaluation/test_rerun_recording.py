@@ -197,3 +197,29 @@ def test_eval_and_demo_take_a_rerun_file(synthetic_windows, tmp_path):
         demo.DemoConfig(out=tmp_path, rerun=tmp_path / "demo.txt")
     parsed = cli.build_parser().parse_args(["demo", "--rerun", "x.rrd"])
     assert parsed.rerun == "x.rrd"
+
+
+@pytest.mark.slow
+def test_a_trained_checkpoint_records_its_own_forecasts(synthetic_windows, tmp_path):
+    import dataclasses
+
+    from bevjepa.prediction import config as experiment_config
+    from bevjepa.prediction import forecaster
+
+    preset = experiment_config.small()
+    tiny = dataclasses.replace(
+        preset, train=dataclasses.replace(preset.train, steps=1, val_every=1, val_batches=1, loader_workers=0)
+    )
+    train.train(synthetic_windows, tmp_path / "run", tiny, progress=False)
+    path = rerun_recording.record_scene(synthetic_windows, "mini_val", tmp_path / "run", tmp_path / "model.rrd")
+    _, table = _table(path, "/world/ego/forecast/**")
+    dataset = torch_dataset.WindowDataset(synthetic_windows, scenes=train.split_scenes(synthetic_windows, "mini_val"))
+    forecasts = forecaster.Forecaster.from_checkpoint(tmp_path / "run").forecast_batch(
+        torch_dataset.collate([dataset[i] for i in range(len(dataset))])
+    )
+    modes = [int(np.prod(f.trajectories.shape[:2])) for f in forecasts]
+    assert _sizes(table, "/world/ego/forecast/trajectories:LineStrip3D") == modes and min(modes) > 1
+    # The widest strip belongs to the most probable mode of some agent.
+    radii = table.column("/world/ego/forecast/trajectories:Radius").to_pylist()[0]
+    best = np.argmax(forecasts[0].mode_probabilities.reshape(-1))
+    assert int(np.argmax(radii)) == best
