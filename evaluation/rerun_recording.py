@@ -358,7 +358,7 @@ def _log_window(
     radius = 0.45 * forecast.grid.resolution_m
     for s in range(min(len(target), len(occupancy))):  # horizons, not cells
         horizon = f"{float(forecast.times_s[s]):.1f}s"
-        positions, classes, p = occupied_cells(target[s], forecast.grid, 0.5)
+        positions, classes, _ = occupied_cells(target[s], forecast.grid, 0.5)
         rec.log(
             f"{EGO}/ground_truth/occupancy/{horizon}",
             rr.Points3D(positions, colors=colors[classes], radii=radius, class_ids=classes),
@@ -442,7 +442,11 @@ def record(
     try:
         rec.save(tmp, default_blueprint=_blueprint(rr))
         rec.log("world", rr.ViewCoordinates.RIGHT_HAND_Z_UP, static=True)
-        rec.log("description", rr.TextDocument(_describe(label, threshold, samples), media_type="text/markdown"))
+        rec.log(
+            "description",
+            rr.TextDocument(_describe(label, threshold, samples), media_type="text/markdown"),
+            static=True,
+        )
         rec.log(
             f"{EGO}/box",
             rr.Boxes3D(
@@ -459,9 +463,10 @@ def record(
             rec.log(EGO, rr.Transform3D(translation=poses[w, :3, 3], mat3x3=poses[w, :3, :3]))
             _log_window(rec, rr, sample, forecast, threshold, cameras)
         rec.flush(blocking=True)
-        rec.disconnect()
+        rec.disconnect()  # closes the file
         os.replace(tmp, path)
     finally:
+        rec.disconnect()  # after a failure too, before the temporary file goes
         tmp.unlink(missing_ok=True)
     return path
 

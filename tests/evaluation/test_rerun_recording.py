@@ -223,3 +223,15 @@ def test_a_trained_checkpoint_records_its_own_forecasts(synthetic_windows, tmp_p
     radii = table.column("/world/ego/forecast/trajectories:Radius").to_pylist()[0]
     best = np.argmax(forecasts[0].mode_probabilities.reshape(-1))
     assert int(np.argmax(radii)) == best
+
+
+def test_a_failed_write_leaves_the_previous_recording_and_no_temporary_file(scene, tmp_path):
+    import dataclasses
+
+    samples, forecasts = scene
+    path = rerun_recording.record(samples, forecasts, tmp_path / "scene.rrd", cameras=False)
+    before = path.read_bytes()
+    broken = [dataclasses.replace(forecasts[0], occupancy=forecasts[0].occupancy[:, :, :3, :3]), *forecasts[1:]]
+    with pytest.raises(IndexError):  # the maps do not fit the grid: fails in the middle of the write
+        rerun_recording.record(samples, broken, path, cameras=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["scene.rrd"] and path.read_bytes() == before
