@@ -7,12 +7,12 @@
     run/              the trained ``small`` model (safetensors + JSON), TensorBoard scalars
     open-loop/        ``bevjepa eval`` on mini_val: metrics.json, report.md, figures/ (PNG panels, scene.gif)
     closed-loop/      the ``ci`` suite driven with the model's, constant-velocity and oracle forecasts
-    plan.json         the training steps chosen for the time budget (a rerun keeps them)
+    plan.json         the training steps chosen for the time budget (a second run keeps them)
     timings.json      each stage's wall time in the run that did its work
     report.md         the summary: tables from the metrics files, the animation, the closed-loop results
     (``rerun``)       with ``DemoConfig.rerun``: a Rerun recording of one mini_val scene (``rerun FILE.rrd``)
 
-Every stage keeps its output and a rerun skips what is done (the dataset and windows when complete, training
+Every stage keeps its output and a second run skips what is done (the dataset and windows when complete, training
 when its last step is reached, each evaluation when its metrics file exists), so a second run only rewrites
 the summary. Training gets what the time budget leaves after the other stages' expected durations; its step
 count is set from a measured step time, so the learning-rate schedule runs to its end within the budget.
