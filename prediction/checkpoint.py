@@ -85,7 +85,14 @@ def load_model(
     config = load_config(run)
     load_state(run)
     net = model.BevJepa(config.model)
-    net.load_state_dict(load_file(str(Path(run) / "model.safetensors"), device=str(device)))
+    try:
+        net.load_state_dict(load_file(str(Path(run) / "model.safetensors"), device=str(device)))
+    except RuntimeError as error:  # the weights of another version of the model
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ValueError(
+            f"{Path(run) / 'model.safetensors'} does not fit this version of the model (written by an earlier "
+            f"bevjepa?); retrain the run. {first}"
+        ) from error
     return config, net.to(device).eval()
 
 

@@ -219,3 +219,14 @@ def test_a_stream_of_forecasts_encodes_each_keyframe_once_and_gives_the_same_for
         np.testing.assert_allclose(got.occupancy, expected.occupancy, atol=1e-4)
         np.testing.assert_allclose(got.trajectories, expected.trajectories, atol=1e-4)
     assert encoded == [3] + [1] * (len(stream) - 1)
+
+
+def test_weights_of_another_model_version_are_refused_by_name(synthetic_windows, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    weights["occupancy.retired.weight"] = weights.pop(next(k for k in weights if k.startswith("occupancy.")))
+    save_file(weights, str(tmp_path / "run" / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not fit this version of the model"):
+        checkpoint.load_model(tmp_path / "run")
