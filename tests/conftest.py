@@ -51,3 +51,19 @@ def synthetic_windows(synthetic_mini: Path, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("windows") / "mini"
     preprocess.preprocess(preprocess.PreprocessConfig(dataroot=synthetic_mini, out=out), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of the ``small`` model trained one step on ``synthetic_windows`` (shared: do not write into it)."""
+    import dataclasses
+
+    from bevjepa.prediction import config as experiment_config
+    from bevjepa.prediction import train
+
+    preset = experiment_config.small()
+    settings = {"steps": 1, "val_every": 1, "val_batches": 1, "loader_workers": 0}
+    config = dataclasses.replace(preset, train=dataclasses.replace(preset.train, **settings))
+    run = tmp_path_factory.mktemp("tiny-checkpoint") / "run"
+    train.train(synthetic_windows, run, config, progress=False)
+    return run

@@ -10,8 +10,6 @@ import torch
 
 from bevjepa.datasets import torch_dataset
 from bevjepa.evaluation import counterfactual
-from bevjepa.prediction import config as experiment_config
-from bevjepa.prediction import train
 
 
 def test_speed_profiles_by_hand():
@@ -49,13 +47,8 @@ def test_followers_are_behind_in_lane_same_heading_and_moving(synthetic_windows)
     assert counterfactual.followers(sample).tolist() == [True, False, False, False, False]
 
 
-def test_follower_response_counts_on_a_trained_checkpoint(synthetic_windows, tmp_path):
-    config = experiment_config.small()
-    config = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, steps=1, val_every=1, val_batches=1, loader_workers=0)
-    )
-    train.train(synthetic_windows, tmp_path / "run", config, progress=False)
-    result = counterfactual.follower_response(tmp_path / "run", synthetic_windows, split="all")
+def test_follower_response_counts_on_a_trained_checkpoint(synthetic_windows, tiny_checkpoint):
+    result = counterfactual.follower_response(tiny_checkpoint, synthetic_windows, split="all")
     assert result["windows"] == len(torch_dataset.WindowDataset(synthetic_windows))
     assert 0 <= result["right_way"] <= result["followers"]
     if result["followers"]:

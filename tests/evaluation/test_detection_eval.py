@@ -18,8 +18,7 @@ from pyquaternion import Quaternion
 
 from bevjepa.datasets import geometry
 from bevjepa.evaluation import detection_eval
-from bevjepa.prediction import config as experiment_config
-from bevjepa.prediction import heads, train
+from bevjepa.prediction import heads
 
 META = detection_eval.SubmissionMeta(use_camera=True, use_lidar=True)
 
@@ -266,17 +265,9 @@ def test_records_refuse_inconsistent_inputs():
     )
 
 
-def _tiny(steps: int = 1) -> experiment_config.ExperimentConfig:
-    config = experiment_config.small()
-    settings = {"steps": steps, "val_every": steps, "val_batches": 1, "loader_workers": 0}
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("detection") / "run"
-    train.train(synthetic_windows, run, _tiny(1), progress=False)
-    return run
+@pytest.fixture
+def tiny_run(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def test_a_tiny_checkpoint_is_exported_and_scored(

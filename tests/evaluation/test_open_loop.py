@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,20 +17,14 @@ from nuscenes.prediction import PredictHelper
 
 from bevjepa.datasets import categories, torch_dataset
 from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export
-from bevjepa.prediction import checkpoint, heads, train
-from bevjepa.prediction import config as experiment_config
+from bevjepa.prediction import checkpoint, heads
 
 SOURCES = {"model", "constant_velocity", "constant_velocity_detected", "ctrv", "persistence"}
 
 
 @pytest.fixture(scope="module")
-def run(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = experiment_config.small()
-    settings = {"steps": 1, "val_every": 1, "val_batches": 1, "loader_workers": 0}
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
-    out = tmp_path_factory.mktemp("open_loop") / "run"
-    train.train(synthetic_windows, out, config, progress=False)
-    return out
+def run(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

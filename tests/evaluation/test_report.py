@@ -12,22 +12,12 @@ import pytest
 from PIL import Image
 
 from bevjepa.evaluation import report
-from bevjepa.prediction import config as experiment_config
-from bevjepa.prediction import train
 from bevjepa.tools import cli
 
 
-def _tiny(steps: int = 1) -> experiment_config.ExperimentConfig:
-    config = experiment_config.small()
-    settings = {"steps": steps, "val_every": steps, "val_batches": 1, "loader_workers": 0}
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
-
-
 @pytest.fixture(scope="module")
-def run_folder(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("eval") / "run"
-    train.train(synthetic_windows, run, _tiny(1), progress=False)
-    return run
+def run_folder(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
