@@ -141,12 +141,37 @@ def rasterize_boxes(
     if keep.size == 0:
         return occupancy, instance
 
-    corners = box_footprints(centers_xy[keep], sizes_wl[keep], yaws[keep])  # [A', 4, 2]
-    # Each box's window of candidate cells, padded to the largest window: [A', R, K] candidates in all.
-    row0, row1, col0, col1 = grid.center_window(corners.min(axis=1), corners.max(axis=1))  # [A'] each
+    box, rows, cols = box_cells(grid, centers_xy[keep], sizes_wl[keep], yaws[keep])
+    box = keep[box]
+    occupancy[classes[box], rows, cols] = True
+    np.maximum.at(instance, (rows, cols), (box + 1).astype(np.int32))
+    return occupancy, instance
+
+
+def box_cells(
+    grid: geometry.GridSpec, centers_xy: np.ndarray, sizes_wl: np.ndarray, yaws: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (box, cell) pair where the cell's centre lies strictly inside the box's footprint.
+
+    Args:
+        grid: the BEV grid.
+        centers_xy: [A, 2] float64 — box centres x, y (m), finite.
+        sizes_wl: [A, 2] float64 — non-negative width and length (m).
+        yaws: [A] float64 — headings (rad).
+
+    Returns:
+        box [P] int64 (index into the A boxes), rows [P] int64, cols [P] int64 — ordered by box.
+    """
+    if len(centers_xy) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    corners = box_footprints(centers_xy, sizes_wl, yaws)  # [A, 4, 2]
+    # Each box's window of candidate cells, padded to the largest window: [A, R, K] candidates in all.
+    row0, row1, col0, col1 = grid.center_window(corners.min(axis=1), corners.max(axis=1))  # [A] each
     pad_r, pad_c = int((row1 - row0).max()), int((col1 - col0).max())
     step = max(1, _CHUNK_ELEMENTS // max(1, pad_r * pad_c))
-    for s in range(0, keep.size, step):  # chunks of boxes, each fully vectorized
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for s in range(0, len(corners), step):  # chunks of boxes, each fully vectorized
         sl = slice(s, s + step)
         rows = row0[sl, None, None] + np.arange(pad_r)[None, :, None]  # [a, R, 1]
         cols = col0[sl, None, None] + np.arange(pad_c)[None, None, :]  # [a, 1, K]
@@ -154,10 +179,9 @@ def rasterize_boxes(
         px = np.where(rows < row1[sl, None, None], px, np.nan)  # padding: NaN never tests inside
         py = np.where(cols < col1[sl, None, None], py, np.nan)
         box, r_i, c_i = np.nonzero(_inside(corners[sl], px, py))  # [P] each
-        rr, cc, box = rows[box, r_i, 0], cols[box, 0, c_i], keep[s + box]  # [P] each
-        occupancy[classes[box], rr, cc] = True
-        np.maximum.at(instance, (rr, cc), (box + 1).astype(np.int32))
-    return occupancy, instance
+        found.append((s + box, rows[box, r_i, 0], cols[box, 0, c_i]))
+    box, rows, cols = (np.concatenate(part).astype(np.int64) for part in zip(*found, strict=True))
+    return box, rows, cols
 
 
 def observed_cells(

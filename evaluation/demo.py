@@ -290,23 +290,24 @@ CLOSED_LOOP_COLUMNS = (
 
 
 def verdicts(models: dict) -> list[str]:
-    """One line per comparison of the model against a constant-velocity baseline, read from ``models``."""
-    model = models.get("model")
-    if model is None:
-        return []
+    """One line per comparison of the model against the constant-velocity baseline with the same input.
+
+    ``model`` (sensors and the annotated t0 boxes) against ``constant_velocity`` (the annotated t0 boxes);
+    ``model_latent`` (the sensors only) against ``constant_velocity_detected`` (the model's own detections).
+    """
     lines = []
-    for key, label, baseline, lower_is_better in (
-        ("minADE_5", "minADE₅", "constant_velocity", True),
-        ("minFDE_5", "minFDE₅", "constant_velocity", True),
-        ("iou_2s_mean", "occupancy IoU at 2 s", "constant_velocity_detected", False),
-        ("iou_2s_mean", "occupancy IoU at 2 s", "constant_velocity", False),
+    for source, key, label, baseline, lower_is_better in (
+        ("model", "minADE_5", "minADE₅", "constant_velocity", True),
+        ("model", "minFDE_5", "minFDE₅", "constant_velocity", True),
+        ("model", "iou_2s_mean", "occupancy IoU at 2 s", "constant_velocity", False),
+        ("model_latent", "iou_2s_mean", "occupancy IoU at 2 s", "constant_velocity_detected", False),
     ):
-        ours, theirs = model.get(key), models.get(baseline, {}).get(key)
+        ours, theirs = models.get(source, {}).get(key), models.get(baseline, {}).get(key)
         if ours is None or theirs is None:
             continue
         better = ours < theirs if lower_is_better else ours > theirs
         lines.append(
-            f"- {label}: the model {'beats' if better else 'does not beat'} `{baseline}` "
+            f"- {label}: `{source}` {'beats' if better else 'does not beat'} `{baseline}` "
             f"({_number(ours)} against {_number(theirs)})."
         )
     return lines
@@ -337,8 +338,10 @@ def render(
     lines += _table(["forecast"] + [label for _, label in OPEN_LOOP_COLUMNS], rows)
     lines += [
         "",
-        "`constant_velocity` moves the annotated t0 boxes (it sees the ground truth at t0); "
-        "`constant_velocity_detected` moves the model's own detections, the same sensor input the model has.",
+        "`model` forecasts from the sensors and the annotated t0 boxes (its occupancy moves those boxes along its "
+        "trajectory modes); `constant_velocity` moves the same boxes at their t0 velocity. `model_latent` is the "
+        "latent occupancy head alone, from the sensors only; `constant_velocity_detected` moves the model's own "
+        "detections, the same sensor input.",
         "",
     ]
     if "detection" in open_loop:

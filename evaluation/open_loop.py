@@ -3,8 +3,11 @@
 Sources (``evaluate(...)["models"]``):
 
 * ``model``: the checkpoint of ``run`` (only with a run): its K trajectory modes and mode probabilities, its
-  occupancy probabilities (IoU and VPQ on the map thresholded at ``threshold``; VPQ instances are connected
+  occupancy probabilities (``OccupancyForecast.occupancy``: the agents' t0 boxes moved along the modes, weighted
+  by the mode probabilities; IoU and VPQ on the map thresholded at ``threshold``; VPQ instances are connected
   components, ``metrics.connected_instances``).
+* ``model_latent`` (only with a run): the latent occupancy head's map alone (``latent_occupancy``): what the
+  world model decodes from its sensors, without the agents' boxes; occupancy only.
 * ``constant_velocity``: the ground-truth t0 boxes moved at their annotated velocity (oracle input).
 * ``constant_velocity_detected`` (only with a run): the model's own t0 detections moved at their regressed
   velocity: occupancy only, since detections carry no agent identity to score trajectories against.
@@ -192,7 +195,7 @@ def evaluate(
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
     if not 1 <= steps <= window_steps:
         raise ValueError(f"trajectory_seconds={trajectory_seconds}: the windows of {data} hold {window_steps} steps")
-    names = ["model", "constant_velocity", "constant_velocity_detected"] if model is not None else []
+    names = ["model", "model_latent", "constant_velocity", "constant_velocity_detected"] if model is not None else []
     names += [n for n in ("constant_velocity", "ctrv", "persistence") if n not in names]
     scores: dict[str, _Scores] = {}
     truths, truth_classes, windows_seen = [], [], 0
@@ -248,8 +251,12 @@ def evaluate(
                         scores["model"].add_trajectories(
                             forecast.trajectories[full, :, :steps], forecast.mode_probabilities[full]
                         )
-                        labels = metrics.connected_instances(forecast.occupancy >= threshold)
-                        scores["model"].add_occupancy(forecast.occupancy, labels, threshold, target, truth_labels)
+                        for name, probability in (
+                            ("model", forecast.occupancy),
+                            ("model_latent", forecast.latent_occupancy),
+                        ):
+                            labels = metrics.connected_instances(probability >= threshold)
+                            scores[name].add_occupancy(probability, labels, threshold, target, truth_labels)
                         found = detections.for_sample(b)
                         occupancy, ids = baselines.constant_velocity_detected(found, grid, C, S - 1)
                         _add_boxes(

@@ -38,7 +38,17 @@ from bevjepa.datasets import categories, geometry, preprocess, torch_dataset, wi
 from bevjepa.evaluation import baselines, open_loop, plots
 from bevjepa.prediction import checkpoint, forecaster, train
 
-MODEL_ORDER = ("model", "constant_velocity", "constant_velocity_detected", "ctrv", "persistence")
+MODEL_ORDER = ("model", "model_latent", "constant_velocity", "constant_velocity_detected", "ctrv", "persistence")
+SOURCE_NOTES = {
+    "model": "the forecast: trajectory modes; occupancy = the agents' annotated t0 boxes moved along the modes, "
+    "weighted by the mode probabilities",
+    "model_latent": "the latent occupancy head alone (from the sensors, no agent boxes)",
+    "constant_velocity": "the annotated t0 boxes moved at their t0 velocity",
+    "constant_velocity_detected": "the model's own t0 detections moved at their regressed velocity",
+    "ctrv": "constant turn rate and velocity from the annotated t0 boxes and their past",
+    "persistence": "everything stays as it is at t0",
+}
+"""One line on what each source of ``open_loop.evaluate`` is, for the report."""
 """The order of the rows of every table (names not listed follow, sorted)."""
 TRAJECTORY_KEYS = tuple(f"{metric}_{k}" for k in (1, 5, 10) for metric in ("minADE", "minFDE", "MissRate_2"))
 """The trajectory columns, in table order."""
@@ -413,6 +423,7 @@ def render_report(metrics: dict, figures: Sequence[tuple[str, str]] = ()) -> str
     """
     evaluated = metrics.get("evaluated", {})
     dataset = evaluated.get("dataset", {})
+    models = metrics.get("models", {})
     lines = ["# Open-loop evaluation", "", "## What was evaluated", ""]
     lines += [
         f"- data: `{evaluated.get('data', '?')}` (dataset `{dataset.get('dataroot', '?')}`, "
@@ -437,6 +448,7 @@ def render_report(metrics: dict, figures: Sequence[tuple[str, str]] = ()) -> str
         )
     lines += [
         "- occupancy: per-class IoU, model probabilities thresholded at 0.5, cell counts summed over the split",
+        "- sources: " + "; ".join(f"`{m}`: {SOURCE_NOTES[m]}" for m in _ordered_models(models) if m in SOURCE_NOTES),
         f"- every number below is read from `metrics.json` (rounded to 3 decimals); `{MISSING}` where it holds none",
         "",
         "## Scores",

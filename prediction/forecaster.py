@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
-from bevjepa.prediction import checkpoint, model
+from bevjepa.prediction import agent_occupancy, checkpoint, model
 
 FORECAST_FORMAT = "bevjepa-occupancy-forecast"
-FORECAST_VERSION = 1
+FORECAST_VERSION = 2
+"""Version 2 added the optional ``latent_occupancy``; ``load`` still reads version 1 files."""
 STEP_S = 0.5
 
 
@@ -35,12 +36,16 @@ class OccupancyForecast:
         grid: the occupancy grid (metric bounds and resolution; rows along +x, columns along +y).
         classes: the class names of the occupancy channels.
         times_s: [S] float32 — seconds after t0 of each occupancy map (0, 0.5, ..., 2.0).
-        occupancy: [S, C, H, W] float32 — probability that each cell is occupied by each class.
+        occupancy: [S, C, H, W] float32 — probability that each cell is occupied by an agent of each class: the
+            agents' t0 boxes moved along their trajectory modes, weighted by the modes' probabilities
+            (``agent_occupancy.mode_occupancy``; 1 at t0).
         agent_ids: [A] str — the agents' instance tokens.
         agent_classes: [A] int64 — class index of each agent.
         trajectory_times_s: [T] float32 — seconds after t0 of each trajectory step (0.5 ... 6.0).
         trajectories: [A, K, T, 2] float32 — x, y (m) of each agent's K modes.
         mode_probabilities: [A, K] float32 — each mode's probability (rows sum to 1).
+        latent_occupancy: [S, C, H, W] float32 or None — the latent occupancy head's map alone (what the world
+            model's latent holds, tracked agents or not); None for forecasts that have no latent (baselines).
     """
 
     timestamp_us: int
@@ -53,6 +58,7 @@ class OccupancyForecast:
     trajectory_times_s: np.ndarray
     trajectories: np.ndarray
     mode_probabilities: np.ndarray
+    latent_occupancy: np.ndarray | None = None
 
     def occupancy_at(self, xy: np.ndarray, time_s: float | np.ndarray) -> np.ndarray:
         """Probability that points are occupied by any class at given times.
@@ -106,7 +112,7 @@ class OccupancyForecast:
         return float(probabilities.max()) if probabilities.size else 0.0
 
     def save(self, path: Path) -> None:
-        """Write the forecast as an ``.npz`` (format ``bevjepa-occupancy-forecast`` version 1; no pickle)."""
+        """Write the forecast as an ``.npz`` (format ``bevjepa-occupancy-forecast`` version 2; no pickle)."""
         header = {
             "format": FORECAST_FORMAT,
             "format_version": FORECAST_VERSION,
@@ -124,6 +130,7 @@ class OccupancyForecast:
             trajectory_times_s=self.trajectory_times_s,
             trajectories=self.trajectories,
             mode_probabilities=self.mode_probabilities,
+            **({} if self.latent_occupancy is None else {"latent_occupancy": self.latent_occupancy}),
         )
 
     @staticmethod
@@ -131,8 +138,9 @@ class OccupancyForecast:
         """Read a forecast written by ``save``."""
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
-            if header.get("format") != FORECAST_FORMAT or header.get("format_version") != FORECAST_VERSION:
-                raise ValueError(f"{path}: not a {FORECAST_FORMAT} version {FORECAST_VERSION} file")
+            version = header.get("format_version")
+            if header.get("format") != FORECAST_FORMAT or version not in (1, FORECAST_VERSION):
+                raise ValueError(f"{path}: not a {FORECAST_FORMAT} file of version 1 or {FORECAST_VERSION}")
             arrays = {
                 name: data[name]
                 for name in (
@@ -145,6 +153,7 @@ class OccupancyForecast:
                     "mode_probabilities",
                 )
             }
+            arrays["latent_occupancy"] = data["latent_occupancy"] if "latent_occupancy" in data.files else None
         return OccupancyForecast(
             timestamp_us=int(header["timestamp_us"]),
             grid=geometry.GridSpec(**header["grid"]),
@@ -206,27 +215,35 @@ class Forecaster:
         """Forecasts for every window of a batch; ``actions`` [B, F, 3] overrides the ego's future motion."""
         batch = batch.to(self.device)
         output = self.net(batch, actions=actions, own_latents=self._own_latents(batch))
-        occupancy = torch.sigmoid(output.occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
+        latent = torch.sigmoid(output.occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
         probabilities = torch.softmax(output.mode_logits, dim=-1).cpu().numpy().astype(np.float32)  # [B, A, K]
         modes = output.modes.cpu().numpy().astype(np.float32)  # [B, A, K, T, 2]
         config = self.net.config
-        steps = np.arange(occupancy.shape[1], dtype=np.float32) * STEP_S
+        S, C = latent.shape[1:3]
+        steps = np.arange(S, dtype=np.float32) * STEP_S
         trajectory_times = np.arange(1, config.trajectory_steps + 1, dtype=np.float32) * STEP_S
         results = []
+        boxes = batch.agent_box.cpu().numpy().astype(np.float64)  # [B, A, 7]
+        agent_classes = batch.agent_class.cpu().numpy()
         for b in range(batch.batch_size):
             count = int(batch.agent_mask[b].sum())
+            agents = agent_occupancy.mode_occupancy(
+                boxes[b, :count], agent_classes[b, :count], modes[b, :count], probabilities[b, :count], config.grid,
+                C, S - 1,
+            )  # fmt: skip
             results.append(
                 OccupancyForecast(
                     timestamp_us=batch.timestamps_us[b],
                     grid=self.net.config.grid,
                     classes=categories.CLASSES,
                     times_s=steps,
-                    occupancy=occupancy[b],
+                    occupancy=agents,
                     agent_ids=np.array(batch.agent_ids[b], dtype=str).reshape(-1),
-                    agent_classes=batch.agent_class[b, :count].cpu().numpy(),
+                    agent_classes=agent_classes[b, :count],
                     trajectory_times_s=trajectory_times,
                     trajectories=modes[b, :count],
                     mode_probabilities=probabilities[b, :count],
+                    latent_occupancy=latent[b],
                 )
             )
         return results

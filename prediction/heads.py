@@ -116,15 +116,48 @@ class OccupancyHead(nn.Module):
         return logits.reshape(*lead, *logits.shape[1:])
 
 
+def past_motion(past: torch.Tensor, past_mask: torch.Tensor, step_s: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each agent's velocity and acceleration at t0 from its past positions alone.
+
+    Causal: no annotation that looks ahead enters (the devkit's ``box_velocity`` is a centred difference over the
+    neighbouring annotations, so it sees the next keyframe).
+
+    Args:
+        past: [..., A, P, 2] float — past positions (m, t0 frame), t0 last; anything at masked steps.
+        past_mask: [..., A, P] bool — valid past positions.
+        step_s: time between keyframes (s).
+
+    Returns:
+        velocity: [..., A, 2] — the last displacement / ``step_s`` (m/s); 0 without two valid positions.
+        acceleration: [..., A, 2] — the change of the last two such velocities / ``step_s`` (m/s²); 0 without
+            three valid positions.
+    """
+    zeros = torch.zeros_like(past[..., 0, :])
+    if past.shape[-2] < 2:
+        return zeros, zeros.clone()
+    clean = torch.where(past_mask[..., None], past, 0.0)
+    valid2 = (past_mask[..., -1] & past_mask[..., -2])[..., None]
+    velocity = torch.where(valid2, (clean[..., -1, :] - clean[..., -2, :]) / step_s, zeros)
+    if past.shape[-2] < 3:
+        return velocity, zeros
+    valid3 = valid2 & past_mask[..., -3, None]
+    before = (clean[..., -2, :] - clean[..., -3, :]) / step_s
+    return velocity, torch.where(valid3, (velocity - before) / step_s, zeros)
+
+
 class TrajectoryHead(nn.Module):
-    """K trajectory modes per agent, from latent features around the agent and its past motion.
+    """K trajectory modes per agent: constant-velocity motion plus residuals read from the latent and the past.
 
     For each agent: a heading-aligned ``patch x patch`` square of points around its position is sampled from z0
     and from every rolled-out latent (``sample_latent``); each latent's samples are projected and a GRU runs over
     the L latents in time order. The agent's past positions, relative to its current position and in its heading
-    frame, go through an MLP. Both, with its position and heading in t0 and a class embedding, feed an MLP that
-    emits per-step displacements in the heading frame (cumulated, rotated into t0, added to the position) and one
-    logit per mode.
+    frame, go through an MLP. Both, with its position, heading and velocity in t0 and a class embedding, feed an
+    MLP that emits per-step residual displacements in the heading frame and one logit per mode. A mode is the
+    agent's constant-velocity path (the velocity of its last past step, ``past_motion``; the acceleration of its
+    past is an input too) plus its cumulated residuals (rotated into t0): the head starts as the
+    constant-velocity baseline (its residual layer starts near zero) and learns where motion departs from it.
+    Mode 0 keeps no residual: it is the constant-velocity path itself, an anchor whose probability the head
+    learns, so that an agent that keeps its velocity is forecast exactly (the other modes are free).
     """
 
     def __init__(
@@ -139,6 +172,8 @@ class TrajectoryHead(nn.Module):
         patch_spacing_m: float = 2.0,
         motion_scale_m: float = 5.0,
         grid: geometry.GridSpec | None = None,
+        step_s: float = 0.5,
+        residual_init_scale: float = 0.01,
     ) -> None:
         """Build the head.
 
@@ -153,6 +188,9 @@ class TrajectoryHead(nn.Module):
             patch_spacing_m: spacing of those points (m).
             motion_scale_m: metres per unit of the net's past-position inputs and per-step displacement outputs.
             grid: the latent's grid; None: ``fuser.latent_grid()``.
+            step_s: time per trajectory step (s).
+            residual_init_scale: factor on the residual layer's initial weights, so that the modes start within
+                centimetres of constant velocity but distinct (winner-takes-all needs them apart).
         """
         super().__init__()
         if min(channels, modes, steps, past_steps, classes, hidden, patch) < 1:
@@ -160,6 +198,12 @@ class TrajectoryHead(nn.Module):
         self.grid = grid if grid is not None else fuser.latent_grid()
         self.modes, self.steps, self.past_steps, self.classes = modes, steps, past_steps, classes
         self.motion_scale_m = motion_scale_m
+        self.register_buffer(
+            "step_times", torch.arange(1, steps + 1, dtype=torch.float32) * step_s, persistent=False
+        )  # [T] (s)
+        residual_mask = torch.ones(modes, 1, 1)
+        residual_mask[0] = 0.0 if modes > 1 else 1.0
+        self.register_buffer("residual_mask", residual_mask, persistent=False)  # [K, 1, 1]
         self.position_scale_m = max(
             abs(self.grid.x_min_m), abs(self.grid.x_max_m), abs(self.grid.y_min_m), abs(self.grid.y_max_m)
         )
@@ -173,11 +217,14 @@ class TrajectoryHead(nn.Module):
         self.temporal = nn.GRU(hidden, hidden, batch_first=True)
         self.past_mlp = nn.Sequential(nn.Linear(past_steps * 3, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embedding = nn.Embedding(classes, hidden)
-        self.fuse = nn.Linear(2 * hidden + 4, hidden)
+        self.fuse = nn.Linear(2 * hidden + 8, hidden)
         self.trunk = nn.Sequential(
             nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
         )
         self.displacement_out = nn.Linear(hidden, modes * steps * 2)
+        with torch.no_grad():
+            self.displacement_out.weight.mul_(residual_init_scale)
+            self.displacement_out.bias.mul_(residual_init_scale)
         self.mode_out = nn.Linear(hidden, modes)
 
     def sample_latent(self, z: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
@@ -244,17 +291,26 @@ class TrajectoryHead(nn.Module):
         past_in = torch.cat([relative, agent_past_mask[..., None].to(relative.dtype)], dim=-1)  # [B, A, P, 3]
         past_h = self.past_mlp(past_in.reshape(B, A, P * 3))  # [B, A, D]
 
-        pose = torch.stack(
-            [agent_xy[..., 0] / self.position_scale_m, agent_xy[..., 1] / self.position_scale_m, cos, sin], dim=-1
-        )  # [B, A, 4]
+        step_s = self.step_times[0]
+        agent_velocity, agent_acceleration = past_motion(agent_past, agent_past_mask, float(step_s))  # [B, A, 2] each
+        motion = (
+            torch.cat(  # heading frame, metres per step and per step² over the motion scale
+                [_rotate(agent_velocity, cos, -sin) * step_s, _rotate(agent_acceleration, cos, -sin) * step_s**2],
+                dim=-1,
+            )
+            / self.motion_scale_m
+        )
+        pose = torch.cat([agent_xy / self.position_scale_m, torch.stack([cos, sin], dim=-1), motion], dim=-1)
         h = self.fuse(torch.cat([latent_h, past_h, pose], dim=-1))  # [B, A, D]
         h = h + self.class_embedding(agent_class.long().clamp(0, self.classes - 1))
         h = self.trunk(h)  # [B, A, D]
 
         K, T = self.modes, self.steps
         steps = self.displacement_out(h).reshape(B, A, K, T, 2) * self.motion_scale_m  # per-step (m), heading frame
-        offsets = steps.cumsum(dim=3)  # [B, A, K, T, 2] from the current position
-        modes = agent_xy[:, :, None, None] + _rotate(offsets, cos[..., None, None], sin[..., None, None])
+        steps = steps * self.residual_mask  # mode 0: the constant-velocity anchor
+        offsets = steps.cumsum(dim=3)  # [B, A, K, T, 2] residuals to constant velocity
+        constant_velocity = agent_xy[:, :, None] + agent_velocity[:, :, None] * self.step_times[None, None, :, None]
+        modes = constant_velocity[:, :, None] + _rotate(offsets, cos[..., None, None], sin[..., None, None])
         return modes, self.mode_out(h)  # [B, A, K, T, 2], [B, A, K]
 
 

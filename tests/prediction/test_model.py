@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bevjepa.datasets import geometry, torch_dataset
+from bevjepa.datasets import geometry, rasterize, torch_dataset
 from bevjepa.evaluation import open_loop
-from bevjepa.prediction import checkpoint, forecaster, model, train
+from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, model, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.tools import cli
 
@@ -105,10 +105,26 @@ def test_forecaster_api(synthetic_windows, tmp_path):
     assert forecast.trajectories.shape == (len(sample.agent_ids), 10, 12, 2)
     np.testing.assert_allclose(forecast.mode_probabilities.sum(axis=1), 1.0, rtol=1e-5)
     assert forecast.timestamp_us == sample.timestamp_us and list(forecast.agent_ids) == list(sample.agent_ids)
+    # The occupancy: the agents' boxes along their modes (certain at t0); the latent head's map beside it.
+    agents = agent_occupancy.mode_occupancy(
+        sample.agent_box.numpy(), sample.agent_class.numpy(), forecast.trajectories, forecast.mode_probabilities,
+        forecast.grid, 3, 4,
+    )  # fmt: skip
+    np.testing.assert_array_equal(forecast.occupancy, agents)
+    assert forecast.latent_occupancy.shape == agents.shape and 0 < forecast.latent_occupancy.min()
+    t0_boxes, _ = rasterize.rasterize_boxes(
+        forecast.grid, sample.agent_box[:, :2].numpy(), sample.agent_box[:, [3, 4]].numpy(),
+        sample.agent_box[:, 6].numpy(), sample.agent_class.numpy(), 3,
+    )  # fmt: skip
+    assert t0_boxes.any() and forecast.occupancy[0][t0_boxes].min() == 1.0
     forecast.save(tmp_path / "forecast.npz")
     loaded = forecaster.OccupancyForecast.load(tmp_path / "forecast.npz")
     np.testing.assert_array_equal(loaded.occupancy, forecast.occupancy)
+    np.testing.assert_array_equal(loaded.latent_occupancy, forecast.latent_occupancy)
     assert loaded.grid == forecast.grid
+    baseline = dataclasses.replace(forecast, latent_occupancy=None)
+    baseline.save(tmp_path / "baseline.npz")
+    assert forecaster.OccupancyForecast.load(tmp_path / "baseline.npz").latent_occupancy is None
     braking = model_forecaster.forecast(sample, actions=np.zeros((4, 3)))
     assert not np.array_equal(
         braking.occupancy[1:],

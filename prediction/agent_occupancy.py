@@ -1,0 +1,114 @@
+"""Occupancy of the known agents, rendered from their forecast trajectory modes.
+
+The trajectory head forecasts every agent of the window (its t0 box, class and past are inputs, as in the nuScenes
+prediction challenge). Each mode moves the agent's t0 box along the mode's positions, heading along the motion, so
+an agent's occupancy at a step is the probability mass of the modes whose box covers the cell:
+``q_a(cell) = Σ_k p_ak · [cell ∈ box_ak(t)]``. Agents are independent, so a cell is free of class c with
+probability ``Π_a (1 − q_a)`` over the agents of class c.
+
+This map is the forecast's ``occupancy``; the latent occupancy head's map stays a separate field
+(``OccupancyForecast.latent_occupancy``). Joining the two as independent evidence, ``1 − (1 − a)(1 − h)``, scored
+worse on held-out scenes (IoU at 2 s 0.478 against 0.555, Brier score four times higher): where every agent is
+tracked, the latent map adds only its false positives.
+
+Notation:
+    A  agents     K  modes     T  trajectory steps (0.5 s)     S  occupancy steps (t0 and F more, 0.5 s apart)
+    C  classes    H, W  the target grid
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bevjepa.datasets import geometry, rasterize
+
+MIN_TURN_STEP_M = 0.25
+"""Below this displacement over a 0.5 s step (0.5 m/s), a mode keeps its previous heading: the direction of a
+near-standstill step is noise."""
+
+
+def mode_headings(agent_xy: np.ndarray, agent_yaw: np.ndarray, modes: np.ndarray) -> np.ndarray:
+    """Heading of each mode at each step: the direction of its last displacement, or the one before it.
+
+    Args:
+        agent_xy: [A, 2] float — positions at t0 (m).
+        agent_yaw: [A] float — headings at t0 (rad).
+        modes: [A, K, T, 2] float — positions at the T steps (m).
+
+    Returns:
+        [A, K, T] float64 headings (rad).
+    """
+    A, K, T, _ = modes.shape
+    path = np.concatenate([np.broadcast_to(agent_xy[:, None, None], (A, K, 1, 2)), modes], axis=2)  # [A, K, T+1, 2]
+    step = np.diff(path, axis=2)  # [A, K, T, 2]
+    moving = np.hypot(step[..., 0], step[..., 1]) >= MIN_TURN_STEP_M  # [A, K, T]
+    direction = np.arctan2(step[..., 1], step[..., 0])
+    # Carry the last moving step's heading forward (the t0 heading before any): index of the last moving step.
+    last = np.maximum.accumulate(np.where(moving, np.arange(T)[None, None], -1), axis=2)  # [A, K, T]
+    carried = np.take_along_axis(direction, np.maximum(last, 0), axis=2)
+    return np.where(last >= 0, carried, np.asarray(agent_yaw, dtype=np.float64)[:, None, None])
+
+
+def mode_occupancy(
+    agent_box: np.ndarray,
+    agent_class: np.ndarray,
+    modes: np.ndarray,
+    probabilities: np.ndarray,
+    grid: geometry.GridSpec,
+    classes: int,
+    steps: int,
+) -> np.ndarray:
+    """Per-class occupancy probability of the agents' boxes moved along their modes.
+
+    Args:
+        agent_box: [A, 7] float — x, y, z, width, length, height (m), yaw (rad) at t0, t0 ego frame.
+        agent_class: [A] int — class index; agents outside [0, classes) are left out.
+        modes: [A, K, T, 2] float — the modes' positions (m) at 0.5 s, 1 s, ... (T >= steps).
+        probabilities: [A, K] float — mode probabilities (rows sum to 1).
+        grid: the target grid.
+        classes: C.
+        steps: F, occupancy steps after t0 (0.5 s apart).
+
+    Returns:
+        [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability 1).
+    """
+    box = np.asarray(agent_box, dtype=np.float64).reshape(-1, 7)
+    agent_class = np.asarray(agent_class, dtype=np.int64).reshape(-1)
+    modes = np.asarray(modes, dtype=np.float64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    A = len(box)
+    H, W = grid.shape
+    if modes.ndim != 4 or modes.shape[0] != A or modes.shape[2] < steps or probabilities.shape != modes.shape[:2]:
+        raise ValueError(
+            f"mode_occupancy: expected modes [{A}, K, T >= {steps}, 2] and probabilities [{A}, K], got "
+            f"{list(modes.shape)} and {list(probabilities.shape)}"
+        )
+    occupancy = np.zeros((steps + 1, classes, H, W), dtype=np.float32)
+    keep = (agent_class >= 0) & (agent_class < classes) & np.isfinite(box).all(axis=1)
+    keep &= np.isfinite(modes[:, :, :steps]).all(axis=(1, 2, 3)) & np.isfinite(probabilities).all(axis=1)
+    if not keep.any():
+        return occupancy
+    box, agent_class, modes, probabilities = box[keep], agent_class[keep], modes[keep], probabilities[keep]
+    A, K = probabilities.shape
+
+    # Every box: the A t0 boxes (weight 1), then one per (step, agent, mode) weighted by the mode's probability.
+    yaws = mode_headings(box[:, :2], box[:, 6], modes[:, :, :steps])  # [A, K, F]
+    centers = np.concatenate([box[:, :2], modes[:, :, :steps].transpose(2, 0, 1, 3).reshape(-1, 2)])  # [A + F*A*K, 2]
+    headings = np.concatenate([box[:, 6], yaws.transpose(2, 0, 1).reshape(-1)])
+    sizes = np.concatenate([box[:, 3:5], np.broadcast_to(box[None, :, None, 3:5], (steps, A, K, 2)).reshape(-1, 2)])
+    weights = np.concatenate([np.ones(A), np.broadcast_to(probabilities[None], (steps, A, K)).reshape(-1)])
+    step_agent = np.concatenate([np.arange(A), A + np.arange(steps * A * K) // K])  # s * A + a of every box
+    index, rows, cols = rasterize.box_cells(grid, centers, sizes, headings)  # covered (box, cell) pairs
+
+    # q[s, a, cell]: the mode mass covering the cell (a sparse sum over the covered pairs).
+    key = step_agent[index] * (H * W) + rows * W + cols
+    unique, inverse = np.unique(key, return_inverse=True)
+    mass = np.bincount(inverse, weights=weights[index])
+    s, a, cell = unique // (A * H * W), (unique // (H * W)) % A, unique % (H * W)
+    # Free of class c: the product over agents of (1 - q), summed as logs per (s, c, cell).
+    channel = (s * classes + agent_class[a]) * (H * W) + cell
+    with np.errstate(divide="ignore"):  # a cell a box surely covers: log(0) = -inf, occupancy exactly 1
+        log_free_pair = np.log1p(-np.clip(mass, 0.0, 1.0))
+    log_free = np.bincount(channel, weights=log_free_pair, minlength=(steps + 1) * classes * H * W)
+    occupancy[:] = (-np.expm1(log_free)).reshape(steps + 1, classes, H, W)
+    return occupancy

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bevjepa.datasets import geometry, rasterize
+from bevjepa.evaluation import baselines
+from bevjepa.prediction import agent_occupancy
+
+GRID = geometry.GridSpec()  # ±32 m at 0.5 m
+
+
+def _box(x: float, y: float, yaw: float, width: float = 1.9, length: float = 4.6) -> np.ndarray:
+    return np.array([x, y, 0.8, width, length, 1.6, yaw])
+
+
+def test_one_sure_mode_is_the_moving_box_itself():
+    """One mode with probability 1 along the heading: the constant-velocity baseline's boxes, cell for cell."""
+    box = np.stack([_box(3.0, -4.0, 0.3), _box(-10.0, 8.0, 2.0, 0.7, 0.7)])
+    cls = np.array([0, 1])
+    velocity = np.stack([4.0 * np.array([np.cos(0.3), np.sin(0.3)]), 1.2 * np.array([np.cos(2.0), np.sin(2.0)])])
+    modes = baselines.constant_velocity_trajectories(box[:, :2], velocity, 12)  # [A, 1, T, 2]
+    got = agent_occupancy.mode_occupancy(box, cls, modes, np.ones((2, 1)), GRID, 3, 4)
+    want = baselines.constant_velocity_occupancy(box, cls, velocity, GRID, 3, 4)
+    assert got.shape == (5, 3, 128, 128) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_mode_mass_adds_up_within_an_agent_and_combines_across_agents():
+    still = np.zeros((1, 2, 12, 2))
+    # Agent 0: two modes, 0.7 staying put and 0.3 far to the left; at every step its t0 cells hold 0.7.
+    box = _box(0.0, 0.0, 0.0)
+    modes = still + box[:2]
+    modes[0, 1] += [0.0, 20.0]
+    occupancy = agent_occupancy.mode_occupancy(box[None], np.array([0]), modes, np.array([[0.7, 0.3]]), GRID, 3, 2)
+    here, _ = rasterize.rasterize_boxes(GRID, box[None, :2], box[None, [3, 4]], box[None, 6], np.array([0]), 3)
+    # The far mode jumps along +y, so its box turns to heading +y.
+    there, _ = rasterize.rasterize_boxes(
+        GRID, box[None, :2] + [0, 20], box[None, [3, 4]], np.array([np.pi / 2]), np.array([0]), 3
+    )
+    assert occupancy[0][here].min() == 1.0  # t0: the box itself
+    np.testing.assert_allclose(occupancy[1][here], 0.7, rtol=1e-6)
+    np.testing.assert_allclose(occupancy[2][there], 0.3, rtol=1e-6)
+    assert occupancy[1][~(here | there)].max() == 0.0
+    # Two agents of one class, each 0.5 on the same cells: free with probability 0.25.
+    both = np.stack([box, box])
+    modes = np.stack([still[0] + box[:2]] * 2)
+    modes[:, 1] += [0.0, 20.0]
+    occupancy = agent_occupancy.mode_occupancy(both, np.array([0, 0]), modes, np.full((2, 2), 0.5), GRID, 3, 1)
+    np.testing.assert_allclose(occupancy[1][here], 0.75, rtol=1e-6)
+
+
+def test_boxes_turn_with_their_motion_and_keep_their_heading_when_still():
+    modes = np.zeros((2, 1, 3, 2))
+    modes[0, 0] = [[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]]  # agent 0 (yaw 0) drives along +y
+    modes[1, 0] = [[10.0, 0.05], [10.0, 0.1], [10.0, 0.1]]  # agent 1 (yaw 0) creeps: keeps yaw 0
+    headings = agent_occupancy.mode_headings(np.array([[0.0, 0.0], [10.0, 0.0]]), np.zeros(2), modes)
+    np.testing.assert_allclose(headings[0, 0], np.pi / 2)
+    np.testing.assert_allclose(headings[1, 0], 0.0)
+    # A mode that turns and then stops keeps its last moving heading.
+    stop = np.array([[[[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]]])
+    np.testing.assert_allclose(
+        agent_occupancy.mode_headings(np.zeros((1, 2)), np.zeros(1), stop)[0, 0], [0, 1.5708, 1.5708], atol=1e-4
+    )
+    occupancy = agent_occupancy.mode_occupancy(
+        np.stack([_box(0.0, 0.0, 0.0), _box(10.0, 0.0, 0.0)]), np.array([0, 0]), modes, np.ones((2, 1)), GRID, 3, 3
+    )
+    want, _ = rasterize.rasterize_boxes(
+        GRID, np.array([[0.0, 3.0]]), np.array([[1.9, 4.6]]), np.array([np.pi / 2]), np.array([0]), 3
+    )
+    turned = occupancy[3, 0] >= 0.5
+    np.testing.assert_array_equal(turned & (np.abs(GRID.cell_centers()[..., 0]) < 5), want[0])
+
+
+def test_agents_without_a_class_or_with_nan_modes_are_left_out():
+    box = np.stack([_box(0.0, 0.0, 0.0), _box(10.0, 0.0, 0.0)])
+    modes = np.broadcast_to(box[:, None, None, :2], (2, 1, 4, 2)).copy()
+    modes[1, 0, 2] = np.nan
+    occupancy = agent_occupancy.mode_occupancy(box, np.array([-1, 0]), modes, np.ones((2, 1)), GRID, 3, 4)
+    assert occupancy.max() == 0.0
+    empty = agent_occupancy.mode_occupancy(
+        np.zeros((0, 7)), np.zeros(0), np.zeros((0, 5, 12, 2)), np.zeros((0, 5)), GRID, 3, 4
+    )
+    assert empty.shape == (5, 3, 128, 128) and empty.max() == 0.0
+    with pytest.raises(ValueError, match="modes"):
+        agent_occupancy.mode_occupancy(box, np.array([0, 0]), modes[:, :, :2], np.ones((2, 1)), GRID, 3, 4)
