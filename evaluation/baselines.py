@@ -1,10 +1,14 @@
 """Baselines on the same interfaces as the model: constant velocity, constant turn rate and velocity, persistence.
 
 * ``constant_velocity``: the ground-truth t0 boxes moved at their annotated velocity (oracle input: it sees the
-  annotations, not the sensors). ``constant_velocity_heading`` is the same model configured as the devkit's
-  ``nuscenes.prediction.models.physics.ConstantVelocityHeading`` (speed along the box heading).
+  annotations, not the sensors; on nuScenes the annotated velocity is the devkit's ``box_velocity``, a centred
+  difference over the neighbouring annotations, so it looks 0.5 s ahead).
+* ``constant_velocity_past``: the same boxes moved at the velocity of their last past step (``past_velocities``;
+  causal, the velocity the model's trajectory head starts from). ``constant_velocity_heading`` is constant velocity
+  configured as the devkit's ``nuscenes.prediction.models.physics.ConstantVelocityHeading`` (the speed of the last
+  past step along the box heading).
 * ``constant_velocity_detected``: the model's own t0 detections moved at their regressed velocity; it sees exactly
-  the model's sensor input, so it is the fair occupancy comparison.
+  the model's sensor input, the comparison for the latent occupancy head.
 * ``ctrv``: constant turn rate and velocity; the yaw rate comes from the agent's past positions
   (``yaw_rate_from_past``).
 * ``persistence``: the world stays as it is at t0.
@@ -50,6 +54,15 @@ def agent_velocities(agent_velocity: np.ndarray, agent_past: np.ndarray, agent_p
     unknown = ~np.isfinite(velocity).all(axis=1)
     velocity[unknown] = np.where(past_ok[unknown, None], from_past[unknown], 0.0)
     return velocity
+
+
+def past_velocities(agent_past: np.ndarray, agent_past_mask: np.ndarray) -> np.ndarray:
+    """[A, 2] float64: each agent's last past displacement / 0.5 s (m/s, t0 frame), 0 without two past positions.
+
+    The causal velocity (``heads.past_motion`` computes the same for the model).
+    """
+    count = len(agent_past)
+    return agent_velocities(np.full((count, 2), np.nan), agent_past, agent_past_mask)
 
 
 def constant_velocity_trajectories(agent_xy: np.ndarray, velocity: np.ndarray, steps: int = 12) -> np.ndarray:

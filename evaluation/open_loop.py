@@ -4,11 +4,15 @@ Sources (``evaluate(...)["models"]``):
 
 * ``model``: the checkpoint of ``run`` (only with a run): its K trajectory modes and mode probabilities, its
   occupancy probabilities (``OccupancyForecast.occupancy``: the agents' t0 boxes moved along the modes, weighted
-  by the mode probabilities; IoU and VPQ on the map thresholded at ``threshold``; VPQ instances are connected
-  components, ``metrics.connected_instances``).
+  by the mode probabilities; IoU and VPQ on the map thresholded at ``threshold``; VPQ instances are the agents,
+  ``agent_occupancy.mode_occupancy_instances``).
 * ``model_latent`` (only with a run): the latent occupancy head's map alone (``latent_occupancy``): what the
-  world model decodes from its sensors, without the agents' boxes; occupancy only.
-* ``constant_velocity``: the ground-truth t0 boxes moved at their annotated velocity (oracle input).
+  world model decodes from its sensors, without the agents' boxes; occupancy only (VPQ instances are connected
+  components, ``metrics.connected_instances``).
+* ``constant_velocity``: the ground-truth t0 boxes moved at their annotated velocity (oracle input; on nuScenes
+  the devkit's centred ``box_velocity``, which looks 0.5 s ahead).
+* ``constant_velocity_past``: the same boxes moved at the velocity of their last past step (causal: the input the
+  model has, and the path its anchor mode follows).
 * ``constant_velocity_detected`` (only with a run): the model's own t0 detections moved at their regressed
   velocity: occupancy only, since detections carry no agent identity to score trajectories against.
 * ``ctrv``: constant turn rate and velocity (``baselines.yaw_rate_from_past``).
@@ -55,11 +59,11 @@ from torch.utils.data import DataLoader
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.evaluation import baselines, metrics
-from bevjepa.prediction import forecaster, heads, train
+from bevjepa.prediction import agent_occupancy, forecaster, heads, train
 
 TOP_K = (1, 5, 10)
 """The k of minADE_k, minFDE_k and MissRate_2_k."""
-TRAJECTORY_SOURCES = ("model", "constant_velocity", "ctrv", "persistence")
+TRAJECTORY_SOURCES = ("model", "constant_velocity", "constant_velocity_past", "ctrv", "persistence")
 
 
 @dataclass
@@ -195,8 +199,10 @@ def evaluate(
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
     if not 1 <= steps <= window_steps:
         raise ValueError(f"trajectory_seconds={trajectory_seconds}: the windows of {data} hold {window_steps} steps")
-    names = ["model", "model_latent", "constant_velocity", "constant_velocity_detected"] if model is not None else []
-    names += [n for n in ("constant_velocity", "ctrv", "persistence") if n not in names]
+    names = ["model", "model_latent"] if model is not None else []
+    names += ["constant_velocity", "constant_velocity_past"]
+    names += ["constant_velocity_detected"] if model is not None else []
+    names += ["ctrv", "persistence"]
     scores: dict[str, _Scores] = {}
     truths, truth_classes, windows_seen = [], [], 0
     captured: list = []
@@ -233,6 +239,13 @@ def evaluate(
                     occupancy, ids = baselines.constant_velocity_occupancy_instances(box, cls, velocity, grid, C, S - 1)
                     _add_boxes(scores["constant_velocity"], occupancy, ids, box_class, target, truth_labels)
 
+                    causal = baselines.past_velocities(past, past_mask)
+                    scores["constant_velocity_past"].add_trajectories(
+                        baselines.constant_velocity_trajectories(box[:, :2], causal, steps)[full], one
+                    )
+                    occupancy, ids = baselines.constant_velocity_occupancy_instances(box, cls, causal, grid, C, S - 1)
+                    _add_boxes(scores["constant_velocity_past"], occupancy, ids, box_class, target, truth_labels)
+
                     yaw_rate = baselines.yaw_rate_from_past(past, past_mask)
                     scores["ctrv"].add_trajectories(
                         baselines.ctrv_trajectories(box[:, :2], velocity, yaw_rate, steps)[full], one
@@ -251,12 +264,15 @@ def evaluate(
                         scores["model"].add_trajectories(
                             forecast.trajectories[full, :, :steps], forecast.mode_probabilities[full]
                         )
-                        for name, probability in (
-                            ("model", forecast.occupancy),
-                            ("model_latent", forecast.latent_occupancy),
-                        ):
-                            labels = metrics.connected_instances(probability >= threshold)
-                            scores[name].add_occupancy(probability, labels, threshold, target, truth_labels)
+                        # The forecast's occupancy is the agents' boxes: VPQ instances are the agents themselves.
+                        _, ids = agent_occupancy.mode_occupancy_instances(
+                            box, cls, forecast.trajectories, forecast.mode_probabilities, grid, C, S - 1
+                        )
+                        labels = metrics.class_labels(forecast.occupancy >= threshold, ids, box_class)
+                        scores["model"].add_occupancy(forecast.occupancy, labels, threshold, target, truth_labels)
+                        latent = forecast.latent_occupancy
+                        labels = metrics.connected_instances(latent >= threshold)
+                        scores["model_latent"].add_occupancy(latent, labels, threshold, target, truth_labels)
                         found = detections.for_sample(b)
                         occupancy, ids = baselines.constant_velocity_detected(found, grid, C, S - 1)
                         _add_boxes(

@@ -38,12 +38,22 @@ from bevjepa.datasets import categories, geometry, preprocess, torch_dataset, wi
 from bevjepa.evaluation import baselines, open_loop, plots
 from bevjepa.prediction import checkpoint, forecaster, train
 
-MODEL_ORDER = ("model", "model_latent", "constant_velocity", "constant_velocity_detected", "ctrv", "persistence")
+MODEL_ORDER = (
+    "model",
+    "model_latent",
+    "constant_velocity",
+    "constant_velocity_past",
+    "constant_velocity_detected",
+    "ctrv",
+    "persistence",
+)
 SOURCE_NOTES = {
     "model": "the forecast: trajectory modes; occupancy = the agents' annotated t0 boxes moved along the modes, "
     "weighted by the mode probabilities",
     "model_latent": "the latent occupancy head alone (from the sensors, no agent boxes)",
-    "constant_velocity": "the annotated t0 boxes moved at their t0 velocity",
+    "constant_velocity": "the annotated t0 boxes moved at their annotated t0 velocity (nuScenes: a centred "
+    "difference that looks 0.5 s ahead)",
+    "constant_velocity_past": "the same boxes moved at the velocity of their last past step (causal, as the model)",
     "constant_velocity_detected": "the model's own t0 detections moved at their regressed velocity",
     "ctrv": "constant turn rate and velocity from the annotated t0 boxes and their past",
     "persistence": "everything stays as it is at t0",

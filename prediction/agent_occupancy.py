@@ -58,7 +58,24 @@ def mode_occupancy(
     classes: int,
     steps: int,
 ) -> np.ndarray:
-    """Per-class occupancy probability of the agents' boxes moved along their modes.
+    """Per-class occupancy probability of the agents' boxes moved along their modes (see ``mode_occupancy_instances``).
+
+    Returns:
+        [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability 1).
+    """
+    return mode_occupancy_instances(agent_box, agent_class, modes, probabilities, grid, classes, steps)[0]
+
+
+def mode_occupancy_instances(
+    agent_box: np.ndarray,
+    agent_class: np.ndarray,
+    modes: np.ndarray,
+    probabilities: np.ndarray,
+    grid: geometry.GridSpec,
+    classes: int,
+    steps: int,
+) -> np.ndarray:
+    """Per-class occupancy probability of the agents' boxes moved along their modes, and which agent owns a cell.
 
     Args:
         agent_box: [A, 7] float — x, y, z, width, length, height (m), yaw (rad) at t0, t0 ego frame.
@@ -70,7 +87,9 @@ def mode_occupancy(
         steps: F, occupancy steps after t0 (0.5 s apart).
 
     Returns:
-        [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability 1).
+        occupancy: [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability 1).
+        instances: [S, H, W] int64 — 1 + the index (into the A agents) of the agent with the most mass in the
+            cell, 0 where no mode reaches it (VPQ's instance ids, the same agent at every step).
     """
     box = np.asarray(agent_box, dtype=np.float64).reshape(-1, 7)
     agent_class = np.asarray(agent_class, dtype=np.int64).reshape(-1)
@@ -84,10 +103,12 @@ def mode_occupancy(
             f"{list(modes.shape)} and {list(probabilities.shape)}"
         )
     occupancy = np.zeros((steps + 1, classes, H, W), dtype=np.float32)
+    instances = np.zeros((steps + 1, H, W), dtype=np.int64)
     keep = (agent_class >= 0) & (agent_class < classes) & np.isfinite(box).all(axis=1)
     keep &= np.isfinite(modes[:, :, :steps]).all(axis=(1, 2, 3)) & np.isfinite(probabilities).all(axis=1)
     if not keep.any():
-        return occupancy
+        return occupancy, instances
+    agent_index = np.nonzero(keep)[0]
     box, agent_class, modes, probabilities = box[keep], agent_class[keep], modes[keep], probabilities[keep]
     A, K = probabilities.shape
 
@@ -111,4 +132,9 @@ def mode_occupancy(
         log_free_pair = np.log1p(-np.clip(mass, 0.0, 1.0))
     log_free = np.bincount(channel, weights=log_free_pair, minlength=(steps + 1) * classes * H * W)
     occupancy[:] = (-np.expm1(log_free)).reshape(steps + 1, classes, H, W)
-    return occupancy
+    # The owner of a cell: the agent with the most mass there (the last after sorting by cell, then mass).
+    step_cell = s * (H * W) + cell
+    order = np.lexsort((mass, step_cell))
+    last = np.r_[step_cell[order][1:] != step_cell[order][:-1], True]
+    instances.reshape(-1)[step_cell[order][last]] = 1 + agent_index[a[order][last]]
+    return occupancy, instances

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bevjepa.datasets import torch_dataset
+from bevjepa.datasets import categories, torch_dataset
 from bevjepa.fusion import fuser
+from bevjepa.prediction import agent_occupancy, forecaster, model
 from bevjepa.prediction import config as experiment_config
-from bevjepa.prediction import forecaster, model
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -29,7 +29,9 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
 
     The stages run on the same window as the whole forward pass: cameras and LiDAR over the P input frames,
     fusion (modalities, warp into t0, temporal), the rollout of F steps, and the heads (occupancy at every
-    step, trajectories, detection). Weights are untrained: latency does not depend on them.
+    step, trajectories, detection), and, outside the network, the rendering of the agents' boxes along their
+    modes into the forecast's occupancy (numpy, ``agent_occupancy``). Weights are untrained: latency does not
+    depend on them.
     """
     torch.set_num_threads(threads)
     config = experiment_config.preset(preset)
@@ -86,7 +88,19 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
         )
         net.detection(latent)
 
-    for fn in (cameras, lidar, fusion, rollout, heads, lambda: net(batch)):
+    with torch.no_grad():
+        output = net(batch)
+    count = int(batch.agent_mask[0].sum())
+    modes = output.modes[0, :count].numpy()
+    probabilities = torch.softmax(output.mode_logits[0, :count], dim=-1).numpy()
+
+    def render():
+        agent_occupancy.mode_occupancy(
+            batch.agent_box[0, :count].numpy(), batch.agent_class[0, :count].numpy(), modes, probabilities,
+            config.model.grid, len(categories.CLASSES), config.model.occupancy_steps,
+        )  # fmt: skip
+
+    for fn in (cameras, lidar, fusion, rollout, heads, render, lambda: net(batch)):
         fn()  # warm up
     result = {
         "preset": preset,
@@ -99,6 +113,7 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
         "fusion_ms": _median_ms(fusion, repeats),
         "rollout_ms": _median_ms(rollout, repeats),
         "heads_ms": _median_ms(heads, repeats),
+        "occupancy_render_ms": _median_ms(render, repeats),
     }
     result["frames_per_s"] = 1e3 / result["end_to_end_ms"]
     return result

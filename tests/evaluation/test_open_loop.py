@@ -17,9 +17,17 @@ from nuscenes.prediction import PredictHelper
 
 from bevjepa.datasets import categories, torch_dataset
 from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export
-from bevjepa.prediction import checkpoint, heads
+from bevjepa.prediction import agent_occupancy, checkpoint, heads
 
-SOURCES = {"model", "constant_velocity", "constant_velocity_detected", "ctrv", "persistence"}
+SOURCES = {
+    "model",
+    "model_latent",
+    "constant_velocity",
+    "constant_velocity_past",
+    "constant_velocity_detected",
+    "ctrv",
+    "persistence",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +53,8 @@ def test_every_source_reports_every_metric(result):
         for key in ("iou_2s_mean", "vpq_2s_mean", "brier_mean", "ece_all"):
             assert isinstance(scores[key], float), (name, key)
         assert 0 <= scores["brier_mean"] <= 1 and 0 <= scores["ece_all"] <= 1
-        if name == "constant_velocity_detected":
-            assert "minADE_5" not in scores  # detections have no agent identity
+        if name in ("constant_velocity_detected", "model_latent"):
+            assert "minADE_5" not in scores  # occupancy only: no agent identity
             continue
         for k in (1, 5, 10):
             assert {f"minADE_{k}", f"minFDE_{k}", f"MissRate_2_{k}"} <= set(scores)
@@ -58,7 +66,7 @@ def test_every_source_reports_every_metric(result):
 
 
 def test_box_baselines_are_exact_at_t0(result):
-    for name in ("constant_velocity", "ctrv", "persistence"):
+    for name in ("model", "constant_velocity", "constant_velocity_past", "ctrv", "persistence"):
         scores = result["models"][name]
         for cls in ("vehicle", "cyclist"):
             assert scores["iou"][cls][0] == 1.0 and scores["vpq"][cls][0] == 1.0, (name, cls)
@@ -68,20 +76,34 @@ def test_box_baselines_are_exact_at_t0(result):
 
 
 def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result):
-    """The model's and the detection baseline's occupancy scores, recomputed from the network's own output."""
+    """The model's, its latent head's and the detection baseline's occupancy scores, from the network's output."""
     _, net = checkpoint.load_model(run)
     net.eval()
     dataset = torch_dataset.WindowDataset(synthetic_windows)
-    counts = {"model": [], "constant_velocity_detected": []}
+    counts = {"model": [], "model_latent": [], "constant_velocity_detected": []}
     vpq = metrics.empty_vpq_counts(5, 3)
+    model_vpq = metrics.empty_vpq_counts(5, 3)
     with torch.no_grad():
         for index in range(len(dataset)):
             batch = torch_dataset.collate([dataset[index]])
             output = net(batch)
             probability = torch.sigmoid(output.occupancy_logits)[0].numpy()
             target = batch.occupancy[0].numpy()
-            counts["model"].append(metrics.iou_counts(probability >= 0.5, target))
             truth_labels = metrics.class_labels(target, batch.instances[0].numpy())
+            counts["model_latent"].append(metrics.iou_counts(probability >= 0.5, target))
+            count = int(batch.agent_mask[0].sum())
+            agents, ids = agent_occupancy.mode_occupancy_instances(
+                batch.agent_box[0, :count].numpy(),
+                batch.agent_class[0, :count].numpy(),
+                output.modes[0, :count].numpy(),
+                torch.softmax(output.mode_logits[0, :count], dim=-1).numpy(),
+                net.config.grid,
+                3,
+                4,
+            )
+            counts["model"].append(metrics.iou_counts(agents >= 0.5, target))
+            labels = metrics.class_labels(agents >= 0.5, ids, np.r_[-1, batch.agent_class[0, :count].numpy()])
+            model_vpq = model_vpq + metrics.vpq_counts(labels, truth_labels)
             vpq = vpq + metrics.vpq_counts(metrics.connected_instances(probability >= 0.5), truth_labels)
             found = heads.decode_detections(output.heatmap_logits, output.regression, threshold=0.3).for_sample(0)
             occupancy, _ = baselines.constant_velocity_detected(found, net.config.grid, 3, 4)
@@ -91,7 +113,8 @@ def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result)
         np.testing.assert_allclose(
             np.array(result["models"][name]["iou"]["vehicle"]), per_step[:, 0], rtol=1e-12, err_msg=name
         )
-    np.testing.assert_allclose(result["models"]["model"]["vpq"]["vehicle"], vpq.vpq()[0][:, 0], rtol=1e-12)
+    np.testing.assert_allclose(result["models"]["model_latent"]["vpq"]["vehicle"], vpq.vpq()[0][:, 0], rtol=1e-12)
+    np.testing.assert_allclose(result["models"]["model"]["vpq"]["vehicle"], model_vpq.vpq()[0][:, 0], rtol=1e-12)
 
 
 def test_the_devkit_scores_the_exported_model_as_the_open_loop_does(synthetic_mini, synthetic_windows, run, result):
@@ -111,7 +134,7 @@ def test_the_devkit_scores_the_exported_model_as_the_open_loop_does(synthetic_mi
 
 def test_without_a_run_only_the_baselines_and_bad_horizons_are_refused(synthetic_windows):
     baseline_only = open_loop.evaluate(synthetic_windows, "mini_val")
-    assert set(baseline_only["models"]) == {"constant_velocity", "ctrv", "persistence"}
+    assert set(baseline_only["models"]) == {"constant_velocity", "constant_velocity_past", "ctrv", "persistence"}
     assert baseline_only["agents"] == 0 and math.isnan(baseline_only["models"]["ctrv"]["minADE_5"])
     with pytest.raises(ValueError, match="hold 12 steps"):
         open_loop.evaluate(synthetic_windows, "all", trajectory_seconds=7.0)

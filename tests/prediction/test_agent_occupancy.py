@@ -84,3 +84,22 @@ def test_agents_without_a_class_or_with_nan_modes_are_left_out():
     assert empty.shape == (5, 3, 128, 128) and empty.max() == 0.0
     with pytest.raises(ValueError, match="modes"):
         agent_occupancy.mode_occupancy(box, np.array([0, 0]), modes[:, :, :2], np.ones((2, 1)), GRID, 3, 4)
+
+
+def test_each_cell_belongs_to_the_agent_with_the_most_mass():
+    """Instance ids index the input agents (skipped ones included) and follow the agent along its modes."""
+    box = np.stack([_box(0.0, 0.0, 0.0), _box(-20.0, 0.0, 0.0), _box(10.0, 0.0, 0.0)])
+    modes = np.broadcast_to(box[:, None, None, :2], (3, 2, 4, 2)).copy()
+    modes[2, 1] += [[0.0, 0.0], [-4.0, 0.0], [-8.0, 0.0], [-10.0, 0.0]]  # agent 2's second mode drives onto agent 0
+    probabilities = np.array([[0.5, 0.5], [1.0, 0.0], [0.2, 0.8]])
+    occupancy, instances = agent_occupancy.mode_occupancy_instances(
+        box, np.array([0, -1, 0]), modes, probabilities, GRID, 3, 4
+    )
+    here, _ = rasterize.rasterize_boxes(GRID, box[:1, :2], box[:1, [3, 4]], box[:1, 6], np.array([0]), 3)
+    assert set(np.unique(instances[0])) == {0, 1, 3}  # agent 1 has no class: left out, ids keep their index
+    assert (instances[0][here[0]] == 1).all()
+    # At 2 s agent 2's 0.8 mode covers agent 0's cells, where agent 0 has 1.0: agent 0 keeps them.
+    assert (instances[4][here[0]] == 1).all()
+    np.testing.assert_allclose(occupancy[4, 0][here[0]], 1.0)
+    far = GRID.xy_to_index(np.array([[10.0, 0.0]]))
+    assert instances[4][far[0][0], far[1][0]] == 3 and occupancy[4, 0][far[0][0], far[1][0]] == np.float32(0.2)
