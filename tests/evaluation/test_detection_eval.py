@@ -300,7 +300,7 @@ def test_a_tiny_checkpoint_is_exported_and_scored(
     )
     boxes, _ = load_prediction(str(tmp_path / "every" / detection_eval.SUBMISSION_FILE), 500, DetectionBox)
     with_boxes = [t for t in boxes.sample_tokens if boxes[t]]
-    assert len(with_boxes) == 2 and all(len(boxes[t]) == 100 for t in with_boxes)
+    assert len(with_boxes) == 2 and all(0 < len(boxes[t]) <= 100 for t in with_boxes)  # top_k: at most 100 peaks
     assert every["samples"] == 2 and every["predicted_boxes"] > 0
     assert 0.0 <= every["mAP"] <= 1.0 and 0.0 <= every["NDS"] <= 1.0
 
