@@ -179,7 +179,15 @@ def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
     report = tmp_path / "report"
     assert cli.main(["eval", "--data", str(synthetic_windows), "--checkpoint", str(run), "--out", str(report)]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"model", "constant_velocity", "constant_velocity_detected", "ctrv", "persistence"}
+    assert set(metrics["models"]) == {
+        "model",
+        "model_latent",
+        "constant_velocity",
+        "constant_velocity_past",
+        "constant_velocity_detected",
+        "ctrv",
+        "persistence",
+    }
     assert metrics["windows"] == 2
 
 
