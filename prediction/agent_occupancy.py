@@ -123,6 +123,8 @@ def mode_occupancy_instances(
 
     # q[s, a, cell]: the mode mass covering the cell (a sparse sum over the covered pairs).
     key = step_agent[index] * (H * W) + rows * W + cols
+    if key.size == 0:  # no box covers a cell centre of the grid (every agent outside it)
+        return occupancy, instances
     unique, inverse = np.unique(key, return_inverse=True)
     mass = np.bincount(inverse, weights=weights[index])
     s, a, cell = unique // (A * H * W), (unique // (H * W)) % A, unique % (H * W)

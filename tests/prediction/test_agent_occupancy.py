@@ -78,6 +78,10 @@ def test_agents_without_a_class_or_with_nan_modes_are_left_out():
     modes[1, 0, 2] = np.nan
     occupancy = agent_occupancy.mode_occupancy(box, np.array([-1, 0]), modes, np.ones((2, 1)), GRID, 3, 4)
     assert occupancy.max() == 0.0
+    outside = agent_occupancy.mode_occupancy_instances(
+        box + [100.0, 0, 0, 0, 0, 0, 0], np.array([0, 0]), modes + 100.0, np.ones((2, 1)), GRID, 3, 2
+    )  # every agent beyond the grid
+    assert outside[0].max() == 0.0 and outside[1].max() == 0
     empty = agent_occupancy.mode_occupancy(
         np.zeros((0, 7)), np.zeros(0), np.zeros((0, 5, 12, 2)), np.zeros((0, 5)), GRID, 3, 4
     )
