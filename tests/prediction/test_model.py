@@ -125,6 +125,16 @@ def test_forecaster_api(synthetic_windows, tmp_path):
     baseline = dataclasses.replace(forecast, latent_occupancy=None)
     baseline.save(tmp_path / "baseline.npz")
     assert forecaster.OccupancyForecast.load(tmp_path / "baseline.npz").latent_occupancy is None
+    # A version 1 file (no latent map) still loads; another version is refused by name.
+    with np.load(tmp_path / "baseline.npz", allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    for version, name in ((1, "v1.npz"), (9, "v9.npz")):
+        header = json.loads(str(arrays["header"]))
+        np.savez(tmp_path / name, **{**arrays, "header": np.array(json.dumps({**header, "format_version": version}))})
+    old = forecaster.OccupancyForecast.load(tmp_path / "v1.npz")
+    assert old.latent_occupancy is None and np.array_equal(old.occupancy, forecast.occupancy)
+    with pytest.raises(ValueError, match="v9.npz: not a bevjepa-occupancy-forecast file of version 1 or 2"):
+        forecaster.OccupancyForecast.load(tmp_path / "v9.npz")
     braking = model_forecaster.forecast(sample, actions=np.zeros((4, 3)))
     assert not np.array_equal(
         braking.occupancy[1:],
