@@ -4,9 +4,11 @@
   annotations, not the sensors; on nuScenes the annotated velocity is the devkit's ``box_velocity``, a centred
   difference over the neighbouring annotations, so it looks 0.5 s ahead).
 * ``constant_velocity_past``: the same boxes moved at the velocity of their last past step (``past_velocities``;
-  causal, the velocity the model's trajectory head starts from). ``constant_velocity_heading`` is constant velocity
-  configured as the devkit's ``nuscenes.prediction.models.physics.ConstantVelocityHeading`` (the speed of the last
-  past step along the box heading).
+  causal, the speed the devkit's baseline takes). ``constant_velocity_heading`` is constant velocity configured as
+  the devkit's ``nuscenes.prediction.models.physics.ConstantVelocityHeading`` (the speed of the last past step
+  along the box heading).
+* ``constant_velocity_anchor``: the same boxes moved at their velocity at t0 estimated from the last three past
+  positions (``anchor_velocities``; causal): the model's trajectory head with its mode 0 alone.
 * ``constant_velocity_detected``: the model's own t0 detections moved at their regressed velocity; it sees exactly
   the model's sensor input, the comparison for the latent occupancy head.
 * ``ctrv``: constant turn rate and velocity; the yaw rate comes from the agent's past positions
@@ -24,6 +26,7 @@ Notation:
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from bevjepa.datasets import geometry, rasterize
 from bevjepa.prediction import heads
@@ -59,10 +62,21 @@ def agent_velocities(agent_velocity: np.ndarray, agent_past: np.ndarray, agent_p
 def past_velocities(agent_past: np.ndarray, agent_past_mask: np.ndarray) -> np.ndarray:
     """[A, 2] float64: each agent's last past displacement / 0.5 s (m/s, t0 frame), 0 without two past positions.
 
-    The causal velocity (``heads.past_motion`` computes the same for the model).
+    Causal, and the speed the devkit's ``ConstantVelocityHeading`` takes (``PredictHelper.get_velocity_for_agent``).
     """
     count = len(agent_past)
     return agent_velocities(np.full((count, 2), np.nan), agent_past, agent_past_mask)
+
+
+def anchor_velocities(agent_past: np.ndarray, agent_past_mask: np.ndarray) -> np.ndarray:
+    """[A, 2] float64: each agent's velocity at t0 as the trajectory head estimates it (``heads.past_motion``).
+
+    Causal: the second-order backward difference of the last three past positions (the last displacement with
+    two, 0 with fewer), the velocity the head's constant-velocity anchor (its mode 0) moves at.
+    """
+    past = torch.as_tensor(np.asarray(agent_past, dtype=np.float64))
+    mask = torch.as_tensor(np.asarray(agent_past_mask, dtype=bool))
+    return heads.past_motion(past, mask, STEP_S)[0].numpy()
 
 
 def constant_velocity_trajectories(agent_xy: np.ndarray, velocity: np.ndarray, steps: int = 12) -> np.ndarray:

@@ -293,14 +293,15 @@ def verdicts(models: dict) -> list[str]:
     """One line per comparison of the model against a constant-velocity baseline.
 
     ``model`` (the sensors, the annotated t0 boxes and their past) against ``constant_velocity_past`` (the same
-    boxes at the velocity of their past: the same input) and ``constant_velocity`` (the annotated velocity, which
-    on nuScenes looks 0.5 s ahead); ``model_latent`` (the sensors only) against ``constant_velocity_detected`` (the
-    model's own detections).
+    boxes at the velocity of their last past step: the same input, the devkit's constant-velocity speed),
+    ``constant_velocity_anchor`` (the velocity at t0 the model's trajectory head starts from: what its learning
+    adds) and ``constant_velocity`` (the annotated velocity, which on nuScenes looks 0.5 s ahead); ``model_latent``
+    (the sensors only) against ``constant_velocity_detected`` (the model's own detections).
     """
     lines = []
     comparisons = [
         (source, key, label, baseline, lower_is_better)
-        for baseline in ("constant_velocity_past", "constant_velocity")
+        for baseline in ("constant_velocity_past", "constant_velocity_anchor", "constant_velocity")
         for source, key, label, lower_is_better in (
             ("model", "minADE_5", "minADE₅", True),
             ("model", "minFDE_5", "minFDE₅", True),
@@ -347,9 +348,11 @@ def render(
         "",
         "`model` forecasts from the sensors and the annotated t0 boxes with their past (its occupancy moves those "
         "boxes along its trajectory modes); `constant_velocity_past` moves the same boxes at the velocity of their "
-        "last past step (the same input), `constant_velocity` at their annotated velocity (nuScenes' centred "
-        "difference, which looks 0.5 s ahead). `model_latent` is the latent occupancy head alone, from the sensors "
-        "only; `constant_velocity_detected` moves the model's own detections, the same sensor input.",
+        "last past step (the same input), `constant_velocity_anchor` at their t0 velocity from the last three past "
+        "positions (the path the model's trajectory head starts from), `constant_velocity` at their annotated "
+        "velocity (nuScenes' centred difference, which looks 0.5 s ahead). `model_latent` is the latent occupancy "
+        "head alone, from the sensors only; `constant_velocity_detected` moves the model's own detections, the same "
+        "sensor input.",
         "",
     ]
     if "detection" in open_loop:

@@ -12,7 +12,10 @@ Sources (``evaluate(...)["models"]``):
 * ``constant_velocity``: the ground-truth t0 boxes moved at their annotated velocity (oracle input; on nuScenes
   the devkit's centred ``box_velocity``, which looks 0.5 s ahead).
 * ``constant_velocity_past``: the same boxes moved at the velocity of their last past step (causal: the input the
-  model has, and the path its anchor mode follows).
+  model has; the speed the devkit's ``ConstantVelocityHeading`` takes).
+* ``constant_velocity_anchor``: the same boxes moved at their t0 velocity estimated from the last three past
+  positions (causal, ``baselines.anchor_velocities``): the path of the model's anchor mode, so the model against
+  it is what its learnt modes and probabilities add.
 * ``constant_velocity_detected`` (only with a run): the model's own t0 detections moved at their regressed
   velocity: occupancy only, since detections carry no agent identity to score trajectories against.
 * ``ctrv``: constant turn rate and velocity (``baselines.yaw_rate_from_past``).
@@ -63,7 +66,14 @@ from bevjepa.prediction import agent_occupancy, forecaster, heads, train
 
 TOP_K = (1, 5, 10)
 """The k of minADE_k, minFDE_k and MissRate_2_k."""
-TRAJECTORY_SOURCES = ("model", "constant_velocity", "constant_velocity_past", "ctrv", "persistence")
+TRAJECTORY_SOURCES = (
+    "model",
+    "constant_velocity",
+    "constant_velocity_past",
+    "constant_velocity_anchor",
+    "ctrv",
+    "persistence",
+)
 
 
 @dataclass
@@ -200,7 +210,7 @@ def evaluate(
     if not 1 <= steps <= window_steps:
         raise ValueError(f"trajectory_seconds={trajectory_seconds}: the windows of {data} hold {window_steps} steps")
     names = ["model", "model_latent"] if model is not None else []
-    names += ["constant_velocity", "constant_velocity_past"]
+    names += ["constant_velocity", "constant_velocity_past", "constant_velocity_anchor"]
     names += ["constant_velocity_detected"] if model is not None else []
     names += ["ctrv", "persistence"]
     scores: dict[str, _Scores] = {}
@@ -239,12 +249,17 @@ def evaluate(
                     occupancy, ids = baselines.constant_velocity_occupancy_instances(box, cls, velocity, grid, C, S - 1)
                     _add_boxes(scores["constant_velocity"], occupancy, ids, box_class, target, truth_labels)
 
-                    causal = baselines.past_velocities(past, past_mask)
-                    scores["constant_velocity_past"].add_trajectories(
-                        baselines.constant_velocity_trajectories(box[:, :2], causal, steps)[full], one
-                    )
-                    occupancy, ids = baselines.constant_velocity_occupancy_instances(box, cls, causal, grid, C, S - 1)
-                    _add_boxes(scores["constant_velocity_past"], occupancy, ids, box_class, target, truth_labels)
+                    for name, causal in (
+                        ("constant_velocity_past", baselines.past_velocities(past, past_mask)),
+                        ("constant_velocity_anchor", baselines.anchor_velocities(past, past_mask)),
+                    ):
+                        scores[name].add_trajectories(
+                            baselines.constant_velocity_trajectories(box[:, :2], causal, steps)[full], one
+                        )
+                        occupancy, ids = baselines.constant_velocity_occupancy_instances(
+                            box, cls, causal, grid, C, S - 1
+                        )
+                        _add_boxes(scores[name], occupancy, ids, box_class, target, truth_labels)
 
                     yaw_rate = baselines.yaw_rate_from_past(past, past_mask)
                     scores["ctrv"].add_trajectories(

@@ -43,6 +43,7 @@ MODEL_ORDER = (
     "model_latent",
     "constant_velocity",
     "constant_velocity_past",
+    "constant_velocity_anchor",
     "constant_velocity_detected",
     "ctrv",
     "persistence",
@@ -53,7 +54,10 @@ SOURCE_NOTES = {
     "model_latent": "the latent occupancy head alone (from the sensors, no agent boxes)",
     "constant_velocity": "the annotated t0 boxes moved at their annotated t0 velocity (nuScenes: a centred "
     "difference that looks 0.5 s ahead)",
-    "constant_velocity_past": "the same boxes moved at the velocity of their last past step (causal, as the model)",
+    "constant_velocity_past": "the same boxes moved at the velocity of their last past step (causal, as the model; "
+    "the devkit's constant-velocity speed)",
+    "constant_velocity_anchor": "the same boxes moved at their t0 velocity from the last three past positions "
+    "(causal): the model's anchor mode alone",
     "constant_velocity_detected": "the model's own t0 detections moved at their regressed velocity",
     "ctrv": "constant turn rate and velocity from the annotated t0 boxes and their past",
     "persistence": "everything stays as it is at t0",

@@ -85,6 +85,7 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
             batch.agent_box[..., 6],
             batch.agent_class,
             rollout=rolled,
+            ego_past=batch.t0_from_ego[:, :, :2, 3],
         )
         net.detection(latent)
 

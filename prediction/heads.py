@@ -120,7 +120,10 @@ def past_motion(past: torch.Tensor, past_mask: torch.Tensor, step_s: float = 0.5
     """Each agent's velocity and acceleration at t0 from its past positions alone.
 
     Causal: no annotation that looks ahead enters (the devkit's ``box_velocity`` is a centred difference over the
-    neighbouring annotations, so it sees the next keyframe).
+    neighbouring annotations, so it sees the next keyframe). The last displacement over ``step_s`` is the velocity
+    at the middle of the last step; with a third position the velocity at t0 is the second-order backward
+    difference ``(3 p0 - 4 p-1 + p-2) / (2 step_s)``, the last step's velocity carried half a step on by the
+    acceleration (exact for constant acceleration).
 
     Args:
         past: [..., A, P, 2] float — past positions (m, t0 frame), t0 last; anything at masked steps.
@@ -128,8 +131,9 @@ def past_motion(past: torch.Tensor, past_mask: torch.Tensor, step_s: float = 0.5
         step_s: time between keyframes (s).
 
     Returns:
-        velocity: [..., A, 2] — the last displacement / ``step_s`` (m/s); 0 without two valid positions.
-        acceleration: [..., A, 2] — the change of the last two such velocities / ``step_s`` (m/s²); 0 without
+        velocity: [..., A, 2] — at t0 (m/s): the second-order difference with three valid positions, else the
+            last displacement / ``step_s``, else 0.
+        acceleration: [..., A, 2] — the change of the last two step velocities / ``step_s`` (m/s²); 0 without
             three valid positions.
     """
     zeros = torch.zeros_like(past[..., 0, :])
@@ -137,12 +141,99 @@ def past_motion(past: torch.Tensor, past_mask: torch.Tensor, step_s: float = 0.5
         return zeros, zeros.clone()
     clean = torch.where(past_mask[..., None], past, 0.0)
     valid2 = (past_mask[..., -1] & past_mask[..., -2])[..., None]
-    velocity = torch.where(valid2, (clean[..., -1, :] - clean[..., -2, :]) / step_s, zeros)
+    last_step = torch.where(valid2, (clean[..., -1, :] - clean[..., -2, :]) / step_s, zeros)
     if past.shape[-2] < 3:
-        return velocity, zeros
+        return last_step, zeros
     valid3 = valid2 & past_mask[..., -3, None]
     before = (clean[..., -2, :] - clean[..., -3, :]) / step_s
-    return velocity, torch.where(valid3, (velocity - before) / step_s, zeros)
+    acceleration = torch.where(valid3, (last_step - before) / step_s, zeros)
+    return last_step + acceleration * (step_s / 2), acceleration
+
+
+class AgentInteraction(nn.Module):
+    """One round of attention from every agent to the other agents and the ego, on their relative motion.
+
+    An agent's next seconds depend on its neighbours: IDM traffic brakes behind a slower leader or the ego, a
+    vehicle waits for a crossing pedestrian. Each agent's feature attends (multi-head) to the features of the
+    other valid agents and to a learnt ego token; each pair also carries the other's position, velocity and
+    heading relative to the agent, in the agent's heading frame, added to its key and value. The result is added
+    to the agent's feature (a residual).
+
+    Notation: N = A + 1 tokens (the agents, then the ego).
+    """
+
+    PAIR_FEATURES = 7
+    """dx, dy (over ``distance_scale_m``), dvx, dvy (m per step over ``motion_scale_m``), cos and sin of the
+    relative heading, 1 for the ego."""
+
+    def __init__(
+        self, hidden: int, heads: int = 4, distance_scale_m: float = 20.0, motion_scale_m: float = 5.0
+    ) -> None:
+        """Build the layer: ``hidden`` features (divisible by ``heads``), the two input scales in metres."""
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"AgentInteraction: hidden={hidden} is not divisible by heads={heads}")
+        self.heads, self.distance_scale_m, self.motion_scale_m = heads, distance_scale_m, motion_scale_m
+        self.pair = nn.Sequential(nn.Linear(self.PAIR_FEATURES, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.ego_token = nn.Parameter(torch.zeros(hidden))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        xy: torch.Tensor,
+        yaw: torch.Tensor,
+        velocity_step: torch.Tensor,
+        valid: torch.Tensor,
+        ego_velocity_step: torch.Tensor,
+    ) -> torch.Tensor:
+        """Agent features after attending to the others.
+
+        Args:
+            h: [B, A, D] float — agent features.
+            xy: [B, A, 2] float — positions at t0 (m, t0 frame; the ego is at the origin, heading +x).
+            yaw: [B, A] float — headings (rad).
+            velocity_step: [B, A, 2] float — velocities times the step (m per step, t0 frame).
+            valid: [B, A] bool — real agents (padding is never attended to).
+            ego_velocity_step: [B, 2] float — the ego's velocity times the step (m per step, t0 frame).
+
+        Returns:
+            [B, A, D] float.
+        """
+        B, A, D = h.shape
+        E = D // self.heads
+        origin = torch.zeros_like(xy[:, :1])
+        all_xy = torch.cat([xy, origin], dim=1)  # [B, N, 2]
+        all_yaw = torch.cat([yaw, torch.zeros_like(yaw[:, :1])], dim=1)  # [B, N]
+        all_velocity = torch.cat([velocity_step, ego_velocity_step[:, None]], dim=1)  # [B, N, 2]
+        is_ego = torch.zeros_like(all_yaw)
+        is_ego[:, -1] = 1.0
+        cos, sin = torch.cos(yaw)[..., None], torch.sin(yaw)[..., None]  # [B, A, 1]
+        offset = _rotate(all_xy[:, None] - xy[:, :, None], cos, -sin) / self.distance_scale_m  # [B, A, N, 2]
+        motion = _rotate(all_velocity[:, None] - velocity_step[:, :, None], cos, -sin) / self.motion_scale_m
+        turn = all_yaw[:, None] - yaw[:, :, None]  # [B, A, N]
+        pair = torch.cat(
+            [
+                offset,
+                motion,
+                torch.cos(turn)[..., None],
+                torch.sin(turn)[..., None],
+                is_ego[:, None, :, None].expand(B, A, -1, 1),
+            ],
+            dim=-1,
+        )  # [B, A, N, 7]
+        edge = self.pair(pair)  # [B, A, N, D]
+        tokens = torch.cat([h, self.ego_token.expand(B, 1, D)], dim=1)  # [B, N, D]
+        query = self.query(h).reshape(B, A, 1, self.heads, E)
+        key = (self.key(tokens)[:, None] + edge).reshape(B, A, A + 1, self.heads, E)
+        value = (self.value(tokens)[:, None] + edge).reshape(B, A, A + 1, self.heads, E)
+        logits = (query * key).sum(dim=-1) / E**0.5  # [B, A, N, heads]
+        others = ~torch.eye(A, A + 1, dtype=torch.bool, device=h.device)  # [A, N]: not itself
+        attend = others[None] & torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)[:, None]  # [B, A, N]
+        weights = torch.softmax(logits.masked_fill(~attend[..., None], float("-inf")), dim=2)  # the ego: never empty
+        mixed = (weights[..., None] * value).sum(dim=2).reshape(B, A, D)
+        return h + self.out(mixed)
 
 
 class TrajectoryHead(nn.Module):
@@ -151,10 +242,11 @@ class TrajectoryHead(nn.Module):
     For each agent: a heading-aligned ``patch x patch`` square of points around its position is sampled from z0
     and from every rolled-out latent (``sample_latent``); each latent's samples are projected and a GRU runs over
     the L latents in time order. The agent's past positions, relative to its current position and in its heading
-    frame, go through an MLP. Both, with its position, heading and velocity in t0 and a class embedding, feed an
+    frame, go through an MLP. Both, with its position, heading and velocity in t0 and a class embedding, make the
+    agent's feature, which then attends to the other agents' and the ego's (``AgentInteraction``) and feeds an
     MLP that emits per-step residual displacements in the heading frame and one logit per mode. A mode is the
-    agent's constant-velocity path (the velocity of its last past step, ``past_motion``; the acceleration of its
-    past is an input too) plus its cumulated residuals (rotated into t0): the head starts as the
+    agent's constant-velocity path (its velocity at t0 from the past positions, ``past_motion``; the acceleration
+    of its past is an input too) plus its cumulated residuals (rotated into t0): the head starts as the
     constant-velocity baseline (its residual layer starts near zero) and learns where motion departs from it.
     Mode 0 keeps no residual: it is the constant-velocity path itself, an anchor whose probability the head
     learns, so that an agent that keeps its velocity is forecast exactly (the other modes are free).
@@ -218,6 +310,7 @@ class TrajectoryHead(nn.Module):
         self.past_mlp = nn.Sequential(nn.Linear(past_steps * 3, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embedding = nn.Embedding(classes, hidden)
         self.fuse = nn.Linear(2 * hidden + 8, hidden)
+        self.interaction = AgentInteraction(hidden, motion_scale_m=motion_scale_m)
         self.trunk = nn.Sequential(
             nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
         )
@@ -240,6 +333,7 @@ class TrajectoryHead(nn.Module):
         agent_yaw: torch.Tensor,
         agent_class: torch.Tensor,
         rollout: torch.Tensor | None = None,
+        ego_past: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trajectory modes of every agent.
 
@@ -252,6 +346,8 @@ class TrajectoryHead(nn.Module):
             agent_class: [B, A] int — class index (clamped into range, so padding may hold anything).
             rollout: [B, F, C, H, W] float — the rolled-out latents ẑ_1..ẑ_F, also read; None: z0 only. A head
                 trained with a rollout must be called with one.
+            ego_past: [B, P, 2] float — the ego's past positions (m, t0 frame, t0 last: the origin), whose motion
+                the agents see; None: an ego at rest.
 
         Returns:
             modes: [B, A, K, T, 2] float — xy (m) in the t0 frame at each future step.
@@ -303,6 +399,13 @@ class TrajectoryHead(nn.Module):
         pose = torch.cat([agent_xy / self.position_scale_m, torch.stack([cos, sin], dim=-1), motion], dim=-1)
         h = self.fuse(torch.cat([latent_h, past_h, pose], dim=-1))  # [B, A, D]
         h = h + self.class_embedding(agent_class.long().clamp(0, self.classes - 1))
+        if ego_past is None:
+            ego_velocity = torch.zeros_like(agent_xy[:, 0])  # [B, 2]
+        else:
+            ego_velocity = past_motion(ego_past, torch.ones_like(ego_past[..., 0], dtype=torch.bool), float(step_s))[0]
+        h = self.interaction(
+            h, agent_xy, agent_yaw, agent_velocity * step_s, agent_past_mask[..., -1], ego_velocity * step_s
+        )
         h = self.trunk(h)  # [B, A, D]
 
         K, T = self.modes, self.steps

@@ -268,6 +268,7 @@ class BevJepa(nn.Module):
             batch.agent_box[..., 6],
             batch.agent_class,
             rollout=rollout,
+            ego_past=batch.t0_from_ego[:, :, :2, 3],
         )
         heatmap, regression = self.detection(latent)
         return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression, own_latents)

@@ -24,6 +24,7 @@ SOURCES = {
     "model_latent",
     "constant_velocity",
     "constant_velocity_past",
+    "constant_velocity_anchor",
     "constant_velocity_detected",
     "ctrv",
     "persistence",
@@ -66,7 +67,7 @@ def test_every_source_reports_every_metric(result):
 
 
 def test_box_baselines_are_exact_at_t0(result):
-    for name in ("model", "constant_velocity", "constant_velocity_past", "ctrv", "persistence"):
+    for name in open_loop.TRAJECTORY_SOURCES:
         scores = result["models"][name]
         for cls in ("vehicle", "cyclist"):
             assert scores["iou"][cls][0] == 1.0 and scores["vpq"][cls][0] == 1.0, (name, cls)
@@ -134,7 +135,7 @@ def test_the_devkit_scores_the_exported_model_as_the_open_loop_does(synthetic_mi
 
 def test_without_a_run_only_the_baselines_and_bad_horizons_are_refused(synthetic_windows):
     baseline_only = open_loop.evaluate(synthetic_windows, "mini_val")
-    assert set(baseline_only["models"]) == {"constant_velocity", "constant_velocity_past", "ctrv", "persistence"}
+    assert set(baseline_only["models"]) == set(open_loop.TRAJECTORY_SOURCES) - {"model"}
     assert baseline_only["agents"] == 0 and math.isnan(baseline_only["models"]["ctrv"]["minADE_5"])
     with pytest.raises(ValueError, match="hold 12 steps"):
         open_loop.evaluate(synthetic_windows, "all", trajectory_seconds=7.0)

@@ -97,12 +97,24 @@ def test_past_motion_reads_only_the_past():
     past = torch.tensor([accelerating, oldest_unknown, middle_unknown])  # [A=3, P=3, 2], t0 last
     past_mask = torch.tensor([[True, True, True], [False, True, True], [True, False, True]])
     velocity, acceleration = heads.past_motion(past, past_mask)
-    torch.testing.assert_close(velocity, torch.tensor([[4.0, 2.0], [2.0, -2.0], [0.0, 0.0]]))
+    # (3 p0 - 4 p-1 + p-2) / (2 * 0.5 s) with three positions; the last step / 0.5 s with two; else 0.
+    torch.testing.assert_close(velocity, torch.tensor([[5.0, 3.0], [2.0, -2.0], [0.0, 0.0]]))
     torch.testing.assert_close(acceleration, torch.tensor([[4.0, 4.0], [0.0, 0.0], [0.0, 0.0]]))
-    # The constant-velocity baseline from the past (no annotated velocity) takes the same velocities.
+    # The anchor baseline takes the same velocities; the devkit-style one the last step's.
+    np.testing.assert_allclose(baselines.anchor_velocities(past.numpy(), past_mask.numpy()), velocity.numpy())
     np.testing.assert_allclose(
-        baselines.agent_velocities(np.full((3, 2), np.nan), past.numpy(), past_mask.numpy()), velocity.numpy()
+        baselines.past_velocities(past.numpy(), past_mask.numpy()), [[4.0, 2.0], [2.0, -2.0], [0.0, 0.0]]
     )
+
+
+def test_past_motion_is_exact_under_constant_acceleration():
+    """Positions sampled from x(t) = x0 + v t + a t² / 2 give back v and a at t0 exactly."""
+    v0, a = torch.tensor([3.0, -1.0]), torch.tensor([1.5, 0.5])
+    t = torch.tensor([-1.0, -0.5, 0.0])[:, None]  # [P, 1] s
+    past = (v0 * t + 0.5 * a * t**2)[None]  # [A=1, P, 2]
+    velocity, acceleration = heads.past_motion(past, torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(velocity[0], v0)
+    torch.testing.assert_close(acceleration[0], a)
 
 
 def test_modes_start_at_constant_velocity():
@@ -172,6 +184,48 @@ def test_trajectory_head_overfits_one_batch():
         optimiser.step()
         history.append(loss.item())
     assert history[-1] < history[0] / 10, (history[0], history[-1])
+
+
+def test_agents_see_their_neighbours_and_the_ego_but_not_padding():
+    torch.manual_seed(0)
+    xy, past, past_mask, yaw, cls, _, _ = agents_batch(B=1, A=4, seed=5)
+    head = heads.TrajectoryHead(channels=4, modes=3, hidden=16)
+    with torch.no_grad():  # lift the residual layer so that differences in the features show in the modes
+        head.displacement_out.weight.mul_(100)
+    z = torch.randn(1, 4, 32, 32)
+
+    def modes_of(xy, past, past_mask, yaw, cls, **kwargs):
+        return head(z, xy, past, past_mask, yaw, cls, **kwargs)
+
+    modes, logits = modes_of(xy, past, past_mask, yaw, cls)
+    # Padding (no valid past) changes nothing, whatever it holds.
+    padded = [
+        torch.cat([x, fill], dim=1)
+        for x, fill in zip(
+            (xy, past, past_mask, yaw, cls),
+            (
+                torch.full((1, 2, 2), 7.0),
+                torch.full((1, 2, 3, 2), 3.0),
+                torch.zeros(1, 2, 3, dtype=torch.bool),
+                torch.ones(1, 2),
+                torch.zeros(1, 2, dtype=torch.long),
+            ),
+            strict=True,
+        )
+    ]
+    padded_modes, padded_logits = modes_of(*padded)
+    torch.testing.assert_close(padded_modes[:, :4], modes)
+    torch.testing.assert_close(padded_logits[:, :4], logits)
+    # Moving agent 3 changes what agent 0 forecasts; the ego's motion does too.
+    moved_xy, moved_past = xy.clone(), past.clone()
+    moved_xy[0, 3] += torch.tensor([2.0, -1.0])
+    moved_past[0, 3] += torch.tensor([2.0, -1.0])
+    assert not torch.allclose(modes_of(moved_xy, moved_past, past_mask, yaw, cls)[0][0, 0], modes[0, 0])
+    ego_past = torch.tensor([[[-8.0, 0.0], [-4.0, 0.0], [0.0, 0.0]]])  # 8 m/s along +x
+    assert not torch.allclose(modes_of(xy, past, past_mask, yaw, cls, ego_past=ego_past)[0][0, 0], modes[0, 0])
+    # A lone agent still forecasts (it attends to the ego alone).
+    alone, alone_logits = modes_of(xy[:, :1], past[:, :1], past_mask[:, :1], yaw[:, :1], cls[:, :1])
+    assert torch.isfinite(alone).all() and torch.isfinite(alone_logits).all()
 
 
 # ---------------------------------------------------------------------------------------------------- detection

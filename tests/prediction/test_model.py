@@ -194,6 +194,7 @@ def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
         "model_latent",
         "constant_velocity",
         "constant_velocity_past",
+        "constant_velocity_anchor",
         "constant_velocity_detected",
         "ctrv",
         "persistence",
