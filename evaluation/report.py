@@ -38,16 +38,6 @@ from bevjepa.datasets import categories, geometry, preprocess, torch_dataset, wi
 from bevjepa.evaluation import baselines, open_loop, plots
 from bevjepa.prediction import checkpoint, forecaster, train
 
-MODEL_ORDER = (
-    "model",
-    "model_latent",
-    "constant_velocity",
-    "constant_velocity_past",
-    "constant_velocity_anchor",
-    "constant_velocity_detected",
-    "ctrv",
-    "persistence",
-)
 SOURCE_NOTES = {
     "model": "the forecast: trajectory modes; occupancy = the agents' annotated t0 boxes moved along the modes, "
     "weighted by the mode probabilities",
@@ -63,7 +53,8 @@ SOURCE_NOTES = {
     "persistence": "everything stays as it is at t0",
 }
 """One line on what each source of ``open_loop.evaluate`` is, for the report."""
-"""The order of the rows of every table (names not listed follow, sorted)."""
+MODEL_ORDER = tuple(SOURCE_NOTES)
+"""The order of the rows of every table: that of ``SOURCE_NOTES`` (names not listed follow, sorted)."""
 TRAJECTORY_KEYS = tuple(f"{metric}_{k}" for k in (1, 5, 10) for metric in ("minADE", "minFDE", "MissRate_2"))
 """The trajectory columns, in table order."""
 DETECTION_MODULE = "bevjepa.evaluation.detection_eval"

@@ -16,19 +16,11 @@ from nuscenes.nuscenes import NuScenes
 from nuscenes.prediction import PredictHelper
 
 from bevjepa.datasets import categories, torch_dataset
-from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export
+from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export, report
 from bevjepa.prediction import agent_occupancy, checkpoint, heads
 
-SOURCES = {
-    "model",
-    "model_latent",
-    "constant_velocity",
-    "constant_velocity_past",
-    "constant_velocity_anchor",
-    "constant_velocity_detected",
-    "ctrv",
-    "persistence",
-}
+SOURCES = set(report.MODEL_ORDER)
+"""Every source the report knows: ``evaluate`` with a run scores each of them."""
 
 
 @pytest.fixture(scope="module")
