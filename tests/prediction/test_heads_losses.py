@@ -186,6 +186,11 @@ def test_trajectory_head_overfits_one_batch():
     assert history[-1] < history[0] / 10, (history[0], history[-1])
 
 
+def test_agent_interaction_refuses_a_width_its_heads_do_not_divide():
+    with pytest.raises(ValueError, match="hidden=18 is not divisible by heads=4"):
+        heads.AgentInteraction(18, heads=4)
+
+
 def test_agents_see_their_neighbours_and_the_ego_but_not_padding():
     torch.manual_seed(0)
     xy, past, past_mask, yaw, cls, _, _ = agents_batch(B=1, A=4, seed=5)
