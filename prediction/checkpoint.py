@@ -10,24 +10,17 @@ A run folder holds:
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from bevjepa.datasets import io as bevio
 from bevjepa.prediction import config as experiment_config
 from bevjepa.prediction import model
 
 FORMAT = "bevjepa-checkpoint"
 FORMAT_VERSION = 1
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save(
@@ -40,21 +33,30 @@ def save(
     """Write a checkpoint into ``run`` (each file atomically; ``state.json`` last, so it names a whole set)."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    _atomic(run / "config.json", lambda p: p.write_text(json.dumps(experiment_config.to_dict(config), indent=1)))
+    bevio.atomic_write_json(run / "config.json", experiment_config.to_dict(config))
     weights = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    _atomic(run / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": FORMAT}))
+    metadata = {"format": FORMAT}
+    bevio.atomic_write_with(run / "model.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))
     groups = []
     if optimizer is not None:
         tensors, groups = _optimizer_tensors(optimizer)
-        _atomic(run / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
+        bevio.atomic_write_with(run / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
     full_state = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config_hash": config.content_hash(),
+        "config_hash": config.resume_hash(),
         "param_groups": groups,
         **state,
     }
-    _atomic(run / "state.json", lambda p: p.write_text(json.dumps(full_state, indent=1)))
+    bevio.atomic_write_json(run / "state.json", full_state)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint of this format (a run folder written before output folders were marked)."""
+    try:
+        return load_state(folder) is not None
+    except (OSError, ValueError):
+        return False
 
 
 def load_config(run: Path) -> experiment_config.ExperimentConfig:
@@ -64,7 +66,11 @@ def load_config(run: Path) -> experiment_config.ExperimentConfig:
         raise FileNotFoundError(
             f"{path} not found: {run} is not a bevjepa run folder (train one with `bevjepa train --out RUN`)"
         )
-    return experiment_config.from_dict(experiment_config.ExperimentConfig, json.loads(path.read_text()))
+    values = bevio.read_json_object(path, "run config")
+    try:
+        return experiment_config.from_dict(experiment_config.ExperimentConfig, values)  # type: ignore[return-value]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def load_state(run: Path) -> dict:
@@ -72,7 +78,7 @@ def load_state(run: Path) -> dict:
     path = Path(run) / "state.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run} holds no checkpoint yet")
-    state = json.loads(path.read_text())
+    state = bevio.read_json_object(path, "checkpoint state")
     if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: not a {FORMAT} version {FORMAT_VERSION} checkpoint")
     return state
@@ -85,8 +91,9 @@ def load_model(
     config = load_config(run)
     load_state(run)
     net = model.BevJepa(config.model)
+    weights = _read_tensors(Path(run) / "model.safetensors", device)
     try:
-        net.load_state_dict(load_file(str(Path(run) / "model.safetensors"), device=str(device)))
+        net.load_state_dict(weights)
     except RuntimeError as error:  # the weights of another version of the model
         first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
         raise ValueError(
@@ -99,7 +106,7 @@ def load_model(
 def load_optimizer(run: Path, optimizer: torch.optim.Optimizer) -> None:
     """Restore an optimizer's state from a run folder."""
     state = load_state(run)
-    tensors = load_file(str(Path(run) / "optimizer.safetensors"))
+    tensors = _read_tensors(Path(run) / "optimizer.safetensors", "cpu")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
@@ -109,6 +116,19 @@ def load_optimizer(run: Path, optimizer: torch.optim.Optimizer) -> None:
     for saved, live in zip(groups, current["param_groups"], strict=True):
         saved["params"] = live["params"]
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or damaged file is a ``ValueError`` that names it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run folder is incomplete; retrain or restore it")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as error:  # safetensors raises its own SafetensorError for truncated or foreign files
+        raise ValueError(
+            f"{path} is damaged ({type(error).__name__}: {error}); it is not a whole safetensors file: "
+            "restore it or retrain the run"
+        ) from None
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

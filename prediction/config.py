@@ -7,11 +7,14 @@ artifact and back.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bevjepa.datasets import geometry
 from bevjepa.fusion import fuser
@@ -32,9 +35,11 @@ class TrainConfig:
         ema_decay: decay of the target encoder's exponential moving average.
         grad_clip: gradient-norm clip.
         seed: seeds the model's initialisation, the data order and every random choice in training.
-        val_every: steps between validations (also the checkpoint interval).
+        val_every: steps between validations (each followed by a checkpoint).
         val_batches: batches each validation scores (the first ones of the split, always the same); None: all.
         max_minutes: stop (with a checkpoint) once this much wall time has passed; None: run every step.
+        checkpoint_minutes: wall time between checkpoints besides those after validations (a killed run loses at
+            most this much); 0: after every step. SIGTERM and Ctrl-C also write one before the run stops.
         loader_workers: DataLoader worker processes.
         train_split: devkit split of the training scenes.
         val_split: devkit split of the validation scenes.
@@ -51,6 +56,7 @@ class TrainConfig:
     val_every: int = 100
     val_batches: int | None = 8
     max_minutes: float | None = None
+    checkpoint_minutes: float = 5.0
     loader_workers: int = 1
     train_split: str = "mini_train"
     val_split: str = "mini_val"
@@ -59,6 +65,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
             raise ValueError("TrainConfig: steps, batch_size and val_every must be positive")
+        if not math.isfinite(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
+            raise ValueError(f"TrainConfig: checkpoint_minutes must be finite and >= 0, got {self.checkpoint_minutes}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,20 @@ class ExperimentConfig:
     def content_hash(self) -> str:
         """A short hash of the whole configuration."""
         return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def resume_hash(self) -> str:
+        """A short hash of what a resumed run must share with its checkpoint.
+
+        Everything but ``RESUMABLE_FIELDS`` of ``train``: the step count (a finished run can be extended), the time
+        caps and the loader processes may change between a run and its ``--resume``.
+        """
+        values = to_dict(self)
+        values["train"] = {k: v for k, v in values["train"].items() if k not in RESUMABLE_FIELDS}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "checkpoint_minutes", "loader_workers"})
+"""``TrainConfig`` fields that ``--resume`` may change."""
 
 
 def small() -> ExperimentConfig:
@@ -138,10 +160,27 @@ PRESETS: dict[str, typing.Callable[[], ExperimentConfig]] = {"small": small, "ba
 
 
 def preset(name: str) -> ExperimentConfig:
-    """The named preset."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown config preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
+    """The named preset, or the configuration in a JSON file (e.g. a run's ``config.json``, edited).
+
+    Raises:
+        ValueError: an unknown preset name, or a file that is not a whole ``ExperimentConfig`` (an unknown or
+            misspelt field is named).
+    """
+    if name in PRESETS:
+        return PRESETS[name]()
+    path = Path(name)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {path} is not valid JSON ({error})") from None
+        try:
+            return from_dict(ExperimentConfig, values)  # type: ignore[return-value]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config file {path}: {error}") from None
+    raise ValueError(f"unknown config preset {name!r}; choose one of {sorted(PRESETS)} or give a JSON config file")
 
 
 def to_dict(config: object) -> dict:
@@ -149,26 +188,43 @@ def to_dict(config: object) -> dict:
     return dataclasses.asdict(config)  # type: ignore[call-overload]
 
 
-def from_dict(cls: type, values: dict) -> object:
-    """Rebuild a config dataclass of type ``cls`` from ``to_dict`` output, nested dataclasses included."""
-    hints = typing.get_type_hints(cls)
+def from_dict(cls: type, values: dict, where: str = "config") -> object:
+    """Rebuild a config dataclass of type ``cls`` from ``to_dict`` output, nested dataclasses included.
+
+    Fields absent from ``values`` take their defaults; a key that names no field is an error (a misspelt field
+    would otherwise fall back to its default without a word), as is a section that is not a JSON object.
+
+    Raises:
+        ValueError: names the key (``where`` is its path, e.g. ``config.train``) and the nearest field names.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(values).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        described = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, 1)
+            described.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        hints = "; ".join(described)
+        raise ValueError(f"{where}: unknown field {hints}; {cls.__name__} has {', '.join(names)}")
+    hints_by_name = typing.get_type_hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        kwargs[f.name] = _from_value(hints[f.name], values[f.name])
+    for name in names:
+        if name in values:
+            kwargs[name] = _from_value(hints_by_name[name], values[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
-def _from_value(hint: object, value: object) -> object:
+def _from_value(hint: object, value: object, where: str) -> object:
     if value is None:
         return None
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _from_value(options[0], value) if len(options) == 1 else value
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return from_dict(hint, value)  # type: ignore[arg-type]
+        return _from_value(options[0], value, where) if len(options) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)  # type: ignore[arg-type]
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value

@@ -5,13 +5,24 @@ heads, and add the JEPA latent loss against the EMA target encoder's view of the
 a cosine learning-rate schedule and the EMA update. TensorBoard scalars go to ``RUN/tensorboard``: every loss
 term, the learning rate and the standard deviation of the latents (a collapse diagnostic: it falls toward 0
 when the representation collapses). Validation runs every ``val_every`` steps, a checkpoint follows it.
+
+Progress is never lost for long: a checkpoint is also written every ``checkpoint_minutes`` of wall time, and
+SIGTERM or Ctrl-C stops the run after the step in flight with a checkpoint (a second Ctrl-C stops at once).
+``--resume`` continues a run from its checkpoint; with a larger ``--steps`` it extends a finished run. The
+learning rate is a function of (step, steps): resuming with the same ``steps`` continues the schedule exactly,
+and with more steps the cosine is stretched over the new total, so the rate rises at the resume step to the
+stretched schedule's value there (a warm restart, as in SGDR) and decays to 5 % at the new last step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +32,7 @@ from nuscenes.utils.splits import create_splits_scenes
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from bevjepa.datasets import io as bevio
 from bevjepa.datasets import torch_dataset
 from bevjepa.prediction import checkpoint, model
 from bevjepa.prediction import config as experiment_config
@@ -37,6 +49,8 @@ class TrainSummary:
         step_time_s: median wall time of one optimizer step.
         final_losses: the last training step's loss terms.
         validation: the last validation's mean loss terms.
+        stopped_by: the signal that stopped the run early (``"SIGTERM"``, ``"SIGINT"``), after a checkpoint;
+            None when it ran to its last step or its time cap.
     """
 
     run: Path
@@ -45,6 +59,33 @@ class TrainSummary:
     step_time_s: float
     final_losses: dict[str, float]
     validation: dict[str, float]
+    stopped_by: str | None = None
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[str]]:
+    """Within the block, SIGTERM and a first Ctrl-C are recorded (in the yielded list) instead of stopping at once.
+
+    The loop checks the list after each step, checkpoints and stops. A second Ctrl-C raises ``KeyboardInterrupt``
+    as usual. Outside the main thread (a Ray Train worker) nothing is installed.
+    """
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def record(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and "SIGINT" in received:
+            raise KeyboardInterrupt
+        received.append(name)
+
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def split_scenes(data: Path, split: str) -> list[str]:
@@ -148,12 +189,20 @@ def training_loop(
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
+    if rank == 0:
+        bevio.claim_output_folder(run, "train", own_files=checkpoint.is_run_folder)
     if resume:
         previous = checkpoint.load_state(run)
-        if previous["config_hash"] != config.content_hash():
+        if previous.get("config_hash") != config.resume_hash():
             raise ValueError(
-                f"--resume: {run} was trained with another configuration (hash "
-                f"{previous['config_hash']}, this one {config.content_hash()})"
+                f"--resume: {run} was trained with another configuration (hash {previous.get('config_hash')}, this "
+                f"one {config.resume_hash()}); only {', '.join(sorted(experiment_config.RESUMABLE_FIELDS))} may "
+                "change when resuming"
+            )
+        if previous["step"] > settings.steps:
+            raise ValueError(
+                f"--resume: {run} is already at step {previous['step']}; --steps {settings.steps} would not extend "
+                "it (pass a larger --steps)"
             )
     elif (run / "state.json").exists() and rank == 0:
         raise FileExistsError(
@@ -200,6 +249,9 @@ def training_loop(
     last: dict[str, float] = {}
     validation: dict[str, float] = {}
     bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
+    last_checkpoint = time.perf_counter()
+    stops = contextlib.ExitStack()
+    stop_signals = stops.enter_context(_stop_requests())
     try:
         while step < settings.steps:
             tick = time.perf_counter()
@@ -223,24 +275,35 @@ def training_loop(
                 writer.add_scalar("train/learning_rate", optimizer.param_groups[0]["lr"], step)
             bar.update()
             bar.set_postfix(loss=f"{last['total']:.3f}")
-            out_of_time = settings.max_minutes is not None and time.perf_counter() - start > 60 * settings.max_minutes
-            if step % settings.val_every == 0 or step == settings.steps or out_of_time:
-                if rank == 0:
-                    validation = validate(core, val_loader, settings.weights, settings.val_batches)
-                    for name, value in validation.items():
-                        writer.add_scalar(f"val/{name}", value, step)
-                    history.append({"step": step, "train": last, "val": validation})
-                    checkpoint.save(run, config, core, optimizer, {"step": step, "history": history})
-                if distributed:
-                    import ray.train
+            now = time.perf_counter()
+            out_of_time = settings.max_minutes is not None and now - start > 60 * settings.max_minutes
+            validating = step % settings.val_every == 0 or step == settings.steps or out_of_time
+            checkpoint_due = now - last_checkpoint >= 60 * settings.checkpoint_minutes
+            if rank == 0 and validating:
+                validation = validate(core, val_loader, settings.weights, settings.val_batches)
+                for name, value in validation.items():
+                    writer.add_scalar(f"val/{name}", value, step)
+                history.append({"step": step, "train": last, "val": validation})
+            if rank == 0 and (validating or checkpoint_due or stop_signals):
+                checkpoint.save(run, config, core, optimizer, {"step": step, "history": history})
+                last_checkpoint = time.perf_counter()
+            if distributed and validating:
+                import ray.train
 
-                    ray.train.report({"step": step, **{f"train_{k}": v for k, v in last.items()}})
-            if out_of_time:
+                ray.train.report({"step": step, **{f"train_{k}": v for k, v in last.items()}})
+            if out_of_time or stop_signals:
                 break
     finally:
+        stops.close()
         bar.close()
         if writer is not None:
             writer.close()
     return TrainSummary(
-        run, step, time.perf_counter() - start, float(np.median(step_times)) if step_times else 0.0, last, validation
+        run,
+        step,
+        time.perf_counter() - start,
+        float(np.median(step_times)) if step_times else 0.0,
+        last,
+        validation,
+        stop_signals[0] if stop_signals else None,
     )

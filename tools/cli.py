@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -66,15 +67,25 @@ def _preprocess(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from bevjepa.prediction import checkpoint, train
     from bevjepa.prediction import config as experiment_config
-    from bevjepa.prediction import train
 
-    config = experiment_config.preset(args.config)
-    changes = {"seed": args.seed, "max_minutes": args.minutes, "loader_workers": args.loader_workers}
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.batch_size is not None:
-        changes["batch_size"] = args.batch_size
+    out = Path(args.out)
+    if args.resume:  # the run's own configuration; only what is given here changes
+        config = checkpoint.load_config(out)
+        changes: dict = {}
+    else:
+        config = experiment_config.preset(args.config)
+        changes = {"seed": 0}
+    given = {
+        "seed": args.seed,
+        "max_minutes": args.minutes,
+        "loader_workers": args.loader_workers,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "checkpoint_minutes": args.checkpoint_minutes,
+    }
+    changes.update({name: value for name, value in given.items() if value is not None})
     if args.no_jepa:
         changes["weights"] = dataclasses.replace(config.train.weights, latent=0.0)
     model_changes = {}
@@ -90,9 +101,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.address:
         from bevjepa.prediction import distributed
 
-        summary = distributed.train_on_ray(Path(args.data), Path(args.out), config, args.address, args.workers)
+        summary = distributed.train_on_ray(Path(args.data), out, config, args.address, args.workers)
     else:
-        summary = train.train(Path(args.data), Path(args.out), config, resume=args.resume)
+        summary = train.train(Path(args.data), out, config, resume=args.resume)
+    if summary.stopped_by is not None:
+        print(
+            f"bevjepa train: stopped by {summary.stopped_by} at step {summary.steps} of {config.train.steps}; "
+            f"checkpoint in {summary.run}: continue with `bevjepa train --resume --out {summary.run} ...`",
+            file=sys.stderr,
+        )
+        return 128 + int(signal.Signals[summary.stopped_by])
     print(
         f"trained {summary.steps} steps in {summary.wall_time_s:.0f} s ({summary.step_time_s * 1e3:.0f} ms a step);"
         f" validation loss {summary.validation.get('total', float('nan')):.3f}; checkpoint in {summary.run}"
@@ -293,13 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     trainer = commands.add_parser("train", help="train the BEV JEPA world model on preprocessed windows")
     trainer.add_argument("--data", required=True, help="a `bevjepa preprocess` output")
-    trainer.add_argument("--config", default="small", help="config preset: small (CPU) or base (GPU)")
+    trainer.add_argument(
+        "--config", default="small", help="config preset, small (CPU) or base (GPU), or a JSON config file"
+    )
     trainer.add_argument("--out", required=True, help="the run folder (checkpoints, TensorBoard, config)")
     trainer.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     trainer.add_argument("--batch-size", type=int, default=None, help="windows per step (default: the preset's)")
     trainer.add_argument("--minutes", type=float, default=None, help="stop, with a checkpoint, after this long")
-    trainer.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    trainer.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    trainer.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=None,
+        help="wall time between checkpoints (default: the preset's, 5; 0: every step)",
+    )
+    trainer.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    trainer.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the checkpoint in --out with its own config (a larger --steps extends a finished run)",
+    )
     trainer.add_argument("--no-jepa", action="store_true", help="train without the latent (JEPA) loss")
     trainer.add_argument(
         "--sensors",
@@ -307,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="which sensors the model sees (default both)",
     )
-    trainer.add_argument("--loader-workers", type=int, default=1, help="DataLoader worker processes (default 1)")
+    trainer.add_argument(
+        "--loader-workers", type=int, default=None, help="DataLoader worker processes (default: the preset's)"
+    )
     trainer.add_argument("--address", default=None, help="train data-parallel on this Ray cluster (Ray Train)")
     trainer.add_argument("--workers", type=int, default=2, help="Ray Train workers with --address (default 2)")
     trainer.set_defaults(run=_train)
@@ -420,6 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"bevjepa {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a read-only or vanished folder: what the system said, on one line
+        where = f" ({error.filename})" if error.filename else ""
+        print(
+            f"bevjepa {args.command}: error: {error.strerror or error}{where}; files written so far are whole "
+            "(each is written to a temporary file and renamed)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"bevjepa {args.command}: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130

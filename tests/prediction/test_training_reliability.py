@@ -1,0 +1,218 @@
+"""Training keeps its progress and its folder: interval and signal checkpoints, extension by --resume, refused folders,
+damaged files, a full disk, and configs with unknown fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bevjepa.datasets import io as bevio
+from bevjepa.prediction import checkpoint, train
+from bevjepa.prediction import config as experiment_config
+from bevjepa.tools import cli
+
+BEVJEPA = str(Path(sys.executable).with_name("bevjepa"))
+
+
+def _tiny(steps: int, **train_changes) -> experiment_config.ExperimentConfig:
+    config = experiment_config.small()
+    settings = {"steps": steps, "val_every": 100, "val_batches": 1, "loader_workers": 0, **train_changes}
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
+
+
+def _train_command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [BEVJEPA, "train", "--data", str(data), "--out", str(out), "--loader-workers", "0", *extra]
+
+
+def test_resume_extends_a_finished_run_and_continues_the_schedule(synthetic_windows, tmp_path):
+    run = tmp_path / "run"
+    train.train(synthetic_windows, run, _tiny(1), progress=False)
+    extended = train.train(synthetic_windows, run, _tiny(3), resume=True, progress=False)
+    assert extended.steps == 3 and checkpoint.load_state(run)["step"] == 3
+    assert checkpoint.load_config(run).train.steps == 3
+    with pytest.raises(ValueError, match="already at step 3"):
+        train.train(synthetic_windows, run, _tiny(2), resume=True, progress=False)
+    # The stretched schedule: warm-up, then the cosine of the new total down to 5% at its last step.
+    settings = _tiny(400).train
+    rates = [train._learning_rate(settings, step) for step in range(400)]
+    assert rates[39] == pytest.approx(settings.learning_rate) and rates[-1] > 0.05 * settings.learning_rate
+    assert all(later <= earlier for earlier, later in zip(rates[39:], rates[40:], strict=False))
+    # The extended run's last step used the 3-step schedule's rate, not the 1-step run's.
+    last_rate = checkpoint.load_state(run)["param_groups"][0]["lr"]
+    assert last_rate == pytest.approx(train._learning_rate(_tiny(3).train, 2))
+
+
+def test_cli_resume_keeps_the_runs_own_config(synthetic_windows, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                str(synthetic_windows),
+                "--out",
+                str(run),
+                "--steps",
+                "1",
+                "--loader-workers",
+                "0",
+                "--batch-size",
+                "1",
+            ]
+        )
+        == 0
+    )
+    # No --batch-size here: the run's own (1) is kept, not the preset's (2); only --steps changes.
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data",
+                str(synthetic_windows),
+                "--out",
+                str(run),
+                "--resume",
+                "--steps",
+                "2",
+                "--loader-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    config = checkpoint.load_config(run)
+    assert config.train.batch_size == 1 and config.train.steps == 2
+    assert checkpoint.load_state(run)["step"] == 2
+
+
+def test_a_killed_run_resumes_from_its_interval_checkpoint(synthetic_windows, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        _train_command(synthetic_windows, run, "--steps", "500", "--checkpoint-minutes", "0"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "state.json").is_file() or checkpoint.load_state(run)["step"] < 2:
+            assert process.poll() is None, "training ended before it was killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        process.kill()  # SIGKILL: no handler runs
+        process.wait()
+    reached = checkpoint.load_state(run)["step"]
+    assert 2 <= reached < 500
+    resumed = subprocess.run(
+        _train_command(synthetic_windows, run, "--resume", "--steps", str(reached + 1)), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.load_state(run)["step"] == reached + 1
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(synthetic_windows, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        _train_command(synthetic_windows, run, "--steps", "500", "--checkpoint-minutes", "600"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    seen = bytearray()
+    first_step = threading.Event()
+
+    def read() -> None:  # tqdm draws "1/500" once the first step is done (the handler is in place by then)
+        while chunk := os.read(process.stderr.fileno(), 4096):
+            seen.extend(chunk)
+            if b"1/500" in seen:
+                first_step.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert first_step.wait(600), seen.decode(errors="replace")[-2000:]
+        assert not (run / "state.json").exists()  # no validation or interval checkpoint yet
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(600)
+    finally:
+        process.kill()
+        process.wait()
+    reader.join(10)
+    assert code == 128 + signal.SIGTERM
+    message = seen.decode(errors="replace")
+    assert "stopped by SIGTERM" in message and "--resume" in message
+    assert 1 <= checkpoint.load_state(run)["step"] < 500
+
+
+def test_training_refuses_a_folder_that_holds_other_work(synthetic_windows, tmp_path, capsys):
+    windows_config = (synthetic_windows / "config.json").read_text()
+    args = ["train", "--data", str(synthetic_windows), "--steps", "1", "--loader-workers", "0"]
+    assert cli.main([*args, "--out", str(synthetic_windows)]) == 2
+    assert "holds files that are not this job's output" in capsys.readouterr().err
+    assert (synthetic_windows / "config.json").read_text() == windows_config  # nothing replaced
+    assert not (synthetic_windows / bevio.JOB_MARKER).exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert cli.main([*args, "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "mine"
+
+
+def test_damaged_run_files_are_named(synthetic_windows, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.train(synthetic_windows, run, _tiny(1), progress=False)
+    weights = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors is damaged"):
+        checkpoint.load_model(run)
+    (run / "model.safetensors").write_bytes(weights)
+    (run / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json holds a JSON list, not an object"):
+        checkpoint.load_model(run)
+    args = ["train", "--data", str(synthetic_windows), "--out", str(run), "--resume", "--loader-workers", "0"]
+    assert cli.main(args) == 2
+    assert "not an object" in capsys.readouterr().err
+
+
+def test_a_misspelt_config_field_is_named_not_ignored(synthetic_windows, tmp_path, capsys):
+    values = experiment_config.to_dict(experiment_config.small())
+    values["model"]["fuser"]["modality_dropuot"] = values["model"]["fuser"].pop("modality_dropout")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(
+        ValueError,
+        match=r"config\.model\.fuser: unknown field 'modality_dropuot' \(did you mean "
+        r"'modality_dropout'\?\)",
+    ):
+        experiment_config.preset(str(path))
+    code = cli.main(["train", "--data", str(synthetic_windows), "--out", str(tmp_path / "run"), "--config", str(path)])
+    assert code == 2 and "modality_dropuot" in capsys.readouterr().err
+    values["model"]["fuser"]["modality_dropout"] = 0.0
+    del values["model"]["fuser"]["modality_dropuot"]
+    path.write_text(json.dumps(values))
+    assert experiment_config.preset(str(path)).model.fuser.modality_dropout == 0.0
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_file(synthetic_windows, tmp_path, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    run = tmp_path / "run"
+    train.train(synthetic_windows, run, _tiny(1), progress=False)
+    before = {name: (run / name).read_bytes() for name in ("config.json", "model.safetensors", "state.json")}
+    # Writes to /dev/full fail with ENOSPC: the temporary file of the next checkpoint's first write is linked there.
+    temporary = run / f".config.json.{os.getpid()}.tmp"
+    temporary.symlink_to("/dev/full")
+    args = ["train", "--data", str(synthetic_windows), "--out", str(run), "--resume", "--steps", "2"]
+    assert cli.main([*args, "--loader-workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not temporary.exists() and not temporary.is_symlink()
+    assert {name: (run / name).read_bytes() for name in before} == before  # the previous checkpoint is whole
+    assert checkpoint.load_state(run)["step"] == 1
