@@ -15,7 +15,9 @@
 Every stage keeps its output and a second run skips what is done (the dataset and windows when complete, training
 when its last step is reached, each evaluation when its metrics file exists), so a second run only rewrites
 the summary. Training gets what the time budget leaves after the other stages' expected durations; its step
-count is set from a measured step time, so the learning-rate schedule runs to its end within the budget.
+count is set from a measured step time, so the learning-rate schedule runs to its end within the budget, and a
+wall-time cap of 1.5 times the plan stops it on a slower machine (a second run continues it). With
+``DemoConfig.steps`` the step count is fixed instead and no cap applies, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bevjepa.datasets import io as bevio
 from bevjepa.datasets import preprocess
 from bevjepa.evaluation import closed_loop, report, rerun_recording
 from bevjepa.prediction import bench as model_bench
@@ -58,6 +61,8 @@ class DemoConfig:
         reserve_s: expected seconds of the stages after training (evaluation, closed loop, report), kept free.
         min_steps: training steps even when the budget is spent.
         max_steps: training steps at most.
+        steps: a fixed number of training steps, run to the end however long they take (no step-time
+            measurement, no wall-time cap); None: as many as the budget allows.
         progress: show progress bars.
         rerun: write a Rerun recording of one mini_val scene here after the open-loop stage (a ``.rrd`` file;
             needs ``pip install 'bevjepa[rerun]'``; kept when it exists); None: no recording.
@@ -73,12 +78,15 @@ class DemoConfig:
     reserve_s: float = 360.0
     min_steps: int = 100
     max_steps: int = 1500
+    steps: int | None = None
     progress: bool = True
     rerun: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:
             raise ValueError(f"--minutes must be positive, got {self.minutes}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if self.scenes < 2 or self.workers < 1:
             raise ValueError(f"the demo needs at least 2 scenes and 1 worker, got {self.scenes} and {self.workers}")
         if not Path(self.suite).is_file():
@@ -120,14 +128,8 @@ def _record_times(path: Path, seconds: dict[str, float]) -> dict[str, float]:
     recorded = json.loads(path.read_text()) if path.is_file() else {}
     recorded.update({name: value for name, value in seconds.items() if value >= 1.0 or name not in recorded})
     recorded["total"] = sum(value for name, value in recorded.items() if name != "total")
-    _write_json(path, recorded)
+    bevio.atomic_write_json(path, recorded)
     return recorded
-
-
-def _write_json(path: Path, value: object) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    temporary.replace(path)
 
 
 def _dataset(config: DemoConfig, dataroot: Path) -> None:
@@ -155,12 +157,18 @@ def _plan_steps(config: DemoConfig, windows: Path, spent_s: float) -> dict:
     """The training plan: steps that fit the budget at the measured step time (kept in plan.json)."""
     plan_path = config.out / "plan.json"
     if plan_path.is_file():
-        return json.loads(plan_path.read_text())
+        plan = json.loads(plan_path.read_text())
+        if config.steps is None or plan["steps"] == config.steps:
+            return plan
+    if config.steps is not None:
+        plan = {"steps": config.steps, "measured_step_s": None, "training_budget_s": None, "seed": config.seed}
+        bevio.atomic_write_json(plan_path, plan)
+        return plan
     step_s = model_bench.training_step_time(windows, repeats=2)["step_ms"] / 1e3
     budget_s = config.minutes * 60 - spent_s - config.reserve_s
     steps = int(min(config.max_steps, max(config.min_steps, budget_s / step_s)))
     plan = {"steps": steps, "measured_step_s": step_s, "training_budget_s": budget_s, "seed": config.seed}
-    _write_json(plan_path, plan)
+    bevio.atomic_write_json(plan_path, plan)
     return plan
 
 
@@ -173,7 +181,7 @@ def _train(config: DemoConfig, windows: Path, run: Path, plan: dict) -> None:
             steps=plan["steps"],
             seed=plan["seed"],
             val_every=max(50, plan["steps"] // 4),
-            max_minutes=1.5 * plan["steps"] * plan["measured_step_s"] / 60,
+            max_minutes=None if plan["measured_step_s"] is None else 1.5 * plan["steps"] * plan["measured_step_s"] / 60,
         ),
     )
     if (run / "state.json").is_file():
@@ -186,15 +194,17 @@ def _train(config: DemoConfig, windows: Path, run: Path, plan: dict) -> None:
 
 def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     """Run every stage (reusing finished ones) and write ``out/report.md``."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = bevio.claim_output_folder(Path(config.out), "demo", own_files=lambda folder: (folder / "plan.json").is_file())
     dataroot, windows, run_folder = out / "nuscenes", out / "windows", out / "run"
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     _timed(seconds, "synthetic dataset", lambda: _dataset(config, dataroot), say)
     _timed(seconds, "preprocessing", lambda: _windows(config, dataroot, windows), say)
     plan = _plan_steps(config, windows, time.perf_counter() - started)
-    say(f"[demo] training plan: {plan['steps']} steps at {plan['measured_step_s']:.2f} s a step")
+    if plan["measured_step_s"] is None:
+        say(f"[demo] training plan: {plan['steps']} steps (fixed)")
+    else:
+        say(f"[demo] training plan: {plan['steps']} steps at {plan['measured_step_s']:.2f} s a step")
     _timed(seconds, "training", lambda: _train(config, windows, run_folder, plan), say)
 
     open_loop_dir = out / "open-loop"
@@ -246,9 +256,7 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     this_run_s = time.perf_counter() - started
     recorded = _record_times(out / "timings.json", seconds)
     report_path = out / "report.md"
-    temporary = report_path.with_suffix(".tmp")
-    temporary.write_text(render(config, plan, recorded, open_loop, closed, out))
-    temporary.replace(report_path)
+    bevio.atomic_write_text(report_path, render(config, plan, recorded, open_loop, closed, out))
     say(f"[demo] done in {this_run_s:.0f} s (all stages, as they ran: {recorded['total']:.0f} s): {report_path}")
     return DemoResult(out, report_path, recorded, open_loop, closed)
 

@@ -255,6 +255,8 @@ def _demo(args: argparse.Namespace) -> int:
     kwargs = {"suite": Path(args.suite)} if args.suite else {}
     if args.rerun:
         kwargs["rerun"] = Path(args.rerun)
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
     result = demo.run(demo.DemoConfig(out=Path(args.out), minutes=args.minutes, workers=args.workers, **kwargs))
     print(f"report: {result.report}")
     return 0
@@ -435,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runner.add_argument("--out", default="out/demo", help="output folder (a rerun reuses what is done)")
     runner.add_argument("--minutes", type=float, default=15.0, help="time budget; training gets what is left")
+    runner.add_argument(
+        "--steps", type=int, default=None, help="train exactly this many steps (default: what the budget allows)"
+    )
     runner.add_argument("--workers", type=int, default=2, help="Ray workers")
     runner.add_argument("--suite", default=None, help="closed-loop scenario suite (default: suites/ci.toml)")
     runner.add_argument(

@@ -21,8 +21,7 @@ def tiny_demo(tmp_path_factory):
         workers=2,
         suite=demo.SUITES / "smoke.toml",
         reserve_s=0.0,
-        min_steps=2,
-        max_steps=2,
+        steps=2,  # fixed: the training budget would give a slow or busy machine fewer steps
         progress=False,
     )
     return config, demo.run(config, say=lambda _: None)
@@ -71,8 +70,14 @@ def test_a_second_run_reuses_every_stage(tiny_demo, capsys):
     assert "synthetic dataset: 0 s" in printed and "training: 0 s" in printed and "report:" in printed
 
 
-def test_bad_settings_are_refused(tmp_path):
+def test_bad_settings_are_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="--minutes"):
         demo.DemoConfig(out=tmp_path, minutes=0)
+    with pytest.raises(ValueError, match="--steps"):
+        demo.DemoConfig(out=tmp_path, steps=0)
+    (tmp_path / "thesis.tex").write_text("mine")
+    assert cli.main(["demo", "--out", str(tmp_path), "--steps", "1"]) == 2
+    assert "holds files that are not this job's output" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
     with pytest.raises(FileNotFoundError, match="suite"):
         demo.DemoConfig(out=tmp_path, suite=tmp_path / "missing.toml")
