@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +59,24 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
     """Let ``write(tmp_path)`` produce the file (e.g. a library's ``save_file``), then rename it to ``path``."""
     _write_via_temporary(path, write)
+
+
+def atomic_write_folder(path: Path, fill: Callable[[Path], None]) -> None:
+    """Let ``fill(staging)`` write a whole folder beside ``path``, then rename it to ``path`` (absent or empty).
+
+    The staging folder is removed on any failure, so ``path`` is either the whole folder or as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        fill(staging)
+        if path.exists():
+            path.rmdir()  # only an empty folder may be replaced
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def strict_json(value: object) -> object:

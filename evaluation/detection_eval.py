@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bevjepa.datasets import categories, geometry, torch_dataset
+from bevjepa.datasets import io as bevio
 from bevjepa.prediction import forecaster, heads, train
 
 DETECTION_NAME_OF_CLASS: dict[str, str] = {"vehicle": "car", "pedestrian": "pedestrian", "cyclist": "bicycle"}
@@ -287,7 +287,7 @@ def write_submission(
             raise ValueError(
                 f"{path}: sample {token} has {len(boxes)} boxes; the devkit allows {max_boxes_per_sample} per sample"
             )
-    _atomic_write_json(path, {"meta": meta.as_json(), "results": results})
+    bevio.atomic_write_json(path, {"meta": meta.as_json(), "results": results}, indent=None)
     return path
 
 
@@ -437,7 +437,9 @@ def score_submission(
         result_path = submission_path
         if not any(submission["results"].values()):
             result_path = Path(scratch) / "submission_with_placeholder.json"
-            _atomic_write_json(result_path, _with_placeholder(submission, nusc, split_tokens[0], config))
+            bevio.atomic_write_json(
+                result_path, _with_placeholder(submission, nusc, split_tokens[0], config), indent=None
+            )
         evaluation = DetectionEval(
             nusc, config, str(result_path), eval_set=split, output_dir=str(Path(scratch) / "devkit"), verbose=verbose
         )
@@ -474,7 +476,7 @@ def score_submission(
         "config": {**config.serialize(), "class_names": list(config.class_names), "name": CONFIG_NAME},
     }
     result = _json_safe(result)
-    _atomic_write_json(out_dir / METRICS_FILE, result)
+    bevio.atomic_write_json(out_dir / METRICS_FILE, result, indent=None)
     return result
 
 
@@ -566,7 +568,7 @@ def evaluate_model_detections(
         nusc=nusc,
     )
     result = {**result, "windows": len(dataset), "submission": str(submission)}
-    _atomic_write_json(out_dir / METRICS_FILE, result)
+    bevio.atomic_write_json(out_dir / METRICS_FILE, result, indent=None)
     return result
 
 
@@ -633,17 +635,3 @@ def _json_safe(value):
         return int(value)
     number = float(value)
     return number if math.isfinite(number) else None
-
-
-def _atomic_write_json(path: Path, content: dict) -> None:
-    """Write JSON through a temporary sibling, so the file is either whole or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(content, f, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bevjepa.datasets import categories, geometry, rasterize, torch_dataset  # noqa: E402
+from bevjepa.datasets import io as bevio  # noqa: E402
 from bevjepa.evaluation import baselines  # noqa: E402
 from bevjepa.prediction import forecaster  # noqa: E402
 
@@ -269,11 +269,10 @@ def _t0_points(sample: torch_dataset.WindowSample) -> np.ndarray:
 def _save(fig: plt.Figure, path: Path, dpi: int = 100) -> Path:
     """Write a figure as PNG atomically and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        bevio.atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -479,16 +478,16 @@ def scene_animation(
     palette = frames[len(frames) // 2].quantize(colors=255, method=Image.Quantize.MEDIANCUT)
     quantized = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    quantized[0].save(
-        tmp,
-        format="GIF",
-        save_all=True,
-        append_images=quantized[1:],
-        duration=round(1000 / fps),
-        loop=0,
-        optimize=False,
+    bevio.atomic_write_with(
+        path,
+        lambda tmp: quantized[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=quantized[1:],
+            duration=round(1000 / fps),
+            loop=0,
+            optimize=False,
+        ),
     )
-    os.replace(tmp, path)
     return path

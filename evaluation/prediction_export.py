@@ -14,7 +14,6 @@ Notation:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from nuscenes.eval.prediction.data_classes import Prediction
 from torch.utils.data import DataLoader
 
+from bevjepa.datasets import io as bevio
 from bevjepa.datasets import torch_dataset
 from bevjepa.evaluation import baselines, open_loop
 from bevjepa.prediction import forecaster, train
@@ -88,11 +88,7 @@ def to_predictions(
 
 def write_predictions(predictions: list[Prediction], path: Path) -> None:
     """Write a submission JSON atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps([p.serialize() for p in predictions]))
-    os.replace(tmp, path)
+    bevio.atomic_write_json(Path(path), [p.serialize() for p in predictions], indent=None)
 
 
 def read_predictions(path: Path) -> list[Prediction]:

@@ -26,14 +26,14 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import shutil
 import socket
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from bevjepa.datasets import io as bevio
 
 BASELINE_FORMAT = "bevjepa-regress-baseline"
 BASELINE_VERSION = 1
@@ -509,9 +509,7 @@ def perturb_checkpoint(run: Path, out: Path, noise_std: float, seed: int) -> Pat
     # and the same seed must give the same bytes.
     record = {"from": str(run), "from_sha256": weights_sha256(run), "noise_std": noise_std, "seed": int(seed)}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(staging: Path) -> None:
         for item in run.iterdir():
             if item.is_file() and item.name != "model.safetensors" and not item.name.endswith(".tmp"):
                 shutil.copy2(item, staging / item.name)
@@ -519,12 +517,8 @@ def perturb_checkpoint(run: Path, out: Path, noise_std: float, seed: int) -> Pat
         state = json.loads((staging / "state.json").read_text())
         state["perturbation"] = record
         (staging / "state.json").write_text(json.dumps(state, indent=1))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    bevio.atomic_write_folder(out, fill)
     return out
 
 
@@ -594,7 +588,7 @@ class Baseline:
 def write_baseline(path: Path, baseline: Baseline) -> Path:
     """Write a baseline file atomically (temporary file, then rename)."""
     path = Path(path)
-    _atomic_write_text(path, json.dumps(baseline.to_dict(), indent=1) + "\n")
+    bevio.atomic_write_text(path, json.dumps(baseline.to_dict(), indent=1) + "\n")
     return path
 
 
@@ -640,16 +634,6 @@ def read_baseline(path: Path) -> Baseline:
         raise ValueError(
             f"baseline {path} is corrupt ({type(error).__name__}: {error}); rewrite it with --update-baseline"
         ) from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -739,7 +723,7 @@ def write_junit(path: Path, tree: ET.ElementTree) -> Path:
     """Write JUnit XML atomically."""
     path = Path(path)
     text = ET.tostring(tree.getroot(), encoding="unicode", xml_declaration=False)
-    _atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>\n' + text + "\n")
+    bevio.atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>\n' + text + "\n")
     return path
 
 
@@ -918,7 +902,7 @@ def regress(config: RegressConfig) -> RegressReport:
         write_junit(config.junit, junit_xml(comparison, suite, failed, properties, wall_s))
     if config.out is not None:
         out = Path(config.out)
-        _atomic_write_text(out / "diff.txt", report.text + "\n")
+        bevio.atomic_write_text(out / "diff.txt", report.text + "\n")
         summary = {
             "suite": suite,
             "forecast": forecast,
@@ -929,7 +913,7 @@ def regress(config: RegressConfig) -> RegressReport:
             "metrics": {k: _json_float(v) for k, v in sorted(current.items())},
             "comparison": comparison.to_dict(),
         }
-        _atomic_write_text(out / "regress.json", json.dumps(summary, indent=1) + "\n")
+        bevio.atomic_write_text(out / "regress.json", json.dumps(summary, indent=1) + "\n")
     return report
 
 
