@@ -35,7 +35,6 @@ Notation:
 from __future__ import annotations
 
 import io
-import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 from PIL import Image
 
 from bevjepa.datasets import categories, geometry, torch_dataset, types, windows
+from bevjepa.datasets import io as bevio
 from bevjepa.evaluation import plots, report
 from bevjepa.prediction import forecaster, train
 
@@ -437,37 +437,36 @@ def record(
         recording_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "bevjepa:" + ",".join(s.sample_token for s in samples)))
     poses, _ = world_from_ego(samples)  # [W, 4, 4]
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    rec = rr.RecordingStream(APPLICATION_ID, recording_id=recording_id, send_properties=False)
-    try:
-        rec.save(tmp, default_blueprint=_blueprint(rr))
-        rec.log("world", rr.ViewCoordinates.RIGHT_HAND_Z_UP, static=True)
-        rec.log(
-            "description",
-            rr.TextDocument(_describe(label, threshold, samples), media_type="text/markdown"),
-            static=True,
-        )
-        rec.log(
-            f"{EGO}/box",
-            rr.Boxes3D(
-                centers=[[plots.EGO_REAR_AXLE_TO_CENTER_M, 0.0, 0.75]],
-                sizes=[[plots.EGO_LENGTH_M, plots.EGO_WIDTH_M, 1.5]],
-                colors=_rgba(plots.EGO_COLOR),
-                labels=["ego"],
-            ),
-            static=True,
-        )
-        for w, (sample, forecast) in enumerate(zip(samples, forecasts, strict=True)):  # windows
-            rec.set_time(TIMELINE, timestamp=np.datetime64(int(sample.timestamp_us), "us"))
-            rec.set_time(SEQUENCE, sequence=w)
-            rec.log(EGO, rr.Transform3D(translation=poses[w, :3, 3], mat3x3=poses[w, :3, :3]))
-            _log_window(rec, rr, sample, forecast, threshold, cameras)
-        rec.flush(blocking=True)
-        rec.disconnect()  # closes the file
-        os.replace(tmp, path)
-    finally:
-        rec.disconnect()  # after a failure too, before the temporary file goes
-        tmp.unlink(missing_ok=True)
+    def write(tmp: Path) -> None:
+        rec = rr.RecordingStream(APPLICATION_ID, recording_id=recording_id, send_properties=False)
+        try:
+            rec.save(tmp, default_blueprint=_blueprint(rr))
+            rec.log("world", rr.ViewCoordinates.RIGHT_HAND_Z_UP, static=True)
+            rec.log(
+                "description",
+                rr.TextDocument(_describe(label, threshold, samples), media_type="text/markdown"),
+                static=True,
+            )
+            rec.log(
+                f"{EGO}/box",
+                rr.Boxes3D(
+                    centers=[[plots.EGO_REAR_AXLE_TO_CENTER_M, 0.0, 0.75]],
+                    sizes=[[plots.EGO_LENGTH_M, plots.EGO_WIDTH_M, 1.5]],
+                    colors=_rgba(plots.EGO_COLOR),
+                    labels=["ego"],
+                ),
+                static=True,
+            )
+            for w, (sample, forecast) in enumerate(zip(samples, forecasts, strict=True)):  # windows
+                rec.set_time(TIMELINE, timestamp=np.datetime64(int(sample.timestamp_us), "us"))
+                rec.set_time(SEQUENCE, sequence=w)
+                rec.log(EGO, rr.Transform3D(translation=poses[w, :3, 3], mat3x3=poses[w, :3, :3]))
+                _log_window(rec, rr, sample, forecast, threshold, cameras)
+            rec.flush(blocking=True)
+        finally:
+            rec.disconnect()  # closes the file, after a failure too, before the temporary file goes
+
+    bevio.atomic_write_with(path, write)
     return path
 
 

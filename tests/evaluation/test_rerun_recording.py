@@ -226,12 +226,15 @@ def test_a_trained_checkpoint_records_its_own_forecasts(synthetic_windows, tmp_p
 
 
 def test_a_failed_write_leaves_the_previous_recording_and_no_temporary_file(scene, tmp_path):
-    import dataclasses
+    import copy
 
     samples, forecasts = scene
     path = rerun_recording.record(samples, forecasts, tmp_path / "scene.rrd", cameras=False)
     before = path.read_bytes()
-    broken = [dataclasses.replace(forecasts[0], occupancy=forecasts[0].occupancy[:, :, :3, :3]), *forecasts[1:]]
+    # A forecast whose maps do not fit the grid (its construction would refuse them: set behind its back).
+    damaged = copy.copy(forecasts[0])
+    object.__setattr__(damaged, "occupancy", forecasts[0].occupancy[:, :, :3, :3])
+    broken = [damaged, *forecasts[1:]]
     with pytest.raises(IndexError):  # the maps do not fit the grid: fails in the middle of the write
         rerun_recording.record(samples, broken, path, cameras=False)
     assert [p.name for p in tmp_path.iterdir()] == ["scene.rrd"] and path.read_bytes() == before
