@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from bevjepa.datasets import io as bevio
 from bevjepa.datasets import preprocess, windows, workers
 
 
@@ -27,7 +27,7 @@ def _timed_run(
     indexed = sorted(pool.map_unordered(preprocess.process_scene, tasks), key=lambda pair: pair[0])
     seconds = time.perf_counter() - start
     results = [result for _, result in indexed]
-    (out / "manifest.json").write_text(json.dumps(preprocess.build_manifest(config, results)))
+    bevio.atomic_write_json(out / "manifest.json", preprocess.build_manifest(config, results))
     return seconds, results
 
 
@@ -51,9 +51,7 @@ def preprocess_throughput(
     parent = Path(tempfile.mkdtemp(prefix="bevjepa-bench-preprocess-"))
     try:
         loop_s, loop_results = _timed_run(dataroot, version, parent / "loop", workers.SequentialPool(), window)
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        started_here = workers.init_ray(2)  # local, loopback only; an already running Ray is used as it is
         try:
             one = workers.RayPool(1)
             ray1_s, _ = _timed_run(dataroot, version, parent / "ray1", one, window)

@@ -5,8 +5,10 @@ timestamp; LiDAR aggregated over N sweeps into the keyframe's ego frame with per
 a time-lag channel (as the devkit's ``LidarPointCloud.from_file_multisweep``, which works in the sensor frame);
 annotations as boxes in the keyframe's ego frame with their class, velocity and instance token.
 
-Bad input does not stop the source: a missing or truncated file, an empty sweep or NaN points are recorded as
-``BadInput`` on the keyframe, and the keyframe is made from what exists.
+Bad input does not stop the source: a missing, truncated or undecodable file, an empty sweep, NaN points or a file
+name that would reach outside the dataroot (absolute, ``..``) are recorded as ``BadInput`` on the
+keyframe, and the keyframe is made from what exists. Every file name from a table goes through ``sensor_path``
+(``io.path_inside``) before anything is opened.
 
 Notation:
     N  LiDAR points
@@ -15,15 +17,17 @@ Notation:
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.splits import create_splits_scenes
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from bevjepa.datasets import categories, geometry, types
+from bevjepa.datasets import io as bevio
 
 LIDAR_POINT_BYTES = 5 * 4
 """A nuScenes LiDAR point: x, y, z, intensity, ring as float32."""
@@ -118,24 +122,70 @@ def open_nuscenes(dataroot: Path, version: str) -> NuScenes:
             f"dataroot {dataroot} has no {version}/ tables folder (found: {found or 'none'}); "
             "check --dataroot and --version"
         )
+    _check_dataroot_paths(dataroot, version)
     return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
 
 
-def read_lidar_file(dataroot: Path, filename: str) -> tuple[np.ndarray, list[str]]:
+def _check_dataroot_paths(dataroot: Path, version: str) -> None:
+    """Refuse, before the devkit loads, a ``map`` record whose file would come from outside the dataroot.
+
+    The devkit opens every ``map`` record's file when it loads, before any of our checks could run.
+
+    Raises:
+        bevio.UnsafePathError: a ``map.json`` record's ``filename`` is absolute or holds ``..``.
+    """
+    table = Path(dataroot) / version / "map.json"
+    if not table.is_file():
+        return  # the devkit says what is missing
+    for record in json.loads(table.read_text()):
+        if isinstance(record, dict) and "filename" in record:
+            try:
+                bevio.path_inside(dataroot, record["filename"], f"{table}: map {record.get('token')} filename")
+            except bevio.UnsafePathError as error:
+                raise bevio.UnsafePathError(f"{error}; repair the table") from None
+
+
+def sensor_path(dataroot: Path, record: dict) -> Path:
+    """The file of a ``sample_data`` record, joined onto the dataroot by the one check for table paths.
+
+    Raises:
+        BadInputError: the record's ``filename`` is empty, absolute or holds ``..``; the reason names the
+            sample_data token and the path.
+    """
+    filename = record.get("filename")
+    try:
+        return bevio.path_inside(dataroot, filename, f"sample_data {record.get('token')} filename")
+    except bevio.UnsafePathError as error:
+        raise BadInputError(str(filename), f"unsafe path, not read: {error}") from None
+
+
+def read_file(path: Path, filename: str) -> bytes:
+    """The bytes of a sensor file; a missing or unreadable one raises ``BadInputError`` naming ``filename``."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadInputError(filename, "missing file") from None
+    except OSError as error:  # a folder, no permission, an I/O error
+        raise BadInputError(filename, f"unreadable file: {error.strerror or error}") from None
+
+
+def read_lidar_file(dataroot: Path, filename: str, token: str | None = None) -> tuple[np.ndarray, list[str]]:
     """Read a ``.pcd.bin`` LiDAR file.
+
+    Args:
+        dataroot: the dataset root.
+        filename: the file as the ``sample_data`` table gives it (relative to ``dataroot``).
+        token: the ``sample_data`` token, named in errors.
 
     Returns:
         points [N, 5] float32 (x, y, z in the sensor frame, intensity, ring), with rows holding NaN or inf
         removed, and a list of non-fatal problems (``"3 points with NaN removed"``).
 
     Raises:
-        BadInputError: the file is missing, truncated (not whole points) or holds no finite point.
+        BadInputError: the file name leaves the dataroot, or the file is missing, truncated (not whole points) or
+            holds no finite point.
     """
-    path = Path(dataroot) / filename
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise BadInputError(filename, "missing file") from None
+    raw = read_file(sensor_path(dataroot, {"token": token, "filename": filename}), filename)
     if len(raw) % LIDAR_POINT_BYTES:
         raise BadInputError(filename, f"truncated: {len(raw)} bytes is not a whole number of 20-byte points")
     points = np.frombuffer(raw, dtype=np.float32).reshape(-1, 5)
@@ -225,7 +275,7 @@ class NuScenesSource:
         record = reference
         for _ in range(self.config.lidar_sweeps):
             try:
-                points, problems = read_lidar_file(self.config.dataroot, record["filename"])
+                points, problems = read_lidar_file(self.config.dataroot, record["filename"], record["token"])
                 bad.extend(BadInput(sample_token, record["filename"], p) for p in problems)
             except BadInputError as error:
                 bad.append(BadInput(sample_token, error.file, error.reason))
@@ -257,21 +307,13 @@ class NuScenesSource:
                 bad.append(BadInput(sample_token, f"sample {sample_token}", f"no {channel} sample_data"))
                 continue
             record = self.nusc.get("sample_data", sample["data"][channel])
-            path = Path(self.config.dataroot) / record["filename"]
             try:
-                with Image.open(io.BytesIO(path.read_bytes())) as image:
-                    image.load()
-                    width, height = image.size
-                    new_height = round(height * self.config.image_width_px / width)
-                    resized = np.asarray(
-                        image.convert("RGB").resize((self.config.image_width_px, new_height), Image.BILINEAR)
-                    )
-            except FileNotFoundError:
-                bad.append(BadInput(sample_token, record["filename"], "missing file"))
+                data = read_file(sensor_path(self.config.dataroot, record), record["filename"])
+                resized, (width, height) = decode_image(data, record["filename"], self.config.image_width_px)
+            except BadInputError as error:
+                bad.append(BadInput(sample_token, error.file, error.reason))
                 continue
-            except OSError as error:  # PIL: truncated or not an image
-                bad.append(BadInput(sample_token, record["filename"], f"unreadable image: {error}"))
-                continue
+            new_height = resized.shape[0]
             calibration = self.nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
             scale = np.diag([self.config.image_width_px / width, new_height / height, 1.0])
             images.append(
@@ -306,3 +348,41 @@ class NuScenesSource:
             )
             boxes.append(box.transformed(ego_from_global))
         return boxes
+
+
+def decode_image(data: bytes, filename: str, width_px: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image file and resize it to ``width_px`` wide, keeping its aspect ratio.
+
+    Args:
+        data: the file's bytes.
+        filename: the file (relative to the dataroot), named in errors.
+        width_px: the width after resizing (pixels).
+
+    Returns:
+        the image [H, W, 3] uint8 (W = ``width_px``) and the original (width, height) in pixels.
+
+    Raises:
+        BadInputError: the bytes are not an image Pillow can decode (the reason is the decoder's), or the image is
+            so large that Pillow refuses it as a decompression bomb.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            width, height = image.size
+            new_height = max(1, round(height * width_px / width))
+            resized = np.asarray(image.convert("RGB").resize((width_px, new_height), Image.BILINEAR))
+    except Image.UnidentifiedImageError:  # its message names the in-memory buffer, not the file: say what it is
+        raise BadInputError(filename, f"unreadable image: {_unidentified_reason(data)}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # truncated, corrupt, huge
+        raise BadInputError(filename, f"unreadable image: {error or type(error).__name__}") from None
+    return resized, (width, height)
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Why no Pillow decoder accepted ``data``: the JPEG decoder's own complaint, the size and the first bytes."""
+    try:
+        JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+        jpeg = "accepts the header"
+    except Exception as error:  # noqa: BLE001 — only its message is wanted
+        jpeg = str(error) or type(error).__name__
+    return f"no image format recognised (JPEG decoder: {jpeg}); {len(data)} bytes, starting {data[:8].hex(' ') or '-'}"

@@ -5,8 +5,17 @@ Output (``OUT``):
     config.json                              the resolved configuration and its hash
     frames/<scene>/<sample_token>.npz        one keyframe's inputs (LiDAR, cameras as JPEG), ``windows.Frame``
     windows/<scene>/<sample_token>.npz       one window's targets and the names of its frames, ``windows.Window``
-    meta/<scene>/<sample_token>[.frame].json  size and bad inputs, written after the file it describes
-    manifest.json                            config hash, dataset, counts, every window, bad inputs, failures
+    meta/<scene>/<sample_token>[.frame].json  size, sensor counts and bad inputs, written after the file it describes
+    manifest.json                            config hash, dataset, counts, every window, bad inputs, failures,
+                                             sensorless windows
+
+Scene names and sample tokens come from the tables, which are untrusted: each becomes a file or folder name only
+through ``io.safe_component`` and ``io.path_inside`` (``output_path``), so nothing is written outside ``OUT``. A
+scene whose name is not a safe file name is recorded as failed (``failed_scenes``) and the others go on.
+
+A window none of whose P input keyframes has a LiDAR point or a camera image is *sensorless*: a model cannot
+forecast from nothing, so it is not written and not listed among the windows; the manifest lists it under
+``sensorless_windows`` (with its bad inputs among ``bad_inputs``, which usually say why).
 
 Why Ray tasks and not Ray Data: the unit of work is a run of consecutive windows of one scene (they share
 keyframes, so one task reads each keyframe's sensors once), results are files written by the task itself, and
@@ -24,7 +33,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import resource
 import traceback
 from dataclasses import dataclass, field
@@ -32,6 +40,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bevjepa.datasets import io as bevio
 from bevjepa.datasets import nuscenes_source, windows, workers
 
 MANIFEST_FORMAT = "bevjepa-windows"
@@ -117,10 +126,13 @@ class SceneResult:
 
     Attributes:
         scene_name: the scene.
-        windows: (sample_token, relative file, bytes, bad inputs) of the task's windows, in time order.
+        windows: (sample_token, relative file, bytes, bad inputs) of the task's written windows, in time order.
         failed: (sample_token, error) of windows that could not be built.
         strict_violation: under ``--strict``, the first problem met (the task stopped there).
         peak_memory_bytes: the worker process's peak resident memory.
+        sensorless: (sample_token, bad inputs) of the task's windows whose input keyframes hold no LiDAR point and
+            no camera image (not written), in time order.
+        scene_error: why the whole scene was refused (its name cannot be a folder name), or None.
     """
 
     scene_name: str
@@ -128,6 +140,8 @@ class SceneResult:
     failed: tuple[tuple[str, str], ...]
     strict_violation: str | None
     peak_memory_bytes: int
+    sensorless: tuple[tuple[str, tuple[dict, ...]], ...] = ()
+    scene_error: str | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -137,62 +151,108 @@ def _cached_source(source_config: nuscenes_source.SourceConfig) -> nuscenes_sour
 
 
 def _write_json(path: Path, value: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    bevio.atomic_write_json(path, value, indent=1, sort_keys=True)
+
+
+def output_path(out: Path, kind: str, scene_name: str, token: str, suffix: str) -> tuple[Path, str]:
+    """Where a scene's output file goes: ``out/<kind>/<scene_name>/<token><suffix>``, and that path relative to out.
+
+    The scene name and token come from the tables; both must be one safe path component (``io.safe_component``)
+    and the result must stay inside ``out`` (``io.path_inside``).
+
+    Raises:
+        io.UnsafePathError: the scene name or token is not a safe file name (``/``, ``..``, absolute, ...).
+    """
+    scene = bevio.safe_component(scene_name, "scene name")
+    name = bevio.safe_component(token, f"sample token of scene {scene_name}")
+    relative = f"{kind}/{scene}/{name}{suffix}"
+    return bevio.path_inside(out, relative, f"output of scene {scene_name}"), relative
+
+
+def _frame_meta(stored: windows.Frame, size: int) -> dict:
+    """A frame's meta: its bytes, how many LiDAR points and cameras it holds, and its bad inputs."""
+    return {
+        "bytes": size,
+        "points": len(stored.points),
+        "cameras": int(stored.camera_mask.sum()),
+        "bad_inputs": json.loads(stored.bad_inputs),
+    }
 
 
 def process_scene(task: SceneTask) -> SceneResult:
-    """Build and write every frame and window of one scene that is not on disk yet."""
+    """Build and write every frame and window of one scene that is not on disk yet.
+
+    A window whose input keyframes hold no LiDAR point and no camera image is not written (``sensorless``); a scene
+    whose name is not a safe folder name is refused whole (``scene_error``).
+    """
     config = task.config
+    out = Path(config.out)
+    try:
+        bevio.safe_component(task.scene_name, "scene name")
+    except bevio.UnsafePathError as error:
+        message = f"scene {task.scene_name!r} refused: {error}; nothing of it was read or written"
+        return SceneResult(
+            task.scene_name, (), (), message if config.strict else None, _peak_memory(), scene_error=message
+        )
     source = _cached_source(config.source_config())
     scene = next(s for s in source.scenes if s["name"] == task.scene_name)
     tokens = source.scene_sample_tokens(scene)
     builder = windows.WindowBuilder(source, config.window)
-    out = Path(config.out)
     frame_meta: dict[str, dict] = {}
-    written, failed = [], []
+    written, failed, sensorless = [], [], []
 
     def frame(token: str) -> dict:
         """The frame's meta, building and writing the frame first if needed."""
         if token not in frame_meta:
-            meta_path = out / "meta" / task.scene_name / f"{token}.frame.json"
+            meta_path, _ = output_path(out, "meta", task.scene_name, token, ".frame.json")
+            frame_path, _ = output_path(out, "frames", task.scene_name, token, ".npz")
             if meta_path.exists():
-                frame_meta[token] = json.loads(meta_path.read_text())
+                meta = json.loads(meta_path.read_text())
+                if "points" not in meta:  # written before frames recorded their sensors: count them now
+                    meta = _frame_meta(windows.load_frame(frame_path), meta["bytes"])
+                    _write_json(meta_path, meta)
             else:
                 stored = builder.frame(token)
-                size = windows.save_frame(stored, out / "frames" / task.scene_name / f"{token}.npz")
-                frame_meta[token] = {"bytes": size, "bad_inputs": json.loads(stored.bad_inputs)}
-                _write_json(meta_path, frame_meta[token])
+                meta = _frame_meta(stored, windows.save_frame(stored, frame_path))
+                _write_json(meta_path, meta)
+            frame_meta[token] = meta
         return frame_meta[token]
+
+    def stop(message: str) -> SceneResult:
+        return SceneResult(task.scene_name, tuple(written), tuple(failed), message, _peak_memory(), tuple(sensorless))
 
     for index in windows.window_sample_tokens(tokens, config.window)[task.first : task.stop]:
         token = tokens[index]
-        relative = f"windows/{task.scene_name}/{token}.npz"
-        meta_path = out / "meta" / task.scene_name / f"{token}.json"
         try:
+            window_path, relative = output_path(out, "windows", task.scene_name, token, ".npz")
+            meta_path, _ = output_path(out, "meta", task.scene_name, token, ".json")
+            past = tokens[index - config.window.past_keyframes + 1 : index + 1]
+            future = tokens[index + 1 : index + 1 + config.window.occupancy_steps]
+            # No LiDAR point and no camera in any input keyframe: nothing to forecast from.
+            empty = all(frame(t)["points"] == 0 and frame(t)["cameras"] == 0 for t in past)
             if meta_path.exists():
                 meta = json.loads(meta_path.read_text())
             else:
-                past = tokens[index - config.window.past_keyframes + 1 : index + 1]
-                future = tokens[index + 1 : index + 1 + config.window.occupancy_steps]
                 # The future frames feed the JEPA target encoder; their bad inputs count as the window's too.
                 bad = [item for t in (*past, *future) for item in frame(t)["bad_inputs"]]
                 if config.strict and bad:
                     message = f"bad input in window {token} of {task.scene_name}: {bad[0]['file']}: {bad[0]['reason']}"
-                    return SceneResult(task.scene_name, tuple(written), tuple(failed), message, _peak_memory())
-                size = windows.save_window(builder.window(tokens, index), out / relative)
-                meta = {"bytes": size, "frames": [*past, *future], "bad_inputs": bad}
+                    return stop(message)
+                if config.strict and empty:
+                    return stop(f"window {token} of {task.scene_name} is sensorless: no LiDAR point, no camera")
+                size = 0 if empty else windows.save_window(builder.window(tokens, index), window_path)
+                meta = {"bytes": size, "frames": [*past, *future], "bad_inputs": bad, "sensorless": empty}
                 _write_json(meta_path, meta)
         except Exception as error:  # noqa: BLE001 — recorded, and the scene goes on
             failed.append((token, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"))
             if config.strict:
-                message = f"window {token} of {task.scene_name} failed: {type(error).__name__}: {error}"
-                return SceneResult(task.scene_name, tuple(written), tuple(failed), message, _peak_memory())
+                return stop(f"window {token} of {task.scene_name} failed: {type(error).__name__}: {error}")
             continue
-        written.append((token, relative, meta["bytes"], tuple(meta["bad_inputs"])))
-    return SceneResult(task.scene_name, tuple(written), tuple(failed), None, _peak_memory())
+        if empty:
+            sensorless.append((token, tuple(meta["bad_inputs"])))
+        else:
+            written.append((token, relative, meta["bytes"], tuple(meta["bad_inputs"])))
+    return SceneResult(task.scene_name, tuple(written), tuple(failed), None, _peak_memory(), tuple(sensorless))
 
 
 def _peak_memory() -> int:
@@ -209,8 +269,9 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
         scene_fn: the per-scene work (``process_scene``); a seam for fault-injection tests.
 
     Raises:
-        StrictModeError: under ``--strict``, at the first bad input or failed window.
+        StrictModeError: under ``--strict``, at the first bad input, failed or sensorless window, or refused scene.
         FileExistsError: ``out`` holds windows of another configuration.
+        io.UnsafePathError: a ``map`` record's file name leaves the dataroot.
     """
     out = Path(config.out)
     source = nuscenes_source.NuScenesSource(config.source_config())  # fails early on a wrong dataroot
@@ -273,16 +334,30 @@ def scene_tasks(
 
 
 def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict:
-    """The manifest of a finished job, from the tasks' results (in task order): deterministic."""
-    entries, bad_inputs, failed, seen = [], [], [], set()
+    """The manifest of a finished job, from the tasks' results (in task order): deterministic.
+
+    ``windows`` lists the written windows (the ones to train and evaluate on); ``sensorless_windows`` the windows
+    left out because none of their input keyframes has a LiDAR point or a camera image; ``failed_scenes`` the
+    scenes refused whole; ``bad_inputs`` each bad file once, with the first window that needed it.
+    """
+    entries, bad_inputs, failed, sensorless, failed_scenes, seen = [], [], [], [], [], set()
+
+    def note(token: str, bad: tuple[dict, ...]) -> None:
+        for item in bad:
+            key = (item["file"], item["reason"])
+            if key not in seen:
+                seen.add(key)
+                bad_inputs.append({"sample_token": token, **item})
+
     for result in results:
+        if result.scene_error and not any(f["scene"] == result.scene_name for f in failed_scenes):
+            failed_scenes.append({"scene": result.scene_name, "error": result.scene_error})
         for token, relative, size, bad in result.windows:
             entries.append({"scene": result.scene_name, "sample_token": token, "file": relative, "bytes": size})
-            for item in bad:
-                key = (item["file"], item["reason"])
-                if key not in seen:
-                    seen.add(key)
-                    bad_inputs.append({"sample_token": token, **item})
+            note(token, bad)
+        for token, bad in result.sensorless:
+            sensorless.append({"scene": result.scene_name, "sample_token": token})
+            note(token, bad)
         failed.extend(
             {"scene": result.scene_name, "sample_token": t, "error": e.splitlines()[0]} for t, e in result.failed
         )
@@ -294,14 +369,18 @@ def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict
         "config": config.content(),
         "dataset": {"dataroot": str(config.dataroot), "version": config.version, "split": config.split},
         "counts": {
-            "scenes": len({r.scene_name for r in results}),
+            "scenes": len({r.scene_name for r in results if not r.scene_error}),
             "windows": len(entries),
+            "sensorless_windows": len(sensorless),
             "failed_windows": len(failed),
+            "failed_scenes": len(failed_scenes),
             "bad_inputs": len(bad_inputs),
             "window_bytes": sum(e["bytes"] for e in entries),
             "frame_bytes": frame_bytes,
         },
         "windows": entries,
+        "sensorless_windows": sensorless,
         "bad_inputs": bad_inputs,
         "failed_windows": failed,
+        "failed_scenes": failed_scenes,
     }

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from bevjepa.datasets import categories, geometry, nuscenes_source, rasterize, types
+from bevjepa.datasets import io as bevio
 
 KEYFRAME_INTERVAL_US = 500_000
 """nuScenes keyframes are 0.5 s apart."""
@@ -102,8 +102,16 @@ class Frame:
         if not self.camera_mask[camera]:
             return None
         start, end = self.camera_offsets[camera]
-        with Image.open(io.BytesIO(self.camera_jpeg[start:end].tobytes())) as image:
-            return np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(self.camera_jpeg[start:end].tobytes())) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as error:  # a damaged frame file: name it, not the memory buffer
+            raise ValueError(
+                f"frame {self.sample_token} ({self.scene_name}): stored {types.CAMERA_CHANNELS[camera]} JPEG "
+                f"(bytes {start}-{end}) cannot be decoded: {type(error).__name__}: "
+                f"{'unrecognised image data' if isinstance(error, Image.UnidentifiedImageError) else error}; "
+                "rerun bevjepa preprocess into a new --out"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -164,21 +172,26 @@ class Window:
 
 
 def _save(value: Frame | Window, path: Path) -> int:
-    """Write a frame or window atomically (temporary file, then rename); returns the bytes written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # one per writer: two tasks may write a frame
+    """Write a frame or window atomically; returns the bytes written.
+
+    ``io.atomic_write_with``: no temporary file survives a failure (e.g. a full disk), and the temporary file is one
+    per process, as two tasks may write the same frame.
+    """
     arrays = {"format_version": np.int64(FORMAT_VERSION)}
     arrays.update({f.name: np.asarray(getattr(value, f.name)) for f in fields(value)})
-    # An .npz as numpy writes it, with the fastest deflate level: level 6 (savez_compressed) spends three times
-    # as long for files a few percent smaller.
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for name, array in arrays.items():
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
-    size = tmp.stat().st_size
-    os.replace(tmp, path)
-    return size
+    sizes = []
+
+    def write(tmp: Path) -> None:
+        # An .npz as numpy writes it, with the fastest deflate level: level 6 (savez_compressed) spends three times
+        # as long for files a few percent smaller.
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+        sizes.append(tmp.stat().st_size)
+
+    bevio.atomic_write_with(Path(path), write)
+    return sizes[0]
 
 
 def _load(cls: type, path: Path) -> Frame | Window:

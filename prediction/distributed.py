@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bevjepa.datasets import io as bevio
+from bevjepa.datasets import workers as worker_pools
 from bevjepa.prediction import config as experiment_config
 from bevjepa.prediction import train
 
@@ -28,7 +30,11 @@ def train_on_ray(
     workers: int = 2,
     resume: bool = False,
 ) -> train.TrainSummary:
-    """Train with ``workers`` Ray Train workers on the cluster at ``address`` (``local``: start Ray here)."""
+    """Train with ``workers`` Ray Train workers on the cluster at ``address`` (``local``: start Ray here).
+
+    Ray is started or joined through ``datasets.workers.init_ray`` (a local Ray listens on loopback only); one that
+    already runs in this process is used and left running.
+    """
     import time
 
     import ray
@@ -37,13 +43,9 @@ def train_on_ray(
 
     from bevjepa.prediction import checkpoint
 
-    started_here = False
-    if not ray.is_initialized():
-        if address in (None, "", "local"):
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        started_here = True
+    # Claimed here, before Ray Train writes its own records into run/ray, so that rank 0 finds it this job's own.
+    bevio.claim_output_folder(Path(run), "train", own_files=checkpoint.is_run_folder)
+    started_here = worker_pools.init_ray(workers, address)  # local: loopback only, no dashboard
     start = time.perf_counter()
     try:
         trainer = TorchTrainer(

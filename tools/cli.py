@@ -59,8 +59,11 @@ def _preprocess(args: argparse.Namespace) -> int:
     print(
         f"wrote {counts['windows']} windows of {counts['scenes']} scenes to {args.out} "
         f"({(counts['window_bytes'] + counts['frame_bytes']) / 1e6:.1f} MB); {counts['failed_windows']} failed, "
-        f"{counts['bad_inputs']} bad inputs (see {Path(args.out) / 'manifest.json'})"
+        f"{counts['sensorless_windows']} sensorless (no LiDAR point and no camera in any input keyframe: not "
+        f"written), {counts['bad_inputs']} bad inputs (see {Path(args.out) / 'manifest.json'})"
     )
+    for failed in manifest["failed_scenes"]:
+        print(f"bevjepa preprocess: {failed['error']}", file=sys.stderr)
     return 0
 
 

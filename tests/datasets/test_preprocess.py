@@ -184,10 +184,44 @@ def test_wrong_dataroot_version_or_foreign_out_folder(synthetic_mini, tmp_path, 
 def test_the_real_scene_makes_windows_and_says_what_was_missing(real_scene_nusc, tmp_path):
     dataroot = Path(real_scene_nusc.dataroot)
     manifest = preprocess.preprocess(_config(dataroot, tmp_path / "w"), progress=False)
-    assert manifest["counts"]["windows"] == 41 - 2 - 4
+    # 35 windows; sensor files exist for keyframes 0-4 only (no sweep files), so windows from t0 = 7 on see nothing.
+    assert manifest["counts"]["windows"] == 5 and manifest["counts"]["sensorless_windows"] == 30
     assert manifest["counts"]["failed_windows"] == 0
     missing = [b for b in manifest["bad_inputs"] if b["reason"] == "missing file"]
     assert any(b["file"].startswith("sweeps/LIDAR_TOP/") for b in missing)
     assert any(b["file"].startswith("samples/CAM_FRONT/") for b in missing)
     first = windows.load_window(tmp_path / "w" / manifest["windows"][0]["file"])
     assert first.agent_future_mask.any() and first.occupancy[0].any()
+
+
+def test_sensorless_windows_of_the_real_scene_are_flagged_and_not_written(real_scene_nusc, tmp_path, capsys):
+    dataroot, out = Path(real_scene_nusc.dataroot), tmp_path / "w"
+    tokens, token = [], real_scene_nusc.scene[0]["first_sample_token"]
+    while token:
+        tokens.append(token)
+        token = real_scene_nusc.get("sample", token)["next"]
+    arguments = ["preprocess", "--dataroot", str(dataroot), "--out", str(out), "--sweeps", "1"]
+    assert cli.main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 5 windows of 1 scenes" in printed and "30 sensorless" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert (counts["windows"], counts["sensorless_windows"], counts["failed_windows"]) == (5, 30, 0)
+    # Keyframes 0-4 have sensor files: t0 = 2..6 has at least one of them among its 3 input keyframes.
+    assert [w["sample_token"] for w in manifest["windows"]] == tokens[2:7]
+    assert [w["sample_token"] for w in manifest["sensorless_windows"]] == tokens[7:37]
+    assert sorted(p.stem for p in out.glob("windows/*/*.npz")) == sorted(tokens[2:7])
+    # The last written window sees only keyframe 4, the oldest of its inputs; its files are not hidden.
+    last = windows.load_window(out / manifest["windows"][-1]["file"])
+    frames = [windows.load_frame(out / "frames" / "scene-0916" / f"{t}.npz") for t in last.keyframe_tokens]
+    assert [len(f.points) > 0 for f in frames] == [True, False, False]
+    assert [int(f.camera_mask.sum()) for f in frames] == [6, 0, 0]
+    # Why they are sensorless: each of their keyframes' files is listed as missing.
+    missing = {b["file"] for b in manifest["bad_inputs"] if b["reason"] == "missing file"}
+    for t in tokens[7:10]:
+        sample = real_scene_nusc.get("sample", t)
+        assert real_scene_nusc.get("sample_data", sample["data"]["LIDAR_TOP"])["filename"] in missing
+        assert real_scene_nusc.get("sample_data", sample["data"]["CAM_FRONT"])["filename"] in missing
+    # A rerun writes nothing and ends with the same manifest.
+    assert cli.main(arguments) == 0
+    assert json.loads((out / "manifest.json").read_text()) == manifest

@@ -1,0 +1,82 @@
+"""The worker pools, and the project's one way to start Ray: local Ray listens on loopback only, with no dashboard."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import psutil
+import pytest
+
+from bevjepa.datasets import workers
+
+
+def _square(value: int) -> int:
+    return value * value
+
+
+def _ray_process_tree() -> dict[int, str]:
+    """This process and all its descendants (Ray's GCS server, raylet, agents and workers): pid -> command line."""
+    tree = {}
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            tree[process.pid] = " ".join(process.cmdline()) or process.name()
+        except psutil.NoSuchProcess:
+            continue
+    return tree
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def test_sequential_and_ray_pools_give_the_same_results():
+    items = list(range(7))
+    sequential = sorted(workers.SequentialPool().map_unordered(_square, items))
+    pool = workers.RayPool(2)
+    try:
+        on_ray = sorted(pool.map_unordered(_square, items))
+    finally:
+        pool.close()
+    assert on_ray == sequential == [(i, i * i) for i in items]
+
+
+def test_local_ray_listens_on_loopback_only_and_starts_no_dashboard():
+    import ray
+    from ray._private import ray_constants
+
+    if ray.is_initialized():
+        pytest.fail("Ray is already running in this test process; a test before this one did not shut it down")
+    mode_before, env_before = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    pool = workers.RayPool(2)  # starts Ray through workers.init_ray
+    try:
+        assert list(sorted(pool.map_unordered(_square, [1, 2, 3, 4]))) == [(0, 1), (1, 4), (2, 9), (3, 16)]
+        tree = _ray_process_tree()
+        listeners = [
+            (tree[c.pid], c.laddr.ip, c.laddr.port)
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in tree
+        ]
+        # The GCS server, the raylet and the workers do listen (so this test sees them) ...
+        assert any("gcs_server" in command for command, _, _ in listeners), listeners
+        assert any("raylet" in command for command, _, _ in listeners), listeners
+        assert len(listeners) >= 4, listeners
+        # ... and every listener of the whole Ray process tree is on loopback.
+        exposed = [(command[:80], ip, port) for command, ip, port in listeners if not _is_loopback(ip)]
+        assert exposed == []
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        # No dashboard: no web UI address, and Ray's head process for usage statistics (dashboard.py --minimal
+        # --disable-frontend, which Ray always starts) serves nothing.
+        assert ray._private.worker.global_worker.node.webui_url in ("", None)
+        assert not [port for command, _, port in listeners if "dashboard.py" in command or port == 8265]
+        # Joining a running Ray neither starts another nor takes ownership of it.
+        assert workers.init_ray(2) is False
+        # The single-machine switch was this process's only while Ray started.
+        assert ray_constants.ENABLE_RAY_CLUSTER == mode_before
+        assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == env_before
+    finally:
+        pool.close()
+    assert not ray.is_initialized()
+    with pytest.raises(ValueError, match="at least 1"):
+        workers.start_local_ray(0)
