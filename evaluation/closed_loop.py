@@ -54,7 +54,6 @@ Notation:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 import traceback
@@ -68,13 +67,14 @@ from typing import Protocol
 import numpy as np
 
 from bevjepa.datasets import categories, geometry, nuscenes_source, rasterize, windows
+from bevjepa.datasets import io as bevio
 from bevjepa.datasets import workers as worker_pools
 from bevjepa.evaluation import baselines, planner, scenarios
 from bevjepa.prediction import forecaster as forecaster_api
 from bevjepa.sim import materials, scenario, sensors, world
 
-PLANNING_STEP_S = 0.5
-"""The planner runs every keyframe interval."""
+PLANNING_STEP_S = scenarios.PLANNING_STEP_S
+"""The planner runs every keyframe interval (0.5 s; suites are checked against the same constant)."""
 SUB_STEP_S = 0.1
 """The world is simulated in steps of this length (s)."""
 SUB_STEPS = round(PLANNING_STEP_S / SUB_STEP_S)
@@ -796,7 +796,7 @@ def run_episode(
         **model_options,
     )
     sampler = planner.SamplingPlanner(planner_config)
-    steps = max(1, int(round(episode.duration_s / PLANNING_STEP_S)))
+    steps = round(episode.duration_s / PLANNING_STEP_S)  # >= 1: checked when the episode was made
     trace_s, trace_speed, trace_accel = [state.s_m.copy()], [state.speed_mps.copy()], [state.accel_mps2.copy()]
     trace_active = [state.active(built)]
     forecast_time = 0.0
@@ -987,6 +987,7 @@ def run_suite(
     out: Path | str | None = None,
     progress: bool = True,
     model_options: dict | None = None,
+    job: str = "closed-loop",
 ) -> dict:
     """Run every episode of a suite, one task each, and aggregate.
 
@@ -997,9 +998,11 @@ def run_suite(
         checkpoint: the run folder for ``model``.
         workers: parallel episodes; 1 without ``address`` runs in this process, otherwise one Ray task per episode.
         address: a Ray cluster's address (default: a local Ray with ``workers`` CPUs).
-        out: if given, ``out/metrics.json`` is written (atomically).
+        out: if given, ``out/metrics.json`` is written (atomically); ``out`` must be empty, new, or ``job``'s own
+            earlier output (checked before any episode runs).
         progress: show a progress bar.
         model_options: ``ModelSource`` options.
+        job: the command that owns ``out`` (``closed-loop``, or ``regress`` when the gate runs the suite).
 
     Returns:
         ``{"suite", "forecast", "checkpoint", "score_formula", "metric_definitions", "episodes": [...],
@@ -1010,6 +1013,8 @@ def run_suite(
         if isinstance(suite_path_or_suite, scenarios.Suite)
         else scenarios.load_suite(scenarios.resolve_suite_path(suite_path_or_suite))
     )
+    if out is not None:
+        bevio.claim_output_folder(Path(out), job, own_files=lambda folder: (folder / "metrics.json").is_file())
     if forecast not in FORECASTS:
         raise ValueError(f"unknown forecast source {forecast!r}; choose one of {list(FORECASTS)}")
     if forecast == "model":
@@ -1051,27 +1056,8 @@ def run_suite(
         "wall_time_s": time.perf_counter() - start,
     }
     if out is not None:
-        write_json_atomic(Path(out) / "metrics.json", report)
+        bevio.atomic_write_json(Path(out) / "metrics.json", report)
     return report
-
-
-def write_json_atomic(path: Path, value: dict) -> None:
-    """Write JSON through a temporary sibling and a rename (NaN becomes null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_json_ready(value), indent=1))
-    os.replace(tmp, path)
-
-
-def _json_ready(value):
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def format_table(report: dict) -> str:

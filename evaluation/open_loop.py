@@ -27,10 +27,17 @@ prediction challenge does; the horizon is the windows' T steps, 6 s, unless ``tr
 ``MissRateTopK``. Occupancy counts are summed over the split before dividing. Baselines' Brier score and ECE are
 those of their 0/1 maps.
 
+A window that cannot be loaded (a missing or corrupt file) or forecast (an agent with a non-finite box, see
+``forecaster.check_agent_inputs``) is left out and recorded in ``failed_windows``; the others are scored. A window
+with no agent at all is scored: its occupancy counts, and it adds no agent to the trajectory metrics.
+
 Returned structure (every number a float; NaN where nothing was scored):
 
     {
-      "split": str, "windows": int,
+      "split": str,
+      "windows": int,                       windows scored
+      "windows_failed": int,                windows left out
+      "failed_windows": [{"index", "scene", "sample_token", "file", "stage": "load" | "forecast", "error"}],
       "agents": int,                        agents scored for trajectories (all classes)
       "agents_per_class": {class: int},
       "trajectory_steps": int,              steps of the scored horizon (0.5 s each)
@@ -58,7 +65,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.evaluation import baselines, metrics
@@ -202,7 +208,6 @@ def evaluate(
         The scores, structured as the module docstring describes.
     """
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=torch_dataset.collate)
     model = forecaster.Forecaster.from_checkpoint(run) if run is not None else None
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
     window_steps = int(dataset.config["window"]["trajectory_steps"])
@@ -215,14 +220,17 @@ def evaluate(
     names += ["ctrv", "persistence"]
     scores: dict[str, _Scores] = {}
     truths, truth_classes, windows_seen = [], [], 0
+    failed: list[dict] = []
     captured: list = []
     hook = model.net.detection.register_forward_hook(lambda _m, _i, out: captured.append(out)) if model else None
     try:
         with torch.no_grad():
-            for batch in loader:
-                captured.clear()
-                forecasts = model.forecast_batch(batch) if model is not None else None
-                detections = heads.decode_detections(*captured[-1], threshold=detection_threshold) if model else None
+            for first in range(0, len(dataset), batch_size):
+                loaded = _load_windows(dataset, range(first, min(first + batch_size, len(dataset))), failed)
+                prepared = _prepare_windows(model, loaded, detection_threshold, captured, dataset, failed)
+                if prepared is None:
+                    continue
+                batch, outputs = prepared
                 for b in range(batch.batch_size):
                     windows_seen += 1
                     target = batch.occupancy[b].numpy()  # [S, C, H, W]
@@ -274,8 +282,8 @@ def evaluate(
                     labels = np.repeat(truth_labels[:1], S, axis=0)
                     scores["persistence"].add_occupancy(persistence, labels, threshold, target, truth_labels)
 
-                    if forecasts is not None:
-                        forecast = forecasts[b]
+                    if outputs is not None:
+                        forecast, found = outputs[b]
                         scores["model"].add_trajectories(
                             forecast.trajectories[full, :, :steps], forecast.mode_probabilities[full]
                         )
@@ -288,7 +296,6 @@ def evaluate(
                         latent = forecast.latent_occupancy
                         labels = metrics.connected_instances(latent >= threshold)
                         scores["model_latent"].add_occupancy(latent, labels, threshold, target, truth_labels)
-                        found = detections.for_sample(b)
                         occupancy, ids = baselines.constant_velocity_detected(found, grid, C, S - 1)
                         _add_boxes(
                             scores["constant_velocity_detected"],
@@ -306,6 +313,8 @@ def evaluate(
     result: dict = {
         "split": split,
         "windows": windows_seen,
+        "windows_failed": len(failed),
+        "failed_windows": failed,
         "agents": int(len(truth)),
         "agents_per_class": {name: int((truth_class == c).sum()) for c, name in enumerate(categories.CLASSES)},
         "trajectory_steps": steps,
@@ -318,6 +327,83 @@ def evaluate(
         "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
     }
     return result
+
+
+def _failure(dataset: torch_dataset.WindowDataset, index: int, stage: str, error: Exception) -> dict:
+    """The record of a window that could not be scored (``failed_windows`` of the result)."""
+    entry = dataset.entries[index]
+    return {
+        "index": index,
+        "scene": entry["scene"],
+        "sample_token": entry["sample_token"],
+        "file": entry["file"],
+        "stage": stage,
+        "error": f"{type(error).__name__}: {error}",
+    }
+
+
+def _load_windows(
+    dataset: torch_dataset.WindowDataset, indices: range, failed: list[dict]
+) -> list[tuple[int, torch_dataset.WindowSample]]:
+    """(index, sample) of each window that loads; each one that does not is recorded in ``failed`` (stage load)."""
+    loaded = []
+    for index in indices:
+        try:
+            loaded.append((index, dataset[index]))
+        except Exception as error:  # noqa: BLE001 — a bad window is recorded, the evaluation goes on
+            failed.append(_failure(dataset, index, "load", error))
+    return loaded
+
+
+def _model_outputs(
+    model: forecaster.Forecaster | None,
+    samples: list[torch_dataset.WindowSample],
+    detection_threshold: float,
+    captured: list,
+) -> tuple[torch_dataset.WindowBatch, list[tuple[forecaster.OccupancyForecast, heads.Detections]] | None]:
+    """The samples' batch and, with a model, each sample's forecast and t0 detections (one forward pass)."""
+    batch = torch_dataset.collate(samples)
+    if model is None:
+        return batch, None
+    captured.clear()
+    forecasts = model.forecast_batch(batch)
+    detections = heads.decode_detections(*captured[-1], threshold=detection_threshold)
+    return batch, [(forecast, detections.for_sample(b)) for b, forecast in enumerate(forecasts)]
+
+
+def _prepare_windows(
+    model: forecaster.Forecaster | None,
+    loaded: list[tuple[int, torch_dataset.WindowSample]],
+    detection_threshold: float,
+    captured: list,
+    dataset: torch_dataset.WindowDataset,
+    failed: list[dict],
+) -> tuple[torch_dataset.WindowBatch, list | None] | None:
+    """The batch of the loaded windows and the model's outputs, leaving out (and recording) windows that fail.
+
+    One forward pass for the whole batch; if it raises, the windows are retried one at a time, and each one that
+    still raises (a bad agent, ``forecaster.check_agent_inputs``) is recorded in ``failed`` (stage forecast).
+    None when no window is left.
+    """
+    if not loaded:
+        return None
+    try:
+        return _model_outputs(model, [sample for _, sample in loaded], detection_threshold, captured)
+    except Exception:  # noqa: BLE001 — find the windows that fail, below
+        pass
+    kept: list[torch_dataset.WindowSample] = []
+    outputs: list = []
+    for index, sample in loaded:
+        try:
+            _, one = _model_outputs(model, [sample], detection_threshold, captured)
+        except Exception as error:  # noqa: BLE001 — a bad window is recorded, the evaluation goes on
+            failed.append(_failure(dataset, index, "forecast", error))
+            continue
+        kept.append(sample)
+        outputs += one or []
+    if not kept:
+        return None
+    return torch_dataset.collate(kept), (outputs if model is not None else None)
 
 
 def _add_boxes(

@@ -834,6 +834,7 @@ def regress(config: RegressConfig) -> RegressReport:
         address=config.address,
         out=config.out,
         progress=config.progress,
+        job="regress",
     )
     wall_s = time.perf_counter() - started
     suite = str(result.get("suite", config.suite))

@@ -25,7 +25,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from bevjepa.datasets import categories, geometry, preprocess, torch_dataset, windows
+from bevjepa.datasets import io as bevio
 from bevjepa.evaluation import baselines, open_loop, plots
 from bevjepa.prediction import checkpoint, forecaster, train
 
@@ -187,38 +187,6 @@ def windows_folder(config: EvalConfig) -> Path:
 # --- metrics.json ----------------------------------------------------------------------------------------------
 
 
-def _strict(value: object) -> object:
-    """JSON-ready ``value``: NaN and infinities as None, numpy scalars and arrays as Python values."""
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _strict(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: Path, value: object) -> None:
-    """Write ``value`` as strict JSON (NaN as null) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_strict(value), indent=1, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def describe_inputs(config: EvalConfig, data: Path) -> dict:
     """What was evaluated: the windows and their dataset, the checkpoint and a summary of its configuration."""
     manifest = json.loads((data / "manifest.json").read_text())
@@ -294,6 +262,11 @@ def format_value(value: object) -> str:
 
 def _is_scalar(value: object) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _cell(text: object) -> str:
+    """Free text made safe for one Markdown table cell (one line, no column separators)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -434,7 +407,8 @@ def render_report(metrics: dict, figures: Sequence[tuple[str, str]] = ()) -> str
         f"- data: `{evaluated.get('data', '?')}` (dataset `{dataset.get('dataroot', '?')}`, "
         f"version `{dataset.get('version', '?')}`; windows config `{evaluated.get('windows_config_hash', '?')}`)",
         f"- split: `{metrics.get('split', evaluated.get('split', '?'))}`: {metrics.get('windows', 0)} windows, "
-        f"{metrics.get('agents', 0)} agents with a whole 6 s future (the trajectory metrics are over these)",
+        f"{metrics.get('agents', 0)} agents with a whole 6 s future (the trajectory metrics are over these)"
+        + (f"; {metrics['windows_failed']} windows failed (listed below)" if metrics.get("windows_failed") else ""),
         f"- checkpoint: `{evaluated.get('checkpoint')}`"
         if evaluated.get("checkpoint")
         else "- checkpoint: none (baselines only)",
@@ -462,6 +436,21 @@ def render_report(metrics: dict, figures: Sequence[tuple[str, str]] = ()) -> str
     ]
     if isinstance(metrics.get("detection"), dict):
         lines += _detection_tables(metrics["detection"])
+    failed = metrics.get("failed_windows") or []
+    if failed:
+        lines += [
+            "## Failed windows",
+            "",
+            f"{len(failed)} windows could not be scored and are left out of every number above:",
+            "",
+            *_table(
+                ["scene", "sample", "stage", "error"],
+                [
+                    [str(f.get("scene")), f"`{f.get('sample_token')}`", str(f.get("stage")), _cell(f.get("error"))]
+                    for f in failed
+                ],
+            ),
+        ]
     if figures:
         lines += ["## Figures", ""]
         for path, caption in figures:
@@ -525,11 +514,26 @@ def make_figures(
     if figure_windows == 0 and animation_windows == 0:
         return figures
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
-    stored = [windows.load_window(dataset.root / entry["file"]) for entry in dataset.entries]
-    moving = [plots.moving_agent_count(w.agent_velocity, w.agent_past, w.agent_past_mask) for w in stored]
-    chosen = plots.choose_windows(
-        moving, [len(w.agent_ids) for w in stored], [e["scene"] for e in dataset.entries], max(figure_windows, 1)
+    failed_files = {f["file"] for f in metrics.get("failed_windows") or []}
+    usable: list[int] = []  # indices into dataset.entries of the windows that were scored
+    stored: list[windows.Window] = []
+    for index, entry in enumerate(dataset.entries):
+        if entry["file"] in failed_files:
+            continue
+        try:
+            stored.append(windows.load_window(dataset.root / entry["file"]))
+        except Exception:  # noqa: BLE001 — a window that no longer loads is not drawn
+            continue
+        usable.append(index)
+    moving_usable = [plots.moving_agent_count(w.agent_velocity, w.agent_past, w.agent_past_mask) for w in stored]
+    moving = dict(zip(usable, moving_usable, strict=True))
+    picked = plots.choose_windows(
+        moving_usable,
+        [len(w.agent_ids) for w in stored],
+        [dataset.entries[i]["scene"] for i in usable],
+        max(figure_windows, 1),
     )
+    chosen = [usable[i] for i in picked]
     model = forecaster.Forecaster.from_checkpoint(run) if run is not None else None
     label = "model" if model is not None else "constant velocity"
     grid = geometry.GridSpec(**dataset.config["window"]["grid"])
@@ -569,7 +573,7 @@ def make_figures(
         ]
     if animation_windows > 0 and chosen:
         scene = dataset.entries[chosen[0]]["scene"]
-        of_scene = [i for i, e in enumerate(dataset.entries) if e["scene"] == scene]  # time order
+        of_scene = [i for i in usable if dataset.entries[i]["scene"] == scene]  # time order
         position = of_scene.index(chosen[0])
         start = max(0, min(position - animation_windows // 2, len(of_scene) - animation_windows))
         run_of_windows = of_scene[start : start + animation_windows]
@@ -595,7 +599,9 @@ def run(config: EvalConfig) -> EvalReport:
         FileNotFoundError, ValueError: wrong inputs (see ``check_inputs``).
     """
     check_inputs(config)
-    out = Path(config.out)
+    out = bevio.claim_output_folder(
+        Path(config.out), "eval", own_files=lambda folder: (folder / "metrics.json").is_file()
+    )
     data = windows_folder(config)
     run_folder = Path(config.checkpoint) if config.checkpoint is not None else None
     result = open_loop.evaluate(data, config.split, run_folder, batch_size=config.batch_size)
@@ -604,11 +610,11 @@ def run(config: EvalConfig) -> EvalReport:
         result["detection"] = detection
     result["evaluated"] = describe_inputs(config, data)
     metrics_path = out / "metrics.json"
-    write_json(metrics_path, result)
+    bevio.atomic_write_json(metrics_path, result)
     metrics = json.loads(metrics_path.read_text())  # the report shows what the file holds
     figures = make_figures(
         data, config.split, run_folder, metrics, out, config.figure_windows, config.animation_windows
     )
     report_path = out / "report.md"
-    _write_text(report_path, render_report(metrics, figures))
+    bevio.atomic_write_text(report_path, render_report(metrics, figures))
     return EvalReport(out, data, metrics, metrics_path, report_path, tuple(path for path, _ in figures))

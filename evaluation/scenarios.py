@@ -12,21 +12,25 @@ A suite file (read with the standard library's ``tomllib``) looks like this::
     name = "crossing-traffic"         # required, unique within the suite
     layout = "intersection"           # required: one of sim.layouts.LAYOUTS (intersection, straight, t_junction)
     seeds = [0, 1, 2]                 # required: one episode per seed (non-negative integers, no repeats)
-    duration_s = 10.0                 # required here or in [defaults]: seconds the episode runs (> 0)
+    duration_s = 10.0                 # required here or in [defaults]: seconds the episode runs: a whole number
+                                      # of 0.5 s planning steps, from 0.5 to 3600
     vehicles = 14                     # moving vehicles        (default 14)
     parked = 4                        # parked vehicles        (default 8)
     pedestrians = 10                  # pedestrians            (default 12)
     cyclists = 2                      # cyclists               (default 3)
     ego_speed_mps = 9.0               # the ego's cruise speed (default: drawn from the seed, 7-11 m/s)
 
-Every key is checked: an unknown key, a missing required field, a wrong type or a value out of range raises
-``SuiteError`` naming the file, the scenario and the field. The scenario's world is ``sim.scenario.build_world``
-of the ``ScenarioConfig`` made from these fields with the episode's seed, so an episode is byte-identical on
-every run.
+Counts lie in [0, ``MAX_AGENTS``] (all zero is an empty road: the ego alone); ``ego_speed_mps`` in (0, 20] m/s.
+Every key is checked: an unknown key, a missing required field, a wrong type or a value out of range (NaN and
+infinities included) raises ``SuiteError`` naming the file, the scenario and the field. An ``Episode`` made in
+code is checked the same way when it is constructed (except its layout, checked when its world is built). The
+scenario's world is ``sim.scenario.build_world`` of the ``ScenarioConfig`` made from these fields with the
+episode's seed, so an episode is byte-identical on every run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +51,14 @@ SCENARIO_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 """Every key a ``[[scenario]]`` table (or ``[defaults]``) may hold, with its TOML type."""
 _COUNT_DEFAULTS = {"vehicles": 14, "parked": 8, "pedestrians": 12, "cyclists": 3}
+PLANNING_STEP_S = 0.5
+"""The closed loop plans every keyframe interval; an episode lasts a whole number of these (s)."""
+MAX_DURATION_S = 3600.0
+"""The longest episode a suite may ask for (s): an hour of simulated driving."""
+MAX_AGENTS = 500
+"""The most agents of one kind (vehicles, parked, pedestrians or cyclists) a scenario may ask for."""
+MAX_EGO_SPEED_MPS = 20.0
+"""The fastest cruise speed a scenario may set (m/s)."""
 
 
 class SuiteError(ValueError):
@@ -81,6 +93,19 @@ class Episode:
     pedestrians: int = 12
     cyclists: int = 3
     ego_speed_mps: float | None = None
+
+    def __post_init__(self) -> None:
+        label = f"suite {self.suite!r}: episode {self.scenario}/{self.seed}"
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SuiteError(f"{label}: `seed` must be a non-negative integer, got {self.seed!r}")
+        check_fields(
+            {
+                "duration_s": self.duration_s,
+                "ego_speed_mps": self.ego_speed_mps,
+                **{name: getattr(self, name) for name in _COUNT_DEFAULTS},
+            },
+            label,
+        )
 
     @property
     def episode_id(self) -> str:
@@ -124,7 +149,7 @@ class Suite:
 
 
 SHIPPED_SUITES = Path(__file__).resolve().parents[1] / "suites"
-"""The suites that come with the repository (``suites/ci.toml``, ``suites/smoke.toml``)."""
+"""The suites that come with the repository (``suites/ci.toml``, ``suites/smoke.toml``, ``suites/empty.toml``)."""
 
 
 def resolve_suite_path(suite: Path | str) -> Path:
@@ -196,14 +221,8 @@ def parse_suite(document: dict, where: str = "<suite>", path: Path | None = None
             raise SuiteError(f"{label}: `seeds` must be a non-empty list of non-negative integers, got {seeds!r}")
         if len(set(seeds)) != len(seeds):
             raise SuiteError(f"{label}: `seeds` repeats a seed: {seeds!r}")
-        if not fields["duration_s"] > 0:
-            raise SuiteError(f"{label}: `duration_s` must be positive, got {fields['duration_s']}")
-        for count in _COUNT_DEFAULTS:
-            if fields[count] < 0:
-                raise SuiteError(f"{label}: `{count}` must not be negative, got {fields[count]}")
+        check_fields(fields, label)
         speed = fields.get("ego_speed_mps")
-        if speed is not None and not 0 < speed <= 20:
-            raise SuiteError(f"{label}: `ego_speed_mps` must lie in (0, 20] m/s, got {speed}")
         for seed in seeds:
             episodes.append(
                 Episode(
@@ -220,6 +239,50 @@ def parse_suite(document: dict, where: str = "<suite>", path: Path | None = None
                 )
             )
     return Suite(name, tuple(episodes), description, path)
+
+
+def check_fields(fields: dict, label: str) -> None:
+    """Check a scenario's values: duration, the four agent counts and the optional cruise speed.
+
+    Args:
+        fields: ``duration_s``, ``vehicles``, ``parked``, ``pedestrians``, ``cyclists`` and optionally
+            ``ego_speed_mps`` (None: drawn from the seed).
+        label: where the scenario comes from (the file and scenario), for the error.
+
+    Raises:
+        SuiteError: ``{label}: `field` must ..., got ...``.
+    """
+    duration = fields["duration_s"]
+    if isinstance(duration, bool) or not isinstance(duration, int | float):
+        raise SuiteError(f"{label}: `duration_s` must be a number of seconds, got {duration!r}")
+    if not math.isfinite(duration):
+        raise SuiteError(f"{label}: `duration_s` must be finite (at most {MAX_DURATION_S:g} s), got {duration}")
+    if not duration > 0:
+        raise SuiteError(f"{label}: `duration_s` must be positive, got {duration}")
+    if not PLANNING_STEP_S <= duration <= MAX_DURATION_S:
+        raise SuiteError(
+            f"{label}: `duration_s` must lie between one planning step ({PLANNING_STEP_S} s) and "
+            f"{MAX_DURATION_S:g} s, got {duration}"
+        )
+    steps = duration / PLANNING_STEP_S
+    if abs(steps - round(steps)) > 1e-6:
+        raise SuiteError(
+            f"{label}: `duration_s` must be a whole number of {PLANNING_STEP_S} s planning steps, got {duration} "
+            f"(use {round(steps) * PLANNING_STEP_S:g})"
+        )
+    for count in _COUNT_DEFAULTS:
+        value = fields[count]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SuiteError(f"{label}: `{count}` must be an integer, got {value!r}")
+        if value < 0:
+            raise SuiteError(f"{label}: `{count}` must not be negative, got {value}")
+        if value > MAX_AGENTS:
+            raise SuiteError(f"{label}: `{count}` must be at most {MAX_AGENTS}, got {value}")
+    speed = fields.get("ego_speed_mps")
+    if speed is not None and (
+        isinstance(speed, bool) or not isinstance(speed, int | float) or not 0 < speed <= MAX_EGO_SPEED_MPS
+    ):
+        raise SuiteError(f"{label}: `ego_speed_mps` must lie in (0, {MAX_EGO_SPEED_MPS:g}] m/s, got {speed}")
 
 
 def _check_keys(table: dict, label: str, allow_identity: bool) -> None:

@@ -11,6 +11,8 @@ Notation:
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,12 +21,64 @@ import numpy as np
 import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
+from bevjepa.datasets import io as io_utils
 from bevjepa.prediction import agent_occupancy, checkpoint, model
 
 FORECAST_FORMAT = "bevjepa-occupancy-forecast"
 FORECAST_VERSION = 2
 """Version 2 added the optional ``latent_occupancy``; ``load`` still reads version 1 files."""
 STEP_S = 0.5
+PROBABILITY_SUM_TOLERANCE = 1e-3
+"""How far a row of ``mode_probabilities`` may sum from 1 (float32 softmax is within 1e-6)."""
+ARRAY_FIELDS = (
+    "times_s",
+    "occupancy",
+    "agent_ids",
+    "agent_classes",
+    "trajectory_times_s",
+    "trajectories",
+    "mode_probabilities",
+)
+"""The arrays of a forecast file that every version holds (version 2 may add ``latent_occupancy``)."""
+HEADER_KEYS = ("format", "format_version", "timestamp_us", "grid", "classes")
+_KIND_NAMES = {"f": "a floating", "iu": "an integer", "U": "a string"}
+
+
+def _check_array(
+    field: str, value: object, want: tuple[tuple[str, int | None], ...], kinds: str, probability: bool = False
+) -> tuple[int, ...]:
+    """Check one array field of an ``OccupancyForecast``; return its shape.
+
+    Args:
+        field: the field's name (for the error).
+        value: the field's value.
+        want: (dimension letter, size or None for any size) of each axis.
+        kinds: the numpy dtype kinds accepted (``"f"`` float, ``"iu"`` integer, ``"U"`` string).
+        probability: also require finite values in [0, 1].
+
+    Raises:
+        ValueError: naming the field, what it got and what it wants.
+    """
+    wanted = "[" + ", ".join(letter if size is None else f"{letter}={size}" for letter, size in want) + "]"
+    if not isinstance(value, np.ndarray):
+        raise ValueError(
+            f"OccupancyForecast.{field}: expected a numpy array of shape {wanted}, got {type(value).__name__}"
+        )
+    if value.ndim != len(want) or any(
+        size is not None and got != size for got, (_, size) in zip(value.shape, want, strict=True)
+    ):
+        raise ValueError(f"OccupancyForecast.{field}: expected shape {wanted}, got {tuple(value.shape)}")
+    if value.dtype.kind not in kinds:
+        raise ValueError(f"OccupancyForecast.{field}: expected {_KIND_NAMES[kinds]} array, got dtype {value.dtype}")
+    if probability:
+        ok = np.isfinite(value) & (value >= 0) & (value <= 1)
+        if not ok.all():
+            bad = value[~ok]
+            raise ValueError(
+                f"OccupancyForecast.{field}: expected finite probabilities in [0, 1], got {bad.size} values outside "
+                f"(e.g. {bad.ravel()[:3].tolist()})"
+            )
+    return tuple(value.shape)
 
 
 @dataclass(frozen=True)
@@ -46,6 +100,16 @@ class OccupancyForecast:
         mode_probabilities: [A, K] float32 — each mode's probability (rows sum to 1).
         latent_occupancy: [S, C, H, W] float32 or None — the latent occupancy head's map alone (what the world
             model's latent holds, tracked agents or not); None for forecasts that have no latent (baselines).
+
+    A road with nobody on it is a valid forecast: A = 0, ``trajectories`` [0, K, T, 2], ``mode_probabilities``
+    [0, K], and (for the model) the occupancy of no agent, zero everywhere, next to ``latent_occupancy``.
+
+    Construction checks every field (``ValueError`` naming the field, the shape or value got and the one wanted):
+    the shapes above (H, W from ``grid``, C from ``classes``, S and T from the two time axes, A from
+    ``agent_ids``, K >= 1), floating arrays for times, maps, trajectories and probabilities (any float width),
+    integer classes in [0, C), string ids; times finite, non-negative and strictly increasing; trajectories
+    finite; occupancy and mode probabilities finite and in [0, 1], each agent's mode probabilities summing to 1
+    (within ``PROBABILITY_SUM_TOLERANCE``).
     """
 
     timestamp_us: int
@@ -59,6 +123,59 @@ class OccupancyForecast:
     trajectories: np.ndarray
     mode_probabilities: np.ndarray
     latent_occupancy: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.timestamp_us, bool) or not isinstance(self.timestamp_us, int | np.integer):
+            raise ValueError(
+                f"OccupancyForecast.timestamp_us: expected an integer (µs), got {type(self.timestamp_us).__name__} "
+                f"{self.timestamp_us!r}"
+            )
+        if not isinstance(self.grid, geometry.GridSpec):
+            raise ValueError(f"OccupancyForecast.grid: expected a geometry.GridSpec, got {type(self.grid).__name__}")
+        if not isinstance(self.classes, tuple) or not self.classes or not all(isinstance(c, str) for c in self.classes):
+            raise ValueError(f"OccupancyForecast.classes: expected a non-empty tuple of names, got {self.classes!r}")
+        H, W = self.grid.shape
+        C = len(self.classes)
+        S = _check_array("times_s", self.times_s, (("S", None),), "f")[0]
+        T = _check_array("trajectory_times_s", self.trajectory_times_s, (("T", None),), "f")[0]
+        A = _check_array("agent_ids", self.agent_ids, (("A", None),), "U")[0]
+        for name, times in (("times_s", self.times_s), ("trajectory_times_s", self.trajectory_times_s)):
+            if len(times) == 0:
+                raise ValueError(f"OccupancyForecast.{name}: expected at least one time, got shape (0,)")
+            if not np.isfinite(times).all() or times[0] < 0 or (np.diff(times) <= 0).any():
+                raise ValueError(
+                    f"OccupancyForecast.{name}: expected finite, non-negative, strictly increasing seconds after "
+                    f"t0, got {times.tolist()}"
+                )
+        maps = (("S", S), ("C", C), ("H", H), ("W", W))
+        _check_array("occupancy", self.occupancy, maps, "f", probability=True)
+        if self.latent_occupancy is not None:
+            _check_array("latent_occupancy", self.latent_occupancy, maps, "f", probability=True)
+        _check_array("agent_classes", self.agent_classes, (("A", A),), "iu")
+        if A and (self.agent_classes.min() < 0 or self.agent_classes.max() >= C):
+            raise ValueError(
+                f"OccupancyForecast.agent_classes: expected class indices in [0, {C}), got "
+                f"{sorted(set(self.agent_classes.tolist()))}"
+            )
+        K = _check_array("trajectories", self.trajectories, (("A", A), ("K", None), ("T", T), ("xy", 2)), "f")[1]
+        if K < 1:
+            raise ValueError(
+                f"OccupancyForecast.trajectories: expected K >= 1 modes, got shape {self.trajectories.shape}"
+            )
+        if not np.isfinite(self.trajectories).all():
+            bad = np.flatnonzero(~np.isfinite(self.trajectories).reshape(A, -1).all(axis=1))
+            raise ValueError(
+                f"OccupancyForecast.trajectories: expected finite positions (m), agents {self.agent_ids[bad].tolist()}"
+                " have NaN or infinite ones"
+            )
+        _check_array("mode_probabilities", self.mode_probabilities, (("A", A), ("K", K)), "f", probability=True)
+        sums = self.mode_probabilities.astype(np.float64).sum(axis=1)  # [A]
+        off = np.abs(sums - 1.0) > PROBABILITY_SUM_TOLERANCE
+        if off.any():
+            raise ValueError(
+                f"OccupancyForecast.mode_probabilities: each agent's modes must sum to 1, agents "
+                f"{self.agent_ids[off].tolist()} sum to {sums[off].tolist()}"
+            )
 
     def occupancy_at(self, xy: np.ndarray, time_s: float | np.ndarray) -> np.ndarray:
         """Probability that points are occupied by any class at given times.
@@ -111,16 +228,22 @@ class OccupancyForecast:
         probabilities = self.occupancy_at(np.stack([x.ravel(), y.ravel()], axis=1), times)
         return float(probabilities.max()) if probabilities.size else 0.0
 
-    def save(self, path: Path) -> None:
-        """Write the forecast as an ``.npz`` (format ``bevjepa-occupancy-forecast`` version 2; no pickle)."""
+    def save(self, path: Path) -> Path:
+        """Write the forecast as an ``.npz`` (format ``bevjepa-occupancy-forecast`` version 2; no pickle), atomically.
+
+        As ``np.savez``, ``.npz`` is appended to a path that does not end with it; the path written is returned.
+        """
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(f"{path.name}.npz")
         header = {
             "format": FORECAST_FORMAT,
             "format_version": FORECAST_VERSION,
-            "timestamp_us": self.timestamp_us,
+            "timestamp_us": int(self.timestamp_us),
             "grid": asdict(self.grid),
             "classes": list(self.classes),
         }
-        np.savez_compressed(
+        io_utils.atomic_write_npz(
             path,
             header=np.array(json.dumps(header)),
             times_s=self.times_s,
@@ -132,34 +255,131 @@ class OccupancyForecast:
             mode_probabilities=self.mode_probabilities,
             **({} if self.latent_occupancy is None else {"latent_occupancy": self.latent_occupancy}),
         )
+        return path
 
     @staticmethod
     def load(path: Path) -> OccupancyForecast:
-        """Read a forecast written by ``save``."""
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            version = header.get("format_version")
-            if header.get("format") != FORECAST_FORMAT or version not in (1, FORECAST_VERSION):
-                raise ValueError(f"{path}: not a {FORECAST_FORMAT} file of version 1 or {FORECAST_VERSION}")
-            arrays = {
-                name: data[name]
-                for name in (
-                    "times_s",
-                    "occupancy",
-                    "agent_ids",
-                    "agent_classes",
-                    "trajectory_times_s",
-                    "trajectories",
-                    "mode_probabilities",
+        """Read a forecast written by ``save`` (format versions 1 and 2), checking everything it holds.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the file is not a readable ``.npz`` of this format, its header lacks a key or holds a
+                wrong value, an array is missing, or an array has the wrong shape, dtype or values (the message
+                names the file and the field, and what it got and wants; see ``OccupancyForecast``).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such forecast file (write one with OccupancyForecast.save)")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{path}: not a {FORECAST_FORMAT} .npz file ({type(error).__name__}: {error})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: a single .npy array, not a {FORECAST_FORMAT} .npz file")
+        with data:
+            header = _read_header(path, _read_member(path, data, "header"))
+            missing = [name for name in ARRAY_FIELDS if name not in data.files]
+            if missing:
+                raise ValueError(
+                    f"{path}: the arrays {missing} are missing; a {FORECAST_FORMAT} file holds {list(ARRAY_FIELDS)}"
                 )
-            }
-            arrays["latent_occupancy"] = data["latent_occupancy"] if "latent_occupancy" in data.files else None
-        return OccupancyForecast(
-            timestamp_us=int(header["timestamp_us"]),
-            grid=geometry.GridSpec(**header["grid"]),
-            classes=tuple(header["classes"]),
-            **arrays,
+            arrays = {name: _read_member(path, data, name) for name in ARRAY_FIELDS}
+            arrays["latent_occupancy"] = (
+                _read_member(path, data, "latent_occupancy") if "latent_occupancy" in data.files else None
+            )
+        try:
+            return OccupancyForecast(
+                timestamp_us=header["timestamp_us"], grid=header["grid"], classes=header["classes"], **arrays
+            )
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+def _read_member(path: Path, data: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
+    """One array of an open ``.npz``; a missing or unreadable member raises ``ValueError`` naming file and array."""
+    if name not in data.files:
+        raise ValueError(f"{path}: the array {name!r} is missing; is this a {FORECAST_FORMAT} file?")
+    try:
+        return data[name]
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{path}: the array {name!r} cannot be read ({type(error).__name__}: {error})") from None
+
+
+def _read_header(path: Path, raw: np.ndarray) -> dict:
+    """The checked header of a forecast file: ``timestamp_us`` an int, ``grid`` a ``GridSpec``, ``classes`` a tuple."""
+    if raw.shape != () or raw.dtype.kind != "U":
+        raise ValueError(f"{path}: header: expected one JSON string, got a {raw.dtype} array of shape {raw.shape}")
+    try:
+        header = json.loads(str(raw))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: header: not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header: expected a JSON object, got {type(header).__name__}")
+    version = header.get("format_version")
+    if header.get("format") != FORECAST_FORMAT or version not in (1, FORECAST_VERSION):
+        raise ValueError(
+            f"{path}: not a {FORECAST_FORMAT} file of version 1 or {FORECAST_VERSION} (header: format "
+            f"{header.get('format')!r}, format_version {version!r})"
         )
+    missing = [key for key in HEADER_KEYS if key not in header]
+    if missing:
+        raise ValueError(f"{path}: header: the keys {missing} are missing; it needs {list(HEADER_KEYS)}")
+    timestamp = header["timestamp_us"]
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        raise ValueError(f"{path}: header.timestamp_us: expected an integer (µs), got {timestamp!r}")
+    grid = header["grid"]
+    fields = sorted(geometry.GridSpec.__dataclass_fields__)
+    if not isinstance(grid, dict) or sorted(grid) != fields:
+        raise ValueError(f"{path}: header.grid: expected an object with the numbers {fields}, got {grid!r}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in grid.values()):
+        raise ValueError(f"{path}: header.grid: expected numbers (m) for {fields}, got {grid!r}")
+    try:
+        spec = geometry.GridSpec(**grid)
+    except ValueError as error:
+        raise ValueError(f"{path}: header.grid: {error}") from None
+    classes = header["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: header.classes: expected a non-empty list of class names, got {classes!r}")
+    return {"timestamp_us": timestamp, "grid": spec, "classes": tuple(classes)}
+
+
+def check_agent_inputs(batch: torch_dataset.WindowBatch, classes: int) -> None:
+    """Refuse agents the model cannot forecast, naming the first one.
+
+    The trajectory head reads each agent's t0 position and heading and its past positions; a NaN there becomes NaN
+    trajectories and NaN occupancy, with no error. The forecast API does not guess: an agent with a non-finite t0
+    box, a non-finite past position at a step its mask marks valid, or a class outside [0, ``classes``) is an
+    error naming the window and the agent, and the caller drops or repairs it. Padding and masked past steps may
+    hold anything.
+
+    Args:
+        batch: the windows (``agent_box`` [B, A, 7], ``agent_past`` [B, A, P, 2], ``agent_past_mask`` [B, A, P],
+            ``agent_class`` [B, A], ``agent_mask`` [B, A]).
+        classes: the model's class count.
+
+    Raises:
+        ValueError: ``window SCENE/SAMPLE: agent ID (index a) has ...``, and how many agents of the batch do.
+    """
+    mask = batch.agent_mask  # [B, A]
+    box_bad = ~torch.isfinite(batch.agent_box).all(dim=-1) & mask  # [B, A]
+    past_bad = (~torch.isfinite(batch.agent_past).all(dim=-1) & batch.agent_past_mask).any(dim=-1) & mask  # [B, A]
+    class_bad = ((batch.agent_class < 0) | (batch.agent_class >= classes)) & mask  # [B, A]
+    bad = box_bad | past_bad | class_bad
+    if not bool(bad.any()):
+        return
+    b, a = (int(i) for i in bad.nonzero()[0])
+    if box_bad[b, a]:
+        what = f"a non-finite t0 box (x, y, z, w, l, h, yaw) {batch.agent_box[b, a].tolist()}"
+    elif past_bad[b, a]:
+        steps = (~torch.isfinite(batch.agent_past[b, a]).all(dim=-1) & batch.agent_past_mask[b, a]).nonzero()[:, 0]
+        what = f"a non-finite past position at valid past steps {steps.tolist()} (t0 last)"
+    else:
+        what = f"class {int(batch.agent_class[b, a])} outside [0, {classes})"
+    raise ValueError(
+        f"window {batch.scene_names[b]}/{batch.sample_tokens[b]}: agent {batch.agent_ids[b][a]!r} (index {a}) has "
+        f"{what}; the forecaster needs finite inputs for every agent: repair or drop it ({int(bad.sum())} agent(s) "
+        "of the batch are affected)"
+    )
 
 
 class Forecaster:
@@ -169,6 +389,11 @@ class Forecaster:
     (by scene and sample token, ``WindowSample.frame_tokens``), so a stream of forecasts, each over the last P
     keyframes, encodes every keyframe once: a new forecast pays for one frame's cameras and LiDAR instead of P.
     The result is the same as without the cache (a frame's own-frame latent does not depend on t0).
+
+    A window without agents gets a complete forecast with none (the latent occupancy beside an empty agent map).
+    An agent the model cannot forecast (a NaN or infinite t0 box or valid past position, a class out of range) is
+    not dropped silently: ``forecast`` and ``forecast_batch`` raise ``ValueError`` naming the window and the agent
+    (``check_agent_inputs``), and the caller decides (``bevjepa eval`` records the window as failed).
     """
 
     def __init__(self, net, device: str | torch.device = "cpu", cache_frames: int = 0) -> None:
@@ -212,7 +437,17 @@ class Forecaster:
     def forecast_batch(
         self, batch: torch_dataset.WindowBatch, actions: torch.Tensor | None = None
     ) -> list[OccupancyForecast]:
-        """Forecasts for every window of a batch; ``actions`` [B, F, 3] overrides the ego's future motion."""
+        """Forecasts for every window of a batch; ``actions`` [B, F, 3] overrides the ego's future motion.
+
+        A window without agents gets a forecast without agents (see ``OccupancyForecast``).
+
+        Raises:
+            ValueError: an agent with a non-finite t0 box or past position, or a class out of range
+                (``check_agent_inputs``), or non-finite ``actions``.
+        """
+        check_agent_inputs(batch, self.net.config.classes)
+        if actions is not None and not bool(torch.isfinite(actions).all()):
+            raise ValueError("forecast_batch: actions (dx, dy, dyaw per 0.5 s step) must be finite")
         batch = batch.to(self.device)
         output = self.net(batch, actions=actions, own_latents=self._own_latents(batch))
         latent = torch.sigmoid(output.occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]

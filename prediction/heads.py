@@ -352,6 +352,11 @@ class TrajectoryHead(nn.Module):
         Returns:
             modes: [B, A, K, T, 2] float — xy (m) in the t0 frame at each future step.
             mode_logits: [B, A, K] float — unnormalised mode log-probabilities.
+
+        A = 0 (a road with nobody on it, or a batch whose samples all have no agent) gives modes [B, 0, K, T, 2]
+        and logits [B, 0, K]: the head runs on one padding agent per sample (at the origin, no valid past) and
+        drops it, so that every parameter stays in the autograd graph (a zero gradient, which data-parallel
+        training needs) and no kernel sees an empty batch.
         """
         B, C, H, W = z0.shape
         A = agent_xy.shape[1]
@@ -366,6 +371,18 @@ class TrajectoryHead(nn.Module):
                 f"agent_past: expected [{B}, {A}, {P}, 2] and mask [{B}, {A}, {P}], got "
                 f"{list(agent_past.shape)} and {list(agent_past_mask.shape)}"
             )
+        if A == 0:
+            modes, mode_logits = self(
+                z0,
+                agent_xy.new_zeros(B, 1, 2),
+                agent_past.new_zeros(B, 1, P, 2),
+                agent_past_mask.new_zeros(B, 1, P),
+                agent_yaw.new_zeros(B, 1),
+                agent_class.new_zeros(B, 1),
+                rollout=rollout,
+                ego_past=ego_past,
+            )  # [B, 1, K, T, 2], [B, 1, K]: the padding agent
+            return modes[:, :0], mode_logits[:, :0]  # [B, 0, K, T, 2], [B, 0, K]
         latents = z0[:, None] if rollout is None else torch.cat([z0[:, None], rollout], dim=1)  # [B, L, C, H, W]
         L = latents.shape[1]
         cos, sin = torch.cos(agent_yaw), torch.sin(agent_yaw)  # [B, A]

@@ -145,14 +145,17 @@ def _eval(args: argparse.Namespace) -> int:
     for name, scores in metrics["models"].items():
         cells = [f"{key} {report.format_value(scores.get(key)):>6s}" for key in ("minADE_5", "minFDE_5", "iou_2s_mean")]
         print(f"{name:26s} " + "  ".join(cells))
-    print(
-        f"{metrics['windows']} windows, {metrics['agents']} agents with a full 6 s future; "
-        f"{result.metrics_path}, {result.report_path}, {len(result.figures)} figures"
-    )
     if args.rerun:
         recording = rerun_recording.record_scene(result.windows, args.split, config.checkpoint, Path(args.rerun))
         print(f"Rerun recording: {recording} (open it with `rerun {recording}`)")
-    return 0
+    failed = metrics.get("failed_windows") or []
+    for failure in failed:
+        print(f"  FAILED window {failure['scene']}/{failure['sample_token']} ({failure['stage']}): {failure['error']}")
+    print(
+        f"{metrics['windows']} windows, {len(failed)} failed, {metrics['agents']} agents with a full 6 s future; "
+        f"{result.metrics_path}, {result.report_path}, {len(result.figures)} figures"
+    )
+    return 1 if failed else 0  # the results are written either way; a failed window fails the run
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -225,8 +228,9 @@ def _closed_loop(args: argparse.Namespace) -> int:
         model_options={"rollout_candidates": True} if args.rollout_candidates else None,
     )
     print(closed_loop.format_table(report))
-    print(f"{len(report['episodes'])} episodes, {len(report['failed'])} failed; {Path(args.out) / 'metrics.json'}")
-    return 0
+    failed = len(report["failed"])
+    print(f"{len(report['episodes'])} episodes, {failed} failed; {Path(args.out) / 'metrics.json'}")
+    return 1 if failed else 0  # the results are written either way; a failed episode fails the run
 
 
 def _regress(args: argparse.Namespace) -> int:

@@ -1,0 +1,91 @@
+"""A road with nobody on it, end to end: ``bevjepa eval`` over windows without agents, and a closed-loop episode
+of the shipped ``empty`` suite driven by the model's forecast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bevjepa.evaluation import closed_loop, scenarios
+from bevjepa.sim import scenario
+from bevjepa.tools import cli
+
+
+@pytest.fixture(scope="module")
+def empty_windows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Windows of a synthetic dataset without any agent: 2 scenes of 4 s (one in mini_train, one in mini_val)."""
+    from bevjepa.datasets import preprocess
+    from bevjepa.sim import synth
+
+    root = tmp_path_factory.mktemp("empty-road")
+    synth.synthesize(
+        synth.SynthConfig(out=root / "mini", scenes=2, duration_s=4.0, seed=3, agents=(0, 0, 0, 0)), progress=False
+    )
+    preprocess.preprocess(preprocess.PreprocessConfig(dataroot=root / "mini", out=root / "windows"), progress=False)
+    return root / "windows"
+
+
+def test_eval_scores_windows_without_agents(empty_windows, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = cli.main(
+        [
+            "eval",
+            "--data",
+            str(empty_windows),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--figures",
+            "1",
+            "--animation-windows",
+            "2",
+        ]
+    )
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, printed
+    assert printed[-1].startswith("2 windows, 0 failed, 0 agents")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["windows"] == 2 and metrics["agents"] == 0 and metrics["failed_windows"] == []
+    model = metrics["models"]["model"]
+    assert model["minADE_5"] is None  # no agent to score: null, not a crash and not a number
+    # The occupancy is scored over the empty cells: the agents' map is all zero, so its Brier score is exactly 0,
+    # and the latent head's map is a real probability map.
+    assert model["brier_mean"] == 0.0
+    assert 0.0 < metrics["models"]["model_latent"]["brier_mean"] < 1.0
+    assert (out / "report.md").is_file() and (out / "figures" / "trajectories_1.png").is_file()
+    assert (out / "figures" / "scene.gif").is_file()
+
+
+def test_the_empty_suite_runs_closed_loop_on_the_model(tiny_checkpoint, tmp_path, capsys):
+    suite = scenarios.load_suite(scenarios.resolve_suite_path("empty"))
+    assert [e.episode_id for e in suite.episodes] == ["empty-straight/0"]
+    built, _ = scenario.build_world(suite.episodes[0].scenario_config())
+    assert len(built.actors) == 1  # the ego alone
+
+    code = cli.main(
+        ["closed-loop", "--suite", "empty", "--forecast", "model", "--checkpoint", str(tiny_checkpoint)]
+        + ["--out", str(tmp_path)]
+    )
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, printed
+    assert printed[-1].startswith("1 episodes, 0 failed")
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["failed"] == [] and len(report["episodes"]) == 1
+    episode = report["episodes"][0]
+    assert episode["planning_steps"] == 2 and not episode["collision"] and episode["progress_m"] > 0
+
+
+def test_every_forecast_source_forecasts_an_empty_road():
+    episode = scenarios.load_suite(scenarios.resolve_suite_path("empty")).episodes[0]
+    built, state = scenario.build_world(episode.scenario_config())
+    for source in (closed_loop.ConstantVelocitySource(), closed_loop.OracleSource()):
+        forecast = source.forecast(built, state, None, [])
+        assert forecast.trajectories.shape[0] == 0 and forecast.agent_ids.shape == (0,)
+        assert not forecast.occupancy.any(), source.name
+    results = closed_loop.run_suite(scenarios.resolve_suite_path("empty"), "oracle", progress=False)
+    assert results["failed"] == [] and results["aggregate"]["collision_rate"] == 0.0
+    assert np.isfinite(results["aggregate"]["score"])
