@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import shapely
 
-from bevjepa.datasets import rasterize
+from bevjepa.datasets import rasterize, workers
 from bevjepa.evaluation import closed_loop, planner, scenarios
 from bevjepa.sim import layouts, scenario, world
 from bevjepa.tools import cli
@@ -299,7 +299,7 @@ def test_smoke_suite_on_ray_records_a_crash_and_matches_the_sequential_run(tmp_p
     smoke = scenarios.load_suite(SMOKE)
     broken = scenarios.Episode(smoke.name, "broken", 0, "roundabout", 2.0)  # fails when its world is built
     suite = scenarios.Suite(smoke.name, (smoke.episodes[0], broken, smoke.episodes[1]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    workers.start_local_ray(2)
     try:
         on_ray = closed_loop.run_suite(suite, "cv", workers=2, out=tmp_path / "ray", progress=False)
     finally:
