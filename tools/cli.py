@@ -122,9 +122,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bevjepa.evaluation import report
+    from bevjepa.evaluation.report import eval_report
 
-    config = report.EvalConfig(
+    config = eval_report.EvalConfig(
         out=Path(args.out),
         split=args.split,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
@@ -137,13 +137,15 @@ def _eval(args: argparse.Namespace) -> int:
         animation_windows=args.animation_windows,
     )
     if args.rerun:
-        from bevjepa.evaluation import rerun_recording
+        from bevjepa.evaluation.report import rerun_recording
 
         rerun_recording.check_output(Path(args.rerun))  # before the evaluation: the extra and a .rrd path
-    result = report.run(config)
+    result = eval_report.run(config)
     metrics = result.metrics
     for name, scores in metrics["models"].items():
-        cells = [f"{key} {report.format_value(scores.get(key)):>6s}" for key in ("minADE_5", "minFDE_5", "iou_2s_mean")]
+        cells = [
+            f"{key} {eval_report.format_value(scores.get(key)):>6s}" for key in ("minADE_5", "minFDE_5", "iou_2s_mean")
+        ]
         print(f"{name:26s} " + "  ".join(cells))
     if args.rerun:
         recording = rerun_recording.record_scene(result.windows, args.split, config.checkpoint, Path(args.rerun))
@@ -203,9 +205,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench.format_report(model_bench.stream_latency(Path(args.data))), end="\n\n")
         print(bench.format_report(perception_bench.pooling_speed()))
     elif args.what == "closed-loop":
-        from bevjepa.evaluation import closed_loop
+        from bevjepa.evaluation.closed_loop import runner
 
-        print(bench.format_report(closed_loop.throughput(args.suite, workers_list=(1, args.workers))))
+        print(bench.format_report(runner.throughput(args.suite, workers_list=(1, args.workers))))
     elif args.what == "synth":
         print(
             bench.format_report(
@@ -216,9 +218,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _closed_loop(args: argparse.Namespace) -> int:
-    from bevjepa.evaluation import closed_loop
+    from bevjepa.evaluation.closed_loop import runner
 
-    report = closed_loop.run_suite(
+    report = runner.run_suite(
         args.suite,
         args.forecast,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
@@ -227,14 +229,14 @@ def _closed_loop(args: argparse.Namespace) -> int:
         out=Path(args.out),
         model_options={"rollout_candidates": True} if args.rollout_candidates else None,
     )
-    print(closed_loop.format_table(report))
+    print(runner.format_table(report))
     failed = len(report["failed"])
     print(f"{len(report['episodes'])} episodes, {failed} failed; {Path(args.out) / 'metrics.json'}")
     return 1 if failed else 0  # the results are written either way; a failed episode fails the run
 
 
 def _regress(args: argparse.Namespace) -> int:
-    from bevjepa.evaluation import regress
+    from bevjepa.evaluation.closed_loop import regress
 
     config = regress.RegressConfig(
         suite=args.suite,
@@ -257,7 +259,7 @@ def _regress(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from bevjepa.evaluation import demo
+    from bevjepa.tools import demo
 
     kwargs = {"suite": Path(args.suite)} if args.suite else {}
     if args.rerun:
@@ -398,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         "closed-loop",
         help="run a closed-loop scenario suite: simulator, forecast, sampling planner; one Ray task per episode",
     )
-    loop.add_argument("--suite", required=True, help="suite file, e.g. suites/ci.toml (or a shipped suite's name)")
+    loop.add_argument("--suite", required=True, help="a suite file, or a shipped suite's name: ci, smoke, empty")
     loop.add_argument("--forecast", choices=["model", "cv", "oracle", "none"], required=True, help="forecast source")
     loop.add_argument("--checkpoint", default=None, help="run folder of the model (--forecast model)")
     loop.add_argument("--workers", type=int, default=1, help="parallel episodes on Ray (default 1: this process)")
@@ -415,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a closed-loop scenario suite, compare its aggregate metrics with a baseline file, print "
         "a per-metric diff, and exit 1 when a metric regressed beyond its tolerance (or the baseline is missing).",
     )
-    gate.add_argument("--suite", required=True, help="suite file, e.g. suites/ci.toml")
+    gate.add_argument("--suite", required=True, help="a suite file, or a shipped suite's name (ci, smoke, empty)")
     gate.add_argument("--baseline", required=True, help="baseline JSON file (written with --update-baseline)")
     gate.add_argument(
         "--forecast",
@@ -448,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=None, help="train exactly this many steps (default: what the budget allows)"
     )
     runner.add_argument("--workers", type=int, default=2, help="Ray workers")
-    runner.add_argument("--suite", default=None, help="closed-loop scenario suite (default: suites/ci.toml)")
+    runner.add_argument("--suite", default=None, help="closed-loop scenario suite (default: the shipped ci)")
     runner.add_argument(
         "--rerun", default=None, metavar="FILE.rrd", help="also write a Rerun recording of a mini_val scene"
     )

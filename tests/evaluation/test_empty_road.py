@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bevjepa.evaluation import closed_loop, scenarios
+from bevjepa.evaluation.closed_loop import runner, sources, suite_files
 from bevjepa.sim import scenario
 from bevjepa.tools import cli
 
@@ -61,7 +61,7 @@ def test_eval_scores_windows_without_agents(empty_windows, tiny_checkpoint, tmp_
 
 
 def test_the_empty_suite_runs_closed_loop_on_the_model(tiny_checkpoint, tmp_path, capsys):
-    suite = scenarios.load_suite(scenarios.resolve_suite_path("empty"))
+    suite = suite_files.load_suite(suite_files.resolve_suite_path("empty"))
     assert [e.episode_id for e in suite.episodes] == ["empty-straight/0"]
     built, _ = scenario.build_world(suite.episodes[0].scenario_config())
     assert len(built.actors) == 1  # the ego alone
@@ -80,12 +80,12 @@ def test_the_empty_suite_runs_closed_loop_on_the_model(tiny_checkpoint, tmp_path
 
 
 def test_every_forecast_source_forecasts_an_empty_road():
-    episode = scenarios.load_suite(scenarios.resolve_suite_path("empty")).episodes[0]
+    episode = suite_files.load_suite(suite_files.resolve_suite_path("empty")).episodes[0]
     built, state = scenario.build_world(episode.scenario_config())
-    for source in (closed_loop.ConstantVelocitySource(), closed_loop.OracleSource()):
+    for source in (sources.ConstantVelocitySource(), sources.OracleSource()):
         forecast = source.forecast(built, state, None, [])
         assert forecast.trajectories.shape[0] == 0 and forecast.agent_ids.shape == (0,)
         assert not forecast.occupancy.any(), source.name
-    results = closed_loop.run_suite(scenarios.resolve_suite_path("empty"), "oracle", progress=False)
+    results = runner.run_suite(suite_files.resolve_suite_path("empty"), "oracle", progress=False)
     assert results["failed"] == [] and results["aggregate"]["collision_rate"] == 0.0
     assert np.isfinite(results["aggregate"]["score"])

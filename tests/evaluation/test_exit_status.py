@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from bevjepa.datasets import windows
-from bevjepa.evaluation import closed_loop, open_loop
+from bevjepa.evaluation import open_loop
+from bevjepa.evaluation.closed_loop import runner
 from bevjepa.tools import cli
 
 TWO_SCENARIOS = """
@@ -41,14 +42,14 @@ cyclists = 0
 def test_closed_loop_exits_1_when_an_episode_fails_at_run_time(tmp_path, capsys, monkeypatch):
     suite = tmp_path / "two.toml"
     suite.write_text(TWO_SCENARIOS)
-    real = closed_loop.run_episode
+    real = runner.run_episode
 
-    def breaks_one(episode, *args, **kwargs):
-        if episode.scenario == "breaks":
+    def breaks_one(one_episode, *args, **kwargs):  # a fault injected where the simulator would fail
+        if one_episode.scenario == "breaks":
             raise RuntimeError("the simulator fell over")
-        return real(episode, *args, **kwargs)
+        return real(one_episode, *args, **kwargs)
 
-    monkeypatch.setattr(closed_loop, "run_episode", breaks_one)
+    monkeypatch.setattr(runner, "run_episode", breaks_one)
     out = tmp_path / "out"
     code = cli.main(["closed-loop", "--suite", str(suite), "--forecast", "cv", "--out", str(out)])
     printed = capsys.readouterr().out.strip().splitlines()
@@ -60,7 +61,7 @@ def test_closed_loop_exits_1_when_an_episode_fails_at_run_time(tmp_path, capsys,
     assert [f["episode_id"] for f in report["failed"]] == ["breaks/2"]
     assert report["aggregate"]["failed"] == 1.0
 
-    monkeypatch.setattr(closed_loop, "run_episode", real)
+    monkeypatch.setattr(runner, "run_episode", real)
     assert cli.main(["closed-loop", "--suite", str(suite), "--forecast", "cv", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("2 episodes, 0 failed")
 

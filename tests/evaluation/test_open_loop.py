@@ -16,10 +16,11 @@ from nuscenes.nuscenes import NuScenes
 from nuscenes.prediction import PredictHelper
 
 from bevjepa.datasets import categories, torch_dataset
-from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export, report
+from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export
+from bevjepa.evaluation.report import eval_report
 from bevjepa.prediction import agent_occupancy, checkpoint, heads
 
-SOURCES = set(report.MODEL_ORDER)
+SOURCES = set(eval_report.MODEL_ORDER)
 """Every source the report knows: ``evaluate`` with a run scores each of them."""
 
 

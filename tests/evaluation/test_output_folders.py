@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from bevjepa.datasets import io as bevio
-from bevjepa.evaluation import demo
 from bevjepa.tools import cli
 
 
@@ -28,7 +27,7 @@ def test_closed_loop_refuses_another_jobs_folder_before_any_episode(tmp_path, ca
     other.mkdir()
     bevio.claim_output_folder(other, "train")
     (other / "state.json").write_text("{}")
-    suite = str(demo.SUITES / "smoke.toml")
+    suite = "smoke"
     code = cli.main(["closed-loop", "--suite", suite, "--forecast", "cv", "--workers", "1", "--out", str(other)])
     assert code == 2
     assert "holds the output of 'bevjepa train'" in capsys.readouterr().err

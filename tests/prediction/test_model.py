@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bevjepa.datasets import geometry, rasterize, torch_dataset
-from bevjepa.evaluation import open_loop, report
+from bevjepa.evaluation import open_loop
+from bevjepa.evaluation.report import eval_report
 from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, model, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.tools import cli
@@ -187,7 +188,7 @@ def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli.main(["eval", "--data", str(synthetic_windows), "--checkpoint", str(run), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["models"]) == set(report.MODEL_ORDER)  # every source the report knows
+    assert set(metrics["models"]) == set(eval_report.MODEL_ORDER)  # every source the report knows
     assert metrics["windows"] == 2
 
 

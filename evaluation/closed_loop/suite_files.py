@@ -53,6 +53,10 @@ SCENARIO_KEYS: dict[str, type | tuple[type, ...]] = {
 _COUNT_DEFAULTS = {"vehicles": 14, "parked": 8, "pedestrians": 12, "cyclists": 3}
 PLANNING_STEP_S = 0.5
 """The closed loop plans every keyframe interval; an episode lasts a whole number of these (s)."""
+SUB_STEP_S = 0.1
+"""The world is simulated in steps of this length (s)."""
+SUB_STEPS = round(PLANNING_STEP_S / SUB_STEP_S)
+"""World steps per planning step."""
 MAX_DURATION_S = 3600.0
 """The longest episode a suite may ask for (s): an hour of simulated driving."""
 MAX_AGENTS = 500
@@ -148,8 +152,8 @@ class Suite:
             raise SuiteError(f"suite {self.name!r}: episode ids must be unique, got {ids}")
 
 
-SHIPPED_SUITES = Path(__file__).resolve().parents[1] / "suites"
-"""The suites that come with the repository (``suites/ci.toml``, ``suites/smoke.toml``, ``suites/empty.toml``)."""
+SHIPPED_SUITES = Path(__file__).resolve().parent / "suites"
+"""The suites that ship with the package as data (``ci``, ``smoke``, ``empty``), in a checkout and a wheel alike."""
 
 
 def resolve_suite_path(suite: Path | str) -> Path:
@@ -172,7 +176,8 @@ def load_suite(path: Path | str) -> Suite:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"suite file {path} not found; pass a .toml file such as suites/ci.toml")
+        shipped = ", ".join(sorted(p.stem for p in SHIPPED_SUITES.glob("*.toml")))
+        raise FileNotFoundError(f"suite file {path} not found; pass a .toml file or a shipped suite's name ({shipped})")
     try:
         document = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:

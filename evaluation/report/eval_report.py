@@ -21,8 +21,6 @@ The windows shown are chosen deterministically: most moving agents first (``plot
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
 import sys
@@ -35,7 +33,8 @@ import torch
 
 from bevjepa.datasets import categories, geometry, preprocess, torch_dataset, windows
 from bevjepa.datasets import io as bevio
-from bevjepa.evaluation import baselines, open_loop, plots
+from bevjepa.evaluation import baselines, detection_eval, open_loop
+from bevjepa.evaluation.report import plots
 from bevjepa.prediction import checkpoint, forecaster, train
 
 SOURCE_NOTES = {
@@ -57,7 +56,6 @@ MODEL_ORDER = tuple(SOURCE_NOTES)
 """The order of the rows of every table: that of ``SOURCE_NOTES`` (names not listed follow, sorted)."""
 TRAJECTORY_KEYS = tuple(f"{metric}_{k}" for k in (1, 5, 10) for metric in ("minADE", "minFDE", "MissRate_2"))
 """The trajectory columns, in table order."""
-DETECTION_MODULE = "bevjepa.evaluation.detection_eval"
 MISSING = "—"
 """A cell whose value metrics.json lacks or holds as null."""
 
@@ -220,13 +218,12 @@ def describe_inputs(config: EvalConfig, data: Path) -> dict:
 
 
 def detection_metrics(config: EvalConfig, data: Path) -> dict | None:
-    """The detection evaluation (mAP, NDS, per-class AP) when its module is installed and a dataroot is given.
+    """The devkit's detection evaluation (mAP, NDS, per-class AP) of the checkpoint, when a dataroot is given.
 
     Returns None when it does not apply; ``{"error": ...}`` when it failed (the report still gets written).
     """
-    if config.dataroot is None or config.checkpoint is None or importlib.util.find_spec(DETECTION_MODULE) is None:
+    if config.dataroot is None or config.checkpoint is None:
         return None
-    detection_eval = importlib.import_module(DETECTION_MODULE)
     try:
         return detection_eval.evaluate_model_detections(
             Path(config.checkpoint),

@@ -641,7 +641,7 @@ def read_baseline(path: Path) -> Baseline:
 
 
 def run_metrics(result: Mapping) -> dict[str, float]:
-    """The gated metrics of a ``closed_loop.run_suite`` result: its aggregate, with the ``failed`` count."""
+    """The gated metrics of a ``runner.run_suite`` result: its aggregate, with the ``failed`` count."""
     aggregate = result.get("aggregate")
     if not isinstance(aggregate, Mapping):
         raise ValueError("suite result has no 'aggregate' metrics object")
@@ -736,7 +736,7 @@ class RegressConfig:
     """One ``bevjepa regress`` invocation.
 
     Attributes:
-        suite: a suite file (TOML) or the name of a shipped suite, as ``closed_loop.run_suite`` takes it.
+        suite: a suite file (TOML) or the name of a shipped suite, as ``runner.run_suite`` takes it.
         baseline: the baseline JSON file.
         forecast: forecast source (one of ``FORECASTS``); None takes the baseline's (``cv`` without a baseline,
             ``model`` where a checkpoint is given).
@@ -779,7 +779,7 @@ class RegressReport:
         text: the report to print: header, diff table, verdict.
         comparison: the comparison; None where there was no baseline to compare with.
         baseline: the baseline compared with, or the one written.
-        result: the suite result (``closed_loop.run_suite``'s dict); empty where the suite did not run.
+        result: the suite result (``runner.run_suite``'s dict); empty where the suite did not run.
     """
 
     exit_code: int
@@ -817,16 +817,16 @@ def regress(config: RegressConfig) -> RegressReport:
     forecast = config.forecast or (baseline.forecast if baseline else ("model" if config.checkpoint else "cv"))
     checkpoint = _resolve_checkpoint(config, forecast, baseline, baseline_path)
     if baseline is not None and not config.update_baseline and Path(config.suite).is_file():
-        from bevjepa.evaluation import scenarios
+        from bevjepa.evaluation.closed_loop import suite_files
 
-        _check_suite(baseline, baseline_path, scenarios.load_suite(config.suite).name)  # before, not after, the run
+        _check_suite(baseline, baseline_path, suite_files.load_suite(config.suite).name)  # before, not after, the run
 
     import time
 
-    from bevjepa.evaluation import closed_loop
+    from bevjepa.evaluation.closed_loop import runner
 
     started = time.perf_counter()
-    result = closed_loop.run_suite(
+    result = runner.run_suite(
         config.suite,
         forecast,
         checkpoint=checkpoint,

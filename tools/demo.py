@@ -31,14 +31,15 @@ from pathlib import Path
 
 from bevjepa.datasets import io as bevio
 from bevjepa.datasets import preprocess
-from bevjepa.evaluation import closed_loop, report, rerun_recording
+from bevjepa.evaluation.closed_loop import runner, safety, suite_files
+from bevjepa.evaluation.report import eval_report, rerun_recording
 from bevjepa.prediction import bench as model_bench
 from bevjepa.prediction import checkpoint, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.sim import synth
 
-SUITES = Path(__file__).resolve().parents[1] / "suites"
-"""The scenario suites shipped with the project."""
+SUITES = suite_files.SHIPPED_SUITES
+"""The scenario suites shipped with the package."""
 
 FORECASTS = ("model", "constant_velocity", "oracle")
 """The closed-loop forecast sources the demo compares, as the report names them."""
@@ -212,8 +213,8 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
         _timed(
             seconds,
             "open-loop evaluation",
-            lambda: report.run(
-                report.EvalConfig(
+            lambda: eval_report.run(
+                eval_report.EvalConfig(
                     out=open_loop_dir,
                     split="mini_val",
                     checkpoint=run_folder,
@@ -241,7 +242,7 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
             _timed(
                 seconds,
                 f"closed loop ({name})",
-                lambda name=name, folder=folder: closed_loop.run_suite(
+                lambda name=name, folder=folder: runner.run_suite(
                     config.suite,
                     _SOURCE[name],
                     checkpoint=run_folder if name == "model" else None,
@@ -293,8 +294,8 @@ CLOSED_LOOP_COLUMNS = (
     ("score", "PDMS-style score"),
     ("failed", "failed episodes"),
 )
-"""The closed-loop aggregate figures the summary shows (``closed_loop.run_suite``'s ``aggregate``; the score is
-``closed_loop.PDMS_FORMULA``)."""
+"""The closed-loop aggregate figures the summary shows (``runner.run_suite``'s ``aggregate``; the score is
+``safety.PDMS_FORMULA``)."""
 
 
 def verdicts(models: dict) -> list[str]:
@@ -371,7 +372,7 @@ def render(
             "",
         ]
     lines += [*verdicts(models), ""] if verdicts(models) else []
-    lines += ["## Closed loop", "", f"The score: `{closed_loop.PDMS_FORMULA}` (`evaluation/closed_loop.py`).", ""]
+    lines += ["## Closed loop", "", f"The score: `{safety.PDMS_FORMULA}` (`evaluation/closed_loop/safety.py`).", ""]
     keys = list(CLOSED_LOOP_COLUMNS)
     rows = [
         [name] + [_number(result.get("aggregate", {}).get(key)) for key, _ in keys] for name, result in closed.items()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bevjepa.datasets import geometry, torch_dataset
-from bevjepa.evaluation import plots, report
+from bevjepa.evaluation.report import eval_report, plots
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def samples(synthetic_windows: Path) -> list[torch_dataset.WindowSample]:
 
 
 def _forecast(sample: torch_dataset.WindowSample):
-    return report.constant_velocity_forecast(sample, geometry.GridSpec(), steps=sample.occupancy.shape[0] - 1)
+    return eval_report.constant_velocity_forecast(sample, geometry.GridSpec(), steps=sample.occupancy.shape[0] - 1)
 
 
 def test_lidar_density_counts_every_point_inside_once():

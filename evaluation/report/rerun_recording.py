@@ -47,7 +47,7 @@ from PIL import Image
 
 from bevjepa.datasets import categories, geometry, torch_dataset, types, windows
 from bevjepa.datasets import io as bevio
-from bevjepa.evaluation import plots, report
+from bevjepa.evaluation.report import eval_report, plots
 from bevjepa.prediction import forecaster, train
 
 INSTALL_HINT = "pip install 'bevjepa[rerun]'"
@@ -542,7 +542,7 @@ def record_scene(
     if run is None:
         grid = geometry.GridSpec(**dataset.config["window"]["grid"])
         steps = int(dataset.config["window"]["occupancy_steps"])
-        forecasts = [report.constant_velocity_forecast(s, grid, steps) for s in samples]
+        forecasts = [eval_report.constant_velocity_forecast(s, grid, steps) for s in samples]
         label = "constant velocity"
     else:
         model = forecaster.Forecaster.from_checkpoint(Path(run), cache_frames=4 * batch_size)

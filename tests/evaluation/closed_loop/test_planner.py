@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bevjepa.datasets import categories, geometry, rasterize
-from bevjepa.evaluation import planner
+from bevjepa.evaluation.closed_loop import planner
 from bevjepa.prediction import forecaster
 from bevjepa.sim import paths, world
 

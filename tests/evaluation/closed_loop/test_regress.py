@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bevjepa.evaluation import regress
+from bevjepa.evaluation.closed_loop import regress, suite_files
 from bevjepa.prediction import checkpoint, model
 from bevjepa.prediction import config as experiment_config
 
@@ -348,7 +348,7 @@ def test_the_gate_fails_a_degraded_model_and_passes_the_intact_one(synthetic_win
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
     run = train.train(synthetic_windows, tmp_path / "run", config, progress=False).run
     degraded = regress.perturb_checkpoint(run, tmp_path / "degraded", noise_std=0.2, seed=0)
-    suite = Path(__file__).resolve().parents[2] / "suites" / "smoke.toml"
+    suite = suite_files.SHIPPED_SUITES / "smoke.toml"
     args = ["regress", "--suite", str(suite), "--baseline", str(tmp_path / "baseline.json")]
 
     assert cli.main([*args, "--checkpoint", str(run), "--update-baseline"]) == 0

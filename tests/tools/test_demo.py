@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from bevjepa.evaluation import demo
-from bevjepa.tools import cli
+from bevjepa.tools import cli, demo
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bevjepa.evaluation import scenarios
+from bevjepa.evaluation.closed_loop import suite_files
 from bevjepa.tools import cli
 
 SUITE = """
@@ -35,8 +35,8 @@ duration_s = 2.0
 def test_suite_values_are_checked_when_the_file_is_read(tmp_path, line, message):
     path = tmp_path / "bad.toml"
     path.write_text(SUITE.replace("duration_s = 2.0", line))
-    with pytest.raises(scenarios.SuiteError, match=message) as error:
-        scenarios.load_suite(path)
+    with pytest.raises(suite_files.SuiteError, match=message) as error:
+        suite_files.load_suite(path)
     assert str(error.value).startswith(f"{path}: scenario 'road': ")
 
 
@@ -45,8 +45,8 @@ def test_a_default_duration_is_checked_on_every_scenario_that_takes_it(tmp_path)
     path.write_text(
         SUITE.replace("duration_s = 2.0", "").replace('name = "s"', 'name = "s"\n[defaults]\nduration_s = inf')
     )
-    with pytest.raises(scenarios.SuiteError, match=rf"{path}: scenario 'road': `duration_s` must be finite"):
-        scenarios.load_suite(path)
+    with pytest.raises(suite_files.SuiteError, match=rf"{path}: scenario 'road': `duration_s` must be finite"):
+        suite_files.load_suite(path)
 
 
 @pytest.mark.parametrize("duration", ["inf", "1e-6"])
@@ -62,16 +62,16 @@ def test_the_closed_loop_refuses_the_suite_before_running_anything(tmp_path, cap
 
 
 def test_episodes_made_in_code_are_checked_too():
-    with pytest.raises(scenarios.SuiteError, match=r"episode road/0: `duration_s` must be finite"):
-        scenarios.Episode("s", "road", 0, "straight", float("inf"))
-    with pytest.raises(scenarios.SuiteError, match=r"episode road/0: `duration_s` must lie between"):
-        scenarios.Episode("s", "road", 0, "straight", 1e-6)
-    with pytest.raises(scenarios.SuiteError, match=r"`seed` must be a non-negative integer"):
-        scenarios.Episode("s", "road", -1, "straight", 1.0)
-    assert scenarios.Episode("s", "road", 0, "roundabout", 1.0).layout == "roundabout"  # checked at run time
+    with pytest.raises(suite_files.SuiteError, match=r"episode road/0: `duration_s` must be finite"):
+        suite_files.Episode("s", "road", 0, "straight", float("inf"))
+    with pytest.raises(suite_files.SuiteError, match=r"episode road/0: `duration_s` must lie between"):
+        suite_files.Episode("s", "road", 0, "straight", 1e-6)
+    with pytest.raises(suite_files.SuiteError, match=r"`seed` must be a non-negative integer"):
+        suite_files.Episode("s", "road", -1, "straight", 1.0)
+    assert suite_files.Episode("s", "road", 0, "roundabout", 1.0).layout == "roundabout"  # checked at run time
 
 
 @pytest.mark.parametrize("name", ["ci", "smoke", "empty"])
 def test_the_shipped_suites_pass(name):
-    suite = scenarios.load_suite(scenarios.resolve_suite_path(name))
-    assert suite.episodes and all(e.duration_s >= scenarios.PLANNING_STEP_S for e in suite.episodes)
+    suite = suite_files.load_suite(suite_files.resolve_suite_path(name))
+    assert suite.episodes and all(e.duration_s >= suite_files.PLANNING_STEP_S for e in suite.episodes)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bevjepa.evaluation import report
+from bevjepa.evaluation.report import eval_report
 from bevjepa.tools import cli
 
 
@@ -61,7 +61,7 @@ def _tables(markdown: str) -> list[tuple[str, str, list[str], list[list[str]]]]:
 def _same(cell: str, value: object) -> bool:
     """A report cell shows a metrics.json value, rounded at the cell's last digit, or — for null."""
     if value is None:
-        return cell == report.MISSING
+        return cell == eval_report.MISSING
     last_digit = decimal.Decimal(cell).as_tuple().exponent
     return abs(float(cell) - float(value)) <= 0.5 * 10.0**last_digit * (1 + 1e-9)
 
@@ -142,12 +142,14 @@ def test_the_report_shows_figures_that_exist_and_decode(evaluated):
 
 def test_eval_preprocesses_a_dataroot_and_agrees_with_given_windows(synthetic_mini, synthetic_windows, tmp_path):
     out = tmp_path / "report"
-    config = report.EvalConfig(out=out, dataroot=synthetic_mini, figure_windows=0, animation_windows=0, progress=False)
-    first = report.run(config)
+    config = eval_report.EvalConfig(
+        out=out, dataroot=synthetic_mini, figure_windows=0, animation_windows=0, progress=False
+    )
+    first = eval_report.run(config)
     assert first.windows == out / "windows" and (out / "windows" / "manifest.json").is_file()
-    given = report.run(dataclasses.replace(config, out=tmp_path / "given", data=synthetic_windows, dataroot=None))
+    given = eval_report.run(dataclasses.replace(config, out=tmp_path / "given", data=synthetic_windows, dataroot=None))
     assert first.metrics["models"] == given.metrics["models"]
-    again = report.run(config)  # resumes: the windows are there, nothing is rebuilt
+    again = eval_report.run(config)  # resumes: the windows are there, nothing is rebuilt
     assert again.metrics == first.metrics
     assert "model" not in first.metrics["models"] and "checkpoint: none" in first.report_path.read_text()
 
@@ -169,7 +171,7 @@ def test_the_report_renders_the_keys_that_exist():
         },
         "detection": {"mAP": 0.4, "NDS": 0.5, "per_class_ap": {"vehicle": 0.6}},
     }
-    text = report.render_report(metrics)
+    text = eval_report.render_report(metrics)
     tables = {heading: (header, rows) for _, heading, header, rows in _tables(text)}
     trajectory = next(v for k, v in tables.items() if "Trajectories" in k)
     assert trajectory == (["model", "minADE_5"], [["`model`", "1.235"]])
@@ -178,7 +180,7 @@ def test_the_report_renders_the_keys_that_exist():
     assert next(v for k, v in tables.items() if "`brier`" in k)[1] == [["`persistence`", "0.000", "0.125"]]
     assert next(v for k, v in tables.items() if "per_class" in k)[1] == [["`model`", "vehicle", "1.500", "2.000"]]
     assert ["`mAP`", "0.400"] in next(v for k, v in tables.items() if "Detection" in k)[1]
-    assert report.render_report({"split": "val", "models": {}}).startswith("# Open-loop evaluation")
+    assert eval_report.render_report({"split": "val", "models": {}}).startswith("# Open-loop evaluation")
 
 
 def test_bad_input_is_refused_with_a_clear_error(synthetic_mini, synthetic_windows, run_folder, tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 import rerun.dataframe as rerun_dataframe  # the test extra holds rerun-sdk: CI reads the recordings back for real
 
 from bevjepa.datasets import geometry, torch_dataset
-from bevjepa.evaluation import report, rerun_recording
+from bevjepa.evaluation.report import eval_report, rerun_recording
 from bevjepa.prediction import train
 
 
@@ -20,7 +20,7 @@ def scene(synthetic_windows: Path) -> tuple[list[torch_dataset.WindowSample], li
     dataset = torch_dataset.WindowDataset(synthetic_windows, scenes=train.split_scenes(synthetic_windows, "mini_val"))
     samples = [dataset[i] for i in range(len(dataset))]
     grid = geometry.GridSpec(**dataset.config["window"]["grid"])
-    forecasts = [report.constant_velocity_forecast(s, grid, s.occupancy.shape[0] - 1) for s in samples]
+    forecasts = [eval_report.constant_velocity_forecast(s, grid, s.occupancy.shape[0] - 1) for s in samples]
     return samples, forecasts
 
 
@@ -183,8 +183,7 @@ def test_record_scene_records_the_consecutive_windows_of_one_scene(synthetic_win
 
 
 def test_eval_and_demo_take_a_rerun_file(synthetic_windows, tmp_path):
-    from bevjepa.evaluation import demo
-    from bevjepa.tools import cli
+    from bevjepa.tools import cli, demo
 
     out = tmp_path / "eval"
     argv = ["eval", "--data", str(synthetic_windows), "--out", str(out), "--figures", "0", "--animation-windows", "0"]

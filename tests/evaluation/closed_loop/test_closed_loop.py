@@ -11,28 +11,27 @@ import pytest
 import shapely
 
 from bevjepa.datasets import rasterize, workers
-from bevjepa.evaluation import closed_loop, planner, scenarios
+from bevjepa.evaluation.closed_loop import planner, runner, safety, sources, suite_files
 from bevjepa.sim import layouts, scenario, world
 from bevjepa.tools import cli
 
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = REPO / "suites" / "smoke.toml"
-CI = REPO / "suites" / "ci.toml"
+SMOKE = suite_files.SHIPPED_SUITES / "smoke.toml"
+CI = suite_files.SHIPPED_SUITES / "ci.toml"
 
 
 # ------------------------------------------------------------------------------------------------- suites
 
 
 def test_shipped_suites_expand_into_episodes():
-    smoke = scenarios.load_suite(SMOKE)
+    smoke = suite_files.load_suite(SMOKE)
     assert smoke.name == "smoke" and len(smoke.episodes) == 2
     assert [e.episode_id for e in smoke.episodes] == ["straight-short/1", "intersection-short/0"]
     assert smoke.episodes[1].ego_speed_mps == 9.0 and smoke.episodes[0].ego_speed_mps is None
-    ci = scenarios.load_suite(CI)
+    ci = suite_files.load_suite(CI)
     assert 6 <= len(ci.episodes) <= 8
     assert all(e.duration_s == 10.0 and e.vehicles == 14 for e in ci.episodes)  # from [defaults]
     assert {e.layout for e in ci.episodes} == {"intersection", "t_junction", "straight"}
-    assert scenarios.resolve_suite_path("smoke") == SMOKE
+    assert suite_files.resolve_suite_path("smoke") == SMOKE
     config = ci.episodes[0].scenario_config()
     assert (config.layout, config.seed, config.parked) == ("intersection", 0, 4)
 
@@ -69,14 +68,14 @@ duration_s = 2.0
 def test_suite_errors_name_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    with pytest.raises(scenarios.SuiteError, match=message) as error:
-        scenarios.load_suite(path)
+    with pytest.raises(suite_files.SuiteError, match=message) as error:
+        suite_files.load_suite(path)
     assert str(path) in str(error.value)
 
 
 def test_a_missing_suite_file_says_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="suites/ci.toml"):
-        scenarios.load_suite(tmp_path / "nope.toml")
+    with pytest.raises(FileNotFoundError, match=r"a shipped suite's name \(ci, empty, smoke\)"):
+        suite_files.load_suite(tmp_path / "nope.toml")
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -85,11 +84,11 @@ def test_a_missing_suite_file_says_what_to_pass(tmp_path):
 def test_head_on_boxes_overlap_and_separated_ones_do_not():
     size = np.array([1.9, 4.6])
     ego = (np.array([0.0, 0.0]), size, 0.0)
-    assert closed_loop.boxes_overlap(*ego, np.array([4.0, 0.3]), size, np.pi)  # bumpers 0.6 m into each other
-    assert not closed_loop.boxes_overlap(*ego, np.array([4.7, 0.0]), size, np.pi)  # 0.1 m apart
-    assert not closed_loop.boxes_overlap(*ego, np.array([0.0, 2.0]), size, 0.0)  # side by side, 0.1 m apart
+    assert safety.boxes_overlap(*ego, np.array([4.0, 0.3]), size, np.pi)  # bumpers 0.6 m into each other
+    assert not safety.boxes_overlap(*ego, np.array([4.7, 0.0]), size, np.pi)  # 0.1 m apart
+    assert not safety.boxes_overlap(*ego, np.array([0.0, 2.0]), size, 0.0)  # side by side, 0.1 m apart
     # Rotated 45°: the corner reaches 1.9/2 + ... only the separating axes of the rotated box tell these apart.
-    assert not closed_loop.boxes_overlap(*ego, np.array([4.1, 2.6]), size, np.pi / 4)
+    assert not safety.boxes_overlap(*ego, np.array([4.1, 2.6]), size, np.pi / 4)
 
 
 def test_box_overlap_agrees_with_shapely():
@@ -98,7 +97,7 @@ def test_box_overlap_agrees_with_shapely():
     centers = rng.uniform(-4, 4, size=(count, 2, 2))
     sizes = rng.uniform(0.5, 5.0, size=(count, 2, 2))
     yaws = rng.uniform(-np.pi, np.pi, size=(count, 2))
-    ours = closed_loop.boxes_overlap(
+    ours = safety.boxes_overlap(
         centers[:, 0], sizes[:, 0], yaws[:, 0], centers[:, 1], sizes[:, 1], yaws[:, 1]
     )  # [count]
     a = shapely.polygons(rasterize.box_footprints(centers[:, 0], sizes[:, 0], yaws[:, 0]))
@@ -110,7 +109,7 @@ def test_box_overlap_agrees_with_shapely():
 def test_time_to_collision_of_two_approaching_boxes():
     size = np.array([2.0, 4.0])
     # Ego at 0 driving +x at 10 m/s; an agent 30 m ahead driving towards it at 5 m/s: 26 m of gap close at 15 m/s.
-    ttc = closed_loop.time_to_collision(
+    ttc = safety.time_to_collision(
         np.array([[0.0, 0.0], [0.0, 0.0]]),
         np.array([0.0, 0.0]),
         np.array([10.0, 0.0]),
@@ -123,19 +122,19 @@ def test_time_to_collision_of_two_approaching_boxes():
         dt_s=0.01,
     )
     assert ttc[0] == pytest.approx(26.0 / 15.0, abs=0.011)
-    assert ttc[1] == closed_loop.TTC_CAP_S  # neither moves: no collision ahead
+    assert ttc[1] == safety.TTC_CAP_S  # neither moves: no collision ahead
     # Moving apart, or an agent that does not exist, never collides; overlapping already is 0.
-    apart = closed_loop.time_to_collision(
+    apart = safety.time_to_collision(
         np.zeros((1, 2)), np.zeros(1), np.array([5.0]), size, np.array([[[-10.0, 0.0]]]), np.array([[np.pi]]),
         np.array([[5.0]]), size[None], np.array([[True]]),
     )  # fmt: skip
-    assert apart[0] == closed_loop.TTC_CAP_S
-    ghost = closed_loop.time_to_collision(
+    assert apart[0] == safety.TTC_CAP_S
+    ghost = safety.time_to_collision(
         np.zeros((1, 2)), np.zeros(1), np.array([10.0]), size, np.array([[[8.0, 0.0]]]), np.zeros((1, 1)),
         np.zeros((1, 1)), size[None], np.array([[False]]),
     )  # fmt: skip
-    assert ghost[0] == closed_loop.TTC_CAP_S
-    touching = closed_loop.time_to_collision(
+    assert ghost[0] == safety.TTC_CAP_S
+    touching = safety.time_to_collision(
         np.zeros((1, 2)), np.zeros(1), np.zeros(1), size, np.array([[[3.0, 0.0]]]), np.zeros((1, 1)),
         np.zeros((1, 1)), size[None], np.array([[True]]),
     )  # fmt: skip
@@ -155,22 +154,22 @@ def test_drivable_area_compliance():
         ]
     )
     yaws = np.array([0.0, 0.0, 0.0, 0.0, np.pi / 2])
-    inside = closed_loop.footprint_on_drivable(layout.surface, centers, yaws, size)
+    inside = safety.footprint_on_drivable(layout.surface, centers, yaws, size)
     np.testing.assert_array_equal(inside, [True, True, False, False, True])
 
 
 # ----------------------------------------------------------------------------------------------- episodes
 
 
-def _episode(**changes) -> scenarios.Episode:
+def _episode(**changes) -> suite_files.Episode:
     """The smoke suite's first episode (a straight road, 2 s), with ``changes``."""
-    return dataclasses.replace(scenarios.load_suite(SMOKE).episodes[0], **changes)
+    return dataclasses.replace(suite_files.load_suite(SMOKE).episodes[0], **changes)
 
 
 def test_episodes_are_deterministic_and_measured():
     episode = _episode()
-    first = closed_loop.run_episode(episode, "cv")
-    again = closed_loop.run_episode(episode, "cv")
+    first = runner.run_episode(episode, "cv")
+    again = runner.run_episode(episode, "cv")
     timing = {"wall_time_s", "forecast_time_s"}
     assert {k: v for k, v in first.to_dict().items() if k not in timing} == {
         k: v for k, v in again.to_dict().items() if k not in timing
@@ -178,17 +177,17 @@ def test_episodes_are_deterministic_and_measured():
     assert first.planning_steps == 4 and first.duration_s == 2.0
     assert 0 < first.progress_m <= first.expected_progress_m + 1e-6
     assert 0 <= first.score <= 1 and first.dac == 1.0 and first.drivable_compliance == 1.0
-    assert first.min_ttc_s <= closed_loop.TTC_CAP_S
+    assert first.min_ttc_s <= safety.TTC_CAP_S
 
 
 def test_forecasts_keep_the_ego_out_of_a_crash_that_the_blind_planner_drives_into():
     # ci's intersection-crossing seed 4: driving on at cruise speed hits a vehicle about 3 s in.
-    episode = scenarios.load_suite(CI).episodes[1]
+    episode = suite_files.load_suite(CI).episodes[1]
     assert episode.episode_id == "intersection-crossing/4"
-    blind = closed_loop.run_episode(episode, "none")
+    blind = runner.run_episode(episode, "none")
     assert blind.collision and blind.collided_with.startswith("vehicle") and blind.score == 0.0
     for source in ("cv", "oracle"):
-        careful = closed_loop.run_episode(episode, source)
+        careful = runner.run_episode(episode, source)
         assert not careful.collision, source
         assert careful.progress_m < blind.progress_m and careful.min_ttc_s > 0
 
@@ -197,19 +196,19 @@ def test_the_oracle_forecast_is_the_simulators_future():
     built, state = scenario.build_world(
         scenario.ScenarioConfig(layout="intersection", seed=3, duration_s=5.0, vehicles=8, parked=0, pedestrians=0)
     )
-    forecast = closed_loop.OracleSource().forecast(built, state, None, [])
+    forecast = sources.OracleSource().forecast(built, state, None, [])
     # Stepping the world 2 s at the ego's current speed and rasterizing gives the last map.
     future = state
     for _ in range(20):
         future = world.step(built, future, 0.1, ego_accel_mps2=0.0)
     ego_from_global = world.ego_pose(built, state).inverse()
-    agents = closed_loop.agents_in_frame(built, future, ego_from_global)
+    agents = sources.agents_in_frame(built, future, ego_from_global)
     expected, _ = rasterize.rasterize_boxes(
         forecast.grid, agents.xy, agents.size_wlh[:, :2], agents.yaw, agents.classes, 3
     )
     np.testing.assert_array_equal(forecast.occupancy[-1] > 0.5, expected)
     assert forecast.occupancy.shape[0] == 5 and set(np.unique(forecast.occupancy)) <= {0.0, 1.0}
-    cv = closed_loop.ConstantVelocitySource().forecast(built, state, None, [])
+    cv = sources.ConstantVelocitySource().forecast(built, state, None, [])
     np.testing.assert_array_equal(cv.occupancy[0], forecast.occupancy[0])  # both start from the truth of now
 
 
@@ -230,11 +229,11 @@ def untrained_run(tmp_path_factory) -> Path:
 
 def test_model_source_renders_and_forecasts(untrained_run):
     episode = _episode(duration_s=1.0)
-    result = closed_loop.run_episode(episode, "model", untrained_run)
+    result = runner.run_episode(episode, "model", untrained_run)
     assert result.planning_steps == 2 and result.forecast == "model"
     # The sample the model saw: P frames with points and six cameras at the checkpoint's image size.
     built, state = scenario.build_world(episode.scenario_config())
-    source = closed_loop.ModelSource(built, untrained_run, lidar_sweeps=2)
+    source = sources.ModelSource(built, untrained_run, lidar_sweeps=2)
     source.observe(built, state)
     state = world.step(built, state, 0.1)
     source.observe(built, state)
@@ -245,7 +244,7 @@ def test_model_source_renders_and_forecasts(untrained_run):
     assert sample.agent_count > 0 and sample.agent_past_mask[:, -1].all()
     assert float(sample.points[:, 4].max()) == pytest.approx(0.1, abs=1e-6)  # two sweeps, 0.1 s apart
     # Rolled out under each candidate: one forecast per candidate, and the actions change the rollout.
-    rolled = closed_loop.ModelSource(built, untrained_run, rollout_candidates=True)
+    rolled = sources.ModelSource(built, untrained_run, rollout_candidates=True)
     rolled.observe(built, state)
     plans = planner.SamplingPlanner().candidates(
         built.actors[0].path,
@@ -270,7 +269,7 @@ def test_window_sample_from_frames_matches_the_dataset(synthetic_windows):
     window = windows.load_window(synthetic_windows / entry["file"])
     frames = [dataset.frame(entry["scene"], str(t)) for t in window.keyframe_tokens]
     config = windows.WindowConfig()  # what the fixture was preprocessed with
-    ours = closed_loop.window_sample_from_frames(
+    ours = sources.window_sample_from_frames(
         frames,
         window.agent_box,
         window.agent_class,
@@ -296,12 +295,12 @@ def test_window_sample_from_frames_matches_the_dataset(synthetic_windows):
 def test_smoke_suite_on_ray_records_a_crash_and_matches_the_sequential_run(tmp_path):
     import ray
 
-    smoke = scenarios.load_suite(SMOKE)
-    broken = scenarios.Episode(smoke.name, "broken", 0, "roundabout", 2.0)  # fails when its world is built
-    suite = scenarios.Suite(smoke.name, (smoke.episodes[0], broken, smoke.episodes[1]))
+    smoke = suite_files.load_suite(SMOKE)
+    broken = suite_files.Episode(smoke.name, "broken", 0, "roundabout", 2.0)  # fails when its world is built
+    suite = suite_files.Suite(smoke.name, (smoke.episodes[0], broken, smoke.episodes[1]))
     workers.start_local_ray(2)
     try:
-        on_ray = closed_loop.run_suite(suite, "cv", workers=2, out=tmp_path / "ray", progress=False)
+        on_ray = runner.run_suite(suite, "cv", workers=2, out=tmp_path / "ray", progress=False)
     finally:
         ray.shutdown()
     assert [f["episode_id"] for f in on_ray["failed"]] == ["broken/0"]
@@ -312,9 +311,9 @@ def test_smoke_suite_on_ray_records_a_crash_and_matches_the_sequential_run(tmp_p
     written = json.loads((tmp_path / "ray" / "metrics.json").read_text())
     assert set(written) >= {"suite", "forecast", "episodes", "aggregate", "failed"}
     assert all(isinstance(v, float) for v in written["aggregate"].values())
-    assert written["score_formula"] == closed_loop.PDMS_FORMULA
+    assert written["score_formula"] == safety.PDMS_FORMULA
 
-    sequential = closed_loop.run_suite(smoke, "cv", workers=1, progress=False)
+    sequential = runner.run_suite(smoke, "cv", workers=1, progress=False)
     timing = {"wall_time_s", "forecast_time_s"}
 
     def strip(report):
@@ -329,11 +328,11 @@ def test_smoke_suite_on_ray_records_a_crash_and_matches_the_sequential_run(tmp_p
 
 def test_run_suite_refuses_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="unknown forecast source 'psychic'"):
-        closed_loop.run_suite(SMOKE, "psychic", progress=False)
+        runner.run_suite(SMOKE, "psychic", progress=False)
     with pytest.raises(ValueError, match="needs a checkpoint"):
-        closed_loop.run_suite(SMOKE, "model", progress=False)
+        runner.run_suite(SMOKE, "model", progress=False)
     with pytest.raises(FileNotFoundError, match="not a bevjepa run folder|holds no checkpoint"):
-        closed_loop.run_suite(SMOKE, "model", checkpoint=tmp_path, progress=False)
+        runner.run_suite(SMOKE, "model", checkpoint=tmp_path, progress=False)
 
 
 def test_cli_closed_loop(tmp_path, capsys):

@@ -1,0 +1,4 @@
+"""Closed-loop evaluation.
+
+Forecast sources, the episode loop, the planner, suite files, safety metrics and the regression gate.
+"""
