@@ -172,6 +172,72 @@ def train(
     return training_loop(data, run, config, resume, progress, distributed=False)
 
 
+def _check_run_folder(run: Path, config: experiment_config.ExperimentConfig, resume: bool) -> None:
+    """Claim ``run`` for training and check that it fits: a new run needs no checkpoint, a resumed one its own."""
+    bevio.claim_output_folder(run, "train", own_files=checkpoint.is_run_folder)
+    if not resume:
+        if (run / "state.json").exists():
+            raise FileExistsError(
+                f"--out {run} already holds a checkpoint; pass --resume to continue it or choose another folder"
+            )
+        return
+    previous = checkpoint.load_state(run)
+    if previous.get("config_hash") != config.resume_hash():
+        raise ValueError(
+            f"--resume: {run} was trained with another configuration (hash {previous.get('config_hash')}, this "
+            f"one {config.resume_hash()}); only {', '.join(sorted(experiment_config.RESUMABLE_FIELDS))} may "
+            "change when resuming"
+        )
+    if previous["step"] > config.train.steps:
+        raise ValueError(
+            f"--resume: {run} is already at step {previous['step']}; --steps {config.train.steps} would not extend "
+            "it (pass a larger --steps)"
+        )
+
+
+def _initial_model(
+    run: Path, config: experiment_config.ExperimentConfig, resume: bool
+) -> tuple[model.BevJepa, int, list[dict]]:
+    """The model in training mode, seeded from the config, or restored from ``run``; its step and history."""
+    torch.manual_seed(config.train.seed)
+    np.random.seed(config.train.seed)
+    net = model.BevJepa(config.model)
+    step, history = 0, []
+    if resume:
+        _, loaded = checkpoint.load_model(run)
+        net.load_state_dict(loaded.state_dict())
+        state = checkpoint.load_state(run)
+        step, history = state["step"], state.get("history", [])
+        torch.manual_seed(config.train.seed + step)
+    return net.train(), step, history
+
+
+def _train_step(
+    net: torch.nn.Module,
+    core: model.BevJepa,
+    batch: torch_dataset.WindowBatch,
+    optimizer: torch.optim.Optimizer,
+    settings: experiment_config.TrainConfig,
+    step: int,
+) -> dict[str, float]:
+    """One optimizer step at ``step`` (0-based) and the EMA update; returns the loss terms and the latents' spread.
+
+    ``net`` is what runs the batch (``core`` itself, or its DistributedDataParallel wrapper).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = _learning_rate(settings, step)
+    output = net(batch)
+    terms = model.compute_losses(core, batch, output, settings.weights)
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    torch.nn.utils.clip_grad_norm_(core.parameters(), settings.grad_clip)
+    optimizer.step()
+    core.update_target(settings.ema_decay)
+    scalars = terms.scalars()
+    scalars["latent_std"] = float(output.latent.detach().std(dim=(0, 2, 3)).mean())
+    return scalars
+
+
 def training_loop(
     data: Path, run: Path, config: experiment_config.ExperimentConfig, resume: bool, progress: bool, distributed: bool
 ) -> TrainSummary:
@@ -190,45 +256,12 @@ def training_loop(
 
         rank = ray.train.get_context().get_world_rank()
     if rank == 0:
-        bevio.claim_output_folder(run, "train", own_files=checkpoint.is_run_folder)
-    if resume:
-        previous = checkpoint.load_state(run)
-        if previous.get("config_hash") != config.resume_hash():
-            raise ValueError(
-                f"--resume: {run} was trained with another configuration (hash {previous.get('config_hash')}, this "
-                f"one {config.resume_hash()}); only {', '.join(sorted(experiment_config.RESUMABLE_FIELDS))} may "
-                "change when resuming"
-            )
-        if previous["step"] > settings.steps:
-            raise ValueError(
-                f"--resume: {run} is already at step {previous['step']}; --steps {settings.steps} would not extend "
-                "it (pass a larger --steps)"
-            )
-    elif (run / "state.json").exists() and rank == 0:
-        raise FileExistsError(
-            f"--out {run} already holds a checkpoint; pass --resume to continue it or choose another folder"
-        )
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
-    net = model.BevJepa(config.model)
-    step = 0
-    history: list[dict] = []
-    if resume:
-        _, loaded = checkpoint.load_model(run)
-        net.load_state_dict(loaded.state_dict())
-        state = checkpoint.load_state(run)
-        step, history = state["step"], state.get("history", [])
-        torch.manual_seed(settings.seed + step)
-    net.train()
+        _check_run_folder(run, config, resume)
+    net, step, history = _initial_model(run, config, resume)
     future = settings.weights.latent > 0
+    train_scenes = split_scenes(data, settings.train_split)
     train_loader = make_loader(
-        data,
-        split_scenes(data, settings.train_split),
-        settings.batch_size,
-        True,
-        settings.seed + step,
-        settings.loader_workers,
-        future,
+        data, train_scenes, settings.batch_size, True, settings.seed + step, settings.loader_workers, future
     )
     val_loader = make_loader(data, split_scenes(data, settings.val_split), settings.batch_size, False, 0, 0, future)
     core = net
@@ -244,31 +277,19 @@ def training_loop(
         checkpoint.load_optimizer(run, optimizer)
     writer = SummaryWriter(str(run / "tensorboard")) if rank == 0 else None
     batches = _cycle(train_loader)
-    start = time.perf_counter()
+    start = last_checkpoint = time.perf_counter()
     step_times: list[float] = []
     last: dict[str, float] = {}
     validation: dict[str, float] = {}
     bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
-    last_checkpoint = time.perf_counter()
     stops = contextlib.ExitStack()
     stop_signals = stops.enter_context(_stop_requests())
     try:
         while step < settings.steps:
             tick = time.perf_counter()
-            batch = next(batches)
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(settings, step)
-            output = net(batch)
-            terms = model.compute_losses(core, batch, output, settings.weights)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(core.parameters(), settings.grad_clip)
-            optimizer.step()
-            core.update_target(settings.ema_decay)
+            last = _train_step(net, core, next(batches), optimizer, settings, step)
             step += 1
             step_times.append(time.perf_counter() - tick)
-            last = terms.scalars()
-            last["latent_std"] = float(output.latent.detach().std(dim=(0, 2, 3)).mean())
             if writer is not None:
                 for name, value in last.items():
                     writer.add_scalar(f"train/{name}", value, step)
@@ -278,13 +299,12 @@ def training_loop(
             now = time.perf_counter()
             out_of_time = settings.max_minutes is not None and now - start > 60 * settings.max_minutes
             validating = step % settings.val_every == 0 or step == settings.steps or out_of_time
-            checkpoint_due = now - last_checkpoint >= 60 * settings.checkpoint_minutes
             if rank == 0 and validating:
                 validation = validate(core, val_loader, settings.weights, settings.val_batches)
                 for name, value in validation.items():
                     writer.add_scalar(f"val/{name}", value, step)
                 history.append({"step": step, "train": last, "val": validation})
-            if rank == 0 and (validating or checkpoint_due or stop_signals):
+            if rank == 0 and (validating or stop_signals or now - last_checkpoint >= 60 * settings.checkpoint_minutes):
                 checkpoint.save(run, config, core, optimizer, {"step": step, "history": history})
                 last_checkpoint = time.perf_counter()
             if distributed and validating:
@@ -298,12 +318,6 @@ def training_loop(
         bar.close()
         if writer is not None:
             writer.close()
-    return TrainSummary(
-        run,
-        step,
-        time.perf_counter() - start,
-        float(np.median(step_times)) if step_times else 0.0,
-        last,
-        validation,
-        stop_signals[0] if stop_signals else None,
-    )
+    median_step_s = float(np.median(step_times)) if step_times else 0.0
+    stopped_by = stop_signals[0] if stop_signals else None
+    return TrainSummary(run, step, time.perf_counter() - start, median_step_s, last, validation, stopped_by)
