@@ -233,78 +233,15 @@ def evaluate(
                 batch, outputs = prepared
                 for b in range(batch.batch_size):
                     windows_seen += 1
-                    target = batch.occupancy[b].numpy()  # [S, C, H, W]
-                    S, C = target.shape[:2]
+                    window = _window_truth(batch, b, steps)
                     if not scores:
+                        S, C = window.target.shape[:2]
                         scores = {name: _Scores(S, C, ece_bins) for name in names}
-                    truth_labels = metrics.class_labels(target, batch.instances[b].numpy())
-                    count = int(batch.agent_mask[b].sum())
-                    box = batch.agent_box[b, :count].numpy().astype(np.float64)
-                    cls = batch.agent_class[b, :count].numpy()
-                    future = batch.agent_future[b, :count, :steps].numpy().astype(np.float64)  # [A, T', 2]
-                    full = scored_agents(batch.agent_future_mask[b, :count].numpy(), steps)
-                    truths.append(future[full])
-                    truth_classes.append(cls[full])
-                    past = batch.agent_past[b, :count].numpy().astype(np.float64)
-                    past_mask = batch.agent_past_mask[b, :count].numpy()
-                    velocity = baselines.agent_velocities(batch.agent_velocity[b, :count].numpy(), past, past_mask)
-                    one = np.ones((int(full.sum()), 1))
-                    # Agent classes for the instance labels of box baselines: index 0 unused.
-                    box_class = np.r_[-1, cls]
-
-                    cv_modes = baselines.constant_velocity_trajectories(box[:, :2], velocity, steps)
-                    scores["constant_velocity"].add_trajectories(cv_modes[full], one)
-                    occupancy, ids = baselines.constant_velocity_occupancy_instances(box, cls, velocity, grid, C, S - 1)
-                    _add_boxes(scores["constant_velocity"], occupancy, ids, box_class, target, truth_labels)
-
-                    for name, causal in (
-                        ("constant_velocity_past", baselines.past_velocities(past, past_mask)),
-                        ("constant_velocity_anchor", baselines.anchor_velocities(past, past_mask)),
-                    ):
-                        scores[name].add_trajectories(
-                            baselines.constant_velocity_trajectories(box[:, :2], causal, steps)[full], one
-                        )
-                        occupancy, ids = baselines.constant_velocity_occupancy_instances(
-                            box, cls, causal, grid, C, S - 1
-                        )
-                        _add_boxes(scores[name], occupancy, ids, box_class, target, truth_labels)
-
-                    yaw_rate = baselines.yaw_rate_from_past(past, past_mask)
-                    scores["ctrv"].add_trajectories(
-                        baselines.ctrv_trajectories(box[:, :2], velocity, yaw_rate, steps)[full], one
-                    )
-                    occupancy, ids = baselines.ctrv_occupancy(box, cls, velocity, yaw_rate, grid, C, S - 1)
-                    _add_boxes(scores["ctrv"], occupancy, ids, box_class, target, truth_labels)
-
-                    still = baselines.constant_velocity_trajectories(box[:, :2], np.zeros_like(velocity), steps)
-                    scores["persistence"].add_trajectories(still[full], one)
-                    persistence = baselines.persistence_occupancy(target[0], S - 1)
-                    labels = np.repeat(truth_labels[:1], S, axis=0)
-                    scores["persistence"].add_occupancy(persistence, labels, threshold, target, truth_labels)
-
+                    truths.append(window.future[window.full])
+                    truth_classes.append(window.cls[window.full])
+                    _score_baselines(scores, window, grid, steps, threshold)
                     if outputs is not None:
-                        forecast, found = outputs[b]
-                        scores["model"].add_trajectories(
-                            forecast.trajectories[full, :, :steps], forecast.mode_probabilities[full]
-                        )
-                        # The forecast's occupancy is the agents' boxes: VPQ instances are the agents themselves.
-                        _, ids = agent_occupancy.mode_occupancy_instances(
-                            box, cls, forecast.trajectories, forecast.mode_probabilities, grid, C, S - 1
-                        )
-                        labels = metrics.class_labels(forecast.occupancy >= threshold, ids, box_class)
-                        scores["model"].add_occupancy(forecast.occupancy, labels, threshold, target, truth_labels)
-                        latent = forecast.latent_occupancy
-                        labels = metrics.connected_instances(latent >= threshold)
-                        scores["model_latent"].add_occupancy(latent, labels, threshold, target, truth_labels)
-                        occupancy, ids = baselines.constant_velocity_detected(found, grid, C, S - 1)
-                        _add_boxes(
-                            scores["constant_velocity_detected"],
-                            occupancy,
-                            ids,
-                            np.r_[-1, found.classes],
-                            target,
-                            truth_labels,
-                        )
+                        _score_model(scores, window, outputs[b], grid, threshold)
     finally:
         if hook is not None:
             hook.remove()
@@ -327,6 +264,113 @@ def evaluate(
         "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
     }
     return result
+
+
+@dataclass(frozen=True)
+class _WindowTruth:
+    """One window's annotated agents and occupancy, as every source is scored against them.
+
+    Attributes:
+        target: [S, C, H, W] the annotated occupancy at t0 and each forecast step.
+        truth_labels: [S, H, W] int64 instance labels of ``target`` (0: none).
+        box: [A, 7] float64 t0 boxes (x, y, z, length, width, height, yaw; t0 ego frame).
+        cls: [A] int64 agent classes.
+        future: [A, T', 2] float64 annotated future xy (m, t0 ego frame), T' the scored steps.
+        full: [A] bool agents with an annotated position at every scored step.
+        past: [A, P, 2] float64 past xy; ``past_mask`` [A, P] bool.
+        velocity: [A, 2] float64 the baselines' velocity (m/s).
+        box_class: [A + 1] int64 the class of each instance label of a box source (index 0 unused).
+    """
+
+    target: np.ndarray
+    truth_labels: np.ndarray
+    box: np.ndarray
+    cls: np.ndarray
+    future: np.ndarray
+    full: np.ndarray
+    past: np.ndarray
+    past_mask: np.ndarray
+    velocity: np.ndarray
+    box_class: np.ndarray
+
+    @property
+    def one(self) -> np.ndarray:
+        """[A_full, 1] the probability 1 of a single-mode source's one mode."""
+        return np.ones((int(self.full.sum()), 1))
+
+
+def _window_truth(batch: torch_dataset.WindowBatch, b: int, steps: int) -> _WindowTruth:
+    """Window ``b`` of ``batch`` with its ``steps`` scored trajectory steps."""
+    target = batch.occupancy[b].numpy()  # [S, C, H, W]
+    count = int(batch.agent_mask[b].sum())
+    cls = batch.agent_class[b, :count].numpy()
+    past = batch.agent_past[b, :count].numpy().astype(np.float64)
+    past_mask = batch.agent_past_mask[b, :count].numpy()
+    return _WindowTruth(
+        target=target,
+        truth_labels=metrics.class_labels(target, batch.instances[b].numpy()),
+        box=batch.agent_box[b, :count].numpy().astype(np.float64),
+        cls=cls,
+        future=batch.agent_future[b, :count, :steps].numpy().astype(np.float64),  # [A, T', 2]
+        full=scored_agents(batch.agent_future_mask[b, :count].numpy(), steps),
+        past=past,
+        past_mask=past_mask,
+        velocity=baselines.agent_velocities(batch.agent_velocity[b, :count].numpy(), past, past_mask),
+        box_class=np.r_[-1, cls],
+    )
+
+
+def _score_baselines(
+    scores: dict[str, _Scores], w: _WindowTruth, grid: geometry.GridSpec, steps: int, threshold: float
+) -> None:
+    """Add one window's trajectories and occupancy of every baseline that reads the annotated boxes."""
+    S, C = w.target.shape[:2]
+    cv_modes = baselines.constant_velocity_trajectories(w.box[:, :2], w.velocity, steps)
+    scores["constant_velocity"].add_trajectories(cv_modes[w.full], w.one)
+    occupancy, ids = baselines.constant_velocity_occupancy_instances(w.box, w.cls, w.velocity, grid, C, S - 1)
+    _add_boxes(scores["constant_velocity"], occupancy, ids, w.box_class, w.target, w.truth_labels)
+
+    for name, causal in (
+        ("constant_velocity_past", baselines.past_velocities(w.past, w.past_mask)),
+        ("constant_velocity_anchor", baselines.anchor_velocities(w.past, w.past_mask)),
+    ):
+        modes = baselines.constant_velocity_trajectories(w.box[:, :2], causal, steps)
+        scores[name].add_trajectories(modes[w.full], w.one)
+        occupancy, ids = baselines.constant_velocity_occupancy_instances(w.box, w.cls, causal, grid, C, S - 1)
+        _add_boxes(scores[name], occupancy, ids, w.box_class, w.target, w.truth_labels)
+
+    yaw_rate = baselines.yaw_rate_from_past(w.past, w.past_mask)
+    ctrv = baselines.ctrv_trajectories(w.box[:, :2], w.velocity, yaw_rate, steps)
+    scores["ctrv"].add_trajectories(ctrv[w.full], w.one)
+    occupancy, ids = baselines.ctrv_occupancy(w.box, w.cls, w.velocity, yaw_rate, grid, C, S - 1)
+    _add_boxes(scores["ctrv"], occupancy, ids, w.box_class, w.target, w.truth_labels)
+
+    still = baselines.constant_velocity_trajectories(w.box[:, :2], np.zeros_like(w.velocity), steps)
+    scores["persistence"].add_trajectories(still[w.full], w.one)
+    persistence = baselines.persistence_occupancy(w.target[0], S - 1)
+    labels = np.repeat(w.truth_labels[:1], S, axis=0)
+    scores["persistence"].add_occupancy(persistence, labels, threshold, w.target, w.truth_labels)
+
+
+def _score_model(
+    scores: dict[str, _Scores], w: _WindowTruth, output: tuple, grid: geometry.GridSpec, threshold: float
+) -> None:
+    """Add one window's model forecast (``model``, ``model_latent``) and its detections moved at constant velocity."""
+    S, C = w.target.shape[:2]
+    steps = w.future.shape[1]
+    forecast, found = output
+    scores["model"].add_trajectories(forecast.trajectories[w.full, :, :steps], forecast.mode_probabilities[w.full])
+    # The forecast's occupancy is the agents' boxes: VPQ instances are the agents themselves.
+    _, ids = agent_occupancy.mode_occupancy_instances(
+        w.box, w.cls, forecast.trajectories, forecast.mode_probabilities, grid, C, S - 1
+    )
+    labels = metrics.class_labels(forecast.occupancy >= threshold, ids, w.box_class)
+    scores["model"].add_occupancy(forecast.occupancy, labels, threshold, w.target, w.truth_labels)
+    latent = forecast.latent_occupancy
+    labels = metrics.connected_instances(latent >= threshold)
+    scores["model_latent"].add_occupancy(latent, labels, threshold, w.target, w.truth_labels)
+    occupancy, ids = baselines.constant_velocity_detected(found, grid, C, S - 1)
+    _add_boxes(scores["constant_velocity_detected"], occupancy, ids, np.r_[-1, found.classes], w.target, w.truth_labels)
 
 
 def _failure(dataset: torch_dataset.WindowDataset, index: int, stage: str, error: Exception) -> dict:
