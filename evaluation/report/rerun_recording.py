@@ -291,16 +291,23 @@ def _log_window(
     cameras: bool,
 ) -> None:
     """Log one window's ground truth and forecast below ``EGO`` at the current time."""
-    colors = class_rgba()  # [C, 4]
-    names = np.asarray(categories.CLASSES)
-
     frame = sample.points_frame.numpy()
     points = sample.points.numpy()[frame == int(frame.max(initial=0))]  # [N0, 5] the t0 keyframe
     rec.log(
         f"{EGO}/lidar",
         rr.Points3D(points[:, :3], colors=height_colors(points[:, 2]), radii=LIDAR_RADIUS_M),
     )
+    start = _log_ground_truth(rec, rr, sample)
+    _log_modes(rec, rr, forecast, start)
+    _log_occupancy(rec, rr, sample, forecast, threshold)
+    if cameras:
+        _log_cameras(rec, rr, sample)
 
+
+def _log_ground_truth(rec, rr: ModuleType, sample: torch_dataset.WindowSample) -> np.ndarray:
+    """Log the annotated boxes, their futures and the ego's; return [A, 3] where each agent's lines start."""
+    colors = class_rgba()  # [C, 4]
+    names = np.asarray(categories.CLASSES)
     box = sample.agent_box.numpy().astype(np.float64)  # [A, 7]
     agent_class = sample.agent_class.numpy()  # [A]
     centers, sizes, quaternions = box_arrays(box)
@@ -335,10 +342,15 @@ def _log_window(
             radii=0.08,
         ),
     )
+    return start
 
+
+def _log_modes(rec, rr: ModuleType, forecast: forecaster.OccupancyForecast, start: np.ndarray) -> None:
+    """Log the K trajectory modes of every agent from ``start`` [A, 3], shaded and thickened by probability."""
     modes = np.asarray(forecast.trajectories, dtype=np.float64)  # [A, K, T, 2]
     a, k = modes.shape[:2]
     probability = np.asarray(forecast.mode_probabilities, dtype=np.float64).reshape(a, k)  # [A, K]
+    lift = start[:, 2]
     modes_3d = np.concatenate([modes, np.broadcast_to(lift[:, None, None, None], (*modes.shape[:3], 1))], axis=3)
     strips = np.concatenate([np.broadcast_to(start[:, None, None, :], (a, k, 1, 3)), modes_3d], axis=2)  # [A,K,T+1,3]
     alpha = 0.15 + 0.85 * probability / np.maximum(probability.max(axis=1, keepdims=True, initial=0.0), 1e-9)
@@ -353,6 +365,16 @@ def _log_window(
         ),
     )
 
+
+def _log_occupancy(
+    rec,
+    rr: ModuleType,
+    sample: torch_dataset.WindowSample,
+    forecast: forecaster.OccupancyForecast,
+    threshold: float,
+) -> None:
+    """Log the annotated and the forecast occupancy as cells, one entity per horizon."""
+    colors = class_rgba()  # [C, 4]
     target = sample.occupancy.numpy()  # [S, C, H, W] bool
     occupancy = np.asarray(forecast.occupancy, dtype=np.float32)  # [S, C, H, W]
     radius = 0.45 * forecast.grid.resolution_m
@@ -371,8 +393,9 @@ def _log_window(
             rr.Points3D(positions, colors=shaded, radii=radius, class_ids=classes),
         )
 
-    if not cameras:
-        return
+
+def _log_cameras(rec, rr: ModuleType, sample: torch_dataset.WindowSample) -> None:
+    """Log the six t0 cameras with their poses and pinholes (a missing camera is cleared)."""
     latest = sample.images.shape[0] - 1  # t0
     _, _, _, height, width = sample.images.shape
     for c, name in enumerate(types.CAMERA_CHANNELS):  # six cameras
