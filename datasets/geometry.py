@@ -114,6 +114,46 @@ def wrap_angle(angle_rad: np.ndarray | float) -> np.ndarray:
     return (np.asarray(angle_rad) + np.pi) % (2 * np.pi) - np.pi
 
 
+def planar_pose(ref_from_ego: np.ndarray) -> np.ndarray:
+    """The planar poses (x, y, yaw) of homogeneous transforms: their translation's xy and their x-axis heading.
+
+    Args:
+        ref_from_ego: [..., 4, 4] float — ``ref_from_ego`` transforms (e.g. ``t0_from_ego``).
+
+    Returns:
+        [..., 3] float64 — x, y (m) of the ego origin in ``ref``, yaw (rad) of the ego's x-axis in ``ref``.
+    """
+    m = np.asarray(ref_from_ego, dtype=np.float64)
+    if m.shape[-2:] != (4, 4):
+        raise ValueError(f"ref_from_ego: expected shape [..., 4, 4], got {m.shape}")
+    return np.stack([m[..., 0, 3], m[..., 1, 3], np.arctan2(m[..., 1, 0], m[..., 0, 0])], axis=-1)
+
+
+def ego_motion(start_pose: np.ndarray, end_pose: np.ndarray) -> np.ndarray:
+    """The ego's motion from one planar pose to another, in the frame of the earlier one: a world-model action.
+
+    With both poses given in one reference frame (``ref_from_start`` and ``ref_from_end`` as x, y, yaw), the motion
+    is the planar pose ``start_from_end = inverse(ref_from_start) @ ref_from_end``: where the ego ends up, seen from
+    where it started. Motions compose as transforms do: ``ego_motion(a, c)`` is ``ego_motion(a, b)`` followed by
+    ``ego_motion(b, c)``, and ``ego_motion(b, a)`` is the inverse of ``ego_motion(a, b)``.
+
+    Args:
+        start_pose: [..., 3] float — x, y (m), yaw (rad) of ``ref_from_start``.
+        end_pose: [..., 3] float — x, y (m), yaw (rad) of ``ref_from_end``; broadcasts against ``start_pose``.
+
+    Returns:
+        [..., 3] float64 — dx, dy (m), dyaw (rad, wrapped into [-pi, pi)) of ``start_from_end``: dx forward and dy
+        to the left of the start pose.
+    """
+    start = np.asarray(start_pose, dtype=np.float64)
+    end = np.asarray(end_pose, dtype=np.float64)
+    if start.shape[-1:] != (3,) or end.shape[-1:] != (3,):
+        raise ValueError(f"start_pose, end_pose: expected shapes [..., 3], got {start.shape} and {end.shape}")
+    dx, dy = end[..., 0] - start[..., 0], end[..., 1] - start[..., 1]  # [...] in ref
+    cos, sin = np.cos(start[..., 2]), np.sin(start[..., 2])
+    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy, wrap_angle(end[..., 2] - start[..., 2])], axis=-1)
+
+
 @dataclass(frozen=True)
 class RigidTransform:
     """A proper rigid transform ``p_dst = rotation @ p_src + translation``, named ``dst_from_src`` where used.

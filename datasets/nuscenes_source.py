@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,16 @@ class BadInputError(Exception):
 
 
 def open_nuscenes(dataroot: Path, version: str) -> NuScenes:
-    """Load the devkit's tables, with a clear error for a wrong dataroot or version."""
+    """Load the devkit's tables, with a clear error for a wrong dataroot or version: the project's one loader.
+
+    Every ``NuScenes`` the project opens comes from here (the source, the detection evaluation, ``sim.inspect``), so
+    each is checked the same way: the dataroot and its ``version/`` folder exist, and no ``map`` record names a
+    file outside the dataroot.
+
+    Raises:
+        FileNotFoundError: no dataroot, or no ``version/`` tables folder in it.
+        bevio.UnsafePathError: a ``map.json`` record's file would come from outside the dataroot.
+    """
     dataroot = Path(dataroot)
     if not dataroot.is_dir():
         raise FileNotFoundError(f"dataroot {dataroot} does not exist; pass the folder that holds {version}/")
@@ -120,7 +130,7 @@ def open_nuscenes(dataroot: Path, version: str) -> NuScenes:
         found = sorted(p.name for p in dataroot.glob("v1.0-*") if p.is_dir())
         raise FileNotFoundError(
             f"dataroot {dataroot} has no {version}/ tables folder (found: {found or 'none'}); "
-            "check --dataroot and --version"
+            f"check --dataroot and --version (a nuScenes folder holding the {version} tables)"
         )
     _check_dataroot_paths(dataroot, version)
     return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
@@ -201,6 +211,45 @@ def read_lidar_file(dataroot: Path, filename: str, token: str | None = None) -> 
     return points, problems
 
 
+def aggregate_sweeps(
+    sweeps: Sequence[types.LidarSweep],
+    global_from_ego: geometry.RigidTransform,
+    timestamp_us: int,
+    min_point_distance_m: float,
+) -> np.ndarray:
+    """LiDAR sweeps moved into one keyframe's ego frame with their time lag: a keyframe's aggregated point cloud.
+
+    The one aggregation of the project: the nuScenes source (``NuScenesSource.aggregate_lidar``) and the
+    simulator's live keyframes (``bevjepa.sim.keyframe``) both call it. Each sweep is compensated for the ego's
+    motion through its own ego pose (``keyframe_ego_from_sensor = ego_from_global @ global_from_sweep_ego @
+    sweep_ego_from_sensor``); points with both |x| and |y| below ``min_point_distance_m`` in their sensor frame
+    are dropped first (the devkit's ``remove_close``: returns from the ego vehicle itself).
+
+    Args:
+        sweeps: the sweeps, in the order their points are to appear (each: points [n, 5] float32 x, y, z in its
+            sensor frame, intensity, ring; its mounting and its ego pose).
+        global_from_ego: the keyframe's ego pose.
+        timestamp_us: the keyframe's time (µs); each point's time lag is measured behind it.
+        min_point_distance_m: the close-point filter's half-width (m), ``SourceConfig.min_point_distance_m``.
+
+    Returns:
+        [N, 5] float32 — x, y, z (m, keyframe ego frame), intensity, time lag (s) behind ``timestamp_us``.
+    """
+    ego_from_global = global_from_ego.inverse()
+    parts = []
+    for sweep in sweeps:  # a few sweeps, each vectorized
+        points = sweep.points
+        close = (np.abs(points[:, 0]) < min_point_distance_m) & (np.abs(points[:, 1]) < min_point_distance_m)
+        points = points[~close]  # [n, 5]
+        keyframe_ego_from_sensor = ego_from_global @ sweep.global_from_ego @ sweep.ego_from_sensor
+        part = np.empty((len(points), 5), dtype=np.float32)
+        part[:, :3] = keyframe_ego_from_sensor.apply(points[:, :3])  # [n, 3] float64 → float32
+        part[:, 3] = points[:, 3]
+        part[:, 4] = (timestamp_us - sweep.timestamp_us) * 1e-6
+        parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros((0, 5), dtype=np.float32)
+
+
 class NuScenesSource:
     """Keyframes of one dataroot, version and split, read through the devkit."""
 
@@ -263,40 +312,33 @@ class NuScenesSource:
         """LIDAR_TOP sweeps up to the keyframe, moved into the keyframe's ego frame with their time lag.
 
         Walks the ``prev`` chain from the keyframe's sweep as the devkit does; a sweep whose file is missing or
-        damaged is skipped (and recorded in ``bad``), its predecessors still used.
+        damaged is skipped (and recorded in ``bad``), its predecessors still used. The sweeps are aggregated by
+        ``aggregate_sweeps`` (as the simulator's live keyframes are), newest first.
 
         Returns:
             [N, 5] float32 — x, y, z (m, keyframe ego frame), intensity, time lag (s).
         """
         sample = self.nusc.get("sample", sample_token)
         reference = self.nusc.get("sample_data", sample["data"][types.LIDAR_CHANNEL])
-        ego_from_global = self._global_from_ego(reference).inverse()
-        parts = []
+        sweeps = []
         record = reference
         for _ in range(self.config.lidar_sweeps):
             try:
                 points, problems = read_lidar_file(self.config.dataroot, record["filename"], record["token"])
                 bad.extend(BadInput(sample_token, record["filename"], p) for p in problems)
+                sweeps.append(
+                    types.LidarSweep(
+                        record["timestamp"], points, self._ego_from_sensor(record), self._global_from_ego(record)
+                    )
+                )
             except BadInputError as error:
                 bad.append(BadInput(sample_token, error.file, error.reason))
-                points = None
-            if points is not None:
-                radius = self.config.min_point_distance_m
-                points = points[~((np.abs(points[:, 0]) < radius) & (np.abs(points[:, 1]) < radius))]
-                keyframe_ego_from_sensor = (
-                    ego_from_global @ self._global_from_ego(record) @ self._ego_from_sensor(record)
-                )
-                xyz = keyframe_ego_from_sensor.apply(points[:, :3])  # [n, 3] float64
-                lag_s = (reference["timestamp"] - record["timestamp"]) * 1e-6
-                part = np.empty((len(points), 5), dtype=np.float32)
-                part[:, :3] = xyz
-                part[:, 3] = points[:, 3]
-                part[:, 4] = lag_s
-                parts.append(part)
             if not record["prev"]:
                 break
             record = self.nusc.get("sample_data", record["prev"])
-        return np.concatenate(parts) if parts else np.zeros((0, 5), dtype=np.float32)
+        return aggregate_sweeps(
+            sweeps, self._global_from_ego(reference), reference["timestamp"], self.config.min_point_distance_m
+        )
 
     def cameras(self, sample_token: str, bad: list[BadInput]) -> list[types.CameraImage]:
         """The keyframe's camera images resized to ``image_width_px``, intrinsics scaled to match."""

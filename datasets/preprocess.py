@@ -292,11 +292,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
         stale.unlink()
 
     tasks = scene_tasks(config, source)
-    pool: workers.SequentialPool | workers.RayPool = (
-        workers.RayPool(config.workers, config.address)
-        if config.workers > 1 or config.address
-        else workers.SequentialPool()
-    )
+    pool = workers.make_pool(config.workers, config.address)
     results: list[SceneResult | None] = [None] * len(tasks)
     try:
         with tqdm(
@@ -308,8 +304,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
                 if result.strict_violation:
                     raise StrictModeError(result.strict_violation)
     finally:
-        if isinstance(pool, workers.RayPool):
-            pool.close()
+        pool.close()
     manifest = build_manifest(config, [r for r in results if r is not None])
     _write_json(out / "manifest.json", manifest)
     return manifest

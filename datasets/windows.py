@@ -232,15 +232,6 @@ def window_sample_tokens(scene_tokens: list[str], config: WindowConfig) -> list[
     return list(range(config.past_keyframes - 1, last + 1))
 
 
-def _relative_motion(start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """(dx, dy, dyaw) of ``end`` in the frame of ``start``; both [..., 3] x, y (m), yaw (rad)."""
-    dx, dy = end[..., 0] - start[..., 0], end[..., 1] - start[..., 1]
-    cos, sin = np.cos(start[..., 2]), np.sin(start[..., 2])
-    return np.stack(
-        [cos * dx + sin * dy, -sin * dx + cos * dy, geometry.wrap_angle(end[..., 2] - start[..., 2])], axis=-1
-    )
-
-
 def voxel_downsample(points: np.ndarray, voxel_size_m: float) -> np.ndarray:
     """Average the points that share a voxel (every column: position, intensity, time lag).
 
@@ -363,7 +354,7 @@ class WindowBuilder:
 
         # The ego: past and future poses (x, y, yaw) in t0, and the actions between consecutive steps.
         future_tokens = scene_tokens[index + 1 : index + 1 + max(t_count, f_count)]
-        past_pose = np.stack([[m[0, 3], m[1, 3], np.arctan2(m[1, 0], m[0, 0])] for m in t0_from_ego])  # [P, 3]
+        past_pose = geometry.planar_pose(t0_from_ego)  # [P, 3]
         ego_future = np.zeros((t_count, 3))
         ego_future_mask = np.zeros(t_count, dtype=bool)
         for k, token in enumerate(future_tokens[:t_count]):
@@ -372,7 +363,7 @@ class WindowBuilder:
             ego_future_mask[k] = True
         sequence = np.concatenate([past_pose, ego_future])  # [P + T, 3]
         action_mask = np.concatenate([np.ones(p_count - 1, dtype=bool), ego_future_mask])  # [P - 1 + T]
-        actions = np.where(action_mask[:, None], _relative_motion(sequence[:-1], sequence[1:]), 0.0)
+        actions = np.where(action_mask[:, None], geometry.ego_motion(sequence[:-1], sequence[1:]), 0.0)
 
         # Agents at t0 and their past and future positions.
         agents = [b.transformed(t0_from_global) for b in self._global_boxes(t0_token).values()]
@@ -460,6 +451,84 @@ class WindowBuilder:
         nusc = self.source.nusc
         record = nusc.get("sample_data", nusc.get("sample", token)["data"][types.LIDAR_CHANNEL])
         return np.asarray(nusc.get("calibrated_sensor", record["calibrated_sensor_token"])["translation"][:2])
+
+
+def inference_window(
+    frames: list[Frame],
+    agent_box: np.ndarray,
+    agent_class: np.ndarray,
+    agent_velocity: np.ndarray,
+    agent_past: np.ndarray,
+    agent_past_mask: np.ndarray,
+    agent_ids: list[str],
+    config: WindowConfig,
+    future_actions: np.ndarray | None = None,
+) -> Window:
+    """A window of in-memory frames for inference (live sensors, no future): its inputs named, its targets zero.
+
+    The past actions come from the frames' ego poses as ``WindowBuilder.window`` computes them
+    (``geometry.ego_motion``); ``torch_dataset.sample_from_window(window, frames, image_hw)`` makes the model input.
+
+    Args:
+        frames: the P input frames, oldest first, t0 last (``build_frame`` of each keyframe).
+        agent_box: [A, 7] float — x, y, z, width, length, height (m), yaw (rad) of the agents at t0 (t0 ego frame).
+        agent_class: [A] int — class index (``categories.CLASSES``).
+        agent_velocity: [A, 2] float — vx, vy (m/s, t0 ego frame).
+        agent_past: [A, P, 2] float — xy (m, t0 ego frame) at each input keyframe.
+        agent_past_mask: [A, P] bool.
+        agent_ids: [A] instance ids.
+        config: the window layout (P, T, F and the grid) the model was trained on.
+        future_actions: [F', 3] float, F' <= F — the ego motion (dx, dy in m, dyaw in rad per 0.5 s step, in the
+            step's start frame) to roll out under; None: no future action (masked).
+
+    Returns:
+        the window; ``ego_future``, ``agent_future``, ``occupancy``, ``instances`` and ``observed`` are zero and
+        ``future_keyframe_tokens`` empty.
+
+    Raises:
+        ValueError: the number of frames is not ``config.past_keyframes``.
+    """
+    p_count, t_count, f_count = len(frames), config.trajectory_steps, config.occupancy_steps
+    if p_count != config.past_keyframes:
+        raise ValueError(f"inference_window: {p_count} frames, the config wants {config.past_keyframes}")
+    global_from_ego = np.stack([np.asarray(f.global_from_ego, dtype=np.float64) for f in frames])  # [P, 4, 4]
+    t0_from_ego = np.linalg.inv(global_from_ego[-1])[None] @ global_from_ego  # [P, 4, 4]
+    pose = geometry.planar_pose(t0_from_ego)  # [P, 3] x, y, yaw in t0
+    actions = np.zeros((p_count - 1 + t_count, 3), dtype=np.float32)  # [P - 1 + T, 3]
+    actions[: p_count - 1] = geometry.ego_motion(pose[:-1], pose[1:])
+    action_mask = np.zeros(p_count - 1 + t_count, dtype=bool)
+    action_mask[: p_count - 1] = True
+    if future_actions is not None:
+        future_actions = np.asarray(future_actions, dtype=np.float32)[:f_count]  # [F', 3]
+        actions[p_count - 1 : p_count - 1 + len(future_actions)] = future_actions
+        action_mask[p_count - 1 : p_count - 1 + len(future_actions)] = True
+    count = len(agent_ids)
+    h, w = config.grid.shape
+    return Window(
+        sample_token=frames[-1].sample_token,
+        scene_name=frames[-1].scene_name,
+        timestamp_us=int(frames[-1].timestamp_us),
+        keyframe_tokens=np.array([f.sample_token for f in frames]),
+        t0_from_ego=t0_from_ego,
+        future_keyframe_tokens=np.array([], dtype=str),
+        t0_from_future_ego=np.zeros((0, 4, 4)),
+        ego_future=np.zeros((t_count, 3), dtype=np.float32),
+        ego_future_mask=np.zeros(t_count, dtype=bool),
+        actions=actions,
+        action_mask=action_mask,
+        agent_ids=np.array(list(agent_ids), dtype="U64").reshape(-1),
+        agent_class=np.asarray(agent_class, dtype=np.int8).reshape(-1),
+        agent_box=np.asarray(agent_box, dtype=np.float32).reshape(-1, 7),
+        agent_velocity=np.asarray(agent_velocity, dtype=np.float32).reshape(-1, 2),
+        agent_past=np.asarray(agent_past, dtype=np.float32).reshape(count, p_count, 2),
+        agent_past_mask=np.asarray(agent_past_mask, dtype=bool).reshape(count, p_count),
+        agent_future=np.zeros((count, t_count, 2), dtype=np.float32),
+        agent_future_mask=np.zeros((count, t_count), dtype=bool),
+        occupancy=np.zeros((f_count + 1, len(categories.CLASSES), h, w), dtype=bool),
+        instance_ids=np.array(list(agent_ids), dtype="U64").reshape(-1),
+        instances=np.zeros((f_count + 1, h, w), dtype=np.int32),
+        observed=np.zeros((h, w), dtype=bool),
+    )
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,10 @@ class WorkerPool(Protocol):
         """Run ``fn`` on every item."""
         ...
 
+    def close(self) -> None:
+        """Release what the pool holds (a Ray it started)."""
+        ...
+
 
 class SequentialPool:
     """Runs everything in this process, in order."""
@@ -109,6 +113,9 @@ class SequentialPool:
         """Run ``fn`` on every item, one after the other."""
         for index, item in enumerate(items):
             yield index, fn(item)
+
+    def close(self) -> None:
+        """Nothing to release (as ``RayPool.close``, so that a caller may close any pool)."""
 
 
 class RayPool:
@@ -149,6 +156,28 @@ class RayPool:
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
             self._started = False
+
+
+def make_pool(workers: int, address: str | None = None) -> SequentialPool | RayPool:
+    """The pool of a job's ``--workers`` and ``--address``: the one place that chooses between the two.
+
+    Args:
+        workers: parallel tasks; 1 without ``address`` runs everything in this process.
+        address: a Ray cluster to run on (``auto``, ``host:port``, ``ray://...``); None or ``""`` starts no cluster
+            connection (a local Ray with ``workers`` CPUs when ``workers`` is above 1).
+
+    Returns:
+        ``SequentialPool()`` for one worker without an address, otherwise ``RayPool(workers, address)`` (close it
+        when done; ``SequentialPool.close`` does nothing, so callers may close either).
+
+    Raises:
+        ValueError: ``workers`` is below 1.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if workers == 1 and not address:
+        return SequentialPool()
+    return RayPool(workers, address)
 
 
 def _call(fn: Callable[[Item], Result], item: Item) -> Result:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from bevjepa.datasets import categories, geometry, torch_dataset
+from bevjepa.datasets import categories, geometry, nuscenes_source, torch_dataset
 from bevjepa.datasets import io as bevio
 from bevjepa.prediction import forecaster, heads, train
 
@@ -329,20 +329,6 @@ def detection_config(classes: Sequence[str] = EVALUATED_CLASSES):
     return config
 
 
-def load_nuscenes(dataroot: Path, version: str):
-    """``NuScenes(version, dataroot)``, with a clear error where the tables are not there."""
-    from nuscenes.nuscenes import NuScenes
-
-    tables = Path(dataroot) / version
-    if not (tables / "sample.json").is_file():
-        present = sorted(p.name for p in Path(dataroot).glob("v1.0-*")) if Path(dataroot).is_dir() else []
-        raise FileNotFoundError(
-            f"{tables / 'sample.json'} not found: --dataroot must be a nuScenes folder holding the {version} tables "
-            f"(versions found there: {present or 'none'})"
-        )
-    return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
-
-
 def check_split(version: str, split: str) -> None:
     """Raise ``ValueError`` unless ``split`` is a predefined devkit split that ``version`` holds."""
     if split not in _VERSION_OF_SPLIT:
@@ -407,7 +393,7 @@ def score_submission(
     if not submission_path.is_file():
         raise FileNotFoundError(f"{submission_path} not found: write it with write_submission first")
     if nusc is None:
-        nusc = load_nuscenes(dataroot, version)
+        nusc = nuscenes_source.open_nuscenes(dataroot, version)
     elif nusc.version != version:
         raise ValueError(f"the NuScenes passed holds {nusc.version!r}, not {version!r}")
 
@@ -548,7 +534,7 @@ def evaluate_model_detections(
         )
         records.extend(detection_records(detections, batch.sample_tokens, poses))
 
-    nusc = load_nuscenes(dataroot, version)
+    nusc = nuscenes_source.open_nuscenes(dataroot, version)
     split_tokens = split_sample_tokens(nusc, split)
     foreign = sorted(seen - set(split_tokens))
     if foreign:

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.data_classes import LidarPointCloud
 from nuscenes.utils.splits import create_splits_scenes
 
+from bevjepa.datasets import nuscenes_source
+
 
 def describe(dataroot: Path, version: str) -> str:
-    """A short text report of what ``NuScenes(version, dataroot)`` loads."""
-    nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+    """A short text report of what the devkit loads (through ``nuscenes_source.open_nuscenes``)."""
+    nusc = nuscenes_source.open_nuscenes(Path(dataroot), version)
     lines = [f"nuscenes-devkit loads {dataroot} ({version}):"]
     lines.append("  " + ", ".join(f"{len(getattr(nusc, t))} {t}" for t in nusc.table_names))
     splits = create_splits_scenes()
@@ -29,7 +30,7 @@ def describe(dataroot: Path, version: str) -> str:
     lines.append("  annotations: " + ", ".join(f"{n} {c}" for c, n in sorted(categories.items())))
     sample = nusc.sample[0]
     lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
-    cloud = LidarPointCloud.from_file(str(Path(dataroot) / lidar["filename"]))
+    cloud = LidarPointCloud.from_file(str(nuscenes_source.sensor_path(Path(dataroot), lidar)))
     lines.append(
         f"  first sample: {len(sample['anns'])} annotations, LIDAR_TOP {cloud.points.shape[1]:,} points "
         f"(range {np.linalg.norm(cloud.points[:2], axis=0).max():.1f} m), "

@@ -159,11 +159,7 @@ def synthesize(config: SynthConfig, progress: bool = True) -> SynthReport:
     staging.mkdir()
     specs = scene_specs(config)
     start = time.perf_counter()
-    pool: workers.SequentialPool | workers.RayPool = (
-        workers.RayPool(config.workers, config.address)
-        if config.workers > 1 or config.address
-        else workers.SequentialPool()
-    )
+    pool = workers.make_pool(config.workers, config.address)
     try:
         results: list[writer.SceneRecords | None] = [None] * len(specs)
         with tqdm(total=len(specs), desc="synth scenes", unit="scene", disable=not progress) as bar:

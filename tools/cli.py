@@ -7,6 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
+from bevjepa.evaluation.closed_loop import forecast_names
+
 
 def _synth(args: argparse.Namespace) -> int:
     from bevjepa.sim import sensors, synth
@@ -220,7 +222,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _closed_loop(args: argparse.Namespace) -> int:
     from bevjepa.evaluation.closed_loop import runner
 
-    report = runner.run_suite(
+    result = runner.run_suite(
         args.suite,
         args.forecast,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
@@ -229,10 +231,9 @@ def _closed_loop(args: argparse.Namespace) -> int:
         out=Path(args.out),
         model_options={"rollout_candidates": True} if args.rollout_candidates else None,
     )
-    print(runner.format_table(report))
-    failed = len(report["failed"])
-    print(f"{len(report['episodes'])} episodes, {failed} failed; {Path(args.out) / 'metrics.json'}")
-    return 1 if failed else 0  # the results are written either way; a failed episode fails the run
+    print(runner.format_table(result))
+    print(f"{len(result.episodes)} episodes, {len(result.failed)} failed; {Path(args.out) / 'metrics.json'}")
+    return 1 if result.failed else 0  # the results are written either way; a failed episode fails the run
 
 
 def _regress(args: argparse.Namespace) -> int:
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a closed-loop scenario suite: simulator, forecast, sampling planner; one Ray task per episode",
     )
     loop.add_argument("--suite", required=True, help="a suite file, or a shipped suite's name: ci, smoke, empty")
-    loop.add_argument("--forecast", choices=["model", "cv", "oracle", "none"], required=True, help="forecast source")
+    loop.add_argument("--forecast", choices=forecast_names.FORECASTS, required=True, help="forecast source")
     loop.add_argument("--checkpoint", default=None, help="run folder of the model (--forecast model)")
     loop.add_argument("--workers", type=int, default=1, help="parallel episodes on Ray (default 1: this process)")
     loop.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--baseline", required=True, help="baseline JSON file (written with --update-baseline)")
     gate.add_argument(
         "--forecast",
-        choices=["model", "cv", "oracle", "none"],
+        choices=forecast_names.FORECASTS,
         default=None,
         help="forecast source (default: the baseline's; cv without one, model with --checkpoint)",
     )

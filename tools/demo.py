@@ -6,7 +6,8 @@
     windows/          its training windows (``bevjepa preprocess``)
     run/              the trained ``small`` model (safetensors + JSON), TensorBoard scalars
     open-loop/        ``bevjepa eval`` on mini_val: metrics.json, report.md, figures/ (PNG panels, scene.gif)
-    closed-loop/      the ``ci`` suite driven with the model's, constant-velocity and oracle forecasts
+    closed-loop/      the ``ci`` suite driven with the model's, constant-velocity and oracle forecasts: one folder
+                      (metrics.json) per source, named as ``sources.FORECASTS`` names it (model/, cv/, oracle/)
     plan.json         the training steps chosen for the time budget (a second run keeps them)
     timings.json      each stage's wall time in the run that did its work
     report.md         the summary: tables from the metrics files, the animation, the closed-loop results
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from bevjepa.datasets import io as bevio
 from bevjepa.datasets import preprocess
-from bevjepa.evaluation.closed_loop import runner, safety, suite_files
+from bevjepa.evaluation.closed_loop import runner, safety, sources, suite_files
 from bevjepa.evaluation.report import eval_report, rerun_recording
 from bevjepa.prediction import bench as model_bench
 from bevjepa.prediction import checkpoint, train
@@ -41,10 +42,12 @@ from bevjepa.sim import synth
 SUITES = suite_files.SHIPPED_SUITES
 """The scenario suites shipped with the package."""
 
-FORECASTS = ("model", "constant_velocity", "oracle")
-"""The closed-loop forecast sources the demo compares, as the report names them."""
+COMPARED_FORECASTS = (sources.MODEL, sources.CONSTANT_VELOCITY, sources.ORACLE)
+"""The closed-loop forecast sources the demo compares: the report's rows and ``closed-loop/``'s folders."""
 
-_SOURCE = {"model": "model", "constant_velocity": "cv", "oracle": "oracle"}
+_EARLIER_FOLDERS = {sources.CONSTANT_VELOCITY: "constant_velocity"}
+"""Folder names under ``closed-loop/`` that earlier demos gave a source (they called ``cv`` ``constant_velocity``):
+a rerun reads the results there instead of running the suite again."""
 
 
 @dataclass(frozen=True)
@@ -105,14 +108,15 @@ class DemoResult:
         report: ``out/report.md``.
         stage_seconds: wall time of each stage in the run that did its work, and their total.
         open_loop: the open-loop metrics.json.
-        closed_loop: each forecast source's closed-loop metrics.json.
+        closed_loop: each compared forecast source's closed-loop run (``COMPARED_FORECASTS``), read back from its
+            metrics.json.
     """
 
     out: Path
     report: Path
     stage_seconds: dict[str, float]
     open_loop: dict
-    closed_loop: dict[str, dict] = field(default_factory=dict)
+    closed_loop: dict[str, safety.SuiteResult] = field(default_factory=dict)
 
 
 def _timed(seconds: dict[str, float], name: str, fn: Callable[[], object], say: Callable[[str], None]) -> object:
@@ -235,24 +239,24 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
             say,
         )
 
-    closed: dict[str, dict] = {}
-    for name in FORECASTS:
-        folder = out / "closed-loop" / name
+    closed: dict[str, safety.SuiteResult] = {}
+    for name in COMPARED_FORECASTS:
+        folder = _closed_loop_folder(out, name)
         if not (folder / "metrics.json").is_file():
             _timed(
                 seconds,
                 f"closed loop ({name})",
                 lambda name=name, folder=folder: runner.run_suite(
                     config.suite,
-                    _SOURCE[name],
-                    checkpoint=run_folder if name == "model" else None,
+                    name,
+                    checkpoint=run_folder if name == sources.MODEL else None,
                     workers=config.workers,
                     out=folder,
                     progress=config.progress,
                 ),
                 say,
             )
-        closed[name] = json.loads((folder / "metrics.json").read_text())
+        closed[name] = safety.SuiteResult.load(folder / "metrics.json")
 
     this_run_s = time.perf_counter() - started
     recorded = _record_times(out / "timings.json", seconds)
@@ -260,6 +264,15 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     bevio.atomic_write_text(report_path, render(config, plan, recorded, open_loop, closed, out))
     say(f"[demo] done in {this_run_s:.0f} s (all stages, as they ran: {recorded['total']:.0f} s): {report_path}")
     return DemoResult(out, report_path, recorded, open_loop, closed)
+
+
+def _closed_loop_folder(out: Path, name: str) -> Path:
+    """The folder of a source's closed-loop run: ``closed-loop/NAME``, or an earlier demo's, where only it is done."""
+    folder = out / "closed-loop" / name
+    earlier = out / "closed-loop" / _EARLIER_FOLDERS.get(name, name)
+    if not (folder / "metrics.json").is_file() and (earlier / "metrics.json").is_file():
+        return earlier
+    return folder
 
 
 def _number(value: object, digits: int = 3) -> str:
@@ -294,7 +307,7 @@ CLOSED_LOOP_COLUMNS = (
     ("score", "PDMS-style score"),
     ("failed", "failed episodes"),
 )
-"""The closed-loop aggregate figures the summary shows (``runner.run_suite``'s ``aggregate``; the score is
+"""The closed-loop aggregate figures the summary shows (fields of ``safety.SuiteAggregate``; the score is
 ``safety.PDMS_FORMULA``)."""
 
 
@@ -331,7 +344,12 @@ def verdicts(models: dict) -> list[str]:
 
 
 def render(
-    config: DemoConfig, plan: dict, seconds: dict[str, float], open_loop: dict, closed: dict[str, dict], out: Path
+    config: DemoConfig,
+    plan: dict,
+    seconds: dict[str, float],
+    open_loop: dict,
+    closed: dict[str, safety.SuiteResult],
+    out: Path,
 ) -> str:
     """The summary report's Markdown; every number is read from the metrics files passed in."""
     models = open_loop.get("models", {})
@@ -374,9 +392,7 @@ def render(
     lines += [*verdicts(models), ""] if verdicts(models) else []
     lines += ["## Closed loop", "", f"The score: `{safety.PDMS_FORMULA}` (`evaluation/closed_loop/safety.py`).", ""]
     keys = list(CLOSED_LOOP_COLUMNS)
-    rows = [
-        [name] + [_number(result.get("aggregate", {}).get(key)) for key, _ in keys] for name, result in closed.items()
-    ]
+    rows = [[name] + [_number(getattr(result.aggregate, key)) for key, _ in keys] for name, result in closed.items()]
     lines += _table(["forecast"] + [label for _, label in keys], rows)
     lines += ["", "Per-episode results: `closed-loop/<forecast>/metrics.json`.", "", "## Time", ""]
     lines += ["Each stage's wall time in the run that did its work (`timings.json`; reused stages cost ~0 s).", ""]

@@ -115,9 +115,8 @@ class Plan:
         x = np.interp(t, self.times_s, self.poses[:, 0])
         y = np.interp(t, self.times_s, self.poses[:, 1])
         yaw = np.interp(t, self.times_s, np.unwrap(self.poses[:, 2]))
-        dx, dy = np.diff(x), np.diff(y)
-        cos, sin = np.cos(yaw[:-1]), np.sin(yaw[:-1])
-        return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy, np.diff(yaw)], axis=1).astype(np.float32)
+        poses = np.stack([x, y, yaw], axis=1)  # [F + 1, 3] in the t0 ego frame
+        return geometry.ego_motion(poses[:-1], poses[1:]).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -29,19 +29,17 @@ import math
 import shutil
 import socket
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bevjepa.datasets import io as bevio
+from bevjepa.evaluation.closed_loop import safety, sources
 
 BASELINE_FORMAT = "bevjepa-regress-baseline"
 BASELINE_VERSION = 1
-FORECASTS = ("model", "cv", "oracle", "none")
-"""Forecast sources of the closed-loop runner."""
 FAILED_EPISODES = "failed"
-"""The aggregate metric counting episodes that raised instead of finishing (added from the ``failed`` list where a
-suite result's aggregate lacks it)."""
+"""The aggregate metric counting episodes that raised instead of finishing (``safety.SuiteAggregate.failed``)."""
 
 HIGHER = "higher"
 LOWER = "lower"
@@ -554,11 +552,11 @@ class Baseline:
 
     Attributes:
         suite: the suite's name.
-        forecast: the forecast source (one of ``FORECASTS``).
+        forecast: the forecast source (one of ``sources.FORECASTS``).
         checkpoint: the checkpoint of a ``model`` forecast; None for the others.
         metrics: ``{metric: value}``, the suite's aggregate metrics (with the ``failed`` count); NaN where undefined.
         tolerances: ``{metric: Tolerance}`` used when the baseline was written.
-        episodes: how many episodes the suite ran.
+        episodes: how many episodes of the suite finished.
         created_utc: when it was written (ISO 8601).
     """
 
@@ -619,6 +617,8 @@ def read_baseline(path: Path) -> Baseline:
         if not isinstance(metrics, dict):
             raise ValueError("'metrics' is not an object")
         checkpoint = data.get("checkpoint")
+        if data["forecast"] not in sources.FORECASTS:
+            raise ValueError(f"forecast {data['forecast']!r} is not one of {sources.FORECASTS}")
         return Baseline(
             suite=str(data["suite"]),
             forecast=str(data["forecast"]),
@@ -640,24 +640,12 @@ def read_baseline(path: Path) -> Baseline:
 # Suite results.
 
 
-def run_metrics(result: Mapping) -> dict[str, float]:
-    """The gated metrics of a ``runner.run_suite`` result: its aggregate, with the ``failed`` count."""
-    aggregate = result.get("aggregate")
-    if not isinstance(aggregate, Mapping):
-        raise ValueError("suite result has no 'aggregate' metrics object")
-    metrics = {str(k): _as_float(k, v, "suite result") for k, v in aggregate.items()}
-    metrics.setdefault(FAILED_EPISODES, float(len(result.get("failed") or ())))
-    return metrics
+def run_metrics(result: safety.SuiteResult) -> dict[str, float]:
+    """The gated metrics of a suite run: its aggregate (``safety.SuiteAggregate.metrics``), ``failed`` included.
 
-
-def _episode_failure(entry: object, index: int) -> tuple[str, str]:
-    """(name, message) of one entry of a suite result's ``failed`` list."""
-    if isinstance(entry, Mapping):
-        keys = ("episode_id", "name", "scenario", "episode", "id")
-        name = next((str(entry[k]) for k in keys if entry.get(k) is not None), None)
-        message = "\n".join(str(entry[k]) for k in ("error", "message", "traceback") if entry.get(k))
-        return name or f"episode {index}", message or json.dumps(entry)
-    return f"episode {index}", str(entry)
+    A run saved as ``metrics.json`` is read back with ``safety.SuiteResult.load``.
+    """
+    return result.aggregate.metrics()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -667,7 +655,7 @@ def _episode_failure(entry: object, index: int) -> tuple[str, str]:
 def junit_xml(
     comparison: Comparison,
     suite: str,
-    failed_episodes: list | tuple = (),
+    failed_episodes: Sequence[safety.FailedEpisode] = (),
     properties: Mapping[str, str] | None = None,
     time_s: float = 0.0,
 ) -> ET.ElementTree:
@@ -676,11 +664,11 @@ def junit_xml(
     Args:
         comparison: the metrics compared.
         suite: the suite's name (the testsuite's name).
-        failed_episodes: the ``failed`` entries of the suite result (dicts with a name and an error, or strings).
+        failed_episodes: the suite run's failed episodes.
         properties: ``<property>`` entries of the testsuite (forecast, checkpoint, baseline file...).
         time_s: wall time of the suite run (s).
     """
-    episodes = [_episode_failure(entry, i) for i, entry in enumerate(failed_episodes)]
+    episodes = [(f.episode_id, f"{f.error}\n{f.traceback}".strip()) for f in failed_episodes]
     failures = len(comparison.failures) + len(episodes)
     skipped = sum(m.status == MISSING_BASELINE for m in comparison.metrics)
     root = ET.Element("testsuites", name="bevjepa regress", tests=str(len(comparison.metrics) + len(episodes)))
@@ -738,8 +726,8 @@ class RegressConfig:
     Attributes:
         suite: a suite file (TOML) or the name of a shipped suite, as ``runner.run_suite`` takes it.
         baseline: the baseline JSON file.
-        forecast: forecast source (one of ``FORECASTS``); None takes the baseline's (``cv`` without a baseline,
-            ``model`` where a checkpoint is given).
+        forecast: forecast source (one of ``sources.FORECASTS``); None takes the baseline's (``cv`` without a
+            baseline, ``model`` where a checkpoint is given).
         checkpoint: run folder of a ``model`` forecast; None takes the baseline's, whose weights must then be
             unchanged.
         tolerances: per-metric overrides of the baseline's tolerances.
@@ -764,8 +752,8 @@ class RegressConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.forecast is not None and self.forecast not in FORECASTS:
-            raise ValueError(f"RegressConfig.forecast must be one of {FORECASTS}, got {self.forecast!r}")
+        if self.forecast is not None and self.forecast not in sources.FORECASTS:
+            raise ValueError(f"RegressConfig.forecast must be one of {sources.FORECASTS}, got {self.forecast!r}")
         if self.workers < 1:
             raise ValueError(f"RegressConfig.workers must be >= 1, got {self.workers}")
 
@@ -779,14 +767,14 @@ class RegressReport:
         text: the report to print: header, diff table, verdict.
         comparison: the comparison; None where there was no baseline to compare with.
         baseline: the baseline compared with, or the one written.
-        result: the suite result (``runner.run_suite``'s dict); empty where the suite did not run.
+        result: the suite run (``runner.run_suite``); None where the suite did not run.
     """
 
     exit_code: int
     text: str
     comparison: Comparison | None
     baseline: Baseline | None
-    result: dict
+    result: safety.SuiteResult | None
 
 
 def regress(config: RegressConfig) -> RegressReport:
@@ -812,9 +800,10 @@ def regress(config: RegressConfig) -> RegressReport:
             f"baseline {baseline_path} not found: nothing to compare with. Write it from a run with "
             f"`bevjepa regress --suite {config.suite} --baseline {baseline_path} --update-baseline`"
         )
-        return RegressReport(1, text, None, None, {})
+        return RegressReport(1, text, None, None, None)
 
-    forecast = config.forecast or (baseline.forecast if baseline else ("model" if config.checkpoint else "cv"))
+    default = sources.MODEL if config.checkpoint else sources.CONSTANT_VELOCITY
+    forecast = config.forecast or (baseline.forecast if baseline else default)
     checkpoint = _resolve_checkpoint(config, forecast, baseline, baseline_path)
     if baseline is not None and not config.update_baseline and Path(config.suite).is_file():
         from bevjepa.evaluation.closed_loop import suite_files
@@ -837,11 +826,11 @@ def regress(config: RegressConfig) -> RegressReport:
         job="regress",
     )
     wall_s = time.perf_counter() - started
-    suite = str(result.get("suite", config.suite))
+    suite = result.suite
     current = run_metrics(result)
     current_ref = CheckpointRef.of(checkpoint) if checkpoint is not None else None
-    failed = list(result.get("failed") or ())
-    episodes = len(result.get("episodes") or ()) + (0 if result.get("episodes") else len(failed))
+    failed = result.failed
+    episodes = len(result.episodes)
 
     if baseline is not None and not config.update_baseline:
         _check_suite(baseline, baseline_path, suite)
@@ -855,11 +844,10 @@ def regress(config: RegressConfig) -> RegressReport:
     }
 
     if config.update_baseline:
-        if failed and not result.get("episodes"):
-            name, message = _episode_failure(failed[0], 0)
+        if failed and not result.episodes:
             raise ValueError(
                 f"every episode of suite {suite!r} failed, so there is nothing to write a baseline from; the first, "
-                f"{name}: {message.splitlines()[0] if message else '?'}"
+                f"{failed[0].episode_id}: {failed[0].error.splitlines()[0] if failed[0].error else '?'}"
             )
         if failed:
             header.append(f"warning: {len(failed)} episodes failed; the baseline records that as its `failed` count")
@@ -930,7 +918,7 @@ def _resolve_checkpoint(
     config: RegressConfig, forecast: str, baseline: Baseline | None, baseline_path: Path
 ) -> Path | None:
     """The checkpoint to run, checked against the forecast and the baseline."""
-    if forecast != "model":
+    if forecast != sources.MODEL:
         if config.checkpoint is not None:
             raise ValueError(f"--checkpoint is only used by --forecast model, not {forecast!r}; drop one of them")
         return None

@@ -8,7 +8,7 @@ An episode (``run_episode``) steps the world of one scenario and seed. Every pla
    (``world.step(..., ego_accel_mps2=...)``), the agents reacting to the ego through their IDM.
 
 ``run_suite`` runs one task per episode on a worker pool (Ray, or this process), records a crashed episode with
-its traceback and goes on, and writes ``OUT/metrics.json`` atomically.
+its traceback and goes on, and returns a ``safety.SuiteResult``, written as ``OUT/metrics.json`` atomically.
 
 Forecast sources are in ``sources``, the metrics in ``safety``, the planner in ``planner``.
 
@@ -45,7 +45,7 @@ def run_episode(
 
     Args:
         episode: the scenario and seed.
-        forecast_source: ``model``, ``cv``, ``oracle`` or ``none``.
+        forecast_source: one of ``sources.FORECASTS``.
         checkpoint: the run folder for ``model``.
         planner_config: the planner; default ``PlannerConfig()``.
         **model_options: ``ModelSource`` options (``image_width_px``, ``lidar_sweeps``, ``rollout_candidates``).
@@ -112,24 +112,16 @@ def run_episode(
 
 def _episode_task(
     episode: suite_files.Episode, forecast: str, checkpoint: str | None, model_options: dict | None = None
-) -> dict:
-    """Run one episode; a crash becomes a record with its traceback instead of an exception."""
+) -> safety.EpisodeResult | safety.FailedEpisode:
+    """Run one episode; a crash becomes a ``FailedEpisode`` with its traceback instead of an exception."""
     try:
-        result = run_episode(episode, forecast, checkpoint, **(model_options or {}))
-        return {"ok": True, "result": result.to_dict()}
+        return run_episode(episode, forecast, checkpoint, **(model_options or {}))
     except Exception as error:  # noqa: BLE001 - a failed episode is recorded, the suite goes on
-        return {
-            "ok": False,
-            "episode_id": episode.episode_id,
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc(),
-        }
+        return safety.FailedEpisode(episode.episode_id, f"{type(error).__name__}: {error}", traceback.format_exc())
 
 
-def _make_pool(workers_count: int, address: str | None):
-    if workers_count == 1 and not address:
-        return worker_pools.SequentialPool()
-    return worker_pools.RayPool(workers_count, address)
+def _make_pool(workers_count: int, address: str | None) -> worker_pools.SequentialPool | worker_pools.RayPool:
+    return worker_pools.make_pool(workers_count, address)
 
 
 def run_suite(
@@ -142,13 +134,13 @@ def run_suite(
     progress: bool = True,
     model_options: dict | None = None,
     job: str = "closed-loop",
-) -> dict:
+) -> safety.SuiteResult:
     """Run every episode of a suite, one task each, and aggregate.
 
     Args:
         suite_path_or_suite: a suite file (``scenarios.load_suite``), the name of a shipped suite (``ci``,
             ``smoke``, ``empty``: ``suite_files.SHIPPED_SUITES``), or a ``Suite``.
-        forecast: ``model``, ``cv``, ``oracle`` or ``none``.
+        forecast: one of ``sources.FORECASTS``.
         checkpoint: the run folder for ``model``.
         workers: parallel episodes; 1 without ``address`` runs in this process, otherwise one Ray task per episode.
         address: a Ray cluster's address (default: a local Ray with ``workers`` CPUs).
@@ -159,8 +151,8 @@ def run_suite(
         job: the command that owns ``out`` (``closed-loop``, or ``regress`` when the gate runs the suite).
 
     Returns:
-        ``{"suite", "forecast", "checkpoint", "score_formula", "metric_definitions", "episodes": [...],
-        "aggregate": {metric: float}, "failed": [{"episode_id", "error", "traceback"}], "workers", "wall_time_s"}``.
+        The finished episodes, their aggregate and the failed episodes, each list in the suite's order;
+        ``out/metrics.json`` holds its ``to_dict()``.
     """
     suite = (
         suite_path_or_suite
@@ -171,7 +163,7 @@ def run_suite(
         bevio.claim_output_folder(Path(out), job, own_files=lambda folder: (folder / "metrics.json").is_file())
     if forecast not in sources.FORECASTS:
         raise ValueError(f"unknown forecast source {forecast!r}; choose one of {list(sources.FORECASTS)}")
-    if forecast == "model":
+    if forecast == sources.MODEL:
         if checkpoint is None:
             raise ValueError("the model forecast needs a checkpoint: pass --checkpoint RUN (a `bevjepa train` folder)")
         from bevjepa.prediction import checkpoint as checkpoint_io
@@ -181,7 +173,7 @@ def run_suite(
     checkpoint_arg = None if checkpoint is None else str(Path(checkpoint).resolve())
     task = functools.partial(_episode_task, forecast=forecast, checkpoint=checkpoint_arg, model_options=model_options)
     start = time.perf_counter()
-    outcomes: list[dict | None] = [None] * len(suite.episodes)
+    outcomes: list[safety.EpisodeResult | safety.FailedEpisode | None] = [None] * len(suite.episodes)
     pool = _make_pool(workers, address)
     try:
         from tqdm import tqdm
@@ -193,34 +185,30 @@ def run_suite(
     finally:
         if isinstance(pool, worker_pools.RayPool):
             pool.close()
-    finished = [o["result"] for o in outcomes if o is not None and o["ok"]]
-    failed = [
-        {k: o[k] for k in ("episode_id", "error", "traceback")} for o in outcomes if o is not None and not o["ok"]
-    ]
-    report = {
-        "suite": suite.name,
-        "forecast": forecast,
-        "checkpoint": checkpoint_arg,
-        "score_formula": safety.PDMS_FORMULA,
-        "metric_definitions": safety.METRIC_DEFINITIONS,
-        "episodes": finished,
-        "aggregate": safety.aggregate(finished, len(failed)),
-        "failed": failed,
-        "workers": workers,
-        "wall_time_s": time.perf_counter() - start,
-    }
+    finished = tuple(o for o in outcomes if isinstance(o, safety.EpisodeResult))
+    failed = tuple(o for o in outcomes if isinstance(o, safety.FailedEpisode))
+    result = safety.SuiteResult(
+        suite=suite.name,
+        forecast=forecast,
+        checkpoint=checkpoint_arg,
+        episodes=finished,
+        aggregate=safety.aggregate(finished, len(failed)),
+        failed=failed,
+        workers=workers,
+        wall_time_s=time.perf_counter() - start,
+    )
     if out is not None:
-        bevio.atomic_write_json(Path(out) / "metrics.json", report)
-    return report
+        result.save(Path(out) / "metrics.json")
+    return result
 
 
-def format_table(report: dict) -> str:
-    """The aggregate of a ``run_suite`` report as a small text table."""
-    lines = [f"suite {report['suite']}, forecast {report['forecast']}: {safety.PDMS_FORMULA}"]
-    for key, value in report["aggregate"].items():
+def format_table(result: safety.SuiteResult) -> str:
+    """The aggregate of a suite run as a small text table, then one line per failed episode."""
+    lines = [f"suite {result.suite}, forecast {result.forecast}: {result.score_formula}"]
+    for key, value in result.aggregate.metrics().items():
         lines.append(f"  {key:24s} {value:10.3f}")
-    for failure in report["failed"]:
-        lines.append(f"  FAILED {failure['episode_id']}: {failure['error']}")
+    for failure in result.failed:
+        lines.append(f"  FAILED {failure.episode_id}: {failure.error}")
     return "\n".join(lines)
 
 
@@ -234,7 +222,7 @@ def _warm_up(_: int) -> int:
 def throughput(
     suite: Path | str | suite_files.Suite,
     workers_list: Sequence[int] = (1, 2),
-    forecast: str = "cv",
+    forecast: str = sources.CONSTANT_VELOCITY,
     checkpoint: Path | str | None = None,
 ) -> dict:
     """Episodes per second of the same suite on local Ray with each worker count (Ray's start-up excluded).
@@ -271,6 +259,6 @@ def throughput(
         rates.append(len(suite.episodes) / wall)
         result[f"workers_{count}_wall_s"] = wall
         result[f"workers_{count}_episodes_per_s"] = rates[-1]
-        result[f"workers_{count}_failed"] = sum(not o["ok"] for o in outcomes)
+        result[f"workers_{count}_failed"] = sum(isinstance(o, safety.FailedEpisode) for o in outcomes)
     result["ratio"] = rates[-1] / rates[0]
     return result

@@ -16,18 +16,27 @@ Metrics per episode (``EpisodeResult``), over every 0.1 s sub-step:
 - ``score``: in the spirit of NAVSIM's PDMS, ``PDMS_FORMULA``: NC × DAC × (5·TTC + 2·C + 5·EP) / 12, with NC = 1 -
   collision, DAC = dac, TTC = ttc, C = comfort and EP = progress_ratio.
 
+A suite run is a ``SuiteResult``: its finished episodes (``EpisodeResult``), their ``SuiteAggregate``
+(``METRIC_DEFINITIONS``) and the episodes that raised (``FailedEpisode``). ``SuiteResult.to_dict`` is the content of
+``metrics.json``; ``SuiteResult.load`` reads one back.
+
 Notation:
     A  actors (index 0 is the ego)     K  sub-steps of an episode (0.1 s)     J  TTC projection times
     P  past keyframes of a model window     F  forecast steps (0.5 s)     S  occupancy times
+    E  finished episodes of a suite     X  failed episodes of a suite
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 
+from bevjepa.datasets import io as bevio
 from bevjepa.datasets import rasterize
 from bevjepa.evaluation.closed_loop import suite_files
 from bevjepa.sim import materials, world
@@ -74,7 +83,7 @@ class EpisodeResult:
         suite: the suite's name.
         scenario: the scenario's name.
         seed: the episode's seed.
-        forecast: the forecast source.
+        forecast: the forecast source (one of ``sources.FORECASTS``).
         duration_s: simulated time (s).
         planning_steps: planner calls.
         collision: the ego hit an agent.
@@ -122,8 +131,13 @@ class EpisodeResult:
     forecast_time_s: float
 
     def to_dict(self) -> dict:
-        """JSON-ready values (NaN becomes None)."""
+        """JSON-ready values (NaN becomes None): one entry of ``metrics.json``'s ``episodes``."""
         return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "episode") -> EpisodeResult:
+        """Inverse of ``to_dict`` (None becomes NaN); a ``ValueError`` naming ``where`` and the field otherwise."""
+        return _from_record(cls, data, where)
 
 
 def boxes_overlap(
@@ -313,32 +327,289 @@ def episode_metrics(
     }
 
 
-AGGREGATE_KEYS = (
-    "collision_rate",
-    "progress_m",
-    "progress_ratio",
-    "min_ttc_s",
-    "ttc",
-    "drivable_compliance",
-    "dac",
-    "comfort",
-    "score",
-)
-
-
-def aggregate(results: Sequence[dict], failed: int = 0) -> dict[str, float]:
-    """The suite's flat {metric: value} (``METRIC_DEFINITIONS``).
+def aggregate(results: Sequence[EpisodeResult], failed: int = 0) -> SuiteAggregate:
+    """The suite's metrics (``METRIC_DEFINITIONS``) over its finished episodes.
 
     Means over the finished episodes, the largest longitudinal acceleration and jerk of any episode, and the
-    counts of finished and failed episodes.
+    counts of finished and failed episodes; the means and maxima are NaN when no episode finished.
     """
-    out: dict[str, float] = {}
-    for key in AGGREGATE_KEYS:
-        field_name = "collision" if key == "collision_rate" else key
-        values = [float(r[field_name]) for r in results]
-        out[key] = float(np.mean(values)) if values else float("nan")
-    for key in ("max_abs_lon_accel_mps2", "max_abs_lon_jerk_mps3"):  # the worst episode
-        out[key] = float(max(float(r[key]) for r in results)) if results else float("nan")
-    out["episodes"] = float(len(results))
-    out["failed"] = float(failed)
-    return out
+
+    def mean(name: str) -> float:
+        values = [float(getattr(r, name)) for r in results]
+        return float(np.mean(values)) if values else math.nan
+
+    def worst(name: str) -> float:
+        return max(float(getattr(r, name)) for r in results) if results else math.nan
+
+    return SuiteAggregate(
+        collision_rate=mean("collision"),
+        progress_m=mean("progress_m"),
+        progress_ratio=mean("progress_ratio"),
+        min_ttc_s=mean("min_ttc_s"),
+        ttc=mean("ttc"),
+        drivable_compliance=mean("drivable_compliance"),
+        dac=mean("dac"),
+        comfort=mean("comfort"),
+        score=mean("score"),
+        max_abs_lon_accel_mps2=worst("max_abs_lon_accel_mps2"),
+        max_abs_lon_jerk_mps3=worst("max_abs_lon_jerk_mps3"),
+        episodes=len(results),
+        failed=failed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A suite run and its metrics.json.
+
+
+@dataclass(frozen=True)
+class SuiteAggregate:
+    """A suite's metrics over its finished episodes: one field per ``METRIC_DEFINITIONS`` entry, in its order.
+
+    Means are over the finished episodes; every mean and maximum is NaN when no episode finished.
+
+    Attributes:
+        collision_rate: share of episodes with a collision, in [0, 1].
+        progress_m: mean distance driven along the route (m).
+        progress_ratio: mean EP, in [0, 1].
+        min_ttc_s: mean of the episodes' minimum time to collision (s), each at most ``TTC_CAP_S``.
+        ttc: mean TTC sub-score, in [0, 1].
+        drivable_compliance: mean share of sub-steps with the footprint on the drivable area, in [0, 1].
+        dac: mean DAC sub-score, in [0, 1].
+        comfort: mean comfort sub-score, in [0, 1].
+        score: mean PDMS-style composite, in [0, 1].
+        max_abs_lon_accel_mps2: the largest |longitudinal acceleration| of any episode (m/s²).
+        max_abs_lon_jerk_mps3: the largest |longitudinal jerk| of any episode (m/s³).
+        episodes: episodes that finished (>= 0).
+        failed: episodes that raised (>= 0).
+    """
+
+    collision_rate: float
+    progress_m: float
+    progress_ratio: float
+    min_ttc_s: float
+    ttc: float
+    drivable_compliance: float
+    dac: float
+    comfort: float
+    score: float
+    max_abs_lon_accel_mps2: float
+    max_abs_lon_jerk_mps3: float
+    episodes: int
+    failed: int
+
+    def __post_init__(self) -> None:
+        for name in ("episodes", "failed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SuiteAggregate.{name} must be a count (an int >= 0), got {value!r}")
+
+    def metrics(self) -> dict[str, float]:
+        """``{metric: value}`` in ``METRIC_DEFINITIONS`` order, the counts as floats, NaN where undefined."""
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+    def to_dict(self) -> dict[str, float | None]:
+        """``metrics.json``'s ``aggregate``: ``metrics()`` with NaN as None."""
+        return {name: (value if math.isfinite(value) else None) for name, value in self.metrics().items()}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "aggregate") -> SuiteAggregate:
+        """Inverse of ``to_dict`` (None becomes NaN); a ``ValueError`` naming ``where`` and the metric otherwise."""
+        return _from_record(cls, data, where)
+
+
+@dataclass(frozen=True)
+class FailedEpisode:
+    """An episode that raised instead of finishing (the suite went on).
+
+    Attributes:
+        episode_id: ``scenario/seed``.
+        error: ``ExceptionType: message``.
+        traceback: the formatted traceback.
+    """
+
+    episode_id: str
+    error: str
+    traceback: str
+
+    def to_dict(self) -> dict[str, str]:
+        """One entry of ``metrics.json``'s ``failed``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "failed episode") -> FailedEpisode:
+        """Inverse of ``to_dict``; a ``ValueError`` naming ``where`` and the field otherwise."""
+        return _from_record(cls, data, where)
+
+
+_SUITE_RESULT_KEYS = (
+    "suite",
+    "forecast",
+    "checkpoint",
+    "score_formula",
+    "metric_definitions",
+    "episodes",
+    "aggregate",
+    "failed",
+    "workers",
+    "wall_time_s",
+)
+"""The keys of ``metrics.json``, in the order they are written."""
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """One run of a closed-loop scenario suite (``runner.run_suite``), as ``metrics.json`` holds it.
+
+    Attributes:
+        suite: the suite's name.
+        forecast: the forecast source (one of ``sources.FORECASTS``).
+        checkpoint: the model's run folder (an absolute path) for the ``model`` forecast; None for the others.
+        episodes: [E] the finished episodes, in the suite's order.
+        aggregate: the metrics over ``episodes``; its ``episodes`` is E and its ``failed`` is X.
+        failed: [X] the episodes that raised, in the suite's order.
+        workers: parallel episodes of the run (1: in the calling process).
+        wall_time_s: the run's wall time (s), the worker pool's start included.
+        score_formula: ``PDMS_FORMULA`` of the code that made the run.
+        metric_definitions: ``METRIC_DEFINITIONS`` of the code that made the run.
+    """
+
+    suite: str
+    forecast: str
+    checkpoint: str | None
+    episodes: tuple[EpisodeResult, ...]
+    aggregate: SuiteAggregate
+    failed: tuple[FailedEpisode, ...]
+    workers: int
+    wall_time_s: float
+    score_formula: str = PDMS_FORMULA
+    metric_definitions: Mapping[str, str] = field(default_factory=lambda: dict(METRIC_DEFINITIONS))
+
+    def __post_init__(self) -> None:
+        for name, kind in (("episodes", EpisodeResult), ("failed", FailedEpisode)):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(item, kind) for item in value):
+                raise ValueError(f"SuiteResult.{name} must be a tuple of {kind.__name__}, got {value!r:.80}")
+        if not isinstance(self.aggregate, SuiteAggregate):
+            raise ValueError(f"SuiteResult.aggregate must be a SuiteAggregate, got {type(self.aggregate).__name__}")
+        if (self.aggregate.episodes, self.aggregate.failed) != (len(self.episodes), len(self.failed)):
+            raise ValueError(
+                f"SuiteResult.aggregate counts {self.aggregate.episodes} finished and {self.aggregate.failed} failed "
+                f"episodes, but the result lists {len(self.episodes)} and {len(self.failed)}"
+            )
+
+    def to_dict(self) -> dict:
+        """The content of ``metrics.json`` (strict JSON values: NaN as None), keys in ``_SUITE_RESULT_KEYS`` order."""
+        return {
+            "suite": self.suite,
+            "forecast": self.forecast,
+            "checkpoint": self.checkpoint,
+            "score_formula": self.score_formula,
+            "metric_definitions": dict(self.metric_definitions),
+            "episodes": [episode.to_dict() for episode in self.episodes],
+            "aggregate": self.aggregate.to_dict(),
+            "failed": [failure.to_dict() for failure in self.failed],
+            "workers": self.workers,
+            "wall_time_s": self.wall_time_s if math.isfinite(self.wall_time_s) else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> SuiteResult:
+        """Inverse of ``to_dict``; a ``ValueError`` naming the key that is missing, unknown or of the wrong type."""
+        _check_keys(data, _SUITE_RESULT_KEYS, "the file")
+        assert isinstance(data, Mapping)
+        definitions = data["metric_definitions"]
+        if not isinstance(definitions, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in definitions.items()
+        ):
+            raise ValueError("'metric_definitions' is not an object of strings")
+        for name in ("episodes", "failed"):
+            if not isinstance(data[name], list):
+                raise ValueError(f"{name!r} is a {type(data[name]).__name__}, not a list")
+        checkpoint = data["checkpoint"]
+        return cls(
+            suite=_json_value("str", data["suite"], "suite"),
+            forecast=_json_value("str", data["forecast"], "forecast"),
+            checkpoint=None if checkpoint is None else _json_value("str", checkpoint, "checkpoint"),
+            episodes=tuple(EpisodeResult.from_dict(e, f"episodes[{i}]") for i, e in enumerate(data["episodes"])),
+            aggregate=SuiteAggregate.from_dict(data["aggregate"]),
+            failed=tuple(FailedEpisode.from_dict(f, f"failed[{i}]") for i, f in enumerate(data["failed"])),
+            workers=_json_value("int", data["workers"], "workers"),
+            wall_time_s=_json_value("float", data["wall_time_s"], "wall_time_s"),
+            score_formula=_json_value("str", data["score_formula"], "score_formula"),
+            metric_definitions=dict(definitions),
+        )
+
+    def save(self, path: Path) -> Path:
+        """Write ``to_dict()`` as strict JSON, atomically (temporary file, then rename)."""
+        path = Path(path)
+        bevio.atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> SuiteResult:
+        """Read a ``metrics.json`` written by ``bevjepa closed-loop`` (or ``save``).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not such a ``metrics.json``; the message names the file and what is wrong.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"closed-loop metrics {path} not found; write it with `bevjepa closed-loop --out`")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"closed-loop metrics {path} is not valid JSON ({error}); rerun `bevjepa closed-loop` to rewrite it"
+            ) from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(
+                f"closed-loop metrics {path} is not a `bevjepa closed-loop` metrics.json: {error}; rerun "
+                "`bevjepa closed-loop` to rewrite it"
+            ) from None
+
+
+def _check_keys(data: object, keys: Sequence[str], where: str) -> None:
+    """A ``ValueError`` naming ``where`` unless ``data`` is an object with exactly ``keys``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} is a JSON {type(data).__name__}, not an object")
+    missing = [k for k in keys if k not in data]
+    unknown = [str(k) for k in data if k not in keys]
+    if missing or unknown:
+        found = ", ".join(
+            part for part in (f"missing {missing}" if missing else "", f"unknown {unknown}" if unknown else "") if part
+        )
+        raise ValueError(f"{where}: {found}")
+
+
+def _json_value(kind: str, value: object, where: str) -> object:
+    """A JSON value read as a field of type ``kind`` (``str``, ``int``, ``float``, ``bool``; null is a NaN float)."""
+    if kind == "float":
+        if value is None:
+            return math.nan  # to_dict writes NaN as null
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind == "int":
+        if isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{where}: no JSON reader for fields of type {kind!r}")
+    wanted = {"float": "a number or null", "int": "a whole number"}.get(kind, f"a {kind}")
+    raise ValueError(f"{where} is {value!r:.60}, not {wanted}")
+
+
+def _from_record(cls, data: object, where: str):
+    """An instance of the dataclass ``cls`` from a JSON object holding exactly its fields (``_json_value``)."""
+    names = [f.name for f in fields(cls)]
+    _check_keys(data, names, where)
+    assert isinstance(data, Mapping)
+    return cls(**{f.name: _json_value(str(f.type), data[f.name], f"{where}.{f.name}") for f in fields(cls)})

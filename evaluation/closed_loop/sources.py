@@ -5,13 +5,15 @@ Forecast sources (``make_source``):
 - ``model``: the world model of a checkpoint. At every sub-step a LiDAR sweep is rendered from the ego's actual
   pose; at every planning step the six cameras are rendered at the checkpoint's image size (``image_width_px``,
   256 for the ``small`` preset) and the last ``lidar_sweeps`` sweeps (default 5, one per 0.1 s sub-step, i.e.
-  0.4 s; the dataset aggregates 10 sweeps at 20 Hz over 0.45 s) are aggregated into the keyframe's ego frame.
-  The keyframe becomes a ``windows.Frame`` (``windows.build_frame``, as preprocessing does), the last P frames a
-  ``WindowSample`` (``window_sample_from_frames``) with the current ground-truth agents as the trajectory head's
-  queries, zero targets, and the previous plan's motion as the rollout's actions; before P keyframes exist, the
-  oldest one is repeated. With ``rollout_candidates`` the model is rolled out under each candidate's actions (one
-  batched forward pass; each keyframe is still encoded once, through the ``Forecaster``'s latent cache) and each
-  candidate is scored against its own forecast. It is off by default: with the 8 default candidates a planning
+  0.4 s; the dataset aggregates 10 sweeps at 20 Hz over 0.45 s) are aggregated into the keyframe's ego frame by
+  the dataset's own code, with its close-point filter (``sim.keyframe.LiveSensors``, the simulator's adapter). The
+  keyframe becomes a ``windows.Frame`` (``windows.build_frame``, as preprocessing does), the last P frames a
+  ``WindowSample`` (``windows.inference_window``, then ``torch_dataset.sample_from_window``) with the current
+  ground-truth agents within the annotation range as the trajectory head's queries, zero targets, and the previous
+  plan's motion as the rollout's actions; before P keyframes exist, the oldest one is repeated. With
+  ``rollout_candidates`` the model is rolled out under each candidate's actions (one batched forward pass; each
+  keyframe is still encoded once, through the ``Forecaster``'s latent cache) and each candidate is scored against
+  its own forecast. It is off by default: with the 8 default candidates a planning
   step's forecast took 0.94 s instead of 0.25 s (``small`` preset, one torch thread, the shared 2-core machine).
 - ``cv``: the ground-truth boxes of now moved at constant velocity and rasterized (probabilities 0 or 1).
 - ``oracle``: the simulator's own future: a copy of the state stepped 2 s ahead with the ego following its
@@ -36,17 +38,21 @@ from typing import Protocol
 
 import numpy as np
 
-from bevjepa.datasets import categories, geometry, nuscenes_source, rasterize, windows
+from bevjepa.datasets import categories, geometry, rasterize, torch_dataset, windows
 from bevjepa.evaluation import baselines
 from bevjepa.evaluation.closed_loop import planner, suite_files
+from bevjepa.evaluation.closed_loop.forecast_names import (  # re-exported: sources.MODEL, ...
+    CONSTANT_VELOCITY,
+    FORECASTS,
+    MODEL,
+    NONE,
+    ORACLE,
+)
 from bevjepa.prediction import forecaster as forecaster_api
-from bevjepa.sim import sensors, world
+from bevjepa.sim import keyframe, world
 
 FORECAST_STEPS = 4
 """cv and oracle forecasts: 0.5 s steps after t0 (2 s, as the model's occupancy)."""
-ANNOTATION_RANGE_M = 60.0
-"""Agents within this distance of the ego are the model's trajectory queries (as the dataset writer annotates)."""
-FORECASTS = ("model", "cv", "oracle", "none")
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ class ForecastSource(Protocol):
 class NoForecast:
     """The ``none`` source: the planner ignores everything and drives at its cruise speed."""
 
-    name = "none"
+    name = NONE
 
     def observe(self, built: world.World, state: world.WorldState) -> None:
         """Nothing to see."""
@@ -148,7 +154,7 @@ class NoForecast:
 class ConstantVelocitySource:
     """The ``cv`` source: today's true boxes moved at constant velocity, rasterized (probabilities 0 or 1)."""
 
-    name = "cv"
+    name = CONSTANT_VELOCITY
 
     def __init__(self, grid: geometry.GridSpec | None = None) -> None:
         self.grid = geometry.GridSpec() if grid is None else grid
@@ -170,7 +176,7 @@ class ConstantVelocitySource:
 class OracleSource:
     """The ``oracle`` source: the simulator's own future under the ego's previous plan, rasterized."""
 
-    name = "oracle"
+    name = ORACLE
 
     def __init__(self, grid: geometry.GridSpec | None = None) -> None:
         self.grid = geometry.GridSpec() if grid is None else grid
@@ -218,7 +224,7 @@ def _forecast(
         trajectories = np.zeros((count, 1, FORECAST_STEPS, 2), dtype=np.float32)
     steps = trajectories.shape[2]
     return forecaster_api.OccupancyForecast(
-        timestamp_us=_timestamp_us(state),
+        timestamp_us=keyframe.timestamp_us(state),
         grid=grid,
         classes=categories.CLASSES,
         times_s=np.arange(len(occupancy), dtype=np.float32) * np.float32(suite_files.PLANNING_STEP_S),
@@ -229,90 +235,6 @@ def _forecast(
         trajectories=trajectories.astype(np.float32),
         mode_probabilities=np.ones((count, 1), dtype=np.float32),
     )
-
-
-def _timestamp_us(state: world.WorldState) -> int:
-    return int(round(state.time_s * 1e6))
-
-
-def window_sample_from_frames(
-    frames: Sequence[windows.Frame],
-    agent_box: np.ndarray,
-    agent_class: np.ndarray,
-    agent_velocity: np.ndarray,
-    agent_past: np.ndarray,
-    agent_past_mask: np.ndarray,
-    agent_ids: Sequence[str],
-    config: windows.WindowConfig,
-    image_hw: tuple[int, int],
-    future_actions: np.ndarray | None = None,
-):
-    """A ``WindowSample`` from in-memory frames, for inference: inputs assembled in t0's frame, zero targets.
-
-    Args:
-        frames: the P input frames, oldest first, t0 last (``windows.build_frame`` of each keyframe).
-        agent_box: [A, 7] float — x, y, z, width, length, height (m), yaw (rad) of the agents at t0 (t0 ego frame).
-        agent_class: [A] int — class index.
-        agent_velocity: [A, 2] float — vx, vy (m/s, t0 frame).
-        agent_past: [A, P, 2] float — xy (m, t0 frame) at each input keyframe.
-        agent_past_mask: [A, P] bool.
-        agent_ids: [A] instance ids.
-        config: the window layout (P, T, F and the grid) the model was trained on.
-        image_hw: (H, W) of the frames' camera images (pixels).
-        future_actions: [F, 3] float — the ego motion (dx, dy, dyaw per 0.5 s step) to roll out under; None: 0.
-
-    Returns:
-        ``torch_dataset.WindowSample``; its targets (futures, occupancy, instances, observed) are zero.
-    """
-    from bevjepa.datasets import torch_dataset
-
-    p_count, t_count, f_count = len(frames), config.trajectory_steps, config.occupancy_steps
-    if p_count != config.past_keyframes:
-        raise ValueError(f"window_sample_from_frames: {p_count} frames, the config wants {config.past_keyframes}")
-    global_from = np.stack([np.asarray(f.global_from_ego, dtype=np.float64) for f in frames])  # [P, 4, 4]
-    t0_from_ego = np.linalg.inv(global_from[-1])[None] @ global_from  # [P, 4, 4]
-    yaw = np.arctan2(t0_from_ego[:, 1, 0], t0_from_ego[:, 0, 0])  # [P]
-    pose = np.stack([t0_from_ego[:, 0, 3], t0_from_ego[:, 1, 3], yaw], 1)  # [P, 3] x, y, yaw in t0
-    dx, dy = pose[1:, 0] - pose[:-1, 0], pose[1:, 1] - pose[:-1, 1]
-    cos, sin = np.cos(pose[:-1, 2]), np.sin(pose[:-1, 2])
-    past_actions = np.stack([cos * dx + sin * dy, -sin * dx + cos * dy, geometry.wrap_angle(np.diff(pose[:, 2]))], 1)
-    actions = np.zeros((p_count - 1 + t_count, 3), dtype=np.float32)  # [P - 1 + T, 3]
-    actions[: p_count - 1] = past_actions
-    action_mask = np.zeros(p_count - 1 + t_count, dtype=bool)
-    action_mask[: p_count - 1] = True
-    if future_actions is not None:
-        future_actions = np.asarray(future_actions, dtype=np.float32)[:f_count]
-        actions[p_count - 1 : p_count - 1 + len(future_actions)] = future_actions
-        action_mask[p_count - 1 : p_count - 1 + len(future_actions)] = True
-    count = len(agent_ids)
-    h, w = config.grid.shape
-    tokens = np.array([f.sample_token for f in frames])
-    window = windows.Window(
-        sample_token=frames[-1].sample_token,
-        scene_name=frames[-1].scene_name,
-        timestamp_us=int(frames[-1].timestamp_us),
-        keyframe_tokens=tokens,
-        t0_from_ego=t0_from_ego,
-        future_keyframe_tokens=np.array([], dtype=str),
-        t0_from_future_ego=np.zeros((0, 4, 4)),
-        ego_future=np.zeros((t_count, 3), dtype=np.float32),
-        ego_future_mask=np.zeros(t_count, dtype=bool),
-        actions=actions,
-        action_mask=action_mask,
-        agent_ids=np.array(list(agent_ids), dtype="U64").reshape(-1),
-        agent_class=np.asarray(agent_class, dtype=np.int8).reshape(-1),
-        agent_box=np.asarray(agent_box, dtype=np.float32).reshape(-1, 7),
-        agent_velocity=np.asarray(agent_velocity, dtype=np.float32).reshape(-1, 2),
-        agent_past=np.asarray(agent_past, dtype=np.float32).reshape(count, p_count, 2),
-        agent_past_mask=np.asarray(agent_past_mask, dtype=bool).reshape(count, p_count),
-        agent_future=np.zeros((count, t_count, 2), dtype=np.float32),
-        agent_future_mask=np.zeros((count, t_count), dtype=bool),
-        occupancy=np.zeros((f_count + 1, len(categories.CLASSES), h, w), dtype=bool),
-        instance_ids=np.array(list(agent_ids), dtype="U64").reshape(-1),
-        instances=np.zeros((f_count + 1, h, w), dtype=np.int32),
-        observed=np.zeros((h, w), dtype=bool),
-    )
-    return torch_dataset.sample_from_window(window, list(frames), image_hw)
 
 
 _FORECASTERS: dict[str, tuple] = {}
@@ -339,7 +261,7 @@ class ModelSource:
         built: the episode's world.
         run: the checkpoint's run folder.
         image_width_px: camera width the model was trained on (height keeps the nuScenes 16:9 aspect).
-        lidar_sweeps: sweeps aggregated per keyframe, one per 0.1 s sub-step.
+        lidar_sweeps: sweeps aggregated per keyframe, one per 0.1 s sub-step (``keyframe.LiveSensorConfig``).
         rollout_candidates: roll the model out under every candidate's actions (one batched forward pass).
         torch_threads: torch's intra-op threads during a forecast (restored after). One: on the shared two-core
             machine a forecast took 0.25 s with one thread and 2.4 s with two (the other core was busy).
@@ -368,17 +290,17 @@ class ModelSource:
             trajectory_steps=model_config.trajectory_steps,
             grid=model_config.grid,
         )
-        height = round(image_width_px * sensors.NATIVE_HEIGHT_PX / sensors.NATIVE_WIDTH_PX)
-        self.image_hw = (height, image_width_px)
-        self.renderer = sensors.SensorRenderer(
-            built.layout, sensors.LidarConfig(), sensors.CameraConfig(width_px=image_width_px, height_px=height)
-        )
         self.rollout_candidates = rollout_candidates
         self.torch_threads = torch_threads
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC105ED]))
         # A fresh scene name per run: the forecaster's latent cache must never mix two runs' frames.
         self.name_prefix = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
-        self.sweeps: deque[tuple[int, np.ndarray, geometry.RigidTransform]] = deque(maxlen=lidar_sweeps)
+        self.sensors = keyframe.LiveSensors(
+            built.layout,
+            keyframe.LiveSensorConfig(image_width_px=image_width_px, lidar_sweeps=lidar_sweeps),
+            seed=seed,
+            scene_name=self.name_prefix,
+        )
+        self.image_hw = self.sensors.config.image_hw
         self.frames: deque[windows.Frame] = deque(maxlen=self.window_config.past_keyframes)
         self.history: deque[tuple[geometry.RigidTransform, dict[int, np.ndarray]]] = deque(
             maxlen=self.window_config.past_keyframes
@@ -386,52 +308,16 @@ class ModelSource:
 
     def observe(self, built: world.World, state: world.WorldState) -> None:
         """Render one LiDAR sweep from the ego's pose now."""
-        boxes, _ = world.agent_boxes(built, state)
-        global_from_ego = world.ego_pose(built, state)
-        sweep, _ = self.renderer.lidar_sweep(boxes, global_from_ego, _timestamp_us(state), self.rng)
-        self.sweeps.append((sweep.timestamp_us, sweep.points, global_from_ego))
-
-    def _keyframe(self, built: world.World, state: world.WorldState) -> nuscenes_source.Keyframe:
-        """The keyframe of now: the last sweeps aggregated into the ego frame, the six cameras, the agents."""
-        timestamp = _timestamp_us(state)
-        global_from_ego = world.ego_pose(built, state)
-        ego_from_global = global_from_ego.inverse()
-        ego_from_sensor = self.renderer.lidar.ego_from_sensor
-        parts = []
-        for sweep_time, points, sweep_pose in self.sweeps:  # a few sweeps, each vectorized
-            close = (np.abs(points[:, 0]) < 1.0) & (np.abs(points[:, 1]) < 1.0)  # the devkit's remove_close
-            points = points[~close]
-            part = np.empty((len(points), 5), dtype=np.float32)
-            part[:, :3] = (ego_from_global @ sweep_pose @ ego_from_sensor).apply(points[:, :3])
-            part[:, 3] = points[:, 3]
-            part[:, 4] = (timestamp - sweep_time) * 1e-6
-            parts.append(part)
-        boxes, _ = world.agent_boxes(built, state)
-        images, _ = self.renderer.camera_images(boxes, global_from_ego, timestamp)
-        near = [
-            b.transformed(ego_from_global)
-            for b in boxes
-            if np.linalg.norm(b.center_m[:2] - global_from_ego.translation[:2]) <= ANNOTATION_RANGE_M
-        ]
-        return nuscenes_source.Keyframe(
-            sample_token=f"{self.name_prefix}-{timestamp}",
-            scene_name=self.name_prefix,
-            timestamp_us=timestamp,
-            global_from_ego=global_from_ego,
-            lidar_points=np.concatenate(parts) if parts else np.zeros((0, 5), np.float32),
-            cameras=tuple(images),
-            boxes=tuple(near),
-            bad_inputs=(),
-        )
+        self.sensors.observe(built, state)
 
     def sample(self, built: world.World, state: world.WorldState, future_actions: np.ndarray | None):
         """The ``WindowSample`` of now (renders the cameras; keeps the last P frames)."""
-        self.frames.append(windows.build_frame(self._keyframe(built, state), self.window_config))
+        self.frames.append(self.sensors.frame(built, state, self.window_config))
         global_from_ego = world.ego_pose(built, state)
         ego_from_global = global_from_ego.inverse()
         xy_all, _ = world.actor_poses(built, state)
         agents = agents_in_frame(built, state, ego_from_global)
-        near = np.linalg.norm(agents.xy, axis=1) <= ANNOTATION_RANGE_M
+        near = np.linalg.norm(agents.xy, axis=1) <= self.sensors.config.annotation_range_m
         agents = AgentArrays(*(getattr(agents, f)[near] for f in AgentArrays.__dataclass_fields__))
         self.history.append((global_from_ego, {int(i): xy_all[i] for i in agents.index}))
         p_count = self.window_config.past_keyframes
@@ -444,7 +330,7 @@ class ModelSource:
                 if int(i) in positions:
                     past[a, p] = ego_from_global.apply(np.array([*positions[int(i)], 0.0]))[:2]
                     past_mask[a, p] = True
-        return window_sample_from_frames(
+        window = windows.inference_window(
             frames,
             agents.boxes7(),
             agents.classes,
@@ -453,9 +339,9 @@ class ModelSource:
             past_mask,
             list(agents.ids),
             self.window_config,
-            self.image_hw,
             future_actions,
         )
+        return torch_dataset.sample_from_window(window, frames, self.image_hw)
 
     def forecast(self, built, state, previous, candidates):
         """The model's forecast (one per candidate with ``rollout_candidates``)."""
@@ -476,8 +362,6 @@ class ModelSource:
             return self.forecaster.forecast(sample)
         import torch
 
-        from bevjepa.datasets import torch_dataset
-
         batch = torch_dataset.collate([sample] * len(candidates))
         actions = torch.from_numpy(np.stack([c.actions(steps) for c in candidates]))  # [N, F, 3]
         return self.forecaster.forecast_batch(batch, actions)
@@ -497,18 +381,18 @@ def make_source(
     name_prefix: str = "closed-loop",
     **model_options,
 ) -> ForecastSource:
-    """The named forecast source for one episode's world.
+    """The forecast source named ``forecast`` (one of ``FORECASTS``) for one episode's world.
 
     Raises:
         ValueError: an unknown name, or ``model`` without a checkpoint.
     """
-    if forecast == "none":
+    if forecast == NONE:
         return NoForecast()
-    if forecast == "cv":
+    if forecast == CONSTANT_VELOCITY:
         return ConstantVelocitySource()
-    if forecast == "oracle":
+    if forecast == ORACLE:
         return OracleSource()
-    if forecast == "model":
+    if forecast == MODEL:
         if checkpoint is None:
             raise ValueError("the model forecast needs a checkpoint: pass --checkpoint RUN (a `bevjepa train` folder)")
         return ModelSource(built, checkpoint, seed=seed, name_prefix=name_prefix, **model_options)

@@ -169,6 +169,96 @@ def test_wrap_angle_range_and_values() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Ego motion (the world model's actions)
+
+
+def _planar(transform: geometry.RigidTransform) -> np.ndarray:
+    """[3] x, y (m), yaw (rad) of a planar transform."""
+    return np.array([transform.translation[0], transform.translation[1], transform.yaw_rad])
+
+
+def _random_poses(rng: np.random.Generator, n: int) -> np.ndarray:
+    """[n, 3] planar poses x, y (m), yaw (rad); yaw anywhere, including beyond (-pi, pi]."""
+    return np.concatenate([rng.uniform(-200, 200, (n, 2)), rng.uniform(-3 * np.pi, 3 * np.pi, (n, 1))], axis=1)
+
+
+def test_ego_motion_is_start_from_end(rng: np.random.Generator) -> None:
+    start, end = _random_poses(rng, 50), _random_poses(rng, 50)
+    motion = geometry.ego_motion(start, end)  # [50, 3]
+    assert motion.shape == (50, 3)
+    for a, b, m in zip(start, end, motion, strict=True):
+        start_from_end = geometry.RigidTransform.from_pose_2d(*a).inverse() @ geometry.RigidTransform.from_pose_2d(*b)
+        np.testing.assert_allclose(m[:2], start_from_end.translation[:2], atol=1e-9)
+        assert geometry.wrap_angle(m[2] - start_from_end.yaw_rad) == pytest.approx(0.0, abs=1e-9)
+    assert np.all((motion[:, 2] >= -np.pi) & (motion[:, 2] < np.pi))
+
+
+def test_ego_motion_composes_and_inverts(rng: np.random.Generator) -> None:
+    a, b, c = _random_poses(rng, 30), _random_poses(rng, 30), _random_poses(rng, 30)
+    ab, bc, ac = geometry.ego_motion(a, b), geometry.ego_motion(b, c), geometry.ego_motion(a, c)
+    zero = np.zeros(3)
+    for i in range(30):
+        # Composition: a→b followed by b→c is a→c (each seen from where it starts).
+        composed = geometry.RigidTransform.from_pose_2d(*ab[i]) @ geometry.RigidTransform.from_pose_2d(*bc[i])
+        np.testing.assert_allclose(_planar(composed)[:2], ac[i, :2], atol=1e-9)
+        assert geometry.wrap_angle(_planar(composed)[2] - ac[i, 2]) == pytest.approx(0.0, abs=1e-9)
+        # Inverse: b→a is a→b undone, i.e. the motion from a→b's end pose back to the origin.
+        np.testing.assert_allclose(geometry.ego_motion(ab[i], zero), geometry.ego_motion(b[i], a[i]), atol=1e-9)
+    # No motion from a pose to itself; a common rigid motion of both poses changes nothing.
+    np.testing.assert_allclose(geometry.ego_motion(a, a), 0.0, atol=1e-12)
+    shift = geometry.RigidTransform.from_pose_2d(12.0, -7.0, 0.8)
+    moved_a = np.stack([_planar(shift @ geometry.RigidTransform.from_pose_2d(*p)) for p in a])
+    moved_b = np.stack([_planar(shift @ geometry.RigidTransform.from_pose_2d(*p)) for p in b])
+    np.testing.assert_allclose(geometry.ego_motion(moved_a, moved_b), ab, atol=1e-9)
+
+
+def _old_relative_motion(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """``windows._relative_motion`` as it was before ``geometry.ego_motion`` replaced it."""
+    dx, dy = end[..., 0] - start[..., 0], end[..., 1] - start[..., 1]
+    cos, sin = np.cos(start[..., 2]), np.sin(start[..., 2])
+    return np.stack(
+        [cos * dx + sin * dy, -sin * dx + cos * dy, geometry.wrap_angle(end[..., 2] - start[..., 2])], axis=-1
+    )
+
+
+def _old_window_sample_past_actions(global_from: np.ndarray) -> np.ndarray:
+    """The past actions of ``sources.window_sample_from_frames`` as they were, from [P, 4, 4] ego poses."""
+    t0_from_ego = np.linalg.inv(global_from[-1])[None] @ global_from  # [P, 4, 4]
+    yaw = np.arctan2(t0_from_ego[:, 1, 0], t0_from_ego[:, 0, 0])  # [P]
+    pose = np.stack([t0_from_ego[:, 0, 3], t0_from_ego[:, 1, 3], yaw], 1)  # [P, 3] x, y, yaw in t0
+    dx, dy = pose[1:, 0] - pose[:-1, 0], pose[1:, 1] - pose[:-1, 1]
+    cos, sin = np.cos(pose[:-1, 2]), np.sin(pose[:-1, 2])
+    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy, geometry.wrap_angle(np.diff(pose[:, 2]))], 1)
+
+
+def test_ego_motion_equals_the_formulas_it_replaced(rng: np.random.Generator) -> None:
+    start, end = _random_poses(rng, 200), _random_poses(rng, 200)
+    np.testing.assert_array_equal(geometry.ego_motion(start, end), _old_relative_motion(start, end))
+    sequence = _random_poses(rng, 15)  # [P + T, 3], as WindowBuilder.window chains them
+    np.testing.assert_array_equal(
+        geometry.ego_motion(sequence[:-1], sequence[1:]), _old_relative_motion(sequence[:-1], sequence[1:])
+    )
+    # The inference window's past actions: planar poses of t0_from_ego, then the motion between them.
+    global_from = np.stack([geometry.RigidTransform.from_pose_2d(*p).matrix for p in _random_poses(rng, 3)])
+    global_from[:, :3, 3] += rng.uniform(-0.5, 0.5, (3, 3))  # a little z
+    pose = geometry.planar_pose(np.linalg.inv(global_from[-1])[None] @ global_from)  # [P, 3]
+    np.testing.assert_allclose(
+        geometry.ego_motion(pose[:-1], pose[1:]), _old_window_sample_past_actions(global_from), atol=1e-12
+    )
+
+
+def test_planar_pose_and_ego_motion_check_shapes(rng: np.random.Generator) -> None:
+    transform = geometry.RigidTransform.from_pose_2d(3.0, -4.0, 2.5, z_m=1.0)
+    np.testing.assert_allclose(geometry.planar_pose(transform.matrix), [3.0, -4.0, 2.5], atol=1e-12)
+    assert geometry.planar_pose(np.tile(transform.matrix, (2, 5, 1, 1))).shape == (2, 5, 3)
+    with pytest.raises(ValueError, match=r"ref_from_ego: expected shape \[\.\.\., 4, 4\]"):
+        geometry.planar_pose(np.eye(3))
+    with pytest.raises(ValueError, match="start_pose, end_pose"):
+        geometry.ego_motion(np.zeros((4, 2)), np.zeros((4, 3)))
+    assert geometry.ego_motion(np.zeros(3), _random_poses(rng, 6)).shape == (6, 3)  # broadcasts
+
+
+# ---------------------------------------------------------------------------------------------------------
 # RigidTransform
 
 

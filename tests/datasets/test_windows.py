@@ -124,3 +124,48 @@ def test_voxel_downsampling_averages_within_voxels():
     assert len(reference) == len(down)
     order = np.lexsort(down[:, :3].T), np.lexsort(reference[:, :3].T)
     np.testing.assert_allclose(down[order[0]], reference[order[1]], atol=1e-3)
+
+
+def test_inference_window_matches_the_built_window(built):
+    _, builder, result = built
+    config = windows.WindowConfig()
+    p_count, f_count = config.past_keyframes, config.occupancy_steps
+    for _, _, window in result[:2]:
+        frames = [builder.frame(str(t)) for t in window.keyframe_tokens]
+        ours = windows.inference_window(
+            frames,
+            window.agent_box,
+            window.agent_class,
+            window.agent_velocity,
+            window.agent_past,
+            window.agent_past_mask,
+            [str(a) for a in window.agent_ids],
+            config,
+            window.actions[p_count - 1 : p_count - 1 + f_count],
+        )
+        # The inputs, the poses and the actions (past ones from the frames' poses, future ones as given) agree.
+        np.testing.assert_allclose(ours.t0_from_ego, window.t0_from_ego, atol=1e-6)
+        known = p_count - 1 + f_count
+        np.testing.assert_allclose(ours.actions[:known], window.actions[:known], atol=1e-5)
+        assert ours.action_mask[:known].all() and not ours.action_mask[known:].any()
+        for name in ("sample_token", "timestamp_us"):
+            assert getattr(ours, name) == getattr(window, name)
+        for name in ("keyframe_tokens", "agent_ids", "agent_class", "agent_box", "agent_past", "agent_past_mask"):
+            np.testing.assert_array_equal(getattr(ours, name), getattr(window, name), err_msg=name)
+        mine, theirs = (windows.assemble_inputs(w, frames, (144, 256)) for w in (ours, window))
+        np.testing.assert_allclose(mine.points, theirs.points, atol=1e-4)
+        np.testing.assert_allclose(mine.t0_from_camera, theirs.t0_from_camera, atol=1e-5)
+        # Zero targets: nothing of the future is known at inference.
+        assert ours.occupancy.shape == window.occupancy.shape and not ours.occupancy.any()
+        assert not ours.agent_future_mask.any() and not ours.ego_future_mask.any() and not ours.observed.any()
+        assert len(ours.future_keyframe_tokens) == 0
+    # No agents and no future actions: a valid window all the same; the frame count is checked.
+    without = windows.inference_window(frames, *_no_agents(p_count), [], config)
+    assert not without.action_mask[p_count - 1 :].any() and without.agent_box.shape == (0, 7)
+    with pytest.raises(ValueError, match="2 frames, the config wants 3"):
+        windows.inference_window(frames[1:], *_no_agents(p_count - 1), [], config)
+
+
+def _no_agents(p_count: int) -> tuple[np.ndarray, ...]:
+    """The agent arrays of no agent: boxes, classes, velocities, past positions, past mask."""
+    return np.zeros((0, 7)), np.zeros(0), np.zeros((0, 2)), np.zeros((0, p_count, 2)), np.zeros((0, p_count), bool)

@@ -31,10 +31,20 @@ def _is_loopback(address: str) -> bool:
     return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
+def test_make_pool_runs_one_worker_here_and_refuses_none():
+    for address in (None, ""):
+        pool = workers.make_pool(1, address)
+        assert isinstance(pool, workers.SequentialPool)
+        pool.close()  # does nothing, as a caller may close any pool
+    with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
+        workers.make_pool(0)
+
+
 def test_sequential_and_ray_pools_give_the_same_results():
     items = list(range(7))
-    sequential = sorted(workers.SequentialPool().map_unordered(_square, items))
-    pool = workers.RayPool(2)
+    sequential = sorted(workers.make_pool(1).map_unordered(_square, items))
+    pool = workers.make_pool(2)  # more than one worker: Ray
+    assert isinstance(pool, workers.RayPool)
     try:
         on_ray = sorted(pool.map_unordered(_square, items))
     finally:

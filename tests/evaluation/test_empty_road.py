@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bevjepa.evaluation.closed_loop import runner, sources, suite_files
+from bevjepa.evaluation.closed_loop import runner, safety, sources, suite_files
 from bevjepa.sim import scenario
 from bevjepa.tools import cli
 
@@ -73,10 +73,10 @@ def test_the_empty_suite_runs_closed_loop_on_the_model(tiny_checkpoint, tmp_path
     printed = capsys.readouterr().out.strip().splitlines()
     assert code == 0, printed
     assert printed[-1].startswith("1 episodes, 0 failed")
-    report = json.loads((tmp_path / "metrics.json").read_text())
-    assert report["failed"] == [] and len(report["episodes"]) == 1
-    episode = report["episodes"][0]
-    assert episode["planning_steps"] == 2 and not episode["collision"] and episode["progress_m"] > 0
+    result = safety.SuiteResult.load(tmp_path / "metrics.json")
+    assert result.failed == () and len(result.episodes) == 1 and result.forecast == sources.MODEL
+    episode = result.episodes[0]
+    assert episode.planning_steps == 2 and not episode.collision and episode.progress_m > 0
 
 
 def test_every_forecast_source_forecasts_an_empty_road():
@@ -86,6 +86,6 @@ def test_every_forecast_source_forecasts_an_empty_road():
         forecast = source.forecast(built, state, None, [])
         assert forecast.trajectories.shape[0] == 0 and forecast.agent_ids.shape == (0,)
         assert not forecast.occupancy.any(), source.name
-    results = runner.run_suite(suite_files.resolve_suite_path("empty"), "oracle", progress=False)
-    assert results["failed"] == [] and results["aggregate"]["collision_rate"] == 0.0
-    assert np.isfinite(results["aggregate"]["score"])
+    result = runner.run_suite(suite_files.resolve_suite_path("empty"), sources.ORACLE, progress=False)
+    assert result.failed == () and result.aggregate.collision_rate == 0.0
+    assert np.isfinite(result.aggregate.score)

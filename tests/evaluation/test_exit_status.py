@@ -12,7 +12,7 @@ import numpy as np
 
 from bevjepa.datasets import windows
 from bevjepa.evaluation import open_loop
-from bevjepa.evaluation.closed_loop import runner
+from bevjepa.evaluation.closed_loop import runner, safety
 from bevjepa.tools import cli
 
 TWO_SCENARIOS = """
@@ -56,10 +56,11 @@ def test_closed_loop_exits_1_when_an_episode_fails_at_run_time(tmp_path, capsys,
     assert code == 1
     assert printed[-1] == f"1 episodes, 1 failed; {out / 'metrics.json'}"
     assert "FAILED breaks/2: RuntimeError: the simulator fell over" in "\n".join(printed)
-    report = json.loads((out / "metrics.json").read_text())  # written all the same
-    assert [e["episode_id"] for e in report["episodes"]] == ["fine/1"]
-    assert [f["episode_id"] for f in report["failed"]] == ["breaks/2"]
-    assert report["aggregate"]["failed"] == 1.0
+    result = safety.SuiteResult.load(out / "metrics.json")  # written all the same
+    assert [e.episode_id for e in result.episodes] == ["fine/1"]
+    assert [f.episode_id for f in result.failed] == ["breaks/2"]
+    assert result.failed[0].error == "RuntimeError: the simulator fell over"
+    assert result.aggregate.failed == 1 and result.aggregate.episodes == 1
 
     monkeypatch.setattr(runner, "run_episode", real)
     assert cli.main(["closed-loop", "--suite", str(suite), "--forecast", "cv", "--out", str(out)]) == 0

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from bevjepa.evaluation.closed_loop import safety
 from bevjepa.tools import cli, demo
 
 
@@ -38,9 +39,11 @@ def test_every_stage_writes_its_output(tiny_demo):
     assert json.loads((out / "run" / "state.json").read_text())["step"] == 2
     assert json.loads((out / "plan.json").read_text())["steps"] == 2
     assert (out / "open-loop" / "report.md").is_file() and (out / "open-loop" / "figures" / "scene.gif").is_file()
-    assert set(result.closed_loop) == set(demo.FORECASTS)
-    for name in demo.FORECASTS:
-        assert json.loads((out / "closed-loop" / name / "metrics.json").read_text())["aggregate"]["episodes"] == 2
+    assert tuple(result.closed_loop) == demo.COMPARED_FORECASTS == ("model", "cv", "oracle")
+    for name in demo.COMPARED_FORECASTS:
+        saved = safety.SuiteResult.load(out / "closed-loop" / name / "metrics.json")
+        assert saved.to_dict() == result.closed_loop[name].to_dict()
+        assert saved.forecast == name and saved.aggregate.episodes == 2
 
 
 def test_the_report_shows_the_numbers_of_the_metrics_files(tiny_demo):
@@ -51,22 +54,34 @@ def test_the_report_shows_the_numbers_of_the_metrics_files(tiny_demo):
         row = next(_cells(line) for line in text.splitlines() if line.startswith(f"| {name} |"))
         assert row[4] == demo._number(scores.get("iou_2s_mean"))
         assert row[1] == demo._number(scores.get("minADE_5"))
-    for name in demo.FORECASTS:
-        aggregate = json.loads((config.out / "closed-loop" / name / "metrics.json").read_text())["aggregate"]
+    for name in demo.COMPARED_FORECASTS:
+        aggregate = safety.SuiteResult.load(config.out / "closed-loop" / name / "metrics.json").aggregate
         rows = [_cells(line) for line in text.split("## Closed loop")[1].splitlines() if line.startswith(f"| {name} |")]
-        assert rows[0][1] == demo._number(aggregate["collision_rate"])
-        assert rows[0][7] == demo._number(aggregate["score"])
+        assert rows[0][1] == demo._number(aggregate.collision_rate)
+        assert rows[0][7] == demo._number(aggregate.score)
+        assert rows[0][8] == "0"  # failed episodes: a count
     assert "open-loop/figures/scene.gif" in text
 
 
 def test_a_second_run_reuses_every_stage(tiny_demo, capsys):
     config, _ = tiny_demo
     before = (config.out / "open-loop" / "metrics.json").stat().st_mtime_ns
-    code = cli.main(["demo", "--out", str(config.out), "--minutes", "1", "--suite", str(demo.SUITES / "smoke.toml")])
+    # an earlier demo wrote the cv results under closed-loop/constant_velocity: they are read, not run again
+    closed_loop = config.out / "closed-loop"
+    (closed_loop / "cv").rename(closed_loop / "constant_velocity")
+    try:
+        code = cli.main(
+            ["demo", "--out", str(config.out), "--minutes", "1", "--suite", str(demo.SUITES / "smoke.toml")]
+        )
+        assert not (closed_loop / "cv").exists()
+    finally:
+        (closed_loop / "constant_velocity").rename(closed_loop / "cv")
     assert code == 0
     assert (config.out / "open-loop" / "metrics.json").stat().st_mtime_ns == before
     printed = capsys.readouterr().out
     assert "synthetic dataset: 0 s" in printed and "training: 0 s" in printed and "report:" in printed
+    assert "closed loop (" not in printed
+    assert "| cv |" in (config.out / "report.md").read_text()
 
 
 def test_bad_settings_are_refused(tmp_path, capsys):

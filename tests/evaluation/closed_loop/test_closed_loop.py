@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import shapely
 
 from bevjepa.datasets import rasterize, workers
-from bevjepa.evaluation.closed_loop import planner, runner, safety, sources, suite_files
+from bevjepa.evaluation.closed_loop import planner, regress, runner, safety, sources, suite_files
 from bevjepa.sim import layouts, scenario, world
 from bevjepa.tools import cli
 
@@ -261,37 +262,6 @@ def test_model_source_renders_and_forecasts(untrained_run):
     np.testing.assert_allclose(forecasts[0].occupancy[0], forecasts[-1].occupancy[0], atol=1e-5)
 
 
-def test_window_sample_from_frames_matches_the_dataset(synthetic_windows):
-    from bevjepa.datasets import torch_dataset, windows
-
-    dataset = torch_dataset.WindowDataset(synthetic_windows)
-    entry = dataset.entries[0]
-    window = windows.load_window(synthetic_windows / entry["file"])
-    frames = [dataset.frame(entry["scene"], str(t)) for t in window.keyframe_tokens]
-    config = windows.WindowConfig()  # what the fixture was preprocessed with
-    ours = sources.window_sample_from_frames(
-        frames,
-        window.agent_box,
-        window.agent_class,
-        window.agent_velocity,
-        window.agent_past,
-        window.agent_past_mask,
-        [str(a) for a in window.agent_ids],
-        config,
-        dataset.image_hw,
-        window.actions[config.past_keyframes - 1 : config.past_keyframes - 1 + config.occupancy_steps],
-    )
-    theirs = dataset[0]
-    for name in ("points", "points_frame", "images", "camera_mask", "intrinsics", "t0_from_camera", "agent_box"):
-        np.testing.assert_allclose(getattr(ours, name).numpy(), getattr(theirs, name).numpy(), atol=1e-5, err_msg=name)
-    np.testing.assert_allclose(ours.t0_from_ego.numpy(), theirs.t0_from_ego.numpy(), atol=1e-4)
-    np.testing.assert_allclose(ours.actions[:6].numpy(), theirs.actions[:6].numpy(), atol=1e-4)
-    assert not ours.occupancy.any() and not ours.agent_future_mask.any()
-
-
-# ------------------------------------------------------------------------------------------------- suites
-
-
 def test_smoke_suite_on_ray_records_a_crash_and_matches_the_sequential_run(tmp_path):
     import ray
 
@@ -303,27 +273,40 @@ def test_smoke_suite_on_ray_records_a_crash_and_matches_the_sequential_run(tmp_p
         on_ray = runner.run_suite(suite, "cv", workers=2, out=tmp_path / "ray", progress=False)
     finally:
         ray.shutdown()
-    assert [f["episode_id"] for f in on_ray["failed"]] == ["broken/0"]
-    assert "unknown layout 'roundabout'" in on_ray["failed"][0]["error"]
-    assert "Traceback" in on_ray["failed"][0]["traceback"]
-    assert sorted(e["episode_id"] for e in on_ray["episodes"]) == ["intersection-short/0", "straight-short/1"]
-    assert on_ray["aggregate"]["episodes"] == 2.0 and on_ray["aggregate"]["failed"] == 1.0
+    assert [f.episode_id for f in on_ray.failed] == ["broken/0"]
+    assert "unknown layout 'roundabout'" in on_ray.failed[0].error
+    assert "Traceback" in on_ray.failed[0].traceback
+    assert [e.episode_id for e in on_ray.episodes] == ["straight-short/1", "intersection-short/0"]  # suite order
+    assert on_ray.aggregate.episodes == 2 and on_ray.aggregate.failed == 1
     written = json.loads((tmp_path / "ray" / "metrics.json").read_text())
-    assert set(written) >= {"suite", "forecast", "episodes", "aggregate", "failed"}
-    assert all(isinstance(v, float) for v in written["aggregate"].values())
+    assert list(written) == [
+        "suite",
+        "forecast",
+        "checkpoint",
+        "score_formula",
+        "metric_definitions",
+        "episodes",
+        "aggregate",
+        "failed",
+        "workers",
+        "wall_time_s",
+    ]
+    assert written == on_ray.to_dict()
+    assert list(written["aggregate"]) == list(safety.METRIC_DEFINITIONS)
+    assert all(isinstance(v, float) for v in written["aggregate"].values())  # the counts too, as before
+    assert written["failed"][0] == {"episode_id": "broken/0", "error": on_ray.failed[0].error} | {
+        "traceback": on_ray.failed[0].traceback
+    }
     assert written["score_formula"] == safety.PDMS_FORMULA
 
     sequential = runner.run_suite(smoke, "cv", workers=1, progress=False)
     timing = {"wall_time_s", "forecast_time_s"}
 
-    def strip(report):
-        return sorted(
-            ({k: v for k, v in e.items() if k not in timing} for e in report["episodes"]),
-            key=lambda e: e["episode_id"],
-        )
+    def strip(result: safety.SuiteResult) -> list[dict]:
+        return [{k: v for k, v in e.to_dict().items() if k not in timing} for e in result.episodes]
 
     assert strip(sequential) == strip(on_ray)
-    assert sequential["aggregate"] == on_ray["aggregate"] | {"failed": 0.0}
+    assert sequential.aggregate == dataclasses.replace(on_ray.aggregate, failed=0)
 
 
 def test_run_suite_refuses_bad_requests(tmp_path):
@@ -340,6 +323,125 @@ def test_cli_closed_loop(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "collision_rate" in printed and "score" in printed
-    report = json.loads((tmp_path / "metrics.json").read_text())
-    assert report["forecast"] == "none" and len(report["episodes"]) == 2
+    result = safety.SuiteResult.load(tmp_path / "metrics.json")
+    assert result.forecast == sources.NONE and len(result.episodes) == 2 and result.failed == ()
+    assert runner.format_table(result) in printed
     assert cli.main(["closed-loop", "--suite", str(tmp_path / "x.toml"), "--forecast", "cv", "--out", "o"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ suite results
+
+
+def _episode_result(**changes) -> safety.EpisodeResult:
+    fields = {
+        "episode_id": "merge/3",
+        "suite": "hand-made",
+        "scenario": "merge",
+        "seed": 3,
+        "forecast": sources.CONSTANT_VELOCITY,
+        "duration_s": 4.0,
+        "planning_steps": 8,
+        "collision": True,
+        "collision_time_s": 2.3,
+        "collided_with": "vehicle-4",
+        "progress_m": 31.5,
+        "expected_progress_m": 40.0,
+        "progress_ratio": 0.7875,
+        "min_ttc_s": 0.0,
+        "ttc": 0.0,
+        "drivable_compliance": 1.0,
+        "dac": 1.0,
+        "comfort": 0.0,
+        "max_abs_lon_accel_mps2": 3.5,
+        "max_abs_lon_jerk_mps3": 6.0,
+        "score": 0.0,
+        "mean_speed_mps": 7.875,
+        "wall_time_s": 1.25,
+        "forecast_time_s": 0.5,
+    }
+    return safety.EpisodeResult(**(fields | changes))
+
+
+def _suite_result(*episodes: safety.EpisodeResult) -> safety.SuiteResult:
+    failed = (safety.FailedEpisode("broken/0", "RuntimeError: the simulator fell over", "Traceback (most recent..."),)
+    return safety.SuiteResult(
+        suite="hand-made",
+        forecast=sources.CONSTANT_VELOCITY,
+        checkpoint=None,
+        episodes=episodes,
+        aggregate=safety.aggregate(episodes, len(failed)),
+        failed=failed,
+        workers=2,
+        wall_time_s=3.5,
+    )
+
+
+def test_suite_results_round_trip_through_metrics_json(tmp_path):
+    assert [f.name for f in dataclasses.fields(safety.SuiteAggregate)] == list(safety.METRIC_DEFINITIONS)
+    result = _suite_result(_episode_result(), _episode_result(episode_id="merge/4", seed=4, collision=False, score=0.9))
+    path = result.save(tmp_path / "metrics.json")
+    assert json.loads(path.read_text()) == result.to_dict()
+    loaded = safety.SuiteResult.load(path)
+    assert loaded == result
+    assert isinstance(loaded.episodes, tuple) and isinstance(loaded.episodes[0], safety.EpisodeResult)
+    assert loaded.aggregate.episodes == 2 and loaded.aggregate.collision_rate == 0.5
+    assert regress.run_metrics(loaded) == loaded.aggregate.metrics()
+    assert regress.run_metrics(loaded)["failed"] == 1.0
+
+    # NaN (no collision, so no collision time; no finished episode, so no means) is written as null and read as NaN
+    nan = _suite_result(_episode_result(collision=False, collision_time_s=float("nan")))
+    again = safety.SuiteResult.load(nan.save(tmp_path / "nan" / "metrics.json"))
+    assert again.to_dict() == nan.to_dict() and np.isnan(again.episodes[0].collision_time_s)
+    assert again.to_dict()["episodes"][0]["collision_time_s"] is None
+    nothing = dataclasses.replace(nan, episodes=(), aggregate=safety.aggregate((), 1))
+    empty = safety.SuiteResult.load(nothing.save(tmp_path / "none" / "metrics.json"))
+    assert np.isnan(empty.aggregate.score) and empty.aggregate.episodes == 0
+    assert empty.save(tmp_path / "again.json").read_bytes() == (tmp_path / "none" / "metrics.json").read_bytes()
+
+
+def _malformed(data: dict) -> list[tuple[object, str]]:
+    """(file content, what the error says) of broken copies of a metrics.json."""
+    no_aggregate = {k: v for k, v in data.items() if k != "aggregate"}
+    word_score = data | {"aggregate": data["aggregate"] | {"score": "high"}}
+    no_collision = data | {"episodes": [{k: v for k, v in data["episodes"][0].items() if k != "collision"}]}
+    miscounted = data | {"aggregate": data["aggregate"] | {"episodes": 5.0}}
+    return [
+        ("{not json", "is not valid JSON"),
+        ([1, 2], "the file is a JSON list, not an object"),
+        (no_aggregate, "the file: missing ['aggregate']"),
+        (data | {"aggregates": {}}, "unknown ['aggregates']"),
+        (word_score, "aggregate.score is 'high', not a number or null"),
+        (no_collision, "episodes[0]: missing ['collision']"),
+        (data | {"failed": {"episode_id": "x"}}, "'failed' is a dict, not a list"),
+        (miscounted, "counts 5 finished and 1 failed episodes, but the result lists 1 and 1"),
+    ]
+
+
+def test_a_malformed_metrics_json_is_refused_naming_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="closed-loop metrics .*missing.json not found"):
+        safety.SuiteResult.load(tmp_path / "missing.json")
+    for i, (content, message) in enumerate(_malformed(_suite_result(_episode_result()).to_dict())):
+        path = tmp_path / f"metrics-{i}.json"
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(ValueError) as error:
+            safety.SuiteResult.load(path)
+        assert f"closed-loop metrics {path} " in str(error.value) and message in str(error.value), error.value
+
+
+def test_the_forecast_names_are_defined_once():
+    from bevjepa.tools import demo
+
+    assert sources.FORECASTS == (sources.MODEL, sources.CONSTANT_VELOCITY, sources.ORACLE, sources.NONE)
+    assert sources.CONSTANT_VELOCITY == "cv"  # what users type, and what metrics.json and baselines record
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("closed-loop", "regress"):
+        forecast = next(a for a in commands[command]._actions if a.dest == "forecast")
+        assert tuple(forecast.choices) == sources.FORECASTS, command
+        assert "cv" in forecast.choices and "constant_velocity" not in forecast.choices
+    assert set(demo.COMPARED_FORECASTS) < set(sources.FORECASTS)
+    assert not hasattr(regress, "FORECASTS") and not hasattr(demo, "FORECASTS") and not hasattr(runner, "FORECASTS")
+    classes = (sources.ModelSource, sources.ConstantVelocitySource, sources.OracleSource, sources.NoForecast)
+    assert tuple(c.name for c in classes) == sources.FORECASTS
+    with pytest.raises(ValueError, match="RegressConfig.forecast must be one of"):
+        regress.RegressConfig(suite="smoke", baseline=Path("b.json"), forecast="constant_velocity")

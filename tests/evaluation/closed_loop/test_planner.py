@@ -88,6 +88,35 @@ def test_poses_on_a_curve_are_in_the_ego_frame():
     np.testing.assert_allclose(step.sum(), fastest.s_m[-1], rtol=0.02)  # chord length ~ arc length
 
 
+def _old_actions(plan: planner.Plan, steps: int) -> np.ndarray:
+    """``Plan.actions`` as it was before ``geometry.ego_motion`` replaced its formula."""
+    t = np.arange(steps + 1) * planner.ACTION_STEP_S
+    x = np.interp(t, plan.times_s, plan.poses[:, 0])
+    y = np.interp(t, plan.times_s, plan.poses[:, 1])
+    yaw = np.interp(t, plan.times_s, np.unwrap(plan.poses[:, 2]))
+    dx, dy = np.diff(x), np.diff(y)
+    cos, sin = np.cos(yaw[:-1]), np.sin(yaw[:-1])
+    return np.stack([cos * dx + sin * dy, -sin * dx + cos * dy, np.diff(yaw)], axis=1).astype(np.float32)
+
+
+def test_actions_equal_the_formula_they_replaced_and_rebuild_the_poses():
+    arc = np.linspace(0, np.pi, 120)  # a half circle to the left: the global heading passes pi/2 to pi
+    path = paths.Path.from_polyline(np.stack([100 + 20 * np.sin(arc), 100 + 20 * (1 - np.cos(arc))], axis=1))
+    ego_from_global = _ego_from_global(path, 20.0)
+    plans = planner.SamplingPlanner().candidates(path, 20.0, 8.0, 9.0, ego_from_global)
+    for plan in plans:
+        actions = plan.actions(4)
+        assert actions.shape == (4, 3) and actions.dtype == np.float32
+        np.testing.assert_allclose(actions, _old_actions(plan, 4), atol=1e-6)
+        # Chaining the actions from the t0 pose reaches the plan's pose 2 s ahead.
+        pose = geometry.RigidTransform.identity()
+        for dx, dy, dyaw in actions.astype(np.float64):
+            pose = pose @ geometry.RigidTransform.from_pose_2d(dx, dy, dyaw)
+        np.testing.assert_allclose(pose.translation[:2], plan.poses[-1, :2], atol=1e-4)
+        assert geometry.wrap_angle(pose.yaw_rad - plan.poses[-1, 2]) == pytest.approx(0.0, abs=1e-5)
+    assert plans[-1].actions(4)[:, 2].sum() > 0.3  # the fastest plan turns left along the arc
+
+
 def test_without_a_forecast_the_planner_cruises():
     path = _straight_path()
     sampler = planner.SamplingPlanner()

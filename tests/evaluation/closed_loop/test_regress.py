@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bevjepa.evaluation.closed_loop import regress, suite_files
+from bevjepa.evaluation.closed_loop import regress, safety, sources, suite_files
 from bevjepa.prediction import checkpoint, model
 from bevjepa.prediction import config as experiment_config
 
@@ -130,6 +130,22 @@ def test_baseline_round_trips_through_json(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["baseline.json"]  # no temporary file left behind
 
 
+def test_a_baseline_written_by_an_earlier_version_still_loads(tmp_path):
+    path = tmp_path / "baseline.json"
+    path.write_text(  # as `bevjepa regress --update-baseline` wrote it before the suite result was typed
+        '{"format": "bevjepa-regress-baseline", "format_version": 1, "suite": "ci", "forecast": "cv",'
+        ' "checkpoint": null, "episodes": 8, "created_utc": "2024-05-01T12:00:00+00:00",'
+        ' "metrics": {"collision_rate": 0.0, "episodes": 8.0, "failed": 0.0, "min_ttc_s": null, "score": 0.64},'
+        ' "tolerances": {"collision_rate": {"absolute": 0.0, "relative": 0.0}}}\n'
+    )
+    baseline = regress.read_baseline(path)
+    assert baseline.forecast == sources.CONSTANT_VELOCITY and baseline.episodes == 8
+    assert baseline.metrics["failed"] == 0.0 and math.isnan(baseline.metrics["min_ttc_s"])
+    path.write_text(path.read_text().replace('"cv"', '"psychic"'))
+    with pytest.raises(ValueError, match="baseline.json is corrupt .*forecast 'psychic' is not one of"):
+        regress.read_baseline(path)
+
+
 def test_missing_and_corrupt_baselines_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="--update-baseline"):
         regress.read_baseline(tmp_path / "none.json")
@@ -157,7 +173,10 @@ def test_missing_and_corrupt_baselines_give_clear_errors(tmp_path):
 def test_junit_xml_parses_and_counts_failures(tmp_path):
     worse = {**BASE, "collision_rate": 0.5, "route_completion": 1.0}
     comparison = regress.compare(worse, BASE)
-    failed = [{"episode_id": "crossing/3", "error": "RuntimeError: planner found no trajectory"}, "bare failure"]
+    failed = (
+        safety.FailedEpisode("crossing/3", "RuntimeError: planner found no trajectory", "Traceback (most recent..."),
+        safety.FailedEpisode("merge/0", "ValueError: bare failure", ""),
+    )
     tree = regress.junit_xml(comparison, "smoke", failed, {"forecast": "cv"}, time_s=1.5)
     path = regress.write_junit(tmp_path / "junit.xml", tree)
     root = ET.parse(path).getroot()
@@ -165,12 +184,14 @@ def test_junit_xml_parses_and_counts_failures(tmp_path):
     assert suite.get("name") == "smoke" and suite.get("tests") == "8" and suite.get("failures") == "3"
     assert suite.get("skipped") == "1" and root.get("failures") == "3"
     cases = {case.get("name"): case for case in suite.iter("testcase")}
-    assert set(cases) == {*BASE, "route_completion", "crossing/3", "episode 1"}
+    assert set(cases) == {*BASE, "route_completion", "crossing/3", "merge/0"}
     failure = cases["collision_rate"].find("failure")
     assert "collision_rate regressed: 0.25 → 0.5" in failure.get("message") and "FAILED" in failure.text
     assert cases["progress_m"].find("failure") is None
     assert cases["route_completion"].find("skipped") is not None
     assert "no trajectory" in cases["crossing/3"].find("failure").text
+    assert "Traceback" in cases["crossing/3"].find("failure").text
+    assert cases["merge/0"].find("failure").text == "ValueError: bare failure"
     assert suite.find("properties/property").attrib == {"name": "forecast", "value": "cv"}
 
 
