@@ -312,6 +312,40 @@ def build_frame(keyframe: nuscenes_source.Keyframe, config: WindowConfig) -> Fra
     )
 
 
+@dataclass(frozen=True)
+class _EgoTargets:
+    """The ego's part of a window (``Window.ego_future``, ``ego_future_mask``, ``actions``, ``action_mask``).
+
+    Attributes:
+        future: [T, 3] float32 — future x, y (m) and yaw (rad) in t0.
+        future_mask: [T] bool.
+        actions: [P - 1 + T, 3] float32 — dx, dy (m), dyaw (rad) over each step; 0 where masked.
+        action_mask: [P - 1 + T] bool.
+    """
+
+    future: np.ndarray
+    future_mask: np.ndarray
+    actions: np.ndarray
+    action_mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class _AgentTracks:
+    """The tracks of the agents annotated at t0 (``Window.agent_past``, ``agent_future`` and their masks).
+
+    Attributes:
+        past: [A, P, 2] float32 — xy (m, t0) at each input keyframe.
+        past_mask: [A, P] bool.
+        future: [A, T, 2] float32 — xy (m, t0) at each future step.
+        future_mask: [A, T] bool.
+    """
+
+    past: np.ndarray
+    past_mask: np.ndarray
+    future: np.ndarray
+    future_mask: np.ndarray
+
+
 class WindowBuilder:
     """Builds the frames and windows of one scene from a ``NuScenesSource``, reading each keyframe once."""
 
@@ -344,16 +378,63 @@ class WindowBuilder:
 
     def window(self, scene_tokens: list[str], index: int) -> Window:
         """The window (targets) whose t0 is ``scene_tokens[index]``."""
-        config, grid = self.config, self.config.grid
+        config = self.config
         p_count, t_count, f_count = config.past_keyframes, config.trajectory_steps, config.occupancy_steps
         t0_token = scene_tokens[index]
         past_tokens = scene_tokens[index - p_count + 1 : index + 1]
+        future_tokens = scene_tokens[index + 1 : index + 1 + max(t_count, f_count)]
+        occupancy_tokens = future_tokens[:f_count]
         t0_timestamp, global_from_t0 = self.source.ego_pose(t0_token)
         t0_from_global = global_from_t0.inverse()
         t0_from_ego = np.stack([(t0_from_global @ self.source.ego_pose(t)[1]).matrix for t in past_tokens])
 
-        # The ego: past and future poses (x, y, yaw) in t0, and the actions between consecutive steps.
-        future_tokens = scene_tokens[index + 1 : index + 1 + max(t_count, f_count)]
+        ego = self._ego_targets(t0_from_ego, future_tokens, t0_from_global)
+        agents = [b.transformed(t0_from_global) for b in self._global_boxes(t0_token).values()]  # the A agents at t0
+        tracks = self._agent_tracks(agents, past_tokens, future_tokens, t0_from_global, t0_timestamp)
+        occupancy, instance_ids, instances = self._occupancy(agents, occupancy_tokens, t0_from_global)
+        t0_points = self.keyframe(t0_token).lidar_points
+        observed = rasterize.observed_cells(config.grid, t0_points[:, :2], self._lidar_xy(t0_token))
+        return Window(
+            sample_token=t0_token,
+            scene_name=self.keyframe(t0_token).scene_name,
+            timestamp_us=t0_timestamp,
+            keyframe_tokens=np.array(past_tokens),
+            t0_from_ego=t0_from_ego,
+            future_keyframe_tokens=np.array(occupancy_tokens),
+            t0_from_future_ego=np.stack(
+                [(t0_from_global @ self.source.ego_pose(t)[1]).matrix for t in occupancy_tokens]
+            ),
+            ego_future=ego.future,
+            ego_future_mask=ego.future_mask,
+            actions=ego.actions,
+            action_mask=ego.action_mask,
+            agent_ids=np.array([b.instance_id for b in agents], dtype="U64").reshape(-1),
+            agent_class=np.array([categories.class_index(b.category) for b in agents], dtype=np.int8),
+            agent_box=np.array([[*b.center_m, *b.size_wlh_m, b.yaw_rad] for b in agents], dtype=np.float32).reshape(
+                -1, 7
+            ),
+            agent_velocity=np.array([b.velocity_mps for b in agents], dtype=np.float32).reshape(-1, 2),
+            agent_past=tracks.past,
+            agent_past_mask=tracks.past_mask,
+            agent_future=tracks.future,
+            agent_future_mask=tracks.future_mask,
+            occupancy=occupancy,
+            instance_ids=np.array(instance_ids, dtype="U64").reshape(-1),
+            instances=instances,
+            observed=observed,
+        )
+
+    def _ego_targets(
+        self, t0_from_ego: np.ndarray, future_tokens: list[str], t0_from_global: geometry.RigidTransform
+    ) -> _EgoTargets:
+        """The ego's future poses (x, y, yaw) in t0, and the actions between consecutive past and future steps.
+
+        Args:
+            t0_from_ego: [P, 4, 4] — the ego's pose at each input keyframe, in t0.
+            future_tokens: the keyframes after t0 (up to max(T, F) of them; the first T are used).
+            t0_from_global: the t0 ego frame from the global frame.
+        """
+        p_count, t_count = self.config.past_keyframes, self.config.trajectory_steps
         past_pose = geometry.planar_pose(t0_from_ego)  # [P, 3]
         ego_future = np.zeros((t_count, 3))
         ego_future_mask = np.zeros(t_count, dtype=bool)
@@ -364,9 +445,26 @@ class WindowBuilder:
         sequence = np.concatenate([past_pose, ego_future])  # [P + T, 3]
         action_mask = np.concatenate([np.ones(p_count - 1, dtype=bool), ego_future_mask])  # [P - 1 + T]
         actions = np.where(action_mask[:, None], geometry.ego_motion(sequence[:-1], sequence[1:]), 0.0)
+        return _EgoTargets(
+            future=ego_future.astype(np.float32),
+            future_mask=ego_future_mask,
+            actions=actions.astype(np.float32),
+            action_mask=action_mask,
+        )
 
-        # Agents at t0 and their past and future positions.
-        agents = [b.transformed(t0_from_global) for b in self._global_boxes(t0_token).values()]
+    def _agent_tracks(
+        self,
+        agents: list[types.Box3D],
+        past_tokens: list[str],
+        future_tokens: list[str],
+        t0_from_global: geometry.RigidTransform,
+        t0_timestamp: int,
+    ) -> _AgentTracks:
+        """Where each agent annotated at t0 is (xy in t0) at the input keyframes and the T future steps.
+
+        A future keyframe's step is counted from its timestamp (keyframes 0.5 s apart), not from its position.
+        """
+        p_count, t_count = self.config.past_keyframes, self.config.trajectory_steps
         agent_ids = [b.instance_id for b in agents]
         agent_past = np.zeros((len(agents), p_count, 2))
         agent_past_mask = np.zeros((len(agents), p_count), dtype=bool)
@@ -378,8 +476,7 @@ class WindowBuilder:
                     agent_past_mask[a, p] = True
         agent_future = np.zeros((len(agents), t_count, 2))
         agent_future_mask = np.zeros((len(agents), t_count), dtype=bool)
-        step_boxes: list[list[types.Box3D]] = [agents]
-        for k, token in enumerate(future_tokens):
+        for token in future_tokens:
             by_instance = self._global_boxes(token)
             step = round((self.source.ego_pose(token)[0] - t0_timestamp) / KEYFRAME_INTERVAL_US) - 1
             if step < t_count:
@@ -387,11 +484,28 @@ class WindowBuilder:
                     if instance in by_instance:
                         agent_future[a, step] = t0_from_global.apply(by_instance[instance].center_m)[:2]
                         agent_future_mask[a, step] = True
-            if k < f_count:
-                step_boxes.append([b.transformed(t0_from_global) for b in by_instance.values()])
+        return _AgentTracks(
+            past=agent_past.astype(np.float32),
+            past_mask=agent_past_mask,
+            future=agent_future.astype(np.float32),
+            future_mask=agent_future_mask,
+        )
 
-        # Occupancy and instances for steps 0..F.
-        instance_ids = list(agent_ids)
+    def _occupancy(
+        self, agents: list[types.Box3D], occupancy_tokens: list[str], t0_from_global: geometry.RigidTransform
+    ) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Per-class occupancy and instances for steps 0 (``agents``, at t0) to F (``occupancy_tokens``).
+
+        Returns:
+            occupancy: [F + 1, C, H, W] bool.
+            instance_ids: [I] the instance tokens: the A agents first, then those new at each step, sorted.
+            instances: [F + 1, H, W] int32 — 1 + index into ``instance_ids``, 0 where free.
+        """
+        grid, f_count = self.config.grid, self.config.occupancy_steps
+        step_boxes = [agents] + [
+            [b.transformed(t0_from_global) for b in self._global_boxes(token).values()] for token in occupancy_tokens
+        ]
+        instance_ids = [b.instance_id for b in agents]
         for boxes in step_boxes[1:]:
             instance_ids.extend(sorted({b.instance_id for b in boxes} - set(instance_ids)))
         instance_index = {token: i for i, token in enumerate(instance_ids)}
@@ -412,39 +526,7 @@ class WindowBuilder:
             )
             lookup = np.array([0] + [instance_index[b.instance_id] + 1 for b in boxes], dtype=np.int32)
             instances[k] = lookup[local]
-
-        t0_points = self.keyframe(t0_token).lidar_points
-        observed = rasterize.observed_cells(grid, t0_points[:, :2], self._lidar_xy(t0_token))
-        occupancy_tokens = future_tokens[:f_count]
-        return Window(
-            sample_token=t0_token,
-            scene_name=self.keyframe(t0_token).scene_name,
-            timestamp_us=t0_timestamp,
-            keyframe_tokens=np.array(past_tokens),
-            t0_from_ego=t0_from_ego,
-            future_keyframe_tokens=np.array(occupancy_tokens),
-            t0_from_future_ego=np.stack(
-                [(t0_from_global @ self.source.ego_pose(t)[1]).matrix for t in occupancy_tokens]
-            ),
-            ego_future=ego_future.astype(np.float32),
-            ego_future_mask=ego_future_mask,
-            actions=actions.astype(np.float32),
-            action_mask=action_mask,
-            agent_ids=np.array(agent_ids, dtype="U64").reshape(-1),
-            agent_class=np.array([categories.class_index(b.category) for b in agents], dtype=np.int8),
-            agent_box=np.array([[*b.center_m, *b.size_wlh_m, b.yaw_rad] for b in agents], dtype=np.float32).reshape(
-                -1, 7
-            ),
-            agent_velocity=np.array([b.velocity_mps for b in agents], dtype=np.float32).reshape(-1, 2),
-            agent_past=agent_past.astype(np.float32),
-            agent_past_mask=agent_past_mask,
-            agent_future=agent_future.astype(np.float32),
-            agent_future_mask=agent_future_mask,
-            occupancy=occupancy,
-            instance_ids=np.array(instance_ids, dtype="U64").reshape(-1),
-            instances=instances,
-            observed=observed,
-        )
+        return occupancy, instance_ids, instances
 
     def _lidar_xy(self, token: str) -> np.ndarray:
         """[2] xy (m) of the LIDAR_TOP sensor in the keyframe's ego frame."""

@@ -272,11 +272,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="bevjepa", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_synth_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa synth`` to ``commands``."""
     synth = commands.add_parser(
         "synth",
         help="write a synthetic dataset in the nuScenes format",
@@ -298,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--check", action="store_true", help="load the result with the devkit and describe it")
     synth.set_defaults(run=_synth)
 
+
+def _add_preprocess_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa preprocess`` to ``commands``."""
     prep = commands.add_parser(
         "preprocess",
         help="turn a nuScenes dataset into training windows on Ray",
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.set_defaults(run=_preprocess)
 
+
+def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa train`` to ``commands``."""
     trainer = commands.add_parser("train", help="train the BEV JEPA world model on preprocessed windows")
     trainer.add_argument("--data", required=True, help="a `bevjepa preprocess` output")
     trainer.add_argument(
@@ -356,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--workers", type=int, default=2, help="Ray Train workers with --address (default 2)")
     trainer.set_defaults(run=_train)
 
+
+def _add_eval_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa eval`` to ``commands``."""
     evaluator = commands.add_parser(
         "eval",
         help="score a checkpoint and the baselines; write metrics.json, report.md and figures",
@@ -380,11 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluator.set_defaults(run=_eval)
 
+
+def _add_inspect_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa inspect`` to ``commands``."""
     inspect = commands.add_parser("inspect", help="describe a nuScenes dataset as the devkit loads it")
     inspect.add_argument("--dataroot", required=True, help="the dataset root (holds v1.0-*/, samples/, maps/)")
     inspect.add_argument("--version", default="v1.0-mini", help="table version (default v1.0-mini)")
     inspect.set_defaults(run=_inspect)
 
+
+def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa bench`` to ``commands``."""
     bench = commands.add_parser("bench", help="measure throughput (simulator, sensors, preprocessing)")
     bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model", "closed-loop"])
     bench.add_argument("--suite", default="ci", help="suite to time (closed-loop; default the shipped ci suite)")
@@ -397,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2, help="Ray workers (synth)")
     bench.set_defaults(run=_bench)
 
+
+def _add_closed_loop_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa closed-loop`` to ``commands``."""
     loop = commands.add_parser(
         "closed-loop",
         help="run a closed-loop scenario suite: simulator, forecast, sampling planner; one Ray task per episode",
@@ -412,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loop.set_defaults(run=_closed_loop)
 
+
+def _add_regress_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa regress`` to ``commands``."""
     gate = commands.add_parser(
         "regress",
         help="CI regression gate: run a closed-loop suite and compare it with a baseline",
@@ -441,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--update-baseline", action="store_true", help="write the baseline from this run; exit 0")
     gate.set_defaults(run=_regress)
 
+
+def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa demo`` to ``commands``."""
     runner = commands.add_parser(
         "demo",
         help="the whole system on this machine: synthetic data, Ray preprocessing, training, open and closed loop",
@@ -456,6 +477,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerun", default=None, metavar="FILE.rrd", help="also write a Rerun recording of a mini_val scene"
     )
     runner.set_defaults(run=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="bevjepa", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_synth_parser(commands)
+    _add_preprocess_parser(commands)
+    _add_train_parser(commands)
+    _add_eval_parser(commands)
+    _add_inspect_parser(commands)
+    _add_bench_parser(commands)
+    _add_closed_loop_parser(commands)
+    _add_regress_parser(commands)
+    _add_demo_parser(commands)
     return parser
 
 

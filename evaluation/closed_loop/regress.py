@@ -777,6 +777,30 @@ class RegressReport:
     result: safety.SuiteResult | None
 
 
+@dataclass(frozen=True)
+class _SuiteRun:
+    """One run of the suite under the gate.
+
+    Attributes:
+        result: what ``runner.run_suite`` returned.
+        forecast: the forecast source it ran with.
+        checkpoint: the checkpoint of a ``model`` forecast, its weights hashed after the run; None for the others.
+        metrics: its gated metrics (``run_metrics``).
+        wall_s: how long the suite ran (s).
+    """
+
+    result: safety.SuiteResult
+    forecast: str
+    checkpoint: CheckpointRef | None
+    metrics: dict[str, float]
+    wall_s: float
+
+    @property
+    def suite(self) -> str:
+        """The suite's name."""
+        return self.result.suite
+
+
 def regress(config: RegressConfig) -> RegressReport:
     """Run the suite, compare it with the baseline (or write the baseline), and report.
 
@@ -786,30 +810,56 @@ def regress(config: RegressConfig) -> RegressReport:
             forecast.
     """
     baseline_path = Path(config.baseline)
-    baseline: Baseline | None = None
-    notes: list[str] = []
-    if baseline_path.exists():
-        try:
-            baseline = read_baseline(baseline_path)
-        except ValueError as error:
-            if not config.update_baseline:
-                raise
-            notes.append(f"note: replacing an unreadable baseline ({error})")
-    elif not config.update_baseline:
+    if not config.update_baseline and not baseline_path.exists():
         text = (
             f"baseline {baseline_path} not found: nothing to compare with. Write it from a run with "
             f"`bevjepa regress --suite {config.suite} --baseline {baseline_path} --update-baseline`"
         )
         return RegressReport(1, text, None, None, None)
+    baseline, notes = _read_baseline_or_note(baseline_path, config.update_baseline)
 
     default = sources.MODEL if config.checkpoint else sources.CONSTANT_VELOCITY
     forecast = config.forecast or (baseline.forecast if baseline else default)
     checkpoint = _resolve_checkpoint(config, forecast, baseline, baseline_path)
-    if baseline is not None and not config.update_baseline and Path(config.suite).is_file():
+    if baseline is not None and not config.update_baseline:
+        _check_suite_file(config.suite, baseline, baseline_path)  # before, not after, the run
+
+    run = _run_suite(config, forecast, checkpoint)
+    if baseline is not None and not config.update_baseline:
+        _check_suite(baseline, baseline_path, run.suite)
+    header = _header(run, baseline, baseline_path, notes)
+
+    if config.update_baseline:
+        report = _write_new_baseline(config, baseline, baseline_path, run, header)
+    else:
+        assert baseline is not None
+        report = _gate(config, baseline, run, header)
+    _write_outputs(config, report, run, baseline_path)
+    return report
+
+
+def _read_baseline_or_note(baseline_path: Path, update_baseline: bool) -> tuple[Baseline | None, list[str]]:
+    """The baseline if there is one, and notes for the report; an unreadable one raises unless it is replaced."""
+    if not baseline_path.exists():
+        return None, []
+    try:
+        return read_baseline(baseline_path), []
+    except ValueError as error:
+        if not update_baseline:
+            raise
+        return None, [f"note: replacing an unreadable baseline ({error})"]
+
+
+def _check_suite_file(suite: str, baseline: Baseline, baseline_path: Path) -> None:
+    """Where the suite is a file, check its name against the baseline's without running it."""
+    if Path(suite).is_file():
         from bevjepa.evaluation.closed_loop import suite_files
 
-        _check_suite(baseline, baseline_path, suite_files.load_suite(config.suite).name)  # before, not after, the run
+        _check_suite(baseline, baseline_path, suite_files.load_suite(suite).name)
 
+
+def _run_suite(config: RegressConfig, forecast: str, checkpoint: Path | None) -> _SuiteRun:
+    """Run the suite with ``forecast`` (and ``checkpoint``), timed."""
     import time
 
     from bevjepa.evaluation.closed_loop import runner
@@ -826,84 +876,95 @@ def regress(config: RegressConfig) -> RegressReport:
         job="regress",
     )
     wall_s = time.perf_counter() - started
-    suite = result.suite
     current = run_metrics(result)
     current_ref = CheckpointRef.of(checkpoint) if checkpoint is not None else None
-    failed = result.failed
-    episodes = len(result.episodes)
+    return _SuiteRun(result, forecast, current_ref, current, wall_s)
 
-    if baseline is not None and not config.update_baseline:
-        _check_suite(baseline, baseline_path, suite)
-    header = [f"suite {suite}: {episodes} episodes, {len(failed)} failed, {wall_s:.1f} s"]
-    header += _identity_lines(baseline, baseline_path, forecast, current_ref)
-    header += notes
-    properties = {
-        "forecast": forecast,
-        "checkpoint": current_ref.describe() if current_ref else "none",
-        "baseline": str(baseline_path),
-    }
 
-    if config.update_baseline:
-        if failed and not result.episodes:
-            raise ValueError(
-                f"every episode of suite {suite!r} failed, so there is nothing to write a baseline from; the first, "
-                f"{failed[0].episode_id}: {failed[0].error.splitlines()[0] if failed[0].error else '?'}"
-            )
-        if failed:
-            header.append(f"warning: {len(failed)} episodes failed; the baseline records that as its `failed` count")
-        kept = dict(baseline.tolerances) if baseline is not None and baseline.suite == suite else {}
-        tolerances = resolve_tolerances(set(current), {**kept, **config.tolerances})
-        written = Baseline(
-            suite=suite,
-            forecast=forecast,
-            checkpoint=current_ref,
-            metrics=current,
-            tolerances=tolerances,
-            episodes=episodes,
-            created_utc=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+def _header(run: _SuiteRun, baseline: Baseline | None, baseline_path: Path, notes: list[str]) -> list[str]:
+    """The report's first lines: the run's size and time, what it and the baseline used, then ``notes``."""
+    episodes, failed = len(run.result.episodes), run.result.failed
+    header = [f"suite {run.suite}: {episodes} episodes, {len(failed)} failed, {run.wall_s:.1f} s"]
+    header += _identity_lines(baseline, baseline_path, run.forecast, run.checkpoint)
+    return header + notes
+
+
+def _write_new_baseline(
+    config: RegressConfig, baseline: Baseline | None, baseline_path: Path, run: _SuiteRun, header: list[str]
+) -> RegressReport:
+    """``--update-baseline``: write the run as the baseline (keeping the old one's tolerances); exit code 0."""
+    suite, current, failed = run.suite, run.metrics, run.result.failed
+    if failed and not run.result.episodes:
+        raise ValueError(
+            f"every episode of suite {suite!r} failed, so there is nothing to write a baseline from; the first, "
+            f"{failed[0].episode_id}: {failed[0].error.splitlines()[0] if failed[0].error else '?'}"
         )
-        comparison = compare(current, current, tolerances)
-        lines = [*header]
-        if baseline is not None and baseline.suite == suite:
-            previous = compare(current, baseline.metrics, tolerances)
-            lines += ["", "against the previous baseline:", previous.table()]
-        write_baseline(baseline_path, written)
-        lines += ["", f"wrote baseline {baseline_path}: {len(current)} metrics"]
-        lines += [
-            f"  {name} = {_fmt(value)}  (tolerance {tolerances[name].describe()})"
-            for name, value in sorted(current.items())
-        ]
-        report = RegressReport(0, "\n".join(lines), comparison, written, result)
-    else:
-        assert baseline is not None
-        tolerances = {**baseline.tolerances, **config.tolerances}
-        comparison = compare(current, baseline.metrics, tolerances)
-        verdict = (
-            "regress: PASSED"
-            if comparison.passed
-            else "regress: FAILED — "
-            + ", ".join(f"{m.name} ({_fmt(m.baseline)} → {_fmt(m.current)})" for m in comparison.failures)
-        )
-        text = "\n".join([*header, "", comparison.table(), "", verdict])
-        report = RegressReport(0 if comparison.passed else 1, text, comparison, baseline, result)
+    if failed:
+        header.append(f"warning: {len(failed)} episodes failed; the baseline records that as its `failed` count")
+    kept = dict(baseline.tolerances) if baseline is not None and baseline.suite == suite else {}
+    tolerances = resolve_tolerances(set(current), {**kept, **config.tolerances})
+    written = Baseline(
+        suite=suite,
+        forecast=run.forecast,
+        checkpoint=run.checkpoint,
+        metrics=current,
+        tolerances=tolerances,
+        episodes=len(run.result.episodes),
+        created_utc=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+    )
+    comparison = compare(current, current, tolerances)
+    lines = [*header]
+    if baseline is not None and baseline.suite == suite:
+        previous = compare(current, baseline.metrics, tolerances)
+        lines += ["", "against the previous baseline:", previous.table()]
+    write_baseline(baseline_path, written)
+    lines += ["", f"wrote baseline {baseline_path}: {len(current)} metrics"]
+    lines += [
+        f"  {name} = {_fmt(value)}  (tolerance {tolerances[name].describe()})"
+        for name, value in sorted(current.items())
+    ]
+    return RegressReport(0, "\n".join(lines), comparison, written, run.result)
 
+
+def _gate(config: RegressConfig, baseline: Baseline, run: _SuiteRun, header: list[str]) -> RegressReport:
+    """Compare the run with the baseline: exit code 0 where no metric regressed, else 1."""
+    tolerances = {**baseline.tolerances, **config.tolerances}
+    comparison = compare(run.metrics, baseline.metrics, tolerances)
+    verdict = (
+        "regress: PASSED"
+        if comparison.passed
+        else "regress: FAILED — "
+        + ", ".join(f"{m.name} ({_fmt(m.baseline)} → {_fmt(m.current)})" for m in comparison.failures)
+    )
+    text = "\n".join([*header, "", comparison.table(), "", verdict])
+    return RegressReport(0 if comparison.passed else 1, text, comparison, baseline, run.result)
+
+
+def _write_outputs(config: RegressConfig, report: RegressReport, run: _SuiteRun, baseline_path: Path) -> None:
+    """Write the JUnit XML (``config.junit``) and ``diff.txt`` and ``regress.json`` (under ``config.out``)."""
+    comparison = report.comparison
+    assert comparison is not None
     if config.junit is not None:
-        write_junit(config.junit, junit_xml(comparison, suite, failed, properties, wall_s))
+        properties = {
+            "forecast": run.forecast,
+            "checkpoint": run.checkpoint.describe() if run.checkpoint else "none",
+            "baseline": str(baseline_path),
+        }
+        write_junit(config.junit, junit_xml(comparison, run.suite, run.result.failed, properties, run.wall_s))
     if config.out is not None:
         out = Path(config.out)
         bevio.atomic_write_text(out / "diff.txt", report.text + "\n")
         summary = {
-            "suite": suite,
-            "forecast": forecast,
-            "checkpoint": dataclasses.asdict(current_ref) if current_ref else None,
+            "suite": run.suite,
+            "forecast": run.forecast,
+            "checkpoint": dataclasses.asdict(run.checkpoint) if run.checkpoint else None,
             "baseline": str(baseline_path),
             "exit_code": report.exit_code,
             "updated_baseline": config.update_baseline,
-            "metrics": {k: _json_float(v) for k, v in sorted(current.items())},
+            "metrics": {k: _json_float(v) for k, v in sorted(run.metrics.items())},
             "comparison": comparison.to_dict(),
         }
         bevio.atomic_write_text(out / "regress.json", json.dumps(summary, indent=1) + "\n")
-    return report
 
 
 def _check_suite(baseline: Baseline, baseline_path: Path, suite: str) -> None:
