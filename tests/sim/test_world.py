@@ -153,3 +153,13 @@ def test_unknown_layouts_and_bad_scenarios_are_refused():
         scenario.ScenarioConfig(duration_s=0)
     with pytest.raises(ValueError, match="vehicles must not be negative"):
         scenario.ScenarioConfig(vehicles=-1)
+
+
+@pytest.mark.parametrize("layout", sorted(layouts.LAYOUTS))
+def test_pedestrians_start_and_wait_off_the_road(layout):
+    """A crossing pedestrian walks up to the crosswalk along its own sidewalk, never from a spot on another road."""
+    for seed in range(8):
+        built, _ = scenario.build_world(scenario.ScenarioConfig(layout=layout, seed=seed, duration_s=20.0))
+        starts = np.array([a.path.xy[0] for a in built.actors if a.kind == world.KIND_PEDESTRIAN])
+        on_road = shapely.contains_xy(built.layout.drivable_area, starts[:, 0], starts[:, 1])
+        assert not on_road.any(), (seed, starts[on_road])

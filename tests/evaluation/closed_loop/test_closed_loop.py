@@ -182,9 +182,9 @@ def test_episodes_are_deterministic_and_measured():
 
 
 def test_forecasts_keep_the_ego_out_of_a_crash_that_the_blind_planner_drives_into():
-    # ci's intersection-crossing seed 4: driving on at cruise speed hits a vehicle about 3 s in.
-    episode = suite_files.load_suite(CI).episodes[1]
-    assert episode.episode_id == "intersection-crossing/4"
+    # ci's intersection-crossing seed 15: driving on at cruise speed hits a crossing vehicle.
+    episode = suite_files.load_suite(CI).episodes[0]
+    assert episode.episode_id == "intersection-crossing/15"
     blind = runner.run_episode(episode, "none")
     assert blind.collision and blind.collided_with.startswith("vehicle") and blind.score == 0.0
     for source in ("cv", "oracle"):
