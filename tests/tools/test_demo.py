@@ -18,7 +18,7 @@ def tiny_demo(tmp_path_factory):
         minutes=1.0,
         scenes=4,
         duration_s=4.0,
-        workers=2,
+        workers=1,  # Ray is tested where it is the point; here each stage would start it again
         suite=demo.SUITES / "smoke.toml",
         reserve_s=0.0,
         steps=2,  # fixed: the training budget would give a slow or busy machine fewer steps

@@ -296,7 +296,7 @@ def test_cli_refuses_missing_corrupt_and_mismatched_baselines(tmp_path, tiny_run
 # --- `bevjepa regress` on real closed-loop runs ------------------------------------------------------------------
 
 MERGE_TOML = """
-# One 4 s episode of the CI suite's T-junction merge: driving on blind (`none`) hits a merging car, the oracle
+# One episode of the CI suite's T-junction merge: driving on blind (`none`) hits a merging car, the oracle
 # forecast brakes in time.
 name = "merge"
 
@@ -304,7 +304,7 @@ name = "merge"
 name = "t-junction-merge"
 layout = "t_junction"
 seeds = [5]
-duration_s = 4.0
+duration_s = 10.0
 vehicles = 14
 parked = 4
 pedestrians = 10
