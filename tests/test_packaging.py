@@ -160,6 +160,12 @@ def _run_suite(installed: Installed, suite: str, cwd: Path) -> None:
     assert report["aggregate"]["episodes"] == len(expected)
 
 
+def test_installed_cli_runs_a_shipped_suite(installed: Installed, tmp_path: Path) -> None:
+    assert not tmp_path.resolve().is_relative_to(REPO_ROOT)
+    _run_suite(installed, "smoke", tmp_path)
+
+
+@pytest.mark.slow
 def test_installed_cli_runs_the_ci_suite(installed: Installed, tmp_path: Path) -> None:
     assert not tmp_path.resolve().is_relative_to(REPO_ROOT)
     _run_suite(installed, "ci", tmp_path)

@@ -34,7 +34,7 @@ def test_shipped_suites_expand_into_episodes():
     assert {e.layout for e in ci.episodes} == {"intersection", "t_junction", "straight"}
     assert suite_files.resolve_suite_path("smoke") == SMOKE
     config = ci.episodes[0].scenario_config()
-    assert (config.layout, config.seed, config.parked) == ("intersection", 0, 4)
+    assert (config.layout, config.seed, config.parked) == ("intersection", 15, 4)
 
 
 GOOD = """
