@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from bevjepa.datasets import geometry, types
+from bevjepa.datasets import io as bevio
 from bevjepa.sim import scenario, sensors, world
 
 SWEEP_DT_S = 0.05
@@ -177,13 +177,6 @@ def _pose_record(token: str, timestamp_us: int, transform: geometry.RigidTransfo
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file through a temporary sibling, so that it is either whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _attribute_name(actor: world.ActorSpec, speed_mps: float) -> str:
     if actor.kind == world.KIND_PEDESTRIAN:
         return "pedestrian.moving" if speed_mps > 0.2 else "pedestrian.standing"
@@ -265,9 +258,7 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
     )
     mask = Image.fromarray(built_world.layout.surface.drivable_mask(), mode="L")
     map_path = root / "maps" / f"{map_token}.png"
-    tmp = map_path.with_name(map_path.name + ".tmp.png")
-    mask.save(tmp, optimize=False)
-    os.replace(tmp, map_path)
+    bevio.atomic_write_with(map_path, lambda tmp: mask.save(tmp, format="PNG", optimize=False))
     tables["map"].append(
         {
             "category": "semantic_prior",
@@ -325,7 +316,7 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
         keyframe = step // SWEEPS_PER_KEYFRAME
         folder = "samples" if is_key else "sweeps"
         lidar_file = f"{folder}/{types.LIDAR_CHANNEL}/{spec.logfile}__{types.LIDAR_CHANNEL}__{timestamp}.pcd.bin"
-        _atomic_write_bytes(root / lidar_file, sweep.points.astype(np.float32).tobytes())
+        bevio.atomic_write_bytes(root / lidar_file, sweep.points.astype(np.float32).tobytes())
         sd_token = lidar_tokens[step]
         tables["ego_pose"].append(_pose_record(sd_token, timestamp, global_from_ego))
         # Sweeps belong to the keyframe that follows them, as in nuScenes.
@@ -353,9 +344,10 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
         for image in images:
             tokens = camera_tokens[image.channel]
             cam_file = f"samples/{image.channel}/{spec.logfile}__{image.channel}__{timestamp}.jpg"
-            tmp_path = root / (cam_file + ".tmp.jpg")
-            Image.fromarray(image.image).save(tmp_path, quality=JPEG_QUALITY)
-            os.replace(tmp_path, root / cam_file)
+            picture = Image.fromarray(image.image)
+            bevio.atomic_write_with(
+                root / cam_file, lambda tmp, p=picture: p.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+            )
             tables["ego_pose"].append(_pose_record(tokens[keyframe], timestamp, global_from_ego))
             tables["sample_data"].append(
                 {
@@ -443,4 +435,4 @@ def write_tables(root: Path, version: str, scenes: list[SceneRecords]) -> None:
     folder = root / version
     folder.mkdir(parents=True, exist_ok=True)
     for name, records in tables.items():
-        _atomic_write_bytes(folder / f"{name}.json", json.dumps(records, indent=0).encode())
+        bevio.atomic_write_bytes(folder / f"{name}.json", json.dumps(records, indent=0).encode())
