@@ -224,6 +224,226 @@ def simulate(spec: SceneSpec) -> Iterator[Frame]:
         yield Frame(step, spec.start_timestamp_us + round(step * SWEEP_DT_S * 1e6), built_world, state)
 
 
+@dataclass(frozen=True)
+class _SceneTokens:
+    """The tokens a scene's records share (all derived from the scene's spec, so a rerun gives the same ones)."""
+
+    log: str
+    scene: str
+    map: str
+    samples: list[str]
+    lidar: list[str]
+    cameras: dict[str, list[str]]
+    calibrated: dict[str, str]
+    categories: dict[str, str]
+    attributes: dict[str, str]
+
+
+def _scene_tokens(spec: SceneSpec, keyframes: int, steps: int) -> _SceneTokens:
+    """Every token of the scene's samples, sample_data, sensors, categories and attributes."""
+    return _SceneTokens(
+        log=spec.token("log"),
+        scene=spec.token("scene"),
+        map=spec.token("map"),
+        samples=[spec.token("sample", k) for k in range(keyframes)],
+        lidar=[spec.token("sample_data", types.LIDAR_CHANNEL, step) for step in range(steps)],
+        cameras={c: [spec.token("sample_data", c, k) for k in range(keyframes)] for c in types.CAMERA_CHANNELS},
+        calibrated={c: spec.token("calibrated_sensor", c) for c, _ in SENSOR_CHANNELS},
+        categories={n: make_token("category", n) for n, _ in CATEGORIES},
+        attributes={n: make_token("attribute", n) for n, _ in ATTRIBUTES},
+    )
+
+
+def _write_static_records(
+    spec: SceneSpec, built_world: world.World, root: Path, tokens: _SceneTokens, tables: dict[str, list[dict]]
+) -> None:
+    """The scene's log, its map (the drivable mask, written as a PNG) and its sensors' calibrations."""
+    tables["log"].append(
+        {
+            "token": tokens.log,
+            "logfile": spec.logfile,
+            "vehicle": "sim",
+            "date_captured": "2018-08-01",
+            "location": f"sim-{spec.scenario.layout}",
+        }
+    )
+    mask = Image.fromarray(built_world.layout.surface.drivable_mask(), mode="L")
+    map_path = root / "maps" / f"{tokens.map}.png"
+    bevio.atomic_write_with(map_path, lambda tmp: mask.save(tmp, format="PNG", optimize=False))
+    tables["map"].append(
+        {
+            "category": "semantic_prior",
+            "token": tokens.map,
+            "filename": f"maps/{tokens.map}.png",
+            "log_tokens": [tokens.log],
+        }
+    )
+    tables["calibrated_sensor"].append(
+        {
+            "token": tokens.calibrated[types.LIDAR_CHANNEL],
+            "sensor_token": make_token("sensor", types.LIDAR_CHANNEL),
+            "translation": spec.lidar.ego_from_sensor.translation.tolist(),
+            "rotation": spec.lidar.ego_from_sensor.quaternion.tolist(),
+            "camera_intrinsic": [],
+        }
+    )
+    for channel in types.CAMERA_CHANNELS:
+        ego_from_camera = sensors.NUSCENES_CAMERAS[channel].ego_from_camera
+        tables["calibrated_sensor"].append(
+            {
+                "token": tokens.calibrated[channel],
+                "sensor_token": make_token("sensor", channel),
+                "translation": ego_from_camera.translation.tolist(),
+                "rotation": ego_from_camera.quaternion.tolist(),
+                "camera_intrinsic": spec.cameras.intrinsics(channel).tolist(),
+            }
+        )
+
+
+def _write_lidar(
+    spec: SceneSpec,
+    root: Path,
+    frame: Frame,
+    sweep: types.LidarSweep,
+    global_from_ego: geometry.RigidTransform,
+    tokens: _SceneTokens,
+    tables: dict[str, list[dict]],
+) -> None:
+    """One sweep's ``.pcd.bin`` file, its ego pose and its sample_data record (a sweep belongs to the next sample)."""
+    step, timestamp = frame.step, frame.timestamp_us
+    keyframes, steps = len(tokens.samples), len(tokens.lidar)
+    is_key, keyframe = frame.is_key_frame, step // SWEEPS_PER_KEYFRAME
+    folder = "samples" if is_key else "sweeps"
+    lidar_file = f"{folder}/{types.LIDAR_CHANNEL}/{spec.logfile}__{types.LIDAR_CHANNEL}__{timestamp}.pcd.bin"
+    bevio.atomic_write_bytes(root / lidar_file, sweep.points.astype(np.float32).tobytes())
+    sd_token = tokens.lidar[step]
+    tables["ego_pose"].append(_pose_record(sd_token, timestamp, global_from_ego))
+    # Sweeps belong to the keyframe that follows them, as in nuScenes.
+    owner = tokens.samples[min(keyframe + (0 if is_key else 1), keyframes - 1)]
+    tables["sample_data"].append(
+        {
+            "token": sd_token,
+            "sample_token": owner,
+            "ego_pose_token": sd_token,
+            "calibrated_sensor_token": tokens.calibrated[types.LIDAR_CHANNEL],
+            "timestamp": timestamp,
+            "fileformat": "pcd",
+            "is_key_frame": is_key,
+            "height": 0,
+            "width": 0,
+            "filename": lidar_file,
+            "prev": tokens.lidar[step - 1] if step > 0 else "",
+            "next": tokens.lidar[step + 1] if step + 1 < steps else "",
+        }
+    )
+
+
+def _write_cameras(
+    spec: SceneSpec,
+    root: Path,
+    frame: Frame,
+    images: list,
+    global_from_ego: geometry.RigidTransform,
+    tokens: _SceneTokens,
+    tables: dict[str, list[dict]],
+) -> None:
+    """A keyframe's six JPEGs, their ego poses and sample_data records."""
+    timestamp, keyframe, keyframes = frame.timestamp_us, frame.step // SWEEPS_PER_KEYFRAME, len(tokens.samples)
+    for image in images:
+        camera_tokens = tokens.cameras[image.channel]
+        cam_file = f"samples/{image.channel}/{spec.logfile}__{image.channel}__{timestamp}.jpg"
+        picture = Image.fromarray(image.image)
+        bevio.atomic_write_with(
+            root / cam_file, lambda tmp, p=picture: p.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+        )
+        tables["ego_pose"].append(_pose_record(camera_tokens[keyframe], timestamp, global_from_ego))
+        tables["sample_data"].append(
+            {
+                "token": camera_tokens[keyframe],
+                "sample_token": tokens.samples[keyframe],
+                "ego_pose_token": camera_tokens[keyframe],
+                "calibrated_sensor_token": tokens.calibrated[image.channel],
+                "timestamp": timestamp,
+                "fileformat": "jpg",
+                "is_key_frame": True,
+                "height": image.image.shape[0],
+                "width": image.image.shape[1],
+                "filename": cam_file,
+                "prev": camera_tokens[keyframe - 1] if keyframe > 0 else "",
+                "next": camera_tokens[keyframe + 1] if keyframe + 1 < keyframes else "",
+            }
+        )
+
+
+def _annotate(
+    spec: SceneSpec,
+    built_world: world.World,
+    renderer: sensors.SensorRenderer,
+    frame: Frame,
+    boxes: list,
+    sweep: types.LidarSweep,
+    global_from_ego: geometry.RigidTransform,
+    tokens: _SceneTokens,
+    tracks: dict[str, list[dict]],
+) -> None:
+    """Annotate a keyframe's agents near the ego, with the LiDAR points inside each box, into ``tracks``."""
+    keyframe = frame.step // SWEEPS_PER_KEYFRAME
+    actor_index = {a.instance_id: i for i, a in enumerate(built_world.actors)}
+    ego_xy = global_from_ego.translation[:2]
+    near = [b for b in boxes if np.linalg.norm(b.center_m[:2] - ego_xy) <= ANNOTATION_RANGE_M]
+    if not near:
+        return
+    visible = renderer.visible_fraction(near, global_from_ego)
+    # Count in the global frame, where boxes are upright (the sensor frame is slightly tilted).
+    points = (global_from_ego @ spec.lidar.ego_from_sensor).apply(sweep.points[:, :3].astype(np.float64))
+    for box, fraction in zip(near, visible, strict=True):
+        actor = built_world.actors[actor_index[box.instance_id]]
+        speed = float(np.linalg.norm(box.velocity_mps))
+        visibility = next(t for t, _, upper in VISIBILITY_LEVELS if fraction < upper)
+        tracks.setdefault(box.instance_id, []).append(
+            {
+                "token": spec.token("sample_annotation", box.instance_id, keyframe),
+                "sample_token": tokens.samples[keyframe],
+                "instance_token": spec.token("instance", box.instance_id),
+                "visibility_token": visibility,
+                "attribute_tokens": [tokens.attributes[_attribute_name(actor, speed)]],
+                "translation": box.center_m.tolist(),
+                "size": box.size_wlh_m.tolist(),
+                "rotation": box.quaternion.tolist(),
+                "prev": "",
+                "next": "",
+                "num_lidar_pts": int(box.contains(points).sum()),
+                "num_radar_pts": 0,
+            }
+        )
+
+
+def _instance_records(
+    spec: SceneSpec,
+    built_world: world.World,
+    tracks: dict[str, list[dict]],
+    tokens: _SceneTokens,
+    tables: dict[str, list[dict]],
+) -> None:
+    """Link each instance's annotations in time and write its instance record (in the actors' order)."""
+    actor_index = {a.instance_id: i for i, a in enumerate(built_world.actors)}
+    for instance_id in sorted(tracks, key=lambda i: actor_index[i]):
+        annotations = tracks[instance_id]
+        for previous, current in zip(annotations, annotations[1:], strict=False):
+            previous["next"], current["prev"] = current["token"], previous["token"]
+        tables["sample_annotation"].extend(annotations)
+        category = built_world.actors[actor_index[instance_id]].category
+        tables["instance"].append(
+            {
+                "token": spec.token("instance", instance_id),
+                "category_token": tokens.categories[category],
+                "nbr_annotations": len(annotations),
+                "first_annotation_token": annotations[0]["token"],
+                "last_annotation_token": annotations[-1]["token"],
+            }
+        )
+
+
 def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
     """Simulate one scene and write its sensor files under ``root``; return its table records.
 
@@ -238,185 +458,42 @@ def write_scene(spec: SceneSpec, root: Path) -> SceneRecords:
     rng = np.random.default_rng(np.random.SeedSequence([spec.dataset_seed, spec.index, 0x5E75]))
     keyframes = keyframe_count(spec.scenario.duration_s)
     steps = (keyframes - 1) * SWEEPS_PER_KEYFRAME + 1
-
-    log_token, scene_token, map_token = spec.token("log"), spec.token("scene"), spec.token("map")
-    category_tokens = {n: make_token("category", n) for n, _ in CATEGORIES}
-    attribute_tokens = {n: make_token("attribute", n) for n, _ in ATTRIBUTES}
-    calibrated = {c: spec.token("calibrated_sensor", c) for c, _ in SENSOR_CHANNELS}
+    tokens = _scene_tokens(spec, keyframes, steps)
     for folder in ["maps", *(f"samples/{c}" for c, _ in SENSOR_CHANNELS), f"sweeps/{types.LIDAR_CHANNEL}"]:
         (root / folder).mkdir(parents=True, exist_ok=True)
 
     tables: dict[str, list[dict]] = {name: [] for name in SCENE_TABLES}
-    tables["log"].append(
-        {
-            "token": log_token,
-            "logfile": spec.logfile,
-            "vehicle": "sim",
-            "date_captured": "2018-08-01",
-            "location": f"sim-{spec.scenario.layout}",
-        }
-    )
-    mask = Image.fromarray(built_world.layout.surface.drivable_mask(), mode="L")
-    map_path = root / "maps" / f"{map_token}.png"
-    bevio.atomic_write_with(map_path, lambda tmp: mask.save(tmp, format="PNG", optimize=False))
-    tables["map"].append(
-        {
-            "category": "semantic_prior",
-            "token": map_token,
-            "filename": f"maps/{map_token}.png",
-            "log_tokens": [log_token],
-        }
-    )
-    tables["calibrated_sensor"].append(
-        {
-            "token": calibrated[types.LIDAR_CHANNEL],
-            "sensor_token": make_token("sensor", types.LIDAR_CHANNEL),
-            "translation": spec.lidar.ego_from_sensor.translation.tolist(),
-            "rotation": spec.lidar.ego_from_sensor.quaternion.tolist(),
-            "camera_intrinsic": [],
-        }
-    )
-    for channel in types.CAMERA_CHANNELS:
-        ego_from_camera = sensors.NUSCENES_CAMERAS[channel].ego_from_camera
-        tables["calibrated_sensor"].append(
-            {
-                "token": calibrated[channel],
-                "sensor_token": make_token("sensor", channel),
-                "translation": ego_from_camera.translation.tolist(),
-                "rotation": ego_from_camera.quaternion.tolist(),
-                "camera_intrinsic": spec.cameras.intrinsics(channel).tolist(),
-            }
-        )
-
-    sample_tokens = [spec.token("sample", k) for k in range(keyframes)]
-    timestamps = [spec.start_timestamp_us + round(step * SWEEP_DT_S * 1e6) for step in range(steps)]
-    for k, token in enumerate(sample_tokens):
+    _write_static_records(spec, built_world, root, tokens, tables)
+    for k, token in enumerate(tokens.samples):
         tables["sample"].append(
             {
                 "token": token,
-                "timestamp": timestamps[k * SWEEPS_PER_KEYFRAME],
-                "prev": sample_tokens[k - 1] if k > 0 else "",
-                "next": sample_tokens[k + 1] if k + 1 < keyframes else "",
-                "scene_token": scene_token,
+                "timestamp": spec.start_timestamp_us + round(k * SWEEPS_PER_KEYFRAME * SWEEP_DT_S * 1e6),
+                "prev": tokens.samples[k - 1] if k > 0 else "",
+                "next": tokens.samples[k + 1] if k + 1 < keyframes else "",
+                "scene_token": tokens.scene,
             }
         )
-    lidar_tokens = [spec.token("sample_data", types.LIDAR_CHANNEL, step) for step in range(steps)]
-    camera_tokens = {c: [spec.token("sample_data", c, k) for k in range(keyframes)] for c in types.CAMERA_CHANNELS}
     tracks: dict[str, list[dict]] = {}  # instance id -> its annotations in time order
-    actor_index = {a.instance_id: i for i, a in enumerate(built_world.actors)}
     total_returns = 0
-
     for frame in itertools.chain([first], frames):
-        step, state, timestamp = frame.step, frame.state, frame.timestamp_us
-        global_from_ego = world.ego_pose(built_world, state)
-        boxes, _ = world.agent_boxes(built_world, state)
-        sweep, _ = renderer.lidar_sweep(boxes, global_from_ego, timestamp, rng)
+        global_from_ego = world.ego_pose(built_world, frame.state)
+        boxes, _ = world.agent_boxes(built_world, frame.state)
+        sweep, _ = renderer.lidar_sweep(boxes, global_from_ego, frame.timestamp_us, rng)
         total_returns += len(sweep.points)
-        is_key = step % SWEEPS_PER_KEYFRAME == 0
-        keyframe = step // SWEEPS_PER_KEYFRAME
-        folder = "samples" if is_key else "sweeps"
-        lidar_file = f"{folder}/{types.LIDAR_CHANNEL}/{spec.logfile}__{types.LIDAR_CHANNEL}__{timestamp}.pcd.bin"
-        bevio.atomic_write_bytes(root / lidar_file, sweep.points.astype(np.float32).tobytes())
-        sd_token = lidar_tokens[step]
-        tables["ego_pose"].append(_pose_record(sd_token, timestamp, global_from_ego))
-        # Sweeps belong to the keyframe that follows them, as in nuScenes.
-        owner = sample_tokens[min(keyframe + (0 if is_key else 1), keyframes - 1)]
-        tables["sample_data"].append(
-            {
-                "token": sd_token,
-                "sample_token": owner,
-                "ego_pose_token": sd_token,
-                "calibrated_sensor_token": calibrated[types.LIDAR_CHANNEL],
-                "timestamp": timestamp,
-                "fileformat": "pcd",
-                "is_key_frame": is_key,
-                "height": 0,
-                "width": 0,
-                "filename": lidar_file,
-                "prev": lidar_tokens[step - 1] if step > 0 else "",
-                "next": lidar_tokens[step + 1] if step + 1 < steps else "",
-            }
-        )
-        if not is_key:
-            continue
-
-        images, _ = renderer.camera_images(boxes, global_from_ego, timestamp)
-        for image in images:
-            tokens = camera_tokens[image.channel]
-            cam_file = f"samples/{image.channel}/{spec.logfile}__{image.channel}__{timestamp}.jpg"
-            picture = Image.fromarray(image.image)
-            bevio.atomic_write_with(
-                root / cam_file, lambda tmp, p=picture: p.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-            )
-            tables["ego_pose"].append(_pose_record(tokens[keyframe], timestamp, global_from_ego))
-            tables["sample_data"].append(
-                {
-                    "token": tokens[keyframe],
-                    "sample_token": sample_tokens[keyframe],
-                    "ego_pose_token": tokens[keyframe],
-                    "calibrated_sensor_token": calibrated[image.channel],
-                    "timestamp": timestamp,
-                    "fileformat": "jpg",
-                    "is_key_frame": True,
-                    "height": image.image.shape[0],
-                    "width": image.image.shape[1],
-                    "filename": cam_file,
-                    "prev": tokens[keyframe - 1] if keyframe > 0 else "",
-                    "next": tokens[keyframe + 1] if keyframe + 1 < keyframes else "",
-                }
-            )
-
-        # Annotations: agents near the ego, with the LiDAR points inside their box counted in the sensor frame.
-        ego_xy = global_from_ego.translation[:2]
-        near = [b for b in boxes if np.linalg.norm(b.center_m[:2] - ego_xy) <= ANNOTATION_RANGE_M]
-        if not near:
-            continue
-        visible = renderer.visible_fraction(near, global_from_ego)
-        # Count in the global frame, where boxes are upright (the sensor frame is slightly tilted).
-        points = (global_from_ego @ spec.lidar.ego_from_sensor).apply(sweep.points[:, :3].astype(np.float64))
-        for box, fraction in zip(near, visible, strict=True):
-            actor = built_world.actors[actor_index[box.instance_id]]
-            speed = float(np.linalg.norm(box.velocity_mps))
-            visibility = next(t for t, _, upper in VISIBILITY_LEVELS if fraction < upper)
-            tracks.setdefault(box.instance_id, []).append(
-                {
-                    "token": spec.token("sample_annotation", box.instance_id, keyframe),
-                    "sample_token": sample_tokens[keyframe],
-                    "instance_token": spec.token("instance", box.instance_id),
-                    "visibility_token": visibility,
-                    "attribute_tokens": [attribute_tokens[_attribute_name(actor, speed)]],
-                    "translation": box.center_m.tolist(),
-                    "size": box.size_wlh_m.tolist(),
-                    "rotation": box.quaternion.tolist(),
-                    "prev": "",
-                    "next": "",
-                    "num_lidar_pts": int(box.contains(points).sum()),
-                    "num_radar_pts": 0,
-                }
-            )
-
-    for instance_id in sorted(tracks, key=lambda i: actor_index[i]):
-        annotations = tracks[instance_id]
-        for previous, current in zip(annotations, annotations[1:], strict=False):
-            previous["next"], current["prev"] = current["token"], previous["token"]
-        tables["sample_annotation"].extend(annotations)
-        category = built_world.actors[actor_index[instance_id]].category
-        tables["instance"].append(
-            {
-                "token": spec.token("instance", instance_id),
-                "category_token": category_tokens[category],
-                "nbr_annotations": len(annotations),
-                "first_annotation_token": annotations[0]["token"],
-                "last_annotation_token": annotations[-1]["token"],
-            }
-        )
+        _write_lidar(spec, root, frame, sweep, global_from_ego, tokens, tables)
+        if frame.is_key_frame:
+            images, _ = renderer.camera_images(boxes, global_from_ego, frame.timestamp_us)
+            _write_cameras(spec, root, frame, images, global_from_ego, tokens, tables)
+            _annotate(spec, built_world, renderer, frame, boxes, sweep, global_from_ego, tokens, tracks)
+    _instance_records(spec, built_world, tracks, tokens, tables)
     tables["scene"].append(
         {
-            "token": scene_token,
-            "log_token": log_token,
+            "token": tokens.scene,
+            "log_token": tokens.log,
             "nbr_samples": keyframes,
-            "first_sample_token": sample_tokens[0],
-            "last_sample_token": sample_tokens[-1],
+            "first_sample_token": tokens.samples[0],
+            "last_sample_token": tokens.samples[-1],
             "name": spec.name,
             "description": f"Synthetic {spec.scenario.layout}, seed "
             f"{spec.scenario.seed}, {len(built_world.actors) - 1} agents",
