@@ -102,10 +102,8 @@ def test_a_killed_run_resumes_from_its_interval_checkpoint(synthetic_windows, tm
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 600
         while not (run / "state.json").is_file() or checkpoint.load_state(run)["step"] < 2:
             assert process.poll() is None, "training ended before it was killed"
-            assert time.monotonic() < deadline
             time.sleep(0.2)
     finally:
         process.kill()  # SIGKILL: no handler runs
@@ -138,10 +136,11 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(synthetic_windows, tmp_p
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        assert first_step.wait(600), seen.decode(errors="replace")[-2000:]
+        while not first_step.wait(1):  # no time budget: only the process ending early fails the wait
+            assert process.poll() is None, seen.decode(errors="replace")[-2000:]
         assert not (run / "state.json").exists()  # no validation or interval checkpoint yet
         process.send_signal(signal.SIGTERM)
-        code = process.wait(600)
+        code = process.wait()
     finally:
         process.kill()
         process.wait()
