@@ -404,6 +404,7 @@ def sample_from_window(
     frames: list[windows.Frame],
     image_hw: tuple[int, int],
     future: FutureInputs | None = None,
+    cameras: bool = True,
 ) -> WindowSample:
     """A window and its P input frames (in ``window.keyframe_tokens`` order) as tensors in the t0 ego frame.
 
@@ -412,8 +413,9 @@ def sample_from_window(
         frames: its input frames.
         image_hw: (H, W) of the stored images, used where a camera is missing.
         future: the future frames' inputs, for the target encoder.
+        cameras: decode the cameras (False: black images, every camera missing; ``windows.assemble_inputs``).
     """
-    inputs = windows.assemble_inputs(window, frames, image_hw)
+    inputs = windows.assemble_inputs(window, frames, image_hw, cameras=cameras)
     return WindowSample(
         sample_token=str(window.sample_token),
         scene_name=str(window.scene_name),
@@ -454,6 +456,8 @@ class WindowDataset(Dataset):
         image_hw: camera image size (H, W) in pixels; None reads it from the data (see the module docstring).
         frame_cache_size: frames kept in memory per dataset copy (one copy per ``DataLoader`` worker).
         future_inputs: also load the future keyframes' sensors (``WindowSample.future``), for JEPA training.
+        cameras: decode the camera images; False gives black images with every camera marked missing, for a
+            model that sees the LiDAR alone (decoding is most of the loading time).
 
     Raises:
         FileNotFoundError: ``root/manifest.json`` is missing.
@@ -468,9 +472,11 @@ class WindowDataset(Dataset):
         image_hw: tuple[int, int] | None = None,
         frame_cache_size: int = 8,
         future_inputs: bool = False,
+        cameras: bool = True,
     ) -> None:
         self.root = Path(root)
         self.future_inputs = future_inputs
+        self.cameras = cameras
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(
@@ -508,11 +514,11 @@ class WindowDataset(Dataset):
         window = self._load(windows.load_window, self.root / entry["file"], "window")
         frames = [self.frame(entry["scene"], str(token)) for token in window.keyframe_tokens]
         future = self._future(entry["scene"], window) if self.future_inputs else None
-        return sample_from_window(window, frames, self.image_hw, future)
+        return sample_from_window(window, frames, self.image_hw, future, self.cameras)
 
     def _future(self, scene: str, window: windows.Window) -> FutureInputs:
         frames = [self.frame(scene, str(token)) for token in window.future_keyframe_tokens]
-        inputs = windows.assemble_inputs(window, frames, self.image_hw, future=True)
+        inputs = windows.assemble_inputs(window, frames, self.image_hw, future=True, cameras=self.cameras)
         return FutureInputs(
             points=torch.from_numpy(inputs.points),
             points_frame=torch.from_numpy(inputs.points_frame.astype(np.int64)),

@@ -635,7 +635,7 @@ class WindowInputs:
 
 
 def assemble_inputs(
-    window: Window, frames: list[Frame], image_hw: tuple[int, int], future: bool = False
+    window: Window, frames: list[Frame], image_hw: tuple[int, int], future: bool = False, cameras: bool = True
 ) -> WindowInputs:
     """Move a window's frames into its t0 ego frame and decode their cameras.
 
@@ -646,6 +646,8 @@ def assemble_inputs(
         image_hw: (H, W) of the stored images, used where a camera is missing.
         future: assemble the future frames (for the target encoder); ``points_frame`` then counts 0..F-1 from
             the first future keyframe, and time lags are taken behind each frame's own keyframe.
+        cameras: decode the cameras; False leaves every image black and every camera marked missing (for a model
+            that sees the LiDAR alone: JPEG decoding is most of a window's loading time).
     """
     tokens = window.future_keyframe_tokens if future else window.keyframe_tokens
     poses = window.t0_from_future_ego if future else window.t0_from_ego
@@ -665,14 +667,14 @@ def assemble_inputs(
             points[:, 4] += (window.timestamp_us - frame.timestamp_us) * 1e-6
         clouds.append(points)
         owners.append(np.full(len(points), p, dtype=np.uint8))
-        for c in np.flatnonzero(frame.camera_mask):
+        for c in np.flatnonzero(frame.camera_mask) if cameras else ():
             images[p, c] = frame.image(c)
         t0_from_camera[p] = t0_from_this.astype(np.float32) @ frame.ego_from_camera
     return WindowInputs(
         points=np.concatenate(clouds).astype(np.float32),
         points_frame=np.concatenate(owners),
         images=images,
-        camera_mask=np.stack([f.camera_mask for f in frames]),
+        camera_mask=np.stack([f.camera_mask & cameras for f in frames]),
         intrinsics=np.stack([f.intrinsics for f in frames]),
         t0_from_camera=t0_from_camera,
     )

@@ -9,6 +9,8 @@ Sources (``evaluate(...)["models"]``):
 * ``model_latent`` (only with a run): the latent occupancy head's map alone (``latent_occupancy``): what the
   world model decodes from its sensors, without the agents' boxes; occupancy only (VPQ instances are connected
   components, ``metrics.connected_instances``).
+* ``direct`` (only with ``direct_run``): the direct baseline's map (``ModelConfig.world_model = False``: the LiDAR
+  alone, every horizon decoded at once from z_t0, no predictor), scored as ``model_latent`` is, on the same windows.
 * ``constant_velocity``: the ground-truth t0 boxes moved at their annotated velocity (oracle input; on nuScenes
   the devkit's centred ``box_velocity``, which looks 0.5 s ahead).
 * ``constant_velocity_past``: the same boxes moved at the velocity of their last past step (causal: the input the
@@ -27,9 +29,10 @@ prediction challenge does; the horizon is the windows' T steps, 6 s, unless ``tr
 ``MissRateTopK``. Occupancy counts are summed over the split before dividing. Baselines' Brier score and ECE are
 those of their 0/1 maps.
 
-A window that cannot be loaded (a missing or corrupt file) or forecast (an agent with a non-finite box, see
-``forecaster.check_agent_inputs``) is left out and recorded in ``failed_windows``; the others are scored. A window
-with no agent at all is scored: its occupancy counts, and it adds no agent to the trajectory metrics.
+A window that cannot be loaded (a missing or corrupt file) or forecast by the model or the direct baseline (an
+agent with a non-finite box, see ``forecaster.check_agent_inputs``) is left out and recorded in ``failed_windows``;
+the others are scored. A window with no agent at all is scored: its occupancy counts, and it adds no agent to the
+trajectory metrics.
 
 Returned structure (every number a float; NaN where nothing was scored):
 
@@ -68,7 +71,7 @@ import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.evaluation import baselines, metrics
-from bevjepa.prediction import agent_occupancy, forecaster, heads, train
+from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, heads, train
 
 TOP_K = (1, 5, 10)
 """The k of minADE_k, minFDE_k and MissRate_2_k."""
@@ -80,6 +83,8 @@ TRAJECTORY_SOURCES = (
     "ctrv",
     "persistence",
 )
+OCCUPANCY_SOURCES = ("model_latent", "direct", "constant_velocity_detected")
+"""The sources scored on occupancy only (their maps carry no agent identity to score trajectories against)."""
 
 
 @dataclass
@@ -191,8 +196,9 @@ def evaluate(
     trajectory_seconds: float | None = None,
     detection_threshold: float = 0.3,
     ece_bins: int = metrics.ECE_BINS,
+    direct_run: Path | None = None,
 ) -> dict:
-    """Score the model of ``run`` (if given) and the baselines on the windows of ``split``.
+    """Score the model of ``run`` (if given), the direct baseline (if given) and the baselines on ``split``.
 
     Args:
         data: a ``bevjepa preprocess`` output.
@@ -203,11 +209,16 @@ def evaluate(
         trajectory_seconds: the trajectory horizon scored (s, a multiple of 0.5); None: all T steps.
         detection_threshold: the lowest detection score ``constant_velocity_detected`` moves.
         ece_bins: equal-width bins of the ECE.
+        direct_run: a run folder of the direct baseline (``bevjepa train --config direct``), scored as ``direct``.
 
     Returns:
         The scores, structured as the module docstring describes.
+
+    Raises:
+        ValueError: a bad horizon, or a ``direct_run`` that has a world model or another grid or horizon.
     """
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
+    direct = load_direct(direct_run, dataset) if direct_run is not None else None
     model = forecaster.Forecaster.from_checkpoint(run) if run is not None else None
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
     window_steps = int(dataset.config["window"]["trajectory_steps"])
@@ -215,6 +226,7 @@ def evaluate(
     if not 1 <= steps <= window_steps:
         raise ValueError(f"trajectory_seconds={trajectory_seconds}: the windows of {data} hold {window_steps} steps")
     names = ["model", "model_latent"] if model is not None else []
+    names += ["direct"] if direct is not None else []
     names += ["constant_velocity", "constant_velocity_past", "constant_velocity_anchor"]
     names += ["constant_velocity_detected"] if model is not None else []
     names += ["ctrv", "persistence"]
@@ -226,8 +238,8 @@ def evaluate(
     try:
         with torch.no_grad():
             for first in range(0, len(dataset), batch_size):
-                loaded = _load_windows(dataset, range(first, min(first + batch_size, len(dataset))), failed)
-                prepared = _prepare_windows(model, loaded, detection_threshold, captured, dataset, failed)
+                loaded = load_windows(dataset, range(first, min(first + batch_size, len(dataset))), failed)
+                prepared = _prepare_windows(model, direct, loaded, detection_threshold, captured, dataset, failed)
                 if prepared is None:
                     continue
                 batch, outputs = prepared
@@ -240,8 +252,10 @@ def evaluate(
                     truths.append(window.future[window.full])
                     truth_classes.append(window.cls[window.full])
                     _score_baselines(scores, window, grid, steps, threshold)
-                    if outputs is not None:
+                    if outputs is not None and outputs[b].forecast is not None:
                         _score_model(scores, window, outputs[b], grid, threshold)
+                    if outputs is not None and outputs[b].direct is not None:
+                        _add_map(scores["direct"], outputs[b].direct, window, threshold)
     finally:
         if hook is not None:
             hook.remove()
@@ -264,6 +278,43 @@ def evaluate(
         "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
     }
     return result
+
+
+def load_direct(run: Path, dataset: torch_dataset.WindowDataset) -> forecaster.Forecaster:
+    """The direct baseline of ``run``, checked to be one and to forecast the windows' grid and horizon.
+
+    Raises:
+        ValueError: ``run`` has a world model (it is not the direct baseline), or another grid or horizon.
+    """
+    config = checkpoint.load_config(run)
+    if config.model.world_model:
+        raise ValueError(
+            f"--direct {run}: this run has a world model (preset {config.preset!r}); give a run of the direct "
+            "baseline, trained with `bevjepa train --config direct`"
+        )
+    window = dataset.config["window"]
+    grid, steps = geometry.GridSpec(**window["grid"]), int(window["occupancy_steps"])
+    if config.model.grid != grid or config.model.occupancy_steps != steps:
+        raise ValueError(
+            f"--direct {run}: it forecasts {config.model.occupancy_steps} steps on {config.model.grid}; the windows "
+            f"of {dataset.root} hold {steps} steps on {grid}"
+        )
+    return forecaster.Forecaster.from_checkpoint(run)
+
+
+@dataclass(frozen=True)
+class _Predicted:
+    """What the models predicted for one window.
+
+    Attributes:
+        forecast: the model's forecast (None without a run).
+        detections: the model's t0 detections (None without a run).
+        direct: [S, C, H, W] float32 the direct baseline's occupancy probabilities (None without a direct run).
+    """
+
+    forecast: forecaster.OccupancyForecast | None
+    detections: heads.Detections | None
+    direct: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -353,12 +404,13 @@ def _score_baselines(
 
 
 def _score_model(
-    scores: dict[str, _Scores], w: _WindowTruth, output: tuple, grid: geometry.GridSpec, threshold: float
+    scores: dict[str, _Scores], w: _WindowTruth, output: _Predicted, grid: geometry.GridSpec, threshold: float
 ) -> None:
     """Add one window's model forecast (``model``, ``model_latent``) and its detections moved at constant velocity."""
     S, C = w.target.shape[:2]
     steps = w.future.shape[1]
-    forecast, found = output
+    forecast, found = output.forecast, output.detections
+    assert forecast is not None and found is not None
     scores["model"].add_trajectories(forecast.trajectories[w.full, :, :steps], forecast.mode_probabilities[w.full])
     # The forecast's occupancy is the agents' boxes: VPQ instances are the agents themselves.
     _, ids = agent_occupancy.mode_occupancy_instances(
@@ -366,11 +418,15 @@ def _score_model(
     )
     labels = metrics.class_labels(forecast.occupancy >= threshold, ids, w.box_class)
     scores["model"].add_occupancy(forecast.occupancy, labels, threshold, w.target, w.truth_labels)
-    latent = forecast.latent_occupancy
-    labels = metrics.connected_instances(latent >= threshold)
-    scores["model_latent"].add_occupancy(latent, labels, threshold, w.target, w.truth_labels)
+    _add_map(scores["model_latent"], forecast.latent_occupancy, w, threshold)
     occupancy, ids = baselines.constant_velocity_detected(found, grid, C, S - 1)
     _add_boxes(scores["constant_velocity_detected"], occupancy, ids, np.r_[-1, found.classes], w.target, w.truth_labels)
+
+
+def _add_map(scores: _Scores, probability: np.ndarray, w: _WindowTruth, threshold: float) -> None:
+    """Score a dense occupancy map [S, C, H, W] (VPQ instances: its connected components above ``threshold``)."""
+    labels = metrics.connected_instances(probability >= threshold)
+    scores.add_occupancy(probability, labels, threshold, w.target, w.truth_labels)
 
 
 def _failure(dataset: torch_dataset.WindowDataset, index: int, stage: str, error: Exception) -> dict:
@@ -386,7 +442,7 @@ def _failure(dataset: torch_dataset.WindowDataset, index: int, stage: str, error
     }
 
 
-def _load_windows(
+def load_windows(
     dataset: torch_dataset.WindowDataset, indices: range, failed: list[dict]
 ) -> list[tuple[int, torch_dataset.WindowSample]]:
     """(index, sample) of each window that loads; each one that does not is recorded in ``failed`` (stage load)."""
@@ -401,45 +457,54 @@ def _load_windows(
 
 def _model_outputs(
     model: forecaster.Forecaster | None,
+    direct: forecaster.Forecaster | None,
     samples: list[torch_dataset.WindowSample],
     detection_threshold: float,
     captured: list,
-) -> tuple[torch_dataset.WindowBatch, list[tuple[forecaster.OccupancyForecast, heads.Detections]] | None]:
-    """The samples' batch and, with a model, each sample's forecast and t0 detections (one forward pass)."""
+) -> tuple[torch_dataset.WindowBatch, list[_Predicted] | None]:
+    """The samples' batch and, with a model or the direct baseline, what each predicted (one forward pass each)."""
     batch = torch_dataset.collate(samples)
-    if model is None:
+    if model is None and direct is None:
         return batch, None
-    captured.clear()
-    forecasts = model.forecast_batch(batch)
-    detections = heads.decode_detections(*captured[-1], threshold=detection_threshold)
-    return batch, [(forecast, detections.for_sample(b)) for b, forecast in enumerate(forecasts)]
+    forecasts: list = [None] * batch.batch_size
+    found: list = [None] * batch.batch_size
+    if model is not None:
+        captured.clear()
+        forecasts = model.forecast_batch(batch)
+        detections = heads.decode_detections(*captured[-1], threshold=detection_threshold)
+        found = [detections.for_sample(b) for b in range(batch.batch_size)]
+    maps: list = [None] * batch.batch_size
+    if direct is not None:
+        maps = [forecast.latent_occupancy for forecast in direct.forecast_batch(batch)]  # [S, C, H, W] each
+    return batch, [_Predicted(*predicted) for predicted in zip(forecasts, found, maps, strict=True)]
 
 
 def _prepare_windows(
     model: forecaster.Forecaster | None,
+    direct: forecaster.Forecaster | None,
     loaded: list[tuple[int, torch_dataset.WindowSample]],
     detection_threshold: float,
     captured: list,
     dataset: torch_dataset.WindowDataset,
     failed: list[dict],
 ) -> tuple[torch_dataset.WindowBatch, list | None] | None:
-    """The batch of the loaded windows and the model's outputs, leaving out (and recording) windows that fail.
+    """The batch of the loaded windows and the models' outputs, leaving out (and recording) windows that fail.
 
-    One forward pass for the whole batch; if it raises, the windows are retried one at a time, and each one that
-    still raises (a bad agent, ``forecaster.check_agent_inputs``) is recorded in ``failed`` (stage forecast).
-    None when no window is left.
+    One forward pass of each model for the whole batch; if one raises, the windows are retried one at a time, and
+    each one that still raises (a bad agent, ``forecaster.check_agent_inputs``) is recorded in ``failed`` (stage
+    forecast). None when no window is left.
     """
     if not loaded:
         return None
     try:
-        return _model_outputs(model, [sample for _, sample in loaded], detection_threshold, captured)
+        return _model_outputs(model, direct, [sample for _, sample in loaded], detection_threshold, captured)
     except Exception:  # noqa: BLE001 — find the windows that fail, below
         pass
     kept: list[torch_dataset.WindowSample] = []
     outputs: list = []
     for index, sample in loaded:
         try:
-            _, one = _model_outputs(model, [sample], detection_threshold, captured)
+            _, one = _model_outputs(model, direct, [sample], detection_threshold, captured)
         except Exception as error:  # noqa: BLE001 — a bad window is recorded, the evaluation goes on
             failed.append(_failure(dataset, index, "forecast", error))
             continue
@@ -447,7 +512,7 @@ def _prepare_windows(
         outputs += one or []
     if not kept:
         return None
-    return torch_dataset.collate(kept), (outputs if model is not None else None)
+    return torch_dataset.collate(kept), (outputs if model is not None or direct is not None else None)
 
 
 def _add_boxes(

@@ -67,7 +67,7 @@ class BevFuser(nn.Module):
         )
 
     def forward(self, camera: torch.Tensor | None, lidar: torch.Tensor | None) -> torch.Tensor:
-        """Fuse one frame's features.
+        """Fuse one frame's features (modality dropout is the caller's: ``drop_modalities``).
 
         Args:
             camera: [B, Cc, H, W] camera BEV features, or None when there are no cameras.
@@ -84,13 +84,25 @@ class BevFuser(nn.Module):
             camera = reference.new_zeros(b, self.config.camera_channels, h, w)
         if lidar is None:
             lidar = reference.new_zeros(b, self.config.lidar_channels, h, w)
-        if self.training and self.config.modality_dropout > 0:
-            drop = torch.rand(b, device=reference.device) < self.config.modality_dropout  # [B]
-            drop_camera = drop & (torch.rand(b, device=reference.device) < 0.5)  # [B]
-            drop_lidar = drop & ~drop_camera
-            camera = camera * (~drop_camera).float()[:, None, None, None]
-            lidar = lidar * (~drop_lidar).float()[:, None, None, None]
         return self.fuse(torch.cat([camera, lidar], dim=1))  # [B, C, H, W]
+
+
+def drop_modalities(
+    samples: int, probability: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modality dropout: which samples keep their camera and their LiDAR features.
+
+    Each sample loses one of its two modalities with chance ``probability`` (either with equal odds), so that each
+    sensor alone still works; never both.
+
+    Returns:
+        keep_camera: [samples] float, 1 or 0.
+        keep_lidar: [samples] float, 1 or 0.
+    """
+    drop = torch.rand(samples, device=device) < probability  # [B]
+    drop_camera = drop & (torch.rand(samples, device=device) < 0.5)
+    drop_lidar = drop & ~drop_camera
+    return (~drop_camera).float(), (~drop_lidar).float()
 
 
 def warp_to_reference(
@@ -121,15 +133,28 @@ def warp_to_reference(
 
 
 class TemporalFuser(nn.Module):
-    """Combine P latents already warped into the reference frame (oldest first) into one."""
+    """Combine P latents already warped into the reference frame (oldest first) into one.
+
+    The frames are concatenated and mixed by 3 x 3 convolutions of growing dilation (1, 2, 4): each output cell
+    sees ±7 cells (±14 m on the 2 m grid) of every frame, so a car that moved 10 m over the past second is still
+    in view of where it is now, and its motion can be read.
+    """
+
+    DILATIONS = (1, 2, 4)
 
     def __init__(self, config: FuserConfig) -> None:
         super().__init__()
         self.config = config
-        self.mix = nn.Sequential(
-            _conv_block(config.channels * config.past_frames, config.channels),
-            nn.Conv2d(config.channels, config.channels, 3, padding=1),
-        )
+        c = config.channels
+        layers: list[nn.Module] = [_conv_block(c * config.past_frames, c)]
+        for dilation in self.DILATIONS[1:]:
+            layers += [
+                nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
+        layers.append(nn.Conv2d(c, c, 3, padding=1))
+        self.mix = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, P, C, H, W] → [B, C, H, W]; the newest latent passes through a residual path."""

@@ -9,7 +9,7 @@ Read top to bottom in ``LidarEncoder.forward``:
 3. **PointNet.** Linear-LayerNorm-ReLU twice, shared by all points (LayerNorm, not BatchNorm: any number of
    points, even one, trains the same).
 4. **Pool and scatter.** Max over each pillar's points with ``scatter_reduce_(..., "amax")`` straight into the
-   flat [B * H * W, C] pseudo-image; empty pillars stay zero.
+   flat [B * H * W, C] pseudo-image; empty pillars stay zero. Four pillar statistics (``PILLAR_STATS``) join them.
 5. **Backbone.** Per factor 2 between ``pillar_grid`` and ``out_grid`` a stage of two 3x3 conv-BN-ReLU blocks,
    the first with stride 2; then a 1x1 convolution.
 
@@ -18,7 +18,7 @@ Notation:
     B  batch
     H, W  pillar-grid rows (along +x) and columns (along +y)
     F  point-feature width (10)
-    P  PointNet width (``pointnet_width``), the pseudo-image's channels
+    P  PointNet width (``pointnet_width``); the pseudo-image has P + 4 channels (the pillar statistics)
     C  channels of the latent
 """
 
@@ -31,6 +31,12 @@ import torch
 from torch import nn
 
 from bevjepa.datasets import geometry
+
+PILLAR_STATS = 4
+"""Statistics appended to each pillar's learnt features: log(1 + points), highest z / 2 m, mean intensity / 255,
+log(1 + points above ``OBSTACLE_HEIGHT_M``)."""
+OBSTACLE_HEIGHT_M = 0.3
+"""Points above this height (m, ego frame) are counted as standing above the road."""
 
 POINT_FEATURES = 10
 """F: x, y, z, intensity / 255, lag, offset from the pillar mean (3), offset from the pillar centre (2)."""
@@ -46,7 +52,7 @@ class LidarEncoderConfig:
         out_grid: the latent grid; same extent as ``pillar_grid``, a power-of-two multiple of its resolution.
         z_min_m: lowest height (m, BEV frame) of a kept point.
         z_max_m: height (m, BEV frame) from which points are dropped.
-        pointnet_width: channels of the per-point PointNet, hence of the pseudo-image.
+        pointnet_width: channels of the per-point PointNet (the pseudo-image adds ``PILLAR_STATS``).
     """
 
     channels: int = 64
@@ -73,6 +79,11 @@ class LidarEncoderConfig:
                 f"LidarEncoderConfig: out_grid.resolution_m ({o.resolution_m}) must be a power-of-two multiple of "
                 f"pillar_grid.resolution_m ({p.resolution_m})"
             )
+
+    @property
+    def pseudo_image_channels(self) -> int:
+        """Channels of the pseudo-image: the PointNet's features and the pillar statistics (``PILLAR_STATS``)."""
+        return self.pointnet_width + PILLAR_STATS
 
     @property
     def stride(self) -> int:
@@ -104,12 +115,12 @@ class LidarEncoder(nn.Module):
             nn.LayerNorm(P),
             nn.ReLU(inplace=True),
         )
-        blocks, in_channels = [], P
+        blocks, in_channels = [], config.pseudo_image_channels
         for _ in range(int(math.log2(config.stride))):  # one stage per factor 2: [B, C, H/2^k, W/2^k]
             blocks += [_conv_bn_relu(in_channels, C, stride=2), _conv_bn_relu(C, C, stride=1)]
             in_channels = C
         if not blocks:  # out_grid == pillar_grid
-            blocks = [_conv_bn_relu(P, C, stride=1)]
+            blocks = [_conv_bn_relu(config.pseudo_image_channels, C, stride=1)]
         self.backbone = nn.Sequential(*blocks, nn.Conv2d(C, C, kernel_size=1))
         h, w = config.pillar_grid.shape
         centers = torch.from_numpy(config.pillar_grid.cell_centers().reshape(h * w, 2)).float()  # [H*W, 2]
@@ -121,7 +132,7 @@ class LidarEncoder(nn.Module):
         Args: as ``forward``.
 
         Returns:
-            [B, pointnet_width, H, W] float — zero in pillars without a kept point.
+            [B, pointnet_width + PILLAR_STATS, H, W] float — zero in pillars without a kept point.
         """
         return self._pillars(points, points_batch, batch_size)[0]
 
@@ -152,8 +163,9 @@ class LidarEncoder(nn.Module):
         # Point features: raw values, offset from the pillar's point mean, offset from the pillar centre.
         xyz = points[:, :3]  # [M', 3]
         sums = xyz.new_zeros(batch_size * H * W, 3).index_add_(0, flat, xyz)  # [B*H*W, 3]
-        counts = torch.bincount(flat, minlength=batch_size * H * W).clamp_(min=1)  # [B*H*W]
-        mean = sums[flat] / counts[flat, None].to(xyz.dtype)  # [M', 3]
+        counts = torch.bincount(flat, minlength=batch_size * H * W)  # [B*H*W]
+        filled_counts = counts.clamp(min=1)
+        mean = sums[flat] / filled_counts[flat, None].to(xyz.dtype)  # [M', 3]
         center = self.pillar_centers_m[cell]  # [M', 2]
         per_point = torch.cat(
             [xyz, points[:, 3:4] / 255.0, points[:, 4:5], xyz - mean, xyz[:, :2] - center], dim=1
@@ -164,8 +176,20 @@ class LidarEncoder(nn.Module):
         pooled = per_point.new_zeros(batch_size * H * W, P).scatter_reduce_(
             0, flat[:, None].expand(-1, P), per_point, reduce="amax", include_self=False
         )  # [B*H*W, P]
+        # Pillar statistics beside the learnt features: well-scaled from the first step, whatever the PointNet knows.
+        filled = counts > 0
+        raw = torch.bincount(flat, minlength=batch_size * H * W).to(xyz.dtype)  # [B*H*W]
+        top = xyz.new_zeros(batch_size * H * W).scatter_reduce_(0, flat, z[kept], reduce="amax", include_self=False)
+        intensity = xyz.new_zeros(batch_size * H * W).index_add_(0, flat, points[:, 3] / 255.0)
+        above = torch.bincount(flat, weights=(z[kept] > OBSTACLE_HEIGHT_M).to(xyz.dtype), minlength=batch_size * H * W)
+        stats = torch.stack(
+            [torch.log1p(raw), top * filled / 2.0, intensity / raw.clamp(min=1), torch.log1p(above.to(xyz.dtype))],
+            dim=1,
+        )  # [B*H*W, PILLAR_STATS]
+        pooled = torch.cat([pooled, stats], dim=1)  # [B*H*W, P + PILLAR_STATS]
         occupied = torch.bincount(points_batch[kept].long(), minlength=batch_size) > 0  # [B]
-        return pooled.view(batch_size, H, W, P).permute(0, 3, 1, 2), occupied  # [B, P, H, W], [B]
+        channels = P + PILLAR_STATS
+        return pooled.view(batch_size, H, W, channels).permute(0, 3, 1, 2), occupied  # [B, P + 4, H, W], [B]
 
     def forward(self, points: torch.Tensor, points_batch: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Encode LiDAR sweeps into the BEV latent.
@@ -179,6 +203,25 @@ class LidarEncoder(nn.Module):
             [B, channels, *out_grid.shape] float — the BEV latent (rows along +x, columns along +y); zero for a
             sample without a point inside the grid (an empty sweep).
         """
-        pseudo_image, occupied = self._pillars(points, points_batch, batch_size)  # [B, P, H, W], [B]
-        bev = self.backbone(pseudo_image)  # [B, C, *out_grid.shape]
-        return bev * occupied.to(bev.dtype)[:, None, None, None]  # [B, C, *out_grid.shape]
+        return self.pyramid(points, points_batch, batch_size)[-1]
+
+    def pyramid(self, points: torch.Tensor, points_batch: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """The BEV features at every resolution, finest first: the pseudo-image, each stage's output, the latent.
+
+        Args: as ``forward``.
+
+        Returns:
+            ``[pseudo_image [B, P + 4, H, W], stage_1 [B, C, H/2, W/2], ..., latent [B, C, *out_grid.shape]]``: the
+            pseudo-image on ``pillar_grid``, each stride-2 stage's output, then ``forward``'s latent; all zero for a
+            sample without a point inside the grid.
+        """
+        pseudo_image, occupied = self._pillars(points, points_batch, batch_size)  # [B, P + 4, H, W], [B]
+        keep = occupied.to(pseudo_image.dtype)[:, None, None, None]
+        levels, x = [pseudo_image], pseudo_image
+        blocks = list(self.backbone)
+        for index, block in enumerate(blocks):
+            x = block(x)
+            if index % 2 == 1 and index < len(blocks) - 2:  # the end of a stage before the last one
+                levels.append(x * keep)
+        levels.append(x * keep)  # [B, C, *out_grid.shape]
+        return levels

@@ -74,9 +74,12 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
 
     rolled = rollout()
 
+    own = encoder.encode_frames(frames)
+
     def heads():
         sequence = torch.cat([latent[:, None], rolled], dim=1)
-        net.occupancy(sequence.reshape(-1, *latent.shape[1:]))
+        fine, coarse = net.decode(sequence, list(range(sequence.shape[1])), own)[:2]
+        net.occupancy(fine.reshape(-1, *fine.shape[2:]))
         net.trajectory(
             latent,
             batch.agent_box[..., :2],
@@ -87,7 +90,7 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
             rollout=rolled,
             ego_past=batch.t0_from_ego[:, :, :2, 3],
         )
-        net.detection(latent)
+        net.detection(coarse[:, 0])
 
     with torch.no_grad():
         output = net(batch)

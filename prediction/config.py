@@ -120,6 +120,20 @@ def small() -> ExperimentConfig:
     )
 
 
+def direct() -> ExperimentConfig:
+    """The direct baseline: ``small``'s LiDAR encoder and decoder, every horizon's occupancy at once from z_t0.
+
+    No cameras, no world model, no JEPA loss: what a plain BEV network on the LiDAR alone does at the same budget,
+    the bar the world model must clear. Its trajectory head reads z_t0 for every step.
+    """
+    config = small()
+    return ExperimentConfig(
+        "direct",
+        dataclasses.replace(config.model, use_camera=False, world_model=False),
+        dataclasses.replace(config.train, weights=dataclasses.replace(config.train.weights, latent=0.0)),
+    )
+
+
 def base() -> ExperimentConfig:
     """GPU-sized, nuScenes scale: a 200 × 200 BEV at 0.5 m (±50 m), a 50 × 50 × 128 latent, cameras at 704 × 256.
 
@@ -156,7 +170,7 @@ def base() -> ExperimentConfig:
     )
 
 
-PRESETS: dict[str, typing.Callable[[], ExperimentConfig]] = {"small": small, "base": base}
+PRESETS: dict[str, typing.Callable[[], ExperimentConfig]] = {"small": small, "direct": direct, "base": base}
 
 
 def preset(name: str) -> ExperimentConfig:

@@ -400,7 +400,7 @@ class Forecaster:
         self.net = net.to(device).eval()
         self.device = torch.device(device)
         self.cache_frames = cache_frames
-        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], model.FrameEncoding] = OrderedDict()
 
     @staticmethod
     def from_checkpoint(run: Path, device: str | torch.device = "cpu", cache_frames: int = 0) -> Forecaster:
@@ -408,8 +408,8 @@ class Forecaster:
         _, net = checkpoint.load_model(run, device)
         return Forecaster(net, device, cache_frames)
 
-    def _own_latents(self, batch: torch_dataset.WindowBatch) -> torch.Tensor | None:
-        """[B, P, C, H, W] the input frames' own-frame latents, encoding only those not in the cache."""
+    def _own(self, batch: torch_dataset.WindowBatch) -> model.FrameEncoding | None:
+        """The input frames' own-frame encodings (P frames), encoding only those not in the cache."""
         if self.cache_frames <= 0 or not batch.frame_tokens or not all(batch.frame_tokens):
             return None
         keys = [
@@ -421,17 +421,19 @@ class Forecaster:
             frames = model.SensorFrames.past(batch)
             if len(missing) < frames.reference_from_ego.shape[1]:
                 frames = model.select_frames(frames, missing)
-            encoded = self.net.encoder.own_frame_latents(frames)  # [B, len(missing), C, H, W]
+            encoded = self.net.encoder.encode_frames(frames)  # S = len(missing)
             for b, row in enumerate(keys):
                 for i, p in enumerate(missing):
-                    self._cache.setdefault(row[p], encoded[b, i])
-        latents = torch.stack([torch.stack([self._cache[key] for key in row]) for row in keys])
+                    self._cache.setdefault(row[p], encoded.frame(i).sample(b))
+        own = model.FrameEncoding.stack(
+            [model.FrameEncoding.stack([self._cache[key] for key in row], dim=1) for row in keys], dim=0
+        )
         for row in keys:
             for key in row:
                 self._cache.move_to_end(key)
         while len(self._cache) > max(self.cache_frames, len(keys[0]) * len(keys)):
             self._cache.popitem(last=False)
-        return latents
+        return own
 
     @torch.no_grad()
     def forecast_batch(
@@ -449,7 +451,7 @@ class Forecaster:
         if actions is not None and not bool(torch.isfinite(actions).all()):
             raise ValueError("forecast_batch: actions (dx, dy, dyaw per 0.5 s step) must be finite")
         batch = batch.to(self.device)
-        output = self.net(batch, actions=actions, own_latents=self._own_latents(batch))
+        output = self.net(batch, actions=actions, own=self._own(batch))
         latent = torch.sigmoid(output.occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
         probabilities = torch.softmax(output.mode_logits, dim=-1).cpu().numpy().astype(np.float32)  # [B, A, K]
         modes = output.modes.cpu().numpy().astype(np.float32)  # [B, A, K, T, 2]

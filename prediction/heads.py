@@ -14,6 +14,7 @@ Notation:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,46 +75,146 @@ def sample_bev(z: torch.Tensor, xy: torch.Tensor, grid: geometry.GridSpec) -> to
     return out[..., 0].transpose(1, 2)  # [B, N, D]
 
 
-class OccupancyHead(nn.Module):
-    """Per-class occupancy logits on the target grid from a latent, decoded at the latent's resolution.
+class BevDecoder(nn.Module):
+    """A U-Net's upward path: a latent on the 2 m grid back to the 0.5 m target grid, through the finer LiDAR maps.
 
-    Two convolutions at the latent resolution emit ``classes * upsample**2`` channels that a pixel shuffle
-    rearranges into ``upsample x upsample`` target cells per latent cell: each latent cell predicts the sub-cell
-    layout of what it holds, at a tenth of the cost of convolving on the upsampled grid.
+    Each level narrows the features (1 x 1, at the coarser resolution), doubles the resolution (bilinear),
+    concatenates the finer map of the present keyframe (``skips``:
+    the LiDAR pyramid, ``LidarEncoder.pyramid``, coarsest last) and mixes them with two 3 x 3 convolutions. A
+    learnt embedding of the step (0 for t0, k for the k-th rolled-out latent) is added at the input, so that the
+    decoder knows how far the present keyframe's fine maps lie from the time it decodes.
+
+    Notation: N maps (samples × steps), L levels, D_l the width at level l (finest first).
     """
 
     def __init__(
-        self, channels: int = 64, classes: int = 3, upsample: int = 4, hidden: int = 64, prior_probability: float = 0.02
+        self, channels: int, skip_channels: tuple[int, ...], widths: tuple[int, ...], steps: int
     ) -> None:
-        """Build the head.
+        """Build the decoder.
 
         Args:
             channels: C, latent channels.
-            classes: output classes.
-            upsample: target cells per latent cell along each axis (4: 2 m latent → 0.5 m targets).
-            hidden: width of the convolutions.
-            prior_probability: the initial occupancy probability everywhere (the last bias), as occupancy is sparse.
+            skip_channels: channels of the finer maps, finest first (one per level; 0 where a level has none, as
+                without LiDAR).
+            widths: D_l, the width of each level, finest first (same length as ``skip_channels``).
+            steps: how many step embeddings (F + 1).
         """
         super().__init__()
-        self.classes, self.upsample = classes, upsample
-        self.decode = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1),
-            nn.GroupNorm(8, hidden),
+        if len(skip_channels) != len(widths) or not widths:
+            raise ValueError(f"BevDecoder: one width per level, got {widths} for skips {skip_channels}")
+        self.skip_channels, self.widths = tuple(skip_channels), tuple(widths)
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, widths[-1], 3, padding=1), nn.GroupNorm(math.gcd(8, widths[-1]), widths[-1]), nn.SiLU()
+        )
+        self.step_embedding = nn.Parameter(torch.zeros(steps, widths[-1]))
+        self.reduce = nn.ModuleList()
+        self.levels = nn.ModuleList()
+        coarser = widths[-1]
+        for skip, width in reversed(list(zip(skip_channels, widths, strict=True))):  # coarsest level first
+            self.reduce.append(nn.Conv2d(coarser, width, 1))  # at the coarser resolution, where it is cheap
+            self.levels.append(
+                nn.Sequential(
+                    nn.Conv2d(width + skip, width, 3, padding=1),
+                    nn.GroupNorm(math.gcd(8, width), width),
+                    nn.SiLU(),
+                    nn.Conv2d(width, width, 3, padding=1),
+                    nn.GroupNorm(math.gcd(8, width), width),
+                    nn.SiLU(),
+                )
+            )
+            coarser = width
+
+    def forward(self, z: torch.Tensor, skips: list[torch.Tensor], step: torch.Tensor) -> list[torch.Tensor]:
+        """Decode latents.
+
+        Args:
+            z: [N, C, H, W] float — latents.
+            skips: the finer maps [N, skip_channels[l], H * 2^(L-l), W * 2^(L-l)], finest first; an empty list or
+                None entries where ``skip_channels`` is 0.
+            step: [N] int64 — the step each latent stands for (0: t0).
+
+        Returns:
+            The features of every level, finest first: [N, D_l, H * 2^(L-l), W * 2^(L-l)].
+        """
+        h = self.stem(z) + self.step_embedding[step][:, :, None, None]  # [N, D_L, H, W]
+        out = []
+        for level, reduce, block in zip(reversed(range(len(self.widths))), self.reduce, self.levels, strict=True):
+            h = F.interpolate(reduce(h), scale_factor=2.0, mode="bilinear", align_corners=False)
+            if self.skip_channels[level]:
+                h = torch.cat([h, skips[level]], dim=1)
+            h = block(h)
+            out.append(h)
+        return out[::-1]
+
+
+class FlowHead(nn.Module):
+    """Where each cell's content was at t0: a source offset per cell of a rolled-out latent, read against z_t0.
+
+    The decoder warps the present keyframe's fine LiDAR maps by it (``warp_by_offset``), so that what the sensors
+    saw sharply at t0 is drawn where the world model says it went. Trained on the annotated instances' motion
+    (``losses.instance_flow_targets``); it starts at zero (nothing moves).
+    """
+
+    def __init__(self, channels: int, hidden: int = 64, scale_m: float = 10.0) -> None:
+        """``channels``: C of the latents; ``hidden``: the width; ``scale_m``: metres per unit of the last layer."""
+        super().__init__()
+        self.scale_m = scale_m
+        self.net = nn.Sequential(
+            nn.Conv2d(2 * channels, hidden, 3, padding=1),
+            nn.GroupNorm(math.gcd(8, hidden), hidden),
             nn.SiLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
-            nn.GroupNorm(8, hidden),
+            nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2),
             nn.SiLU(),
-            nn.Conv2d(hidden, classes * upsample * upsample, 1),
-            nn.PixelShuffle(upsample),
+            nn.Conv2d(hidden, 2, 1),
         )
         with torch.no_grad():
-            self.decode[-2].bias.fill_(float(np.log(prior_probability / (1 - prior_probability))))
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., classes, H*up, W*up]`` of latents ``[..., C, H, W]`` (any leading dimensions)."""
-        *lead, C, H, W = z.shape
-        logits = self.decode(z.reshape(-1, C, H, W))  # [N, classes, H*up, W*up]
-        return logits.reshape(*lead, *logits.shape[1:])
+    def forward(self, z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """Source offsets [N, 2, H, W] (x, y in m, t0 frame) of latents z [N, C, H, W] against z_t0 [N, C, H, W]."""
+        return self.net(torch.cat([z, z0], dim=1)) * self.scale_m
+
+
+def warp_by_offset(maps: torch.Tensor, offset_m: torch.Tensor, grid: geometry.GridSpec) -> torch.Tensor:
+    """Resample maps so that each cell reads the map at its centre plus its offset (bilinear, zeros outside).
+
+    Args:
+        maps: [N, D, H, W] float — maps on ``grid``.
+        offset_m: [N, 2, h, w] float — source offsets x, y (m) on any coarser grid of the same extent (upsampled
+            bilinearly to ``grid``).
+        grid: the maps' grid.
+
+    Returns:
+        [N, D, H, W] the warped maps.
+    """
+    h, w = grid.shape
+    if offset_m.shape[-2:] != (h, w):
+        offset_m = F.interpolate(offset_m, size=(h, w), mode="bilinear", align_corners=False)
+    centres = torch.as_tensor(grid.cell_centers(), dtype=maps.dtype, device=maps.device)  # [H, W, 2]
+    source = centres + offset_m.permute(0, 2, 3, 1).to(maps.dtype)  # [N, H, W, 2] x, y (m)
+    return F.grid_sample(maps, grid.sampling_coords_torch(source), mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class OccupancyHead(nn.Module):
+    """Per-class occupancy logits on the target grid from the decoder's finest features.
+
+    ``horizons`` > 1 emits every horizon's maps at once from one set of features (the direct baseline without a
+    world model): ``classes * horizons`` channels.
+    """
+
+    def __init__(self, width: int, classes: int = 3, horizons: int = 1, prior_probability: float = 0.02) -> None:
+        """Build the head: ``width`` input channels, ``classes`` per horizon, the initial occupancy probability."""
+        super().__init__()
+        self.classes, self.horizons = classes, horizons
+        self.decode = nn.Conv2d(width, classes * horizons, 1)
+        with torch.no_grad():
+            self.decode.bias.fill_(float(np.log(prior_probability / (1 - prior_probability))))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits [N, horizons, classes, H, W] of features [N, width, H, W]."""
+        logits = self.decode(features)
+        return logits.reshape(logits.shape[0], self.horizons, self.classes, *logits.shape[2:])
 
 
 def past_motion(past: torch.Tensor, past_mask: torch.Tensor, step_s: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,54 +536,34 @@ class TrajectoryHead(nn.Module):
 
 
 class DetectionHead(nn.Module):
-    """CenterPoint-style detection at t0: a per-class centre heat-map and box regression on ``detection_grid()``."""
+    """CenterPoint-style detection at t0: a per-class centre heat-map and box regression on ``detection_grid()``.
 
-    def __init__(
-        self,
-        channels: int = 64,
-        classes: int = 3,
-        upsample: int = 2,
-        hidden: int = 64,
-        grid: geometry.GridSpec | None = None,
-    ) -> None:
+    It reads the decoder's features of t0 at the heat-map's resolution (1 m: ``BevDecoder``'s second finest level).
+    """
+
+    def __init__(self, width: int = 48, classes: int = 3, grid: geometry.GridSpec | None = None) -> None:
         """Build the head.
 
         Args:
-            channels: C, latent channels.
+            width: channels of the features it reads.
             classes: detected classes (heat-map channels).
-            upsample: heat-map cells per latent cell along each axis (2: 2 m latent → 1 m heat-map).
-            hidden: width of the convolutions.
-            grid: the heat-map grid; None: ``detection_grid()``. Its shape must be the latent's times ``upsample``.
+            grid: the heat-map grid; None: ``detection_grid()``. The features must have its shape.
         """
         super().__init__()
         self.grid = grid if grid is not None else detection_grid()
-        self.classes, self.upsample = classes, upsample
-        self.shared = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1),
-            nn.GroupNorm(8, hidden),
-            nn.SiLU(),
-            nn.Upsample(scale_factor=upsample, mode="bilinear", align_corners=False),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
-            nn.GroupNorm(8, hidden),
-            nn.SiLU(),
-        )
-        self.heatmap = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, classes, 1))
+        self.classes = classes
+        self.heatmap = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, classes, 1))
         self.regression = nn.Sequential(
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, len(REGRESSION_CHANNELS), 1)
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, len(REGRESSION_CHANNELS), 1)
         )
         with torch.no_grad():
             self.heatmap[-1].bias.fill_(-2.19)  # initial centre probability 0.1, as CenterNet and CenterPoint
 
-    def forward(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heat-map logits [B, classes, Hd, Wd] and regression [B, R, Hd, Wd] of a latent [B, C, H, W]."""
-        B, C, H, W = z0.shape
-        if (H * self.upsample, W * self.upsample) != self.grid.shape:
-            raise ValueError(
-                f"z0: a [{H}, {W}] latent upsampled {self.upsample}x does not give the detection "
-                f"grid's {self.grid.shape}"
-            )
-        h = self.shared(z0)  # [B, D, Hd, Wd]
-        return self.heatmap(h), self.regression(h)
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heat-map logits [B, classes, Hd, Wd] and regression [B, R, Hd, Wd] of features [B, width, Hd, Wd]."""
+        if tuple(features.shape[-2:]) != self.grid.shape:
+            raise ValueError(f"features: expected the detection grid's {self.grid.shape}, got {list(features.shape)}")
+        return self.heatmap(features), self.regression(features)
 
 
 def gaussian_radius(length_cells: torch.Tensor, width_cells: torch.Tensor, min_overlap: float = 0.1) -> torch.Tensor:

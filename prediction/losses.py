@@ -79,6 +79,7 @@ def occupancy_loss(
     mask: torch.Tensor | None = None,
     pos_weight: float | torch.Tensor = 5.0,
     focal_gamma: float = 0.0,
+    cell_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-class occupancy: binary cross-entropy with a weight on the (rare) occupied cells, optionally focal.
 
@@ -88,6 +89,7 @@ def occupancy_loss(
         mask: [B, S] bool — steps to score; None: all.
         pos_weight: weight of the occupied cells' term: a number, or [Cls] per class.
         focal_gamma: focal exponent: each term is scaled by ``(1 - p_t) ** gamma`` (0: plain BCE).
+        cell_weight: [B, S, 1, H, W] float — a weight per cell (e.g. less where no sensor could see); None: 1.
 
     Returns:
         [] the mean over the scored elements.
@@ -105,11 +107,83 @@ def occupancy_loss(
         p = torch.sigmoid(logits)
         p_true = torch.where(target, p, 1 - p)
         loss = loss * (1 - p_true).pow(focal_gamma)
+    if cell_weight is not None:
+        loss = loss * cell_weight
     per_step = loss.mean(dim=(2, 3, 4))  # [B, S]
     if mask is None:
         return per_step.mean()
     m = mask.to(per_step.dtype)
     return (per_step * m).sum() / m.sum().clamp(min=1.0)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - the soft Dice coefficient of each (step, class), over the batch's cells, averaged.
+
+    Dice weighs a class by its own occupied area, whatever its share of the grid, so that people (0.03 % of the
+    cells) count as much as vehicles (0.7 %); summing over the batch keeps a class absent from one sample defined.
+
+    Args:
+        logits: [B, S, Cls, H, W] float.
+        target: [B, S, Cls, H, W] bool.
+        smooth: added to the numerator and denominator (a step and class with nothing occupied and nothing
+            predicted scores 0 loss).
+
+    Returns:
+        [] the mean over steps and classes of ``1 - (2 Σ p y + smooth) / (Σ p + Σ y + smooth)``.
+    """
+    if logits.shape != target.shape or logits.dim() != 5:
+        raise ValueError(
+            f"logits and target: expected equal [B, S, Cls, H, W], got {list(logits.shape)} and {list(target.shape)}"
+        )
+    p = torch.sigmoid(logits)
+    y = target.to(p.dtype)
+    overlap = (p * y).sum(dim=(0, 3, 4))  # [S, Cls]
+    total = p.sum(dim=(0, 3, 4)) + y.sum(dim=(0, 3, 4))
+    return (1 - (2 * overlap + smooth) / (total + smooth)).mean()
+
+
+def instance_flow_targets(instances: torch.Tensor, cell_xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each occupied cell's instance was at t0: its centroid at t0 minus its centroid at the cell's step.
+
+    Args:
+        instances: [B, S, H, W] int64 — instance labels (1 + index, consistent over the steps; 0 free), step 0 = t0.
+        cell_xy: [H, W, 2] float — cell centres x, y (m).
+
+    Returns:
+        offset: [B, S, 2, H, W] float — source offsets x, y (m); 0 where ``mask`` is False.
+        mask: [B, S, H, W] bool — cells of an instance that also occupies cells at t0.
+    """
+    B, S, H, W = instances.shape
+    labels = int(instances.max()) + 1 if instances.numel() else 1
+    key = (torch.arange(B * S, device=instances.device).reshape(B, S, 1, 1) * labels + instances).reshape(-1)
+    xy = cell_xy.to(torch.float32).reshape(1, H * W, 2).expand(B * S, -1, -1).reshape(-1, 2)  # [B*S*H*W, 2]
+    sums = torch.zeros(B * S * labels, 2, device=instances.device).index_add_(0, key, xy)
+    counts = torch.bincount(key, minlength=B * S * labels).to(torch.float32)  # [B*S*L]
+    centroid = (sums / counts.clamp(min=1)[:, None]).reshape(B, S, labels, 2)
+    present = (counts > 0).reshape(B, S, labels)
+    index = instances.reshape(B, S, H * W)  # [B, S, H*W]
+    at_t0 = torch.gather(centroid[:, :1].expand(B, S, labels, 2), 2, index[..., None].expand(-1, -1, -1, 2))
+    at_step = torch.gather(centroid, 2, index[..., None].expand(-1, -1, -1, 2))  # [B, S, H*W, 2]
+    mask = (index > 0) & torch.gather(present[:, :1].expand(B, S, labels), 2, index)  # [B, S, H*W]
+    offset = torch.where(mask[..., None], at_t0 - at_step, 0.0)
+    return offset.permute(0, 1, 3, 2).reshape(B, S, 2, H, W), mask.reshape(B, S, H, W)
+
+
+def flow_loss(offset_m: torch.Tensor, target_m: torch.Tensor, mask: torch.Tensor, scale_m: float = 5.0) -> torch.Tensor:
+    """Smooth-L1 of predicted source offsets against the instances' (``instance_flow_targets``) on their cells.
+
+    Args:
+        offset_m: [B, S, 2, H, W] float — predicted offsets (m), on the target grid.
+        target_m: [B, S, 2, H, W] float.
+        mask: [B, S, H, W] bool — cells scored.
+        scale_m: metres per unit of the loss.
+
+    Returns:
+        [] the mean over the scored cells (0 with gradient when none is).
+    """
+    error = F.smooth_l1_loss(offset_m / scale_m, target_m / scale_m, reduction="none").sum(dim=2)  # [B, S, H, W]
+    weight = mask.to(error.dtype)
+    return (error * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 def _masked_displacements(modes: torch.Tensor, future: torch.Tensor, future_mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bevjepa.datasets import geometry, torch_dataset
@@ -41,6 +42,9 @@ class ModelConfig:
         modes: K, trajectory modes.
         classes: predicted classes.
         grid: the target grid that occupancy is predicted on.
+        world_model: roll the latent out with the predictor (False: the direct baseline, which decodes every
+            horizon's occupancy at once from z_t0 and has no predictor and no JEPA loss).
+        decoder_widths: widths of the decoder's levels, finest first (0.5 m, 1 m): ``heads.BevDecoder``.
     """
 
     camera: camera_encoder.CameraEncoderConfig = field(default_factory=camera_encoder.CameraEncoderConfig)
@@ -54,10 +58,14 @@ class ModelConfig:
     modes: int = 10
     classes: int = 3
     grid: geometry.GridSpec = field(default_factory=geometry.GridSpec)
+    world_model: bool = True
+    decoder_widths: tuple[int, int] = (16, 32)
 
     def __post_init__(self) -> None:
         if not (self.use_camera or self.use_lidar):
             raise ValueError("ModelConfig: use_camera and use_lidar cannot both be False")
+        if len(self.decoder_widths) != 2 or min(self.decoder_widths) < 1:
+            raise ValueError(f"ModelConfig.decoder_widths: two positive widths (0.5 m, 1 m), got {self.decoder_widths}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,36 @@ class SensorFrames:
         )
 
 
+@dataclass(frozen=True)
+class FrameEncoding:
+    """Every frame's encoding, each in its own ego frame.
+
+    Attributes:
+        latents: [B, S, C, H, W] float — the fused latents on the latent grid.
+        fine: the LiDAR's finer maps, finest first (``LidarEncoder.pyramid`` without its latent): the 0.5 m
+            pseudo-image [B, S, P, 4H, 4W] and the 1 m stage [B, S, Cl, 2H, 2W]; empty without LiDAR.
+    """
+
+    latents: torch.Tensor
+    fine: tuple[torch.Tensor, ...] = ()
+
+    def frame(self, index: int) -> FrameEncoding:
+        """Frame ``index`` of every sample, S = 1."""
+        return FrameEncoding(self.latents[:, index : index + 1], tuple(f[:, index : index + 1] for f in self.fine))
+
+    def sample(self, index: int) -> FrameEncoding:
+        """Sample ``index`` alone, B = 1."""
+        return FrameEncoding(self.latents[index : index + 1], tuple(f[index : index + 1] for f in self.fine))
+
+    @staticmethod
+    def stack(frames: list[FrameEncoding], dim: int = 1) -> FrameEncoding:
+        """Encodings concatenated along ``dim`` (1: frames, 0: samples)."""
+        return FrameEncoding(
+            torch.cat([f.latents for f in frames], dim=dim),
+            tuple(torch.cat(level, dim=dim) for level in zip(*(f.fine for f in frames), strict=True)),
+        )
+
+
 class BevEncoder(nn.Module):
     """E: encode every frame in its own ego frame, fuse the modalities, warp into the reference frame."""
 
@@ -127,16 +165,19 @@ class BevEncoder(nn.Module):
         self.lidar = lidar_encoder.LidarEncoder(config.lidar) if config.use_lidar else None
         self.fuse = fuser.BevFuser(config.fuser)
         self.temporal = fuser.TemporalFuser(config.fuser)
+        self.modality_dropout = True
+        """Whether training drops modalities (``FuserConfig.modality_dropout``); the EMA target encoder never does."""
 
-    def own_frame_latents(self, frames: SensorFrames) -> torch.Tensor:
-        """Every frame's fused latent in that frame's own ego frame: [B, S, C, H, W].
+    def encode_frames(self, frames: SensorFrames, fine: bool = True) -> FrameEncoding:
+        """Every frame's fused latent, and the LiDAR's finer maps (``fine``), in that frame's own ego frame.
 
-        A frame's own latent does not depend on the reference frame, so a stream of forecasts can encode each
+        A frame's own encoding does not depend on the reference frame, so a stream of forecasts can encode each
         keyframe once and reuse it (``Forecaster(cache_frames=...)``).
         """
         b, s = frames.reference_from_ego.shape[:2]
         ego_from_reference = torch.linalg.inv(frames.reference_from_ego.reshape(b * s, 4, 4))  # [B*S, 4, 4]
         camera_bev = lidar_bev = None
+        levels: list[torch.Tensor] = []
         if self.camera is not None:
             own_from_camera = ego_from_reference[:, None] @ frames.reference_from_camera.reshape(b * s, 6, 4, 4)
             camera_bev = self.camera(
@@ -150,9 +191,21 @@ class BevEncoder(nn.Module):
             transform = ego_from_reference[owner]  # [M, 4, 4]
             xyz = torch.einsum("mij,mj->mi", transform[:, :3, :3], frames.points[:, :3]) + transform[:, :3, 3]
             points = torch.cat([xyz, frames.points[:, 3:]], dim=1)  # [M, 5] in each frame's own ego frame
-            lidar_bev = self.lidar(points, owner, b * s)  # [B*S, Cl, H, W]
+            *levels, lidar_bev = self.lidar.pyramid(points, owner, b * s)  # finest first; [B*S, Cl, H, W]
+        if self.training and self.modality_dropout and self.config.fuser.modality_dropout > 0:
+            keep_camera, keep_lidar = fuser.drop_modalities(b * s, self.config.fuser.modality_dropout, frames.points.device)
+            if camera_bev is not None:
+                camera_bev = camera_bev * keep_camera[:, None, None, None]
+            if lidar_bev is not None:
+                lidar_bev = lidar_bev * keep_lidar[:, None, None, None]
+                levels = [level * keep_lidar[:, None, None, None] for level in levels]
         fused = self.fuse(camera_bev, lidar_bev)  # [B*S, C, H, W]
-        return fused.reshape(b, s, *fused.shape[1:])
+        kept = tuple(level.reshape(b, s, *level.shape[1:]) for level in levels) if fine else ()
+        return FrameEncoding(fused.reshape(b, s, *fused.shape[1:]), kept)
+
+    def own_frame_latents(self, frames: SensorFrames) -> torch.Tensor:
+        """Every frame's fused latent in that frame's own ego frame: [B, S, C, H, W]."""
+        return self.encode_frames(frames, fine=False).latents
 
     def warp(self, own_latents: torch.Tensor, reference_from_ego: torch.Tensor) -> torch.Tensor:
         """Own-frame latents [B, S, C, H, W] warped into the reference frame by ``reference_from_ego`` [B, S, 4, 4]."""
@@ -199,13 +252,15 @@ class ModelOutput:
 
     Attributes:
         latent: [B, C, H, W] z_t0.
-        rollout: [B, F, C, H, W] ẑ_1..ẑ_F.
+        rollout: [B, F, C, H, W] ẑ_1..ẑ_F (without a world model: z_t0 repeated).
         occupancy_logits: [B, F + 1, classes, 128, 128] steps 0..F.
         modes: [B, A, K, T, 2] xy (m) of each agent's K trajectory modes.
         mode_logits: [B, A, K].
         heatmap_logits: [B, classes, 64, 64] detection heat-map at t0.
         regression: [B, 10, 64, 64] detection box regression at t0 (see ``heads.REGRESSION_CHANNELS``).
-        own_latents: [B, P, C, H, W] the input frames' fused latents, each in its own ego frame.
+        own: the input frames' encodings, each in its own ego frame (P frames).
+        flow: [B, F + 1, 2, H, W] where each latent cell's content was at t0 (x, y m; ``heads.FlowHead``), zero at
+            step 0; None without a world model.
     """
 
     latent: torch.Tensor
@@ -215,7 +270,8 @@ class ModelOutput:
     mode_logits: torch.Tensor
     heatmap_logits: torch.Tensor
     regression: torch.Tensor
-    own_latents: torch.Tensor
+    own: FrameEncoding
+    flow: torch.Tensor | None = None
 
 
 class BevJepa(nn.Module):
@@ -226,43 +282,119 @@ class BevJepa(nn.Module):
         self.config = config
         self.encoder = BevEncoder(config)
         self.target_encoder = world_model.copy_for_target(self.encoder)
-        self.predictor = world_model.Predictor(config.predictor)
-        channels = config.fuser.channels
-        self.occupancy = heads.OccupancyHead(channels=channels, classes=config.classes)
+        self.target_encoder.modality_dropout = False
+        self.predictor = world_model.Predictor(config.predictor) if config.world_model else None
+        self.flow = heads.FlowHead(config.fuser.channels) if config.world_model else None
+        channels, f = config.fuser.channels, config.occupancy_steps
+        skip_channels = (
+            (config.lidar.pseudo_image_channels, config.lidar.channels) if config.use_lidar else (0, 0)
+        )  # the LiDAR's 0.5 m pseudo-image and 1 m stage
+        fine, coarse = config.decoder_widths
+        self.decoder = heads.BevDecoder(channels, skip_channels, config.decoder_widths, steps=f + 1)
+        self.occupancy = heads.OccupancyHead(fine, classes=config.classes, horizons=1 if config.world_model else f + 1)
         self.trajectory = heads.TrajectoryHead(
             channels=channels, modes=config.modes, steps=config.trajectory_steps, past_steps=config.fuser.past_frames
         )
-        self.detection = heads.DetectionHead(channels=channels, classes=config.classes)
+        self.detection = heads.DetectionHead(width=coarse, classes=config.classes)
+
+    def train(self, mode: bool = True) -> BevJepa:
+        """As ``nn.Module.train``; the EMA target encoder always stays in eval mode (running statistics, no dropout)."""
+        super().train(mode)
+        self.target_encoder.eval()
+        return self
+
+    def decode(
+        self, latents: torch.Tensor, steps: list[int], own: FrameEncoding, flow: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The decoder's features of latents in the t0 frame, with the present keyframe's finer LiDAR maps.
+
+        Args:
+            latents: [B, S, C, H, W] float — z_t0, rolled-out or target latents.
+            steps: S step indices (0: t0, k: k steps ahead), one per latent.
+            own: the input frames' encodings (the last is t0, whose own frame is the reference frame).
+            flow: [B, S, 2, H, W] source offsets (m) that warp the fine maps for each latent (``heads.FlowHead``);
+                None: the fine maps as they were at t0.
+
+        Returns:
+            The features of every level, finest first: [B, S, D_l, H_l, W_l].
+        """
+        b, s = latents.shape[:2]
+        skips = []
+        for level, fine in enumerate(own.fine):
+            maps = fine[:, -1].repeat_interleave(s, dim=0)  # [B*S, Ck, Hk, Wk]
+            if flow is not None:
+                maps = heads.warp_by_offset(maps, flow.reshape(b * s, *flow.shape[2:]), self.level_grid(level))
+            skips.append(maps)
+        step = torch.as_tensor(steps, device=latents.device).repeat(b)  # [B*S]
+        features = self.decoder(latents.reshape(b * s, *latents.shape[2:]), skips, step)
+        return [f.reshape(b, s, *f.shape[1:]) for f in features]
+
+    def level_grid(self, level: int) -> geometry.GridSpec:
+        """The grid of the decoder's level ``level`` (0: the target grid; each next level twice as coarse)."""
+        g = self.config.grid
+        return geometry.GridSpec(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, g.resolution_m * 2**level)
+
+    def flow_of(self, latents: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """Source offsets [B, S, 2, H, W] (m) of latents [B, S, C, H, W] against z_t0 [B, C, H, W] (world model only)."""
+        b, s = latents.shape[:2]
+        z0 = z0[:, None].expand(-1, s, *z0.shape[1:])
+        offsets = self.flow(latents.reshape(b * s, *latents.shape[2:]), z0.reshape(b * s, *z0.shape[2:]))
+        return offsets.reshape(b, s, *offsets.shape[1:])
+
+    def occupancy_of(
+        self, latents: torch.Tensor, steps: list[int], own: FrameEncoding, flow: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Occupancy logits [B, S, classes, 128, 128] decoded from latents [B, S, C, H, W] (world model only).
+
+        The diagnostics of the open-loop report decode the held z_t0 and the target encoder's latents this way;
+        ``flow`` as ``decode`` takes it.
+        """
+        if not self.config.world_model:
+            raise ValueError("occupancy_of: the direct baseline decodes every horizon from z_t0 at once")
+        fine = self.decode(latents, steps, own, flow)[0]  # [B, S, D0, 128, 128]
+        b, s = fine.shape[:2]
+        return self.occupancy(fine.reshape(b * s, *fine.shape[2:])).reshape(b, s, *self._occupancy_shape())
+
+    def _occupancy_shape(self) -> tuple[int, int, int]:
+        return (self.config.classes, *self.config.grid.shape)
 
     def forward(
         self,
         batch: torch_dataset.WindowBatch,
         actions: torch.Tensor | None = None,
-        own_latents: torch.Tensor | None = None,
+        own: FrameEncoding | None = None,
     ) -> ModelOutput:
         """Predict from a batch's input frames.
 
         Args:
             batch: the windows.
             actions: [B, F, 3] the ego actions to roll out under; None takes the batch's own future actions.
-            own_latents: [B, P, C, H, W] the input frames' latents in their own ego frames, when already encoded
-                (``BevEncoder.own_frame_latents``); None encodes the batch's sensors.
+            own: the input frames' encodings in their own ego frames, when already encoded
+                (``BevEncoder.encode_frames``); None encodes the batch's sensors.
         """
         p, f = self.config.fuser.past_frames, self.config.occupancy_steps
-        if own_latents is None:
-            own_latents = self.encoder.own_frame_latents(SensorFrames.past(batch))
-        latent = self.encoder.temporal(self.encoder.warp(own_latents, batch.t0_from_ego))  # [B, C, H, W]
-        if actions is None:
-            actions = batch.actions[:, p - 1 : p - 1 + f]  # [B, F, 3]
-        rollout = self.predictor.rollout(latent, actions)  # [B, F, C, H, W]
-        b, c, h, w = latent.shape
-        sequence = torch.cat([latent[:, None], rollout], dim=1)  # [B, F + 1, C, H, W]
-        occupancy = self.occupancy(sequence.reshape(b * (f + 1), c, h, w))  # [B*(F+1), classes, 128, 128]
-        occupancy = occupancy.reshape(b, f + 1, *occupancy.shape[1:])
-        agent_xy = batch.agent_box[..., :2]  # [B, A, 2]
+        if own is None:
+            own = self.encoder.encode_frames(SensorFrames.past(batch))
+        latent = self.encoder.temporal(self.encoder.warp(own.latents, batch.t0_from_ego))  # [B, C, H, W]
+        b = latent.shape[0]
+        if self.predictor is not None:
+            if actions is None:
+                actions = batch.actions[:, p - 1 : p - 1 + f]  # [B, F, 3]
+            rollout = self.predictor.rollout(latent, actions)  # [B, F, C, H, W]
+            sequence = torch.cat([latent[:, None], rollout], dim=1)  # [B, F + 1, C, H, W]
+            flow = torch.cat([torch.zeros_like(latent[:, None, :2]), self.flow_of(rollout, latent)], dim=1)
+            fine, coarse = self.decode(sequence, list(range(f + 1)), own, flow)[:2]
+            occupancy = self.occupancy(fine.reshape(b * (f + 1), *fine.shape[2:])).reshape(
+                b, f + 1, *self._occupancy_shape()
+            )
+        else:
+            rollout = latent[:, None].expand(b, f, *latent.shape[1:])  # no world model: z_t0 held
+            flow = None
+            fine, coarse = self.decode(latent[:, None], [0], own)[:2]
+            occupancy = self.occupancy(fine[:, 0])  # [B, F + 1, classes, 128, 128]
         modes, mode_logits = self.trajectory(
             latent,
-            agent_xy,
+            batch.agent_box[..., :2],
             batch.agent_past,
             batch.agent_past_mask,
             batch.agent_box[..., 6],
@@ -270,8 +402,8 @@ class BevJepa(nn.Module):
             rollout=rollout,
             ego_past=batch.t0_from_ego[:, :, :2, 3],
         )
-        heatmap, regression = self.detection(latent)
-        return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression, own_latents)
+        heatmap, regression = self.detection(coarse[:, 0])
+        return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression, own, flow)
 
     @torch.no_grad()
     def target_latents(self, batch: torch_dataset.WindowBatch, steps: list[int] | None = None) -> torch.Tensor:
@@ -306,7 +438,12 @@ class LossWeights:
         latent_steps: rollout steps whose target latent is encoded per iteration, drawn at random among 1..F
             (the target encoder's cost grows with it; the expected loss is the same up to scale).
         variance, covariance: the VICReg anti-collapse terms on z_t0 and the rollout.
-        occupancy: per-class occupancy BCE over steps 0..F.
+        occupancy: per-class occupancy BCE over steps 0..F (a mean over every cell, hence small).
+        occupancy_pos_weight: the BCE's weight on occupied cells, per class (vehicle, pedestrian, cyclist).
+        occupancy_dice: the soft Dice term of the occupancy (``losses.soft_dice_loss``).
+        unobserved_weight: the BCE's weight at t0 on cells the LiDAR did not observe (``WindowBatch.observed``):
+            what no sensor could see is a guess, not a miss.
+        flow: the source offsets against the annotated instances' motion (``losses.flow_loss``).
         trajectory: winner-takes-all regression of the trajectory modes.
         mode: mode classification.
         detection: the detection heat-map and box regression.
@@ -316,7 +453,11 @@ class LossWeights:
     latent_steps: int = 1
     variance: float = 1.0
     covariance: float = 0.04
-    occupancy: float = 1.0
+    occupancy: float = 10.0
+    occupancy_pos_weight: tuple[float, float, float] = (2.0, 10.0, 10.0)
+    occupancy_dice: float = 1.0
+    unobserved_weight: float = 0.3
+    flow: float = 1.0
     trajectory: float = 1.0
     mode: float = 0.5
     detection: float = 0.5
@@ -331,6 +472,8 @@ class Losses:
     variance: torch.Tensor
     covariance: torch.Tensor
     occupancy: torch.Tensor
+    dice: torch.Tensor
+    flow: torch.Tensor
     trajectory: torch.Tensor
     mode: torch.Tensor
     detection: torch.Tensor
@@ -340,22 +483,44 @@ class Losses:
         return {name: float(getattr(self, name).detach()) for name in self.__dataclass_fields__}
 
 
+HEAD_TERMS = ("latent", "occupancy", "dice", "flow", "trajectory", "detection")
+"""The terms whose gradients at the shared latent z_t0 training logs (``gradient_norms``)."""
+
+
 def compute_losses(
     model: BevJepa, batch: torch_dataset.WindowBatch, output: ModelOutput, weights: LossWeights
 ) -> Losses:
     """All loss terms of one batch; the latent term needs the batch's future inputs when its weight is not 0."""
     zero = output.latent.new_zeros(())
-    if weights.latent > 0:
+    if weights.latent > 0 and model.predictor is not None:
         f = output.rollout.shape[1]
         steps = sorted((torch.randperm(f)[: min(weights.latent_steps, f)] + 1).tolist())
         target = model.target_latents(batch, steps)  # [B, len(steps), C, H, W], no gradient
         latent = losses.latent_prediction_loss(output.rollout[:, [k - 1 for k in steps]], target)
     else:
         latent = zero
-    b, f, c, h, w = output.rollout.shape
-    everything = torch.cat([output.latent[:, None], output.rollout], dim=1).reshape(b * (f + 1), c, h, w)
-    variance, covariance = losses.vicreg_regularizer(everything)
-    occupancy = losses.occupancy_loss(output.occupancy_logits, batch.occupancy)
+    if model.predictor is not None:
+        b, f, c, h, w = output.rollout.shape
+        everything = torch.cat([output.latent[:, None], output.rollout], dim=1).reshape(b * (f + 1), c, h, w)
+        variance, covariance = losses.vicreg_regularizer(everything)
+    else:
+        variance, covariance = losses.vicreg_regularizer(output.latent)
+    logits = output.occupancy_logits
+    cell_weight = torch.ones_like(logits[:, :, :1])  # [B, S, 1, H, W]
+    cell_weight[:, 0, 0] = torch.where(batch.observed, 1.0, weights.unobserved_weight)
+    pos_weight = torch.as_tensor(weights.occupancy_pos_weight, dtype=logits.dtype, device=logits.device)
+    occupancy = losses.occupancy_loss(logits, batch.occupancy, pos_weight=pos_weight, cell_weight=cell_weight)
+    dice = losses.soft_dice_loss(logits, batch.occupancy)
+    if output.flow is not None:
+        b, s = output.flow.shape[:2]
+        predicted = F.interpolate(
+            output.flow.reshape(b * s, *output.flow.shape[2:]), size=model.config.grid.shape, mode="bilinear"
+        ).reshape(b, s, 2, *model.config.grid.shape)  # [B, F + 1, 2, H, W] on the target grid
+        cell_xy = torch.as_tensor(model.config.grid.cell_centers(), dtype=predicted.dtype, device=predicted.device)
+        target, mask = losses.instance_flow_targets(batch.instances, cell_xy)
+        flow = losses.flow_loss(predicted, target, mask)
+    else:
+        flow = zero
     trajectory, mode = losses.trajectory_loss(
         output.modes, output.mode_logits, batch.agent_future, batch.agent_future_mask, batch.agent_mask
     )
@@ -370,8 +535,27 @@ def compute_losses(
         + weights.variance * variance
         + weights.covariance * covariance
         + weights.occupancy * occupancy
+        + weights.occupancy_dice * dice
+        + weights.flow * flow
         + weights.trajectory * trajectory
         + weights.mode * mode
         + weights.detection * detection
     )
-    return Losses(total, latent, variance, covariance, occupancy, trajectory, mode, detection)
+    return Losses(total, latent, variance, covariance, occupancy, dice, flow, trajectory, mode, detection)
+
+
+def gradient_norms(losses_: Losses, output: ModelOutput, weights: LossWeights) -> dict[str, float]:
+    """The norm of each weighted head term's gradient at the shared latent z_t0 (``HEAD_TERMS``).
+
+    A term whose gradient is orders of magnitude below the others' teaches the shared encoder nothing; these
+    norms say whether the weights balance the heads. Costs one backward pass per term through the heads.
+    """
+    norms = {}
+    for name in HEAD_TERMS:
+        term = getattr(losses_, name) * getattr(weights, "occupancy_dice" if name == "dice" else name)
+        if not term.requires_grad:
+            norms[name] = 0.0
+            continue
+        (grad,) = torch.autograd.grad(term, output.latent, retain_graph=True, allow_unused=True)
+        norms[name] = 0.0 if grad is None else float(grad.norm())
+    return norms

@@ -102,10 +102,23 @@ def split_scenes(data: Path, split: str) -> list[str]:
 
 
 def make_loader(
-    data: Path, scenes: list[str], batch_size: int, shuffle: bool, seed: int, workers: int, future: bool
+    data: Path,
+    scenes: list[str],
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    workers: int,
+    future: bool,
+    cameras: bool = True,
 ) -> DataLoader:
-    """A DataLoader of collated window batches, shuffled reproducibly from ``seed``."""
-    dataset = torch_dataset.WindowDataset(data, scenes=scenes, future_inputs=future)
+    """A DataLoader of collated window batches, shuffled reproducibly from ``seed`` (``cameras``: decode them).
+
+    Each loader process keeps up to ``FRAME_CACHE_FRAMES`` decompressed frames: a shuffled order reads every frame
+    of a window afresh otherwise, and decompressing the frames is most of a window's loading time.
+    """
+    dataset = torch_dataset.WindowDataset(
+        data, scenes=scenes, future_inputs=future, cameras=cameras, frame_cache_size=FRAME_CACHE_FRAMES
+    )
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
@@ -117,6 +130,11 @@ def make_loader(
         persistent_workers=workers > 0,
         drop_last=False,
     )
+
+
+FRAME_CACHE_FRAMES = 1024
+"""Decompressed frames each training loader process keeps (about 0.8 MB each in the ``small`` setting: the
+synthetic v1.0-mini's 400 keyframes all fit)."""
 
 
 def _cycle(loader: DataLoader):
@@ -149,9 +167,8 @@ def validate(
         terms = model.compute_losses(net, batch, output, weights).scalars()
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value * batch.batch_size
-        totals["latent_std"] = (
-            totals.get("latent_std", 0.0) + float(output.latent.std(dim=(0, 2, 3)).mean()) * batch.batch_size
-        )
+        for name, value in latent_spread(output).items():
+            totals[name] = totals.get(name, 0.0) + value * batch.batch_size
         count += batch.batch_size
     net.train(was_training)
     return {name: value / max(count, 1) for name, value in totals.items()}
@@ -228,14 +245,31 @@ def _train_step(
         group["lr"] = _learning_rate(settings, step)
     output = net(batch)
     terms = model.compute_losses(core, batch, output, settings.weights)
+    norms = model.gradient_norms(terms, output, settings.weights) if step % GRADIENT_NORM_EVERY == 0 else {}
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
     torch.nn.utils.clip_grad_norm_(core.parameters(), settings.grad_clip)
     optimizer.step()
     core.update_target(settings.ema_decay)
     scalars = terms.scalars()
-    scalars["latent_std"] = float(output.latent.detach().std(dim=(0, 2, 3)).mean())
+    scalars.update(latent_spread(output))
+    scalars.update({f"grad_at_latent_{name}": value for name, value in norms.items()})
     return scalars
+
+
+GRADIENT_NORM_EVERY = 25
+"""Steps between the logged gradient norms of the head terms at the shared latent (``model.gradient_norms``)."""
+
+
+def latent_spread(output: model.ModelOutput) -> dict[str, float]:
+    """The latents' spread: the standard deviation over samples and cells, mean over channels, of z_t0
+    (``latent_std``, which falls toward 0 when the representation collapses) and of the rolled-out latents
+    (``rollout_std``: a rollout that fades toward a blur has a shrinking spread)."""
+    def spread(z: torch.Tensor) -> float:  # [B, C, H, W]
+        return float(z.detach().std(dim=(0, 2, 3)).mean())
+
+    rollout = output.rollout.detach()
+    return {"latent_std": spread(output.latent), "rollout_std": spread(rollout.reshape(-1, *rollout.shape[2:]))}
 
 
 def training_loop(
@@ -258,12 +292,14 @@ def training_loop(
     if rank == 0:
         _check_run_folder(run, config, resume)
     net, step, history = _initial_model(run, config, resume)
-    future = settings.weights.latent > 0
+    future = settings.weights.latent > 0 and config.model.world_model
+    cameras = config.model.use_camera
     train_scenes = split_scenes(data, settings.train_split)
     train_loader = make_loader(
-        data, train_scenes, settings.batch_size, True, settings.seed + step, settings.loader_workers, future
+        data, train_scenes, settings.batch_size, True, settings.seed + step, settings.loader_workers, future, cameras
     )
-    val_loader = make_loader(data, split_scenes(data, settings.val_split), settings.batch_size, False, 0, 0, future)
+    val_scenes = split_scenes(data, settings.val_split)
+    val_loader = make_loader(data, val_scenes, settings.batch_size, False, 0, 0, future, cameras)
     core = net
     if distributed:
         import ray.train.torch

@@ -137,6 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
         address=args.address,
         figure_windows=args.figures,
         animation_windows=args.animation_windows,
+        direct_checkpoint=Path(args.direct) if args.direct else None,
     )
     if args.rerun:
         from bevjepa.evaluation.report import rerun_recording
@@ -149,6 +150,8 @@ def _eval(args: argparse.Namespace) -> int:
             f"{key} {eval_report.format_value(scores.get(key)):>6s}" for key in ("minADE_5", "minFDE_5", "iou_2s_mean")
         ]
         print(f"{name:26s} " + "  ".join(cells))
+    for line in eval_report.world_model_verdicts(metrics):
+        print(line.removeprefix("- "))
     if args.rerun:
         recording = rerun_recording.record_scene(result.windows, args.split, config.checkpoint, Path(args.rerun))
         print(f"Rerun recording: {recording} (open it with `rerun {recording}`)")
@@ -267,7 +270,9 @@ def _demo(args: argparse.Namespace) -> int:
         kwargs["rerun"] = Path(args.rerun)
     if args.steps is not None:
         kwargs["steps"] = args.steps
-    result = demo.run(demo.DemoConfig(out=Path(args.out), minutes=args.minutes, workers=args.workers, **kwargs))
+    if args.minutes is not None:
+        kwargs["minutes"] = args.minutes
+    result = demo.run(demo.DemoConfig(out=Path(args.out), workers=args.workers, **kwargs))
     print(f"report: {result.report}")
     return 0
 
@@ -327,7 +332,10 @@ def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     trainer = commands.add_parser("train", help="train the BEV JEPA world model on preprocessed windows")
     trainer.add_argument("--data", required=True, help="a `bevjepa preprocess` output")
     trainer.add_argument(
-        "--config", default="small", help="config preset, small (CPU) or base (GPU), or a JSON config file"
+        "--config",
+        default="small",
+        help="config preset: small (CPU), direct (the LiDAR baseline without a world model) or base (GPU), or a "
+        "JSON config file",
     )
     trainer.add_argument("--out", required=True, help="the run folder (checkpoints, TensorBoard, config)")
     trainer.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
@@ -374,6 +382,12 @@ def _add_eval_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     evaluator.add_argument("--version", default="v1.0-mini", help="table version of --dataroot (default v1.0-mini)")
     evaluator.add_argument("--split", default="mini_val", help="devkit split to score (default mini_val)")
     evaluator.add_argument("--checkpoint", default=None, help="a run folder; without it only the baselines")
+    evaluator.add_argument(
+        "--direct",
+        default=None,
+        metavar="RUN",
+        help="a run of the direct baseline (`bevjepa train --config direct`) scored beside the model",
+    )
     evaluator.add_argument("--out", required=True, help="report folder (metrics.json, report.md, figures/)")
     evaluator.add_argument("--workers", type=int, default=1, help="Ray workers for preprocessing (default 1)")
     evaluator.add_argument("--address", default=None, help="Ray cluster address for preprocessing")
@@ -467,9 +481,17 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="the whole system on this machine: synthetic data, Ray preprocessing, training, open and closed loop",
     )
     runner.add_argument("--out", default="out/demo", help="output folder (a rerun reuses what is done)")
-    runner.add_argument("--minutes", type=float, default=15.0, help="time budget; training gets what is left")
     runner.add_argument(
-        "--steps", type=int, default=None, help="train exactly this many steps (default: what the budget allows)"
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget (default 23); the model and the direct baseline share what is left, half each",
+    )
+    runner.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train the model and the direct baseline exactly this many steps each (default: what the budget allows)",
     )
     runner.add_argument("--workers", type=int, default=2, help="Ray workers")
     runner.add_argument("--suite", default=None, help="closed-loop scenario suite (default: the shipped ci)")

@@ -5,20 +5,25 @@
     nuscenes/         the synthetic dataset (nuScenes format; the devkit loads it)
     windows/          its training windows (``bevjepa preprocess``)
     run/              the trained ``small`` model (safetensors + JSON), TensorBoard scalars
-    open-loop/        ``bevjepa eval`` on mini_val: metrics.json, report.md, figures/ (PNG panels, scene.gif)
+    run-direct/       the direct baseline (``bevjepa train --config direct``: LiDAR only, no world model), trained for
+                      the same wall time as the model
+    open-loop/        ``bevjepa eval`` on mini_val with ``--direct run-direct``: metrics.json (with the world-model
+                      check), report.md, figures/ (PNG panels, scene.gif)
     closed-loop/      the ``ci`` suite driven with the model's, constant-velocity and oracle forecasts: one folder
                       (metrics.json) per source, named as ``sources.FORECASTS`` names it (model/, cv/, oracle/)
-    plan.json         the training steps chosen for the time budget (a second run keeps them)
+    plan.json         the training steps of both runs chosen for the time budget (a second run keeps them)
     timings.json      each stage's wall time in the run that did its work
     report.md         the summary: tables from the metrics files, the animation, the closed-loop results
     (``rerun``)       with ``DemoConfig.rerun``: a Rerun recording of one mini_val scene (``rerun FILE.rrd``)
 
-Every stage keeps its output and a second run skips what is done (the dataset and windows when complete, training
-when its last step is reached, each evaluation when its metrics file exists), so a second run only rewrites
-the summary. Training gets what the time budget leaves after the other stages' expected durations; its step
-count is set from a measured step time, so the learning-rate schedule runs to its end within the budget, and a
-wall-time cap of 1.5 times the plan stops it on a slower machine (a second run continues it). With
-``DemoConfig.steps`` the step count is fixed instead and no cap applies, whatever the machine's speed.
+Every stage keeps its output and a second run skips what is done (the dataset and windows when complete, each
+training when its last step is reached, each evaluation when its metrics file exists), so a second run only
+rewrites the summary. The two trainings share what the time budget leaves after the other stages' expected
+durations, half each: the model's step count is set from its measured step time, so its learning-rate schedule
+runs to its end within its half, and the direct baseline's from its own measured step time, so that it trains for
+the same wall time as the model (``direct_steps`` in plan.json). A wall-time cap of 1.5 times the plan stops either
+on a slower machine (a second run continues it). With ``DemoConfig.steps`` both step counts are fixed instead and no
+cap applies, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bevjepa.datasets import categories, preprocess
 from bevjepa.datasets import io as bevio
-from bevjepa.datasets import preprocess
 from bevjepa.evaluation.closed_loop import runner, safety, sources, suite_files
 from bevjepa.evaluation.report import eval_report, rerun_recording
 from bevjepa.prediction import bench as model_bench
-from bevjepa.prediction import checkpoint, train
+from bevjepa.prediction import checkpoint, forecaster, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.sim import synth
 
@@ -56,30 +61,34 @@ class DemoConfig:
 
     Attributes:
         out: the output folder.
-        minutes: the whole run's time budget (min); training gets what the other stages leave.
+        minutes: the whole run's time budget (min); the model and the direct baseline each train for half of what
+            the other stages leave. The default, 23, is the earlier default of 15 (which left the model about 7 of
+            them, after the dataset, the preprocessing and the reserve), plus 7 for the direct baseline's training
+            and 1 for the larger reserve: the model trains about as long as it did.
         scenes: synthetic scenes (``v1.0-mini`` names: 10 make the real mini_train / mini_val split, 8 and 2).
         duration_s: seconds per scene.
         workers: Ray workers for the dataset, preprocessing and the closed loop.
         suite: the closed-loop scenario suite.
         seed: seeds the dataset and the training.
-        reserve_s: expected seconds of the stages after training (evaluation, closed loop, report), kept free.
-        min_steps: training steps even when the budget is spent.
-        max_steps: training steps at most.
-        steps: a fixed number of training steps, run to the end however long they take (no step-time
-            measurement, no wall-time cap); None: as many as the budget allows.
+        reserve_s: expected seconds of the stages after training (evaluation, closed loop, report), kept free;
+            the open-loop stage also scores the direct baseline and runs the world-model check.
+        min_steps: the model's training steps even when the budget is spent.
+        max_steps: the model's training steps at most (the direct baseline trains for the same wall time).
+        steps: a fixed number of training steps for the model and for the direct baseline, run to the end however
+            long they take (no step-time measurement, no wall-time cap); None: as many as the budget allows.
         progress: show progress bars.
         rerun: write a Rerun recording of one mini_val scene here after the open-loop stage (a ``.rrd`` file;
             needs ``pip install 'bevjepa[rerun]'``; kept when it exists); None: no recording.
     """
 
     out: Path = Path("out/demo")
-    minutes: float = 15.0
+    minutes: float = 23.0
     scenes: int = 10
     duration_s: float = 20.0
     workers: int = 2
     suite: Path = SUITES / "ci.toml"
     seed: int = 0
-    reserve_s: float = 360.0
+    reserve_s: float = 420.0
     min_steps: int = 100
     max_steps: int = 1500
     steps: int | None = None
@@ -159,38 +168,65 @@ def _windows(config: DemoConfig, dataroot: Path, windows: Path) -> None:
 
 
 def _plan_steps(config: DemoConfig, windows: Path, spent_s: float) -> dict:
-    """The training plan: steps that fit the budget at the measured step time (kept in plan.json)."""
+    """The training plan (kept in plan.json): the model's steps and the direct baseline's.
+
+    The model gets the steps that fit half the budget at its measured step time (within ``min_steps`` and
+    ``max_steps``); the direct baseline gets that planned wall time divided by its own measured step time. A plan
+    without ``direct_steps`` (from a demo before the direct baseline) keeps its steps and gets them added.
+    """
     plan_path = config.out / "plan.json"
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
-        if config.steps is None or plan["steps"] == config.steps:
-            return plan
-    if config.steps is not None:
-        plan = {"steps": config.steps, "measured_step_s": None, "training_budget_s": None, "seed": config.seed}
-        bevio.atomic_write_json(plan_path, plan)
+    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    if plan is not None and config.steps is not None and plan["steps"] != config.steps:
+        plan = None  # other fixed steps asked for: a new plan
+    if plan is not None and "direct_steps" in plan:
         return plan
-    step_s = model_bench.training_step_time(windows, repeats=2)["step_ms"] / 1e3
-    budget_s = config.minutes * 60 - spent_s - config.reserve_s
-    steps = int(min(config.max_steps, max(config.min_steps, budget_s / step_s)))
-    plan = {"steps": steps, "measured_step_s": step_s, "training_budget_s": budget_s, "seed": config.seed}
+    if plan is None:
+        plan = _model_plan(config, windows, spent_s)
+    if plan["measured_step_s"] is None:
+        plan.update(direct_steps=plan["steps"], direct_measured_step_s=None)
+    else:
+        direct_s = model_bench.training_step_time(windows, preset="direct", repeats=2)["step_ms"] / 1e3
+        training_s = plan["steps"] * plan["measured_step_s"]  # the model's planned wall time
+        plan.update(direct_steps=max(1, round(training_s / direct_s)), direct_measured_step_s=direct_s)
     bevio.atomic_write_json(plan_path, plan)
     return plan
 
 
-def _train(config: DemoConfig, windows: Path, run: Path, plan: dict) -> None:
-    preset = experiment_config.small()
+def _model_plan(config: DemoConfig, windows: Path, spent_s: float) -> dict:
+    """The model's part of the plan: ``config.steps``, or the steps that fit half the budget at its step time."""
+    if config.steps is not None:
+        return {"steps": config.steps, "measured_step_s": None, "training_budget_s": None, "seed": config.seed}
+    step_s = model_bench.training_step_time(windows, repeats=2)["step_ms"] / 1e3
+    budget_s = (config.minutes * 60 - spent_s - config.reserve_s) / 2  # each training's half
+    steps = int(min(config.max_steps, max(config.min_steps, budget_s / step_s)))
+    return {"steps": steps, "measured_step_s": step_s, "training_budget_s": budget_s, "seed": config.seed}
+
+
+def _train(
+    config: DemoConfig,
+    windows: Path,
+    run: Path,
+    preset: experiment_config.ExperimentConfig,
+    steps: int,
+    step_s: float | None,
+    seed: int,
+) -> None:
+    """Train ``preset`` for ``steps`` into ``run`` (continuing a checkpoint there; nothing when it is finished).
+
+    ``step_s``, the measured step time, caps the wall time at 1.5 times the plan; None: no cap.
+    """
     experiment = dataclasses.replace(
         preset,
         train=dataclasses.replace(
             preset.train,
-            steps=plan["steps"],
-            seed=plan["seed"],
-            val_every=max(50, plan["steps"] // 4),
-            max_minutes=None if plan["measured_step_s"] is None else 1.5 * plan["steps"] * plan["measured_step_s"] / 60,
+            steps=steps,
+            seed=seed,
+            val_every=max(50, steps // 4),
+            max_minutes=None if step_s is None else 1.5 * steps * step_s / 60,
         ),
     )
     if (run / "state.json").is_file():
-        if checkpoint.load_state(run).get("step", 0) >= plan["steps"]:
+        if checkpoint.load_state(run).get("step", 0) >= steps:
             return
         train.train(windows, run, experiment, resume=True, progress=config.progress)
     else:
@@ -200,20 +236,44 @@ def _train(config: DemoConfig, windows: Path, run: Path, plan: dict) -> None:
 def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     """Run every stage (reusing finished ones) and write ``out/report.md``."""
     out = bevio.claim_output_folder(Path(config.out), "demo", own_files=lambda folder: (folder / "plan.json").is_file())
-    dataroot, windows, run_folder = out / "nuscenes", out / "windows", out / "run"
+    dataroot, windows, run_folder, direct_folder = out / "nuscenes", out / "windows", out / "run", out / "run-direct"
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     _timed(seconds, "synthetic dataset", lambda: _dataset(config, dataroot), say)
     _timed(seconds, "preprocessing", lambda: _windows(config, dataroot, windows), say)
     plan = _plan_steps(config, windows, time.perf_counter() - started)
     if plan["measured_step_s"] is None:
-        say(f"[demo] training plan: {plan['steps']} steps (fixed)")
+        say(f"[demo] training plan: {plan['steps']} steps, the direct baseline {plan['direct_steps']} (fixed)")
     else:
-        say(f"[demo] training plan: {plan['steps']} steps at {plan['measured_step_s']:.2f} s a step")
-    _timed(seconds, "training", lambda: _train(config, windows, run_folder, plan), say)
+        say(
+            f"[demo] training plan: {plan['steps']} steps at {plan['measured_step_s']:.2f} s a step, the direct "
+            f"baseline {plan['direct_steps']} at {plan['direct_measured_step_s']:.2f} s a step"
+        )
+    _timed(
+        seconds,
+        "training",
+        lambda: _train(
+            config, windows, run_folder, experiment_config.small(), plan["steps"], plan["measured_step_s"], plan["seed"]
+        ),
+        say,
+    )
+    _timed(
+        seconds,
+        "direct baseline training",
+        lambda: _train(
+            config,
+            windows,
+            direct_folder,
+            experiment_config.direct(),
+            plan["direct_steps"],
+            plan["direct_measured_step_s"],
+            plan["seed"],
+        ),
+        say,
+    )
 
     open_loop_dir = out / "open-loop"
-    if not (open_loop_dir / "metrics.json").is_file() or not (open_loop_dir / "report.md").is_file():
+    if not _open_loop_done(open_loop_dir):
         _timed(
             seconds,
             "open-loop evaluation",
@@ -226,6 +286,7 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
                     dataroot=dataroot,
                     version="v1.0-mini",
                     progress=config.progress,
+                    direct_checkpoint=direct_folder,
                 )
             ),
             say,
@@ -266,6 +327,17 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     return DemoResult(out, report_path, recorded, open_loop, closed)
 
 
+def _open_loop_done(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished open-loop report with the direct baseline and the world-model check.
+
+    An earlier demo's report, without them, is redone.
+    """
+    if not (folder / "metrics.json").is_file() or not (folder / "report.md").is_file():
+        return False
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return "direct" in metrics.get("models", {}) and "world_model_check" in metrics
+
+
 def _closed_loop_folder(out: Path, name: str) -> Path:
     """The folder of a source's closed-loop run: ``closed-loop/NAME``, or an earlier demo's, where only it is done."""
     folder = out / "closed-loop" / name
@@ -296,6 +368,25 @@ OPEN_LOOP_COLUMNS = (
     ("iou_2s_mean", "occupancy IoU @ 2 s"),
 )
 """The open-loop figures the summary shows, as keys of ``metrics.json``'s ``models`` entries."""
+
+SENSOR_ONLY = {
+    "model_latent": "the model, from the sensors",
+    "direct": "the direct baseline, from the LiDAR",
+}
+"""The dense occupancy maps read from the sensors alone, the headline of the summary, with the first cell of their
+rows."""
+
+INPUTS = {
+    "model_latent": "sensors",
+    "direct": "sensors (LiDAR)",
+    "constant_velocity_detected": "sensors",
+    "model": "sensors + annotated t0 boxes and past",
+    "persistence": "annotated t0 occupancy",
+}
+"""What each open-loop source reads (the summary's last column); a source not listed reads the annotated t0 boxes."""
+
+WORLD_MODEL_ROWS = {"rollout": "rollout ẑ_k", "held": "held z_t0"}
+"""The latents of the world-model check the summary shows (``open-loop/report.md`` has the observed future too)."""
 
 CLOSED_LOOP_COLUMNS = (
     ("collision_rate", "collision rate"),
@@ -343,6 +434,69 @@ def verdicts(models: dict) -> list[str]:
     return lines
 
 
+def _horizons(steps: int) -> list[str]:
+    return [f"{k * forecaster.STEP_S:.1f} s" for k in range(steps)]
+
+
+def _per_class_rows(series: dict[str, dict], titles: dict[str, str]) -> tuple[int, list[list[str]]]:
+    """Rows (title, class, a value per horizon) of ``{name: {class: [per step]}}``, and the number of steps."""
+    steps = max((len(v) for per_class in series.values() for v in per_class.values() if isinstance(v, list)), default=0)
+    rows = [
+        [f"{titles[name]} (`{name}`)", cls, *(_number(v) for v in values), *(["–"] * (steps - len(values)))]
+        for name, per_class in series.items()
+        for cls, values in per_class.items()
+        if isinstance(values, list)
+    ]
+    return steps, rows
+
+
+def _sensor_only_section(models: dict) -> list[str]:
+    """The headline: the dense occupancy IoU from the sensors alone, per class and horizon."""
+    series = {name: models[name]["iou"] for name in SENSOR_ONLY if isinstance(models.get(name, {}).get("iou"), dict)}
+    if not series:
+        return []
+    steps, rows = _per_class_rows(series, SENSOR_ONLY)
+    return [
+        "### From the sensors alone",
+        "",
+        "Occupancy IoU per class and horizon of the dense maps decoded from the sensors, no annotation read: "
+        "`model_latent`, the model's (cameras and LiDAR, the world model rolled out under the ego's actions); "
+        "`direct`, the direct baseline's (the LiDAR alone, every horizon decoded at once from z_t0, trained for the "
+        "same wall time).",
+        "",
+        *_table(["forecast", "class", *_horizons(steps)], rows),
+        "",
+    ]
+
+
+def _world_model_section(open_loop: dict) -> list[str]:
+    """The world-model check: the rollout against the held z_t0, per class and horizon, and the verdicts."""
+    check = open_loop.get("world_model_check")
+    if not isinstance(check, dict):
+        return []
+    lines = ["### Does the world model earn its place?", ""]
+    if "error" in check:
+        return [*lines, f"The world-model check failed: `{check['error']}`.", ""]
+    iou = check.get("iou", {})
+    series = {
+        name: {cls: iou[name][cls] for cls in categories.CLASSES if cls in iou.get(name, {})}
+        for name in WORLD_MODEL_ROWS
+        if isinstance(iou.get(name), dict)
+    }
+    steps, rows = _per_class_rows(series, WORLD_MODEL_ROWS)
+    rows.sort(key=lambda row: categories.CLASSES.index(row[1]))  # each class's rows together
+    lines += [
+        "The model's occupancy decoder on the latents its predictor rolled out against z_t0 held still for every "
+        f"horizon, on {check.get('windows', '?')} windows (`open-loop/metrics.json`, `world_model_check`; the "
+        "target encoder's latents of the future that came are in `open-loop/report.md`).",
+        "",
+        *_table(["latent", "class", *_horizons(steps)], rows),
+        "",
+    ]
+    verdicts = eval_report.world_model_verdicts(open_loop)
+    return [*lines, *verdicts, ""] if verdicts else lines
+
+
 def render(
     config: DemoConfig,
     plan: dict,
@@ -357,8 +511,10 @@ def render(
         "# bevjepa demo",
         "",
         f"A synthetic nuScenes v1.0-mini ({config.scenes} scenes × {config.duration_s:.0f} s), preprocessed on Ray, "
-        f"the `small` model trained for {plan['steps']} steps, then scored open loop on `mini_val` and closed loop "
-        f"on the `{Path(config.suite).stem}` suite.",
+        f"the `small` model trained for {plan['steps']} steps and the direct baseline (LiDAR only, no world model) "
+        f"for {plan.get('direct_steps', '?')} steps "
+        + ("(fixed)" if plan.get("direct_measured_step_s") is None else "(the model's wall time at its own step time)")
+        + f", then scored open loop on `mini_val` and closed loop on the `{Path(config.suite).stem}` suite.",
         "",
     ]
     if (out / "open-loop" / "figures" / "scene.gif").is_file():
@@ -369,17 +525,29 @@ def render(
         "(from `open-loop/metrics.json`; the full tables and figures are in `open-loop/report.md`).",
         "",
     ]
-    rows = [[name] + [_number(models[name].get(key)) for key, _ in OPEN_LOOP_COLUMNS] for name in models]
-    lines += _table(["forecast"] + [label for _, label in OPEN_LOOP_COLUMNS], rows)
+    lines += _sensor_only_section(models)
+    lines += _world_model_section(open_loop)
+    lines += ["### Every source", ""]
+    names = eval_report.ordered_models(models)
+    rows = [
+        [
+            name,
+            *(_number(models[name].get(key)) for key, _ in OPEN_LOOP_COLUMNS),
+            INPUTS.get(name, "annotated t0 boxes"),
+        ]
+        for name in names
+    ]
+    lines += _table(["forecast", *(label for _, label in OPEN_LOOP_COLUMNS), "input"], rows)
     lines += [
         "",
-        "`model` forecasts from the sensors and the annotated t0 boxes with their past (its occupancy moves those "
-        "boxes along its trajectory modes); `constant_velocity_past` moves the same boxes at the velocity of their "
-        "last past step (the same input), `constant_velocity_anchor` at their t0 velocity from the last three past "
-        "positions (the path the model's trajectory head starts from), `constant_velocity` at their annotated "
-        "velocity (nuScenes' centred difference, which looks 0.5 s ahead). `model_latent` is the latent occupancy "
-        "head alone, from the sensors only; `constant_velocity_detected` moves the model's own detections, the same "
-        "sensor input.",
+        "The sources that read the sensors alone come first. The rows after them need annotations: `model` forecasts "
+        "from the sensors and the annotated t0 boxes with their past (its occupancy moves those boxes along its "
+        "trajectory modes); `constant_velocity_past` moves the same boxes at the velocity of their last past step "
+        "(the same input), `constant_velocity_anchor` at their t0 velocity from the last three past positions (the "
+        "path the model's trajectory head starts from), `constant_velocity` at their annotated velocity (nuScenes' "
+        "centred difference, which looks 0.5 s ahead). `model_latent` is the model's dense occupancy from the sensors "
+        "only, `direct` the direct baseline's; `constant_velocity_detected` moves the model's own detections, the "
+        "same sensor input.",
         "",
     ]
     if "detection" in open_loop:

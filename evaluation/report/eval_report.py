@@ -3,9 +3,11 @@
 Output (``OUT``):
 
     windows/              the split preprocessed from ``--dataroot`` (only without ``--data``; resumable)
-    metrics.json          ``open_loop.evaluate`` output, plus ``detection`` (when run) and ``evaluated`` (what
-                          was scored); strict JSON: NaN and infinities are written as null
-    report.md             what was evaluated, the tables, the figures with a one-line caption each
+    metrics.json          ``open_loop.evaluate`` output, plus ``detection`` (when run), ``world_model_check`` (with
+                          a world-model checkpoint: ``world_model_check.WorldModelCheck.to_dict``) and ``evaluated``
+                          (what was scored); strict JSON: NaN and infinities are written as null
+    report.md             what was evaluated, the tables (the sensor-only sources first), the world-model check,
+                          the figures with a one-line caption each
     figures/*.png         IoU per horizon; for each chosen window: LiDAR, occupancy per horizon, trajectories
     figures/scene.gif     consecutive windows of the first chosen window's scene, each over its horizon
     detection/            the detection evaluation's own files (when it runs)
@@ -33,27 +35,47 @@ import torch
 
 from bevjepa.datasets import categories, geometry, preprocess, torch_dataset, windows
 from bevjepa.datasets import io as bevio
-from bevjepa.evaluation import baselines, detection_eval, open_loop
+from bevjepa.evaluation import baselines, detection_eval, open_loop, world_model_check
 from bevjepa.evaluation.report import plots
 from bevjepa.prediction import checkpoint, forecaster, train
+from bevjepa.prediction import config as experiment_config
 
 SOURCE_NOTES = {
-    "model": "the forecast: trajectory modes; occupancy = the agents' annotated t0 boxes moved along the modes, "
-    "weighted by the mode probabilities",
-    "model_latent": "the latent occupancy head alone (from the sensors, no agent boxes)",
+    "model_latent": "the model's dense occupancy, decoded from its sensors alone (no annotation read): what a car has",
+    "direct": "the direct baseline (`bevjepa train --config direct`): the LiDAR alone, every horizon's occupancy "
+    "decoded at once from z_t0, no world model",
+    "constant_velocity_detected": "the model's own t0 detections moved at their regressed velocity (from the sensors)",
+    "model": "the forecast for the annotated agents (needs annotations): trajectory modes; occupancy = the agents' "
+    "annotated t0 boxes moved along the modes, weighted by the mode probabilities",
     "constant_velocity": "the annotated t0 boxes moved at their annotated t0 velocity (nuScenes: a centred "
     "difference that looks 0.5 s ahead)",
     "constant_velocity_past": "the same boxes moved at the velocity of their last past step (causal, as the model; "
     "the devkit's constant-velocity speed)",
     "constant_velocity_anchor": "the same boxes moved at their t0 velocity from the last three past positions "
     "(causal): the model's anchor mode alone",
-    "constant_velocity_detected": "the model's own t0 detections moved at their regressed velocity",
     "ctrv": "constant turn rate and velocity from the annotated t0 boxes and their past",
     "persistence": "everything stays as it is at t0",
 }
 """One line on what each source of ``open_loop.evaluate`` is, for the report."""
 MODEL_ORDER = tuple(SOURCE_NOTES)
-"""The order of the rows of every table: that of ``SOURCE_NOTES`` (names not listed follow, sorted)."""
+"""The order of the rows of every table: that of ``SOURCE_NOTES`` (names not listed follow, sorted): the sources that
+read only the sensors first, then those that read the annotated boxes."""
+SOURCE_TITLES = {
+    "model_latent": "model, from the sensors (dense occupancy)",
+    "direct": "direct baseline, from the LiDAR (dense occupancy)",
+    "constant_velocity_detected": "model's detections at constant velocity (from the sensors)",
+    "model": "annotated t0 boxes moved along the model's modes (needs annotations)",
+}
+"""The first cell of a source's rows, before its name (a source not listed shows its name alone)."""
+CHECK_TITLES = {
+    "rollout": "rollout ẑ_k",
+    "held": "held z_t0",
+    "observed": "observed future (target encoder)",
+    "direct": "direct baseline",
+}
+"""The rows of the world-model check's tables: ``world_model_check.SOURCES`` and the direct baseline."""
+VERDICT_SECONDS = (1.0, 2.0)
+"""The horizons (s) at which the world model is compared with the direct baseline."""
 TRAJECTORY_KEYS = tuple(f"{metric}_{k}" for k in (1, 5, 10) for metric in ("minADE", "minFDE", "MissRate_2"))
 """The trajectory columns, in table order."""
 MISSING = "—"
@@ -67,7 +89,8 @@ class EvalConfig:
     Attributes:
         out: the report folder (created; rerunning rewrites the report and resumes preprocessing).
         split: the devkit split scored (``mini_val``, ``val``, ...; ``all`` for every scene present).
-        checkpoint: a run folder; None scores only the baselines.
+        checkpoint: a run folder; None scores only the baselines. With a world model, the world-model check
+            (``world_model_check.check``) runs on the same windows.
         data: windows written by ``bevjepa preprocess``; None preprocesses the split of ``dataroot`` into
             ``out/windows``.
         dataroot: the nuScenes dataset root (needed without ``data``; with a checkpoint it also feeds the
@@ -79,6 +102,8 @@ class EvalConfig:
         figure_windows: windows drawn as PNG panels.
         animation_windows: consecutive windows in the GIF (0: no GIF).
         progress: show progress.
+        direct_checkpoint: a run folder of the direct baseline (``bevjepa train --config direct``), scored beside
+            the model as ``direct``; None: not scored.
     """
 
     out: Path
@@ -93,6 +118,7 @@ class EvalConfig:
     figure_windows: int = 2
     animation_windows: int = 6
     progress: bool = True
+    direct_checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
         if self.data is None and self.dataroot is None:
@@ -128,12 +154,12 @@ class EvalReport:
 
 
 def check_inputs(config: EvalConfig) -> None:
-    """Fail before any work on a wrong dataroot, version, split, windows folder or checkpoint.
+    """Fail before any work on a wrong dataroot, version, split, windows folder, checkpoint or direct baseline.
 
     Raises:
-        FileNotFoundError: the dataroot, its ``version`` tables, the windows' manifest or the run folder's files
+        FileNotFoundError: the dataroot, its ``version`` tables, the windows' manifest or a run folder's files
             are missing.
-        ValueError: the split is unknown, or not in the windows.
+        ValueError: the split is unknown, or not in the windows; the direct baseline's run has a world model.
     """
     from nuscenes.utils.splits import create_splits_scenes
 
@@ -154,12 +180,23 @@ def check_inputs(config: EvalConfig) -> None:
     if config.data is not None:
         train.split_scenes(Path(config.data), config.split)  # names the manifest or the split if they are wrong
     if config.checkpoint is not None:
-        checkpoint.load_config(Path(config.checkpoint))
-        checkpoint.load_state(Path(config.checkpoint))
-        if not (Path(config.checkpoint) / "model.safetensors").is_file():
-            raise FileNotFoundError(
-                f"{Path(config.checkpoint) / 'model.safetensors'} not found: {config.checkpoint} holds no weights"
+        _check_run(Path(config.checkpoint))
+    if config.direct_checkpoint is not None:
+        experiment = _check_run(Path(config.direct_checkpoint))
+        if experiment.model.world_model:
+            raise ValueError(
+                f"--direct {config.direct_checkpoint}: this run has a world model (preset {experiment.preset!r}); "
+                "give a run of the direct baseline, trained with `bevjepa train --config direct`"
             )
+
+
+def _check_run(run: Path) -> experiment_config.ExperimentConfig:
+    """The configuration of a run folder that holds a config, a checkpoint state and weights."""
+    experiment = checkpoint.load_config(run)
+    checkpoint.load_state(run)
+    if not (run / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run / 'model.safetensors'} not found: {run} holds no weights")
+    return experiment
 
 
 def windows_folder(config: EvalConfig) -> Path:
@@ -186,7 +223,7 @@ def windows_folder(config: EvalConfig) -> Path:
 
 
 def describe_inputs(config: EvalConfig, data: Path) -> dict:
-    """What was evaluated: the windows and their dataset, the checkpoint and a summary of its configuration."""
+    """What was evaluated: the windows and their dataset, the checkpoints and a summary of their configurations."""
     manifest = json.loads((data / "manifest.json").read_text())
     described: dict = {
         "data": str(data),
@@ -196,25 +233,34 @@ def describe_inputs(config: EvalConfig, data: Path) -> dict:
         "checkpoint": str(config.checkpoint) if config.checkpoint is not None else None,
     }
     if config.checkpoint is not None:
-        experiment = checkpoint.load_config(Path(config.checkpoint))
-        state = checkpoint.load_state(Path(config.checkpoint))
-        model = experiment.model
-        sensors = [name for name, used in (("camera", model.use_camera), ("lidar", model.use_lidar)) if used]
-        described["config"] = {
-            "preset": experiment.preset,
-            "hash": experiment.content_hash(),
-            "sensors": sensors,
-            "grid": dataclasses.asdict(model.grid),
-            "occupancy_steps": model.occupancy_steps,
-            "trajectory_steps": model.trajectory_steps,
-            "modes": model.modes,
-            "jepa_weight": experiment.train.weights.latent,
-            "train_steps": experiment.train.steps,
-            "trained_steps": state.get("step"),
-            "batch_size": experiment.train.batch_size,
-            "train_split": experiment.train.train_split,
-        }
+        described["config"] = describe_run(Path(config.checkpoint))
+    if config.direct_checkpoint is not None:
+        described["direct_checkpoint"] = str(config.direct_checkpoint)
+        described["direct_config"] = describe_run(Path(config.direct_checkpoint))
     return described
+
+
+def describe_run(run: Path) -> dict:
+    """A summary of a run folder's configuration and how far it trained."""
+    experiment = checkpoint.load_config(run)
+    state = checkpoint.load_state(run)
+    model = experiment.model
+    sensors = [name for name, used in (("camera", model.use_camera), ("lidar", model.use_lidar)) if used]
+    return {
+        "preset": experiment.preset,
+        "hash": experiment.content_hash(),
+        "sensors": sensors,
+        "world_model": model.world_model,
+        "grid": dataclasses.asdict(model.grid),
+        "occupancy_steps": model.occupancy_steps,
+        "trajectory_steps": model.trajectory_steps,
+        "modes": model.modes,
+        "jepa_weight": experiment.train.weights.latent,
+        "train_steps": experiment.train.steps,
+        "trained_steps": state.get("step"),
+        "batch_size": experiment.train.batch_size,
+        "train_split": experiment.train.train_split,
+    }
 
 
 def detection_metrics(config: EvalConfig, data: Path) -> dict | None:
@@ -237,6 +283,25 @@ def detection_metrics(config: EvalConfig, data: Path) -> dict | None:
     except Exception as error:  # noqa: BLE001 — recorded in metrics.json and the report; the rest stands
         print(f"bevjepa eval: detection evaluation failed: {type(error).__name__}: {error}", file=sys.stderr)
         return {"error": f"{type(error).__name__}: {error}"}
+
+
+def world_model_metrics(config: EvalConfig, data: Path) -> dict | None:
+    """The world-model check of the checkpoint (``world_model_check.WorldModelCheck.to_dict``) on the split.
+
+    Returns None without a checkpoint or when the checkpoint has no world model (the direct baseline);
+    ``{"error": ...}`` when it failed (the report still gets written).
+    """
+    if config.checkpoint is None:
+        return None
+    experiment, net = checkpoint.load_model(Path(config.checkpoint))
+    if not experiment.model.world_model:
+        return None
+    try:
+        check = world_model_check.check(net, data, config.split, batch_size=config.batch_size, progress=config.progress)
+    except Exception as error:  # noqa: BLE001 — recorded in metrics.json and the report; the rest stands
+        print(f"bevjepa eval: world-model check failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return {"error": f"{type(error).__name__}: {error}"}
+    return check.to_dict()
 
 
 # --- report.md -------------------------------------------------------------------------------------------------
@@ -272,9 +337,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [*lines, ""]
 
 
-def _ordered_models(models: dict) -> list[str]:
+def ordered_models(models: dict) -> list[str]:
+    """The names of ``models`` in table order (``MODEL_ORDER``; names not listed follow, sorted)."""
     known = [m for m in MODEL_ORDER if m in models]
     return known + sorted(m for m in models if m not in MODEL_ORDER)
+
+
+def _label(name: str) -> str:
+    """The first cell of a source's rows: its title (``SOURCE_TITLES``) and its name in metrics.json."""
+    return f"{SOURCE_TITLES[name]} (`{name}`)" if name in SOURCE_TITLES else f"`{name}`"
 
 
 def _horizon_header(steps: int) -> list[str]:
@@ -284,12 +355,12 @@ def _horizon_header(steps: int) -> list[str]:
 def _model_tables(metrics: dict) -> list[str]:
     """The tables of the models' scores, each key rendered by its shape."""
     models: dict = metrics.get("models", {})
-    names = _ordered_models(models)
+    names = ordered_models(models)
     lines: list[str] = []
     trajectory = [k for k in TRAJECTORY_KEYS if any(k in models[m] for m in names)]
     if trajectory:
         rows = [
-            [f"`{m}`", *(format_value(models[m].get(k)) for k in trajectory)]
+            [_label(m), *(format_value(models[m].get(k)) for k in trajectory)]
             for m in names
             if any(k in models[m] for k in trajectory)
         ]
@@ -303,7 +374,7 @@ def _model_tables(metrics: dict) -> list[str]:
         key=lambda k: (k != "iou_2s_mean", k),
     )
     if scalar_keys:
-        rows = [[f"`{m}`", *(format_value(models[m].get(k)) for k in scalar_keys)] for m in names]
+        rows = [[_label(m), *(format_value(models[m].get(k)) for k in scalar_keys)] for m in names]
         lines += [
             "### Occupancy and calibration (`iou_2s_mean`: IoU at 2 s, mean over classes)",
             "",
@@ -312,7 +383,7 @@ def _model_tables(metrics: dict) -> list[str]:
     for key in sorted({k for m in names for k, v in models[m].items() if isinstance(v, list)}):
         steps = max(len(models[m][key]) for m in names if isinstance(models[m].get(key), list))
         rows = [
-            [f"`{m}`", *(format_value(v) for v in models[m][key]), *([MISSING] * (steps - len(models[m][key])))]
+            [_label(m), *(format_value(v) for v in models[m][key]), *([MISSING] * (steps - len(models[m][key])))]
             for m in names
             if isinstance(models[m].get(key), list)
         ]
@@ -328,7 +399,7 @@ def _model_tables(metrics: dict) -> list[str]:
         rows = []
         for m in names:
             for cls, values in (models[m].get(key) or {}).items():
-                rows.append([f"`{m}`", cls, *(format_value(v) for v in values), *([MISSING] * (steps - len(values)))])
+                rows.append([_label(m), cls, *(format_value(v) for v in values), *([MISSING] * (steps - len(values)))])
         title = "Occupancy IoU" if key == "iou" else f"`{key}`"
         lines += [
             f"### {title} per horizon and class (`{key}`)",
@@ -344,7 +415,7 @@ def _model_tables(metrics: dict) -> list[str]:
     for key in sorted(class_scalar_keys):
         columns = list(dict.fromkeys(c for m in names for c in (models[m].get(key) or {})))
         rows = [
-            [f"`{m}`", *(format_value(models[m][key].get(c)) for c in columns)]
+            [_label(m), *(format_value(models[m][key].get(c)) for c in columns)]
             for m in names
             if isinstance(models[m].get(key), dict)
         ]
@@ -361,12 +432,135 @@ def _model_tables(metrics: dict) -> list[str]:
             key=lambda c: (TRAJECTORY_KEYS.index(c) if c in TRAJECTORY_KEYS else len(TRAJECTORY_KEYS), c),
         )
         rows = [
-            [f"`{m}`", cls, *(format_value(x.get(c)) for c in columns)]
+            [_label(m), cls, *(format_value(x.get(c)) for c in columns)]
             for m in names
             for cls, x in (models[m].get(key) or {}).items()
         ]
         lines += [f"### Per class (`{key}`)", "", *_table(["model", "class", *columns], rows)]
     return lines
+
+
+def _number(value: object) -> float | None:
+    """A finite float of metrics.json, or None (null, missing, NaN)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _at(values: object, step: int) -> float | None:
+    """Step ``step`` of a per-horizon list of metrics.json (None where it holds none)."""
+    return _number(values[step]) if isinstance(values, list) and 0 <= step < len(values) else None
+
+
+def iou_ratio(numerator: object, denominator: object) -> float | None:
+    """``numerator`` ÷ ``denominator`` of two IoU values; None where either is missing or the denominator is 0."""
+    a, b = _number(numerator), _number(denominator)
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def world_model_verdicts(metrics: dict) -> list[str]:
+    """Plain lines on what the world-model check and the direct baseline say, computed from metrics.json.
+
+    Per class: the rollout's IoU over the held z_t0's at the last horizon (2 s); and whether the world model's
+    sensor-only occupancy (``model_latent``) beats the direct baseline's (``direct``), same windows, at
+    ``VERDICT_SECONDS``. Classes or horizons without a value are left out.
+    """
+    lines: list[str] = []
+    check = metrics.get("world_model_check")
+    iou = check.get("iou", {}) if isinstance(check, dict) else {}
+    for cls in categories.CLASSES:
+        rollout, held = iou.get("rollout", {}).get(cls), iou.get("held", {}).get(cls)
+        if not isinstance(rollout, list) or not rollout:
+            continue
+        last = len(rollout) - 1
+        seconds = f"{last * forecaster.STEP_S:g} s"
+        a, b = _at(rollout, last), _at(held, last)
+        ratio = iou_ratio(a, b)
+        if ratio is not None:
+            lines.append(
+                f"- at {seconds} the rollout is {ratio:.2f}× the held latent for {cls}s "
+                f"(IoU {format_value(a)} against {format_value(b)})."
+            )
+        elif a is not None or b is not None:
+            lines.append(
+                f"- at {seconds} the rollout's IoU for {cls}s is {format_value(a)}, the held latent's "
+                f"{format_value(b)}: no ratio."
+            )
+    models = metrics.get("models", {})
+    ours, theirs = models.get("model_latent", {}).get("iou", {}), models.get("direct", {}).get("iou", {})
+    for cls in categories.CLASSES:
+        compared = []  # (seconds, model_latent IoU, direct IoU)
+        for seconds in VERDICT_SECONDS:
+            step = round(seconds / forecaster.STEP_S)
+            a, b = _at(ours.get(cls), step), _at(theirs.get(cls), step)
+            if a is not None and b is not None:
+                compared.append((seconds, a, b))
+        if not compared:
+            continue
+        won = [f"{seconds:g} s" for seconds, a, b in compared if a > b]
+        lost = [f"{seconds:g} s" for seconds, a, b in compared if not a > b]
+        if not lost:
+            verdict = f"beats the direct baseline at {' and '.join(won)}"
+        elif not won:
+            verdict = f"does not beat the direct baseline at {' or '.join(lost)}"
+        else:
+            verdict = f"beats the direct baseline at {' and '.join(won)} but not at {' or '.join(lost)}"
+        numbers = "; ".join(f"{seconds:g} s: {format_value(a)} against {format_value(b)}" for seconds, a, b in compared)
+        lines.append(f"- the world model {verdict} for {cls}s (IoU of `model_latent` against `direct`, {numbers}).")
+    return lines
+
+
+def _world_model_section(metrics: dict) -> list[str]:
+    """``## Does the world model earn its place?``: the world-model check per class and horizon, and the verdicts."""
+    check = metrics.get("world_model_check")
+    if not isinstance(check, dict):
+        return []
+    lines = ["## Does the world model earn its place?", ""]
+    if "error" in check:
+        return [*lines, f"The world-model check failed: `{_cell(check['error'])}`.", ""]
+    direct = metrics.get("models", {}).get("direct", {}).get("iou")
+    lines += [
+        f"The model's occupancy decoder applied, on {check.get('windows')} windows, to the latent the predictor "
+        "rolled out (`rollout`, what a forecast uses), to z_t0 held still for every horizon (`held`: the world "
+        "standing still, the bar a rollout must clear) and to the target encoder's latents of the frames that "
+        "really came (`observed`: what the decoder makes of a perfect prediction). "
+        + (
+            "The direct baseline (`direct`: the LiDAR alone, every horizon decoded at once from z_t0) is its "
+            "open-loop IoU on the same split. "
+            if direct
+            else "No direct baseline was scored (`bevjepa eval --direct RUN`). "
+        )
+        + f"IoU per class, probabilities thresholded at {check.get('threshold')}, cell counts summed "
+        "over the split; `rollout ÷ held` above 1 is what the world model adds.",
+        "",
+    ]
+    iou = check.get("iou", {})
+    for cls in categories.CLASSES:
+        series = {source: iou.get(source, {}).get(cls) for source in world_model_check.SOURCES}
+        if direct:
+            series["direct"] = direct.get(cls)
+        series = {name: values for name, values in series.items() if isinstance(values, list)}
+        if not series:
+            continue
+        steps = max(len(values) for values in series.values())
+        rows = [
+            [
+                f"{CHECK_TITLES[name]} (`{name}`)",
+                *(format_value(v) for v in values),
+                *([MISSING] * (steps - len(values))),
+            ]
+            for name, values in series.items()
+        ]
+        if "rollout" in series and "held" in series:
+            rows.append(
+                [
+                    "rollout ÷ held",
+                    *(format_value(iou_ratio(_at(series["rollout"], k), _at(series["held"], k))) for k in range(steps)),
+                ]
+            )
+        lines += [f"### {cls}: occupancy IoU per horizon", "", *_table(["latent", *_horizon_header(steps)], rows)]
+    verdicts = world_model_verdicts(metrics)
+    return [*lines, *verdicts, ""] if verdicts else lines
 
 
 def _detection_tables(detection: dict) -> list[str]:
@@ -393,7 +587,8 @@ def render_report(metrics: dict, figures: Sequence[tuple[str, str]] = ()) -> str
     """report.md from metrics.json's content.
 
     Args:
-        metrics: metrics.json as read back (``evaluate`` output plus ``evaluated`` and ``detection``).
+        metrics: metrics.json as read back (``evaluate`` output plus ``evaluated``, ``detection`` and
+            ``world_model_check``).
         figures: (path relative to the report, one-line caption) of each figure, in order.
     """
     evaluated = metrics.get("evaluated", {})
@@ -415,21 +610,37 @@ def render_report(metrics: dict, figures: Sequence[tuple[str, str]] = ()) -> str
         grid = config.get("grid", {})
         lines.append(
             f"- model: preset `{config.get('preset')}` (config `{config.get('hash')}`), sensors "
-            f"{' + '.join(config.get('sensors', []))}, grid x [{grid.get('x_min_m')}, {grid.get('x_max_m')}) y "
+            f"{' + '.join(config.get('sensors', []))}"
+            + (", no world model (the direct baseline)" if config.get("world_model") is False else "")
+            + f", grid x [{grid.get('x_min_m')}, {grid.get('x_max_m')}) y "
             f"[{grid.get('y_min_m')}, {grid.get('y_max_m')}) m at {grid.get('resolution_m')} m, "
             f"{config.get('occupancy_steps')} occupancy steps, {config.get('trajectory_steps')} trajectory steps, "
             f"{config.get('modes')} modes, JEPA weight {config.get('jepa_weight')}; trained "
             f"{config.get('trained_steps')} of {config.get('train_steps')} steps, batch {config.get('batch_size')}, "
             f"on `{config.get('train_split')}`"
         )
+    direct = evaluated.get("direct_config")
+    if evaluated.get("direct_checkpoint"):
+        lines.append(
+            f"- direct baseline: `{evaluated['direct_checkpoint']}`"
+            + (
+                f", preset `{direct.get('preset')}` (config `{direct.get('hash')}`), sensors "
+                f"{' + '.join(direct.get('sensors', []))}, no world model; trained {direct.get('trained_steps')} of "
+                f"{direct.get('train_steps')} steps, batch {direct.get('batch_size')}, on `{direct.get('train_split')}`"
+                if isinstance(direct, dict)
+                else ""
+            )
+        )
     lines += [
-        "- occupancy: per-class IoU, model probabilities thresholded at 0.5, cell counts summed over the split",
-        "- sources: " + "; ".join(f"`{m}`: {SOURCE_NOTES[m]}" for m in _ordered_models(models) if m in SOURCE_NOTES),
+        "- occupancy: per-class IoU, model probabilities thresholded at 0.5, cell counts summed over the split; the "
+        "sources that read only the sensors come first in every table",
+        "- sources: " + "; ".join(f"`{m}`: {SOURCE_NOTES[m]}" for m in ordered_models(models) if m in SOURCE_NOTES),
         f"- every number below is read from `metrics.json` (rounded to 3 decimals); `{MISSING}` where it holds none",
         "",
         "## Scores",
         "",
         *_model_tables(metrics),
+        *_world_model_section(metrics),
     ]
     if isinstance(metrics.get("detection"), dict):
         lines += _detection_tables(metrics["detection"])
@@ -601,10 +812,14 @@ def run(config: EvalConfig) -> EvalReport:
     )
     data = windows_folder(config)
     run_folder = Path(config.checkpoint) if config.checkpoint is not None else None
-    result = open_loop.evaluate(data, config.split, run_folder, batch_size=config.batch_size)
+    direct_folder = Path(config.direct_checkpoint) if config.direct_checkpoint is not None else None
+    result = open_loop.evaluate(data, config.split, run_folder, batch_size=config.batch_size, direct_run=direct_folder)
     detection = detection_metrics(config, data)
     if detection is not None:
         result["detection"] = detection
+    check = world_model_metrics(config, data)
+    if check is not None:
+        result["world_model_check"] = check
     result["evaluated"] = describe_inputs(config, data)
     metrics_path = out / "metrics.json"
     bevio.atomic_write_json(metrics_path, result)

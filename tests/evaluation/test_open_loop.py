@@ -21,7 +21,7 @@ from bevjepa.evaluation.report import eval_report
 from bevjepa.prediction import agent_occupancy, checkpoint, heads
 
 SOURCES = set(eval_report.MODEL_ORDER)
-"""Every source the report knows: ``evaluate`` with a run scores each of them."""
+"""Every source the report knows: ``evaluate`` with a run and a direct run scores each of them."""
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,10 @@ def run(tiny_checkpoint: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def result(synthetic_windows: Path, run: Path) -> dict:
-    return open_loop.evaluate(synthetic_windows, "all", run, batch_size=2, trajectory_seconds=2.0)
+def result(synthetic_windows: Path, run: Path, tiny_direct_checkpoint: Path) -> dict:
+    return open_loop.evaluate(
+        synthetic_windows, "all", run, batch_size=2, trajectory_seconds=2.0, direct_run=tiny_direct_checkpoint
+    )
 
 
 def test_every_source_reports_every_metric(result):
@@ -47,7 +49,7 @@ def test_every_source_reports_every_metric(result):
         for key in ("iou_2s_mean", "vpq_2s_mean", "brier_mean", "ece_all"):
             assert isinstance(scores[key], float), (name, key)
         assert 0 <= scores["brier_mean"] <= 1 and 0 <= scores["ece_all"] <= 1
-        if name in ("constant_velocity_detected", "model_latent"):
+        if name in open_loop.OCCUPANCY_SOURCES:
             assert "minADE_5" not in scores  # occupancy only: no agent identity
             continue
         for k in (1, 5, 10):
@@ -132,3 +134,31 @@ def test_without_a_run_only_the_baselines_and_bad_horizons_are_refused(synthetic
     assert baseline_only["agents"] == 0 and math.isnan(baseline_only["models"]["ctrv"]["minADE_5"])
     with pytest.raises(ValueError, match="hold 12 steps"):
         open_loop.evaluate(synthetic_windows, "all", trajectory_seconds=7.0)
+
+
+def test_the_direct_row_is_the_direct_models_occupancy_on_the_same_windows(
+    synthetic_windows, tiny_direct_checkpoint, result
+):
+    _, net = checkpoint.load_model(tiny_direct_checkpoint)
+    dataset = torch_dataset.WindowDataset(synthetic_windows)
+    pairs = []
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            batch = torch_dataset.collate([dataset[index]])
+            probability = torch.sigmoid(net(batch).occupancy_logits)[0].numpy()  # [S, C, H, W]
+            pairs.append(metrics.iou_counts(probability >= 0.5, batch.occupancy[0].numpy()))
+    per_step = metrics.iou(sum(p[0] for p in pairs), sum(p[1] for p in pairs))  # [S, C]
+    direct = result["models"]["direct"]
+    for c, name in enumerate(categories.CLASSES):
+        np.testing.assert_allclose(np.array(direct["iou"][name], dtype=float), per_step[:, c], rtol=1e-12)
+    assert result["windows"] == len(dataset) and result["windows_failed"] == 0
+
+
+def test_a_direct_run_is_scored_without_a_model_and_a_world_model_run_is_refused(
+    synthetic_windows, tiny_checkpoint, tiny_direct_checkpoint
+):
+    alone = open_loop.evaluate(synthetic_windows, "mini_val", direct_run=tiny_direct_checkpoint)
+    assert set(alone["models"]) == set(open_loop.TRAJECTORY_SOURCES) - {"model"} | {"direct"}
+    assert all(len(v) == 5 for v in alone["models"]["direct"]["iou"].values())
+    with pytest.raises(ValueError, match="has a world model .* `bevjepa train --config direct`"):
+        open_loop.evaluate(synthetic_windows, "mini_val", direct_run=tiny_checkpoint)

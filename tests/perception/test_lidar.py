@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -40,11 +42,26 @@ def test_object_lands_in_the_cell_gridspec_names(encoder, x, y) -> None:
     points = torch.cat([object_points(x, y), object_points(-x, -y, seed=1)])  # a second object in sample 1
     points_batch = torch.tensor([0] * 12 + [1] * 12)
     pseudo_image = encoder.pillar_features(points, points_batch, batch_size=2)
-    assert pseudo_image.shape == (2, encoder.config.pointnet_width, *grid.shape)
+    assert pseudo_image.shape == (2, encoder.config.pseudo_image_channels, *grid.shape)
+    assert encoder.config.pseudo_image_channels == encoder.config.pointnet_width + lidar.PILLAR_STATS
 
     rows, cols, inside = grid.xy_to_index(np.array([[x, y], [-x, -y]]))
     assert inside.all()
     assert occupied_cells(pseudo_image) == [[0, rows[0], cols[0]], [1, rows[1], cols[1]]]
+
+
+def test_pillar_statistics_count_the_points_their_heights_and_intensity(encoder) -> None:
+    points = torch.tensor(
+        [[4.1, 2.1, 0.1, 100.0, 0.0], [4.2, 2.2, 1.5, 50.0, 0.0], [4.3, 2.1, 0.9, 0.0, 0.1], [-9.9, 3.1, 0.0, 255.0, 0.0]]
+    )
+    stats = encoder.pillar_features(points, torch.zeros(4, dtype=torch.int64), 1)[0, -lidar.PILLAR_STATS :]
+    rows, cols, _ = encoder.config.pillar_grid.xy_to_index(np.array([[4.2, 2.2], [-9.9, 3.1]]))
+    torch.testing.assert_close(
+        stats[:, rows[0], cols[0]],
+        torch.tensor([math.log(4.0), 1.5 / 2.0, 150.0 / 255.0 / 3.0, math.log(3.0)]),
+    )
+    torch.testing.assert_close(stats[:, rows[1], cols[1]], torch.tensor([math.log(2.0), 0.0, 1.0, 0.0]))
+    assert int((stats[0] > 0).sum()) == 2  # empty pillars stay zero
 
 
 def test_pillar_features_depend_only_on_their_own_points(encoder) -> None:

@@ -33,10 +33,29 @@ def agents_batch(B: int = 2, A: int = 3, P: int = 3, seed: int = 0):
 
 
 def test_occupancy_head_shapes():
-    head = heads.OccupancyHead(channels=8, classes=3, upsample=4, hidden=16)
-    assert head(torch.randn(2, 8, 32, 32)).shape == (2, 3, 128, 128)
-    assert head(torch.randn(2, 5, 8, 32, 32)).shape == (2, 5, 3, 128, 128)
-    assert head(torch.randn(1, 8, 32, 32)).mean().item() == pytest.approx(math.log(0.02 / 0.98), abs=0.5)
+    head = heads.OccupancyHead(width=8, classes=3)
+    assert head(torch.randn(2, 8, 128, 128)).shape == (2, 1, 3, 128, 128)
+    assert heads.OccupancyHead(width=8, classes=3, horizons=5)(torch.randn(2, 8, 128, 128)).shape == (2, 5, 3, 128, 128)
+    assert head(torch.randn(1, 8, 128, 128)).mean().item() == pytest.approx(math.log(0.02 / 0.98), abs=0.5)
+
+
+def test_decoder_reaches_the_target_grid_through_the_fine_maps():
+    decoder = heads.BevDecoder(channels=8, skip_channels=(4, 6), widths=(8, 12), steps=5)
+    z = torch.randn(3, 8, 32, 32)
+    skips = [torch.randn(3, 4, 128, 128, requires_grad=True), torch.randn(3, 6, 64, 64, requires_grad=True)]
+    fine, coarse = decoder(z, skips, torch.tensor([0, 1, 4]))
+    assert fine.shape == (3, 8, 128, 128) and coarse.shape == (3, 12, 64, 64)
+    fine.sum().backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in skips)  # both fine maps reach the output
+    # The step embedding tells the decoder which horizon it decodes.
+    with torch.no_grad():
+        decoder.step_embedding.normal_()
+    same = z[:1].expand(2, -1, -1, -1)
+    a, b = decoder(same, [s[:1].detach().expand(2, -1, -1, -1) for s in skips], torch.tensor([0, 3]))[0]
+    assert not torch.allclose(a, b)
+    # Without LiDAR there are no fine maps.
+    bare = heads.BevDecoder(channels=8, skip_channels=(0, 0), widths=(8, 12), steps=1)
+    assert bare(z, [], torch.zeros(3, dtype=torch.long))[0].shape == (3, 8, 128, 128)
 
 
 # ---------------------------------------------------------------------------------------------------- trajectory
@@ -266,12 +285,12 @@ def boxes_batch():
 
 
 def test_detection_head_shapes():
-    head = heads.DetectionHead(channels=8, classes=3, hidden=16)
-    heat, reg = head(torch.randn(2, 8, 32, 32))
+    head = heads.DetectionHead(width=8, classes=3)
+    heat, reg = head(torch.randn(2, 8, 64, 64))
     assert heat.shape == (2, 3, 64, 64) and reg.shape == (2, len(heads.REGRESSION_CHANNELS), 64, 64)
     assert head.grid.shape == (64, 64)
     with pytest.raises(ValueError, match="detection grid"):
-        head(torch.randn(2, 8, 16, 16))
+        head(torch.randn(2, 8, 32, 32))
 
 
 def test_detection_targets_peak_at_the_cell_the_grid_names():
@@ -496,22 +515,25 @@ def test_all_losses_finite_and_backprop_through_the_heads():
     B, A, C = 2, 4, 8
     z0 = torch.randn(B, C, 32, 32, requires_grad=True)
     rollout = torch.randn(B, 2, C, 32, 32, requires_grad=True)
-    occ_head = heads.OccupancyHead(channels=C, hidden=16)
+    decoder = heads.BevDecoder(channels=C, skip_channels=(0, 0), widths=(8, 16), steps=3)
+    occ_head = heads.OccupancyHead(width=8)
     traj_head = heads.TrajectoryHead(channels=C, modes=4, steps=6, hidden=16)
-    det_head = heads.DetectionHead(channels=C, hidden=16)
+    det_head = heads.DetectionHead(width=16)
     xy, past, past_mask, yaw, cls, speed, heading = agents_batch(B=B, A=A)
     sequence = torch.cat([z0[:, None], rollout], 1)
-    occupancy = occ_head(sequence)  # [B, 3, 3, 128, 128]
+    fine, coarse = decoder(sequence.reshape(B * 3, C, 32, 32), [], torch.arange(3).repeat(B))
+    occupancy = occ_head(fine).reshape(B, 3, 3, 128, 128)
     occ_target = torch.rand(occupancy.shape) > 0.97
     modes, logits = traj_head(z0, xy, past, past_mask, yaw, cls, rollout=rollout)
     future = xy[:, :, None] + torch.arange(1, 7).float()[:, None] * heading[:, :, None]
-    heat, reg = det_head(z0)
+    heat, reg = det_head(coarse.reshape(B, 3, 16, 64, 64)[:, 0])
     box, velocity, box_cls, box_mask = boxes_batch()
     targets = heads.detection_targets(box, velocity, box_cls, box_mask)
     terms = [
         losses.latent_prediction_loss(rollout, torch.randn_like(rollout)),
         *losses.vicreg_regularizer(sequence.reshape(-1, C, 32, 32)),
         losses.occupancy_loss(occupancy, occ_target, focal_gamma=2.0),
+        losses.soft_dice_loss(occupancy, occ_target),
         *losses.trajectory_loss(
             modes, logits, future, torch.ones(B, A, 6, dtype=torch.bool), torch.ones(B, A, dtype=torch.bool)
         ),
@@ -519,6 +541,6 @@ def test_all_losses_finite_and_backprop_through_the_heads():
     ]
     assert all(torch.isfinite(t) and t.dim() == 0 for t in terms)
     sum(terms).backward()
-    for module in (occ_head, traj_head, det_head):
+    for module in (decoder, occ_head, traj_head, det_head):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
     assert torch.isfinite(z0.grad).all() and z0.grad.abs().sum() > 0

@@ -56,6 +56,57 @@ def test_forward_losses_and_gradients(batch):
     assert max(moved) == pytest.approx(0.1, rel=1e-4)
 
 
+def test_modalities_drop_only_in_training_and_never_in_the_target_encoder(batch):
+    config = experiment_config.small().model
+    config = dataclasses.replace(config, fuser=dataclasses.replace(config.fuser, modality_dropout=0.99))
+    net = model.BevJepa(config).train()
+    assert not net.target_encoder.training  # the EMA target encoder stays in eval mode
+    frames = model.SensorFrames.past(batch)
+    channels = config.fuser.camera_channels
+    captured = []
+    for encoder in (net.encoder, net.target_encoder):
+        encoder.fuse.fuse.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+
+    def alive() -> tuple[torch.Tensor, torch.Tensor]:
+        x = captured.pop()
+        return x[:, :channels].abs().sum(dim=(1, 2, 3)) > 0, x[:, channels:].abs().sum(dim=(1, 2, 3)) > 0
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        net.encoder.encode_frames(frames)
+        camera, lidar = alive()
+        assert (camera | lidar).all() and not (camera & lidar).all()
+        net.target_encoder.encode_frames(frames)
+        assert all(bool(m.all()) for m in alive())
+        net.eval()
+        net.encoder.encode_frames(frames)
+        assert all(bool(m.all()) for m in alive())
+
+
+def test_the_direct_baseline_predicts_every_horizon_without_a_world_model(batch):
+    torch.manual_seed(0)
+    config = experiment_config.direct()
+    net = model.BevJepa(config.model)
+    assert net.predictor is None and net.encoder.camera is None
+    output = net(batch)
+    assert output.occupancy_logits.shape == (2, 5, 3, 128, 128)
+    assert torch.equal(output.rollout[:, 0], output.latent) and torch.equal(output.rollout[:, -1], output.latent)
+    terms = model.compute_losses(net, batch, output, config.train.weights)
+    assert terms.latent.item() == 0.0 and np.isfinite(terms.total.item())
+    terms.total.backward()
+    assert net.occupancy.decode.weight.grad.abs().sum() > 0
+
+
+def test_gradient_norms_at_the_shared_latent_name_every_head(batch):
+    torch.manual_seed(0)
+    net = model.BevJepa(experiment_config.small().model)
+    output = net(batch)
+    weights = model.LossWeights()
+    norms = model.gradient_norms(model.compute_losses(net, batch, output, weights), output, weights)
+    assert set(norms) == set(model.HEAD_TERMS)
+    assert all(np.isfinite(v) and v > 0 for v in norms.values())
+
+
 def test_rollout_depends_on_the_actions(batch):
     torch.manual_seed(0)
     net = model.BevJepa(experiment_config.small().model).eval()
@@ -188,7 +239,7 @@ def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli.main(["eval", "--data", str(synthetic_windows), "--checkpoint", str(run), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["models"]) == set(eval_report.MODEL_ORDER)  # every source the report knows
+    assert set(metrics["models"]) == set(eval_report.MODEL_ORDER) - {"direct"}  # every source but --direct's
     assert metrics["windows"] == 2
 
 
@@ -237,8 +288,8 @@ def test_a_stream_of_forecasts_encodes_each_keyframe_once_and_gives_the_same_for
     cold = forecaster.Forecaster.from_checkpoint(tmp_path / "run")
     streaming = forecaster.Forecaster.from_checkpoint(tmp_path / "run", cache_frames=8)
     encoded = []
-    original = streaming.net.encoder.own_frame_latents
-    streaming.net.encoder.own_frame_latents = lambda frames: encoded.append(frames.images.shape[1]) or original(frames)
+    original = streaming.net.encoder.encode_frames
+    streaming.net.encoder.encode_frames = lambda frames: encoded.append(frames.images.shape[1]) or original(frames)
     for sample in stream:
         expected, got = cold.forecast(sample), streaming.forecast(sample)
         np.testing.assert_allclose(got.occupancy, expected.occupancy, atol=1e-4)

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
+from bevjepa.datasets import categories
 from bevjepa.evaluation.closed_loop import safety
+from bevjepa.evaluation.report import eval_report
 from bevjepa.tools import cli, demo
 
 
@@ -37,7 +39,13 @@ def test_every_stage_writes_its_output(tiny_demo):
     assert (out / "nuscenes" / "v1.0-mini" / "sample.json").is_file()
     assert (out / "windows" / "manifest.json").is_file()
     assert json.loads((out / "run" / "state.json").read_text())["step"] == 2
-    assert json.loads((out / "plan.json").read_text())["steps"] == 2
+    assert json.loads((out / "run-direct" / "state.json").read_text())["step"] == 2
+    assert json.loads((out / "run-direct" / "config.json").read_text())["model"]["world_model"] is False
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["steps"] == plan["direct_steps"] == 2  # fixed steps: the same for both
+    metrics = result.open_loop
+    assert "direct" in metrics["models"] and "world_model_check" in metrics
+    assert metrics["evaluated"]["direct_checkpoint"] == str(out / "run-direct")
     assert (out / "open-loop" / "report.md").is_file() and (out / "open-loop" / "figures" / "scene.gif").is_file()
     assert tuple(result.closed_loop) == demo.COMPARED_FORECASTS == ("model", "cv", "oracle")
     for name in demo.COMPARED_FORECASTS:
@@ -61,6 +69,27 @@ def test_the_report_shows_the_numbers_of_the_metrics_files(tiny_demo):
         assert rows[0][7] == demo._number(aggregate.score)
         assert rows[0][8] == "0"  # failed episodes: a count
     assert "open-loop/figures/scene.gif" in text
+    # The headline: the sensor-only occupancy per class and horizon, then the world-model check, then every source.
+    headings = [line for line in text.splitlines() if line.startswith("### ")]
+    assert headings == ["### From the sensors alone", "### Does the world model earn its place?", "### Every source"]
+    headline = text.split("### From the sensors alone")[1].split("###")[0]
+    for name in demo.SENSOR_ONLY:
+        for cls in categories.CLASSES:
+            row = next(_cells(line) for line in headline.splitlines() if f"(`{name}`) | {cls} |" in line)
+            assert row[2:] == [demo._number(v) for v in open_loop["models"][name]["iou"][cls]]
+    check = text.split("### Does the world model earn its place?")[1].split("###")[0]
+    for source in demo.WORLD_MODEL_ROWS:
+        row = next(_cells(line) for line in check.splitlines() if f"(`{source}`) | vehicle |" in line)
+        assert row[2:] == [demo._number(v) for v in open_loop["world_model_check"]["iou"][source]["vehicle"]]
+    assert all(line in check for line in eval_report.world_model_verdicts(open_loop))
+    every = text.split("### Every source")[1]
+    order = [
+        _cells(line)[0]
+        for line in every.splitlines()
+        if line.startswith("| ") and _cells(line)[0] in open_loop["models"]
+    ]
+    assert order[:2] == ["model_latent", "direct"] and order.index("model") > order.index("direct")
+    assert next(_cells(line) for line in every.splitlines() if line.startswith("| model |"))[-1].startswith("sensors +")
 
 
 def test_a_second_run_reuses_every_stage(tiny_demo, capsys):
@@ -80,6 +109,7 @@ def test_a_second_run_reuses_every_stage(tiny_demo, capsys):
     assert (config.out / "open-loop" / "metrics.json").stat().st_mtime_ns == before
     printed = capsys.readouterr().out
     assert "synthetic dataset: 0 s" in printed and "training: 0 s" in printed and "report:" in printed
+    assert "direct baseline training: 0 s" in printed
     assert "closed loop (" not in printed
     assert "| cv |" in (config.out / "report.md").read_text()
 
@@ -95,3 +125,27 @@ def test_bad_settings_are_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
     with pytest.raises(FileNotFoundError, match="suite"):
         demo.DemoConfig(out=tmp_path, suite=tmp_path / "missing.toml")
+
+
+def test_the_direct_baseline_gets_the_models_wall_time(tmp_path, monkeypatch):
+    step_ms = {"small": 1000.0, "direct": 250.0}
+    monkeypatch.setattr(
+        demo.model_bench,
+        "training_step_time",
+        lambda windows, preset="small", repeats=5: {"preset": preset, "step_ms": step_ms[preset]},
+    )
+    config = demo.DemoConfig(out=tmp_path, minutes=10.0, reserve_s=0.0, progress=False)
+    plan = demo._plan_steps(config, tmp_path, spent_s=0.0)
+    # half of 600 s each: 300 steps of 1 s for the model, the same 300 s at 0.25 s a step for the direct baseline
+    assert plan["training_budget_s"] == 300.0 and plan["steps"] == 300 and plan["direct_steps"] == 1200
+    assert json.loads((tmp_path / "plan.json").read_text()) == plan
+    # a plan from before the direct baseline keeps its steps and gets the direct baseline's added
+    earlier = {"steps": 100, "measured_step_s": 2.0, "training_budget_s": 200.0, "seed": 0}
+    (tmp_path / "plan.json").write_text(json.dumps(earlier))
+    assert demo._plan_steps(config, tmp_path, spent_s=0.0) == {
+        **earlier,
+        "direct_steps": 800,
+        "direct_measured_step_s": 0.25,
+    }
+    fixed = demo._plan_steps(demo.DemoConfig(out=tmp_path, steps=7), tmp_path, spent_s=0.0)
+    assert fixed["steps"] == fixed["direct_steps"] == 7 and fixed["direct_measured_step_s"] is None

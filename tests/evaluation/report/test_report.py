@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bevjepa.datasets import categories
+from bevjepa.evaluation import world_model_check
 from bevjepa.evaluation.report import eval_report
 from bevjepa.tools import cli
+
+CHECK_SECTION = "## Does the world model earn its place?"
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +26,15 @@ def run_folder(tiny_checkpoint: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(
-    synthetic_mini: Path, synthetic_windows: Path, run_folder: Path, tmp_path_factory: pytest.TempPathFactory
+    synthetic_mini: Path,
+    synthetic_windows: Path,
+    run_folder: Path,
+    tiny_direct_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     out = tmp_path_factory.mktemp("eval") / "report"
     argv = ["eval", "--data", str(synthetic_windows), "--checkpoint", str(run_folder), "--out", str(out)]
+    argv += ["--direct", str(tiny_direct_checkpoint)]
     # --dataroot with --data: the windows are used as they are, the dataroot feeds the detection evaluation.
     assert cli.main([*argv, "--dataroot", str(synthetic_mini), "--animation-windows", "2"]) == 0
     return out
@@ -58,6 +67,11 @@ def _tables(markdown: str) -> list[tuple[str, str, list[str], list[list[str]]]]:
     return tables
 
 
+def _source(cell: str) -> str:
+    """The metrics.json name of a row's first cell: ``` `name` ``` or ``title (`name`)``."""
+    return re.findall(r"`([^`]+)`", cell)[-1]
+
+
 def _same(cell: str, value: object) -> bool:
     """A report cell shows a metrics.json value, rounded at the cell's last digit, or — for null."""
     if value is None:
@@ -66,11 +80,25 @@ def _same(cell: str, value: object) -> bool:
     return abs(float(cell) - float(value)) <= 0.5 * 10.0**last_digit * (1 + 1e-9)
 
 
-def test_metrics_json_is_strict_and_says_what_was_evaluated(evaluated, synthetic_windows, run_folder):
+def test_metrics_json_is_strict_and_says_what_was_evaluated(
+    evaluated, synthetic_windows, run_folder, tiny_direct_checkpoint
+):
     metrics = json.loads((evaluated / "metrics.json").read_text(), parse_constant=_no_nan)
-    assert {"model", "constant_velocity", "persistence"} <= set(metrics["models"])
+    assert {"model", "model_latent", "direct", "constant_velocity", "persistence"} <= set(metrics["models"])
     assert metrics["windows"] == 2 and metrics["split"] == "mini_val"
     assert metrics["evaluated"]["checkpoint"] == str(run_folder)
+    assert metrics["evaluated"]["direct_checkpoint"] == str(tiny_direct_checkpoint)
+    assert metrics["evaluated"]["direct_config"]["world_model"] is False
+    assert metrics["evaluated"]["config"]["world_model"] is True
+    classes = list(categories.CLASSES)
+    direct = metrics["models"]["direct"]
+    assert list(direct["iou"]) == classes and all(len(v) == 5 for v in direct["iou"].values())
+    assert "minADE_5" not in direct  # occupancy only
+    check = metrics["world_model_check"]
+    assert check["windows"] == 2 and check["threshold"] == 0.5
+    assert tuple(check["iou"]) == world_model_check.SOURCES
+    for per_class in check["iou"].values():
+        assert list(per_class) == classes and all(len(v) == 5 for v in per_class.values())
     assert metrics["evaluated"]["data"] == str(synthetic_windows)
     assert metrics["evaluated"]["config"]["trained_steps"] == 1
     # 4 s scenes: no agent has a whole 6 s future, so the trajectory metrics are null, not NaN.
@@ -83,11 +111,14 @@ def test_metrics_json_is_strict_and_says_what_was_evaluated(evaluated, synthetic
 def test_every_number_in_the_report_is_the_one_in_metrics_json(evaluated):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     text = (evaluated / "report.md").read_text()
-    checked, checked_detection = 0, 0
+    checked, checked_detection, checked_check = 0, 0, 0
     tables = _tables(text)
     assert tables
     for section, heading, header, rows in tables:
         key = (re.findall(r"`([^`]+)`", heading) or [""])[-1]
+        if section == CHECK_SECTION:
+            checked_check += _check_table(metrics, heading, header, rows)
+            continue
         for row in rows:
             assert len(row) == len(header), (heading, row)
             if section == "## Detection at t0":
@@ -101,7 +132,7 @@ def test_every_number_in_the_report_is_the_one_in_metrics_json(evaluated):
                         assert _same(cell, value[row[0]][column]), (heading, row, column)
                 checked_detection += 1
                 continue
-            model = metrics["models"][row[0].strip("`")]
+            model = metrics["models"][_source(row[0])]
             if header[1] == "class" and header[2].endswith(" s"):  # {class: [per step]}, by horizon
                 for step, cell in enumerate(row[2:]):
                     assert _same(cell, model[key][row[1]][step]), (heading, row, step)
@@ -121,7 +152,83 @@ def test_every_number_in_the_report_is_the_one_in_metrics_json(evaluated):
     iou_cells = sum(len(v) for m in metrics["models"].values() for v in m["iou"].values())
     assert checked >= iou_cells + len(metrics["models"])  # every IoU per step and every IoU at 2 s at least
     assert checked_detection >= 2  # mAP and NDS at least
+    assert checked_check == 3 * 5 * 5  # per class: rollout, held, observed, direct and the ratio at 5 horizons
     assert "## What was evaluated" in text and "mini_val" in text and "2 windows" in text
+
+
+def _check_table(metrics: dict, heading: str, header: list[str], rows: list[list[str]]) -> int:
+    """Check a table of the world-model section against metrics.json; the number of cells checked."""
+    cls = heading.removeprefix("### ").split(":")[0]
+    assert cls in categories.CLASSES and header[0] == "latent", heading
+    iou = metrics["world_model_check"]["iou"]
+    series = {name: iou[name][cls] for name in world_model_check.SOURCES}
+    series["direct"] = metrics["models"]["direct"]["iou"][cls]
+    assert [_source(row[0]) for row in rows[:-1]] == [*world_model_check.SOURCES, "direct"]
+    assert rows[-1][0] == "rollout ÷ held"
+    checked = 0
+    for row in rows:
+        assert len(row) == len(header), (heading, row)
+        for step, cell in enumerate(row[1:]):
+            if row[0] == "rollout ÷ held":
+                a, b = series["rollout"][step], series["held"][step]
+                value = a / b if a is not None and b is not None and b > 0 else None
+            else:
+                value = series[_source(row[0])][step]
+            assert _same(cell, value), (heading, row, step)
+            checked += 1
+    return checked
+
+
+def test_the_sensor_only_sources_lead_and_the_world_model_check_has_its_section(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    text = (evaluated / "report.md").read_text()
+    iou = next(rows for _, heading, _, rows in _tables(text) if heading.startswith("### Occupancy IoU per horizon"))
+    assert [_source(row[0]) for row in iou[:6]] == ["model_latent"] * 3 + ["direct"] * 3
+    assert iou[0][0] == "model, from the sensors (dense occupancy) (`model_latent`)"
+    model = next(row[0] for row in iou if _source(row[0]) == "model")
+    assert model == "annotated t0 boxes moved along the model's modes (needs annotations) (`model`)"
+    assert CHECK_SECTION in text and text.index(CHECK_SECTION) < text.index("## Detection at t0")
+    for line in eval_report.world_model_verdicts(metrics):
+        assert line in text
+
+
+def test_the_verdicts_are_computed_from_the_numbers():
+    metrics = {
+        "models": {
+            "model_latent": {"iou": {"vehicle": [0.9, 0.8, 0.6, 0.5, 0.4], "pedestrian": [0.5, 0.3, 0.1, 0.1, 0.05]}},
+            "direct": {"iou": {"vehicle": [0.9, 0.8, 0.5, 0.5, 0.45], "pedestrian": [0.5, 0.3, 0.2, 0.1, 0.05]}},
+        },
+        "world_model_check": {
+            "windows": 3,
+            "threshold": 0.5,
+            "iou": {
+                "rollout": {"vehicle": [0.9, 0.8, 0.6, 0.5, 0.4], "pedestrian": [0.5, 0.3, 0.1, 0.1, 0.05]},
+                "held": {"vehicle": [0.9, 0.7, 0.5, 0.3, 0.2], "pedestrian": [0.5, 0.3, 0.1, 0.1, 0.0]},
+                "observed": {"vehicle": [0.9, 0.9, 0.9, 0.9, 0.9], "pedestrian": [0.5, 0.5, 0.5, 0.5, None]},
+            },
+        },
+    }
+    verdicts = eval_report.world_model_verdicts(metrics)
+    assert verdicts == [
+        "- at 2 s the rollout is 2.00× the held latent for vehicles (IoU 0.400 against 0.200).",
+        "- at 2 s the rollout's IoU for pedestrians is 0.050, the held latent's 0.000: no ratio.",
+        "- the world model beats the direct baseline at 1 s but not at 2 s for vehicles (IoU of `model_latent` "
+        "against `direct`, 1 s: 0.600 against 0.500; 2 s: 0.400 against 0.450).",
+        "- the world model does not beat the direct baseline at 1 s or 2 s for pedestrians (IoU of `model_latent` "
+        "against `direct`, 1 s: 0.100 against 0.200; 2 s: 0.050 against 0.050).",
+    ]
+    text = eval_report.render_report(metrics)
+    section = text.split(CHECK_SECTION)[1]
+    tables = {heading: rows for _, heading, _, rows in _tables(section)}
+    vehicle = tables["### vehicle: occupancy IoU per horizon"]
+    assert vehicle[-1] == ["rollout ÷ held", "1.000", "1.143", "1.200", "1.667", "2.000"]
+    assert [row[-1] for row in vehicle[:-1]] == ["0.400", "0.200", "0.900", "0.450"]
+    assert tables["### pedestrian: occupancy IoU per horizon"][-1][-1] == eval_report.MISSING
+    assert all(line in text for line in verdicts)
+    del metrics["models"]["direct"]
+    assert "No direct baseline was scored" in eval_report.render_report(metrics)
+    failed = eval_report.render_report({"models": {}, "world_model_check": {"error": "ValueError: bad window"}})
+    assert "The world-model check failed: `ValueError: bad window`." in failed
 
 
 def test_the_report_shows_figures_that_exist_and_decode(evaluated):
@@ -174,11 +281,13 @@ def test_the_report_renders_the_keys_that_exist():
     text = eval_report.render_report(metrics)
     tables = {heading: (header, rows) for _, heading, header, rows in _tables(text)}
     trajectory = next(v for k, v in tables.items() if "Trajectories" in k)
-    assert trajectory == (["model", "minADE_5"], [["`model`", "1.235"]])
+    model = "annotated t0 boxes moved along the model's modes (needs annotations) (`model`)"
+    assert trajectory == (["model", "minADE_5"], [[model, "1.235"]])
     occupancy = next(v for k, v in tables.items() if "calibration" in k)
-    assert occupancy[0] == ["model", "iou_2s_mean", "vpq"] and occupancy[1][0] == ["`model`", "—", "0.333"]
+    assert occupancy[0] == ["model", "iou_2s_mean", "vpq"] and occupancy[1][0] == [model, "—", "0.333"]
     assert next(v for k, v in tables.items() if "`brier`" in k)[1] == [["`persistence`", "0.000", "0.125"]]
-    assert next(v for k, v in tables.items() if "per_class" in k)[1] == [["`model`", "vehicle", "1.500", "2.000"]]
+    assert next(v for k, v in tables.items() if "per_class" in k)[1] == [[model, "vehicle", "1.500", "2.000"]]
+    assert CHECK_SECTION not in text  # no world-model check in metrics.json: no section
     assert ["`mAP`", "0.400"] in next(v for k, v in tables.items() if "Detection" in k)[1]
     assert eval_report.render_report({"split": "val", "models": {}}).startswith("# Open-loop evaluation")
 
@@ -195,5 +304,7 @@ def test_bad_input_is_refused_with_a_clear_error(synthetic_mini, synthetic_windo
     assert "is not a devkit split" in fails("--dataroot", str(synthetic_mini), "--split", "mini_vall")
     assert "has no windows of split 'test'" in fails("--data", str(synthetic_windows), "--split", "test")
     assert "not a bevjepa run folder" in fails("--data", str(synthetic_windows), "--checkpoint", str(tmp_path))
+    refused = fails("--data", str(synthetic_windows), "--direct", str(run_folder))
+    assert "--direct" in refused and "has a world model" in refused and "bevjepa train --config direct" in refused
     assert "must be a `bevjepa preprocess` output" in fails("--data", str(tmp_path / "none"))
     assert not (tmp_path / "out" / "metrics.json").exists()

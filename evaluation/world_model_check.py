@@ -1,0 +1,129 @@
+"""Does the world model earn its place? Occupancy decoded from three kinds of latent, on the same windows.
+
+For each window the model's occupancy decoder reads, at every horizon k = 0..F:
+
+* ``rollout``: ẑ_k, the latent the predictor rolled out under the ego's actions (what a forecast uses), with the
+  fine maps of t0 warped by its flow;
+* ``held``: z_t0 decoded as the present (step 0, no flow) for every horizon: the world standing still, the bar a
+  rollout must clear;
+* ``observed``: z̄_k, the EMA target encoder's latent of the frames that really came, warped into t0 (needs the
+  windows' future sensors), with its own flow: a bound on what the decoder can make of a perfect prediction.
+
+IoU per class and horizon, counts summed over the split, the map thresholded at ``threshold``. A window that
+cannot be loaded is left out and counted (``failed_windows``), as the open-loop scoring does. The direct
+baseline (``ModelConfig.world_model = False``) has no latent to roll out: ``check`` refuses it.
+
+Notation:
+    B  windows in a batch   F  rolled-out steps   C  classes   H, W  target grid rows, columns
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bevjepa.datasets import categories, torch_dataset
+from bevjepa.evaluation import metrics, open_loop
+from bevjepa.prediction import model, train
+
+SOURCES = ("rollout", "held", "observed")
+"""The latents decoded, in the report's order."""
+
+
+@dataclass(frozen=True)
+class WorldModelCheck:
+    """Occupancy IoU decoded from each kind of latent.
+
+    Attributes:
+        windows: windows scored.
+        failed_windows: windows left out because they could not be loaded.
+        threshold: the occupancy probability from which a cell counts as occupied.
+        iou: {source: {class: [F + 1] IoU per horizon, NaN where nothing was occupied or predicted}}.
+    """
+
+    windows: int
+    failed_windows: int
+    threshold: float
+    iou: dict[str, dict[str, list[float]]]
+
+    def ratio(self, numerator: str, denominator: str, class_name: str, step: int) -> float:
+        """IoU of ``numerator`` over ``denominator`` for a class at a horizon (NaN when undefined)."""
+        a, b = self.iou[numerator][class_name][step], self.iou[denominator][class_name][step]
+        return float(a / b) if b > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        """JSON-ready values."""
+        return {
+            "windows": self.windows,
+            "failed_windows": self.failed_windows,
+            "threshold": self.threshold,
+            "iou": self.iou,
+        }
+
+
+@torch.no_grad()
+def check(
+    net: model.BevJepa,
+    data: Path,
+    split: str = "mini_val",
+    threshold: float = 0.5,
+    batch_size: int = 2,
+    max_windows: int | None = None,
+    progress: bool = False,
+) -> WorldModelCheck:
+    """Score the rollout, the held latent and the observed future's latents on a split's windows.
+
+    Args:
+        net: the model (put in eval mode here).
+        data: a ``bevjepa preprocess`` output holding the split.
+        split: the devkit split scored.
+        threshold: occupancy probability from which a cell counts as occupied.
+        batch_size: windows per forward pass.
+        max_windows: score only the first windows (None: all).
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: a model without a world model (the direct baseline).
+    """
+    if not net.config.world_model:
+        raise ValueError("the world-model check needs a model with a world model (this is the direct baseline)")
+    net.eval()
+    dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split), future_inputs=True)
+    count = len(dataset) if max_windows is None else min(max_windows, len(dataset))
+    f = net.config.occupancy_steps
+    steps = list(range(f + 1))
+    counts = {name: np.zeros((2, f + 1, net.config.classes), dtype=np.int64) for name in SOURCES}
+    failed: list[dict] = []
+    scored = 0
+    for first in tqdm(range(0, count, batch_size), desc="world-model check", unit="batch", disable=not progress):
+        loaded = open_loop.load_windows(dataset, range(first, min(first + batch_size, count)), failed)
+        if not loaded:
+            continue
+        batch = torch_dataset.collate([sample for _, sample in loaded])
+        scored += len(loaded)
+        output = net(batch)
+        held = output.latent[:, None].expand(-1, f + 1, *output.latent.shape[1:])  # [B, F + 1, C, h, w]
+        observed = torch.cat([output.latent[:, None], net.target_latents(batch)], dim=1)  # [B, F + 1, C, h, w]
+        logits = {
+            "rollout": output.occupancy_logits,
+            "held": net.occupancy_of(held, [0] * (f + 1), output.own),
+            "observed": net.occupancy_of(observed, steps, output.own, net.flow_of(observed, output.latent)),
+        }
+        target = batch.occupancy.numpy()  # [B, F + 1, C, H, W]
+        for name, value in logits.items():
+            predicted = torch.sigmoid(value).numpy() >= threshold
+            intersection, union = metrics.iou_counts(predicted, target)  # [B, F + 1, C] each
+            counts[name][0] += intersection.sum(axis=0)
+            counts[name][1] += union.sum(axis=0)
+    iou = {
+        name: {
+            class_name: [float(v) for v in metrics.iou(counts[name][0][:, c], counts[name][1][:, c])]
+            for c, class_name in enumerate(categories.CLASSES)
+        }
+        for name in SOURCES
+    }
+    return WorldModelCheck(scored, len(failed), threshold, iou)

@@ -1,0 +1,53 @@
+"""The world-model check: occupancy decoded from the rollout, the held z_t0 and the observed future's latents."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bevjepa.datasets import categories, torch_dataset
+from bevjepa.evaluation import metrics, world_model_check
+from bevjepa.prediction import checkpoint
+
+
+def test_the_three_latents_are_scored_per_class_and_horizon(tiny_checkpoint, synthetic_windows):
+    _, net = checkpoint.load_model(tiny_checkpoint)
+    result = world_model_check.check(net, synthetic_windows, "all", batch_size=1)
+    assert result.windows == len(torch_dataset.WindowDataset(synthetic_windows)) and result.failed_windows == 0
+    assert set(result.iou) == set(world_model_check.SOURCES)
+    for source in world_model_check.SOURCES:
+        assert set(result.iou[source]) == set(categories.CLASSES)
+        assert all(len(values) == net.config.occupancy_steps + 1 for values in result.iou[source].values())
+    vehicle = categories.CLASSES[0]
+    # At t0 all three decode the same latent z_t0 as the present.
+    assert result.iou["held"][vehicle][0] == result.iou["rollout"][vehicle][0] == result.iou["observed"][vehicle][0]
+    # The rollout's IoU is the IoU of the model's own occupancy output on the same windows.
+    dataset = torch_dataset.WindowDataset(synthetic_windows)
+    batch = torch_dataset.collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = net.eval()(batch).occupancy_logits
+    intersection, union = metrics.iou_counts(torch.sigmoid(logits).numpy() >= 0.5, batch.occupancy.numpy())
+    expected = metrics.iou(intersection.sum(0)[:, 0], union.sum(0)[:, 0])
+    np.testing.assert_allclose(result.iou["rollout"][vehicle], expected, rtol=1e-6)
+    assert result.to_dict()["iou"] == result.iou
+    ratio = result.ratio("rollout", "held", vehicle, 0)
+    assert math.isnan(ratio) or ratio == pytest.approx(1.0)
+
+
+def test_the_direct_baseline_is_refused_and_a_broken_window_is_left_out(
+    tiny_checkpoint, tiny_direct_checkpoint, synthetic_windows, tmp_path
+):
+    _, direct = checkpoint.load_model(tiny_direct_checkpoint)
+    with pytest.raises(ValueError, match="direct baseline"):
+        world_model_check.check(direct, synthetic_windows, "all")
+    windows = tmp_path / "windows"
+    shutil.copytree(synthetic_windows, windows)
+    first = torch_dataset.WindowDataset(windows).entries[0]["file"]
+    (windows / first).write_bytes(b"not a window")
+    _, net = checkpoint.load_model(tiny_checkpoint)
+    result = world_model_check.check(net, windows, "all", batch_size=1)
+    assert result.failed_windows == 1 and result.windows == len(torch_dataset.WindowDataset(windows)) - 1
