@@ -107,11 +107,13 @@ def check(
         scored += len(loaded)
         output = net(batch)
         held = output.latent[:, None].expand(-1, f + 1, *output.latent.shape[1:])  # [B, F + 1, C, h, w]
-        observed = torch.cat([output.latent[:, None], net.target_latents(batch)], dim=1)  # [B, F + 1, C, h, w]
+        future = net.target_latents(batch)  # [B, F, C, h, w]
+        observed = torch.cat([output.latent[:, None], future], dim=1)  # [B, F + 1, C, h, w]
+        observed_flow = torch.cat([torch.zeros_like(output.flow[:, :1]), net.flow_of(future, output.latent)], dim=1)
         logits = {
             "rollout": output.occupancy_logits,
             "held": net.occupancy_of(held, [0] * (f + 1), output.own),
-            "observed": net.occupancy_of(observed, steps, output.own, net.flow_of(observed, output.latent)),
+            "observed": net.occupancy_of(observed, steps, output.own, observed_flow),
         }
         target = batch.occupancy.numpy()  # [B, F + 1, C, H, W]
         for name, value in logits.items():

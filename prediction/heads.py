@@ -87,9 +87,7 @@ class BevDecoder(nn.Module):
     Notation: N maps (samples × steps), L levels, D_l the width at level l (finest first).
     """
 
-    def __init__(
-        self, channels: int, skip_channels: tuple[int, ...], widths: tuple[int, ...], steps: int
-    ) -> None:
+    def __init__(self, channels: int, skip_channels: tuple[int, ...], widths: tuple[int, ...], steps: int) -> None:
         """Build the decoder.
 
         Args:
@@ -193,7 +191,9 @@ def warp_by_offset(maps: torch.Tensor, offset_m: torch.Tensor, grid: geometry.Gr
         offset_m = F.interpolate(offset_m, size=(h, w), mode="bilinear", align_corners=False)
     centres = torch.as_tensor(grid.cell_centers(), dtype=maps.dtype, device=maps.device)  # [H, W, 2]
     source = centres + offset_m.permute(0, 2, 3, 1).to(maps.dtype)  # [N, H, W, 2] x, y (m)
-    return F.grid_sample(maps, grid.sampling_coords_torch(source), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(
+        maps, grid.sampling_coords_torch(source), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
 
 
 class OccupancyHead(nn.Module):

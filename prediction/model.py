@@ -193,7 +193,9 @@ class BevEncoder(nn.Module):
             points = torch.cat([xyz, frames.points[:, 3:]], dim=1)  # [M, 5] in each frame's own ego frame
             *levels, lidar_bev = self.lidar.pyramid(points, owner, b * s)  # finest first; [B*S, Cl, H, W]
         if self.training and self.modality_dropout and self.config.fuser.modality_dropout > 0:
-            keep_camera, keep_lidar = fuser.drop_modalities(b * s, self.config.fuser.modality_dropout, frames.points.device)
+            keep_camera, keep_lidar = fuser.drop_modalities(
+                b * s, self.config.fuser.modality_dropout, frames.points.device
+            )
             if camera_bev is not None:
                 camera_bev = camera_bev * keep_camera[:, None, None, None]
             if lidar_bev is not None:
@@ -335,7 +337,7 @@ class BevJepa(nn.Module):
         return geometry.GridSpec(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, g.resolution_m * 2**level)
 
     def flow_of(self, latents: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-        """Source offsets [B, S, 2, H, W] (m) of latents [B, S, C, H, W] against z_t0 [B, C, H, W] (world model only)."""
+        """Source offsets [B, S, 2, H, W] (m) of latents [B, S, C, H, W] against z_t0 [B, C, H, W] (world model)."""
         b, s = latents.shape[:2]
         z0 = z0[:, None].expand(-1, s, *z0.shape[1:])
         offsets = self.flow(latents.reshape(b * s, *latents.shape[2:]), z0.reshape(b * s, *z0.shape[2:]))

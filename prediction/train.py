@@ -51,6 +51,7 @@ class TrainSummary:
         validation: the last validation's mean loss terms.
         stopped_by: the signal that stopped the run early (``"SIGTERM"``, ``"SIGINT"``), after a checkpoint;
             None when it ran to its last step or its time cap.
+        step_times_s: the wall time of every step of this call (s), waiting for the data included.
     """
 
     run: Path
@@ -60,6 +61,7 @@ class TrainSummary:
     final_losses: dict[str, float]
     validation: dict[str, float]
     stopped_by: str | None = None
+    step_times_s: tuple[float, ...] = ()
 
 
 @contextlib.contextmanager
@@ -262,9 +264,12 @@ GRADIENT_NORM_EVERY = 25
 
 
 def latent_spread(output: model.ModelOutput) -> dict[str, float]:
-    """The latents' spread: the standard deviation over samples and cells, mean over channels, of z_t0
-    (``latent_std``, which falls toward 0 when the representation collapses) and of the rolled-out latents
-    (``rollout_std``: a rollout that fades toward a blur has a shrinking spread)."""
+    """The latents' spread: standard deviation over samples and cells, mean over channels.
+
+    ``latent_std`` is z_t0's (it falls toward 0 when the representation collapses), ``rollout_std`` the rolled-out
+    latents' (a rollout that fades toward a blur has a shrinking spread).
+    """
+
     def spread(z: torch.Tensor) -> float:  # [B, C, H, W]
         return float(z.detach().std(dim=(0, 2, 3)).mean())
 
@@ -356,4 +361,6 @@ def training_loop(
             writer.close()
     median_step_s = float(np.median(step_times)) if step_times else 0.0
     stopped_by = stop_signals[0] if stop_signals else None
-    return TrainSummary(run, step, time.perf_counter() - start, median_step_s, last, validation, stopped_by)
+    return TrainSummary(
+        run, step, time.perf_counter() - start, median_step_s, last, validation, stopped_by, tuple(step_times)
+    )

@@ -188,8 +188,10 @@ def build_world(config: ScenarioConfig) -> tuple[world.World, world.WorldState]:
             s = float(rng.uniform(0.0, path.length_m * 0.6))
             mover = _Mover.at(path, s, size, speed, idm)
             near = np.hypot(*(mover.sweep_xy[0] - ego_start_xy)) <= CYCLIST_NEAR_EGO_M
-            if (near or attempt >= CYCLIST_TRIES // 2) and mover.clear_of(placed, idm) and not np.any(
-                shapely.intersects(mover.reach, parked_footprints)
+            if (
+                (near or attempt >= CYCLIST_TRIES // 2)
+                and mover.clear_of(placed, idm)
+                and not np.any(shapely.intersects(mover.reach, parked_footprints))
             ):
                 break
         else:

@@ -207,6 +207,8 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError("bench model needs --data (a `bevjepa preprocess` output)")
         print(bench.format_report(model_bench.inference_latency(Path(args.data))), end="\n\n")
         print(bench.format_report(model_bench.training_step_time(Path(args.data))), end="\n\n")
+        for sensors in ("both", "lidar"):
+            print(bench.format_report(model_bench.training_throughput(Path(args.data), sensors=sensors)), end="\n\n")
         print(bench.format_report(model_bench.stream_latency(Path(args.data))), end="\n\n")
         print(bench.format_report(perception_bench.pooling_speed()))
     elif args.what == "closed-loop":

@@ -136,6 +136,17 @@ def test_images_are_the_stored_jpegs(dataset):
         np.testing.assert_array_equal(sample.intrinsics[p, c].numpy(), frame.intrinsics[c])
 
 
+def test_a_lidar_only_dataset_skips_the_cameras_and_keeps_everything_else(windows_root, dataset):
+    lidar_only = torch_dataset.WindowDataset(windows_root, cameras=False, future_inputs=True)
+    with_cameras, without = torch_dataset.WindowDataset(windows_root, future_inputs=True)[0], lidar_only[0]
+    assert without.images.shape == with_cameras.images.shape and int(without.images.max()) == 0
+    assert not bool(without.camera_mask.any()) and bool(with_cameras.camera_mask.any())
+    assert not bool(without.future.camera_mask.any()) and int(without.future.images.max()) == 0
+    for name in ("points", "points_frame", "t0_from_ego", "agent_box", "occupancy", "observed"):
+        assert torch.equal(getattr(without, name), getattr(with_cameras, name)), name
+    assert torch.equal(without.future.points, with_cameras.future.points)
+
+
 def test_collate_pads_agents(dataset):
     samples = [dataset[i] for i in range(len(dataset))]
     counts = [s.agent_count for s in samples]

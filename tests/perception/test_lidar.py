@@ -52,7 +52,12 @@ def test_object_lands_in_the_cell_gridspec_names(encoder, x, y) -> None:
 
 def test_pillar_statistics_count_the_points_their_heights_and_intensity(encoder) -> None:
     points = torch.tensor(
-        [[4.1, 2.1, 0.1, 100.0, 0.0], [4.2, 2.2, 1.5, 50.0, 0.0], [4.3, 2.1, 0.9, 0.0, 0.1], [-9.9, 3.1, 0.0, 255.0, 0.0]]
+        [
+            [4.1, 2.1, 0.1, 100.0, 0.0],
+            [4.2, 2.2, 1.5, 50.0, 0.0],
+            [4.3, 2.1, 0.9, 0.0, 0.1],
+            [-9.9, 3.1, 0.0, 255.0, 0.0],
+        ]
     )
     stats = encoder.pillar_features(points, torch.zeros(4, dtype=torch.int64), 1)[0, -lidar.PILLAR_STATS :]
     rows, cols, _ = encoder.config.pillar_grid.xy_to_index(np.array([[4.2, 2.2], [-9.9, 3.1]]))

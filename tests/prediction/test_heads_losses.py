@@ -544,3 +544,36 @@ def test_all_losses_finite_and_backprop_through_the_heads():
     for module in (decoder, occ_head, traj_head, det_head):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
     assert torch.isfinite(z0.grad).all() and z0.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------- flow
+
+
+def test_instance_flow_points_back_to_where_each_instance_was_at_t0():
+    grid = geometry.GridSpec(-4.0, 4.0, -4.0, 4.0, 1.0)
+    instances = torch.zeros(1, 3, *grid.shape, dtype=torch.long)
+    instances[0, 0, 2:4, 2] = 1  # instance 1 at t0: rows 2-3, column 2
+    instances[0, 1, 4:6, 2] = 1  # moved +2 m along x
+    instances[0, 2, 4:6, 5] = 1  # and +3 m along y
+    instances[0, 2, 0, 0] = 2  # instance 2 appears later: no t0 position, not scored
+    cell_xy = torch.as_tensor(grid.cell_centers(), dtype=torch.float32)
+    offset, mask = losses.instance_flow_targets(instances, cell_xy)
+    assert offset.shape == (1, 3, 2, 8, 8) and mask.shape == (1, 3, 8, 8)
+    assert int(mask[0, 0].sum()) == 2 and offset[0, 0].abs().max() == 0
+    torch.testing.assert_close(offset[0, 1, :, 4, 2], torch.tensor([-2.0, 0.0]))
+    torch.testing.assert_close(offset[0, 2, :, 5, 5], torch.tensor([-2.0, -3.0]))
+    assert not mask[0, 2, 0, 0] and int(mask[0, 2].sum()) == 2
+    perfect = losses.flow_loss(offset, offset, mask)
+    assert perfect.item() == 0.0 and losses.flow_loss(torch.zeros_like(offset), offset, mask).item() > 0
+
+
+def test_warp_by_offset_reads_each_cell_from_its_source():
+    grid = geometry.GridSpec(-4.0, 4.0, -4.0, 4.0, 0.5)
+    maps = torch.zeros(1, 1, *grid.shape)
+    rows, cols, _ = grid.xy_to_index(np.array([[1.25, -0.75]]))
+    maps[0, 0, rows[0], cols[0]] = 1.0
+    offset = torch.zeros(1, 2, 4, 4)  # a coarser grid of the same extent, upsampled inside
+    offset[:, 0], offset[:, 1] = -2.0, 1.0  # every cell reads 2 m behind in x and 1 m to the left in y
+    warped = heads.warp_by_offset(maps, offset, grid)
+    rows, cols, _ = grid.xy_to_index(np.array([[3.25, -1.75]]))
+    assert float(warped[0, 0, rows[0], cols[0]]) == pytest.approx(1.0) and float(warped.sum()) == pytest.approx(1.0)
