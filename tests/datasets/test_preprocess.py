@@ -49,6 +49,7 @@ def test_the_manifest_counts_and_lists_every_window(reference, synthetic_mini, t
         assert window.sample_token == entry["sample_token"]
 
 
+@pytest.mark.slow  # Ray preprocessing stays in the default run through the dying-worker test
 def test_ray_workers_give_the_same_manifest_and_files(reference, synthetic_mini, tmp_path):
     out = tmp_path / "w"
     manifest = preprocess.preprocess(_config(synthetic_mini, out, workers=2), progress=False)
@@ -72,7 +73,7 @@ def _die_once(marker: str, how: str):
     return scene_fn
 
 
-@pytest.mark.parametrize("how", ["kill", "raise"])
+@pytest.mark.parametrize("how", ["kill", pytest.param("raise", marks=pytest.mark.slow)])
 def test_a_dying_worker_leaves_every_window_written_once(reference, synthetic_mini, tmp_path, how):
     out = tmp_path / "w"
     scene_fn = _die_once(str(tmp_path / "marker"), how)

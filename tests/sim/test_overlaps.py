@@ -13,7 +13,7 @@ from bevjepa.sim.paths import Path, lane_change_polyline
 CAR = (1.95, 4.62, 1.73)
 BUS = (3.12, 11.87, 3.68)
 """The largest rigid bus the scenarios draw (the nuScenes mean size, 6 % up)."""
-SEEDS = tuple(range(8))
+SEEDS = tuple(range(5))
 DURATION_S = 10.0
 
 
@@ -45,7 +45,7 @@ def _run(
 def test_no_two_vehicles_overlap_at_any_keyframe(layout):
     """The default agent mix, as the writer steps it: the ego, moving and parked vehicles and cyclists."""
     result = overlaps.survey(overlaps.grid([layout], list(SEEDS), DURATION_S))
-    assert result.keyframes == len(SEEDS) * 20 and result.pairs > 20_000
+    assert result.keyframes == len(SEEDS) * 20 and result.pairs > 10_000
     assert result.overlaps == ()
     # The emergency stop is the last resort; with placement, entries and right of way right it never has to act.
     assert result.emergency_stops == ()

@@ -36,6 +36,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert sum(a[k] != c.get(k) for k in a) > len(a) // 2
 
 
+@pytest.mark.slow  # heavy: two full writes; determinism per process stays in the default run
 def test_ray_workers_write_the_same_bytes_as_one_process(tmp_path):
     one = synth.synthesize(synth.SynthConfig(out=tmp_path / "one", seed=5, workers=1, **SMALL), progress=False)
     two = synth.synthesize(synth.SynthConfig(out=tmp_path / "two", seed=5, workers=2, **SMALL), progress=False)
