@@ -53,17 +53,27 @@ def synthetic_windows(synthetic_mini: Path, tmp_path_factory: pytest.TempPathFac
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder of the ``small`` model trained one step on ``synthetic_windows`` (shared: do not write into it)."""
+def _train_one_step(preset: str, windows: Path, run: Path) -> Path:
+    """A run of ``preset`` trained one step on ``windows`` into ``run``."""
     import dataclasses
 
     from bevjepa.prediction import config as experiment_config
     from bevjepa.prediction import train
 
-    preset = experiment_config.small()
+    config = experiment_config.preset(preset)
     settings = {"steps": 1, "val_every": 1, "val_batches": 1, "loader_workers": 0}
-    config = dataclasses.replace(preset, train=dataclasses.replace(preset.train, **settings))
-    run = tmp_path_factory.mktemp("tiny-checkpoint") / "run"
-    train.train(synthetic_windows, run, config, progress=False)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **settings))
+    train.train(windows, run, config, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of the ``small`` model trained one step on ``synthetic_windows`` (shared: do not write into it)."""
+    return _train_one_step("small", synthetic_windows, tmp_path_factory.mktemp("tiny-checkpoint") / "run")
+
+
+@pytest.fixture(scope="session")
+def tiny_direct_checkpoint(synthetic_windows: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of the ``direct`` baseline trained one step on ``synthetic_windows`` (shared: do not write)."""
+    return _train_one_step("direct", synthetic_windows, tmp_path_factory.mktemp("tiny-direct") / "run")
