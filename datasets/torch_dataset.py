@@ -235,6 +235,30 @@ class WindowSample:
         """A, the agents at t0."""
         return int(self.agent_class.shape[0])
 
+    def sensors_only(self) -> WindowSample:
+        """A copy with every annotation removed: what a car has at t0 (sweeps, images, its own poses and motion).
+
+        The agents (A = 0), the occupancy and instance targets (F + 1 = 0 maps) and the future keyframes' sensor
+        inputs (``future``: not yet seen at t0) are emptied; the points, images, calibration, the LiDAR-observed
+        mask, the ego's poses and actions stay. A forecast of this copy uses nothing but the sensors.
+        """
+        p, t = self.t0_from_ego.shape[0], self.ego_future.shape[0]
+        c, (h, w) = self.occupancy.shape[1], self.occupancy.shape[2:]
+        return dataclasses.replace(
+            self,
+            agent_ids=(),
+            agent_class=torch.zeros(0, dtype=torch.int64),
+            agent_box=torch.zeros(0, 7),
+            agent_velocity=torch.zeros(0, 2),
+            agent_past=torch.zeros(0, p, 2),
+            agent_past_mask=torch.zeros(0, p, dtype=torch.bool),
+            agent_future=torch.zeros(0, t, 2),
+            agent_future_mask=torch.zeros(0, t, dtype=torch.bool),
+            occupancy=torch.zeros(0, c, h, w, dtype=torch.bool),
+            instances=torch.zeros(0, h, w, dtype=torch.int64),
+            future=None,
+        )
+
 
 @dataclass(frozen=True)
 class WindowBatch:

@@ -9,8 +9,8 @@
   along the box heading).
 * ``constant_velocity_anchor``: the same boxes moved at their velocity at t0 estimated from the last three past
   positions (``anchor_velocities``; causal): the model's trajectory head with its mode 0 alone.
-* ``constant_velocity_detected``: the model's own t0 detections moved at their regressed velocity; it sees exactly
-  the model's sensor input, the comparison for the latent occupancy head.
+* ``constant_velocity_tracked``: the model's own tracked agents moved at their regressed velocity; it sees exactly
+  the model's sensor input, the like-for-like comparison for the forecast from the sensors.
 * ``ctrv``: constant turn rate and velocity; the yaw rate comes from the agent's past positions
   (``yaw_rate_from_past``).
 * ``persistence``: the world stays as it is at t0.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from bevjepa.datasets import geometry, rasterize
-from bevjepa.prediction import heads
+from bevjepa.prediction import heads, tracking
 
 STEP_S = 0.5
 MIN_TURN_SPEED_MPS = 0.5
@@ -299,23 +299,23 @@ def ctrv_occupancy(
     return moving_boxes_occupancy(box, agent_class, xy.transpose(1, 0, 2), (box[:, 6:7] + turned).T, grid, classes)
 
 
-def constant_velocity_detected(
-    detections: heads.Detections, grid: geometry.GridSpec, classes: int, steps: int = 4
+def constant_velocity_tracked(
+    agents: tracking.TrackedAgents, grid: geometry.GridSpec, classes: int, steps: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own t0 detections of one sample moved at their regressed velocity and rasterized.
+    """The model's own tracked agents of one window moved at their regressed velocity and rasterized.
+
+    The like-for-like baseline of the sensor-only forecast: the same agents, no learnt motion.
 
     Args:
-        detections: D detections of one sample (``heads.decode_detections(...).for_sample(b)``), t0 ego frame.
+        agents: A tracked agents (``Forecaster.track``), t0 ego frame.
         grid: the target grid.
         classes: C.
         steps: F.
 
     Returns:
-        occupancy [S, C, H, W] bool, instances [S, H, W] int64 (1 + detection index).
+        occupancy [S, C, H, W] bool, instances [S, H, W] int64 (1 + agent index).
     """
-    velocity = np.nan_to_num(detections.velocity.astype(np.float64))
-    box = np.nan_to_num(detections.boxes.astype(np.float64))
-    return constant_velocity_occupancy_instances(box, detections.classes, velocity, grid, classes, steps)
+    return constant_velocity_occupancy_instances(agents.boxes, agents.classes, agents.velocity, grid, classes, steps)
 
 
 def persistence_occupancy(occupancy_t0: np.ndarray, steps: int = 4) -> np.ndarray:

@@ -38,6 +38,8 @@ from scipy import ndimage
 
 MISS_TOLERANCE_M = 2.0
 """The nuScenes prediction challenge's miss distance (m)."""
+MATCH_DISTANCE_M = 2.0
+"""The farthest a tracked agent's t0 centre may lie from an annotated agent's of its class to stand for it (m)."""
 VPQ_IOU = 0.5
 """IoU above which a predicted and a ground-truth instance match (FIERY, as panoptic quality)."""
 ECE_BINS = 10
@@ -137,6 +139,39 @@ def miss_rate(
 
 
 # ------------------------------------------------------------------------------------------------------ occupancy
+
+
+def match_agents(
+    found_xy: np.ndarray,
+    found_class: np.ndarray,
+    true_xy: np.ndarray,
+    true_class: np.ndarray,
+    max_distance_m: float = MATCH_DISTANCE_M,
+) -> np.ndarray:
+    """Pair annotated agents with the agents a model found, nearest pairs first, one to one, class by class.
+
+    Args:
+        found_xy: [M, 2] float — the found agents' t0 centres (m).
+        found_class: [M] int.
+        true_xy: [N, 2] float — the annotated agents' t0 centres (m).
+        true_class: [N] int.
+        max_distance_m: pairs farther apart are never matched.
+
+    Returns:
+        [N] int64 — the found agent standing for each annotated one, -1 where none (a missed agent).
+    """
+    match = np.full(len(true_xy), -1, dtype=np.int64)
+    if len(true_xy) == 0 or len(found_xy) == 0:
+        return match
+    distance = np.linalg.norm(np.asarray(true_xy)[:, None] - np.asarray(found_xy)[None], axis=-1)  # [N, M]
+    allowed = (np.asarray(true_class)[:, None] == np.asarray(found_class)[None]) & (distance <= max_distance_m)
+    rows, cols = np.nonzero(allowed)
+    order = np.argsort(distance[rows, cols], kind="stable")
+    used = np.zeros(len(found_xy), dtype=bool)
+    for r, c in zip(rows[order], cols[order], strict=True):  # candidate pairs, nearest first (agents, not cells)
+        if match[r] < 0 and not used[c]:
+            match[r], used[c] = c, True
+    return match
 
 
 def iou_counts(predicted: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,13 +2,18 @@
 
 Sources (``evaluate(...)["models"]``):
 
-* ``model``: the checkpoint of ``run`` (only with a run): its K trajectory modes and mode probabilities, its
-  occupancy probabilities (``OccupancyForecast.occupancy``: the agents' t0 boxes moved along the modes, weighted
-  by the mode probabilities; IoU and VPQ on the map thresholded at ``threshold``; VPQ instances are the agents,
-  ``agent_occupancy.mode_occupancy_instances``).
+* ``model``: the checkpoint of ``run`` (only with a run), forecasting from the sensors alone, as a planner gets
+  it: agents tracked from its own detections (``Forecaster(agents="tracked")``), the fused occupancy
+  (``agent_occupancy.fuse``; IoU and VPQ on the map thresholded at ``threshold``, VPQ instances its connected
+  components, ``metrics.connected_instances``). Its trajectories are scored on the annotated agents a track
+  stands for (``metrics.match_agents``: same class, within 2 m at t0), with the detection recall (annotated
+  agents matched / annotated agents at t0) and precision (tracks matched / tracks) beside them, so a missed
+  agent shows.
+* ``model_annotated`` (only with a run): the same model forecasting the annotated agents from their annotated
+  pasts (the nuScenes prediction-challenge protocol): trajectories on every scored agent; occupancy the agents'
+  t0 boxes moved along the modes (VPQ instances are the agents, ``agent_occupancy.mode_occupancy_instances``).
 * ``model_latent`` (only with a run): the latent occupancy head's map alone (``latent_occupancy``): what the
-  world model decodes from its sensors, without the agents' boxes; occupancy only (VPQ instances are connected
-  components, ``metrics.connected_instances``).
+  world model decodes from its sensors, without any agent; occupancy only.
 * ``direct`` (only with ``direct_run``): the direct baseline's map (``ModelConfig.world_model = False``: the LiDAR
   alone, every horizon decoded at once from z_t0, no predictor), scored as ``model_latent`` is, on the same windows.
 * ``constant_velocity``: the ground-truth t0 boxes moved at their annotated velocity (oracle input; on nuScenes
@@ -18,8 +23,8 @@ Sources (``evaluate(...)["models"]``):
 * ``constant_velocity_anchor``: the same boxes moved at their t0 velocity estimated from the last three past
   positions (causal, ``baselines.anchor_velocities``): the path of the model's anchor mode, so the model against
   it is what its learnt modes and probabilities add.
-* ``constant_velocity_detected`` (only with a run): the model's own t0 detections moved at their regressed
-  velocity: occupancy only, since detections carry no agent identity to score trajectories against.
+* ``constant_velocity_tracked`` (only with a run): the model's own tracked agents moved at their regressed
+  velocity: the like-for-like baseline of ``model`` (same agents, same matching, no learnt motion).
 * ``ctrv``: constant turn rate and velocity (``baselines.yaw_rate_from_past``).
 * ``persistence``: everything stays where it is at t0 (trajectories: the agent stands still).
 
@@ -71,20 +76,28 @@ import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.evaluation import baselines, metrics
-from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, heads, train
+from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, tracking, train
 
+CACHE_FRAMES = 64
+"""Keyframes the model's frame cache keeps while scoring (its two forecasts of a batch encode each one once)."""
 TOP_K = (1, 5, 10)
 """The k of minADE_k, minFDE_k and MissRate_2_k."""
 TRAJECTORY_SOURCES = (
     "model",
+    "model_annotated",
+    "constant_velocity_tracked",
     "constant_velocity",
     "constant_velocity_past",
     "constant_velocity_anchor",
     "ctrv",
     "persistence",
 )
-OCCUPANCY_SOURCES = ("model_latent", "direct", "constant_velocity_detected")
+OCCUPANCY_SOURCES = ("model_latent", "direct")
 """The sources scored on occupancy only (their maps carry no agent identity to score trajectories against)."""
+RUN_SOURCES = ("model", "model_annotated", "model_latent", "constant_velocity_tracked")
+"""The sources scored only with a run (the model's own)."""
+MATCHED_SOURCES = ("model", "constant_velocity_tracked")
+"""The sources whose agents are tracked from the model's detections: trajectories on the matched annotated agents."""
 
 
 @dataclass
@@ -102,6 +115,10 @@ class _Scores:
     cells: np.ndarray | None = None
     calibration: np.ndarray | None = None  # [C, B, 3]
     vpq: metrics.VpqCounts | None = None
+    matched: bool = False  # trajectories on the annotated agents that tracks stand for, with their own truth
+    truths: list[np.ndarray] = field(default_factory=list)  # [N_i, T, 2] per window (matched sources)
+    truth_classes: list[np.ndarray] = field(default_factory=list)  # [N_i]
+    detection_counts: np.ndarray | None = None  # annotated agents, found agents, matched pairs
 
     def __post_init__(self) -> None:
         shape = (self.steps, self.classes)
@@ -109,6 +126,7 @@ class _Scores:
         self.squared_error, self.cells = np.zeros(shape), np.zeros(shape, np.int64)
         self.calibration = np.zeros((self.classes, self.bins, 3))
         self.vpq = metrics.empty_vpq_counts(*shape)
+        self.detection_counts = np.zeros(3, dtype=np.int64)
 
     def add_occupancy(
         self,
@@ -128,13 +146,36 @@ class _Scores:
         self.calibration += metrics.calibration_counts(probability, target, self.bins)
         self.vpq = self.vpq + metrics.vpq_counts(labels, target_labels)
 
-    def add_trajectories(self, modes: np.ndarray, probabilities: np.ndarray) -> None:
+    def add_trajectories(
+        self,
+        modes: np.ndarray,
+        probabilities: np.ndarray,
+        truth: np.ndarray | None = None,
+        truth_class: np.ndarray | None = None,
+    ) -> None:
+        """One window's modes [N, K, T, 2] and probabilities [N, K]; a matched source gives their truth too."""
         self.modes.append(np.asarray(modes, dtype=np.float64))
         self.probabilities.append(np.asarray(probabilities, dtype=np.float64))
+        if self.matched:
+            assert truth is not None and truth_class is not None
+            self.truths.append(np.asarray(truth, dtype=np.float64))
+            self.truth_classes.append(np.asarray(truth_class, dtype=np.int64))
+
+    def add_detections(self, annotated: int, found: int, matched: int) -> None:
+        """One window's annotated agents at t0, agents found by the model, and the pairs matched between them."""
+        self.detection_counts += np.array([annotated, found, matched], dtype=np.int64)
 
     def summary(self, truth: np.ndarray, truth_class: np.ndarray) -> dict:
-        """The JSON scores (see the module docstring); ``truth`` [N, T, 2], ``truth_class`` [N]."""
+        """The JSON scores (see the module docstring); ``truth`` [N, T, 2], ``truth_class`` [N] of every agent."""
         scores: dict = {}
+        if self.matched:
+            steps = truth.shape[1]
+            truth = np.concatenate(self.truths) if self.truths else np.zeros((0, steps, 2))
+            truth_class = np.concatenate(self.truth_classes) if self.truth_classes else np.zeros(0, dtype=np.int64)
+            annotated, found, matched = (int(v) for v in self.detection_counts)
+            scores["agents_matched"] = int(len(truth))
+            scores["detection_recall"] = matched / annotated if annotated else float("nan")
+            scores["detection_precision"] = matched / found if found else float("nan")
         if self.modes:
             modes, probabilities = np.concatenate(self.modes), np.concatenate(self.probabilities)
             scores.update(_trajectory_scores(modes, probabilities, truth))
@@ -207,7 +248,8 @@ def evaluate(
         batch_size: windows per model forward.
         threshold: occupancy probability from which a cell counts as occupied (IoU, VPQ).
         trajectory_seconds: the trajectory horizon scored (s, a multiple of 0.5); None: all T steps.
-        detection_threshold: the lowest detection score ``constant_velocity_detected`` moves.
+        detection_threshold: the lowest detection score that makes a tracked agent (``model``,
+            ``constant_velocity_tracked``).
         ece_bins: equal-width bins of the ECE.
         direct_run: a run folder of the direct baseline (``bevjepa train --config direct``), scored as ``direct``.
 
@@ -219,46 +261,44 @@ def evaluate(
     """
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
     direct = load_direct(direct_run, dataset) if direct_run is not None else None
-    model = forecaster.Forecaster.from_checkpoint(run) if run is not None else None
+    model = (
+        forecaster.Forecaster.from_checkpoint(run, cache_frames=CACHE_FRAMES, min_score=detection_threshold)
+        if run is not None
+        else None
+    )
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
     window_steps = int(dataset.config["window"]["trajectory_steps"])
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
     if not 1 <= steps <= window_steps:
         raise ValueError(f"trajectory_seconds={trajectory_seconds}: the windows of {data} hold {window_steps} steps")
-    names = ["model", "model_latent"] if model is not None else []
+    names = ["model", "model_annotated", "model_latent"] if model is not None else []
     names += ["direct"] if direct is not None else []
     names += ["constant_velocity", "constant_velocity_past", "constant_velocity_anchor"]
-    names += ["constant_velocity_detected"] if model is not None else []
+    names += ["constant_velocity_tracked"] if model is not None else []
     names += ["ctrv", "persistence"]
     scores: dict[str, _Scores] = {}
     truths, truth_classes, windows_seen = [], [], 0
     failed: list[dict] = []
-    captured: list = []
-    hook = model.net.detection.register_forward_hook(lambda _m, _i, out: captured.append(out)) if model else None
-    try:
-        with torch.no_grad():
-            for first in range(0, len(dataset), batch_size):
-                loaded = load_windows(dataset, range(first, min(first + batch_size, len(dataset))), failed)
-                prepared = _prepare_windows(model, direct, loaded, detection_threshold, captured, dataset, failed)
-                if prepared is None:
-                    continue
-                batch, outputs = prepared
-                for b in range(batch.batch_size):
-                    windows_seen += 1
-                    window = _window_truth(batch, b, steps)
-                    if not scores:
-                        S, C = window.target.shape[:2]
-                        scores = {name: _Scores(S, C, ece_bins) for name in names}
-                    truths.append(window.future[window.full])
-                    truth_classes.append(window.cls[window.full])
-                    _score_baselines(scores, window, grid, steps, threshold)
-                    if outputs is not None and outputs[b].forecast is not None:
-                        _score_model(scores, window, outputs[b], grid, threshold)
-                    if outputs is not None and outputs[b].direct is not None:
-                        _add_map(scores["direct"], outputs[b].direct, window, threshold)
-    finally:
-        if hook is not None:
-            hook.remove()
+    with torch.no_grad():
+        for first in range(0, len(dataset), batch_size):
+            loaded = load_windows(dataset, range(first, min(first + batch_size, len(dataset))), failed)
+            prepared = _prepare_windows(model, direct, loaded, dataset, failed)
+            if prepared is None:
+                continue
+            batch, outputs = prepared
+            for b in range(batch.batch_size):
+                windows_seen += 1
+                window = _window_truth(batch, b, steps)
+                if not scores:
+                    S, C = window.target.shape[:2]
+                    scores = {name: _Scores(S, C, ece_bins, matched=name in MATCHED_SOURCES) for name in names}
+                truths.append(window.future[window.full])
+                truth_classes.append(window.cls[window.full])
+                _score_baselines(scores, window, grid, steps, threshold)
+                if outputs is not None and outputs[b].forecast is not None:
+                    _score_model(scores, window, outputs[b], grid, threshold)
+                if outputs is not None and outputs[b].direct is not None:
+                    _add_map(scores["direct"], outputs[b].direct, window, threshold)
     truth = np.concatenate(truths) if truths else np.zeros((0, steps, 2))
     truth_class = np.concatenate(truth_classes) if truth_classes else np.zeros(0, dtype=np.int64)
     result: dict = {
@@ -307,13 +347,15 @@ class _Predicted:
     """What the models predicted for one window.
 
     Attributes:
-        forecast: the model's forecast (None without a run).
-        detections: the model's t0 detections (None without a run).
+        forecast: the model's forecast from the sensors alone (None without a run).
+        tracks: the agents it tracked from its detections (None without a run).
+        annotated: the model's forecast of the annotated agents (None without a run).
         direct: [S, C, H, W] float32 the direct baseline's occupancy probabilities (None without a direct run).
     """
 
     forecast: forecaster.OccupancyForecast | None
-    detections: heads.Detections | None
+    tracks: tracking.TrackedAgents | None
+    annotated: forecaster.OccupancyForecast | None
     direct: np.ndarray | None
 
 
@@ -406,21 +448,35 @@ def _score_baselines(
 def _score_model(
     scores: dict[str, _Scores], w: _WindowTruth, output: _Predicted, grid: geometry.GridSpec, threshold: float
 ) -> None:
-    """Add one window's model forecast (``model``, ``model_latent``) and its detections moved at constant velocity."""
+    """Add one window's two forecasts (sensors alone, annotated agents), latent map and tracks at constant speed."""
     S, C = w.target.shape[:2]
     steps = w.future.shape[1]
-    forecast, found = output.forecast, output.detections
-    assert forecast is not None and found is not None
-    scores["model"].add_trajectories(forecast.trajectories[w.full, :, :steps], forecast.mode_probabilities[w.full])
-    # The forecast's occupancy is the agents' boxes: VPQ instances are the agents themselves.
-    _, ids = agent_occupancy.mode_occupancy_instances(
-        w.box, w.cls, forecast.trajectories, forecast.mode_probabilities, grid, C, S - 1
+    forecast, tracks, annotated = output.forecast, output.tracks, output.annotated
+    assert forecast is not None and tracks is not None and annotated is not None
+    # From the sensors: trajectories of the tracks that stand for annotated agents.
+    match = metrics.match_agents(tracks.boxes[:, :2], tracks.classes, w.box[:, :2], w.cls)  # [A]
+    scored = w.full & (match >= 0)
+    found = match[scored]
+    cv_modes = baselines.constant_velocity_trajectories(tracks.boxes[:, :2], tracks.velocity, steps)  # [A', 1, T, 2]
+    for name, modes, probabilities in (
+        ("model", forecast.trajectories[:, :, :steps], forecast.mode_probabilities),
+        ("constant_velocity_tracked", cv_modes, np.ones((tracks.count, 1))),
+    ):
+        scores[name].add_trajectories(modes[found], probabilities[found], w.future[scored], w.cls[scored])
+        scores[name].add_detections(len(w.cls), tracks.count, int((match >= 0).sum()))
+    _add_map(scores["model"], forecast.occupancy, w, threshold)
+    occupancy, ids = baselines.constant_velocity_tracked(tracks, grid, C, S - 1)
+    _add_boxes(scores["constant_velocity_tracked"], occupancy, ids, np.r_[-1, tracks.classes], w.target, w.truth_labels)
+    # The annotated agents (the prediction-challenge protocol): their boxes along the modes; VPQ ids the agents.
+    scores["model_annotated"].add_trajectories(
+        annotated.trajectories[w.full, :, :steps], annotated.mode_probabilities[w.full]
     )
-    labels = metrics.class_labels(forecast.occupancy >= threshold, ids, w.box_class)
-    scores["model"].add_occupancy(forecast.occupancy, labels, threshold, w.target, w.truth_labels)
+    _, ids = agent_occupancy.mode_occupancy_instances(
+        w.box, w.cls, annotated.trajectories, annotated.mode_probabilities, grid, C, S - 1
+    )
+    labels = metrics.class_labels(annotated.occupancy >= threshold, ids, w.box_class)
+    scores["model_annotated"].add_occupancy(annotated.occupancy, labels, threshold, w.target, w.truth_labels)
     _add_map(scores["model_latent"], forecast.latent_occupancy, w, threshold)
-    occupancy, ids = baselines.constant_velocity_detected(found, grid, C, S - 1)
-    _add_boxes(scores["constant_velocity_detected"], occupancy, ids, np.r_[-1, found.classes], w.target, w.truth_labels)
 
 
 def _add_map(scores: _Scores, probability: np.ndarray, w: _WindowTruth, threshold: float) -> None:
@@ -459,32 +515,31 @@ def _model_outputs(
     model: forecaster.Forecaster | None,
     direct: forecaster.Forecaster | None,
     samples: list[torch_dataset.WindowSample],
-    detection_threshold: float,
-    captured: list,
 ) -> tuple[torch_dataset.WindowBatch, list[_Predicted] | None]:
-    """The samples' batch and, with a model or the direct baseline, what each predicted (one forward pass each)."""
+    """The samples' batch and, with a model or the direct baseline, what each predicted.
+
+    The model forecasts twice, from its tracks and from the annotated agents, encoding the keyframes once (its
+    frame cache).
+    """
     batch = torch_dataset.collate(samples)
     if model is None and direct is None:
         return batch, None
-    forecasts: list = [None] * batch.batch_size
-    found: list = [None] * batch.batch_size
+    none: list = [None] * batch.batch_size
+    forecasts, tracks, annotated = none, none, none
     if model is not None:
-        captured.clear()
-        forecasts = model.forecast_batch(batch)
-        detections = heads.decode_detections(*captured[-1], threshold=detection_threshold)
-        found = [detections.for_sample(b) for b in range(batch.batch_size)]
-    maps: list = [None] * batch.batch_size
+        tracks = model.track(batch.to(model.device))
+        forecasts = model.forecast_batch(batch, tracks=tracks)
+        annotated = model.using("annotated").forecast_batch(batch)
+    maps: list = none
     if direct is not None:
         maps = [forecast.latent_occupancy for forecast in direct.forecast_batch(batch)]  # [S, C, H, W] each
-    return batch, [_Predicted(*predicted) for predicted in zip(forecasts, found, maps, strict=True)]
+    return batch, [_Predicted(*predicted) for predicted in zip(forecasts, tracks, annotated, maps, strict=True)]
 
 
 def _prepare_windows(
     model: forecaster.Forecaster | None,
     direct: forecaster.Forecaster | None,
     loaded: list[tuple[int, torch_dataset.WindowSample]],
-    detection_threshold: float,
-    captured: list,
     dataset: torch_dataset.WindowDataset,
     failed: list[dict],
 ) -> tuple[torch_dataset.WindowBatch, list | None] | None:
@@ -497,14 +552,14 @@ def _prepare_windows(
     if not loaded:
         return None
     try:
-        return _model_outputs(model, direct, [sample for _, sample in loaded], detection_threshold, captured)
+        return _model_outputs(model, direct, [sample for _, sample in loaded])
     except Exception:  # noqa: BLE001 — find the windows that fail, below
         pass
     kept: list[torch_dataset.WindowSample] = []
     outputs: list = []
     for index, sample in loaded:
         try:
-            _, one = _model_outputs(model, direct, [sample], detection_threshold, captured)
+            _, one = _model_outputs(model, direct, [sample])
         except Exception as error:  # noqa: BLE001 — a bad window is recorded, the evaluation goes on
             failed.append(_failure(dataset, index, "forecast", error))
             continue

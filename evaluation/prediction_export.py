@@ -139,7 +139,7 @@ def export(
         raise ValueError("source 'model' needs a run folder (run=...)")
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=torch_dataset.collate)
-    model = forecaster.Forecaster.from_checkpoint(run) if source == "model" else None
+    model = forecaster.Forecaster.from_checkpoint(run, agents="annotated") if source == "model" else None
     window_steps = int(dataset.config["window"]["trajectory_steps"])
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
     predictions: list[Prediction] = []

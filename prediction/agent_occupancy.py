@@ -6,9 +6,10 @@ an agent's occupancy at a step is the probability mass of the modes whose box co
 ``q_a(cell) = Σ_k p_ak · [cell ∈ box_ak(t)]``. Agents are independent, so a cell is free of class c with
 probability ``Π_a (1 − q_a)`` over the agents of class c.
 
-This map is the forecast's ``occupancy``; the latent occupancy head's map stays a separate field
-(``OccupancyForecast.latent_occupancy``): where every annotated agent is tracked, joining the latent map would
-only add its false positives.
+For annotated agents this map is the forecast's ``occupancy`` (every agent is given, so the latent map would
+only add its false positives). For agents tracked from the model's own detections, ``fuse`` joins it with the
+latent occupancy head's dense map, which covers what no track explains (a person behind a car, a detection below
+the score threshold). The dense map stays a separate field either way (``OccupancyForecast.latent_occupancy``).
 
 Notation:
     A  agents     K  modes     T  trajectory steps (0.5 s)     S  occupancy steps (t0 and F more, 0.5 s apart)
@@ -139,3 +140,28 @@ def mode_occupancy_instances(
     last = np.r_[step_cell[order][1:] != step_cell[order][:-1], True]
     instances.reshape(-1)[step_cell[order][last]] = 1 + agent_index[a[order][last]]
     return occupancy, instances
+
+
+def fuse(instance: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """The forecast's occupancy from tracked agents and the dense latent map: their union, cell by cell.
+
+    The rule, per step, class and cell: the larger of the two probabilities. Where a track explains a cell, its
+    box moved along the modes is at least as likely as the dense map says; where no track explains it (a person
+    behind a car, a detection below the score threshold), the dense map stands. The maximum is the union's
+    probability when the two maps see the same objects (fully dependent events), which they largely do; treating
+    them as independent (``1 − (1 − a)(1 − b)``) would count every tracked agent twice.
+
+    Measured (the 30-minute LiDAR model of the perception issue, ``mini_val``, vehicle IoU at t0 / 2 s): the dense
+    map alone 0.522 / 0.177, this union 0.505 / 0.190, the tracks alone where they reach (the dense map elsewhere)
+    0.480 / 0.146. The tracked boxes (vehicle IoU 0.49 at t0 by themselves) are not sharper than the dense map.
+
+    Args:
+        instance: [S, C, H, W] float — ``mode_occupancy`` of the tracked agents.
+        dense: [S, C, H, W] float — the latent occupancy head's probabilities.
+
+    Returns:
+        [S, C, H, W] float32.
+    """
+    if instance.shape != dense.shape:
+        raise ValueError(f"fuse: instance {list(instance.shape)} and dense {list(dense.shape)} must match")
+    return np.maximum(instance, dense).astype(np.float32)

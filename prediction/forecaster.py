@@ -10,6 +10,7 @@ Notation:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 import zlib
@@ -22,11 +23,17 @@ import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.datasets import io as io_utils
-from bevjepa.prediction import agent_occupancy, checkpoint, model
+from bevjepa.prediction import agent_occupancy, checkpoint, heads, model, tracking
 
 FORECAST_FORMAT = "bevjepa-occupancy-forecast"
-FORECAST_VERSION = 2
-"""Version 2 added the optional ``latent_occupancy``; ``load`` still reads version 1 files."""
+FORECAST_VERSION = 3
+"""Version 2 added the optional ``latent_occupancy``, version 3 the optional ``agent_scores``; ``load`` reads all."""
+OPTIONAL_FIELDS = ("latent_occupancy", "agent_scores")
+"""Arrays a forecast file may hold (newer versions); a file without them loads them as None."""
+AGENT_SOURCES = ("tracked", "annotated")
+"""Where a forecast's agents come from: ``tracked``, the model's own detections tracked over the window's
+keyframes (the default: sensors only); ``annotated``, the window's annotated agents with their annotated pasts
+(the nuScenes prediction-challenge protocol, where past tracks are given)."""
 STEP_S = 0.5
 PROBABILITY_SUM_TOLERANCE = 1e-3
 """How far a row of ``mode_probabilities`` may sum from 1 (float32 softmax is within 1e-6)."""
@@ -39,7 +46,7 @@ ARRAY_FIELDS = (
     "trajectories",
     "mode_probabilities",
 )
-"""The arrays of a forecast file that every version holds (version 2 may add ``latent_occupancy``)."""
+"""The arrays of a forecast file that every version holds (see ``OPTIONAL_FIELDS``)."""
 HEADER_KEYS = ("format", "format_version", "timestamp_us", "grid", "classes")
 _KIND_NAMES = {"f": "a floating", "iu": "an integer", "U": "a string"}
 
@@ -90,16 +97,19 @@ class OccupancyForecast:
         grid: the occupancy grid (metric bounds and resolution; rows along +x, columns along +y).
         classes: the class names of the occupancy channels.
         times_s: [S] float32 — seconds after t0 of each occupancy map (0, 0.5, ..., 2.0).
-        occupancy: [S, C, H, W] float32 — probability that each cell is occupied by an agent of each class: the
-            agents' t0 boxes moved along their trajectory modes, weighted by the modes' probabilities
-            (``agent_occupancy.mode_occupancy``; 1 at t0).
-        agent_ids: [A] str — the agents' instance tokens.
+        occupancy: [S, C, H, W] float32 — probability that each cell is occupied by an agent of each class. For
+            tracked agents (the default), the fused map (``agent_occupancy.fuse``): the agents' t0 boxes moved
+            along their trajectory modes, weighted by the modes' probabilities, and the latent occupancy where
+            no agent's modes reach; for annotated agents, their boxes along the modes alone.
+        agent_ids: [A] str — track ids (tracked agents) or instance tokens (annotated agents).
         agent_classes: [A] int64 — class index of each agent.
         trajectory_times_s: [T] float32 — seconds after t0 of each trajectory step (0.5 ... 6.0).
         trajectories: [A, K, T, 2] float32 — x, y (m) of each agent's K modes.
         mode_probabilities: [A, K] float32 — each mode's probability (rows sum to 1).
         latent_occupancy: [S, C, H, W] float32 or None — the latent occupancy head's map alone (what the world
             model's latent holds, tracked agents or not); None for forecasts that have no latent (baselines).
+        agent_scores: [A] float32 or None — each agent's detection score at t0 (tracked agents); None where the
+            agents were given (annotated agents, baselines).
 
     A road with nobody on it is a valid forecast: A = 0, ``trajectories`` [0, K, T, 2], ``mode_probabilities``
     [0, K], and (for the model) the occupancy of no agent, zero everywhere, next to ``latent_occupancy``.
@@ -123,6 +133,7 @@ class OccupancyForecast:
     trajectories: np.ndarray
     mode_probabilities: np.ndarray
     latent_occupancy: np.ndarray | None = None
+    agent_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.timestamp_us, bool) or not isinstance(self.timestamp_us, int | np.integer):
@@ -152,6 +163,8 @@ class OccupancyForecast:
         if self.latent_occupancy is not None:
             _check_array("latent_occupancy", self.latent_occupancy, maps, "f", probability=True)
         _check_array("agent_classes", self.agent_classes, (("A", A),), "iu")
+        if self.agent_scores is not None:
+            _check_array("agent_scores", self.agent_scores, (("A", A),), "f", probability=True)
         if A and (self.agent_classes.min() < 0 or self.agent_classes.max() >= C):
             raise ValueError(
                 f"OccupancyForecast.agent_classes: expected class indices in [0, {C}), got "
@@ -253,13 +266,13 @@ class OccupancyForecast:
             trajectory_times_s=self.trajectory_times_s,
             trajectories=self.trajectories,
             mode_probabilities=self.mode_probabilities,
-            **({} if self.latent_occupancy is None else {"latent_occupancy": self.latent_occupancy}),
+            **{name: getattr(self, name) for name in OPTIONAL_FIELDS if getattr(self, name) is not None},
         )
         return path
 
     @staticmethod
     def load(path: Path) -> OccupancyForecast:
-        """Read a forecast written by ``save`` (format versions 1 and 2), checking everything it holds.
+        """Read a forecast written by ``save`` (format versions 1 to 3), checking everything it holds.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
@@ -284,9 +297,8 @@ class OccupancyForecast:
                     f"{path}: the arrays {missing} are missing; a {FORECAST_FORMAT} file holds {list(ARRAY_FIELDS)}"
                 )
             arrays = {name: _read_member(path, data, name) for name in ARRAY_FIELDS}
-            arrays["latent_occupancy"] = (
-                _read_member(path, data, "latent_occupancy") if "latent_occupancy" in data.files else None
-            )
+            for name in OPTIONAL_FIELDS:
+                arrays[name] = _read_member(path, data, name) if name in data.files else None
         try:
             return OccupancyForecast(
                 timestamp_us=header["timestamp_us"], grid=header["grid"], classes=header["classes"], **arrays
@@ -316,9 +328,9 @@ def _read_header(path: Path, raw: np.ndarray) -> dict:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header: expected a JSON object, got {type(header).__name__}")
     version = header.get("format_version")
-    if header.get("format") != FORECAST_FORMAT or version not in (1, FORECAST_VERSION):
+    if header.get("format") != FORECAST_FORMAT or version not in range(1, FORECAST_VERSION + 1):
         raise ValueError(
-            f"{path}: not a {FORECAST_FORMAT} file of version 1 or {FORECAST_VERSION} (header: format "
+            f"{path}: not a {FORECAST_FORMAT} file of version 1 to {FORECAST_VERSION} (header: format "
             f"{header.get('format')!r}, format_version {version!r})"
         )
     missing = [key for key in HEADER_KEYS if key not in header]
@@ -385,33 +397,61 @@ def check_agent_inputs(batch: torch_dataset.WindowBatch, classes: int) -> None:
 class Forecaster:
     """A trained model behind the forecast API.
 
+    Agents come from the sensors by default (``agents="tracked"``): the detection head runs on each input keyframe,
+    ``tracking.track_window`` links the detections into tracks, and the trajectory head forecasts every track
+    alive at t0, so a window without any annotation (``WindowSample.sensors_only``) gets a complete forecast.
+    Over a stream (consecutive windows of a scene, each keyframe's ``frame_tokens`` known) a
+    ``tracking.StreamTracker`` per scene keeps the track ids stable. ``agents="annotated"`` forecasts the window's
+    annotated agents instead (the prediction-challenge protocol; see ``AGENT_SOURCES``).
+
     With ``cache_frames`` > 0 the forecaster keeps the encoded latents of the last ``cache_frames`` keyframes
     (by scene and sample token, ``WindowSample.frame_tokens``), so a stream of forecasts, each over the last P
     keyframes, encodes every keyframe once: a new forecast pays for one frame's cameras and LiDAR instead of P.
     The result is the same as without the cache (a frame's own-frame latent does not depend on t0).
 
     A window without agents gets a complete forecast with none (the latent occupancy beside an empty agent map).
-    An agent the model cannot forecast (a NaN or infinite t0 box or valid past position, a class out of range) is
-    not dropped silently: ``forecast`` and ``forecast_batch`` raise ``ValueError`` naming the window and the agent
-    (``check_agent_inputs``), and the caller decides (``bevjepa eval`` records the window as failed).
+    An annotated agent the model cannot forecast (a NaN or infinite t0 box or valid past position, a class out of
+    range) is not dropped silently: ``forecast`` and ``forecast_batch`` raise ``ValueError`` naming the window and
+    the agent (``check_agent_inputs``), and the caller decides (``bevjepa eval`` records the window as failed).
     """
 
-    def __init__(self, net, device: str | torch.device = "cpu", cache_frames: int = 0) -> None:
+    STREAMS = 64
+    """Scenes whose stream tracker is kept (least recently used dropped)."""
+
+    def __init__(
+        self,
+        net,
+        device: str | torch.device = "cpu",
+        cache_frames: int = 0,
+        agents: str = "tracked",
+        min_score: float = tracking.MIN_SCORE,
+    ) -> None:
+        if agents not in AGENT_SOURCES:
+            raise ValueError(f"Forecaster: agents must be one of {AGENT_SOURCES}, got {agents!r}")
         self.net = net.to(device).eval()
         self.device = torch.device(device)
         self.cache_frames = cache_frames
+        self.agents = agents
+        self.min_score = min_score
         self._cache: OrderedDict[tuple[str, str], model.FrameEncoding] = OrderedDict()
+        self._streams: OrderedDict[str, tuple[str, tracking.StreamTracker]] = OrderedDict()
 
     @staticmethod
-    def from_checkpoint(run: Path, device: str | torch.device = "cpu", cache_frames: int = 0) -> Forecaster:
+    def from_checkpoint(
+        run: Path,
+        device: str | torch.device = "cpu",
+        cache_frames: int = 0,
+        agents: str = "tracked",
+        min_score: float = tracking.MIN_SCORE,
+    ) -> Forecaster:
         """Load the model of a run folder (safetensors and JSON; nothing is unpickled)."""
         _, net = checkpoint.load_model(run, device)
-        return Forecaster(net, device, cache_frames)
+        return Forecaster(net, device, cache_frames, agents, min_score)
 
-    def _own(self, batch: torch_dataset.WindowBatch) -> model.FrameEncoding | None:
+    def _own(self, batch: torch_dataset.WindowBatch) -> model.FrameEncoding:
         """The input frames' own-frame encodings (P frames), encoding only those not in the cache."""
         if self.cache_frames <= 0 or not batch.frame_tokens or not all(batch.frame_tokens):
-            return None
+            return self.net.encoder.encode_frames(model.SensorFrames.past(batch))
         keys = [
             [(scene, token) for token in tokens]
             for scene, tokens in zip(batch.scene_names, batch.frame_tokens, strict=True)
@@ -435,23 +475,85 @@ class Forecaster:
             self._cache.popitem(last=False)
         return own
 
+    def track(
+        self, batch: torch_dataset.WindowBatch, own: model.FrameEncoding | None = None
+    ) -> list[tracking.TrackedAgents]:
+        """The agents of each window, tracked from the model's own detections on its input keyframes.
+
+        Args:
+            batch: the windows (on the forecaster's device); their annotations are not read.
+            own: the input frames' encodings when already encoded.
+        """
+        own = self._own(batch) if own is None else own
+        p = batch.t0_from_ego.shape[1]
+        heatmaps, regressions = self.net.detect_frames(own, batch.t0_from_ego, list(range(p)))  # [B, P, ...]
+        grid = self.net.detection.grid
+        decoded = [
+            heads.decode_detections(heatmaps[:, k], regressions[:, k], grid=grid, threshold=self.min_score)
+            for k in range(p)
+        ]
+        t0_from_ego = batch.t0_from_ego.cpu().numpy().astype(np.float64)  # [B, P, 4, 4]
+        result = []
+        for b in range(batch.batch_size):
+            frames = [
+                tracking.FrameDetections.in_t0_frame(decoded[k].for_sample(b), t0_from_ego[b, k]) for k in range(p)
+            ]
+            result.append(self._stream_ids(batch, b, tracking.track_window(frames, self.min_score)))
+        return result
+
+    def _stream_ids(
+        self, batch: torch_dataset.WindowBatch, b: int, agents: tracking.TrackedAgents
+    ) -> tracking.TrackedAgents:
+        """Stream ids for window ``b``'s agents: linked to its scene's previous window when that was t0 - 0.5 s."""
+        scene, tokens = batch.scene_names[b], batch.frame_tokens[b] if batch.frame_tokens else ()
+        previous_t0, tracker = self._streams.pop(scene, ("", tracking.StreamTracker()))
+        linked = len(tokens) >= 2 and bool(previous_t0) and tokens[-2] == previous_t0
+        t0_from_previous = batch.t0_from_ego[b, -2].cpu().numpy().astype(np.float64) if linked else None
+        agents = tracker.update(agents, t0_from_previous)
+        self._streams[scene] = (tokens[-1] if tokens else "", tracker)
+        while len(self._streams) > self.STREAMS:
+            self._streams.popitem(last=False)
+        return agents
+
+    def using(self, agents: str) -> Forecaster:
+        """A forecaster of the same model with its agents from ``agents`` (``AGENT_SOURCES``) and this one's cache.
+
+        Scoring both kinds of agent on the same windows then encodes each keyframe once.
+        """
+        other = Forecaster(self.net, self.device, self.cache_frames, agents, self.min_score)
+        other._cache = self._cache
+        return other
+
     @torch.no_grad()
     def forecast_batch(
-        self, batch: torch_dataset.WindowBatch, actions: torch.Tensor | None = None
+        self,
+        batch: torch_dataset.WindowBatch,
+        actions: torch.Tensor | None = None,
+        tracks: list[tracking.TrackedAgents] | None = None,
     ) -> list[OccupancyForecast]:
         """Forecasts for every window of a batch; ``actions`` [B, F, 3] overrides the ego's future motion.
 
-        A window without agents gets a forecast without agents (see ``OccupancyForecast``).
+        A window without agents gets a forecast without agents (see ``OccupancyForecast``). ``tracks`` gives the
+        windows' tracked agents when ``track`` already ran (tracked agents only); None tracks them here.
 
         Raises:
-            ValueError: an agent with a non-finite t0 box or past position, or a class out of range
-                (``check_agent_inputs``), or non-finite ``actions``.
+            ValueError: (annotated agents) an agent with a non-finite t0 box or past position, or a class out of
+                range (``check_agent_inputs``); non-finite ``actions``.
         """
-        check_agent_inputs(batch, self.net.config.classes)
         if actions is not None and not bool(torch.isfinite(actions).all()):
             raise ValueError("forecast_batch: actions (dx, dy, dyaw per 0.5 s step) must be finite")
+        if tracks is not None and (self.agents != "tracked" or len(tracks) != batch.batch_size):
+            raise ValueError(f"forecast_batch: tracks are for tracked agents, one per window ({batch.batch_size})")
         batch = batch.to(self.device)
-        output = self.net(batch, actions=actions, own=self._own(batch))
+        own = self._own(batch)
+        scores: list[np.ndarray | None] = [None] * batch.batch_size
+        if self.agents == "tracked":
+            tracked = self.track(batch, own) if tracks is None else tracks
+            batch = with_agents(batch, tracked)
+            scores = [agents.scores.astype(np.float32) for agents in tracked]
+        else:
+            check_agent_inputs(batch, self.net.config.classes)
+        output = self.net(batch, actions=actions, own=own)
         latent = torch.sigmoid(output.occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
         probabilities = torch.softmax(output.mode_logits, dim=-1).cpu().numpy().astype(np.float32)  # [B, A, K]
         modes = output.modes.cpu().numpy().astype(np.float32)  # [B, A, K, T, 2]
@@ -468,19 +570,21 @@ class Forecaster:
                 boxes[b, :count], agent_classes[b, :count], modes[b, :count], probabilities[b, :count], config.grid,
                 C, S - 1,
             )  # fmt: skip
+            occupancy = agents if self.agents == "annotated" else agent_occupancy.fuse(agents, latent[b])
             results.append(
                 OccupancyForecast(
                     timestamp_us=batch.timestamps_us[b],
                     grid=self.net.config.grid,
                     classes=categories.CLASSES,
                     times_s=steps,
-                    occupancy=agents,
+                    occupancy=occupancy,
                     agent_ids=np.array(batch.agent_ids[b], dtype=str).reshape(-1),
                     agent_classes=agent_classes[b, :count],
                     trajectory_times_s=trajectory_times,
                     trajectories=modes[b, :count],
                     mode_probabilities=probabilities[b, :count],
                     latent_occupancy=latent[b],
+                    agent_scores=scores[b],
                 )
             )
         return results
@@ -490,3 +594,41 @@ class Forecaster:
         batch = torch_dataset.collate([window])
         override = None if actions is None else torch.as_tensor(actions, dtype=torch.float32)[None]
         return self.forecast_batch(batch, override)[0]
+
+
+def with_agents(batch: torch_dataset.WindowBatch, agents: list[tracking.TrackedAgents]) -> torch_dataset.WindowBatch:
+    """The batch with its agent fields replaced by tracked agents (futures unknown: zero and masked out).
+
+    Args:
+        batch: B windows.
+        agents: each window's tracked agents, in the t0 ego frame.
+    """
+    b, t = batch.batch_size, batch.ego_future.shape[1]
+    p = batch.t0_from_ego.shape[1]
+    a_max = max((a.count for a in agents), default=0)
+    device = batch.t0_from_ego.device
+    box = torch.zeros(b, a_max, 7)
+    velocity = torch.zeros(b, a_max, 2)
+    past = torch.zeros(b, a_max, p, 2)
+    past_mask = torch.zeros(b, a_max, p, dtype=torch.bool)
+    classes = torch.zeros(b, a_max, dtype=torch.int64)
+    for i, tracked in enumerate(agents):  # B windows
+        n = tracked.count
+        box[i, :n] = torch.as_tensor(tracked.boxes, dtype=torch.float32)
+        velocity[i, :n] = torch.as_tensor(tracked.velocity, dtype=torch.float32)
+        past[i, :n] = torch.as_tensor(tracked.past, dtype=torch.float32)
+        past_mask[i, :n] = torch.as_tensor(tracked.past_mask)
+        classes[i, :n] = torch.as_tensor(tracked.classes)
+    counts = torch.tensor([a.count for a in agents])
+    return dataclasses.replace(
+        batch,
+        agent_ids=tuple(tuple(a.ids.tolist()) for a in agents),
+        agent_box=box.to(device),
+        agent_velocity=velocity.to(device),
+        agent_past=past.to(device),
+        agent_past_mask=past_mask.to(device),
+        agent_class=classes.to(device),
+        agent_future=torch.zeros(b, a_max, t, 2, device=device),
+        agent_future_mask=torch.zeros(b, a_max, t, dtype=torch.bool, device=device),
+        agent_mask=(torch.arange(a_max)[None, :] < counts[:, None]).to(device),
+    )

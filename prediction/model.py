@@ -407,6 +407,39 @@ class BevJepa(nn.Module):
         heatmap, regression = self.detection(coarse[:, 0])
         return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression, own, flow)
 
+    def detect_frames(
+        self, own: FrameEncoding, t0_from_ego: torch.Tensor, frames: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The detection head on input keyframes other than t0, each seen as the present of its own ego frame.
+
+        Keyframe k's latent fuses the frames k-P+1..k warped into k's ego frame, the window's oldest frame
+        standing in for those before it; the decoder reads k's own fine LiDAR maps. For k = P-1 this is exactly
+        ``forward``'s t0 detection.
+
+        Args:
+            own: the window's P input frames' encodings (``BevEncoder.encode_frames``).
+            t0_from_ego: [B, P, 4, 4] each keyframe's ego pose in the t0 frame.
+            frames: the keyframe indices k (0: oldest, P-1: t0).
+
+        Returns:
+            heat-map logits [B, len(frames), classes, 64, 64] and regressions [B, len(frames), 10, 64, 64], each
+            keyframe in its own ego frame (``heads.decode_detections`` reads them).
+        """
+        b, p = t0_from_ego.shape[:2]
+        heatmaps, regressions = [], []
+        for k in frames:  # a few keyframes, each a decoder pass
+            history = [max(0, k - p + 1 + i) for i in range(p)]
+            k_from_t0 = torch.linalg.inv(t0_from_ego[:, k])  # [B, 4, 4]
+            k_from_history = k_from_t0[:, None] @ t0_from_ego[:, history]  # [B, P, 4, 4]
+            latent = self.encoder.temporal(self.encoder.warp(own.latents[:, history], k_from_history))  # [B, C, H, W]
+            skips = [fine[:, k] for fine in own.fine]
+            step = torch.zeros(b, dtype=torch.long, device=latent.device)
+            coarse = self.decoder(latent, skips, step)[1]
+            heatmap, regression = self.detection(coarse)
+            heatmaps.append(heatmap)
+            regressions.append(regression)
+        return torch.stack(heatmaps, dim=1), torch.stack(regressions, dim=1)
+
     @torch.no_grad()
     def target_latents(self, batch: torch_dataset.WindowBatch, steps: list[int] | None = None) -> torch.Tensor:
         """z̄_k: the EMA encoder on the observed frames k-P+1..k, in t0's frame: [B, len(steps), C, H, W].

@@ -370,17 +370,18 @@ OPEN_LOOP_COLUMNS = (
 """The open-loop figures the summary shows, as keys of ``metrics.json``'s ``models`` entries."""
 
 SENSOR_ONLY = {
-    "model_latent": "the model, from the sensors",
+    "model": "the model's forecast, from the sensors",
+    "model_latent": "its dense map alone",
     "direct": "the direct baseline, from the LiDAR",
 }
-"""The dense occupancy maps read from the sensors alone, the headline of the summary, with the first cell of their
-rows."""
+"""The occupancy read from the sensors alone, the headline of the summary, with the first cell of their rows."""
 
 INPUTS = {
+    "model": "sensors",
     "model_latent": "sensors",
     "direct": "sensors (LiDAR)",
-    "constant_velocity_detected": "sensors",
-    "model": "sensors + annotated t0 boxes and past",
+    "constant_velocity_tracked": "sensors",
+    "model_annotated": "sensors + annotated t0 boxes and past",
     "persistence": "annotated t0 occupancy",
 }
 """What each open-loop source reads (the summary's last column); a source not listed reads the annotated t0 boxes."""
@@ -405,23 +406,26 @@ CLOSED_LOOP_COLUMNS = (
 def verdicts(models: dict) -> list[str]:
     """One line per comparison of the model against a constant-velocity baseline.
 
-    ``model`` (the sensors, the annotated t0 boxes and their past) against ``constant_velocity_past`` (the same
-    boxes at the velocity of their last past step: the same input, the devkit's constant-velocity speed),
-    ``constant_velocity_anchor`` (the velocity at t0 the model's trajectory head starts from: what its learning
-    adds) and ``constant_velocity`` (the annotated velocity, which on nuScenes looks 0.5 s ahead); ``model_latent``
-    (the sensors only) against ``constant_velocity_detected`` (the model's own detections).
+    ``model`` (the sensors alone) against ``constant_velocity_tracked`` (its own tracks at their regressed
+    velocity: the same agents); ``model_annotated`` (the sensors, the annotated t0 boxes and their past) against
+    ``constant_velocity_past`` (the same boxes at the velocity of their last past step: the same input, the
+    devkit's constant-velocity speed), ``constant_velocity_anchor`` (the velocity at t0 the model's trajectory
+    head starts from: what its learning adds) and ``constant_velocity`` (the annotated velocity, which on nuScenes
+    looks 0.5 s ahead).
     """
     lines = []
+    metrics_compared = (
+        ("minADE_5", "minADE₅", True),
+        ("minFDE_5", "minFDE₅", True),
+        ("iou_2s_mean", "occupancy IoU at 2 s", False),
+    )
     comparisons = [
-        (source, key, label, baseline, lower_is_better)
+        ("model", key, label, "constant_velocity_tracked", lower) for key, label, lower in metrics_compared
+    ] + [
+        ("model_annotated", key, label, baseline, lower)
         for baseline in ("constant_velocity_past", "constant_velocity_anchor", "constant_velocity")
-        for source, key, label, lower_is_better in (
-            ("model", "minADE_5", "minADE₅", True),
-            ("model", "minFDE_5", "minFDE₅", True),
-            ("model", "iou_2s_mean", "occupancy IoU at 2 s", False),
-        )
+        for key, label, lower in metrics_compared
     ]
-    comparisons.append(("model_latent", "iou_2s_mean", "occupancy IoU at 2 s", "constant_velocity_detected", False))
     for source, key, label, baseline, lower_is_better in comparisons:
         ours, theirs = models.get(source, {}).get(key), models.get(baseline, {}).get(key)
         if ours is None or theirs is None:
@@ -459,10 +463,11 @@ def _sensor_only_section(models: dict) -> list[str]:
     return [
         "### From the sensors alone",
         "",
-        "Occupancy IoU per class and horizon of the dense maps decoded from the sensors, no annotation read: "
-        "`model_latent`, the model's (cameras and LiDAR, the world model rolled out under the ego's actions); "
-        "`direct`, the direct baseline's (the LiDAR alone, every horizon decoded at once from z_t0, trained for the "
-        "same wall time).",
+        "Occupancy IoU per class and horizon from the sensors, no annotation read: `model`, the model's forecast "
+        "(agents tracked from its own detections, their boxes along the modes joined with the dense map); "
+        "`model_latent`, its dense map alone (the world model rolled out under the ego's actions); `direct`, the "
+        "direct baseline's (the LiDAR alone, every horizon decoded at once from z_t0, trained for the same wall "
+        "time).",
         "",
         *_table(["forecast", "class", *_horizons(steps)], rows),
         "",
@@ -540,14 +545,15 @@ def render(
     lines += _table(["forecast", *(label for _, label in OPEN_LOOP_COLUMNS), "input"], rows)
     lines += [
         "",
-        "The sources that read the sensors alone come first. The rows after them need annotations: `model` forecasts "
-        "from the sensors and the annotated t0 boxes with their past (its occupancy moves those boxes along its "
-        "trajectory modes); `constant_velocity_past` moves the same boxes at the velocity of their last past step "
-        "(the same input), `constant_velocity_anchor` at their t0 velocity from the last three past positions (the "
-        "path the model's trajectory head starts from), `constant_velocity` at their annotated velocity (nuScenes' "
-        "centred difference, which looks 0.5 s ahead). `model_latent` is the model's dense occupancy from the sensors "
-        "only, `direct` the direct baseline's; `constant_velocity_detected` moves the model's own detections, the "
-        "same sensor input.",
+        "The sources that read the sensors alone come first: `model` is the forecast a planner gets (agents tracked "
+        "from the model's own detections; its trajectory figures are on the annotated agents a track stands for, "
+        "see `detection_recall` in the open-loop report), `model_latent` its dense map alone, `direct` the direct "
+        "baseline's, `constant_velocity_tracked` the model's own tracks at their regressed velocity. The rows after "
+        "them need annotations: `model_annotated` forecasts the annotated t0 boxes from their annotated past (its "
+        "occupancy moves those boxes along its trajectory modes); `constant_velocity_past` moves the same boxes at "
+        "the velocity of their last past step (the same input), `constant_velocity_anchor` at their t0 velocity "
+        "from the last three past positions (the path the model's trajectory head starts from), `constant_velocity` "
+        "at their annotated velocity (nuScenes' centred difference, which looks 0.5 s ahead).",
         "",
     ]
     if "detection" in open_loop:

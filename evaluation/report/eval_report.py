@@ -41,12 +41,16 @@ from bevjepa.prediction import checkpoint, forecaster, train
 from bevjepa.prediction import config as experiment_config
 
 SOURCE_NOTES = {
-    "model_latent": "the model's dense occupancy, decoded from its sensors alone (no annotation read): what a car has",
+    "model": "the forecast from the sensors alone (no annotation read), what a planner gets: agents tracked from the "
+    "model's own detections, trajectory modes, occupancy = their boxes along the modes joined with the dense map; "
+    "trajectories scored on the annotated agents a track stands for (same class, within 2 m at t0)",
+    "model_latent": "the model's dense occupancy alone, decoded from its sensors (no agents)",
     "direct": "the direct baseline (`bevjepa train --config direct`): the LiDAR alone, every horizon's occupancy "
     "decoded at once from z_t0, no world model",
-    "constant_velocity_detected": "the model's own t0 detections moved at their regressed velocity (from the sensors)",
-    "model": "the forecast for the annotated agents (needs annotations): trajectory modes; occupancy = the agents' "
-    "annotated t0 boxes moved along the modes, weighted by the mode probabilities",
+    "constant_velocity_tracked": "the model's own tracked agents moved at their regressed velocity (from the sensors: "
+    "the like-for-like baseline of `model`)",
+    "model_annotated": "the model forecasting the annotated agents from their annotated pasts (the prediction "
+    "challenge's protocol; needs annotations): occupancy = the annotated t0 boxes moved along the modes",
     "constant_velocity": "the annotated t0 boxes moved at their annotated t0 velocity (nuScenes: a centred "
     "difference that looks 0.5 s ahead)",
     "constant_velocity_past": "the same boxes moved at the velocity of their last past step (causal, as the model; "
@@ -61,10 +65,11 @@ MODEL_ORDER = tuple(SOURCE_NOTES)
 """The order of the rows of every table: that of ``SOURCE_NOTES`` (names not listed follow, sorted): the sources that
 read only the sensors first, then those that read the annotated boxes."""
 SOURCE_TITLES = {
-    "model_latent": "model, from the sensors (dense occupancy)",
+    "model": "model, from the sensors (tracked agents and dense occupancy)",
+    "model_latent": "model, from the sensors (dense occupancy alone)",
     "direct": "direct baseline, from the LiDAR (dense occupancy)",
-    "constant_velocity_detected": "model's detections at constant velocity (from the sensors)",
-    "model": "annotated t0 boxes moved along the model's modes (needs annotations)",
+    "constant_velocity_tracked": "model's tracks at constant velocity (from the sensors)",
+    "model_annotated": "model, annotated agents (needs annotations)",
 }
 """The first cell of a source's rows, before its name (a source not listed shows its name alone)."""
 CHECK_TITLES = {

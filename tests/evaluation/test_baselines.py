@@ -13,7 +13,7 @@ from nuscenes.prediction.models.physics import ConstantVelocityHeading
 
 from bevjepa.datasets import categories, geometry, windows
 from bevjepa.evaluation import baselines, metrics
-from bevjepa.prediction import heads
+from bevjepa.prediction import tracking
 
 
 def test_constant_velocity_heading_equals_the_devkit_on_scene_0916(real_scene_nusc):
@@ -109,19 +109,22 @@ def test_ctrv_occupancy_turns_the_boxes():
     assert set(np.unique(ids[4])) == {0, 1}
 
 
-def test_constant_velocity_detected_moves_detections_as_the_oracle_moves_boxes(synthetic_windows: Path):
+def test_constant_velocity_tracked_moves_tracks_as_the_oracle_moves_boxes(synthetic_windows: Path):
     window = windows.load_window(sorted((synthetic_windows / "windows").rglob("*.npz"))[0])
     grid = geometry.GridSpec()
     box = window.agent_box.astype(np.float64)
     velocity = np.nan_to_num(window.agent_velocity.astype(np.float64))
-    found = heads.Detections(
-        boxes=window.agent_box.astype(np.float32),
-        velocity=velocity.astype(np.float32),
-        scores=np.ones(len(box), np.float32),
+    a = len(box)
+    tracks = tracking.TrackedAgents(
+        ids=np.array([str(i) for i in range(a)], dtype=str).reshape(-1),
         classes=window.agent_class.astype(np.int64),
-        batch_index=np.zeros(len(box), np.int64),
+        boxes=box,
+        velocity=velocity,
+        scores=np.ones(a),
+        past=np.zeros((a, 3, 2)),
+        past_mask=np.ones((a, 3), dtype=bool),
     )
-    occupancy, ids = baselines.constant_velocity_detected(found, grid, 3, 4)
+    occupancy, ids = baselines.constant_velocity_tracked(tracks, grid, 3, 4)
     oracle, oracle_ids = baselines.constant_velocity_occupancy_instances(
         box, window.agent_class.astype(np.int64), velocity, grid, 3, 4
     )
@@ -129,14 +132,10 @@ def test_constant_velocity_detected_moves_detections_as_the_oracle_moves_boxes(s
     np.testing.assert_array_equal(ids, oracle_ids)
     # At t0 both equal the ground truth of the agents.
     np.testing.assert_array_equal(occupancy[0], window.occupancy[0])
-    nothing = heads.Detections(
-        np.zeros((0, 7), np.float32),
-        np.zeros((0, 2), np.float32),
-        np.zeros(0, np.float32),
-        np.zeros(0, np.int64),
-        np.zeros(0, np.int64),
+    nothing = tracking.track_window(
+        [tracking.FrameDetections(np.zeros((0, 7)), np.zeros((0, 2)), np.zeros(0), np.zeros(0, np.int64))]
     )
-    empty, empty_ids = baselines.constant_velocity_detected(nothing, grid, 3, 4)
+    empty, empty_ids = baselines.constant_velocity_tracked(nothing, grid, 3, 4)
     assert not empty.any() and not empty_ids.any()
 
 

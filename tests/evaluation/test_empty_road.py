@@ -50,12 +50,15 @@ def test_eval_scores_windows_without_agents(empty_windows, tiny_checkpoint, tmp_
     assert printed[-1].startswith("2 windows, 0 failed, 0 agents")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["windows"] == 2 and metrics["agents"] == 0 and metrics["failed_windows"] == []
-    model = metrics["models"]["model"]
-    assert model["minADE_5"] is None  # no agent to score: null, not a crash and not a number
-    # The occupancy is scored over the empty cells: the agents' map is all zero, so its Brier score is exactly 0,
-    # and the latent head's map is a real probability map.
-    assert model["brier_mean"] == 0.0
-    assert 0.0 < metrics["models"]["model_latent"]["brier_mean"] < 1.0
+    models = metrics["models"]
+    for name in ("model", "model_annotated"):
+        assert models[name]["minADE_5"] is None, name  # no agent to score: null, not a crash and not a number
+    assert models["model"]["detection_recall"] is None  # nobody to find
+    # The occupancy is scored over the empty cells: the annotated agents' map is all zero, so its Brier score is
+    # exactly 0; the sensor-only forecast and the latent head's map are real probability maps.
+    assert models["model_annotated"]["brier_mean"] == 0.0
+    for name in ("model", "model_latent"):
+        assert 0.0 < models[name]["brier_mean"] < 1.0, name
     assert (out / "report.md").is_file() and (out / "figures" / "trajectories_1.png").is_file()
     assert (out / "figures" / "scene.gif").is_file()
 

@@ -18,7 +18,7 @@ from nuscenes.prediction import PredictHelper
 from bevjepa.datasets import categories, torch_dataset
 from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export
 from bevjepa.evaluation.report import eval_report
-from bevjepa.prediction import agent_occupancy, checkpoint, heads
+from bevjepa.prediction import agent_occupancy, checkpoint, forecaster
 
 SOURCES = set(eval_report.MODEL_ORDER)
 """Every source the report knows: ``evaluate`` with a run and a direct run scores each of them."""
@@ -54,15 +54,24 @@ def test_every_source_reports_every_metric(result):
             continue
         for k in (1, 5, 10):
             assert {f"minADE_{k}", f"minFDE_{k}", f"MissRate_2_{k}"} <= set(scores)
+        agents = result["agents"]
+        if name in open_loop.MATCHED_SOURCES:  # scored on the annotated agents that a track stands for
+            agents = scores["agents_matched"]
+            assert 0 <= agents <= result["agents"]
+            assert 0 <= scores["detection_recall"] <= 1
+            assert math.isnan(scores["detection_precision"]) or 0 <= scores["detection_precision"] <= 1
+            if agents == 0:
+                assert math.isnan(scores["minADE_5"])
+                continue
         assert scores["minADE_10"] <= scores["minADE_5"] <= scores["minADE_1"]
         per_class = scores["per_class"]
-        assert sum(v["agents"] for v in per_class.values()) == result["agents"]
+        assert sum(v["agents"] for v in per_class.values()) == agents
         weighted = sum(v["agents"] * v["minADE_5"] for v in per_class.values() if v["agents"])
-        assert weighted / result["agents"] == pytest.approx(scores["minADE_5"])
+        assert weighted / agents == pytest.approx(scores["minADE_5"])
 
 
 def test_box_baselines_are_exact_at_t0(result):
-    for name in open_loop.TRAJECTORY_SOURCES:
+    for name in set(open_loop.TRAJECTORY_SOURCES) - set(open_loop.MATCHED_SOURCES):
         scores = result["models"][name]
         assert scores["iou"]["vehicle"][0] == 1.0 and scores["vpq"]["vehicle"][0] == 1.0, name
         assert scores["brier"]["vehicle"][0] == 0.0
@@ -72,45 +81,43 @@ def test_box_baselines_are_exact_at_t0(result):
 
 
 def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result):
-    """The model's, its latent head's and the detection baseline's occupancy scores, from the network's output."""
+    """Every model row's occupancy scores, recomputed: the forecast of each window stripped of its annotations, its
+    latent map, its tracks at constant velocity, and the forecast of the annotated agents."""
     _, net = checkpoint.load_model(run)
-    net.eval()
     dataset = torch_dataset.WindowDataset(synthetic_windows)
-    counts = {"model": [], "model_latent": [], "constant_velocity_detected": []}
+    sensors, annotated = forecaster.Forecaster(net), forecaster.Forecaster(net, agents="annotated")
+    counts = {"model": [], "model_latent": [], "model_annotated": [], "constant_velocity_tracked": []}
     vpq = metrics.empty_vpq_counts(5, 3)
     model_vpq = metrics.empty_vpq_counts(5, 3)
-    with torch.no_grad():
-        for index in range(len(dataset)):
-            batch = torch_dataset.collate([dataset[index]])
-            output = net(batch)
-            probability = torch.sigmoid(output.occupancy_logits)[0].numpy()
-            target = batch.occupancy[0].numpy()
-            truth_labels = metrics.class_labels(target, batch.instances[0].numpy())
-            counts["model_latent"].append(metrics.iou_counts(probability >= 0.5, target))
-            count = int(batch.agent_mask[0].sum())
-            agents, ids = agent_occupancy.mode_occupancy_instances(
-                batch.agent_box[0, :count].numpy(),
-                batch.agent_class[0, :count].numpy(),
-                output.modes[0, :count].numpy(),
-                torch.softmax(output.mode_logits[0, :count], dim=-1).numpy(),
-                net.config.grid,
-                3,
-                4,
-            )
-            counts["model"].append(metrics.iou_counts(agents >= 0.5, target))
-            labels = metrics.class_labels(agents >= 0.5, ids, np.r_[-1, batch.agent_class[0, :count].numpy()])
-            model_vpq = model_vpq + metrics.vpq_counts(labels, truth_labels)
-            vpq = vpq + metrics.vpq_counts(metrics.connected_instances(probability >= 0.5), truth_labels)
-            found = heads.decode_detections(output.heatmap_logits, output.regression, threshold=0.3).for_sample(0)
-            occupancy, _ = baselines.constant_velocity_detected(found, net.config.grid, 3, 4)
-            counts["constant_velocity_detected"].append(metrics.iou_counts(occupancy, target))
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        target = sample.occupancy.numpy()
+        truth_labels = metrics.class_labels(target, sample.instances.numpy())
+        blind = sample.sensors_only()
+        forecast = sensors.forecast(blind)
+        counts["model"].append(metrics.iou_counts(forecast.occupancy >= 0.5, target))
+        counts["model_latent"].append(metrics.iou_counts(forecast.latent_occupancy >= 0.5, target))
+        vpq = vpq + metrics.vpq_counts(metrics.connected_instances(forecast.latent_occupancy >= 0.5), truth_labels)
+        tracks = sensors.track(torch_dataset.collate([blind]))[0]
+        occupancy, _ = baselines.constant_velocity_tracked(tracks, net.config.grid, 3, 4)
+        counts["constant_velocity_tracked"].append(metrics.iou_counts(occupancy, target))
+        given = annotated.forecast(sample)
+        _, ids = agent_occupancy.mode_occupancy_instances(
+            sample.agent_box.numpy(), sample.agent_class.numpy(), given.trajectories, given.mode_probabilities,
+            net.config.grid, 3, 4,
+        )  # fmt: skip
+        counts["model_annotated"].append(metrics.iou_counts(given.occupancy >= 0.5, target))
+        labels = metrics.class_labels(given.occupancy >= 0.5, ids, np.r_[-1, sample.agent_class.numpy()])
+        model_vpq = model_vpq + metrics.vpq_counts(labels, truth_labels)
     for name, pairs in counts.items():
         per_step = metrics.iou(sum(p[0] for p in pairs), sum(p[1] for p in pairs))
         np.testing.assert_allclose(
             np.array(result["models"][name]["iou"]["vehicle"]), per_step[:, 0], rtol=1e-12, err_msg=name
         )
     np.testing.assert_allclose(result["models"]["model_latent"]["vpq"]["vehicle"], vpq.vpq()[0][:, 0], rtol=1e-12)
-    np.testing.assert_allclose(result["models"]["model"]["vpq"]["vehicle"], model_vpq.vpq()[0][:, 0], rtol=1e-12)
+    np.testing.assert_allclose(
+        result["models"]["model_annotated"]["vpq"]["vehicle"], model_vpq.vpq()[0][:, 0], rtol=1e-12
+    )
 
 
 def test_the_devkit_scores_the_exported_model_as_the_open_loop_does(synthetic_mini, synthetic_windows, run, result):
@@ -124,13 +131,14 @@ def test_the_devkit_scores_the_exported_model_as_the_open_loop_does(synthetic_mi
     )
     scored = compute_metrics.compute_metrics(json.loads(out.read_text()), helper, config)
     for i, k in enumerate((1, 5, 10)):
-        assert result["models"]["model"][f"minADE_{k}"] == pytest.approx(scored["MinADEK"]["RowMean"][i], abs=1e-4)
-        assert result["models"]["model"][f"minFDE_{k}"] == pytest.approx(scored["MinFDEK"]["RowMean"][i], abs=1e-4)
+        annotated = result["models"]["model_annotated"]
+        assert annotated[f"minADE_{k}"] == pytest.approx(scored["MinADEK"]["RowMean"][i], abs=1e-4)
+        assert annotated[f"minFDE_{k}"] == pytest.approx(scored["MinFDEK"]["RowMean"][i], abs=1e-4)
 
 
 def test_without_a_run_only_the_baselines_and_bad_horizons_are_refused(synthetic_windows):
     baseline_only = open_loop.evaluate(synthetic_windows, "mini_val")
-    assert set(baseline_only["models"]) == set(open_loop.TRAJECTORY_SOURCES) - {"model"}
+    assert set(baseline_only["models"]) == set(open_loop.TRAJECTORY_SOURCES) - set(open_loop.RUN_SOURCES)
     assert baseline_only["agents"] == 0 and math.isnan(baseline_only["models"]["ctrv"]["minADE_5"])
     with pytest.raises(ValueError, match="hold 12 steps"):
         open_loop.evaluate(synthetic_windows, "all", trajectory_seconds=7.0)
@@ -158,7 +166,7 @@ def test_a_direct_run_is_scored_without_a_model_and_a_world_model_run_is_refused
     synthetic_windows, tiny_checkpoint, tiny_direct_checkpoint
 ):
     alone = open_loop.evaluate(synthetic_windows, "mini_val", direct_run=tiny_direct_checkpoint)
-    assert set(alone["models"]) == set(open_loop.TRAJECTORY_SOURCES) - {"model"} | {"direct"}
+    assert set(alone["models"]) == set(open_loop.TRAJECTORY_SOURCES) - set(open_loop.RUN_SOURCES) | {"direct"}
     assert all(len(v) == 5 for v in alone["models"]["direct"]["iou"].values())
     with pytest.raises(ValueError, match="has a world model .* `bevjepa train --config direct`"):
         open_loop.evaluate(synthetic_windows, "mini_val", direct_run=tiny_checkpoint)

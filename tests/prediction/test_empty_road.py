@@ -140,11 +140,11 @@ def test_the_model_trains_on_windows_without_agents(synthetic_windows):
             assert terms.trajectory.item() > 0.0
 
 
-def test_forecast_of_an_empty_window_is_complete(synthetic_windows, tiny_checkpoint, tmp_path):
+def test_forecast_of_an_empty_window_is_complete_with_annotated_agents(synthetic_windows, tiny_checkpoint, tmp_path):
     dataset = torch_dataset.WindowDataset(synthetic_windows)
     full = dataset[0]
     empty = _without_agents(full)
-    model_forecaster = forecaster.Forecaster.from_checkpoint(tiny_checkpoint)
+    model_forecaster = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, agents="annotated")
     forecast = model_forecaster.forecast(empty)
     assert forecast.agent_ids.shape == (0,) and forecast.agent_classes.shape == (0,)
     assert forecast.trajectories.shape == (0, 10, 12, 2) and forecast.mode_probabilities.shape == (0, 10)
@@ -174,7 +174,7 @@ def test_forecast_of_an_empty_window_is_complete(synthetic_windows, tiny_checkpo
 def test_an_agent_with_a_nan_box_or_past_is_refused_by_name(synthetic_windows, tiny_checkpoint):
     sample = torch_dataset.WindowDataset(synthetic_windows)[0]
     assert sample.agent_count >= 2
-    model_forecaster = forecaster.Forecaster.from_checkpoint(tiny_checkpoint)
+    model_forecaster = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, agents="annotated")
     bad_id = sample.agent_ids[1]
 
     box = sample.agent_box.clone()

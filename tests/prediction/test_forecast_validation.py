@@ -154,7 +154,7 @@ def _valid_header(tmp_path: Path) -> dict:
         (lambda h: {**h, "grid": {**h["grid"], "extra_m": 1.0}}, r"header.grid: expected an object with the numbers"),
         (lambda h: {**h, "grid": {**h["grid"], "resolution_m": -1.0}}, r"header.grid: GridSpec.resolution_m"),
         (lambda h: {**h, "classes": "vehicle"}, r"header.classes: expected a non-empty list of class names"),
-        (lambda h: {**h, "format": "something-else"}, r"not a bevjepa-occupancy-forecast file of version 1 or 2"),
+        (lambda h: {**h, "format": "something-else"}, r"not a bevjepa-occupancy-forecast file of version 1 to 3"),
         (lambda h: [h], r"header: expected a JSON object, got list"),
     ],
 )

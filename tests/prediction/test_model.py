@@ -150,7 +150,7 @@ def test_checkpoints_hold_no_pickle_and_reload_exactly(synthetic_windows, tmp_pa
 
 def test_forecaster_api(synthetic_windows, tmp_path):
     train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
-    model_forecaster = forecaster.Forecaster.from_checkpoint(tmp_path / "run")
+    model_forecaster = forecaster.Forecaster.from_checkpoint(tmp_path / "run", agents="annotated")
     sample = torch_dataset.WindowDataset(synthetic_windows)[0]
     forecast = model_forecaster.forecast(sample)
     assert forecast.occupancy.shape == (5, 3, 128, 128) and forecast.times_s.tolist() == [0, 0.5, 1, 1.5, 2]
@@ -185,7 +185,7 @@ def test_forecaster_api(synthetic_windows, tmp_path):
         np.savez(tmp_path / name, **{**arrays, "header": np.array(json.dumps({**header, "format_version": version}))})
     old = forecaster.OccupancyForecast.load(tmp_path / "v1.npz")
     assert old.latent_occupancy is None and np.array_equal(old.occupancy, forecast.occupancy)
-    with pytest.raises(ValueError, match="v9.npz: not a bevjepa-occupancy-forecast file of version 1 or 2"):
+    with pytest.raises(ValueError, match="v9.npz: not a bevjepa-occupancy-forecast file of version 1 to 3"):
         forecaster.OccupancyForecast.load(tmp_path / "v9.npz")
     braking = model_forecaster.forecast(sample, actions=np.zeros((4, 3)))
     assert not np.array_equal(

@@ -1,0 +1,78 @@
+"""Forecasts from the sensors alone: ``WindowSample.sensors_only`` and the tracked-agent path of the forecast API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bevjepa.datasets import torch_dataset
+from bevjepa.prediction import agent_occupancy, forecaster
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_windows) -> torch_dataset.WindowDataset:
+    return torch_dataset.WindowDataset(synthetic_windows, future_inputs=True)
+
+
+def test_sensors_only_empties_every_annotation_and_keeps_every_sensor(dataset):
+    window = dataset[0]
+    assert window.agent_count > 0 and window.occupancy.any() and window.future is not None
+    blind = window.sensors_only()
+    assert blind.agent_count == 0 and blind.agent_ids == ()
+    for name in ("agent_box", "agent_velocity", "agent_past", "agent_past_mask", "agent_future", "agent_future_mask"):
+        assert getattr(blind, name).shape[0] == 0, name
+    assert blind.occupancy.shape[0] == 0 and blind.instances.shape[0] == 0 and blind.future is None
+    for name in ("points", "points_frame", "images", "camera_mask", "intrinsics", "t0_from_camera", "t0_from_ego"):
+        assert torch.equal(getattr(blind, name), getattr(window, name)), name
+    assert torch.equal(blind.actions, window.actions) and blind.frame_tokens == window.frame_tokens
+    torch_dataset.collate([blind, dataset[1].sensors_only()])  # batches as any window does
+
+
+def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_checkpoint):
+    # min_score 0: the one-step model's detections all become agents, so the tracked path carries many of them.
+    model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0)
+    window = dataset[0]
+    blind = model.forecast(window.sensors_only())
+    assert blind.agent_ids.size > 0 and len(set(blind.agent_ids.tolist())) == blind.agent_ids.size
+    assert blind.agent_scores is not None and blind.agent_scores.shape == blind.agent_ids.shape
+    assert np.all(np.diff(blind.agent_scores) <= 0)  # best first
+    assert np.isfinite(blind.trajectories).all()
+    # The fused occupancy: the tracks' boxes along their modes joined with the dense map.
+    instance = agent_occupancy.mode_occupancy(
+        np.zeros((0, 7)), np.zeros(0, np.int64), np.zeros((0, 10, 12, 2)), np.zeros((0, 10)), blind.grid, 3, 4
+    )
+    assert blind.latent_occupancy is not None and np.all(blind.occupancy >= blind.latent_occupancy)
+    assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy), blind.latent_occupancy)
+    # The annotated window gives the same forecast: nothing annotated is read (fresh forecaster, fresh ids).
+    again = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0).forecast(window)
+    np.testing.assert_array_equal(again.agent_ids, blind.agent_ids)
+    np.testing.assert_allclose(again.trajectories, blind.trajectories, atol=1e-5)
+    np.testing.assert_allclose(again.occupancy, blind.occupancy, atol=1e-5)
+
+
+def test_a_stream_gives_new_ids_to_a_window_that_does_not_follow_the_last(dataset, tiny_checkpoint):
+    model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0)
+    window = dataset[0].sensors_only()
+    first, second = model.forecast(window), model.forecast(window)  # the same t0 twice: no link, new tracks
+    assert first.agent_ids.size == second.agent_ids.size > 0
+    assert not set(first.agent_ids.tolist()) & set(second.agent_ids.tolist())
+
+
+def test_the_annotated_agent_path_is_an_explicit_choice(dataset, tiny_checkpoint):
+    window = dataset[0]
+    annotated = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, agents="annotated")
+    forecast = annotated.forecast(window)
+    assert forecast.agent_ids.tolist() == list(window.agent_ids) and forecast.agent_scores is None
+    assert forecast.occupancy[0].max() == 1.0  # the annotated t0 boxes themselves
+    assert annotated.forecast(window.sensors_only()).agent_ids.size == 0
+    with pytest.raises(ValueError, match=r"agents must be one of \('tracked', 'annotated'\)"):
+        forecaster.Forecaster(annotated.net, agents="oracle")
+
+
+def test_forecast_files_keep_the_agent_scores(dataset, tiny_checkpoint, tmp_path):
+    forecast = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0).forecast(dataset[1].sensors_only())
+    loaded = forecaster.OccupancyForecast.load(forecast.save(tmp_path / "forecast"))
+    assert loaded.agent_scores is not None
+    np.testing.assert_array_equal(loaded.agent_scores, forecast.agent_scores)
+    np.testing.assert_array_equal(loaded.agent_ids, forecast.agent_ids)

@@ -1,0 +1,126 @@
+"""Tracking the model's own detections: association, ego-motion compensation, stream ids."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bevjepa.prediction import heads, tracking
+
+CAR, PEDESTRIAN = 0, 1
+
+
+def _frame(boxes_xy, velocity, classes, scores=None) -> tracking.FrameDetections:
+    xy = np.asarray(boxes_xy, dtype=np.float64).reshape(-1, 2)
+    n = len(xy)
+    boxes = np.concatenate([xy, np.full((n, 1), 0.8), np.tile([1.9, 4.5, 1.6], (n, 1)), np.zeros((n, 1))], axis=1)
+    return tracking.FrameDetections(
+        boxes,
+        np.asarray(velocity, dtype=np.float64).reshape(-1, 2),
+        np.full(n, 0.9) if scores is None else np.asarray(scores, dtype=np.float64),
+        np.asarray(classes, dtype=np.int64).reshape(-1),
+    )
+
+
+def test_a_car_and_a_pedestrian_become_two_agents_with_their_whole_past():
+    # A car at 10 m/s along x and a pedestrian at 1.5 m/s along y, detected at all three keyframes.
+    frames = [
+        _frame([[10.0 + 5 * k, 0.0], [0.0, 3.0 + 0.75 * k]], [[10.0, 0.0], [0.0, 1.5]], [CAR, PEDESTRIAN])
+        for k in range(3)
+    ]
+    agents = tracking.track_window(frames)
+    assert agents.count == 2
+    assert agents.past_mask.all()
+    car = int(np.flatnonzero(agents.classes == CAR)[0])
+    np.testing.assert_allclose(agents.past[car], [[10, 0], [15, 0], [20, 0]])
+    np.testing.assert_allclose(agents.boxes[car, :2], [20, 0])
+    np.testing.assert_allclose(agents.velocity[car], [10, 0])
+
+
+def test_the_velocity_decides_which_track_a_detection_continues():
+    # Two cars 4 m apart at t-0.5 s; at t0 one detection 5 m ahead of the first, moving at 10 m/s: it continues
+    # the first (compensated distance 0), though the second car's old position is nearer (1 m).
+    frames = [
+        _frame([[0.0, 0.0], [6.0, 0.0]], [[10.0, 0.0], [0.0, 0.0]], [CAR, CAR]),
+        _frame([[5.0, 0.0]], [[10, 0]], [CAR]),
+    ]
+    agents = tracking.track_window(frames)
+    assert agents.count == 1
+    np.testing.assert_allclose(agents.past[0], [[0, 0], [5, 0]])
+
+
+def test_classes_never_share_a_track_and_a_new_detection_has_only_its_t0_position():
+    frames = [_frame([[0.0, 0.0]], [[0, 0]], [CAR]), _frame([[0.2, 0.0]], [[0, 0]], [PEDESTRIAN])]
+    agents = tracking.track_window(frames)
+    assert agents.count == 1 and agents.classes[0] == PEDESTRIAN
+    assert agents.past_mask.tolist() == [[False, True]]
+    assert agents.past[0, 0].tolist() == [0.0, 0.0]
+
+
+def test_the_best_scoring_detection_takes_a_contested_track():
+    frames = [
+        _frame([[0.0, 0.0]], [[0, 0]], [CAR]),
+        _frame([[0.5, 0.0], [-0.5, 0.0]], [[0, 0], [0, 0]], [CAR, CAR], scores=[0.4, 0.8]),
+    ]
+    agents = tracking.track_window(frames)
+    assert agents.count == 2
+    assert agents.scores.tolist() == [0.8, 0.4]  # best first
+    assert agents.past_mask.tolist() == [[True, True], [False, True]]
+
+
+def test_low_scores_and_empty_keyframes_make_no_agents():
+    empty = _frame(np.zeros((0, 2)), np.zeros((0, 2)), [])
+    assert tracking.track_window([empty, empty, empty]).count == 0
+    agents = tracking.track_window([empty, _frame([[1.0, 1.0]], [[0, 0]], [CAR], scores=[0.1])])
+    assert agents.count == 0 and agents.past.shape == (0, 2, 2)
+    with pytest.raises(ValueError, match="at least one keyframe"):
+        tracking.track_window([])
+
+
+def test_detections_move_into_the_t0_frame_with_their_heading_and_velocity():
+    # The keyframe's ego stood 5 m behind t0's and was turned by 90 degrees (facing +y of t0).
+    t0_from_frame = np.eye(4)
+    t0_from_frame[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
+    t0_from_frame[:3, 3] = [-5.0, 0.0, 0.0]
+    detections = heads.Detections(
+        boxes=np.array([[10.0, 0.0, 0.8, 1.9, 4.5, 1.6, 0.0]], dtype=np.float32),
+        velocity=np.array([[3.0, 0.0]], dtype=np.float32),
+        scores=np.array([0.7], dtype=np.float32),
+        classes=np.array([CAR]),
+        batch_index=np.array([0]),
+    )
+    moved = tracking.FrameDetections.in_t0_frame(detections, t0_from_frame)
+    np.testing.assert_allclose(moved.boxes[0, :3], [-5.0, 10.0, 0.8], atol=1e-6)
+    assert moved.boxes[0, 6] == pytest.approx(math.pi / 2)
+    np.testing.assert_allclose(moved.velocity[0], [0.0, 3.0], atol=1e-6)
+
+
+def test_non_finite_detections_are_refused():
+    with pytest.raises(ValueError, match="must be finite"):
+        _frame([[float("nan"), 0.0]], [[0, 0]], [CAR])
+    with pytest.raises(ValueError, match=r"FrameDetections.velocity: expected an array of shape \(1, 2\)"):
+        tracking.FrameDetections(np.zeros((1, 7)), np.zeros((2, 2)), np.ones(1), np.zeros(1, dtype=np.int64))
+
+
+def test_a_stream_keeps_ids_for_agents_that_continue_and_gives_new_ids_to_the_rest():
+    stream = tracking.StreamTracker()
+    first = stream.update(
+        tracking.track_window([_frame([[10.0, 0.0], [0.0, 5.0]], [[10, 0], [0, 0]], [CAR, CAR])]), None
+    )
+    assert sorted(first.ids.tolist()) == ["0", "1"]
+    # The ego drove 2 m forward: the previous t0 lies at x = -2 in the new frame. The moving car advanced 5 m.
+    t0_from_previous = np.eye(4)
+    t0_from_previous[0, 3] = -2.0
+    second_agents = tracking.track_window(
+        [_frame([[13.0, 0.0], [-2.0, 5.0], [0.0, -20.0]], [[10, 0], [0, 0], [0, 0]], [CAR] * 3)]
+    )
+    second = stream.update(second_agents, t0_from_previous)
+    by_x = {round(float(x)): i for x, i in zip(second.boxes[:, 0], second.ids, strict=True)}
+    car_moving = first.ids[int(np.argmax(first.boxes[:, 0]))]
+    car_parked = first.ids[int(np.argmin(first.boxes[:, 0]))]
+    assert by_x[13] == car_moving and by_x[-2] == car_parked and by_x[0] == "2"
+    # An unlinked window (another scene, a gap) keeps nothing but the counter.
+    third = stream.update(second_agents, None)
+    assert sorted(third.ids.tolist()) == ["3", "4", "5"]
