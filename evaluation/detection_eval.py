@@ -461,7 +461,7 @@ def score_submission(
         "version": version,
         "config": {**config.serialize(), "class_names": list(config.class_names), "name": CONFIG_NAME},
     }
-    result = _json_safe(result)
+    result = json_safe(result)
     bevio.atomic_write_json(out_dir / METRICS_FILE, result, indent=None)
     return result
 
@@ -609,12 +609,12 @@ def _with_placeholder(submission: dict, nusc, sample_token: str, config) -> dict
     return {"meta": submission["meta"], "results": results}
 
 
-def _json_safe(value):
+def json_safe(value):
     """Plain JSON types, NaN and infinities as None."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, bool | str) or value is None:
         return value
     if isinstance(value, int | np.integer):

@@ -26,6 +26,8 @@ from bevjepa.datasets import torch_dataset
 from bevjepa.evaluation import baselines, open_loop
 from bevjepa.prediction import forecaster, train
 
+SUBMISSION_FILE = "prediction_submission.json"
+"""The file name `bevjepa eval` gives the prediction challenge's submission."""
 SOURCES = ("model", "constant_velocity", "ctrv", "persistence")
 """What ``export`` can write: the model of a run, or a trajectory baseline."""
 

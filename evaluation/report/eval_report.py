@@ -35,7 +35,7 @@ import torch
 
 from bevjepa.datasets import categories, geometry, preprocess, torch_dataset, windows
 from bevjepa.datasets import io as bevio
-from bevjepa.evaluation import baselines, detection_eval, open_loop, world_model_check
+from bevjepa.evaluation import baselines, detection_eval, open_loop, prediction_export, tracking_eval, world_model_check
 from bevjepa.evaluation.report import plots
 from bevjepa.prediction import checkpoint, forecaster, train
 from bevjepa.prediction import config as experiment_config
@@ -288,6 +288,47 @@ def detection_metrics(config: EvalConfig, data: Path) -> dict | None:
     except Exception as error:  # noqa: BLE001 — recorded in metrics.json and the report; the rest stands
         print(f"bevjepa eval: detection evaluation failed: {type(error).__name__}: {error}", file=sys.stderr)
         return {"error": f"{type(error).__name__}: {error}"}
+
+
+def tracking_metrics(config: EvalConfig, data: Path) -> dict | None:
+    """The devkit's tracking evaluation (AMOTA, AMOTP, ID switches) of the checkpoint's own tracks, with a dataroot.
+
+    Returns None when it does not apply; ``{"error": ...}`` when it failed (the report still gets written).
+    """
+    if config.dataroot is None or config.checkpoint is None:
+        return None
+    try:
+        return tracking_eval.evaluate_model_tracking(
+            Path(config.checkpoint),
+            data,
+            Path(config.dataroot),
+            config.version,
+            config.split,
+            Path(config.out) / "tracking",
+            batch_size=config.batch_size,
+        )
+    except Exception as error:  # noqa: BLE001 — recorded in metrics.json and the report; the rest stands
+        print(f"bevjepa eval: tracking evaluation failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def prediction_challenge_file(config: EvalConfig, data: Path) -> dict | None:
+    """The prediction challenge's submission JSON of the checkpoint in ``out/prediction/`` (None without one).
+
+    The challenge's protocol gives the annotated agents and their pasts; the devkit's ``compute_metrics`` reads
+    the file.
+    """
+    if config.checkpoint is None:
+        return None
+    path = Path(config.out) / "prediction" / prediction_export.SUBMISSION_FILE
+    try:
+        records = prediction_export.export(
+            data, config.split, path, "model", Path(config.checkpoint), batch_size=config.batch_size
+        )
+    except Exception as error:  # noqa: BLE001 — recorded in metrics.json and the report; the rest stands
+        print(f"bevjepa eval: prediction export failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"submission": str(path), "agents": len(records)}
 
 
 def world_model_metrics(config: EvalConfig, data: Path) -> dict | None:
@@ -568,10 +609,15 @@ def _world_model_section(metrics: dict) -> list[str]:
     return [*lines, *verdicts, ""] if verdicts else lines
 
 
-def _detection_tables(detection: dict) -> list[str]:
-    lines = ["## Detection at t0", ""]
+DEVKIT_SECTIONS = {"detection": "## Detection at t0", "tracking": "## Tracking"}
+"""The devkit evaluations of metrics.json and their report sections."""
+
+
+def _devkit_tables(key: str, detection: dict) -> list[str]:
+    """The section of a devkit evaluation (``DEVKIT_SECTIONS``): its scalars, then its tables."""
+    lines = [DEVKIT_SECTIONS[key], ""]
     if "error" in detection:
-        return [*lines, f"The detection evaluation failed: `{detection['error']}`.", ""]
+        return [*lines, f"The {key} evaluation failed: `{detection['error']}`.", ""]
     scalars = [k for k, v in detection.items() if _is_scalar(v)]
     if scalars:
         lines += _table(["metric", "value"], [[f"`{k}`", format_value(detection[k])] for k in scalars])
@@ -647,8 +693,21 @@ def render_report(metrics: dict, figures: Sequence[tuple[str, str]] = ()) -> str
         *_model_tables(metrics),
         *_world_model_section(metrics),
     ]
-    if isinstance(metrics.get("detection"), dict):
-        lines += _detection_tables(metrics["detection"])
+    for key in DEVKIT_SECTIONS:
+        if isinstance(metrics.get(key), dict):
+            lines += _devkit_tables(key, metrics[key])
+    challenge = metrics.get("prediction_challenge")
+    if isinstance(challenge, dict):
+        lines += ["## Prediction challenge", ""]
+        lines += (
+            [f"The export failed: `{challenge['error']}`.", ""]
+            if "error" in challenge
+            else [
+                f"`{challenge.get('submission')}`: the model's modes for the {challenge.get('agents')} annotated "
+                "agents (the challenge's protocol), in the submission format the devkit's `compute_metrics` reads.",
+                "",
+            ]
+        )
     failed = metrics.get("failed_windows") or []
     if failed:
         lines += [
@@ -819,9 +878,14 @@ def run(config: EvalConfig) -> EvalReport:
     run_folder = Path(config.checkpoint) if config.checkpoint is not None else None
     direct_folder = Path(config.direct_checkpoint) if config.direct_checkpoint is not None else None
     result = open_loop.evaluate(data, config.split, run_folder, batch_size=config.batch_size, direct_run=direct_folder)
-    detection = detection_metrics(config, data)
-    if detection is not None:
-        result["detection"] = detection
+    for key, metrics_of in (
+        ("detection", detection_metrics),
+        ("tracking", tracking_metrics),
+        ("prediction_challenge", prediction_challenge_file),
+    ):
+        value = metrics_of(config, data)
+        if value is not None:
+            result[key] = value
     check = world_model_metrics(config, data)
     if check is not None:
         result["world_model_check"] = check
