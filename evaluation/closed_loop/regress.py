@@ -979,9 +979,11 @@ def _resolve_checkpoint(
     config: RegressConfig, forecast: str, baseline: Baseline | None, baseline_path: Path
 ) -> Path | None:
     """The checkpoint to run, checked against the forecast and the baseline."""
-    if forecast != sources.MODEL:
+    if forecast not in sources.MODEL_SOURCES:
         if config.checkpoint is not None:
-            raise ValueError(f"--checkpoint is only used by --forecast model, not {forecast!r}; drop one of them")
+            raise ValueError(
+                f"--checkpoint is only used by the model forecasts {sources.MODEL_SOURCES}, not {forecast!r}; drop one"
+            )
         return None
     if config.checkpoint is not None:
         weights_sha256(Path(config.checkpoint))  # a clear error now, not after the suite

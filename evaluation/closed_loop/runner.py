@@ -163,9 +163,11 @@ def run_suite(
         bevio.claim_output_folder(Path(out), job, own_files=lambda folder: (folder / "metrics.json").is_file())
     if forecast not in sources.FORECASTS:
         raise ValueError(f"unknown forecast source {forecast!r}; choose one of {list(sources.FORECASTS)}")
-    if forecast == sources.MODEL:
+    if forecast in sources.MODEL_SOURCES:
         if checkpoint is None:
-            raise ValueError("the model forecast needs a checkpoint: pass --checkpoint RUN (a `bevjepa train` folder)")
+            raise ValueError(
+                f"the {forecast} forecast needs a checkpoint: pass --checkpoint RUN (a `bevjepa train` folder)"
+            )
         from bevjepa.prediction import checkpoint as checkpoint_io
 
         checkpoint_io.load_state(Path(checkpoint))  # a clear error now rather than in every episode

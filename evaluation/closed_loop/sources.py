@@ -2,19 +2,22 @@
 
 Forecast sources (``make_source``):
 
-- ``model``: the world model of a checkpoint. At every sub-step a LiDAR sweep is rendered from the ego's actual
-  pose; at every planning step the six cameras are rendered at the checkpoint's image size (``image_width_px``,
-  256 for the ``small`` preset) and the last ``lidar_sweeps`` sweeps (default 5, one per 0.1 s sub-step, i.e.
-  0.4 s; the dataset aggregates 10 sweeps at 20 Hz over 0.45 s) are aggregated into the keyframe's ego frame by
-  the dataset's own code, with its close-point filter (``sim.keyframe.LiveSensors``, the simulator's adapter). The
-  keyframe becomes a ``windows.Frame`` (``windows.build_frame``, as preprocessing does), the last P frames a
-  ``WindowSample`` (``windows.inference_window``, then ``torch_dataset.sample_from_window``) with the current
-  ground-truth agents within the annotation range as the trajectory head's queries, zero targets, and the previous
-  plan's motion as the rollout's actions; before P keyframes exist, the oldest one is repeated. With
-  ``rollout_candidates`` the model is rolled out under each candidate's actions (one batched forward pass; each
-  keyframe is still encoded once, through the ``Forecaster``'s latent cache) and each candidate is scored against
-  its own forecast. It is off by default: with the 8 default candidates a planning
-  step's forecast took 0.94 s instead of 0.25 s (``small`` preset, one torch thread, the shared 2-core machine).
+- ``model``: the world model of a checkpoint, from what a car has. At every sub-step a LiDAR sweep is rendered from
+  the ego's actual pose; at every planning step the six cameras are rendered at the checkpoint's image size
+  (``image_width_px``, 256 for the ``small`` preset) and the last ``lidar_sweeps`` sweeps (default 5, one per 0.1 s
+  sub-step, i.e. 0.4 s; the dataset aggregates 10 sweeps at 20 Hz over 0.45 s) are aggregated into the keyframe's ego
+  frame by the dataset's own code, with its close-point filter (``sim.keyframe.LiveSensors``, the simulator's
+  adapter). The keyframe becomes a ``windows.Frame`` (``windows.build_frame``, as preprocessing does), the last P
+  frames a ``WindowSample`` (``windows.inference_window``, then ``torch_dataset.sample_from_window``) without any
+  agent or target, and the previous plan's motion as the rollout's actions; before P keyframes exist, the oldest one
+  is repeated. The forecaster tracks the model's own detections, over the window's keyframes and across the episode's
+  planning steps (one stream per episode), and forecasts those tracks; the simulator's actors are never read.
+- ``model_annotated``: the same, but the window carries the true agents within the annotation range and their
+  pasts as the trajectory head's queries (perfect perception; the prediction challenge's protocol).
+- Both model sources: with ``rollout_candidates`` the model is rolled out under each candidate's actions (one batched
+  forward pass; each keyframe is still encoded once, through the ``Forecaster``'s latent cache) and each candidate is
+  scored against its own forecast. It is off by default: with the 8 default candidates a planning step's forecast took
+  0.94 s instead of 0.25 s (``small`` preset, one torch thread, the shared 2-core machine).
 - ``cv``: the ground-truth boxes of now moved at constant velocity and rasterized (probabilities 0 or 1).
 - ``oracle``: the simulator's own future: a copy of the state stepped 2 s ahead with the ego following its
   previous plan (the agents reacting to it), the true boxes rasterized every 0.5 s.
@@ -45,6 +48,8 @@ from bevjepa.evaluation.closed_loop.forecast_names import (  # re-exported: sour
     CONSTANT_VELOCITY,
     FORECASTS,
     MODEL,
+    MODEL_ANNOTATED,
+    MODEL_SOURCES,
     NONE,
     ORACLE,
 )
@@ -267,9 +272,11 @@ class ModelSource:
             machine a forecast took 0.25 s with one thread and 2.4 s with two (the other core was busy).
         seed: seeds the LiDAR's drops and noise.
         name_prefix: the keyframes' scene name and token prefix (a random suffix keeps runs apart).
+        agents: ``tracked`` (the ``model`` source: the model's own tracks) or ``annotated`` (``model_annotated``:
+            the true agents within the annotation range).
     """
 
-    name = "model"
+    name = MODEL
 
     def __init__(
         self,
@@ -281,8 +288,11 @@ class ModelSource:
         torch_threads: int = 1,
         seed: int = 0,
         name_prefix: str = "closed-loop",
+        agents: str = "tracked",
     ) -> None:
-        config, self.forecaster = load_forecaster(run)
+        config, shared = load_forecaster(run)
+        self.forecaster = shared.using(agents)
+        self.name = MODEL if agents == "tracked" else MODEL_ANNOTATED
         model_config = config.model
         self.window_config = windows.WindowConfig(
             past_keyframes=model_config.fuser.past_frames,
@@ -318,6 +328,8 @@ class ModelSource:
         xy_all, _ = world.actor_poses(built, state)
         agents = agents_in_frame(built, state, ego_from_global)
         near = np.linalg.norm(agents.xy, axis=1) <= self.sensors.config.annotation_range_m
+        if self.forecaster.agents == "tracked":  # what a car has: no actor of the simulator is read
+            near[:] = False
         agents = AgentArrays(*(getattr(agents, f)[near] for f in AgentArrays.__dataclass_fields__))
         self.history.append((global_from_ego, {int(i): xy_all[i] for i in agents.index}))
         p_count = self.window_config.past_keyframes
@@ -364,7 +376,10 @@ class ModelSource:
 
         batch = torch_dataset.collate([sample] * len(candidates))
         actions = torch.from_numpy(np.stack([c.actions(steps) for c in candidates]))  # [N, F, 3]
-        return self.forecaster.forecast_batch(batch, actions)
+        if self.forecaster.agents == "annotated":
+            return self.forecaster.forecast_batch(batch, actions)
+        tracks = self.forecaster.track(torch_dataset.collate([sample]))  # once: one stream step, whatever N
+        return self.forecaster.forecast_batch(batch, actions, tracks=tracks * len(candidates))
 
 
 def _shifted_actions(plan: planner.Plan, steps: int) -> np.ndarray:
@@ -392,8 +407,11 @@ def make_source(
         return ConstantVelocitySource()
     if forecast == ORACLE:
         return OracleSource()
-    if forecast == MODEL:
+    if forecast in MODEL_SOURCES:
         if checkpoint is None:
-            raise ValueError("the model forecast needs a checkpoint: pass --checkpoint RUN (a `bevjepa train` folder)")
-        return ModelSource(built, checkpoint, seed=seed, name_prefix=name_prefix, **model_options)
+            raise ValueError(
+                f"the {forecast} forecast needs a checkpoint: pass --checkpoint RUN (a `bevjepa train` folder)"
+            )
+        agents = "tracked" if forecast == MODEL else "annotated"
+        return ModelSource(built, checkpoint, seed=seed, name_prefix=name_prefix, agents=agents, **model_options)
     raise ValueError(f"unknown forecast source {forecast!r}; choose one of {list(FORECASTS)}")

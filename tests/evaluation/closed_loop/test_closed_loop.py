@@ -242,10 +242,16 @@ def test_model_source_renders_and_forecasts(untrained_run):
     assert sample.images.shape == (3, 6, 3, 144, 256) and sample.camera_mask.all()
     assert sample.points.shape[0] > 1000 and set(sample.points_frame.unique().tolist()) == {0, 1, 2}
     np.testing.assert_allclose(sample.t0_from_ego[-1].numpy(), np.eye(4), atol=1e-6)
-    assert sample.agent_count > 0 and sample.agent_past_mask[:, -1].all()
+    assert sample.agent_count == 0  # what a car has: no actor of the simulator
     assert float(sample.points[:, 4].max()) == pytest.approx(0.1, abs=1e-6)  # two sweeps, 0.1 s apart
+    given = sources.ModelSource(built, untrained_run, lidar_sweeps=2, agents="annotated")
+    given.observe(built, state)
+    annotated = given.sample(built, state, None)
+    assert given.name == "model_annotated" and annotated.agent_count > 0 and annotated.agent_past_mask[:, -1].all()
     # Rolled out under each candidate: one forecast per candidate, and the actions change the rollout.
-    rolled = sources.ModelSource(built, untrained_run, rollout_candidates=True)
+    tracked = sources.ModelSource(built, untrained_run, rollout_candidates=True)
+    tracked.observe(built, state)
+    rolled = sources.ModelSource(built, untrained_run, rollout_candidates=True, agents="annotated")
     rolled.observe(built, state)
     plans = planner.SamplingPlanner().candidates(
         built.actors[0].path,
@@ -256,6 +262,8 @@ def test_model_source_renders_and_forecasts(untrained_run):
     )
     forecasts = rolled.forecast(built, state, None, plans)
     assert len(forecasts) == len(plans)
+    from_sensors = tracked.forecast(built, state, None, plans)  # one tracking step: the same agents for each
+    assert len({tuple(f.agent_ids.tolist()) for f in from_sensors}) == 1
     # The rolled-out latents differ (the latent head decodes them); the agents' modes read them too.
     assert not np.allclose(forecasts[0].latent_occupancy[-1], forecasts[-1].latent_occupancy[-1])
     assert not np.array_equal(forecasts[0].trajectories, forecasts[-1].trajectories)
@@ -431,7 +439,13 @@ def test_a_malformed_metrics_json_is_refused_naming_the_file(tmp_path):
 def test_the_forecast_names_are_defined_once():
     from bevjepa.tools import demo
 
-    assert sources.FORECASTS == (sources.MODEL, sources.CONSTANT_VELOCITY, sources.ORACLE, sources.NONE)
+    assert sources.FORECASTS == (
+        sources.MODEL,
+        sources.MODEL_ANNOTATED,
+        sources.CONSTANT_VELOCITY,
+        sources.ORACLE,
+        sources.NONE,
+    )
     assert sources.CONSTANT_VELOCITY == "cv"  # what users type, and what metrics.json and baselines record
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -442,6 +456,6 @@ def test_the_forecast_names_are_defined_once():
     assert set(demo.COMPARED_FORECASTS) < set(sources.FORECASTS)
     assert not hasattr(regress, "FORECASTS") and not hasattr(demo, "FORECASTS") and not hasattr(runner, "FORECASTS")
     classes = (sources.ModelSource, sources.ConstantVelocitySource, sources.OracleSource, sources.NoForecast)
-    assert tuple(c.name for c in classes) == sources.FORECASTS
+    assert tuple(c.name for c in classes) == tuple(f for f in sources.FORECASTS if f != sources.MODEL_ANNOTATED)
     with pytest.raises(ValueError, match="RegressConfig.forecast must be one of"):
         regress.RegressConfig(suite="smoke", baseline=Path("b.json"), forecast="constant_velocity")
