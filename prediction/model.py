@@ -472,6 +472,9 @@ class LossWeights:
         latent: the JEPA latent prediction loss (0 turns JEPA off).
         latent_steps: rollout steps whose target latent is encoded per iteration, drawn at random among 1..F
             (the target encoder's cost grows with it; the expected loss is the same up to scale).
+        latent_into_encoder: whether the latent loss's gradient reaches the online encoder (through z_t0). False
+            rolls the predictor out again from a detached z_t0 for the latent loss: the encoder learns from the
+            heads alone, the predictor from the heads and the latent loss (one more predictor rollout per step).
         variance, covariance: the VICReg anti-collapse terms on z_t0 and the rollout.
         occupancy: per-class occupancy BCE over steps 0..F (a mean over every cell, hence small).
         occupancy_pos_weight: the BCE's weight on occupied cells, per class (vehicle, pedestrian, cyclist).
@@ -486,6 +489,7 @@ class LossWeights:
 
     latent: float = 1.0
     latent_steps: int = 1
+    latent_into_encoder: bool = True
     variance: float = 1.0
     covariance: float = 0.04
     occupancy: float = 10.0
@@ -531,7 +535,12 @@ def compute_losses(
         f = output.rollout.shape[1]
         steps = sorted((torch.randperm(f)[: min(weights.latent_steps, f)] + 1).tolist())
         target = model.target_latents(batch, steps)  # [B, len(steps), C, H, W], no gradient
-        latent = losses.latent_prediction_loss(output.rollout[:, [k - 1 for k in steps]], target)
+        rollout = output.rollout
+        if not weights.latent_into_encoder:
+            p = model.config.fuser.past_frames
+            actions = batch.actions[:, p - 1 : p - 1 + max(steps)]  # [B, max(steps), 3]
+            rollout = model.predictor.rollout(output.latent.detach(), actions)  # [B, max(steps), C, H, W]
+        latent = losses.latent_prediction_loss(rollout[:, [k - 1 for k in steps]], target)
     else:
         latent = zero
     if model.predictor is not None:

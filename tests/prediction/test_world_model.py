@@ -139,3 +139,30 @@ def test_copy_for_target_is_a_frozen_deep_copy():
     with torch.no_grad():
         online.weight.add_(1.0)
     assert not torch.allclose(target.weight, online.weight)
+
+
+def test_the_latent_loss_reaches_the_encoder_only_when_asked(synthetic_windows):
+    import dataclasses
+
+    from bevjepa.datasets import torch_dataset
+    from bevjepa.prediction import config as experiment_config
+    from bevjepa.prediction import model
+
+    torch.manual_seed(0)
+    config = experiment_config.small()
+    net = model.BevJepa(dataclasses.replace(config.model, use_camera=False)).eval()
+    dataset = torch_dataset.WindowDataset(synthetic_windows, future_inputs=True, cameras=False)
+    batch = torch_dataset.collate([dataset[0]])
+    silent = {name: 0.0 for name in ("variance", "covariance", "occupancy", "occupancy_dice", "flow")}
+    only_latent = model.LossWeights(latent=1.0, trajectory=0.0, mode=0.0, detection=0.0, **silent)
+    for into_encoder in (True, False):
+        net.zero_grad()
+        weights = dataclasses.replace(only_latent, latent_into_encoder=into_encoder)
+        terms = model.compute_losses(net, batch, net(batch), weights)
+        assert terms.latent.item() > 0
+        terms.total.backward()
+        reached = [
+            any(p.grad is not None and bool(p.grad.any()) for p in part.parameters())
+            for part in (net.encoder, net.predictor)
+        ]
+        assert reached == [into_encoder, True], into_encoder
