@@ -40,6 +40,17 @@ MIN_SCORE = 0.3
 """The lowest detection score that makes an agent (the devkit's evaluation keeps lower ones)."""
 
 
+def _check_shapes(owner: object, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise ``ValueError`` naming the first field of ``owner`` that is not an array of its shape."""
+    for name, shape in shapes.items():
+        value = getattr(owner, name)
+        if not isinstance(value, np.ndarray) or value.shape != shape:
+            raise ValueError(
+                f"{type(owner).__name__}.{name}: expected an array of shape {shape}, got "
+                f"{getattr(value, 'shape', type(value).__name__)}"
+            )
+
+
 @dataclass(frozen=True)
 class FrameDetections:
     """Decoded detections of one keyframe, in the window's t0 ego frame.
@@ -58,13 +69,7 @@ class FrameDetections:
 
     def __post_init__(self) -> None:
         n = len(self.scores)
-        for name, shape in (("boxes", (n, 7)), ("velocity", (n, 2)), ("scores", (n,)), ("classes", (n,))):
-            value = getattr(self, name)
-            if not isinstance(value, np.ndarray) or value.shape != shape:
-                raise ValueError(
-                    f"FrameDetections.{name}: expected an array of shape {shape}, got "
-                    f"{getattr(value, 'shape', type(value).__name__)}"
-                )
+        _check_shapes(self, {"boxes": (n, 7), "velocity": (n, 2), "scores": (n,), "classes": (n,)})
         if n and (self.classes.min() < 0 or self.classes.max() >= len(categories.CLASSES)):
             raise ValueError(
                 f"FrameDetections.classes: expected indices in [0, {len(categories.CLASSES)}), got "
@@ -120,21 +125,8 @@ class TrackedAgents:
     def __post_init__(self) -> None:
         a = len(self.ids)
         p = self.past.shape[1] if self.past.ndim == 3 else -1
-        for name, shape in (
-            ("ids", (a,)),
-            ("classes", (a,)),
-            ("boxes", (a, 7)),
-            ("velocity", (a, 2)),
-            ("scores", (a,)),
-            ("past", (a, p, 2)),
-            ("past_mask", (a, p)),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, np.ndarray) or value.shape != shape:
-                raise ValueError(
-                    f"TrackedAgents.{name}: expected an array of shape {shape}, got "
-                    f"{getattr(value, 'shape', type(value).__name__)}"
-                )
+        shapes = {"ids": (a,), "classes": (a,), "boxes": (a, 7), "velocity": (a, 2), "scores": (a,)}
+        _check_shapes(self, {**shapes, "past": (a, p, 2), "past_mask": (a, p)})
 
     @property
     def count(self) -> int:

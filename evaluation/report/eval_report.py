@@ -26,7 +26,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,67 +268,62 @@ def describe_run(run: Path) -> dict:
     }
 
 
-def detection_metrics(config: EvalConfig, data: Path) -> dict | None:
-    """The devkit's detection evaluation (mAP, NDS, per-class AP) of the checkpoint, when a dataroot is given.
+def _recorded(what: str, evaluate: Callable[[], dict]) -> dict:
+    """``evaluate()``, or ``{"error": ...}`` when it raised (recorded in metrics.json and the report)."""
+    try:
+        return evaluate()
+    except Exception as error:  # noqa: BLE001 — a failed devkit evaluation does not cost the user the report
+        print(f"bevjepa eval: {what} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+DEVKIT_EVALUATIONS = {
+    "detection": detection_eval.evaluate_model_detections,
+    "tracking": tracking_eval.evaluate_model_tracking,
+}
+"""The devkit's evaluations of a checkpoint that ``bevjepa eval`` runs with a dataroot, each into ``OUT/<key>/``:
+detection (mAP, NDS, per-class AP) and tracking of the model's own tracks (AMOTA, AMOTP, ID switches)."""
+
+
+def devkit_metrics(config: EvalConfig, data: Path, key: str) -> dict | None:
+    """The devkit evaluation ``key`` (``DEVKIT_EVALUATIONS``) of the checkpoint, when a dataroot is given.
 
     Returns None when it does not apply; ``{"error": ...}`` when it failed (the report still gets written).
     """
     if config.dataroot is None or config.checkpoint is None:
         return None
-    try:
-        return detection_eval.evaluate_model_detections(
+    evaluate = DEVKIT_EVALUATIONS[key]
+    return _recorded(
+        f"{key} evaluation",
+        lambda: evaluate(
             Path(config.checkpoint),
             data,
             Path(config.dataroot),
             config.version,
             config.split,
-            Path(config.out) / "detection",
+            Path(config.out) / key,
             batch_size=config.batch_size,
-        )
-    except Exception as error:  # noqa: BLE001 — recorded in metrics.json and the report; the rest stands
-        print(f"bevjepa eval: detection evaluation failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return {"error": f"{type(error).__name__}: {error}"}
-
-
-def tracking_metrics(config: EvalConfig, data: Path) -> dict | None:
-    """The devkit's tracking evaluation (AMOTA, AMOTP, ID switches) of the checkpoint's own tracks, with a dataroot.
-
-    Returns None when it does not apply; ``{"error": ...}`` when it failed (the report still gets written).
-    """
-    if config.dataroot is None or config.checkpoint is None:
-        return None
-    try:
-        return tracking_eval.evaluate_model_tracking(
-            Path(config.checkpoint),
-            data,
-            Path(config.dataroot),
-            config.version,
-            config.split,
-            Path(config.out) / "tracking",
-            batch_size=config.batch_size,
-        )
-    except Exception as error:  # noqa: BLE001 — recorded in metrics.json and the report; the rest stands
-        print(f"bevjepa eval: tracking evaluation failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return {"error": f"{type(error).__name__}: {error}"}
+        ),  # fmt: skip
+    )
 
 
 def prediction_challenge_file(config: EvalConfig, data: Path) -> dict | None:
     """The prediction challenge's submission JSON of the checkpoint in ``out/prediction/`` (None without one).
 
     The challenge's protocol gives the annotated agents and their pasts; the devkit's ``compute_metrics`` reads
-    the file.
+    the file. ``{"error": ...}`` when the export failed.
     """
     if config.checkpoint is None:
         return None
     path = Path(config.out) / "prediction" / prediction_export.SUBMISSION_FILE
-    try:
+
+    def export() -> dict:
         records = prediction_export.export(
             data, config.split, path, "model", Path(config.checkpoint), batch_size=config.batch_size
         )
-    except Exception as error:  # noqa: BLE001 — recorded in metrics.json and the report; the rest stands
-        print(f"bevjepa eval: prediction export failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return {"error": f"{type(error).__name__}: {error}"}
-    return {"submission": str(path), "agents": len(records)}
+        return {"submission": str(path), "agents": len(records)}
+
+    return _recorded("prediction export", export)
 
 
 def world_model_metrics(config: EvalConfig, data: Path) -> dict | None:
@@ -878,14 +873,13 @@ def run(config: EvalConfig) -> EvalReport:
     run_folder = Path(config.checkpoint) if config.checkpoint is not None else None
     direct_folder = Path(config.direct_checkpoint) if config.direct_checkpoint is not None else None
     result = open_loop.evaluate(data, config.split, run_folder, batch_size=config.batch_size, direct_run=direct_folder)
-    for key, metrics_of in (
-        ("detection", detection_metrics),
-        ("tracking", tracking_metrics),
-        ("prediction_challenge", prediction_challenge_file),
-    ):
-        value = metrics_of(config, data)
+    for key in DEVKIT_EVALUATIONS:
+        value = devkit_metrics(config, data, key)
         if value is not None:
             result[key] = value
+    challenge = prediction_challenge_file(config, data)
+    if challenge is not None:
+        result["prediction_challenge"] = challenge
     check = world_model_metrics(config, data)
     if check is not None:
         result["world_model_check"] = check
