@@ -27,8 +27,9 @@ from bevjepa.prediction import agent_occupancy, checkpoint, heads, model, tracki
 
 FORECAST_FORMAT = "bevjepa-occupancy-forecast"
 FORECAST_VERSION = 3
-"""Version 2 added the optional ``latent_occupancy``, version 3 the optional ``agent_scores``; ``load`` reads all."""
-OPTIONAL_FIELDS = ("latent_occupancy", "agent_scores")
+"""Version 2 added the optional ``latent_occupancy``, version 3 the optional ``agent_boxes`` and ``agent_scores``;
+``load`` reads all three."""
+OPTIONAL_FIELDS = ("latent_occupancy", "agent_boxes", "agent_scores")
 """Arrays a forecast file may hold (newer versions); a file without them loads them as None."""
 AGENT_SOURCES = ("tracked", "annotated")
 """Where a forecast's agents come from: ``tracked``, the model's own detections tracked over the window's
@@ -108,6 +109,8 @@ class OccupancyForecast:
         mode_probabilities: [A, K] float32 — each mode's probability (rows sum to 1).
         latent_occupancy: [S, C, H, W] float32 or None — the latent occupancy head's map alone (what the world
             model's latent holds, tracked agents or not); None for forecasts that have no latent (baselines).
+        agent_boxes: [A, 7] float32 or None — each agent's t0 box: x, y, z, width, length, height (m), yaw (rad)
+            (the tracked detection, or the annotated box); None in forecasts that do not carry them (baselines).
         agent_scores: [A] float32 or None — each agent's detection score at t0 (tracked agents); None where the
             agents were given (annotated agents, baselines).
 
@@ -133,6 +136,7 @@ class OccupancyForecast:
     trajectories: np.ndarray
     mode_probabilities: np.ndarray
     latent_occupancy: np.ndarray | None = None
+    agent_boxes: np.ndarray | None = None
     agent_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -165,6 +169,10 @@ class OccupancyForecast:
         _check_array("agent_classes", self.agent_classes, (("A", A),), "iu")
         if self.agent_scores is not None:
             _check_array("agent_scores", self.agent_scores, (("A", A),), "f", probability=True)
+        if self.agent_boxes is not None:
+            _check_array("agent_boxes", self.agent_boxes, (("A", A), ("box", 7)), "f")
+            if not np.isfinite(self.agent_boxes).all():
+                raise ValueError("OccupancyForecast.agent_boxes: expected finite boxes")
         if A and (self.agent_classes.min() < 0 or self.agent_classes.max() >= C):
             raise ValueError(
                 f"OccupancyForecast.agent_classes: expected class indices in [0, {C}), got "
@@ -584,6 +592,7 @@ class Forecaster:
                     trajectories=modes[b, :count],
                     mode_probabilities=probabilities[b, :count],
                     latent_occupancy=latent[b],
+                    agent_boxes=boxes[b, :count].astype(np.float32),
                     agent_scores=scores[b],
                 )
             )

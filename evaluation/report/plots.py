@@ -345,6 +345,7 @@ def plot_trajectories(
     """
     grid = forecast.grid
     box = sample.agent_box.numpy()
+    starts = box if forecast.agent_boxes is None else forecast.agent_boxes  # where the forecast's agents are
     reach = np.concatenate(
         [
             np.abs(np.asarray(forecast.trajectories, dtype=np.float64)).reshape(-1),
@@ -356,7 +357,7 @@ def plot_trajectories(
     view = geometry.GridSpec(-half, half, -half, half, 2 * half / math.ceil(2 * half))
     fig, ax = plt.subplots(figsize=(6, 6))
     _draw_lidar(ax, _t0_points(sample), view)
-    _draw_modes(ax, forecast, box)
+    _draw_modes(ax, forecast, starts)
     _draw_ground_truth_future(ax, sample)
     _draw_boxes(ax, box, sample.agent_class.numpy())
     _draw_ego(ax)
@@ -462,7 +463,7 @@ def scene_animation(
             _setup_axis(left, grid, "ground truth", labels=False)
             _draw_probability(right, probability[s], grid)
             _draw_outline(right, target[s], grid, linewidth=0.8)
-            _draw_modes(right, forecast, box, steps=s)
+            _draw_modes(right, forecast, box if forecast.agent_boxes is None else forecast.agent_boxes, steps=s)
             _draw_ego(right)
             _setup_axis(right, grid, f"{label} forecast (P occupied, modes)", labels=False)
             fig.suptitle(

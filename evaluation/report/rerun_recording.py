@@ -237,7 +237,8 @@ def _check(samples: Sequence[torch_dataset.WindowSample], forecasts: Sequence[fo
             f"and {len(forecasts)} forecasts"
         )
     for sample, forecast in zip(samples, forecasts, strict=True):
-        if forecast.timestamp_us != sample.timestamp_us or len(forecast.trajectories) != sample.agent_count:
+        own_agents = forecast.agent_boxes is not None or len(forecast.trajectories) == sample.agent_count
+        if forecast.timestamp_us != sample.timestamp_us or not own_agents:
             raise ValueError(
                 f"the forecast of window {sample.sample_token} ({sample.scene_name}) is not its own: t0 "
                 f"{forecast.timestamp_us} µs and {len(forecast.trajectories)} agents against {sample.timestamp_us} µs "
@@ -298,6 +299,9 @@ def _log_window(
         rr.Points3D(points[:, :3], colors=height_colors(points[:, 2]), radii=LIDAR_RADIUS_M),
     )
     start = _log_ground_truth(rec, rr, sample)
+    if forecast.agent_boxes is not None:  # the forecast's own agents (tracked ones need not be the annotated)
+        box = forecast.agent_boxes.astype(np.float64)  # [A, 7]
+        start = np.concatenate([box[:, :2], (box[:, 2] - box[:, 5] / 2 + LINE_LIFT_M)[:, None]], axis=1)  # [A, 3]
     _log_modes(rec, rr, forecast, start)
     _log_occupancy(rec, rr, sample, forecast, threshold)
     if cameras:

@@ -76,3 +76,15 @@ def test_forecast_files_keep_the_agent_scores(dataset, tiny_checkpoint, tmp_path
     assert loaded.agent_scores is not None
     np.testing.assert_array_equal(loaded.agent_scores, forecast.agent_scores)
     np.testing.assert_array_equal(loaded.agent_ids, forecast.agent_ids)
+
+
+def test_the_report_draws_tracked_agents_that_are_not_the_annotated_ones(dataset, tiny_checkpoint, tmp_path):
+    from bevjepa.evaluation.report import plots, rerun_recording
+
+    samples = [dataset[0], dataset[1]]
+    model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0)
+    forecasts = [model.forecast(sample) for sample in samples]
+    assert forecasts[0].agent_ids.size != samples[0].agent_count  # the tracks are the model's, not the annotations
+    assert plots.plot_trajectories(samples[0], forecasts[0], tmp_path / "t.png").stat().st_size > 0
+    assert plots.scene_animation(samples, forecasts, tmp_path / "s.gif").stat().st_size > 0
+    assert rerun_recording.record(samples, forecasts, tmp_path / "r.rrd", cameras=False).stat().st_size > 0
