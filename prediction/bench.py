@@ -10,7 +10,7 @@ import torch
 
 from bevjepa.datasets import categories, torch_dataset
 from bevjepa.fusion import fuser
-from bevjepa.prediction import agent_occupancy, forecaster, model
+from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, model
 from bevjepa.prediction import config as experiment_config
 
 
@@ -185,36 +185,53 @@ def training_throughput(data: Path, preset: str = "small", steps: int = 30, sens
 
 
 @torch.no_grad()
-def stream_latency(data: Path, preset: str = "small", windows: int = 12, threads: int = 2) -> dict:
+def stream_latency(
+    data: Path, preset: str = "small", windows: int = 12, threads: int = 2, run: Path | None = None
+) -> dict:
     """Milliseconds per forecast through the planner's API over consecutive windows of one scene, cold and streaming.
 
     Cold: every forecast encodes its P input keyframes. Streaming: ``Forecaster(cache_frames=...)`` encodes each
     keyframe once, so a forecast pays for one new frame's sensors (the first forecast of the stream, which
-    encodes all P, is left out of both medians). Both run the same weights on the same windows, alternating.
+    encodes all P, is left out of both medians). Both forecast from the sensors alone (``sensors_only`` windows,
+    tracking included); a third, streaming with the annotated agents, shows what tracking costs. All run the same
+    weights on the same windows, alternating: untrained ``preset`` weights, or the model of ``run`` (a trained
+    model detects agents, so its tracking has work to do).
     """
     torch.set_num_threads(threads)
-    config = experiment_config.preset(preset)
     torch.manual_seed(0)
-    net = model.BevJepa(config.model).eval()
-    dataset = torch_dataset.WindowDataset(data)
+    if run is None:
+        net = model.BevJepa(experiment_config.preset(preset).model).eval()
+    else:
+        preset, net = str(run), checkpoint.load_model(run)[1].eval()
+    dataset = torch_dataset.WindowDataset(data, cameras=net.config.use_camera)
     scene = dataset.entries[0]["scene"]
     indices = [i for i, entry in enumerate(dataset.entries) if entry["scene"] == scene][:windows]
     samples = [dataset[i] for i in indices]
-    cold, streaming = forecaster.Forecaster(net), forecaster.Forecaster(net, cache_frames=2 * len(samples))
-    cold.forecast(samples[0])  # warm up
-    streaming.forecast(samples[0])
-    cold_ms, stream_ms = [], []
+    cache = 2 * len(samples)
+    cold, streaming = forecaster.Forecaster(net), forecaster.Forecaster(net, cache_frames=cache)
+    annotated = forecaster.Forecaster(net, cache_frames=cache, agents="annotated")
+    runners = ((cold, True), (streaming, True), (annotated, False))
+    for runner, blind in runners:  # warm up
+        runner.forecast(samples[0].sensors_only() if blind else samples[0])
+    times: list[list[float]] = [[], [], []]
+    agents = []
     for sample in samples[1:]:
-        for runner, times in ((cold, cold_ms), (streaming, stream_ms)):
+        blind = sample.sensors_only()
+        for (runner, sensors_only), spent in zip(runners, times, strict=True):
             start = time.perf_counter()
-            runner.forecast(sample)
-            times.append(1e3 * (time.perf_counter() - start))
+            forecast = runner.forecast(blind if sensors_only else sample)
+            spent.append(1e3 * (time.perf_counter() - start))
+            if runner is streaming:
+                agents.append(forecast.agent_ids.size)
+    cold_ms, stream_ms, annotated_ms = (float(np.median(t)) for t in times)
     return {
-        "preset": preset,
+        "model": preset,
         "threads": threads,
         "forecasts": len(samples) - 1,
-        "cold_ms": float(np.median(cold_ms)),
-        "streaming_ms": float(np.median(stream_ms)),
-        "streaming_per_s": 1e3 / float(np.median(stream_ms)),
-        "speedup": float(np.median(cold_ms) / np.median(stream_ms)),
+        "tracked_agents_per_forecast": float(np.mean(agents)),
+        "cold_ms": cold_ms,
+        "streaming_ms": stream_ms,
+        "streaming_per_s": 1e3 / stream_ms,
+        "speedup": cold_ms / stream_ms,
+        "annotated_streaming_ms": annotated_ms,
     }

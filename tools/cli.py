@@ -209,7 +209,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench.format_report(model_bench.training_step_time(Path(args.data))), end="\n\n")
         for sensors in ("both", "lidar"):
             print(bench.format_report(model_bench.training_throughput(Path(args.data), sensors=sensors)), end="\n\n")
-        print(bench.format_report(model_bench.stream_latency(Path(args.data))), end="\n\n")
+        run = None if args.checkpoint is None else Path(args.checkpoint)
+        print(bench.format_report(model_bench.stream_latency(Path(args.data), run=run)), end="\n\n")
         print(bench.format_report(perception_bench.pooling_speed()))
     elif args.what == "closed-loop":
         from bevjepa.evaluation.closed_loop import runner
@@ -417,6 +418,9 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model", "closed-loop"])
     bench.add_argument("--suite", default="ci", help="suite to time (closed-loop; default the shipped ci suite)")
     bench.add_argument("--data", default=None, help="windows to time the model on (model)")
+    bench.add_argument(
+        "--checkpoint", default=None, help="a trained run whose forecasts to time (model; default: untrained weights)"
+    )
     bench.add_argument("--dataroot", default=None, help="dataset to preprocess (preprocess; default: a synthetic one)")
     bench.add_argument("--version", default="v1.0-mini", help="table version of --dataroot (preprocess)")
     bench.add_argument("--sweeps", type=int, default=40, help="sweeps to time (lidar)")

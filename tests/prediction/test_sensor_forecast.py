@@ -88,3 +88,13 @@ def test_the_report_draws_tracked_agents_that_are_not_the_annotated_ones(dataset
     assert plots.plot_trajectories(samples[0], forecasts[0], tmp_path / "t.png").stat().st_size > 0
     assert plots.scene_animation(samples, forecasts, tmp_path / "s.gif").stat().st_size > 0
     assert rerun_recording.record(samples, forecasts, tmp_path / "r.rrd", cameras=False).stat().st_size > 0
+
+
+def test_the_latency_bench_times_sensor_only_forecasts_of_a_trained_run(synthetic_windows, tiny_checkpoint):
+    from bevjepa.prediction import bench
+
+    result = bench.stream_latency(synthetic_windows, windows=2, threads=1, run=tiny_checkpoint)
+    assert result["model"] == str(tiny_checkpoint) and result["forecasts"] == 1
+    for key in ("cold_ms", "streaming_ms", "annotated_streaming_ms"):
+        assert result[key] > 0, key
+    assert result["tracked_agents_per_forecast"] >= 0
