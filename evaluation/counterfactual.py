@@ -72,7 +72,7 @@ def follower_response(
         ``{"windows": n, "followers": n, "right_way": n, "fraction": right_way / followers (NaN if none),
         "median_shift_m": median over followers of x(accelerate) - x(brake) at the end of the rollout}``.
     """
-    model = forecaster.Forecaster.from_checkpoint(run)
+    model = forecaster.Forecaster.from_checkpoint(run, agents="annotated")  # the followers are annotated agents
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
     steps = model.net.config.occupancy_steps
     shifts: list[np.ndarray] = []

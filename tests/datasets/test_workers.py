@@ -40,28 +40,21 @@ def test_make_pool_runs_one_worker_here_and_refuses_none():
         workers.make_pool(0)
 
 
-def test_sequential_and_ray_pools_give_the_same_results():
-    items = list(range(7))
-    sequential = sorted(workers.make_pool(1).map_unordered(_square, items))
-    pool = workers.make_pool(2)  # more than one worker: Ray
-    assert isinstance(pool, workers.RayPool)
-    try:
-        on_ray = sorted(pool.map_unordered(_square, items))
-    finally:
-        pool.close()
-    assert on_ray == sequential == [(i, i * i) for i in items]
-
-
-def test_local_ray_listens_on_loopback_only_and_starts_no_dashboard():
+def test_the_ray_pool_gives_the_sequential_results_listens_on_loopback_only_and_starts_no_dashboard():
+    """One local Ray (starting it is most of the time) for both: the pools agree, and Ray exposes nothing."""
     import ray
     from ray._private import ray_constants
 
     if ray.is_initialized():
         pytest.fail("Ray is already running in this test process; a test before this one did not shut it down")
     mode_before, env_before = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    pool = workers.RayPool(2)  # starts Ray through workers.init_ray
+    items = list(range(7))
+    sequential = sorted(workers.make_pool(1).map_unordered(_square, items))
+    pool = workers.make_pool(2)  # more than one worker: Ray, started through workers.init_ray
+    assert isinstance(pool, workers.RayPool)
     try:
-        assert list(sorted(pool.map_unordered(_square, [1, 2, 3, 4]))) == [(0, 1), (1, 4), (2, 9), (3, 16)]
+        on_ray = sorted(pool.map_unordered(_square, items))
+        assert on_ray == sequential == [(i, i * i) for i in items]
         tree = _ray_process_tree()
         listeners = [
             (tree[c.pid], c.laddr.ip, c.laddr.port)

@@ -47,8 +47,8 @@ def test_followers_are_behind_in_lane_same_heading_and_moving(synthetic_windows)
     assert counterfactual.followers(sample).tolist() == [True, False, False, False, False]
 
 
-def test_follower_response_counts_on_a_trained_checkpoint(synthetic_windows, tiny_checkpoint):
-    result = counterfactual.follower_response(tiny_checkpoint, synthetic_windows, split="all")
+def test_follower_response_counts_on_a_trained_checkpoint(synthetic_windows, light_checkpoint):
+    result = counterfactual.follower_response(light_checkpoint, synthetic_windows, split="all")  # any trained run
     assert result["windows"] == len(torch_dataset.WindowDataset(synthetic_windows))
     assert 0 <= result["right_way"] <= result["followers"]
     if result["followers"]:

@@ -85,11 +85,11 @@ def _copy_with_bad_windows(synthetic_windows: Path, root: Path, nan_box: bool = 
     return data, corrupt, last
 
 
-def test_eval_records_failed_windows_writes_the_rest_and_exits_1(synthetic_windows, tiny_checkpoint, tmp_path, capsys):
+def test_eval_records_failed_windows_writes_the_rest_and_exits_1(synthetic_windows, light_checkpoint, tmp_path, capsys):
     data, corrupt, nan_box = _copy_with_bad_windows(synthetic_windows, tmp_path)
     out = tmp_path / "eval"
-    code = cli.main(
-        ["eval", "--data", str(data), "--split", "all", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]
+    code = cli.main(  # any trained model will do: the light LiDAR-only one
+        ["eval", "--data", str(data), "--split", "all", "--checkpoint", str(light_checkpoint), "--out", str(out)]
         + ["--figures", "1", "--animation-windows", "2"]
     )
     printed = capsys.readouterr().out.strip().splitlines()

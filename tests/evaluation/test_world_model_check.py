@@ -14,8 +14,8 @@ from bevjepa.evaluation import metrics, world_model_check
 from bevjepa.prediction import checkpoint
 
 
-def test_the_three_latents_are_scored_per_class_and_horizon(tiny_checkpoint, synthetic_windows):
-    _, net = checkpoint.load_model(tiny_checkpoint)
+def test_the_three_latents_are_scored_per_class_and_horizon(light_checkpoint, synthetic_windows):
+    _, net = checkpoint.load_model(light_checkpoint)  # any trained world model: the light LiDAR-only one
     result = world_model_check.check(net, synthetic_windows, "all", batch_size=1)
     assert result.windows == len(torch_dataset.WindowDataset(synthetic_windows)) and result.failed_windows == 0
     assert set(result.iou) == set(world_model_check.SOURCES)
@@ -39,7 +39,7 @@ def test_the_three_latents_are_scored_per_class_and_horizon(tiny_checkpoint, syn
 
 
 def test_the_direct_baseline_is_refused_and_a_broken_window_is_left_out(
-    tiny_checkpoint, tiny_direct_checkpoint, synthetic_windows, tmp_path
+    light_checkpoint, tiny_direct_checkpoint, synthetic_windows, tmp_path
 ):
     _, direct = checkpoint.load_model(tiny_direct_checkpoint)
     with pytest.raises(ValueError, match="direct baseline"):
@@ -48,6 +48,6 @@ def test_the_direct_baseline_is_refused_and_a_broken_window_is_left_out(
     shutil.copytree(synthetic_windows, windows)
     first = torch_dataset.WindowDataset(windows).entries[0]["file"]
     (windows / first).write_bytes(b"not a window")
-    _, net = checkpoint.load_model(tiny_checkpoint)
+    _, net = checkpoint.load_model(light_checkpoint)
     result = world_model_check.check(net, windows, "all", batch_size=1)
     assert result.failed_windows == 1 and result.windows == len(torch_dataset.WindowDataset(windows)) - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,38 +120,36 @@ def test_rollout_depends_on_the_actions(batch):
     torch.testing.assert_close(braking.latent, driving.latent)
 
 
-def test_training_is_deterministic_and_resumes(synthetic_windows, tmp_path):
-    first = train.train(synthetic_windows, tmp_path / "a", _tiny(2), progress=False)
-    second = train.train(synthetic_windows, tmp_path / "b", _tiny(2), progress=False)
-    assert first.steps == second.steps == 2
+def test_training_is_deterministic_and_resumes(synthetic_windows, tiny_checkpoint, tmp_path):
+    # the other run is the shared one, trained earlier in another test with the same config (``_tiny(1)``)
+    first = train.train(synthetic_windows, tmp_path / "a", _tiny(1), progress=False)
+    assert first.steps == checkpoint.load_state(tiny_checkpoint)["step"] == 1
     a = checkpoint.load_model(tmp_path / "a")[1].state_dict()
-    b = checkpoint.load_model(tmp_path / "b")[1].state_dict()
+    b = checkpoint.load_model(tiny_checkpoint)[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "model.safetensors").exists() and list((tmp_path / "a" / "tensorboard").iterdir())
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
-        train.train(synthetic_windows, tmp_path / "a", _tiny(2), progress=False)
+        train.train(synthetic_windows, tmp_path / "a", _tiny(1), progress=False)
     with pytest.raises(ValueError, match="another configuration"):
         train.train(synthetic_windows, tmp_path / "a", _tiny(2, learning_rate=1e-4), resume=True, progress=False)
     state = checkpoint.load_state(tmp_path / "a")
-    assert state["step"] == 2 and state["history"][0]["val"]["total"] > 0
+    assert state["step"] == 1 and state["history"][0]["val"]["total"] > 0
 
 
-def test_checkpoints_hold_no_pickle_and_reload_exactly(synthetic_windows, tmp_path, batch):
-    train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
+def test_checkpoints_hold_no_pickle_and_reload_exactly(tiny_checkpoint, tmp_path, batch):
     for name in ("model.safetensors", "optimizer.safetensors"):
-        assert (tmp_path / "run" / name).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
-    config, net = checkpoint.load_model(tmp_path / "run")
-    assert config == _tiny(1)
-    again = checkpoint.load_model(tmp_path / "run")[1]
+        assert (tiny_checkpoint / name).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
+    config, net = checkpoint.load_model(tiny_checkpoint)
+    assert config == _tiny(1)  # the shared run: ``small`` trained one step
+    again = checkpoint.load_model(tiny_checkpoint)[1]
     with torch.no_grad():
         torch.testing.assert_close(net(batch).occupancy_logits, again(batch).occupancy_logits)
     with pytest.raises(FileNotFoundError, match="not a bevjepa run folder"):
         checkpoint.load_model(tmp_path / "nothing")
 
 
-def test_forecaster_api(synthetic_windows, tmp_path):
-    train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
-    model_forecaster = forecaster.Forecaster.from_checkpoint(tmp_path / "run", agents="annotated")
+def test_forecaster_api(synthetic_windows, tiny_checkpoint, tmp_path):
+    model_forecaster = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, agents="annotated")
     sample = torch_dataset.WindowDataset(synthetic_windows)[0]
     forecast = model_forecaster.forecast(sample)
     assert forecast.occupancy.shape == (5, 3, 128, 128) and forecast.times_s.tolist() == [0, 0.5, 1, 1.5, 2]
@@ -221,7 +220,7 @@ def test_occupancy_queries_and_collision_probability():
     assert forecast.collision_probability(swerve, times) == 0.0
 
 
-def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
+def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys, light_config_file):
     run = tmp_path / "run"
     common = [
         "train",
@@ -229,6 +228,8 @@ def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
         str(synthetic_windows),
         "--out",
         str(run),
+        "--config",
+        str(light_config_file),  # any trained run will do: the LiDAR-only light one is the cheapest
         "--loader-workers",
         "0",
         "--batch-size",
@@ -239,7 +240,8 @@ def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 1
     out = tmp_path / "report"
-    assert cli.main(["eval", "--data", str(synthetic_windows), "--checkpoint", str(run), "--out", str(out)]) == 0
+    evaluate = ["eval", "--data", str(synthetic_windows), "--checkpoint", str(run), "--out", str(out)]
+    assert cli.main([*evaluate, "--figures", "0", "--animation-windows", "0"]) == 0  # figures: tests/evaluation/report
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["models"]) == set(eval_report.MODEL_ORDER) - {"direct"}  # every source but --direct's
     assert metrics["windows"] == 2
@@ -281,14 +283,15 @@ def test_train_and_eval_refuse_data_that_is_not_windows(synthetic_windows, tmp_p
     assert "has no windows of split 'test'" in capsys.readouterr().err
 
 
-def test_a_stream_of_forecasts_encodes_each_keyframe_once_and_gives_the_same_forecasts(synthetic_windows, tmp_path):
-    train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
+def test_a_stream_of_forecasts_encodes_each_keyframe_once_and_gives_the_same_forecasts(
+    synthetic_windows, tiny_checkpoint
+):
     dataset = torch_dataset.WindowDataset(synthetic_windows)
     scene = dataset[0].scene_name
     stream = [dataset[i] for i in range(len(dataset)) if dataset[i].scene_name == scene]
     assert len(stream) >= 2 and stream[0].frame_tokens[1:] == stream[1].frame_tokens[:-1]
-    cold = forecaster.Forecaster.from_checkpoint(tmp_path / "run")
-    streaming = forecaster.Forecaster.from_checkpoint(tmp_path / "run", cache_frames=8)
+    cold = forecaster.Forecaster.from_checkpoint(tiny_checkpoint)
+    streaming = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, cache_frames=8)
     encoded = []
     original = streaming.net.encoder.encode_frames
     streaming.net.encoder.encode_frames = lambda frames: encoded.append(frames.images.shape[1]) or original(frames)
@@ -299,10 +302,10 @@ def test_a_stream_of_forecasts_encodes_each_keyframe_once_and_gives_the_same_for
     assert encoded == [3] + [1] * (len(stream) - 1)
 
 
-def test_weights_of_another_model_version_are_refused_by_name(synthetic_windows, tmp_path):
+def test_weights_of_another_model_version_are_refused_by_name(tiny_checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    train.train(synthetic_windows, tmp_path / "run", _tiny(1), progress=False)
+    shutil.copytree(tiny_checkpoint, tmp_path / "run")  # a copy: the shared run stays whole
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
     weights["occupancy.retired.weight"] = weights.pop(next(k for k in weights if k.startswith("occupancy.")))
     save_file(weights, str(tmp_path / "run" / "model.safetensors"))

@@ -18,7 +18,7 @@ from pyquaternion import Quaternion
 from bevjepa.datasets import types
 from bevjepa.sim import synth, writer
 
-SCENES, DURATION_S = 4, 4.0
+SCENES, DURATION_S = 4, 3.0
 
 
 @pytest.fixture(scope="module")

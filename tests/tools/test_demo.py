@@ -12,18 +12,35 @@ from bevjepa.evaluation.closed_loop import safety
 from bevjepa.evaluation.report import eval_report
 from bevjepa.tools import cli, demo
 
+TINY_SUITE = """
+# The smoke suite's straight road for 1 s instead of 2: the closed-loop stage of every source at the least cost.
+name = "tiny"
+
+[[scenario]]
+name = "straight-short"
+layout = "straight"
+seeds = [1]
+duration_s = 1.0
+vehicles = 4
+parked = 2
+pedestrians = 2
+cyclists = 1
+"""
+
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
+    suite = tmp_path_factory.mktemp("suite") / "tiny.toml"
+    suite.write_text(TINY_SUITE)
     config = demo.DemoConfig(
         out=tmp_path_factory.mktemp("demo") / "out",
         minutes=1.0,
-        scenes=4,
-        duration_s=4.0,
+        scenes=2,  # the fewest: one mini_train scene, one mini_val scene
+        duration_s=3.5,  # one window per scene
         workers=1,  # Ray is tested where it is the point; here each stage would start it again
-        suite=demo.SUITES / "smoke.toml",
+        suite=suite,
         reserve_s=0.0,
-        steps=2,  # fixed: the training budget would give a slow or busy machine fewer steps
+        steps=1,  # fixed: the training budget would give a slow or busy machine fewer steps
         progress=False,
     )
     return config, demo.run(config, say=lambda _: None)
@@ -38,11 +55,11 @@ def test_every_stage_writes_its_output(tiny_demo):
     out = config.out
     assert (out / "nuscenes" / "v1.0-mini" / "sample.json").is_file()
     assert (out / "windows" / "manifest.json").is_file()
-    assert json.loads((out / "run" / "state.json").read_text())["step"] == 2
-    assert json.loads((out / "run-direct" / "state.json").read_text())["step"] == 2
+    assert json.loads((out / "run" / "state.json").read_text())["step"] == 1
+    assert json.loads((out / "run-direct" / "state.json").read_text())["step"] == 1
     assert json.loads((out / "run-direct" / "config.json").read_text())["model"]["world_model"] is False
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["steps"] == plan["direct_steps"] == 2  # fixed steps: the same for both
+    assert plan["steps"] == plan["direct_steps"] == 1  # fixed steps: the same for both
     metrics = result.open_loop
     assert "direct" in metrics["models"] and "world_model_check" in metrics
     assert metrics["evaluated"]["direct_checkpoint"] == str(out / "run-direct")
@@ -51,7 +68,7 @@ def test_every_stage_writes_its_output(tiny_demo):
     for name in demo.COMPARED_FORECASTS:
         saved = safety.SuiteResult.load(out / "closed-loop" / name / "metrics.json")
         assert saved.to_dict() == result.closed_loop[name].to_dict()
-        assert saved.forecast == name and saved.aggregate.episodes == 2
+        assert saved.forecast == name and saved.aggregate.episodes == 1
 
 
 def test_the_report_shows_the_numbers_of_the_metrics_files(tiny_demo):
@@ -88,8 +105,11 @@ def test_the_report_shows_the_numbers_of_the_metrics_files(tiny_demo):
         for line in every.splitlines()
         if line.startswith("| ") and _cells(line)[0] in open_loop["models"]
     ]
-    assert order[:2] == ["model_latent", "direct"] and order.index("model") > order.index("direct")
-    assert next(_cells(line) for line in every.splitlines() if line.startswith("| model |"))[-1].startswith("sensors +")
+    assert order[:3] == ["model", "model_latent", "direct"]  # the sensor-only sources first
+    assert order.index("model_annotated") > order.index("constant_velocity_tracked")
+    table = every.split("\n## ")[0]  # up to the next section (the closed loop has a `model` row too)
+    inputs = {row[0]: row[-1] for row in (_cells(line) for line in table.splitlines() if line.startswith("| "))}
+    assert inputs["model"] == "sensors" and inputs["model_annotated"].startswith("sensors +")
 
 
 def test_a_second_run_reuses_every_stage(tiny_demo, capsys):
@@ -99,9 +119,7 @@ def test_a_second_run_reuses_every_stage(tiny_demo, capsys):
     closed_loop = config.out / "closed-loop"
     (closed_loop / "cv").rename(closed_loop / "constant_velocity")
     try:
-        code = cli.main(
-            ["demo", "--out", str(config.out), "--minutes", "1", "--suite", str(demo.SUITES / "smoke.toml")]
-        )
+        code = cli.main(["demo", "--out", str(config.out), "--minutes", "1", "--suite", str(config.suite)])
         assert not (closed_loop / "cv").exists()
     finally:
         (closed_loop / "constant_velocity").rename(closed_loop / "cv")

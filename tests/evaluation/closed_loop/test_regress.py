@@ -285,7 +285,7 @@ def test_cli_refuses_missing_corrupt_and_mismatched_baselines(tmp_path, tiny_run
     assert "checkpoint mismatch" in err and str(tiny_run) in err
 
     assert cli.main([*args, "--forecast", "cv", "--checkpoint", str(tiny_run)]) == 2
-    assert "--checkpoint is only used by --forecast model" in capsys.readouterr().err
+    assert "--checkpoint is only used by the model forecasts" in capsys.readouterr().err
     regress.write_baseline(baseline, _baseline(suite="tiny", forecast="cv"))
     assert cli.main([*args, "--forecast", "model"]) == 2
     assert "--forecast model needs --checkpoint" in capsys.readouterr().err

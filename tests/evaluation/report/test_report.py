@@ -20,8 +20,8 @@ CHECK_SECTION = "## Does the world model earn its place?"
 
 
 @pytest.fixture(scope="module")
-def run_folder(tiny_checkpoint: Path) -> Path:
-    return tiny_checkpoint
+def run_folder(light_checkpoint: Path) -> Path:
+    return light_checkpoint  # any trained world model: the light LiDAR-only one evaluates fastest
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def evaluated(
     argv = ["eval", "--data", str(synthetic_windows), "--checkpoint", str(run_folder), "--out", str(out)]
     argv += ["--direct", str(tiny_direct_checkpoint)]
     # --dataroot with --data: the windows are used as they are, the dataroot feeds the detection evaluation.
-    assert cli.main([*argv, "--dataroot", str(synthetic_mini), "--animation-windows", "2"]) == 0
+    # one window's panels (the other's would be the same drawing again), two windows in the animation
+    assert cli.main([*argv, "--dataroot", str(synthetic_mini), "--figures", "1", "--animation-windows", "2"]) == 0
     return out
 
 
