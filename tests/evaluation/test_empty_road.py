@@ -92,3 +92,15 @@ def test_every_forecast_source_forecasts_an_empty_road():
     result = runner.run_suite(suite_files.resolve_suite_path("empty"), sources.ORACLE, progress=False)
     assert result.failed == () and result.aggregate.collision_rate == 0.0
     assert np.isfinite(result.aggregate.score)
+
+
+def test_the_planner_api_forecasts_an_empty_road_from_its_sensors(empty_windows, tiny_checkpoint):
+    from bevjepa.datasets import torch_dataset
+    from bevjepa.prediction import forecaster
+
+    window = torch_dataset.WindowDataset(empty_windows)[0].sensors_only()
+    forecast = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, cache_frames=8).forecast(window)
+    assert forecast.occupancy.shape == (5, 3, 128, 128) and forecast.latent_occupancy is not None
+    assert forecast.agent_scores is not None and len(forecast.agent_scores) == len(forecast.agent_ids)
+    straight = np.array([[0.0, 0.0, 0.0], [4.5, 0.0, 0.0], [9.0, 0.0, 0.0]])
+    assert 0.0 <= forecast.collision_probability(straight, np.array([0.0, 0.5, 1.0])) <= 1.0
