@@ -98,3 +98,14 @@ def test_the_latency_bench_times_sensor_only_forecasts_of_a_trained_run(syntheti
     for key in ("cold_ms", "streaming_ms", "annotated_streaming_ms"):
         assert result[key] > 0, key
     assert result["tracked_agents_per_forecast"] >= 0
+
+
+def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"fuse: instance \[5, 3, 4, 4\] and dense \[5, 3, 8, 8\] must match"):
+        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 8, 8)))
+    model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint)
+    batch = torch_dataset.collate([dataset[0].sensors_only()])
+    with pytest.raises(ValueError, match=r"tracks are for tracked agents, one per window \(1\)"):
+        model.forecast_batch(batch, tracks=[])
+    with pytest.raises(ValueError, match="tracks are for tracked agents"):
+        model.using("annotated").forecast_batch(batch, tracks=model.track(batch))
