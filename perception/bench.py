@@ -1,4 +1,4 @@
-"""CPU benchmarks of the perception encoders: the Lift-Splat pooling and a forward of each encoder.
+"""CPU benchmarks of the perception encoders: the Lift-Splat splat (three ways) and a forward of each encoder.
 
 Run ``python -m bevjepa.perception.bench`` for a JSON report. Sizes follow the ``small`` preset: batch 1, six
 cameras at 144 x 256 (18 x 32 feature pixels, 41 depth bins, 64 channels), a sweep of about 120k points.
@@ -7,6 +7,7 @@ cameras at 144 x 256 (18 x 32 feature pixels, 41 depth bins, 64 channels), a swe
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -86,55 +87,100 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def pooling_speed(
-    points: int = SMALL_CAMERAS * 41 * 18 * 32,
-    channels: int = 64,
+    image_hw: tuple[int, int] = SMALL_IMAGE_HW,
+    batch: int = 1,
     repeats: int = 20,
     threads: int = 2,
     seed: int = 0,
 ) -> dict:
-    """Time ``camera.lift_splat_pool`` against ``camera.naive_scatter_pool`` on the same random frustum points.
+    """Time the Lift-Splat splat three ways on the same six-camera rig, depth probabilities and features.
 
-    The points are uniform in x, y over +-48 m, so that about 44 % fall inside the 64 x 64 splat grid (B = 1).
-    The two run alternately in every repeat, in this process, so that drift in the machine hits both alike.
+    (naive) the lift's [P, C] outer product and a ``naive_scatter_pool`` of every point; (index_add) the same
+    outer product and ``lift_splat_pool``, the splat before the cached index; (sparse) ``sparse_splat`` with
+    the rig's ``SplatIndex``, which never builds the outer product. All three are given the landing cells, as
+    a pooling kernel is; what finding them costs is reported beside: ``landing_ms`` (every call of
+    ``splat_reference``) and ``index_build_ms`` (once per rig, a cache miss of ``splat``). ``splat_reference_ms``
+    and ``splat_ms`` time the whole splat of each path (geometry included). Every timed function runs once per
+    repeat, in turn, in this process, so that drift in the machine hits all alike.
 
     Args:
-        points: P, frustum points (default: six cameras x 41 depths x 18 x 32 feature pixels).
-        channels: C.
+        image_hw: (H, W) of the images (pixels); the features are ``feature_stride`` smaller.
+        batch: B, samples with the same rig.
         repeats: timed calls of each (after one warm-up call of each).
         threads: torch intra-op threads during the run.
-        seed: of the random points and features.
+        seed: of the encoder's buffers, the depth probabilities and features.
 
     Returns:
-        dict with ``points``, ``channels``, ``cells``, ``inside_fraction``, ``threads``, ``repeats``,
-        ``pool_ms`` and ``naive_ms`` (medians), ``speedup`` (naive / pool) and ``max_abs_diff`` of the results.
+        dict with the setup (``points``, ``kept_points``, ``channels``, ``cells``, ``threads``, ``repeats``),
+        the medians (``*_ms``), ``speedup`` (naive / sparse), ``index_add_speedup`` (naive / index_add, the
+        figure before the cached index), ``splat_speedup`` (reference / cached splat) and ``max_abs_diff`` of
+        the sparse and cached results against the naive one.
     """
-    grid = camera.CameraEncoderConfig().splat_grid
-    cells = grid.shape[0] * grid.shape[1]
+    torch.manual_seed(seed)
+    encoder = camera.CameraEncoder(camera.CameraEncoderConfig()).eval()
+    config = encoder.config
+    B, N, C, D = batch, SMALL_CAMERAS, config.channels, config.depth_bins
+    h, w = (math.ceil(size / config.feature_stride) for size in image_hw)
+    X, Y = config.splat_grid.shape
+    intrinsics, ego_from_camera = surround_cameras(image_hw)  # [N, 3, 3], [N, 4, 4]
+    intrinsics, ego_from_camera = intrinsics.expand(B, N, 3, 3), ego_from_camera.expand(B, N, 4, 4)
+    camera_mask = torch.ones(B, N, dtype=torch.bool)
     g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(points, 2, generator=g) * 96.0 - 48.0  # [P, 2]
-    flat_index, inside = grid.flat_index_torch(xy[:, 0], xy[:, 1])  # [P] each
-    features = torch.randn(points, channels, generator=g)  # [P, C]
-    pool_times, naive_times = [], []
+    features = torch.randn(B, N, C, h, w, generator=g)  # [B, N, C, h, w]
+    depth_probs = torch.randn(B, N, D, h, w, generator=g).softmax(dim=2)  # [B, N, D, h, w]
+    pixels = features.permute(0, 1, 3, 4, 2).reshape(B * N * h * w, C)  # [B*N*h*w, C]
+
+    def landing() -> tuple[torch.Tensor, torch.Tensor]:
+        points = encoder.frustum_points(h, w, intrinsics, ego_from_camera, camera_mask)  # [B, N, D, h, w, 3]
+        cell, keep = encoder._landing_cells(points, camera_mask)  # [B, N, D, h, w] each
+        offset = torch.arange(B)[:, None, None, None, None] * (X * Y)  # [B, 1, 1, 1, 1]
+        return (cell + offset).reshape(-1), keep.reshape(-1)  # [P] each
+
+    def build_index() -> camera.SplatIndex:
+        encoder._splat_index_cache.clear()
+        return encoder.splat_index(h, w, intrinsics, ego_from_camera, camera_mask)
+
+    flat, keep = landing()
+    index = build_index()
+
+    def lifted() -> torch.Tensor:
+        channels_last = features.permute(0, 1, 3, 4, 2).contiguous()  # [B, N, h, w, C]
+        return (depth_probs[..., None] * channels_last[:, :, None]).reshape(-1, C)  # [P, C]
+
+    timed = {
+        "naive": lambda: camera.naive_scatter_pool(lifted(), flat, keep, B * X * Y),
+        "index_add": lambda: camera.lift_splat_pool(lifted(), flat, keep, B * X * Y),
+        "sparse": lambda: camera.sparse_splat(pixels, depth_probs.reshape(-1), index),
+        "landing": landing,
+        "index_build": build_index,
+        "splat_reference": lambda: encoder.splat_reference(
+            features, depth_probs, intrinsics, ego_from_camera, camera_mask
+        ),
+        "splat": lambda: encoder.splat(features, depth_probs, intrinsics, ego_from_camera, camera_mask),
+    }
+    times: dict[str, list[float]] = {name: [] for name in timed}
     with _threads(threads), torch.no_grad():
-        pooled = camera.lift_splat_pool(features, flat_index, inside, cells)
-        naive = camera.naive_scatter_pool(features, flat_index, inside, cells)
+        results = {name: fn() for name, fn in timed.items()}  # warm up
         for _ in range(repeats):
-            for fn, times in ((camera.lift_splat_pool, pool_times), (camera.naive_scatter_pool, naive_times)):
+            for name, fn in timed.items():
                 start = time.perf_counter()
-                fn(features, flat_index, inside, cells)
-                times.append(time.perf_counter() - start)
-    pool_ms, naive_ms = 1e3 * statistics.median(pool_times), 1e3 * statistics.median(naive_times)
+                fn()
+                times[name].append(time.perf_counter() - start)
+    ms = {f"{name}_ms": 1e3 * statistics.median(spent) for name, spent in times.items()}
+    naive = results["naive"]
+    cached = results["splat"].permute(0, 2, 3, 1).reshape(B * X * Y, C)  # [B*X*Y, C]
     return {
-        "points": points,
-        "channels": channels,
-        "cells": cells,
-        "inside_fraction": float(inside.float().mean()),
+        "points": B * N * D * h * w,
+        "kept_points": int(keep.sum()),
+        "channels": C,
+        "cells": B * X * Y,
         "threads": threads,
         "repeats": repeats,
-        "pool_ms": pool_ms,
-        "naive_ms": naive_ms,
-        "speedup": naive_ms / pool_ms,
-        "max_abs_diff": float((pooled - naive).abs().max()),
+        **ms,
+        "speedup": ms["naive_ms"] / ms["sparse_ms"],
+        "index_add_speedup": ms["naive_ms"] / ms["index_add_ms"],
+        "splat_speedup": ms["splat_reference_ms"] / ms["splat_ms"],
+        "max_abs_diff": max(float((results["sparse"] - naive).abs().max()), float((cached - naive).abs().max())),
     }
 
 

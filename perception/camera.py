@@ -8,6 +8,10 @@ Lift-Splat (Philion & Fidler, ECCV 2020), read top to bottom in ``CameraEncoder.
 3. **Splat.** Every (pixel, depth) frustum point ``d * K^-1 [u, v, 1]`` (camera frame, depth along z) is moved
    into the BEV frame by ``ego_from_camera`` and sum-pooled into the cell of ``splat_grid`` that ``GridSpec``
    names; points outside the grid (or its height band) and points of missing cameras contribute nothing.
+   Where a point lands depends on the calibration alone, so (BEVPoolv2's idea, in plain torch) the landing
+   cells are computed once per camera rig and kept as a sparse cells x pixels matrix (``SplatIndex``); the
+   splat is then that matrix, holding the depth probabilities, times the pixels' features, and the
+   [P, C] outer product of the paper is never built.
 4. **BEV block.** A few convolutions, one with stride ``out_grid.resolution / splat_grid.resolution``, take
    the splat to the latent grid.
 
@@ -19,12 +23,16 @@ Notation:
     D  depth bins
     C  channels
     P  frustum points (``B * N * D * h * w``)
+    K  kept frustum points (inside the grid and its height band, of a present camera)
+    U  (cell, feature pixel) pairs that at least one kept point joins
     X, Y  splat-grid rows (along +x) and columns (along +y); the latent grid is ``out_grid.shape``
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +43,8 @@ from bevjepa.datasets import geometry
 IMAGE_MEAN = 0.5
 """Image normalisation: ``(pixel / 255 - IMAGE_MEAN) / IMAGE_STD``."""
 IMAGE_STD = 0.25
+SPLAT_INDEX_CACHE_SIZE = 32
+"""Camera rigs (one sample's intrinsics, poses and camera mask) whose ``SplatIndex`` a ``CameraEncoder`` keeps."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,114 @@ def naive_scatter_pool(
     return features.new_zeros(cells, C).scatter_add_(0, index, values)
 
 
+@dataclass(frozen=True)
+class SplatIndex:
+    """Where the frustum points of a camera rig land in the splat grid, as a sparse cells x pixels matrix.
+
+    It depends on the calibration and the feature size only, never on the images, so it is built once per rig
+    (``CameraEncoder`` caches it) and reused. Row ``cell`` of the matrix holds, at column ``pixel``, the summed
+    depth probability of the pixel's depth bins whose points land in ``cell``; the splat is the matrix times the
+    pixels' features. Pairs are sorted by cell (CSR), so that ``torch.sparse_csr_tensor`` takes them as they are.
+
+    Fields (one sample, or a batch after ``concatenate``; cells and pixels are then flat over the batch):
+        crow_indices: [cells + 1] int64 — CSR row pointers: the pairs of cell ``r`` are ``crow[r]:crow[r + 1]``.
+        col_indices: [U] int64 — each pair's feature pixel, flat ``(n * h + v) * w + u`` (plus ``b * N * h * w``).
+        point_index: [K] int64 — each kept point, flat in the depth probabilities ``[N, D, h, w]`` (plus
+            ``b * N * D * h * w``).
+        pair_index: [K] int64 — the pair (position in ``col_indices``) each kept point adds its probability to.
+        pixels: number of feature pixels, the matrix's columns (``N * h * w`` per sample).
+        points: number of frustum points, kept or not (``N * D * h * w`` per sample).
+    """
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    point_index: torch.Tensor
+    pair_index: torch.Tensor
+    pixels: int
+    points: int
+
+    def __post_init__(self) -> None:
+        if self.col_indices.ndim != 1 or int(self.crow_indices[-1]) != self.col_indices.shape[0]:
+            raise ValueError(
+                f"col_indices: expected [{int(self.crow_indices[-1])}] (crow_indices[-1]), "
+                f"got {tuple(self.col_indices.shape)}"
+            )
+        if self.pair_index.shape != self.point_index.shape:
+            raise ValueError(
+                f"pair_index: expected shape {tuple(self.point_index.shape)}, got {tuple(self.pair_index.shape)}"
+            )
+
+    @property
+    def cells(self) -> int:
+        """Rows of the matrix: the flat cells."""
+        return self.crow_indices.shape[0] - 1
+
+    @staticmethod
+    def build(cell: torch.Tensor, keep: torch.Tensor, cells: int, pixels: int) -> SplatIndex:
+        """The index of one rig from where its frustum points land.
+
+        Args:
+            cell: [N, D, h, w] int64 — flat splat cell of each frustum point (any value where not kept).
+            keep: [N, D, h, w] bool — points that contribute (inside the grid and height band, camera present).
+            cells: flat cells of the grid (``X * Y``).
+            pixels: ``N * h * w``.
+        """
+        N, D, h, w = cell.shape
+        point_index = keep.reshape(-1).nonzero().squeeze(1)  # [K]
+        n, pixel = point_index // (D * h * w), point_index % (h * w)  # [K] each
+        pair_key = cell.reshape(-1)[point_index] * pixels + n * (h * w) + pixel  # [K]: sorts by cell, then pixel
+        pairs, pair_index = torch.unique(pair_key, sorted=True, return_inverse=True)  # [U], [K]
+        counts = torch.bincount(pairs // pixels, minlength=cells)  # [cells]
+        crow_indices = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [cells + 1]
+        return SplatIndex(crow_indices, pairs % pixels, point_index, pair_index, pixels, N * D * h * w)
+
+    @staticmethod
+    def concatenate(indices: list[SplatIndex]) -> SplatIndex:
+        """The block-diagonal index of a batch: sample ``b``'s cells, pixels and points follow those before it."""
+        if len(indices) == 1:
+            return indices[0]
+        crows, cols, points, pairs = [], [], [], []
+        pair_offset = pixel_offset = point_offset = 0
+        for index in indices:
+            crows.append(index.crow_indices[:-1] + pair_offset)
+            cols.append(index.col_indices + pixel_offset)
+            points.append(index.point_index + point_offset)
+            pairs.append(index.pair_index + pair_offset)
+            pair_offset += index.col_indices.shape[0]
+            pixel_offset += index.pixels
+            point_offset += index.points
+        crows.append(crows[0].new_full((1,), pair_offset))
+        return SplatIndex(
+            torch.cat(crows), torch.cat(cols), torch.cat(points), torch.cat(pairs), pixel_offset, point_offset
+        )
+
+
+def sparse_splat(features: torch.Tensor, depth_probs: torch.Tensor, index: SplatIndex) -> torch.Tensor:
+    """Lift and splat in one sparse product: ``S(depth_probs) @ features``, never building the [P, C] lift.
+
+    Differentiable in ``features`` and ``depth_probs``; the result equals ``lift_splat_pool`` of the outer
+    product up to float summation order.
+
+    Args:
+        features: [pixels, C] float — context features per feature pixel (``index.col_indices``' order).
+        depth_probs: [points] float — depth probability per frustum point (``index.point_index``' order).
+        index: where the points land.
+
+    Returns:
+        [index.cells, C] float — per-cell sums; zero where no point landed.
+    """
+    pair_count = index.col_indices.shape[0]
+    values = depth_probs.new_zeros(pair_count).index_add(
+        0, index.pair_index, depth_probs.index_select(0, index.point_index)
+    )  # [U]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = torch.sparse_csr_tensor(
+            index.crow_indices, index.col_indices, values, (index.cells, index.pixels), check_invariants=False
+        )  # [cells, pixels]
+    return matrix @ features  # [cells, C]
+
+
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     """A 3x3 convolution (padding 1), batch norm and ReLU."""
     return nn.Sequential(
@@ -177,6 +295,7 @@ class CameraEncoder(nn.Module):
         depths = config.depth_min_m + config.depth_step_m * torch.arange(D, dtype=torch.float32)  # [D]
         self.register_buffer("depths_m", depths, persistent=False)
         self._frustum_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._splat_index_cache: OrderedDict[tuple, SplatIndex] = OrderedDict()
 
     def frustum(self, h: int, w: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Frustum points of a feature map in homogeneous pixel coordinates scaled by depth, cached per size.
@@ -227,6 +346,65 @@ class CameraEncoder(nn.Module):
         points = torch.einsum("bnij,dhwj->bndhwi", ego_from_pixel, frustum)  # [B, N, D, h, w, 3]
         return points + ego_from_camera[:, :, None, None, None, :3, 3]  # [B, N, D, h, w, 3]
 
+    def splat_index(
+        self, h: int, w: int, intrinsics: torch.Tensor, ego_from_camera: torch.Tensor, camera_mask: torch.Tensor
+    ) -> SplatIndex:
+        """Where a batch's frustum points land, from each sample's cached ``SplatIndex``.
+
+        The cache is keyed by the exact values of a sample's intrinsics, poses and camera mask (and the feature
+        size, dtype and device), so a changed calibration builds a fresh index and never reuses a stale one; it
+        keeps the ``SPLAT_INDEX_CACHE_SIZE`` rigs used last.
+
+        Args:
+            h: feature rows.
+            w: feature columns.
+            intrinsics: [B, N, 3, 3] float — pinhole matrices (pixels, at the image's resolution).
+            ego_from_camera: [B, N, 4, 4] float — camera poses in the BEV frame.
+            camera_mask: [B, N] bool — False for missing cameras, whose points are not kept.
+
+        Returns:
+            the block-diagonal index of the batch (cells ``B * X * Y``, pixels ``B * N * h * w``).
+        """
+        B, N = camera_mask.shape
+        grid = self.config.splat_grid
+        cells = grid.shape[0] * grid.shape[1]
+        rigs = torch.cat(
+            [
+                intrinsics.reshape(B, -1),
+                ego_from_camera.reshape(B, -1),
+                camera_mask.reshape(B, -1).to(intrinsics.dtype),
+            ],
+            dim=1,
+        ).cpu()  # [B, N * 26]
+        indices = []
+        for b in range(B):
+            key = (h, w, intrinsics.dtype, intrinsics.device, rigs[b].numpy().tobytes())
+            index = self._splat_index_cache.get(key)
+            if index is None:
+                points = self.frustum_points(
+                    h, w, intrinsics[b : b + 1], ego_from_camera[b : b + 1], camera_mask[b : b + 1]
+                )[0]  # [N, D, h, w, 3]
+                cell, keep = self._landing_cells(points, camera_mask[b])  # [N, D, h, w] each
+                index = SplatIndex.build(cell, keep, cells, N * h * w)
+                self._splat_index_cache[key] = index
+                if len(self._splat_index_cache) > SPLAT_INDEX_CACHE_SIZE:
+                    self._splat_index_cache.popitem(last=False)
+            else:
+                self._splat_index_cache.move_to_end(key)
+            indices.append(index)
+        return SplatIndex.concatenate(indices)
+
+    def _landing_cells(self, points: torch.Tensor, camera_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat ``splat_grid`` cell [...] int64 of frustum points [..., N, D, h, w, 3], and whether each is kept.
+
+        A point is kept when it lies inside the grid, within the height band, and its camera ([..., N] bool
+        ``camera_mask``) is present.
+        """
+        cell, inside = self.config.splat_grid.flat_index_torch(points[..., 0], points[..., 1])  # [..., N, D, h, w]
+        z = points[..., 2]  # [..., N, D, h, w]
+        present = camera_mask[..., None, None, None]  # [..., N, 1, 1, 1]
+        return cell, inside & present & (z >= self.config.z_min_m) & (z < self.config.z_max_m)
+
     def splat(
         self,
         features: torch.Tensor,
@@ -236,6 +414,9 @@ class CameraEncoder(nn.Module):
         camera_mask: torch.Tensor,
     ) -> torch.Tensor:
         """Lift features along their rays by depth probabilities and sum-pool them into ``splat_grid``.
+
+        One sparse product with the rig's cached ``SplatIndex`` (``sparse_splat``); ``splat_reference`` computes
+        the same by the paper's outer product, for tests and the benchmark.
 
         Args:
             features: [B, N, C, h, w] float — context features per feature pixel.
@@ -248,28 +429,46 @@ class CameraEncoder(nn.Module):
             [B, C, X, Y] float — the splat on ``splat_grid`` (rows along +x, columns along +y).
         """
         B, N, C, h, w = features.shape
-        D = depth_probs.shape[2]
-        if depth_probs.shape != (B, N, D, h, w) or D != self.config.depth_bins:
-            raise ValueError(
-                f"depth_probs: expected shape {(B, N, self.config.depth_bins, h, w)}, got {tuple(depth_probs.shape)}"
-            )
-        grid = self.config.splat_grid
-        X, Y = grid.shape
+        self._check_depth_probs(depth_probs, (B, N, self.config.depth_bins, h, w))
+        X, Y = self.config.splat_grid.shape
+        index = self.splat_index(h, w, intrinsics, ego_from_camera, camera_mask)
+        pixels = features.permute(0, 1, 3, 4, 2).reshape(B * N * h * w, C)  # [B*N*h*w, C]
+        pooled = sparse_splat(pixels, depth_probs.reshape(-1), index)  # [B*X*Y, C]
+        return pooled.view(B, X, Y, C).permute(0, 3, 1, 2)  # [B, C, X, Y]
+
+    def splat_reference(
+        self,
+        features: torch.Tensor,
+        depth_probs: torch.Tensor,
+        intrinsics: torch.Tensor,
+        ego_from_camera: torch.Tensor,
+        camera_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """``splat`` as the paper writes it: landing cells computed afresh, the [P, C] outer product pooled.
+
+        The reference the tests hold ``splat`` to and the benchmark's "before". Args and Returns: as ``splat``.
+        """
+        B, N, C, h, w = features.shape
+        D = self.config.depth_bins
+        self._check_depth_probs(depth_probs, (B, N, D, h, w))
+        X, Y = self.config.splat_grid.shape
         points = self.frustum_points(h, w, intrinsics, ego_from_camera, camera_mask)  # [B, N, D, h, w, 3]
-        points = points.reshape(B, N * D * h * w, 3)  # [B, N*D*h*w, 3]
-        cell, inside = grid.flat_index_torch(points[..., 0], points[..., 1])  # [B, N*D*h*w] each
-        z = points[..., 2]  # [B, N*D*h*w]
-        present = camera_mask[:, :, None].expand(B, N, D * h * w).reshape(B, N * D * h * w)  # [B, N*D*h*w]
-        inside = inside & present & (z >= self.config.z_min_m) & (z < self.config.z_max_m)
-        batch_offset = torch.arange(B, device=cell.device)[:, None] * (X * Y)  # [B, 1]
+        cell, keep = self._landing_cells(points, camera_mask)  # [B, N, D, h, w] each
+        batch_offset = torch.arange(B, device=cell.device)[:, None, None, None, None] * (X * Y)  # [B, 1, 1, 1, 1]
         flat = (cell + batch_offset).reshape(-1)  # [P]
 
         # The outer product, laid out channels-last so that the flattening below copies nothing.
         channels_last = features.permute(0, 1, 3, 4, 2).contiguous()  # [B, N, h, w, C]
         lifted = depth_probs[..., None] * channels_last[:, :, None]  # [B, N, D, h, w, C]
         lifted = lifted.reshape(B * N * D * h * w, C)  # [P, C]
-        pooled = lift_splat_pool(lifted, flat, inside.reshape(-1), B * X * Y)  # [B*X*Y, C]
+        pooled = lift_splat_pool(lifted, flat, keep.reshape(-1), B * X * Y)  # [B*X*Y, C]
         return pooled.view(B, X, Y, C).permute(0, 3, 1, 2)  # [B, C, X, Y]
+
+    @staticmethod
+    def _check_depth_probs(depth_probs: torch.Tensor, expected: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` where ``depth_probs`` is not [B, N, D, h, w] with this encoder's D."""
+        if tuple(depth_probs.shape) != expected:
+            raise ValueError(f"depth_probs: expected shape {expected}, got {tuple(depth_probs.shape)}")
 
     def forward(
         self,
