@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,31 +15,79 @@ from bevjepa.fusion import fuser
 from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, model
 from bevjepa.prediction import config as experiment_config
 
+CPU = torch.device("cpu")
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA kernel returns before it is done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, device: torch.device = CPU) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls on ``device``."""
+    return _interleaved_ms({"fn": fn}, repeats, device)["fn"]
+
+
+def _interleaved_ms(
+    functions: dict[str, Callable[[], object]], repeats: int, device: torch.device = CPU
+) -> dict[str, float]:
+    """Median milliseconds of each function, called in turn ``repeats`` times, so that drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        for name, fn in functions.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(spent)) for name, spent in times.items()}
+
+
+@contextmanager
+def reference_splat(net: model.BevJepa) -> Iterator[None]:
+    """While the body runs, ``net``'s camera encoder splats as before the speed work (``splat_reference``)."""
+    camera = net.encoder.camera
+    if camera is None:
+        yield
+        return
+    camera.splat = camera.splat_reference  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del camera.splat
+
+
+def _with_reference_splat(net: model.BevJepa, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run under ``reference_splat(net)``."""
+
+    def run() -> object:
+        with reference_splat(net):
+            return fn()
+
+    return run
 
 
 @torch.no_grad()
-def inference_latency(data: Path, preset: str = "small", repeats: int = 10, threads: int = 2) -> dict:
+def inference_latency(
+    data: Path, preset: str = "small", repeats: int = 10, threads: int = 2, device: str = "cpu"
+) -> dict:
     """Milliseconds to forecast one window (batch 1, eval mode), end to end and by stage.
 
     The stages run on the same window as the whole forward pass: cameras and LiDAR over the P input frames,
     fusion (modalities, warp into t0, temporal), the rollout of F steps, and the heads (occupancy at every
     step, trajectories, detection), and, outside the network, the rendering of the agents' boxes along their
     modes into the forecast's occupancy (numpy, ``agent_occupancy``). Weights are untrained: latency does not
-    depend on them.
+    depend on them. ``end_to_end_reference_ms`` and ``cameras_reference_ms`` time the same with the splat as it
+    was before its index was cached (``reference_splat``), interleaved with the current path in this run.
+    ``device``: where to run (``cuda`` for a GPU; ``threads`` then only sets the host's).
     """
     torch.set_num_threads(threads)
     config = experiment_config.preset(preset)
-    net = model.BevJepa(config.model).eval()
+    where = torch.device(device)
+    net = model.BevJepa(config.model).eval().to(where)
     sample = torch_dataset.WindowDataset(data)[0]
-    batch = torch_dataset.collate([sample])
+    batch = torch_dataset.collate([sample]).to(where)
     frames = model.SensorFrames.past(batch)
     encoder = net.encoder
     b, s = frames.reference_from_ego.shape[:2]
@@ -95,42 +145,57 @@ def inference_latency(data: Path, preset: str = "small", repeats: int = 10, thre
     with torch.no_grad():
         output = net(batch)
     count = int(batch.agent_mask[0].sum())
-    modes = output.modes[0, :count].numpy()
-    probabilities = torch.softmax(output.mode_logits[0, :count], dim=-1).numpy()
+    modes = output.modes[0, :count].cpu().numpy()
+    probabilities = torch.softmax(output.mode_logits[0, :count], dim=-1).cpu().numpy()
+    boxes, classes = batch.agent_box[0, :count].cpu().numpy(), batch.agent_class[0, :count].cpu().numpy()
 
     def render():
         agent_occupancy.mode_occupancy(
-            batch.agent_box[0, :count].numpy(), batch.agent_class[0, :count].numpy(), modes, probabilities,
+            boxes, classes, modes, probabilities,
             config.model.grid, len(categories.CLASSES), config.model.occupancy_steps,
         )  # fmt: skip
 
     for fn in (cameras, lidar, fusion, rollout, heads, render, lambda: net(batch)):
         fn()  # warm up
+    paired = _interleaved_ms(
+        {
+            "end_to_end_reference_ms": _with_reference_splat(net, lambda: net(batch)),
+            "end_to_end_ms": lambda: net(batch),
+            "cameras_reference_ms": _with_reference_splat(net, cameras),
+            "cameras_ms": cameras,
+        },
+        repeats,
+        where,
+    )
     result = {
         "preset": preset,
+        "device": str(where),
         "threads": threads,
         "points": int(batch.points.shape[0]),
         "agents": int(batch.agent_mask.sum()),
-        "end_to_end_ms": _median_ms(lambda: net(batch), repeats),
-        "cameras_ms": _median_ms(cameras, repeats),
-        "lidar_ms": _median_ms(lidar, repeats),
-        "fusion_ms": _median_ms(fusion, repeats),
-        "rollout_ms": _median_ms(rollout, repeats),
-        "heads_ms": _median_ms(heads, repeats),
-        "occupancy_render_ms": _median_ms(render, repeats),
+        **paired,
+        "end_to_end_speedup": paired["end_to_end_reference_ms"] / paired["end_to_end_ms"],
+        "lidar_ms": _median_ms(lidar, repeats, where),
+        "fusion_ms": _median_ms(fusion, repeats, where),
+        "rollout_ms": _median_ms(rollout, repeats, where),
+        "heads_ms": _median_ms(heads, repeats, where),
+        "occupancy_render_ms": _median_ms(render, repeats, where),
     }
     result["frames_per_s"] = 1e3 / result["end_to_end_ms"]
     return result
 
 
-def training_step_time(data: Path, preset: str = "small", repeats: int = 5, threads: int = 2) -> dict:
-    """Milliseconds of one training step (forward, losses with the JEPA target, backward, AdamW, EMA)."""
+def training_step_time(
+    data: Path, preset: str = "small", repeats: int = 5, threads: int = 2, device: str = "cpu"
+) -> dict:
+    """Milliseconds of one training step (forward, losses with the JEPA target, backward, AdamW, EMA) on ``device``."""
     torch.set_num_threads(threads)
     config = experiment_config.preset(preset)
     torch.manual_seed(0)
-    net = model.BevJepa(config.model).train()
+    where = torch.device(device)
+    net = model.BevJepa(config.model).train().to(where)
     dataset = torch_dataset.WindowDataset(data, future_inputs=True)
-    batch = torch_dataset.collate([dataset[i % len(dataset)] for i in range(config.train.batch_size)])
+    batch = torch_dataset.collate([dataset[i % len(dataset)] for i in range(config.train.batch_size)]).to(where)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
@@ -142,7 +207,12 @@ def training_step_time(data: Path, preset: str = "small", repeats: int = 5, thre
         net.update_target(config.train.ema_decay)
 
     step()
-    return {"preset": preset, "batch_size": config.train.batch_size, "step_ms": _median_ms(step, repeats)}
+    return {
+        "preset": preset,
+        "device": str(where),
+        "batch_size": config.train.batch_size,
+        "step_ms": _median_ms(step, repeats, where),
+    }
 
 
 def training_throughput(data: Path, preset: str = "small", steps: int = 30, sensors: str = "both") -> dict:
@@ -192,10 +262,12 @@ def stream_latency(
 
     Cold: every forecast encodes its P input keyframes. Streaming: ``Forecaster(cache_frames=...)`` encodes each
     keyframe once, so a forecast pays for one new frame's sensors (the first forecast of the stream, which
-    encodes all P, is left out of both medians). Both forecast from the sensors alone (``sensors_only`` windows,
-    tracking included); a third, streaming with the annotated agents, shows what tracking costs. All run the same
-    weights on the same windows, alternating: untrained ``preset`` weights, or the model of ``run`` (a trained
-    model detects agents, so its tracking has work to do).
+    encodes all P, is left out of every median). Both forecast from the sensors alone (``sensors_only`` windows,
+    tracking included), each twice: as now, and by the path from before the speed work (``reference``:
+    ``Forecaster(reference=True)`` under ``reference_splat``), whose forecasts must be the same
+    (``max_occupancy_diff``). A fifth, streaming with the annotated agents, shows what tracking costs. All run
+    the same weights on the same windows, alternating: untrained ``preset`` weights, or the model of ``run``
+    (a trained model detects agents, so its tracking has work to do).
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -208,30 +280,45 @@ def stream_latency(
     indices = [i for i, entry in enumerate(dataset.entries) if entry["scene"] == scene][:windows]
     samples = [dataset[i] for i in indices]
     cache = 2 * len(samples)
-    cold, streaming = forecaster.Forecaster(net), forecaster.Forecaster(net, cache_frames=cache)
-    annotated = forecaster.Forecaster(net, cache_frames=cache, agents="annotated")
-    runners = ((cold, True), (streaming, True), (annotated, False))
-    for runner, blind in runners:  # warm up
-        runner.forecast(samples[0].sensors_only() if blind else samples[0])
-    times: list[list[float]] = [[], [], []]
-    agents = []
+    runners = {
+        "cold_reference": (forecaster.Forecaster(net, reference=True), True, True),
+        "streaming_reference": (forecaster.Forecaster(net, cache_frames=cache, reference=True), True, True),
+        "cold": (forecaster.Forecaster(net), True, False),
+        "streaming": (forecaster.Forecaster(net, cache_frames=cache), True, False),
+        "annotated_streaming": (forecaster.Forecaster(net, cache_frames=cache, agents="annotated"), False, False),
+    }
+
+    def run_one(name: str, sample: torch_dataset.WindowSample) -> forecaster.OccupancyForecast:
+        runner, sensors_only, reference = runners[name]
+        window = sample.sensors_only() if sensors_only else sample
+        if reference:
+            with reference_splat(net):
+                return runner.forecast(window)
+        return runner.forecast(window)
+
+    for name in runners:  # warm up: the first forecast of each stream
+        run_one(name, samples[0])
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    agents, differences = [], [0.0]
     for sample in samples[1:]:
-        blind = sample.sensors_only()
-        for (runner, sensors_only), spent in zip(runners, times, strict=True):
+        forecasts = {}
+        for name in runners:
             start = time.perf_counter()
-            forecast = runner.forecast(blind if sensors_only else sample)
-            spent.append(1e3 * (time.perf_counter() - start))
-            if runner is streaming:
-                agents.append(forecast.agent_ids.size)
-    cold_ms, stream_ms, annotated_ms = (float(np.median(t)) for t in times)
+            forecasts[name] = run_one(name, sample)
+            times[name].append(1e3 * (time.perf_counter() - start))
+        agents.append(forecasts["streaming"].agent_ids.size)
+        for now, before in (("cold", "cold_reference"), ("streaming", "streaming_reference")):
+            differences.append(float(np.abs(forecasts[now].occupancy - forecasts[before].occupancy).max()))
+    ms = {f"{name}_ms": float(np.median(spent)) for name, spent in times.items()}
     return {
         "model": preset,
         "threads": threads,
         "forecasts": len(samples) - 1,
         "tracked_agents_per_forecast": float(np.mean(agents)),
-        "cold_ms": cold_ms,
-        "streaming_ms": stream_ms,
-        "streaming_per_s": 1e3 / stream_ms,
-        "speedup": cold_ms / stream_ms,
-        "annotated_streaming_ms": annotated_ms,
+        **ms,
+        "streaming_per_s": 1e3 / ms["streaming_ms"],
+        "speedup": ms["cold_ms"] / ms["streaming_ms"],
+        "cold_speedup_over_reference": ms["cold_reference_ms"] / ms["cold_ms"],
+        "streaming_speedup_over_reference": ms["streaming_reference_ms"] / ms["streaming_ms"],
+        "max_occupancy_diff": max(differences),
     }

@@ -417,6 +417,12 @@ class Forecaster:
     keyframes, encodes every keyframe once: a new forecast pays for one frame's cameras and LiDAR instead of P.
     The result is the same as without the cache (a frame's own-frame latent does not depend on t0).
 
+    Each forecast encodes, rolls out and decodes the scene once (``BevJepa.scene``): its t0 detection feeds the
+    tracker, which decodes only the earlier keyframes' detections (coarse decoder levels only), and the trajectory
+    head then runs on the tracks (``BevJepa.agent_modes``). ``reference=True`` keeps the path from before this
+    sharing (each keyframe's detection decoded in full, the scene predicted again for the trajectories): the
+    same forecasts up to float noise, for tests and ``bench model``.
+
     A window without agents gets a complete forecast with none (the latent occupancy beside an empty agent map).
     An annotated agent the model cannot forecast (a NaN or infinite t0 box or valid past position, a class out of
     range) is not dropped silently: ``forecast`` and ``forecast_batch`` raise ``ValueError`` naming the window and
@@ -433,6 +439,7 @@ class Forecaster:
         cache_frames: int = 0,
         agents: str = "tracked",
         min_score: float = tracking.MIN_SCORE,
+        reference: bool = False,
     ) -> None:
         if agents not in AGENT_SOURCES:
             raise ValueError(f"Forecaster: agents must be one of {AGENT_SOURCES}, got {agents!r}")
@@ -441,6 +448,7 @@ class Forecaster:
         self.cache_frames = cache_frames
         self.agents = agents
         self.min_score = min_score
+        self.reference = reference
         self._cache: OrderedDict[tuple[str, str], model.FrameEncoding] = OrderedDict()
         self._streams: OrderedDict[str, tuple[str, tracking.StreamTracker]] = OrderedDict()
 
@@ -484,22 +492,34 @@ class Forecaster:
         return own
 
     def track(
-        self, batch: torch_dataset.WindowBatch, own: model.FrameEncoding | None = None
+        self,
+        batch: torch_dataset.WindowBatch,
+        own: model.FrameEncoding | None = None,
+        scene: model.SceneOutput | None = None,
     ) -> list[tracking.TrackedAgents]:
         """The agents of each window, tracked from the model's own detections on its input keyframes.
 
         Args:
             batch: the windows (on the forecaster's device); their annotations are not read.
             own: the input frames' encodings when already encoded.
+            scene: the windows' scene when already predicted: its t0 detection is used, and only the earlier
+                keyframes are decoded here.
         """
         own = self._own(batch) if own is None else own
         p = batch.t0_from_ego.shape[1]
-        heatmaps, regressions = self.net.detect_frames(own, batch.t0_from_ego, list(range(p)))  # [B, P, ...]
+        finest = 0 if self.reference else 1
+        if scene is None:
+            heatmaps, regressions = self.net.detect_frames(own, batch.t0_from_ego, list(range(p)), finest)
+        else:
+            heatmaps, regressions = scene.heatmap_logits[:, None], scene.regression[:, None]  # [B, 1, ...]
+            if p > 1:
+                past = self.net.detect_frames(own, batch.t0_from_ego, list(range(p - 1)), finest)
+                heatmaps, regressions = torch.cat([past[0], heatmaps], 1), torch.cat([past[1], regressions], 1)
         grid = self.net.detection.grid
         decoded = [
             heads.decode_detections(heatmaps[:, k], regressions[:, k], grid=grid, threshold=self.min_score)
             for k in range(p)
-        ]
+        ]  # [B, P, ...] each keyframe's in its own frame
         t0_from_ego = batch.t0_from_ego.cpu().numpy().astype(np.float64)  # [B, P, 4, 4]
         result = []
         for b in range(batch.batch_size):
@@ -528,7 +548,7 @@ class Forecaster:
 
         Scoring both kinds of agent on the same windows then encodes each keyframe once.
         """
-        other = Forecaster(self.net, self.device, self.cache_frames, agents, self.min_score)
+        other = Forecaster(self.net, self.device, self.cache_frames, agents, self.min_score, self.reference)
         other._cache = self._cache
         return other
 
@@ -555,16 +575,21 @@ class Forecaster:
         batch = batch.to(self.device)
         own = self._own(batch)
         scores: list[np.ndarray | None] = [None] * batch.batch_size
+        scene = None if self.reference else self.net.scene(batch, actions, own)
         if self.agents == "tracked":
-            tracked = self.track(batch, own) if tracks is None else tracks
+            tracked = self.track(batch, own, scene) if tracks is None else tracks
             batch = with_agents(batch, tracked)
             scores = [agents.scores.astype(np.float32) for agents in tracked]
         else:
             check_agent_inputs(batch, self.net.config.classes)
-        output = self.net(batch, actions=actions, own=own)
-        latent = torch.sigmoid(output.occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
-        probabilities = torch.softmax(output.mode_logits, dim=-1).cpu().numpy().astype(np.float32)  # [B, A, K]
-        modes = output.modes.cpu().numpy().astype(np.float32)  # [B, A, K, T, 2]
+        if scene is None:
+            output = self.net(batch, actions=actions, own=own)
+            occupancy_logits, (modes, mode_logits) = output.occupancy_logits, (output.modes, output.mode_logits)
+        else:
+            occupancy_logits, (modes, mode_logits) = scene.occupancy_logits, self.net.agent_modes(batch, scene)
+        latent = torch.sigmoid(occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
+        probabilities = torch.softmax(mode_logits, dim=-1).cpu().numpy().astype(np.float32)  # [B, A, K]
+        modes = modes.cpu().numpy().astype(np.float32)  # [B, A, K, T, 2]
         config = self.net.config
         S, C = latent.shape[1:3]
         steps = np.arange(S, dtype=np.float32) * STEP_S

@@ -122,7 +122,9 @@ class BevDecoder(nn.Module):
             )
             coarser = width
 
-    def forward(self, z: torch.Tensor, skips: list[torch.Tensor], step: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, z: torch.Tensor, skips: list[torch.Tensor], step: torch.Tensor, finest: int = 0
+    ) -> list[torch.Tensor]:
         """Decode latents.
 
         Args:
@@ -130,13 +132,16 @@ class BevDecoder(nn.Module):
             skips: the finer maps [N, skip_channels[l], H * 2^(L-l), W * 2^(L-l)], finest first; an empty list or
                 None entries where ``skip_channels`` is 0.
             step: [N] int64 — the step each latent stands for (0: t0).
+            finest: the finest level to decode (0: all); the finer ones, the costliest, are skipped.
 
         Returns:
-            The features of every level, finest first: [N, D_l, H * 2^(L-l), W * 2^(L-l)].
+            The features of the levels ``finest``..L-1, finest first: [N, D_l, H * 2^(L-l), W * 2^(L-l)].
         """
         h = self.stem(z) + self.step_embedding[step][:, :, None, None]  # [N, D_L, H, W]
         out = []
         for level, reduce, block in zip(reversed(range(len(self.widths))), self.reduce, self.levels, strict=True):
+            if level < finest:
+                break
             h = F.interpolate(reduce(h), scale_factor=2.0, mode="bilinear", align_corners=False)
             if self.skip_channels[level]:
                 h = torch.cat([h, skips[level]], dim=1)

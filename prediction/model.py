@@ -276,6 +276,24 @@ class ModelOutput:
     flow: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class SceneOutput:
+    """What the model predicts before it reads any agent: ``ModelOutput`` without the trajectory modes.
+
+    The forecaster tracks the agents from this output's t0 detection, then runs the trajectory head on them
+    (``BevJepa.agent_modes``), so that the scene is encoded, rolled out and decoded once. Fields as in
+    ``ModelOutput``.
+    """
+
+    latent: torch.Tensor
+    rollout: torch.Tensor
+    occupancy_logits: torch.Tensor
+    heatmap_logits: torch.Tensor
+    regression: torch.Tensor
+    own: FrameEncoding
+    flow: torch.Tensor | None = None
+
+
 class BevJepa(nn.Module):
     """The model: ``forward`` predicts; ``target_latents`` encodes the observed future with the EMA encoder."""
 
@@ -366,13 +384,30 @@ class BevJepa(nn.Module):
         actions: torch.Tensor | None = None,
         own: FrameEncoding | None = None,
     ) -> ModelOutput:
-        """Predict from a batch's input frames.
+        """Predict from a batch's input frames: ``scene``, then ``agent_modes`` on the batch's agents.
 
         Args:
             batch: the windows.
             actions: [B, F, 3] the ego actions to roll out under; None takes the batch's own future actions.
             own: the input frames' encodings in their own ego frames, when already encoded
                 (``BevEncoder.encode_frames``); None encodes the batch's sensors.
+        """
+        scene = self.scene(batch, actions, own)
+        modes, mode_logits = self.agent_modes(batch, scene)
+        return ModelOutput(
+            scene.latent, scene.rollout, scene.occupancy_logits, modes, mode_logits, scene.heatmap_logits,
+            scene.regression, scene.own, scene.flow,
+        )  # fmt: skip
+
+    def scene(
+        self,
+        batch: torch_dataset.WindowBatch,
+        actions: torch.Tensor | None = None,
+        own: FrameEncoding | None = None,
+    ) -> SceneOutput:
+        """Everything ``forward`` predicts that reads no agent: z_t0, the rollout, occupancy and t0 detection.
+
+        Args: as ``forward``.
         """
         p, f = self.config.fuser.past_frames, self.config.occupancy_steps
         if own is None:
@@ -394,21 +429,24 @@ class BevJepa(nn.Module):
             flow = None
             fine, coarse = self.decode(latent[:, None], [0], own)[:2]
             occupancy = self.occupancy(fine[:, 0])  # [B, F + 1, classes, 128, 128]
-        modes, mode_logits = self.trajectory(
-            latent,
+        heatmap, regression = self.detection(coarse[:, 0])
+        return SceneOutput(latent, rollout, occupancy, heatmap, regression, own, flow)
+
+    def agent_modes(self, batch: torch_dataset.WindowBatch, scene: SceneOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trajectory head on the batch's agents (annotated or tracked): modes [B, A, K, T, 2], logits [B, A, K]."""
+        return self.trajectory(
+            scene.latent,
             batch.agent_box[..., :2],
             batch.agent_past,
             batch.agent_past_mask,
             batch.agent_box[..., 6],
             batch.agent_class,
-            rollout=rollout,
+            rollout=scene.rollout,
             ego_past=batch.t0_from_ego[:, :, :2, 3],
         )
-        heatmap, regression = self.detection(coarse[:, 0])
-        return ModelOutput(latent, rollout, occupancy, modes, mode_logits, heatmap, regression, own, flow)
 
     def detect_frames(
-        self, own: FrameEncoding, t0_from_ego: torch.Tensor, frames: list[int]
+        self, own: FrameEncoding, t0_from_ego: torch.Tensor, frames: list[int], finest: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The detection head on input keyframes other than t0, each seen as the present of its own ego frame.
 
@@ -420,6 +458,8 @@ class BevJepa(nn.Module):
             own: the window's P input frames' encodings (``BevEncoder.encode_frames``).
             t0_from_ego: [B, P, 4, 4] each keyframe's ego pose in the t0 frame.
             frames: the keyframe indices k (0: oldest, P-1: t0).
+            finest: the finest decoder level to decode: 1, the detection head's (0 decodes the 0.5 m level too,
+                as before the speed work: ``Forecaster(reference=True)``).
 
         Returns:
             heat-map logits [B, len(frames), classes, 64, 64] and regressions [B, len(frames), 10, 64, 64], each
@@ -434,7 +474,7 @@ class BevJepa(nn.Module):
             latent = self.encoder.temporal(self.encoder.warp(own.latents[:, history], k_from_history))  # [B, C, H, W]
             skips = [fine[:, k] for fine in own.fine]
             step = torch.zeros(b, dtype=torch.long, device=latent.device)
-            coarse = self.decoder(latent, skips, step)[1]
+            coarse = self.decoder(latent, skips, step, finest=finest)[1 - finest]  # the detection head's level
             heatmap, regression = self.detection(coarse)
             heatmaps.append(heatmap)
             regressions.append(regression)

@@ -95,9 +95,34 @@ def test_the_latency_bench_times_sensor_only_forecasts_of_a_trained_run(syntheti
 
     result = bench.stream_latency(synthetic_windows, windows=2, threads=1, run=tiny_checkpoint)
     assert result["model"] == str(tiny_checkpoint) and result["forecasts"] == 1
-    for key in ("cold_ms", "streaming_ms", "annotated_streaming_ms"):
+    for key in ("cold_ms", "streaming_ms", "cold_reference_ms", "streaming_reference_ms", "annotated_streaming_ms"):
         assert result[key] > 0, key
     assert result["tracked_agents_per_forecast"] >= 0
+    assert result["max_occupancy_diff"] < 1e-5
+
+
+def test_the_shared_scene_pass_forecasts_what_the_reference_path_does(dataset, tiny_checkpoint):
+    """One scene pass feeding tracker and trajectories, the cached splat: the same forecasts as before them."""
+    from bevjepa.prediction import bench
+
+    # min_score 0: every detection of the one-step model becomes a track, so a changed score would show.
+    now = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0, cache_frames=8)
+    before = forecaster.Forecaster(now.net, min_score=0.0, cache_frames=8, reference=True)
+    stream = [
+        dataset[i].sensors_only()
+        for i in range(len(dataset))
+        if dataset.entries[i]["scene"] == dataset.entries[0]["scene"]
+    ]
+    assert len(stream) >= 2
+    for window in stream:
+        current = now.forecast(window)
+        with bench.reference_splat(before.net):
+            reference = before.forecast(window)
+        assert current.agent_ids.size > 0
+        np.testing.assert_array_equal(current.agent_ids, reference.agent_ids)
+        np.testing.assert_allclose(current.agent_scores, reference.agent_scores, atol=1e-6)
+        np.testing.assert_allclose(current.trajectories, reference.trajectories, atol=1e-4)
+        np.testing.assert_allclose(current.occupancy, reference.occupancy, atol=1e-5)
 
 
 def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
