@@ -82,29 +82,44 @@ def _interleaved(rounds: int, *functions: Callable[[], object]) -> list[float]:
 
 
 def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: int = 0) -> dict:
-    """LiDAR sweeps per second, end to end, against bare ``cast_rays`` on the same scene and rays.
+    """LiDAR sweeps per second, end to end, against the reference path and bare ``cast_rays`` on the same scene.
 
-    (a) ``SensorRenderer.lidar_sweep``: agent meshing, a fresh scene, the cast, drops, noise, intensities and
-    the ``LidarSweep``. (b) open3d's ``RaycastingScene.cast_rays`` alone, on the same scene (static world and
-    agents, global frame) built once, with the rays precomputed.
+    (a) ``SensorRenderer.lidar_sweep``: the rays, agent meshing, a fresh scene, the cast, drops, noise, intensities
+    and the ``LidarSweep``. (r) ``SensorRenderer._lidar_sweep_reference``, the same work as first written, which
+    (a) must equal bit for bit (checked here once before timing). (b) open3d's ``RaycastingScene.cast_rays``
+    alone, on the same scene (static world and agents, global frame) built once, with the rays precomputed.
+    The three are interleaved, one of each per round.
 
     Returns:
-        ``sweeps_per_s``, ``rays_per_s`` and ``returns_per_sweep`` of (a); ``raw_sweeps_per_s`` and
-        ``raw_rays_per_s`` of (b); ``overhead_ratio`` = (a) / (b) (1 means no overhead); and the setup.
+        ``sweeps_per_s``, ``rays_per_s`` and ``returns_per_sweep`` of (a); ``reference_sweeps_per_s`` and
+        ``reference_rays_per_s`` of (r); ``raw_sweeps_per_s`` and ``raw_rays_per_s`` of (b); ``overhead_ratio`` =
+        (a) / (b) and ``reference_overhead_ratio`` = (r) / (b) (1 means no overhead); ``speedup`` = (a) / (r);
+        and the setup.
     """
     layout, agents, global_from_ego = street_scene(layout_name, seed)
     renderer = sensors.SensorRenderer(layout)
-    rng = np.random.default_rng(seed)
+    sweep, agent_index = renderer.lidar_sweep(agents, global_from_ego, 0, np.random.default_rng(seed))
+    reference, reference_index = renderer._lidar_sweep_reference(
+        agents, global_from_ego, 0, np.random.default_rng(seed)
+    )
+    if not (np.array_equal(sweep.points, reference.points) and np.array_equal(agent_index, reference_index)):
+        raise AssertionError("lidar_throughput: lidar_sweep and its reference disagree")
+    rng, reference_rng = np.random.default_rng(seed), np.random.default_rng(seed)
     returns: list[int] = []
 
     def render() -> None:
         sweep, _ = renderer.lidar_sweep(agents, global_from_ego, 0, rng)
         returns.append(len(sweep.points))
 
+    def render_reference() -> None:
+        renderer._lidar_sweep_reference(agents, global_from_ego, 0, reference_rng)
+
     scene = renderer.raycasting_scene(agents)
     rays = renderer.lidar_rays(global_from_ego)
 
-    seconds, raw_seconds = _interleaved(sweeps, render, lambda: scene.cast_rays(rays))
+    seconds, reference_seconds, raw_seconds = _interleaved(
+        sweeps, render, render_reference, lambda: scene.cast_rays(rays)
+    )
     ray_count = renderer.lidar.ray_count
     return {
         "layout": layout_name,
@@ -114,9 +129,13 @@ def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: 
         "returns_per_sweep": float(np.mean(returns)),
         "sweeps_per_s": 1.0 / seconds,
         "rays_per_s": ray_count / seconds,
+        "reference_sweeps_per_s": 1.0 / reference_seconds,
+        "reference_rays_per_s": ray_count / reference_seconds,
         "raw_sweeps_per_s": 1.0 / raw_seconds,
         "raw_rays_per_s": ray_count / raw_seconds,
         "overhead_ratio": raw_seconds / seconds,
+        "reference_overhead_ratio": raw_seconds / reference_seconds,
+        "speedup": reference_seconds / seconds,
     }
 
 
