@@ -418,10 +418,10 @@ class Forecaster:
     The result is the same as without the cache (a frame's own-frame latent does not depend on t0).
 
     Each forecast encodes, rolls out and decodes the scene once (``BevJepa.scene``): its t0 detection feeds the
-    tracker, which decodes only the earlier keyframes' detections (coarse decoder levels only), and the trajectory
-    head then runs on the tracks (``BevJepa.agent_modes``). ``reference=True`` keeps the path from before this
-    sharing (each keyframe's detection decoded in full, the scene predicted again for the trajectories): the
-    same forecasts up to float noise, for tests and ``bench model``.
+    tracker, which decodes only the earlier keyframes' detections (in one batched pass, coarse decoder levels
+    only), and the trajectory head then runs on the tracks (``BevJepa.agent_modes``). ``reference=True`` keeps
+    the path from before this sharing (each keyframe's detection decoded in full, one by one, and the scene
+    predicted again for the trajectories): the same forecasts up to float noise, for tests and ``bench model``.
 
     A window without agents gets a complete forecast with none (the latent occupancy beside an empty agent map).
     An annotated agent the model cannot forecast (a NaN or infinite t0 box or valid past position, a class out of
@@ -507,13 +507,15 @@ class Forecaster:
         """
         own = self._own(batch) if own is None else own
         p = batch.t0_from_ego.shape[1]
-        finest = 0 if self.reference else 1
-        if scene is None:
-            heatmaps, regressions = self.net.detect_frames(own, batch.t0_from_ego, list(range(p)), finest)
+        if self.reference:  # as before the speed work: a full decoder pass per keyframe, t0 included
+            passes = [self.net.detect_frames(own, batch.t0_from_ego, [k], finest=0) for k in range(p)]
+            heatmaps, regressions = (torch.cat(parts, dim=1) for parts in zip(*passes, strict=True))
+        elif scene is None:
+            heatmaps, regressions = self.net.detect_frames(own, batch.t0_from_ego, list(range(p)))
         else:
             heatmaps, regressions = scene.heatmap_logits[:, None], scene.regression[:, None]  # [B, 1, ...]
             if p > 1:
-                past = self.net.detect_frames(own, batch.t0_from_ego, list(range(p - 1)), finest)
+                past = self.net.detect_frames(own, batch.t0_from_ego, list(range(p - 1)))
                 heatmaps, regressions = torch.cat([past[0], heatmaps], 1), torch.cat([past[1], regressions], 1)
         grid = self.net.detection.grid
         decoded = [

@@ -466,19 +466,20 @@ class BevJepa(nn.Module):
             keyframe in its own ego frame (``heads.decode_detections`` reads them).
         """
         b, p = t0_from_ego.shape[:2]
-        heatmaps, regressions = [], []
-        for k in frames:  # a few keyframes, each a decoder pass
-            history = [max(0, k - p + 1 + i) for i in range(p)]
-            k_from_t0 = torch.linalg.inv(t0_from_ego[:, k])  # [B, 4, 4]
-            k_from_history = k_from_t0[:, None] @ t0_from_ego[:, history]  # [B, P, 4, 4]
-            latent = self.encoder.temporal(self.encoder.warp(own.latents[:, history], k_from_history))  # [B, C, H, W]
-            skips = [fine[:, k] for fine in own.fine]
-            step = torch.zeros(b, dtype=torch.long, device=latent.device)
-            coarse = self.decoder(latent, skips, step, finest=finest)[1 - finest]  # the detection head's level
-            heatmap, regression = self.detection(coarse)
-            heatmaps.append(heatmap)
-            regressions.append(regression)
-        return torch.stack(heatmaps, dim=1), torch.stack(regressions, dim=1)
+        n = len(frames)
+        histories = [[max(0, k - p + 1 + i) for i in range(p)] for k in frames]  # n x P frame indices
+        k_from_t0 = torch.linalg.inv(t0_from_ego[:, frames])  # [B, n, 4, 4]
+        k_from_history = k_from_t0[:, :, None] @ t0_from_ego[:, histories]  # [B, n, P, 4, 4]
+        history_latents = own.latents[:, histories]  # [B, n, P, C, H, W]
+        # The n keyframes side by side as one batch of B*n: one temporal fusion, one decoder pass, one head pass.
+        latent = self.encoder.temporal(
+            self.encoder.warp(history_latents.flatten(0, 1), k_from_history.flatten(0, 1))
+        )  # [B*n, C, H, W]
+        skips = [fine[:, frames].flatten(0, 1) for fine in own.fine]  # [B*n, Ck, Hk, Wk] each keyframe's own
+        step = torch.zeros(b * n, dtype=torch.long, device=latent.device)
+        coarse = self.decoder(latent, skips, step, finest=finest)[1 - finest]  # the detection head's level
+        heatmap, regression = self.detection(coarse)  # [B*n, classes, 64, 64], [B*n, 10, 64, 64]
+        return heatmap.unflatten(0, (b, n)), regression.unflatten(0, (b, n))
 
     @torch.no_grad()
     def target_latents(self, batch: torch_dataset.WindowBatch, steps: list[int] | None = None) -> torch.Tensor:
