@@ -201,8 +201,10 @@ def read_lidar_file(dataroot: Path, filename: str, token: str | None = None) -> 
     points = np.frombuffer(raw, dtype=np.float32).reshape(-1, 5)
     if len(points) == 0:
         raise BadInputError(filename, "empty sweep: no points")
-    finite = np.isfinite(points).all(axis=1)
     problems = []
+    if np.isfinite(points).all():  # the usual file: one flat check, not a row-wise one (10x faster)
+        return points, problems
+    finite = np.isfinite(points).all(axis=1)
     if not finite.all():
         problems.append(f"{int((~finite).sum())} points with NaN or inf removed")
         points = points[finite]
@@ -236,18 +238,21 @@ def aggregate_sweeps(
         [N, 5] float32 — x, y, z (m, keyframe ego frame), intensity, time lag (s) behind ``timestamp_us``.
     """
     ego_from_global = global_from_ego.inverse()
-    parts = []
+    kept = []
     for sweep in sweeps:  # a few sweeps, each vectorized
         points = sweep.points
         close = (np.abs(points[:, 0]) < min_point_distance_m) & (np.abs(points[:, 1]) < min_point_distance_m)
-        points = points[~close]  # [n, 5]
+        kept.append(np.compress(~close, points, axis=0))  # [n, 5]; boolean row indexing is 4x slower
+    out = np.empty((sum(len(points) for points in kept), 5), dtype=np.float32)  # [N, 5], filled sweep by sweep
+    start = 0
+    for sweep, points in zip(sweeps, kept, strict=True):
         keyframe_ego_from_sensor = ego_from_global @ sweep.global_from_ego @ sweep.ego_from_sensor
-        part = np.empty((len(points), 5), dtype=np.float32)
+        part = out[start : start + len(points)]  # [n, 5] view
         part[:, :3] = keyframe_ego_from_sensor.apply(points[:, :3])  # [n, 3] float64 → float32
         part[:, 3] = points[:, 3]
         part[:, 4] = (timestamp_us - sweep.timestamp_us) * 1e-6
-        parts.append(part)
-    return np.concatenate(parts) if parts else np.zeros((0, 5), dtype=np.float32)
+        start += len(points)
+    return out
 
 
 class NuScenesSource:
@@ -281,24 +286,32 @@ class NuScenesSource:
         record = self.nusc.get("sample_data", self.nusc.get("sample", sample_token)["data"][types.LIDAR_CHANNEL])
         return record["timestamp"], self._global_from_ego(record)
 
-    def keyframe(self, sample_token: str) -> Keyframe:
-        """Read one keyframe: LiDAR, cameras and boxes; damaged inputs become ``bad_inputs``."""
-        sample = self.nusc.get("sample", sample_token)
-        scene = self.nusc.get("scene", sample["scene_token"])
+    def keyframe(self, sample_token: str, with_boxes: bool = True) -> Keyframe:
+        """Read one keyframe: LiDAR, cameras and boxes; damaged inputs become ``bad_inputs``.
+
+        Args:
+            sample_token: the keyframe.
+            with_boxes: read the annotations; False leaves ``boxes`` empty (for a caller that reads them through
+                ``boxes`` itself, as ``windows.WindowBuilder`` does, and would otherwise read them twice).
+        """
         timestamp, global_from_ego = self.ego_pose(sample_token)
         bad: list[BadInput] = []
         points = self.aggregate_lidar(sample_token, bad)
         cameras = self.cameras(sample_token, bad)
         return Keyframe(
             sample_token,
-            scene["name"],
+            self.scene_name(sample_token),
             timestamp,
             global_from_ego,
             points,
             tuple(cameras),
-            tuple(self.boxes(sample_token, global_from_ego)),
+            tuple(self.boxes(sample_token, global_from_ego)) if with_boxes else (),
             tuple(bad),
         )
+
+    def scene_name(self, sample_token: str) -> str:
+        """The name of the keyframe's scene."""
+        return self.nusc.get("scene", self.nusc.get("sample", sample_token)["scene_token"])["name"]
 
     def _global_from_ego(self, sample_data: dict) -> geometry.RigidTransform:
         pose = self.nusc.get("ego_pose", sample_data["ego_pose_token"])

@@ -61,6 +61,8 @@ class PreprocessConfig:
         image_width_px: camera width after resizing (pixels).
         lidar_sweeps: sweeps aggregated per keyframe.
         window: what each window holds.
+        reference: build the windows as first written (``windows.WindowBuilder(reference=True)``): the same files,
+            slower; for ``bevjepa bench preprocess`` and the test that compares the two. Not part of the content.
     """
 
     dataroot: Path
@@ -73,6 +75,7 @@ class PreprocessConfig:
     image_width_px: int = 256
     lidar_sweeps: int = 10
     window: windows.WindowConfig = field(default_factory=windows.WindowConfig)
+    reference: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -197,7 +200,7 @@ def process_scene(task: SceneTask) -> SceneResult:
     source = _cached_source(config.source_config())
     scene = next(s for s in source.scenes if s["name"] == task.scene_name)
     tokens = source.scene_sample_tokens(scene)
-    builder = windows.WindowBuilder(source, config.window)
+    builder = windows.WindowBuilder(source, config.window, reference=config.reference)
     frame_meta: dict[str, dict] = {}
     written, failed, sensorless = [], [], []
 
@@ -293,12 +296,14 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
 
     tasks = scene_tasks(config, source)
     pool = workers.make_pool(config.workers, config.address)
+    order = task_order(tasks, interleave=(config.workers > 1 or bool(config.address)) and not config.reference)
     results: list[SceneResult | None] = [None] * len(tasks)
     try:
         with tqdm(
             total=sum(t.stop - t.first for t in tasks), desc="preprocess windows", unit="window", disable=not progress
         ) as bar:
-            for index, result in pool.map_unordered(scene_fn, tasks):
+            for position, result in pool.map_unordered(scene_fn, [tasks[i] for i in order]):
+                index = order[position]
                 results[index] = result
                 bar.update(tasks[index].stop - tasks[index].first)
                 if result.strict_violation:
@@ -311,21 +316,57 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
 
 
 def scene_tasks(
-    config: PreprocessConfig, source: nuscenes_source.NuScenesSource, windows_per_task: int = 8
+    config: PreprocessConfig, source: nuscenes_source.NuScenesSource, windows_per_task: int | None = None
 ) -> list[SceneTask]:
-    """The job's tasks: each scene's windows in runs of at most ``windows_per_task``.
+    """The job's tasks: each scene's windows in runs of at most ``windows_per_task``, of near-equal length.
 
-    Short runs balance the work across workers; a frame at a boundary may be built by both neighbours (its
-    writes are atomic, so the second rename replaces identical bytes).
+    A run pays once for what its windows share with its neighbours: the boxes of the T keyframes after its last
+    t0 (the trajectory targets) and the t0 LiDAR of the windows whose frames its predecessor built. Runs of 16
+    windows pay that half as often as runs of 8 and still balance the work across workers (a 20 s scene is split
+    in three); a frame at a boundary may be built by both neighbours when they run side by side (``task_order``
+    keeps that rare; writes are atomic, so the second rename replaces identical bytes).
+
+    Args:
+        config: the job; ``config.reference`` splits as first written (runs of 8, the last one short).
+        source: its source.
+        windows_per_task: the longest run; None: 16 (8 with ``config.reference``).
     """
+    if windows_per_task is None:
+        windows_per_task = 8 if config.reference else 16
     tasks = []
     for scene in source.scenes:
         count = len(windows.window_sample_tokens(source.scene_sample_tokens(scene), config.window))
-        tasks.extend(
-            SceneTask(config, scene["name"], first, min(first + windows_per_task, count))
-            for first in range(0, count, windows_per_task)
-        )
+        if config.reference:
+            bounds = [*range(0, count, windows_per_task), count]
+        else:
+            runs = -(-count // windows_per_task)  # ceil
+            bounds = [round(i * count / runs) for i in range(runs + 1)]
+        tasks.extend(SceneTask(config, scene["name"], a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
     return tasks
+
+
+def task_order(tasks: list[SceneTask], interleave: bool) -> list[int]:
+    """The order in which to hand ``tasks`` (``scene_tasks``' list, scene by scene) to the pool, as indices into it.
+
+    Neighbouring runs of one scene share the keyframes at their boundary (P - 1 before it, F after it): run side by
+    side on two workers, both would build those frames. ``interleave`` hands out the first run of every scene, then
+    every scene's second run, and so on: with at least as many scenes as workers a run starts after its neighbour
+    is done and finds the shared frames on disk. Results are still collected in ``tasks``' order, so the manifest
+    does not depend on it.
+
+    Args:
+        tasks: the job's tasks, as ``scene_tasks`` returns them.
+        interleave: round-robin over the scenes (parallel workers); False keeps ``tasks``' order (one worker).
+    """
+    if not interleave:
+        return list(range(len(tasks)))
+    runs_before: dict[str, int] = {}
+    keys = []
+    for index, task in enumerate(tasks):
+        rank = runs_before.get(task.scene_name, 0)
+        runs_before[task.scene_name] = rank + 1
+        keys.append((rank, index))
+    return [index for _, index in sorted(keys)]
 
 
 def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict:

@@ -189,6 +189,71 @@ def observed_cells(
 ) -> np.ndarray:
     """Cells the LiDAR observed: free space swept by the beams up to their returns, plus cells holding returns.
 
+    The same mask as ``observed_cells_reference`` (bit for bit) in about three quarters of its time: the cells'
+    polar coordinates are computed once per grid and sensor position, the offsets column by column, and only the
+    returns inside the grid are binned into cells.
+
+    Args:
+        grid: the BEV grid.
+        points_xy: [N, 2] float — returns x, y (m) in the grid's frame (those outside the grid still count).
+        sensor_xy: [2] float — the sensor's x, y (m) in the grid's frame.
+        azimuth_bins: number of equal azimuth bins over the full circle.
+
+    Returns:
+        [H, W] bool — True where the centre's range from the sensor is at most the largest return range of its
+        azimuth bin, or where the cell contains a return.
+    """
+    points_xy = _finite("points_xy", points_xy, (None, 2))
+    sensor_xy = _finite("sensor_xy", sensor_xy, (2,))
+    if azimuth_bins < 1:
+        raise ValueError(f"azimuth_bins: must be positive, got {azimuth_bins}")
+    h, w = grid.shape
+    if points_xy.shape[0] == 0:
+        return np.zeros((h, w), dtype=bool)
+    point_range, point_bin = _polar(points_xy, sensor_xy, azimuth_bins)  # [N], [N]
+    reach = np.full(azimuth_bins, -np.inf)
+    np.maximum.at(reach, point_bin, point_range)  # [bins] farthest return per bin (m)
+    cell_range, cell_bin = _cell_polar(grid, float(sensor_xy[0]), float(sensor_xy[1]), azimuth_bins)  # [H*W]
+    observed = (cell_range <= reach[cell_bin]).reshape(h, w)
+    rows, cols = grid.xy_to_index_inside(points_xy)
+    observed[rows, cols] = True
+    return observed
+
+
+def _polar(xy: np.ndarray, sensor_xy: np.ndarray, azimuth_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Range (m) [M] and azimuth bin [M] int64 around the sensor of [M, 2] float64 xy (m).
+
+    The offsets are written column by column into an [M, 2] array (numpy's loops over a 2-wide broadcast run two
+    elements long); arctan2 and hypot then see the very arrays ``observed_cells_reference`` gives them.
+    """
+    d = np.empty_like(xy)  # [M, 2] = xy - sensor_xy
+    d[:, 0] = xy[:, 0] - sensor_xy[0]
+    d[:, 1] = xy[:, 1] - sensor_xy[1]
+    azimuth = np.arctan2(d[:, 1], d[:, 0])  # [M] in [-pi, pi]
+    bins = np.floor((azimuth + np.pi) * (azimuth_bins / (2 * np.pi))).astype(np.int64) % azimuth_bins
+    return np.hypot(d[:, 0], d[:, 1]), bins
+
+
+@functools.lru_cache(maxsize=16)
+def _cell_polar(
+    grid: geometry.GridSpec, sensor_x_m: float, sensor_y_m: float, azimuth_bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``_polar`` of every cell centre (row-major, [H*W] each, read-only): one sensor mounting serves a whole scene.
+
+    Keyed by the sensor's coordinates as floats, where 0.0 and -0.0 are one key: both give the same offsets, as no
+    cell centre is -0.0.
+    """
+    cell_range, cell_bin = _polar(grid.cell_centers().reshape(-1, 2), np.array([sensor_x_m, sensor_y_m]), azimuth_bins)
+    cell_range.setflags(write=False)
+    cell_bin.setflags(write=False)
+    return cell_range, cell_bin
+
+
+def observed_cells_reference(
+    grid: geometry.GridSpec, points_xy: np.ndarray, sensor_xy: np.ndarray, azimuth_bins: int = 720
+) -> np.ndarray:
+    """``observed_cells`` as it was first written: kept as its reference (``bevjepa bench preprocess``, tests).
+
     Args:
         grid: the BEV grid.
         points_xy: [N, 2] float — returns x, y (m) in the grid's frame (those outside the grid still count).

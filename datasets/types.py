@@ -38,8 +38,11 @@ def _frozen_array(name: str, value: np.ndarray, shape: tuple[int | None, ...], d
     ):
         wanted = ", ".join("N" if s is None else str(s) for s in shape)
         raise ValueError(f"{name}: expected shape [{wanted}], got {list(array.shape)}")
-    with np.errstate(invalid="ignore"):  # NaN or out-of-range casts are caught just below
-        converted = array.astype(dtype, copy=False)
+    if array.dtype == dtype:  # nothing to cast (most boxes and poses): errstate alone costs more than the rest
+        converted = array
+    else:
+        with np.errstate(invalid="ignore"):  # NaN or out-of-range casts are caught just below
+            converted = array.astype(dtype, copy=False)
     if np.issubdtype(dtype, np.integer) and converted is not array and not np.array_equal(converted, array):
         # A float image in [0, 1] or an int beyond 255 would otherwise be truncated or wrapped in silence.
         raise ValueError(f"{name}: values of dtype {array.dtype} do not fit {np.dtype(dtype).name} exactly")
@@ -154,16 +157,21 @@ class Box3D:
 
     def transformed(self, dst_from_src: geometry.RigidTransform) -> Box3D:
         """The same box expressed in another frame (yaw taken about the new +z; velocity rotated)."""
-        dst_from_box = dst_from_src @ self.frame_from_box
+        center_m, yaw_rad = self.transformed_pose(dst_from_src)
         velocity = dst_from_src.apply_vectors(np.array([*self.velocity_mps, 0.0]))[:2]
-        return Box3D(
-            dst_from_box.translation,
-            self.size_wlh_m,
-            dst_from_box.yaw_rad,
-            velocity,
-            self.category,
-            self.instance_id,
-        )
+        return Box3D(center_m, self.size_wlh_m, yaw_rad, velocity, self.category, self.instance_id)
+
+    def transformed_pose(self, dst_from_src: geometry.RigidTransform) -> tuple[np.ndarray, float]:
+        """The centre [3] float64 (m) and yaw (rad) of ``transformed(dst_from_src)``, without building the box.
+
+        ``dst_from_box = dst_from_src @ frame_from_box`` written out (``RigidTransform.__matmul__``'s arithmetic, so
+        the same bits), without checking the composed rotation again: a window moves every box of F + 1 keyframes
+        into its t0 frame and rasterizes only their centres and yaws.
+        """
+        box = self.frame_from_box
+        rotation = dst_from_src.rotation @ box.rotation  # [3, 3] dst_from_box
+        translation = dst_from_src.rotation @ box.translation + dst_from_src.translation  # [3]
+        return translation, float(np.arctan2(rotation[1, 0], rotation[0, 0]))
 
     def corners(self) -> np.ndarray:
         """[8, 3] float64 corners (m) in the devkit's ``Box.corners`` order: the four at the front first."""

@@ -530,3 +530,36 @@ def test_real_lidar_to_global_matches_devkit(real_scene_nusc) -> None:
     np.testing.assert_allclose(global_from_lidar.matrix, devkit_global_from_lidar, atol=1e-9)
     # The way back lands on the sensor's points.
     np.testing.assert_allclose(global_from_lidar.inverse().apply(actual), points_lidar, atol=1e-9)
+
+
+def test_one_quaternion_gives_the_bits_of_the_batched_path(rng: np.random.Generator) -> None:
+    """The Python-float path for a single quaternion computes exactly what the batched numpy path does."""
+    quaternions = rng.normal(size=(2000, 4)) * rng.uniform(1e-3, 1e3, (2000, 1))
+    batched = geometry.quaternion_to_matrix(quaternions)
+    single = np.stack([geometry.quaternion_to_matrix(q) for q in quaternions])
+    assert single.dtype == np.float64 and single.tobytes() == batched.tobytes()
+
+
+def test_rigid_transform_check_is_allclose_and_det(rng: np.random.Generator) -> None:
+    """The spelled-out orthonormality check accepts and refuses what ``np.allclose`` and ``det`` did."""
+    for _ in range(3000):
+        rotation = geometry.quaternion_to_matrix(rng.normal(size=4))
+        rotation = rotation + rng.normal(size=(3, 3)) * 10 ** rng.uniform(-8, -4) * (rng.random() < 0.7)
+        rotation = -rotation if rng.random() < 0.3 else rotation
+        expected_ok = np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-6) and np.linalg.det(rotation) >= 0
+        try:
+            geometry.RigidTransform(rotation, np.zeros(3))
+            ok = True
+        except ValueError:
+            ok = False
+        assert ok == expected_ok
+
+
+def test_xy_to_index_inside_is_xy_to_index_masked(rng: np.random.Generator) -> None:
+    grid = geometry.GridSpec(-40.0, 40.0, -20.0, 30.0, 0.4)
+    xy = rng.uniform(-60.0, 60.0, (5000, 2))
+    xy[:5] = [[np.nan, 0.0], [0.0, np.inf], [-np.inf, 1.0], [-40.0, -20.0], [40.0, 30.0]]
+    rows, cols, inside = grid.xy_to_index(xy)
+    got_rows, got_cols = grid.xy_to_index_inside(xy)
+    np.testing.assert_array_equal(got_rows, rows[inside])
+    np.testing.assert_array_equal(got_cols, cols[inside])

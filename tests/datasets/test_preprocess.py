@@ -49,6 +49,54 @@ def test_the_manifest_counts_and_lists_every_window(reference, synthetic_mini, t
         assert window.sample_token == entry["sample_token"]
 
 
+def _digests(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (by relative path) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _same_files(a: Path, b: Path) -> None:
+    first, second = _digests(a), _digests(b)
+    assert sorted(first) == sorted(second)
+    assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_the_reference_build_writes_the_same_bytes(synthetic_mini, tmp_path, monkeypatch):
+    """Preprocessing as first written (``reference``) and as now write byte-identical files, also when every window
+    is its own task (each t0 frame then built by an earlier task, its LiDAR read again alone)."""
+    preprocess.preprocess(_config(synthetic_mini, tmp_path / "reference", reference=True), progress=False)
+    preprocess.preprocess(_config(synthetic_mini, tmp_path / "current"), progress=False)
+    _same_files(tmp_path / "reference", tmp_path / "current")
+    split = preprocess.scene_tasks
+    monkeypatch.setattr(preprocess, "scene_tasks", lambda config, source: split(config, source, windows_per_task=1))
+    preprocess.preprocess(_config(synthetic_mini, tmp_path / "one_window_tasks"), progress=False)
+    _same_files(tmp_path / "reference", tmp_path / "one_window_tasks")
+
+
+def test_the_reference_build_writes_the_same_bytes_from_damaged_input(damaged, tmp_path):
+    root, _ = damaged
+    preprocess.preprocess(_config(root, tmp_path / "reference", reference=True), progress=False)
+    preprocess.preprocess(_config(root, tmp_path / "current"), progress=False)
+    _same_files(tmp_path / "reference", tmp_path / "current")
+
+
+def test_tasks_are_even_runs_handed_out_scene_by_scene(synthetic_mini):
+    config = _config(synthetic_mini, Path("unused"))
+    source = preprocess._cached_source(config.source_config())
+    scenes = [s["name"] for s in source.scenes]
+    tasks = preprocess.scene_tasks(config, source, windows_per_task=1)  # 2 windows a scene: 2 runs of 1
+    assert [(t.scene_name, t.first, t.stop) for t in tasks] == [(s, i, i + 1) for s in scenes for i in (0, 1)]
+    assert preprocess.task_order(tasks, interleave=False) == [0, 1, 2, 3]
+    assert preprocess.task_order(tasks, interleave=True) == [0, 2, 1, 3]  # each scene's first run, then the second
+    # 34 windows in runs of at most 16: three near-equal runs (the reference: 8, 8, 8, 8, 2).
+    counts = [0, 11, 23, 34]
+    fake = type("Source", (), {"scenes": ({"name": "s"},), "scene_sample_tokens": lambda self, s: list(range(40))})()
+    assert [(t.first, t.stop) for t in preprocess.scene_tasks(config, fake)] == list(
+        zip(counts[:-1], counts[1:], strict=True)
+    )
+    reference = _config(synthetic_mini, Path("unused"), reference=True)
+    assert [t.stop - t.first for t in preprocess.scene_tasks(reference, fake)] == [8, 8, 8, 8, 2]
+
+
 @pytest.mark.slow  # Ray preprocessing stays in the default run through the dying-worker test
 def test_ray_workers_give_the_same_manifest_and_files(reference, synthetic_mini, tmp_path):
     out = tmp_path / "w"
@@ -193,6 +241,13 @@ def test_the_real_scene_makes_windows_and_says_what_was_missing(real_scene_nusc,
     assert any(b["file"].startswith("samples/CAM_FRONT/") for b in missing)
     first = windows.load_window(tmp_path / "w" / manifest["windows"][0]["file"])
     assert first.agent_future_mask.any() and first.occupancy[0].any()
+
+
+def test_the_reference_build_writes_the_same_bytes_from_the_real_scene(real_scene_nusc, tmp_path):
+    dataroot = Path(real_scene_nusc.dataroot)
+    preprocess.preprocess(_config(dataroot, tmp_path / "reference", reference=True), progress=False)
+    preprocess.preprocess(_config(dataroot, tmp_path / "current"), progress=False)
+    _same_files(tmp_path / "reference", tmp_path / "current")
 
 
 def test_sensorless_windows_of_the_real_scene_are_flagged_and_not_written(real_scene_nusc, tmp_path, capsys):

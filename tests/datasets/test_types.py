@@ -321,3 +321,20 @@ def test_real_annotations_as_box3d_match_devkit_and_count_lidar_points(real_scen
         np.testing.assert_allclose(box.corners(), reference.corners().T, atol=1e-6)
         # nuScenes counts the keyframe's LiDAR points in each box: so must we.
         assert int(box.contains(points_global).sum()) == annotation["num_lidar_pts"], annotation["token"]
+
+
+def test_transformed_pose_is_the_composed_transform_bit_for_bit():
+    """``Box3D.transformed`` (and ``transformed_pose``) give the bits of ``dst_from_src @ frame_from_box``."""
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        box = types.Box3D(
+            rng.uniform(-500, 500, 3), rng.uniform(0.2, 12, 3), float(rng.uniform(-4, 4)), rng.normal(0, 5, 2)
+        )
+        dst_from_src = geometry.RigidTransform.from_quaternion(rng.normal(size=4), rng.uniform(-2000, 2000, 3))
+        composed = dst_from_src @ box.frame_from_box
+        center_m, yaw_rad = box.transformed_pose(dst_from_src)
+        assert center_m.tobytes() == composed.translation.tobytes() and yaw_rad == composed.yaw_rad
+        moved = box.transformed(dst_from_src)
+        assert moved.center_m.tobytes() == composed.translation.tobytes() and moved.yaw_rad == composed.yaw_rad
+        expected_velocity = dst_from_src.apply_vectors(np.array([*box.velocity_mps, 0.0]))[:2]
+        assert moved.velocity_mps.tobytes() == expected_velocity.tobytes()

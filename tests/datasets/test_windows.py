@@ -169,3 +169,35 @@ def test_inference_window_matches_the_built_window(built):
 def _no_agents(p_count: int) -> tuple[np.ndarray, ...]:
     """The agent arrays of no agent: boxes, classes, velocities, past positions, past mask."""
     return np.zeros((0, 7)), np.zeros(0), np.zeros((0, 2)), np.zeros((0, p_count, 2)), np.zeros((0, p_count), bool)
+
+
+@pytest.mark.parametrize("voxel_size_m", [0.05, 0.2, 0.7])
+def test_voxel_downsampling_gives_the_reference_bytes(voxel_size_m):
+    """The hash-factorized downsampling writes what the np.unique one (``voxel_downsample_reference``) wrote."""
+    rng = np.random.default_rng(7)
+    for count in (0, 1, 2, 3000):
+        points = np.concatenate(
+            [rng.normal(0.0, 25.0, (count, 2)), rng.uniform(-3.0, 40.0, (count, 1)), rng.uniform(0, 255, (count, 2))],
+            axis=1,
+        ).astype(np.float32)
+        points = np.concatenate([points, points[: count // 3]])  # points that share a voxel exactly
+        down, reference = (
+            windows.voxel_downsample(points, voxel_size_m),
+            windows.voxel_downsample_reference(points, voxel_size_m),
+        )
+        assert down.dtype == np.float32 and down.tobytes() == reference.tobytes()
+
+
+def test_the_reference_builder_gives_the_same_frames_and_windows(built):
+    """``WindowBuilder(reference=True)`` (as first written) and the caching one build the same bytes."""
+    source, _, result = built
+    config = windows.WindowConfig()
+    fast, slow = windows.WindowBuilder(source, config), windows.WindowBuilder(source, config, reference=True)
+    for tokens, index, _ in result:
+        for token in tokens[index - 2 : index + 5]:
+            a, b = fast.frame(token), slow.frame(token)
+            for name in a.__dataclass_fields__:
+                assert np.asarray(getattr(a, name)).tobytes() == np.asarray(getattr(b, name)).tobytes(), name
+        a, b = fast.window(tokens, index), slow.window(tokens, index)
+        for name in a.__dataclass_fields__:
+            assert np.asarray(getattr(a, name)).tobytes() == np.asarray(getattr(b, name)).tobytes(), name
