@@ -203,10 +203,7 @@ def observed_cells(
         [H, W] bool — True where the centre's range from the sensor is at most the largest return range of its
         azimuth bin, or where the cell contains a return.
     """
-    points_xy = _finite("points_xy", points_xy, (None, 2))
-    sensor_xy = _finite("sensor_xy", sensor_xy, (2,))
-    if azimuth_bins < 1:
-        raise ValueError(f"azimuth_bins: must be positive, got {azimuth_bins}")
+    points_xy, sensor_xy = _observed_inputs(points_xy, sensor_xy, azimuth_bins)
     h, w = grid.shape
     if points_xy.shape[0] == 0:
         return np.zeros((h, w), dtype=bool)
@@ -218,6 +215,15 @@ def observed_cells(
     rows, cols = grid.xy_to_index_inside(points_xy)
     observed[rows, cols] = True
     return observed
+
+
+def _observed_inputs(points_xy: np.ndarray, sensor_xy: np.ndarray, azimuth_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``observed_cells``' inputs checked: finite [N, 2] returns and [2] sensor (float64), positive bin count."""
+    points_xy = _finite("points_xy", points_xy, (None, 2))
+    sensor_xy = _finite("sensor_xy", sensor_xy, (2,))
+    if azimuth_bins < 1:
+        raise ValueError(f"azimuth_bins: must be positive, got {azimuth_bins}")
+    return points_xy, sensor_xy
 
 
 def _polar(xy: np.ndarray, sensor_xy: np.ndarray, azimuth_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,20 +260,9 @@ def observed_cells_reference(
 ) -> np.ndarray:
     """``observed_cells`` as it was first written: kept as its reference (``bevjepa bench preprocess``, tests).
 
-    Args:
-        grid: the BEV grid.
-        points_xy: [N, 2] float — returns x, y (m) in the grid's frame (those outside the grid still count).
-        sensor_xy: [2] float — the sensor's x, y (m) in the grid's frame.
-        azimuth_bins: number of equal azimuth bins over the full circle.
-
-    Returns:
-        [H, W] bool — True where the centre's range from the sensor is at most the largest return range of its
-        azimuth bin, or where the cell contains a return.
+    Args and Returns: as ``observed_cells``.
     """
-    points_xy = _finite("points_xy", points_xy, (None, 2))
-    sensor_xy = _finite("sensor_xy", sensor_xy, (2,))
-    if azimuth_bins < 1:
-        raise ValueError(f"azimuth_bins: must be positive, got {azimuth_bins}")
+    points_xy, sensor_xy = _observed_inputs(points_xy, sensor_xy, azimuth_bins)
     h, w = grid.shape
     if points_xy.shape[0] == 0:
         return np.zeros((h, w), dtype=bool)
