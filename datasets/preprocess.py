@@ -40,8 +40,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bevjepa.datasets import geometry, nuscenes_source, windows, workers
 from bevjepa.datasets import io as bevio
-from bevjepa.datasets import nuscenes_source, windows, workers
 
 MANIFEST_FORMAT = "bevjepa-windows"
 
@@ -313,6 +313,18 @@ def preprocess(config: PreprocessConfig, progress: bool = True, scene_fn=process
     manifest = build_manifest(config, [r for r in results if r is not None])
     _write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def window_grid(out: Path) -> geometry.GridSpec:
+    """The target grid of the windows in ``out`` (a ``preprocess`` output), from its ``config.json``.
+
+    Raises:
+        FileNotFoundError: ``out`` is not a windows folder.
+    """
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} is not a `bevjepa preprocess` output (no config.json)")
+    return geometry.GridSpec(**json.loads(path.read_text())["content"]["window"]["grid"])
 
 
 def scene_tasks(

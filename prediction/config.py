@@ -155,7 +155,7 @@ def base() -> ExperimentConfig:
                 channels=channels, pillar_grid=target, out_grid=latent, pointnet_width=64
             ),
             fuser=fuser.FuserConfig(camera_channels=channels, lidar_channels=channels, channels=channels, grid=latent),
-            predictor=world_model.PredictorConfig(channels=channels, hidden=192, blocks=3),
+            predictor=world_model.PredictorConfig(channels=channels, hidden=192, blocks=3, grid=latent),
             grid=target,
         ),
         TrainConfig(

@@ -313,9 +313,13 @@ class BevJepa(nn.Module):
         self.decoder = heads.BevDecoder(channels, skip_channels, config.decoder_widths, steps=f + 1)
         self.occupancy = heads.OccupancyHead(fine, classes=config.classes, horizons=1 if config.world_model else f + 1)
         self.trajectory = heads.TrajectoryHead(
-            channels=channels, modes=config.modes, steps=config.trajectory_steps, past_steps=config.fuser.past_frames
+            channels=channels,
+            modes=config.modes,
+            steps=config.trajectory_steps,
+            past_steps=config.fuser.past_frames,
+            grid=config.fuser.grid,
         )
-        self.detection = heads.DetectionHead(width=coarse, classes=config.classes)
+        self.detection = heads.DetectionHead(width=coarse, classes=config.classes, grid=self.level_grid(1))
 
     def train(self, mode: bool = True) -> BevJepa:
         """As ``nn.Module.train``; the EMA target encoder always stays in eval mode (running statistics, no dropout)."""

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bevjepa.datasets import io as bevio
-from bevjepa.datasets import torch_dataset
+from bevjepa.datasets import preprocess, torch_dataset
 from bevjepa.prediction import checkpoint, model
 from bevjepa.prediction import config as experiment_config
 
@@ -214,6 +214,20 @@ def _check_run_folder(run: Path, config: experiment_config.ExperimentConfig, res
         )
 
 
+def _check_windows_grid(data: Path, config: experiment_config.ExperimentConfig) -> None:
+    """Refuse windows whose targets lie on another grid than the model predicts on (e.g. ``small``'s for ``base``)."""
+    grid = preprocess.window_grid(data)
+    if grid != config.model.grid:
+
+        def text(g) -> str:
+            return f"x [{g.x_min_m}, {g.x_max_m}) m, y [{g.y_min_m}, {g.y_max_m}) m at {g.resolution_m} m"
+
+        raise ValueError(
+            f"--data {data} holds windows on {text(grid)}, but the {config.preset} model predicts on "
+            f"{text(config.model.grid)}: preprocess them with `bevjepa preprocess --config {config.preset}`"
+        )
+
+
 def _initial_model(
     run: Path, config: experiment_config.ExperimentConfig, resume: bool
 ) -> tuple[model.BevJepa, int, list[dict]]:
@@ -294,6 +308,7 @@ def training_loop(
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
+    _check_windows_grid(data, config)
     if rank == 0:
         _check_run_folder(run, config, resume)
     net, step, history = _initial_model(run, config, resume)

@@ -18,10 +18,11 @@ fi
     | tee "$out/gpu.txt"
 
 data="$out/data"
-if [ ! -f "$data/windows/manifest.json" ]; then
-    .venv/bin/bevjepa synth --out "$data/nuscenes" --scenes 2 --duration 8 --workers 2
-    .venv/bin/bevjepa preprocess --dataroot "$data/nuscenes" --out "$data/windows"
-fi
+[ -f "$data/nuscenes/v1.0-mini/scene.json" ] || .venv/bin/bevjepa synth --out "$data/nuscenes" --scenes 2 --duration 8 --workers 2
 for preset in base small; do
-    .venv/bin/bevjepa bench model --data "$data/windows" --config "$preset" --device cuda | tee "$out/model-$preset.txt"
+    # Each preset's windows hold targets on its own grid (base: ±50 m, small: ±32 m).
+    [ -f "$data/windows-$preset/manifest.json" ] \
+        || .venv/bin/bevjepa preprocess --dataroot "$data/nuscenes" --out "$data/windows-$preset" --config "$preset"
+    .venv/bin/bevjepa bench model --data "$data/windows-$preset" --config "$preset" --device cuda \
+        | tee "$out/model-$preset.txt"
 done

@@ -37,6 +37,13 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_grid(preset: str):
+    """The target grid of a model preset (``small``, ``base``, or a config JSON), for its windows."""
+    from bevjepa.prediction import config as experiment_config
+
+    return experiment_config.preset(preset).model.grid
+
+
 def _preprocess(args: argparse.Namespace) -> int:
     from bevjepa.datasets import preprocess, windows
 
@@ -50,7 +57,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         strict=args.strict,
         image_width_px=args.image_width,
         lidar_sweeps=args.sweeps,
-        window=windows.WindowConfig(voxel_size_m=args.voxel_size),
+        window=windows.WindowConfig(voxel_size_m=args.voxel_size, grid=_preset_grid(args.config)),
     )
     try:
         manifest = preprocess.preprocess(config)
@@ -323,6 +330,9 @@ def _add_preprocess_parser(commands: argparse._SubParsersAction[argparse.Argumen
     prep.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     prep.add_argument("--strict", action="store_true", help="stop at the first bad input or failed window")
     prep.add_argument("--image-width", type=int, default=256, help="camera width after resizing (default 256)")
+    prep.add_argument(
+        "--config", default="small", help="the model preset the windows are for: its target grid (default small)"
+    )
     prep.add_argument("--sweeps", type=int, default=10, help="LiDAR sweeps per keyframe (default 10)")
     prep.add_argument(
         "--voxel-size",

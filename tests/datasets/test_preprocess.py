@@ -281,3 +281,17 @@ def test_sensorless_windows_of_the_real_scene_are_flagged_and_not_written(real_s
     # A rerun writes nothing and ends with the same manifest.
     assert cli.main(arguments) == 0
     assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_windows_for_the_base_preset_hold_its_grid(synthetic_mini, tmp_path):
+    """`--config base` preprocesses onto base's ±50 m target grid, which `train` reads back to check the model's."""
+    from bevjepa.datasets import geometry, torch_dataset
+
+    out = tmp_path / "w"
+    assert cli.main(["preprocess", "--dataroot", str(synthetic_mini), "--out", str(out), "--config", "base"]) == 0
+    base_grid = geometry.GridSpec(-50.0, 50.0, -50.0, 50.0, 0.5)
+    assert preprocess.window_grid(out) == base_grid
+    window = torch_dataset.WindowDataset(out)[0]
+    assert tuple(window.occupancy.shape[-2:]) == base_grid.shape == (200, 200)
+    with pytest.raises(FileNotFoundError, match="not a `bevjepa preprocess` output"):
+        preprocess.window_grid(tmp_path)

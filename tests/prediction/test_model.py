@@ -311,3 +311,17 @@ def test_weights_of_another_model_version_are_refused_by_name(tiny_checkpoint, t
     save_file(weights, str(tmp_path / "run" / "model.safetensors"))
     with pytest.raises(ValueError, match="does not fit this version of the model"):
         checkpoint.load_model(tmp_path / "run")
+
+
+def test_the_base_preset_predicts_on_its_own_grids(synthetic_windows):
+    """``base`` (±50 m, a 50 × 50 latent): every head reads the grids of its own config, not ``small``'s."""
+    config = experiment_config.preset("base").model
+    torch.manual_seed(0)
+    net = model.BevJepa(config).eval()
+    batch = torch_dataset.collate([torch_dataset.WindowDataset(synthetic_windows)[0]])
+    with torch.no_grad():
+        output = net(batch)
+    assert output.latent.shape == (1, 128, 50, 50)
+    assert output.occupancy_logits.shape == (1, config.occupancy_steps + 1, config.classes, 200, 200)
+    assert output.heatmap_logits.shape[-2:] == net.detection.grid.shape == (100, 100)
+    assert torch.isfinite(output.modes).all() and torch.isfinite(output.occupancy_logits).all()

@@ -225,3 +225,14 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_file(synthetic_win
     assert not temporary.exists() and not temporary.is_symlink()
     assert {name: (run / name).read_bytes() for name in before} == before  # the previous checkpoint is whole
     assert checkpoint.load_state(run)["step"] == 1
+
+
+def test_windows_for_another_grid_are_refused_before_training(synthetic_windows, tmp_path, capsys):
+    """`base` predicts on ±50 m: windows preprocessed for `small` (±32 m) are named, with the command that fits."""
+    run = tmp_path / "run"
+    args = ["train", "--data", str(synthetic_windows), "--out", str(run), "--config", "base", "--steps", "1"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "x [-32.0, 32.0) m" in err and "x [-50.0, 50.0) m" in err
+    assert "bevjepa preprocess --config base" in err
+    assert not run.exists()  # refused before the run folder is claimed
