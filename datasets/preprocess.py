@@ -323,7 +323,7 @@ def window_grid(out: Path) -> geometry.GridSpec:
     """
     path = Path(out) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{out} is not a `bevjepa preprocess` output (no config.json)")
+        raise FileNotFoundError(f"--data {out} must be a `bevjepa preprocess` output (it has no config.json)")
     return geometry.GridSpec(**json.loads(path.read_text())["content"]["window"]["grid"])
 
 

@@ -293,5 +293,5 @@ def test_windows_for_the_base_preset_hold_its_grid(synthetic_mini, tmp_path):
     assert preprocess.window_grid(out) == base_grid
     window = torch_dataset.WindowDataset(out)[0]
     assert tuple(window.occupancy.shape[-2:]) == base_grid.shape == (200, 200)
-    with pytest.raises(FileNotFoundError, match="not a `bevjepa preprocess` output"):
+    with pytest.raises(FileNotFoundError, match="must be a `bevjepa preprocess` output"):
         preprocess.window_grid(tmp_path)
