@@ -214,7 +214,7 @@ def _check_run_folder(run: Path, config: experiment_config.ExperimentConfig, res
         )
 
 
-def _check_windows_grid(data: Path, config: experiment_config.ExperimentConfig) -> None:
+def check_windows_grid(data: Path, config: experiment_config.ExperimentConfig) -> None:
     """Refuse windows whose targets lie on another grid than the model predicts on (e.g. ``small``'s for ``base``)."""
     grid = preprocess.window_grid(data)
     if grid != config.model.grid:
@@ -308,7 +308,7 @@ def training_loop(
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
-    _check_windows_grid(data, config)
+    check_windows_grid(data, config)
     if rank == 0:
         _check_run_folder(run, config, resume)
     net, step, history = _initial_model(run, config, resume)

@@ -164,7 +164,8 @@ def check_inputs(config: EvalConfig) -> None:
     Raises:
         FileNotFoundError: the dataroot, its ``version`` tables, the windows' manifest or a run folder's files
             are missing.
-        ValueError: the split is unknown, or not in the windows; the direct baseline's run has a world model.
+        ValueError: the split is unknown, or not in the windows; the direct baseline's run has a world model; the
+            windows' target grid is not a run's.
     """
     from nuscenes.utils.splits import create_splits_scenes
 
@@ -184,8 +185,9 @@ def check_inputs(config: EvalConfig) -> None:
             )
     if config.data is not None:
         train.split_scenes(Path(config.data), config.split)  # names the manifest or the split if they are wrong
+    runs = []
     if config.checkpoint is not None:
-        _check_run(Path(config.checkpoint))
+        runs.append(_check_run(Path(config.checkpoint)))
     if config.direct_checkpoint is not None:
         experiment = _check_run(Path(config.direct_checkpoint))
         if experiment.model.world_model:
@@ -193,6 +195,10 @@ def check_inputs(config: EvalConfig) -> None:
                 f"--direct {config.direct_checkpoint}: this run has a world model (preset {experiment.preset!r}); "
                 "give a run of the direct baseline, trained with `bevjepa train --config direct`"
             )
+        runs.append(experiment)
+    if config.data is not None:
+        for experiment in runs:  # a model scored on targets of another grid would fail deep in the metrics
+            train.check_windows_grid(Path(config.data), experiment)
 
 
 def _check_run(run: Path) -> experiment_config.ExperimentConfig:

@@ -6,6 +6,7 @@ import dataclasses
 import decimal
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from bevjepa.datasets import categories
 from bevjepa.evaluation import world_model_check
 from bevjepa.evaluation.report import eval_report
+from bevjepa.prediction import config as experiment_config
 from bevjepa.tools import cli
 
 CHECK_SECTION = "## Does the world model earn its place?"
@@ -309,4 +311,10 @@ def test_bad_input_is_refused_with_a_clear_error(synthetic_mini, synthetic_windo
     refused = fails("--data", str(synthetic_windows), "--direct", str(run_folder))
     assert "--direct" in refused and "has a world model" in refused and "bevjepa train --config direct" in refused
     assert "must be a `bevjepa preprocess` output" in fails("--data", str(tmp_path / "none"))
+    # A run of the base preset (±50 m) on windows preprocessed for small (±32 m): named before any work.
+    base_run = tmp_path / "base-run"
+    shutil.copytree(run_folder, base_run)
+    (base_run / "config.json").write_text(json.dumps(experiment_config.to_dict(experiment_config.preset("base"))))
+    wrong_grid = fails("--data", str(synthetic_windows), "--checkpoint", str(base_run))
+    assert "x [-32.0, 32.0) m" in wrong_grid and "bevjepa preprocess --config base" in wrong_grid
     assert not (tmp_path / "out" / "metrics.json").exists()
