@@ -207,11 +207,15 @@ def _bench(args: argparse.Namespace) -> int:
                 )
                 print(bench.format_report(dataset_bench.preprocess_throughput(data)))
     elif args.what == "model":
+        import torch
+
         from bevjepa.perception import bench as perception_bench
         from bevjepa.prediction import bench as model_bench
 
         if not args.data:
             raise ValueError("bench model needs --data (a `bevjepa preprocess` output)")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"bench model --device {args.device}: no CUDA device here (torch {torch.__version__})")
         data, preset = Path(args.data), args.config
         print(bench.format_report(model_bench.inference_latency(data, preset, device=args.device)), end="\n\n")
         print(bench.format_report(model_bench.training_step_time(data, preset, device=args.device)), end="\n\n")

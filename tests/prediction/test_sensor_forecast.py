@@ -101,6 +101,16 @@ def test_the_latency_bench_times_sensor_only_forecasts_of_a_trained_run(syntheti
     assert result["max_occupancy_diff"] < 1e-5
 
 
+def test_the_model_bench_names_a_missing_gpu(synthetic_windows, capsys):
+    from bevjepa.tools import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    argv = ["bench", "model", "--data", str(synthetic_windows), "--config", "base", "--device", "cuda"]
+    assert cli.main(argv) == 2
+    assert "bench model --device cuda: no CUDA device here" in capsys.readouterr().err
+
+
 def test_the_shared_scene_pass_forecasts_what_the_reference_path_does(dataset, tiny_checkpoint):
     """One scene pass feeding tracker and trajectories, the cached splat: the same forecasts as before them."""
     from bevjepa.prediction import bench
