@@ -112,8 +112,8 @@ def check(
         observed_flow = torch.cat([torch.zeros_like(output.flow[:, :1]), net.flow_of(future, output.latent)], dim=1)
         logits = {
             "rollout": output.occupancy_logits,
-            "held": net.occupancy_of(held, [0] * (f + 1), output.own),
-            "observed": net.occupancy_of(observed, steps, output.own, observed_flow),
+            "held": net.occupancy_of(held, [0] * (f + 1), output.skips),
+            "observed": net.occupancy_of(observed, steps, output.skips, observed_flow),
         }
         target = batch.occupancy.numpy()  # [B, F + 1, C, H, W]
         for name, value in logits.items():

@@ -10,8 +10,9 @@ Read top to bottom in ``LidarEncoder.forward``:
    points, even one, trains the same).
 4. **Pool and scatter.** Max over each pillar's points with ``scatter_reduce_(..., "amax")`` straight into the
    flat [B * H * W, C] pseudo-image; empty pillars stay zero. Four pillar statistics (``PILLAR_STATS``) join them.
-5. **Backbone.** Per factor 2 between ``pillar_grid`` and ``out_grid`` a stage of two 3x3 conv-BN-ReLU blocks,
-   the first with stride 2; then a 1x1 convolution.
+5. **Backbone.** With ``fine_width``, a stage of two 3x3 conv-BN-ReLU blocks at the pillar resolution (shapes are
+   read where the points are, before any downsampling); then per factor 2 between ``pillar_grid`` and
+   ``out_grid`` a stage of two 3x3 conv-BN-ReLU blocks, the first with stride 2; then a 1x1 convolution.
 
 Notation:
     M  points (all samples of the batch together)
@@ -53,6 +54,8 @@ class LidarEncoderConfig:
         z_min_m: lowest height (m, BEV frame) of a kept point.
         z_max_m: height (m, BEV frame) from which points are dropped.
         pointnet_width: channels of the per-point PointNet (the pseudo-image adds ``PILLAR_STATS``).
+        fine_width: channels of the stage at the pillar resolution (0: none, the pseudo-image goes straight to
+            the first stride-2 stage and is the pyramid's finest map).
     """
 
     channels: int = 64
@@ -61,8 +64,11 @@ class LidarEncoderConfig:
     z_min_m: float = -3.0
     z_max_m: float = 5.0
     pointnet_width: int = 32
+    fine_width: int = 0
 
     def __post_init__(self) -> None:
+        if self.fine_width < 0:
+            raise ValueError(f"LidarEncoderConfig: fine_width must be >= 0, got {self.fine_width}")
         if self.channels < 1 or self.pointnet_width < 1:
             raise ValueError(
                 f"LidarEncoderConfig: channels ({self.channels}) and pointnet_width ({self.pointnet_width}) "
@@ -84,6 +90,11 @@ class LidarEncoderConfig:
     def pseudo_image_channels(self) -> int:
         """Channels of the pseudo-image: the PointNet's features and the pillar statistics (``PILLAR_STATS``)."""
         return self.pointnet_width + PILLAR_STATS
+
+    @property
+    def fine_channels(self) -> int:
+        """Channels of the pyramid's finest map (``pyramid``): the fine stage's, or the pseudo-image's."""
+        return self.fine_width or self.pseudo_image_channels
 
     @property
     def stride(self) -> int:
@@ -115,12 +126,20 @@ class LidarEncoder(nn.Module):
             nn.LayerNorm(P),
             nn.ReLU(inplace=True),
         )
-        blocks, in_channels = [], config.pseudo_image_channels
+        self.fine = (
+            nn.Sequential(
+                _conv_bn_relu(config.pseudo_image_channels, config.fine_width, stride=1),
+                _conv_bn_relu(config.fine_width, config.fine_width, stride=1),
+            )
+            if config.fine_width
+            else nn.Identity()
+        )
+        blocks, in_channels = [], config.fine_channels
         for _ in range(int(math.log2(config.stride))):  # one stage per factor 2: [B, C, H/2^k, W/2^k]
             blocks += [_conv_bn_relu(in_channels, C, stride=2), _conv_bn_relu(C, C, stride=1)]
             in_channels = C
         if not blocks:  # out_grid == pillar_grid
-            blocks = [_conv_bn_relu(config.pseudo_image_channels, C, stride=1)]
+            blocks = [_conv_bn_relu(config.fine_channels, C, stride=1)]
         self.backbone = nn.Sequential(*blocks, nn.Conv2d(C, C, kernel_size=1))
         h, w = config.pillar_grid.shape
         centers = torch.from_numpy(config.pillar_grid.cell_centers().reshape(h * w, 2)).float()  # [H*W, 2]
@@ -211,13 +230,14 @@ class LidarEncoder(nn.Module):
         Args: as ``forward``.
 
         Returns:
-            ``[pseudo_image [B, P + 4, H, W], stage_1 [B, C, H/2, W/2], ..., latent [B, C, *out_grid.shape]]``: the
-            pseudo-image on ``pillar_grid``, each stride-2 stage's output, then ``forward``'s latent; all zero for a
-            sample without a point inside the grid.
+            ``[fine [B, fine_channels, H, W], stage_1 [B, C, H/2, W/2], ..., latent [B, C, *out_grid.shape]]``: the
+            fine stage's output (the pseudo-image without one) on ``pillar_grid``, each stride-2 stage's output, then
+            ``forward``'s latent; all zero for a sample without a point inside the grid.
         """
         pseudo_image, occupied = self._pillars(points, points_batch, batch_size)  # [B, P + 4, H, W], [B]
         keep = occupied.to(pseudo_image.dtype)[:, None, None, None]
-        levels, x = [pseudo_image], pseudo_image
+        x = self.fine(pseudo_image) * keep  # [B, fine_channels, H, W]
+        levels = [x]
         blocks = list(self.backbone)
         for index, block in enumerate(blocks):
             x = block(x)

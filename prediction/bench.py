@@ -125,10 +125,11 @@ def inference_latency(
     rolled = rollout()
 
     own = encoder.encode_frames(frames)
+    skips = net.present_skips(own.fine, frames.reference_from_ego)
 
     def heads():
         sequence = torch.cat([latent[:, None], rolled], dim=1)
-        fine, coarse = net.decode(sequence, list(range(sequence.shape[1])), own)[:2]
+        fine, coarse = net.decode(sequence, list(range(sequence.shape[1])), skips)[:2]
         net.occupancy(fine.reshape(-1, *fine.shape[2:]))
         net.trajectory(
             latent,

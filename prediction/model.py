@@ -45,6 +45,9 @@ class ModelConfig:
         world_model: roll the latent out with the predictor (False: the direct baseline, which decodes every
             horizon's occupancy at once from z_t0 and has no predictor and no JEPA loss).
         decoder_widths: widths of the decoder's levels, finest first (0.5 m, 1 m): ``heads.BevDecoder``.
+        skip_frames: the input keyframes, newest last, whose finer LiDAR maps the decoder reads (1: the present
+            keyframe's alone; at most ``fuser.past_frames``): each is warped into the present ego frame and a
+            1 x 1 convolution adds what they show to the present keyframe's maps (``BevJepa.present_skips``).
     """
 
     camera: camera_encoder.CameraEncoderConfig = field(default_factory=camera_encoder.CameraEncoderConfig)
@@ -60,8 +63,14 @@ class ModelConfig:
     grid: geometry.GridSpec = field(default_factory=geometry.GridSpec)
     world_model: bool = True
     decoder_widths: tuple[int, int] = (16, 32)
+    skip_frames: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.skip_frames <= self.fuser.past_frames:
+            raise ValueError(
+                f"ModelConfig.skip_frames: between 1 and fuser.past_frames ({self.fuser.past_frames}), "
+                f"got {self.skip_frames}"
+            )
         if not (self.use_camera or self.use_lidar):
             raise ValueError("ModelConfig: use_camera and use_lidar cannot both be False")
         if len(self.decoder_widths) != 2 or min(self.decoder_widths) < 1:
@@ -132,7 +141,7 @@ class FrameEncoding:
     Attributes:
         latents: [B, S, C, H, W] float — the fused latents on the latent grid.
         fine: the LiDAR's finer maps, finest first (``LidarEncoder.pyramid`` without its latent): the 0.5 m
-            pseudo-image [B, S, P, 4H, 4W] and the 1 m stage [B, S, Cl, 2H, 2W]; empty without LiDAR.
+            map [B, S, Cf, 4H, 4W] and the 1 m stage [B, S, Cl, 2H, 2W]; empty without LiDAR.
     """
 
     latents: torch.Tensor
@@ -261,6 +270,7 @@ class ModelOutput:
         heatmap_logits: [B, classes, 64, 64] detection heat-map at t0.
         regression: [B, 10, 64, 64] detection box regression at t0 (see ``heads.REGRESSION_CHANNELS``).
         own: the input frames' encodings, each in its own ego frame (P frames).
+        skips: the finer LiDAR maps the decoder reads, in t0 (``BevJepa.present_skips``), finest first.
         flow: [B, F + 1, 2, H, W] where each latent cell's content was at t0 (x, y m; ``heads.FlowHead``), zero at
             step 0; None without a world model.
     """
@@ -273,6 +283,7 @@ class ModelOutput:
     heatmap_logits: torch.Tensor
     regression: torch.Tensor
     own: FrameEncoding
+    skips: tuple[torch.Tensor, ...]
     flow: torch.Tensor | None = None
 
 
@@ -291,6 +302,7 @@ class SceneOutput:
     heatmap_logits: torch.Tensor
     regression: torch.Tensor
     own: FrameEncoding
+    skips: tuple[torch.Tensor, ...]
     flow: torch.Tensor | None = None
 
 
@@ -307,10 +319,17 @@ class BevJepa(nn.Module):
         self.flow = heads.FlowHead(config.fuser.channels) if config.world_model else None
         channels, f = config.fuser.channels, config.occupancy_steps
         skip_channels = (
-            (config.lidar.pseudo_image_channels, config.lidar.channels) if config.use_lidar else (0, 0)
+            (config.lidar.fine_channels, config.lidar.channels) if config.use_lidar else (0, 0)
         )  # the LiDAR's 0.5 m pseudo-image and 1 m stage
         fine, coarse = config.decoder_widths
         self.decoder = heads.BevDecoder(channels, skip_channels, config.decoder_widths, steps=f + 1)
+        self.skip_mix = nn.ModuleList()
+        if config.skip_frames > 1:
+            for c in skip_channels:
+                mix = nn.Conv2d(c * config.skip_frames, c, 1)
+                nn.init.zeros_(mix.weight)  # starts as the present keyframe's maps alone
+                nn.init.zeros_(mix.bias)
+                self.skip_mix.append(mix)
         self.occupancy = heads.OccupancyHead(fine, classes=config.classes, horizons=1 if config.world_model else f + 1)
         self.trajectory = heads.TrajectoryHead(
             channels=channels,
@@ -327,15 +346,45 @@ class BevJepa(nn.Module):
         self.target_encoder.eval()
         return self
 
+    def present_skips(self, fine: tuple[torch.Tensor, ...], present_from_frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The finer LiDAR maps the decoder reads, in the present keyframe's ego frame (``ModelConfig.skip_frames``).
+
+        Args:
+            fine: the levels of ``FrameEncoding.fine`` of S frames, newest (the present) last: [N, S, Ck, Hk, Wk],
+                each frame in its own ego frame.
+            present_from_frame: [N, S, 4, 4] each frame's ego pose in the present one's.
+
+        Returns:
+            Per level [N, Ck, Hk, Wk]: the present keyframe's maps, plus a learnt mix of the last ``skip_frames``
+            frames' maps warped into its frame.
+        """
+        q = self.config.skip_frames
+        skips = []
+        for level, maps in enumerate(fine):
+            present = maps[:, -1]  # [N, Ck, Hk, Wk]
+            if q > 1:
+                n = maps.shape[0]
+                warped = fuser.warp_to_reference(
+                    maps[:, -q:].flatten(0, 1), present_from_frame[:, -q:].flatten(0, 1), self.level_grid(level)
+                ).unflatten(0, (n, q))  # [N, q, Ck, Hk, Wk]
+                present = present + self.skip_mix[level](warped.flatten(1, 2))
+            skips.append(present)
+        return tuple(skips)
+
     def decode(
-        self, latents: torch.Tensor, steps: list[int], own: FrameEncoding, flow: torch.Tensor | None = None
+        self,
+        latents: torch.Tensor,
+        steps: list[int],
+        skips: tuple[torch.Tensor, ...],
+        flow: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """The decoder's features of latents in the t0 frame, with the present keyframe's finer LiDAR maps.
 
         Args:
             latents: [B, S, C, H, W] float — z_t0, rolled-out or target latents.
             steps: S step indices (0: t0, k: k steps ahead), one per latent.
-            own: the input frames' encodings (the last is t0, whose own frame is the reference frame).
+            skips: the finer maps in t0 (``present_skips``), finest first: [B, Ck, Hk, Wk] each; empty without
+                LiDAR.
             flow: [B, S, 2, H, W] source offsets (m) that warp the fine maps for each latent (``heads.FlowHead``);
                 None: the fine maps as they were at t0.
 
@@ -343,12 +392,13 @@ class BevJepa(nn.Module):
             The features of every level, finest first: [B, S, D_l, H_l, W_l].
         """
         b, s = latents.shape[:2]
-        skips = []
-        for level, fine in enumerate(own.fine):
-            maps = fine[:, -1].repeat_interleave(s, dim=0)  # [B*S, Ck, Hk, Wk]
+        warped = []
+        for level, present in enumerate(skips):
+            maps = present.repeat_interleave(s, dim=0)  # [B*S, Ck, Hk, Wk]
             if flow is not None:
                 maps = heads.warp_by_offset(maps, flow.reshape(b * s, *flow.shape[2:]), self.level_grid(level))
-            skips.append(maps)
+            warped.append(maps)
+        skips = warped
         step = torch.as_tensor(steps, device=latents.device).repeat(b)  # [B*S]
         features = self.decoder(latents.reshape(b * s, *latents.shape[2:]), skips, step)
         return [f.reshape(b, s, *f.shape[1:]) for f in features]
@@ -366,16 +416,20 @@ class BevJepa(nn.Module):
         return offsets.reshape(b, s, *offsets.shape[1:])
 
     def occupancy_of(
-        self, latents: torch.Tensor, steps: list[int], own: FrameEncoding, flow: torch.Tensor | None = None
+        self,
+        latents: torch.Tensor,
+        steps: list[int],
+        skips: tuple[torch.Tensor, ...],
+        flow: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Occupancy logits [B, S, classes, 128, 128] decoded from latents [B, S, C, H, W] (world model only).
 
         The diagnostics of the open-loop report decode the held z_t0 and the target encoder's latents this way;
-        ``flow`` as ``decode`` takes it.
+        ``skips`` and ``flow`` as ``decode`` takes them (``ModelOutput.skips``).
         """
         if not self.config.world_model:
             raise ValueError("occupancy_of: the direct baseline decodes every horizon from z_t0 at once")
-        fine = self.decode(latents, steps, own, flow)[0]  # [B, S, D0, 128, 128]
+        fine = self.decode(latents, steps, skips, flow)[0]  # [B, S, D0, 128, 128]
         b, s = fine.shape[:2]
         return self.occupancy(fine.reshape(b * s, *fine.shape[2:])).reshape(b, s, *self._occupancy_shape())
 
@@ -400,7 +454,7 @@ class BevJepa(nn.Module):
         modes, mode_logits = self.agent_modes(batch, scene)
         return ModelOutput(
             scene.latent, scene.rollout, scene.occupancy_logits, modes, mode_logits, scene.heatmap_logits,
-            scene.regression, scene.own, scene.flow,
+            scene.regression, scene.own, scene.skips, scene.flow,
         )  # fmt: skip
 
     def scene(
@@ -417,6 +471,7 @@ class BevJepa(nn.Module):
         if own is None:
             own = self.encoder.encode_frames(SensorFrames.past(batch))
         latent = self.encoder.temporal(self.encoder.warp(own.latents, batch.t0_from_ego))  # [B, C, H, W]
+        skips = self.present_skips(own.fine, batch.t0_from_ego)
         b = latent.shape[0]
         if self.predictor is not None:
             if actions is None:
@@ -424,17 +479,17 @@ class BevJepa(nn.Module):
             rollout = self.predictor.rollout(latent, actions)  # [B, F, C, H, W]
             sequence = torch.cat([latent[:, None], rollout], dim=1)  # [B, F + 1, C, H, W]
             flow = torch.cat([torch.zeros_like(latent[:, None, :2]), self.flow_of(rollout, latent)], dim=1)
-            fine, coarse = self.decode(sequence, list(range(f + 1)), own, flow)[:2]
+            fine, coarse = self.decode(sequence, list(range(f + 1)), skips, flow)[:2]
             occupancy = self.occupancy(fine.reshape(b * (f + 1), *fine.shape[2:])).reshape(
                 b, f + 1, *self._occupancy_shape()
             )
         else:
             rollout = latent[:, None].expand(b, f, *latent.shape[1:])  # no world model: z_t0 held
             flow = None
-            fine, coarse = self.decode(latent[:, None], [0], own)[:2]
+            fine, coarse = self.decode(latent[:, None], [0], skips)[:2]
             occupancy = self.occupancy(fine[:, 0])  # [B, F + 1, classes, 128, 128]
         heatmap, regression = self.detection(coarse[:, 0])
-        return SceneOutput(latent, rollout, occupancy, heatmap, regression, own, flow)
+        return SceneOutput(latent, rollout, occupancy, heatmap, regression, own, skips, flow)
 
     def agent_modes(self, batch: torch_dataset.WindowBatch, scene: SceneOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The trajectory head on the batch's agents (annotated or tracked): modes [B, A, K, T, 2], logits [B, A, K]."""
@@ -455,7 +510,7 @@ class BevJepa(nn.Module):
         """The detection head on input keyframes other than t0, each seen as the present of its own ego frame.
 
         Keyframe k's latent fuses the frames k-P+1..k warped into k's ego frame, the window's oldest frame
-        standing in for those before it; the decoder reads k's own fine LiDAR maps. For k = P-1 this is exactly
+        standing in for those before it; the decoder reads k's finer LiDAR maps (present_skips). For k = P-1 this is exactly
         ``forward``'s t0 detection.
 
         Args:
@@ -479,7 +534,11 @@ class BevJepa(nn.Module):
         latent = self.encoder.temporal(
             self.encoder.warp(history_latents.flatten(0, 1), k_from_history.flatten(0, 1))
         )  # [B*n, C, H, W]
-        skips = [fine[:, frames].flatten(0, 1) for fine in own.fine]  # [B*n, Ck, Hk, Wk] each keyframe's own
+        skips = list(
+            self.present_skips(
+                tuple(fine[:, histories].flatten(0, 1) for fine in own.fine), k_from_history.flatten(0, 1)
+            )
+        )  # [B*n, Ck, Hk, Wk] in each keyframe's own frame
         step = torch.zeros(b * n, dtype=torch.long, device=latent.device)
         coarse = self.decoder(latent, skips, step, finest=finest)[1 - finest]  # the detection head's level
         heatmap, regression = self.detection(coarse)  # [B*n, classes, 64, 64], [B*n, 10, 64, 64]

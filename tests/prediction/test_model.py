@@ -14,6 +14,7 @@ import torch
 from bevjepa.datasets import geometry, rasterize, torch_dataset
 from bevjepa.evaluation import open_loop
 from bevjepa.evaluation.report import eval_report
+from bevjepa.fusion import fuser
 from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, model, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.tools import cli
@@ -325,3 +326,33 @@ def test_the_base_preset_predicts_on_its_own_grids(synthetic_windows):
     assert output.occupancy_logits.shape == (1, config.occupancy_steps + 1, config.classes, 200, 200)
     assert output.heatmap_logits.shape[-2:] == net.detection.grid.shape == (100, 100)
     assert torch.isfinite(output.modes).all() and torch.isfinite(output.occupancy_logits).all()
+
+
+def test_the_decoder_reads_past_keyframes_fine_maps_warped_into_the_present(batch):
+    config = dataclasses.replace(
+        experiment_config.small().model,
+        use_camera=False,
+        lidar=dataclasses.replace(experiment_config.small().model.lidar, fine_width=8),
+        skip_frames=3,
+    )
+    torch.manual_seed(0)
+    net = model.BevJepa(config).eval()
+    with torch.no_grad():
+        own = net.encoder.encode_frames(model.SensorFrames.past(batch))
+        assert own.fine[0].shape == (2, 3, 8, 128, 128)  # the fine stage's width at 0.5 m
+        # The mix starts at zero: the present keyframe's maps alone, as with skip_frames=1.
+        skips = net.present_skips(own.fine, batch.t0_from_ego)
+        assert all(torch.equal(s, f[:, -1]) for s, f in zip(skips, own.fine, strict=True))
+        # A mix that copies the oldest frame's maps adds them as the present frame sees them: warped by the ego motion.
+        for level, mix in enumerate(net.skip_mix):
+            c = own.fine[level].shape[2]
+            mix.weight.zero_()
+            mix.weight[:, :c, 0, 0] = torch.eye(c)
+            skips = net.present_skips(own.fine, batch.t0_from_ego)
+            oldest = fuser.warp_to_reference(own.fine[level][:, 0], batch.t0_from_ego[:, 0], net.level_grid(level))
+            torch.testing.assert_close(skips[level], own.fine[level][:, -1] + oldest)
+            assert not torch.equal(oldest, own.fine[level][:, 0])  # the ego moved between the keyframes
+        output = net(batch)
+        assert output.occupancy_logits.shape == (2, 5, 3, 128, 128)
+    with pytest.raises(ValueError, match="skip_frames"):
+        dataclasses.replace(config, skip_frames=4)
