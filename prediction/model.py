@@ -346,7 +346,9 @@ class BevJepa(nn.Module):
         self.target_encoder.eval()
         return self
 
-    def present_skips(self, fine: tuple[torch.Tensor, ...], present_from_frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def present_skips(
+        self, fine: tuple[torch.Tensor, ...], present_from_frame: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """The finer LiDAR maps the decoder reads, in the present keyframe's ego frame (``ModelConfig.skip_frames``).
 
         Args:
@@ -510,8 +512,8 @@ class BevJepa(nn.Module):
         """The detection head on input keyframes other than t0, each seen as the present of its own ego frame.
 
         Keyframe k's latent fuses the frames k-P+1..k warped into k's ego frame, the window's oldest frame
-        standing in for those before it; the decoder reads k's finer LiDAR maps (present_skips). For k = P-1 this is exactly
-        ``forward``'s t0 detection.
+        standing in for those before it; the decoder reads k's finer LiDAR maps (``present_skips``). For k = P-1
+        this is exactly ``forward``'s t0 detection.
 
         Args:
             own: the window's P input frames' encodings (``BevEncoder.encode_frames``).
