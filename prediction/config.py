@@ -106,7 +106,10 @@ def small() -> ExperimentConfig:
     """CPU-sized: 128 × 128 targets at 0.5 m, a 32 × 32 × 64 latent, cameras at 256 × 144; trains in minutes.
 
     The camera backbone is narrow and stops at stride 16 with 2 m depth bins, the PointNet is 16 wide, and two
-    windows make a batch: about a second a step on two cores.
+    windows make a batch. The LiDAR is convolved at 0.5 m before it is pooled to the latent, and the decoder reads
+    the 0.5 m and 1 m maps of all three input keyframes warped into t0 (a 400-step ablation of the direct baseline
+    on the demo's windows: vehicle IoU at t0 0.45 without either, 0.34 with the 0.5 m stage alone, 0.55 with both;
+    pedestrian 0.25 / 0.29 / 0.35, cyclist 0.04 / 0.19 / 0.31).
     """
     return ExperimentConfig(
         "small",
@@ -114,7 +117,9 @@ def small() -> ExperimentConfig:
             camera=camera_encoder.CameraEncoderConfig(
                 feature_stride=16, depth_step_m=2.0, depth_max_m=44.0, backbone_width=16
             ),
-            lidar=lidar_encoder.LidarEncoderConfig(pointnet_width=16),
+            lidar=lidar_encoder.LidarEncoderConfig(pointnet_width=16, fine_width=32),
+            decoder_widths=(32, 48),
+            skip_frames=3,
         ),
         TrainConfig(batch_size=2),
     )
@@ -152,11 +157,13 @@ def base() -> ExperimentConfig:
                 backbone_width=64,
             ),
             lidar=lidar_encoder.LidarEncoderConfig(
-                channels=channels, pillar_grid=target, out_grid=latent, pointnet_width=64
+                channels=channels, pillar_grid=target, out_grid=latent, pointnet_width=64, fine_width=32
             ),
             fuser=fuser.FuserConfig(camera_channels=channels, lidar_channels=channels, channels=channels, grid=latent),
             predictor=world_model.PredictorConfig(channels=channels, hidden=192, blocks=3, grid=latent),
             grid=target,
+            decoder_widths=(32, 64),
+            skip_frames=3,
         ),
         TrainConfig(
             steps=40_000,
