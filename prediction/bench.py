@@ -257,7 +257,12 @@ def training_throughput(data: Path, preset: str = "small", steps: int = 30, sens
 
 @torch.no_grad()
 def stream_latency(
-    data: Path, preset: str = "small", windows: int = 12, threads: int = 2, run: Path | None = None
+    data: Path,
+    preset: str = "small",
+    windows: int = 12,
+    threads: int = 2,
+    run: Path | None = None,
+    baseline: Path | None = None,
 ) -> dict:
     """Milliseconds per forecast through the planner's API over consecutive windows of one scene, cold and streaming.
 
@@ -268,7 +273,9 @@ def stream_latency(
     ``Forecaster(reference=True)`` under ``reference_splat``), whose forecasts must be the same
     (``max_occupancy_diff``). A fifth, streaming with the annotated agents, shows what tracking costs. All run
     the same weights on the same windows, alternating: untrained ``preset`` weights, or the model of ``run``
-    (a trained model detects agents, so its tracking has work to do).
+    (a trained model detects agents, so its tracking has work to do). With ``baseline``, the model of that run
+    forecasts the same windows cold and streaming in the same alternation (``baseline_cold_ms``,
+    ``baseline_streaming_ms``), so that two models are compared in one run, as the machine's load moves.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -276,7 +283,9 @@ def stream_latency(
         net = model.BevJepa(experiment_config.preset(preset).model).eval()
     else:
         preset, net = str(run), checkpoint.load_model(run)[1].eval()
-    dataset = torch_dataset.WindowDataset(data, cameras=net.config.use_camera)
+    other = None if baseline is None else checkpoint.load_model(baseline)[1].eval()
+    cameras = net.config.use_camera or (other is not None and other.config.use_camera)
+    dataset = torch_dataset.WindowDataset(data, cameras=cameras)
     scene = dataset.entries[0]["scene"]
     indices = [i for i, entry in enumerate(dataset.entries) if entry["scene"] == scene][:windows]
     samples = [dataset[i] for i in indices]
@@ -288,6 +297,9 @@ def stream_latency(
         "streaming": (forecaster.Forecaster(net, cache_frames=cache), True, False),
         "annotated_streaming": (forecaster.Forecaster(net, cache_frames=cache, agents="annotated"), False, False),
     }
+    if other is not None:
+        runners["baseline_cold"] = (forecaster.Forecaster(other), True, False)
+        runners["baseline_streaming"] = (forecaster.Forecaster(other, cache_frames=cache), True, False)
 
     def run_one(name: str, sample: torch_dataset.WindowSample) -> forecaster.OccupancyForecast:
         runner, sensors_only, reference = runners[name]
@@ -322,4 +334,13 @@ def stream_latency(
         "cold_speedup_over_reference": ms["cold_reference_ms"] / ms["cold_ms"],
         "streaming_speedup_over_reference": ms["streaming_reference_ms"] / ms["streaming_ms"],
         "max_occupancy_diff": max(differences),
+        **(
+            {
+                "baseline": str(baseline),
+                "cold_over_baseline": ms["cold_ms"] / ms["baseline_cold_ms"],
+                "streaming_over_baseline": ms["streaming_ms"] / ms["baseline_streaming_ms"],
+            }
+            if other is not None
+            else {}
+        ),
     }

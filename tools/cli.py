@@ -224,7 +224,8 @@ def _bench(args: argparse.Namespace) -> int:
         for sensors in ("both", "lidar"):
             print(bench.format_report(model_bench.training_throughput(Path(args.data), sensors=sensors)), end="\n\n")
         run = None if args.checkpoint is None else Path(args.checkpoint)
-        print(bench.format_report(model_bench.stream_latency(Path(args.data), run=run)), end="\n\n")
+        baseline = None if args.baseline_checkpoint is None else Path(args.baseline_checkpoint)
+        print(bench.format_report(model_bench.stream_latency(Path(args.data), run=run, baseline=baseline)), end="\n\n")
         print(bench.format_report(perception_bench.pooling_speed()))
     elif args.what == "closed-loop":
         from bevjepa.evaluation.closed_loop import runner
@@ -437,6 +438,11 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     bench.add_argument("--data", default=None, help="windows to time the model on (model)")
     bench.add_argument(
         "--checkpoint", default=None, help="a trained run whose forecasts to time (model; default: untrained weights)"
+    )
+    bench.add_argument(
+        "--baseline-checkpoint",
+        default=None,
+        help="another trained run timed beside --checkpoint in the same run (model; ratios against it)",
     )
     bench.add_argument("--config", default="small", help="preset of the model to time (model: small, base, ...)")
     bench.add_argument(

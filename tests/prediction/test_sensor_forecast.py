@@ -99,6 +99,14 @@ def test_the_latency_bench_times_sensor_only_forecasts_of_a_trained_run(syntheti
         assert result[key] > 0, key
     assert result["tracked_agents_per_forecast"] >= 0
     assert result["max_occupancy_diff"] < 1e-5
+    assert "baseline_cold_ms" not in result
+    # Another run timed beside it in the same run: its own times and the ratios against them.
+    paired = bench.stream_latency(
+        synthetic_windows, windows=2, threads=1, run=tiny_checkpoint, baseline=tiny_checkpoint
+    )
+    assert paired["baseline"] == str(tiny_checkpoint)
+    assert paired["baseline_cold_ms"] > 0 and paired["baseline_streaming_ms"] > 0
+    assert paired["cold_over_baseline"] == pytest.approx(paired["cold_ms"] / paired["baseline_cold_ms"])
 
 
 def test_the_model_bench_names_a_missing_gpu(synthetic_windows, capsys):
