@@ -320,11 +320,11 @@ class BevJepa(nn.Module):
         channels, f = config.fuser.channels, config.occupancy_steps
         skip_channels = (
             (config.lidar.fine_channels, config.lidar.channels) if config.use_lidar else (0, 0)
-        )  # the LiDAR's 0.5 m pseudo-image and 1 m stage
+        )  # the LiDAR's 0.5 m map and 1 m stage
         fine, coarse = config.decoder_widths
         self.decoder = heads.BevDecoder(channels, skip_channels, config.decoder_widths, steps=f + 1)
         self.skip_mix = nn.ModuleList()
-        if config.skip_frames > 1:
+        if config.skip_frames > 1 and config.use_lidar:  # without LiDAR there are no fine maps to mix
             for c in skip_channels:
                 mix = nn.Conv2d(c * config.skip_frames, c, 1)
                 nn.init.zeros_(mix.weight)  # starts as the present keyframe's maps alone
@@ -394,15 +394,14 @@ class BevJepa(nn.Module):
             The features of every level, finest first: [B, S, D_l, H_l, W_l].
         """
         b, s = latents.shape[:2]
-        warped = []
+        per_latent = []
         for level, present in enumerate(skips):
             maps = present.repeat_interleave(s, dim=0)  # [B*S, Ck, Hk, Wk]
             if flow is not None:
                 maps = heads.warp_by_offset(maps, flow.reshape(b * s, *flow.shape[2:]), self.level_grid(level))
-            warped.append(maps)
-        skips = warped
+            per_latent.append(maps)
         step = torch.as_tensor(steps, device=latents.device).repeat(b)  # [B*S]
-        features = self.decoder(latents.reshape(b * s, *latents.shape[2:]), skips, step)
+        features = self.decoder(latents.reshape(b * s, *latents.shape[2:]), per_latent, step)
         return [f.reshape(b, s, *f.shape[1:]) for f in features]
 
     def level_grid(self, level: int) -> geometry.GridSpec:

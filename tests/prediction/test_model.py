@@ -356,3 +356,15 @@ def test_the_decoder_reads_past_keyframes_fine_maps_warped_into_the_present(batc
         assert output.occupancy_logits.shape == (2, 5, 3, 128, 128)
     with pytest.raises(ValueError, match="skip_frames"):
         dataclasses.replace(config, skip_frames=4)
+
+
+def test_a_camera_only_model_has_no_fine_maps_to_mix(batch):
+    config = dataclasses.replace(experiment_config.small().model, use_lidar=False)
+    assert config.skip_frames == 3  # the preset's, which a camera-only model keeps without fine maps
+    torch.manual_seed(0)
+    net = model.BevJepa(config)
+    assert len(net.skip_mix) == 0 and net.encoder.lidar is None
+    output = net(batch)
+    assert output.skips == () and output.occupancy_logits.shape == (2, 5, 3, 128, 128)
+    terms = model.compute_losses(net, batch, output, model.LossWeights())
+    assert np.isfinite(terms.total.item())
