@@ -366,10 +366,11 @@ class BevJepa(nn.Module):
             present = maps[:, -1]  # [N, Ck, Hk, Wk]
             if q > 1:
                 n = maps.shape[0]
-                warped = fuser.warp_to_reference(
-                    maps[:, -q:].flatten(0, 1), present_from_frame[:, -q:].flatten(0, 1), self.level_grid(level)
-                ).unflatten(0, (n, q))  # [N, q, Ck, Hk, Wk]
-                present = present + self.skip_mix[level](warped.flatten(1, 2))
+                past = fuser.warp_to_reference(  # the present keyframe is in its own frame already
+                    maps[:, -q:-1].flatten(0, 1), present_from_frame[:, -q:-1].flatten(0, 1), self.level_grid(level)
+                ).unflatten(0, (n, q - 1))  # [N, q - 1, Ck, Hk, Wk]
+                stacked = torch.cat([past.flatten(1, 2), present], dim=1)  # [N, q * Ck, Hk, Wk], oldest first
+                present = present + self.skip_mix[level](stacked)
             skips.append(present)
         return tuple(skips)
 

@@ -106,13 +106,14 @@ def test_points_outside_the_grid_or_height_band_are_dropped(encoder) -> None:
     assert occupied_cells(pseudo_image) == [[0, rows[0], cols[0]]]
 
 
+@pytest.mark.parametrize("fine_width", [0, 8])
 @pytest.mark.parametrize("train", [False, True])
-def test_empty_sweep_gives_zeros(train) -> None:
+def test_empty_sweep_gives_zeros(train, fine_width) -> None:
     torch.manual_seed(0)
-    encoder = lidar.LidarEncoder(lidar.LidarEncoderConfig()).train(train)
-    out = encoder(torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64), batch_size=2)
-    assert out.shape == (2, 64, 32, 32)
-    assert not out.any()
+    encoder = lidar.LidarEncoder(lidar.LidarEncoderConfig(fine_width=fine_width)).train(train)
+    levels = encoder.pyramid(torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64), batch_size=2)
+    assert levels[0].shape == (2, fine_width or 36, 128, 128) and levels[-1].shape == (2, 64, 32, 32)
+    assert not any(level.any() for level in levels)  # the fine stage's batch norm adds no offset either
 
 
 def test_sample_with_an_empty_sweep_gives_zeros_next_to_a_full_one(encoder) -> None:
@@ -142,6 +143,8 @@ def test_bad_inputs_are_named(encoder) -> None:
         encoder(points, torch.full((12,), 2, dtype=torch.int64), batch_size=2)
     with pytest.raises(ValueError, match="points"):
         encoder(points[:, :4], torch.zeros(12, dtype=torch.int64), batch_size=1)
+    with pytest.raises(ValueError, match="fine_width must be >= 0"):
+        lidar.LidarEncoderConfig(fine_width=-1)
     with pytest.raises(ValueError, match="power-of-two"):
         lidar.LidarEncoderConfig(
             pillar_grid=geometry.GridSpec(-24.0, 24.0, -24.0, 24.0, 0.5),
