@@ -43,6 +43,9 @@ class TrainConfig:
         loader_workers: DataLoader worker processes.
         train_split: devkit split of the training scenes.
         val_split: devkit split of the validation scenes.
+        extra_train_data: more ``bevjepa preprocess`` outputs, of other synthetic worlds (other ``bevjepa synth
+            --seed``s), whose windows all join the training set (every scene, whatever its split); validation stays
+            on ``val_split`` of the main data. Never the world that is scored, nor a held-out one.
         weights: the loss weights (``weights.latent = 0`` trains without the JEPA loss).
     """
 
@@ -60,6 +63,7 @@ class TrainConfig:
     loader_workers: int = 1
     train_split: str = "mini_train"
     val_split: str = "mini_val"
+    extra_train_data: tuple[str, ...] = ()
     weights: model.LossWeights = field(default_factory=model.LossWeights)
 
     def __post_init__(self) -> None:

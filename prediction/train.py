@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nuscenes.utils.splits import create_splits_scenes
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 from bevjepa.datasets import io as bevio
@@ -104,8 +104,7 @@ def split_scenes(data: Path, split: str) -> list[str]:
 
 
 def make_loader(
-    data: Path,
-    scenes: list[str],
+    sources: list[tuple[Path, list[str]]],
     batch_size: int,
     shuffle: bool,
     seed: int,
@@ -115,15 +114,19 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader of collated window batches, shuffled reproducibly from ``seed`` (``cameras``: decode them).
 
-    Each loader process keeps up to ``FRAME_CACHE_FRAMES`` decompressed frames: a shuffled order reads every frame
-    of a window afresh otherwise, and decompressing the frames is most of a window's loading time.
+    ``sources`` are (windows folder, its scenes) pairs, read in that order and shuffled together. Each loader
+    process keeps up to ``FRAME_CACHE_FRAMES`` decompressed frames of each folder: a shuffled order reads every
+    frame of a window afresh otherwise, and decompressing the frames is most of a window's loading time.
     """
-    dataset = torch_dataset.WindowDataset(
-        data, scenes=scenes, future_inputs=future, cameras=cameras, frame_cache_size=FRAME_CACHE_FRAMES
-    )
+    datasets = [
+        torch_dataset.WindowDataset(
+            data, scenes=scenes, future_inputs=future, cameras=cameras, frame_cache_size=FRAME_CACHE_FRAMES
+        )
+        for data, scenes in sources
+    ]
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset,
+        datasets[0] if len(datasets) == 1 else ConcatDataset(datasets),
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=torch_dataset.collate,
@@ -132,6 +135,28 @@ def make_loader(
         persistent_workers=workers > 0,
         drop_last=False,
     )
+
+
+def training_sources(data: Path, config: experiment_config.ExperimentConfig) -> list[tuple[Path, list[str]]]:
+    """The (windows folder, scenes) the run trains on: ``train_split`` of ``data``, then every extra folder whole.
+
+    Raises:
+        ValueError: an extra folder that is ``data`` itself (its validation scenes would be trained on) or given
+            twice, or whose windows lie on another grid than the model's.
+        FileNotFoundError: an extra folder that is no ``bevjepa preprocess`` output.
+    """
+    sources = [(Path(data), split_scenes(data, config.train.train_split))]
+    seen = {Path(data).resolve()}
+    for extra in map(Path, config.train.extra_train_data):
+        if extra.resolve() in seen:
+            raise ValueError(
+                f"--extra-data {extra}: already trained on (it is --data or was given twice); extra data must be "
+                "other worlds, or the validation scenes of --data would be trained on"
+            )
+        seen.add(extra.resolve())
+        check_windows_grid(extra, config, "--extra-data")
+        sources.append((extra, split_scenes(extra, "all")))
+    return sources
 
 
 FRAME_CACHE_FRAMES = 1024
@@ -214,8 +239,11 @@ def _check_run_folder(run: Path, config: experiment_config.ExperimentConfig, res
         )
 
 
-def check_windows_grid(data: Path, config: experiment_config.ExperimentConfig) -> None:
-    """Refuse windows whose targets lie on another grid than the model predicts on (e.g. ``small``'s for ``base``)."""
+def check_windows_grid(data: Path, config: experiment_config.ExperimentConfig, option: str = "--data") -> None:
+    """Refuse windows whose targets lie on another grid than the model predicts on (e.g. ``small``'s for ``base``).
+
+    ``option`` names the command-line option that gave ``data`` in the message.
+    """
     grid = preprocess.window_grid(data)
     if grid != config.model.grid:
 
@@ -223,7 +251,7 @@ def check_windows_grid(data: Path, config: experiment_config.ExperimentConfig) -
             return f"x [{g.x_min_m}, {g.x_max_m}) m, y [{g.y_min_m}, {g.y_max_m}) m at {g.resolution_m} m"
 
         raise ValueError(
-            f"--data {data} holds windows on {text(grid)}, but the {config.preset} model predicts on "
+            f"{option} {data} holds windows on {text(grid)}, but the {config.preset} model predicts on "
             f"{text(config.model.grid)}: preprocess them with `bevjepa preprocess --config {config.preset}`"
         )
 
@@ -309,17 +337,19 @@ def training_loop(
 
         rank = ray.train.get_context().get_world_rank()
     check_windows_grid(data, config)
+    sources = training_sources(data, config)
     if rank == 0:
         _check_run_folder(run, config, resume)
     net, step, history = _initial_model(run, config, resume)
     future = settings.weights.latent > 0 and config.model.world_model
     cameras = config.model.use_camera
-    train_scenes = split_scenes(data, settings.train_split)
     train_loader = make_loader(
-        data, train_scenes, settings.batch_size, True, settings.seed + step, settings.loader_workers, future, cameras
+        sources, settings.batch_size, True, settings.seed + step, settings.loader_workers,
+        future, cameras,
+    )  # fmt: skip
+    val_loader = make_loader(
+        [(data, split_scenes(data, settings.val_split))], settings.batch_size, False, 0, 0, future, cameras
     )
-    val_scenes = split_scenes(data, settings.val_split)
-    val_loader = make_loader(data, val_scenes, settings.batch_size, False, 0, 0, future, cameras)
     core = net
     if distributed:
         import ray.train.torch

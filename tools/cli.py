@@ -96,6 +96,7 @@ def _train(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "checkpoint_minutes": args.checkpoint_minutes,
+        "extra_train_data": tuple(str(Path(p).resolve()) for p in args.extra_data) if args.extra_data else None,
     }
     changes.update({name: value for name, value in given.items() if value is not None})
     if args.no_jepa:
@@ -373,6 +374,14 @@ def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "--resume",
         action="store_true",
         help="continue the checkpoint in --out with its own config (a larger --steps extends a finished run)",
+    )
+    trainer.add_argument(
+        "--extra-data",
+        nargs="+",
+        default=None,
+        metavar="WINDOWS",
+        help="`bevjepa preprocess` outputs of other synthetic worlds (`bevjepa synth --seed N`), trained on in "
+        "full beside --data's training split; validation stays on --data",
     )
     trainer.add_argument("--no-jepa", action="store_true", help="train without the latent (JEPA) loss")
     trainer.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bevjepa.datasets import io as bevio
+from bevjepa.datasets import torch_dataset
 from bevjepa.prediction import checkpoint, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.tools import cli
@@ -236,3 +238,39 @@ def test_windows_for_another_grid_are_refused_before_training(synthetic_windows,
     assert "x [-32.0, 32.0) m" in err and "x [-50.0, 50.0) m" in err
     assert "bevjepa preprocess --config base" in err
     assert not run.exists()  # refused before the run folder is claimed
+
+
+def test_extra_worlds_join_the_training_set_whole_and_validation_stays_on_data(
+    synthetic_windows, tmp_path, capsys, light_config, light_config_file
+):
+    """`--extra-data`: every window of another world is trained on, the main world's validation scenes never."""
+    other = tmp_path / "other_world"
+    shutil.copytree(synthetic_windows, other)  # a stand-in for another seed's world: a folder of its own
+    config = dataclasses.replace(
+        light_config, train=dataclasses.replace(light_config.train, extra_train_data=(str(other),))
+    )
+    sources = train.training_sources(synthetic_windows, config)
+    assert [(path, scenes) for path, scenes in sources] == [
+        (synthetic_windows, train.split_scenes(synthetic_windows, "mini_train")),
+        (other, train.split_scenes(other, "all")),
+    ]
+    assert set(train.split_scenes(other, "mini_val")) <= set(sources[1][1])  # the other world whole
+    loader = train.make_loader(sources, 1, True, 0, 0, future=False, cameras=False)
+    windows = len(torch_dataset.WindowDataset(synthetic_windows, scenes=sources[0][1]))
+    assert len(loader.dataset) == windows + len(torch_dataset.WindowDataset(other, scenes=sources[1][1])) > windows
+
+    run = tmp_path / "run"
+    common = ["train", "--data", str(synthetic_windows), "--config", str(light_config_file), "--steps", "1"]
+    assert cli.main([*common, "--out", str(run), "--loader-workers", "0", "--extra-data", str(other)]) == 0
+    assert checkpoint.load_config(run).train.extra_train_data == (str(other.resolve()),)  # recorded with the run
+
+    # The scored world itself, or a folder for another grid, is refused before the run folder is claimed.
+    refused = tmp_path / "refused"
+    assert cli.main([*common, "--out", str(refused), "--extra-data", str(synthetic_windows)]) == 2
+    assert "validation scenes of --data would be trained on" in capsys.readouterr().err
+    windows_config = json.loads((other / "config.json").read_text())
+    windows_config["content"]["window"]["grid"]["x_min_m"] = -50.0
+    (other / "config.json").write_text(json.dumps(windows_config))
+    assert cli.main([*common, "--out", str(refused), "--extra-data", str(other)]) == 2
+    assert f"--extra-data {other} holds windows on x [-50.0" in capsys.readouterr().err
+    assert not refused.exists()
