@@ -169,7 +169,13 @@ def instance_flow_targets(instances: torch.Tensor, cell_xy: torch.Tensor) -> tup
     return offset.permute(0, 1, 3, 2).reshape(B, S, 2, H, W), mask.reshape(B, S, H, W)
 
 
-def flow_loss(offset_m: torch.Tensor, target_m: torch.Tensor, mask: torch.Tensor, scale_m: float = 5.0) -> torch.Tensor:
+def flow_loss(
+    offset_m: torch.Tensor,
+    target_m: torch.Tensor,
+    mask: torch.Tensor,
+    scale_m: float = 5.0,
+    cell_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Smooth-L1 of predicted source offsets against the instances' (``instance_flow_targets``) on their cells.
 
     Args:
@@ -177,12 +183,16 @@ def flow_loss(offset_m: torch.Tensor, target_m: torch.Tensor, mask: torch.Tensor
         target_m: [B, S, 2, H, W] float.
         mask: [B, S, H, W] bool — cells scored.
         scale_m: metres per unit of the loss.
+        cell_weight: [B, S, H, W] float — each scored cell's weight (e.g. by its class: a pedestrian covers a
+            few cells where a car covers dozens); None: 1.
 
     Returns:
-        [] the mean over the scored cells (0 with gradient when none is).
+        [] the weighted mean over the scored cells (0 with gradient when none is).
     """
     error = F.smooth_l1_loss(offset_m / scale_m, target_m / scale_m, reduction="none").sum(dim=2)  # [B, S, H, W]
     weight = mask.to(error.dtype)
+    if cell_weight is not None:
+        weight = weight * cell_weight
     return (error * weight).sum() / weight.sum().clamp(min=1.0)
 
 

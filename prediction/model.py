@@ -588,6 +588,8 @@ class LossWeights:
         unobserved_weight: the BCE's weight at t0 on cells the LiDAR did not observe (``WindowBatch.observed``):
             what no sensor could see is a guess, not a miss.
         flow: the source offsets against the annotated instances' motion (``losses.flow_loss``).
+        flow_class_weight: the flow loss's weight on each class's cells (vehicle, pedestrian, cyclist); a
+            cell's class is its target's (the largest weight where classes overlap).
         trajectory: winner-takes-all regression of the trajectory modes.
         mode: mode classification.
         detection: the detection heat-map and box regression.
@@ -603,6 +605,7 @@ class LossWeights:
     occupancy_dice: float = 1.0
     unobserved_weight: float = 0.3
     flow: float = 1.0
+    flow_class_weight: tuple[float, float, float] = (1.0, 1.0, 1.0)
     trajectory: float = 1.0
     mode: float = 0.5
     detection: float = 0.5
@@ -668,7 +671,9 @@ def compute_losses(
         ).reshape(b, s, 2, *model.config.grid.shape)  # [B, F + 1, 2, H, W] on the target grid
         cell_xy = torch.as_tensor(model.config.grid.cell_centers(), dtype=predicted.dtype, device=predicted.device)
         target, mask = losses.instance_flow_targets(batch.instances, cell_xy)
-        flow = losses.flow_loss(predicted, target, mask)
+        class_weight = torch.as_tensor(weights.flow_class_weight, dtype=predicted.dtype, device=predicted.device)
+        cell_weight = (batch.occupancy.to(predicted.dtype) * class_weight[:, None, None]).amax(dim=2)  # [B, S, H, W]
+        flow = losses.flow_loss(predicted, target, mask, cell_weight=cell_weight)
     else:
         flow = zero
     trajectory, mode = losses.trajectory_loss(

@@ -567,6 +567,21 @@ def test_instance_flow_points_back_to_where_each_instance_was_at_t0():
     assert perfect.item() == 0.0 and losses.flow_loss(torch.zeros_like(offset), offset, mask).item() > 0
 
 
+def test_flow_loss_weighs_cells_by_their_weight():
+    """A small instance's cells count as much as a large one's once weighted (``LossWeights.flow_class_weight``)."""
+    target = torch.zeros(1, 1, 2, 1, 5)
+    target[0, 0, 0, 0, 4] = 5.0  # the last cell moved 5 m, the other four stood still
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    still = torch.zeros_like(target)  # predicts no motion: wrong on the last cell only
+    plain = losses.flow_loss(still, target, mask)
+    weight = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0]).reshape(1, 1, 1, 5)
+    weighted = losses.flow_loss(still, target, mask, cell_weight=weight)
+    error = torch.nn.functional.smooth_l1_loss(torch.tensor(1.0), torch.tensor(0.0))  # 5 m at 5 m per unit
+    torch.testing.assert_close(plain, error / 5)
+    torch.testing.assert_close(weighted, 4 * error / 8)
+    assert losses.flow_loss(still, target, mask, cell_weight=torch.zeros_like(weight)).item() == 0.0
+
+
 def test_warp_by_offset_reads_each_cell_from_its_source():
     grid = geometry.GridSpec(-4.0, 4.0, -4.0, 4.0, 0.5)
     maps = torch.zeros(1, 1, *grid.shape)

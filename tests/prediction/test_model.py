@@ -58,6 +58,21 @@ def test_forward_losses_and_gradients(batch):
     assert max(moved) == pytest.approx(0.1, rel=1e-4)
 
 
+def test_the_flow_loss_weighs_each_cell_by_its_class(batch):
+    torch.manual_seed(0)
+    net = model.BevJepa(experiment_config.small().model)
+    with torch.no_grad():
+        output = net(batch)  # the flow head starts at zero: every moving instance cell is an error
+
+        def flow(weights: tuple[float, float, float]) -> float:
+            return float(model.compute_losses(net, batch, output, model.LossWeights(flow_class_weight=weights)).flow)
+
+    by_class = [flow(tuple(float(c == k) for c in range(3))) for k in range(3)]
+    assert flow((1.0, 1.0, 1.0)) > 0 and flow((0.0, 0.0, 0.0)) == 0.0
+    assert flow((3.0, 3.0, 3.0)) == pytest.approx(flow((1.0, 1.0, 1.0)))  # a weighted mean: only ratios matter
+    assert min(by_class) <= flow((1.0, 10.0, 10.0)) <= max(by_class)
+
+
 def test_modalities_drop_only_in_training_and_never_in_the_target_encoder(batch):
     config = experiment_config.small().model
     config = dataclasses.replace(config, fuser=dataclasses.replace(config.fuser, modality_dropout=0.99))
