@@ -110,8 +110,7 @@ FLOW_CLASS_WEIGHT = (1.0, 10.0, 10.0)
 """The presets' flow-loss weights on vehicle, pedestrian and cyclist cells (with every cell weighing 1, a
 pedestrian's few cells are about 4 % of the flow loss). A world-model ablation, 300 steps, seeds 0 and 1: pedestrian
 IoU at 1 s 0.029 and 0.012 with weight 1, 0.049 and 0.043 with these; vehicles −0.036 to +0.031 over the
-horizons (docs/train.md). The
-pedestrians' flow error itself stayed as large as their motion either way."""
+horizons (docs/train.md). The pedestrians' flow error itself stayed as large as their motion either way."""
 
 
 def small() -> ExperimentConfig:
