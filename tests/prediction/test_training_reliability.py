@@ -255,6 +255,9 @@ def test_extra_worlds_join_the_training_set_whole_and_validation_stays_on_data(
         (other, train.split_scenes(other, "all")),
     ]
     assert set(train.split_scenes(other, "mini_val")) <= set(sources[1][1])  # the other world whole
+    twice = dataclasses.replace(config, train=dataclasses.replace(config.train, extra_train_data=(str(other),) * 2))
+    with pytest.raises(ValueError, match="given twice"):
+        train.training_sources(synthetic_windows, twice)
     loader = train.make_loader(sources, 1, True, 0, 0, future=False, cameras=False)
     windows = len(torch_dataset.WindowDataset(synthetic_windows, scenes=sources[0][1]))
     assert len(loader.dataset) == windows + len(torch_dataset.WindowDataset(other, scenes=sources[1][1])) > windows
