@@ -200,7 +200,7 @@ def training_step_time(
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        output = net(batch)
+        output = net(batch, decode=model.draw_decoded_steps(config.model, config.train.weights))
         terms = model.compute_losses(net, batch, output, config.train.weights)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()

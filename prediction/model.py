@@ -13,6 +13,7 @@ Notation:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -264,7 +265,7 @@ class ModelOutput:
     Attributes:
         latent: [B, C, H, W] z_t0.
         rollout: [B, F, C, H, W] ẑ_1..ẑ_F (without a world model: z_t0 repeated).
-        occupancy_logits: [B, F + 1, classes, 128, 128] steps 0..F.
+        occupancy_logits: [B, S, classes, 128, 128] the steps ``decoded`` (all F + 1 unless training drew fewer).
         modes: [B, A, K, T, 2] xy (m) of each agent's K trajectory modes.
         mode_logits: [B, A, K].
         heatmap_logits: [B, classes, 64, 64] detection heat-map at t0.
@@ -273,6 +274,7 @@ class ModelOutput:
         skips: the finer LiDAR maps the decoder reads, in t0 (``BevJepa.present_skips``), finest first.
         flow: [B, F + 1, 2, H, W] where each latent cell's content was at t0 (x, y m; ``heads.FlowHead``), zero at
             step 0; None without a world model.
+        decoded: the S steps of ``occupancy_logits`` (0: t0), ascending; None: every step 0..F.
     """
 
     latent: torch.Tensor
@@ -285,6 +287,7 @@ class ModelOutput:
     own: FrameEncoding
     skips: tuple[torch.Tensor, ...]
     flow: torch.Tensor | None = None
+    decoded: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,7 @@ class SceneOutput:
     own: FrameEncoding
     skips: tuple[torch.Tensor, ...]
     flow: torch.Tensor | None = None
+    decoded: tuple[int, ...] | None = None
 
 
 class BevJepa(nn.Module):
@@ -443,6 +447,7 @@ class BevJepa(nn.Module):
         batch: torch_dataset.WindowBatch,
         actions: torch.Tensor | None = None,
         own: FrameEncoding | None = None,
+        decode: tuple[int, ...] | None = None,
     ) -> ModelOutput:
         """Predict from a batch's input frames: ``scene``, then ``agent_modes`` on the batch's agents.
 
@@ -451,12 +456,14 @@ class BevJepa(nn.Module):
             actions: [B, F, 3] the ego actions to roll out under; None takes the batch's own future actions.
             own: the input frames' encodings in their own ego frames, when already encoded
                 (``BevEncoder.encode_frames``); None encodes the batch's sensors.
+            decode: the steps whose occupancy the world model decodes, ascending and starting with 0 (training
+                draws a few: ``decoded_steps``); None decodes every step 0..F. The direct baseline decodes them all.
         """
-        scene = self.scene(batch, actions, own)
+        scene = self.scene(batch, actions, own, decode)
         modes, mode_logits = self.agent_modes(batch, scene)
         return ModelOutput(
             scene.latent, scene.rollout, scene.occupancy_logits, modes, mode_logits, scene.heatmap_logits,
-            scene.regression, scene.own, scene.skips, scene.flow,
+            scene.regression, scene.own, scene.skips, scene.flow, scene.decoded,
         )  # fmt: skip
 
     def scene(
@@ -464,11 +471,14 @@ class BevJepa(nn.Module):
         batch: torch_dataset.WindowBatch,
         actions: torch.Tensor | None = None,
         own: FrameEncoding | None = None,
+        decode: tuple[int, ...] | None = None,
     ) -> SceneOutput:
         """Everything ``forward`` predicts that reads no agent: z_t0, the rollout, occupancy and t0 detection.
 
         Args: as ``forward``.
         """
+        if decode is not None and (not decode or decode[0] != 0 or list(decode) != sorted(set(decode))):
+            raise ValueError(f"decode: ascending steps starting with 0 (t0), got {decode}")
         p, f = self.config.fuser.past_frames, self.config.occupancy_steps
         if own is None:
             own = self.encoder.encode_frames(SensorFrames.past(batch))
@@ -481,17 +491,19 @@ class BevJepa(nn.Module):
             rollout = self.predictor.rollout(latent, actions)  # [B, F, C, H, W]
             sequence = torch.cat([latent[:, None], rollout], dim=1)  # [B, F + 1, C, H, W]
             flow = torch.cat([torch.zeros_like(latent[:, None, :2]), self.flow_of(rollout, latent)], dim=1)
-            fine, coarse = self.decode(sequence, list(range(f + 1)), skips, flow)[:2]
-            occupancy = self.occupancy(fine.reshape(b * (f + 1), *fine.shape[2:])).reshape(
-                b, f + 1, *self._occupancy_shape()
+            steps = list(range(f + 1)) if decode is None else list(decode)
+            fine, coarse = self.decode(sequence[:, steps], steps, skips, flow[:, steps])[:2]
+            occupancy = self.occupancy(fine.reshape(b * len(steps), *fine.shape[2:])).reshape(
+                b, len(steps), *self._occupancy_shape()
             )
         else:
             rollout = latent[:, None].expand(b, f, *latent.shape[1:])  # no world model: z_t0 held
             flow = None
             fine, coarse = self.decode(latent[:, None], [0], skips)[:2]
             occupancy = self.occupancy(fine[:, 0])  # [B, F + 1, classes, 128, 128]
+            decode = None
         heatmap, regression = self.detection(coarse[:, 0])
-        return SceneOutput(latent, rollout, occupancy, heatmap, regression, own, skips, flow)
+        return SceneOutput(latent, rollout, occupancy, heatmap, regression, own, skips, flow, decode)
 
     def agent_modes(self, batch: torch_dataset.WindowBatch, scene: SceneOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The trajectory head on the batch's agents (annotated or tracked): modes [B, A, K, T, 2], logits [B, A, K]."""
@@ -590,6 +602,10 @@ class LossWeights:
         flow: the source offsets against the annotated instances' motion (``losses.flow_loss``).
         flow_class_weight: the flow loss's weight on each class's cells (vehicle, pedestrian, cyclist); a
             cell's class is its target's (the largest weight where classes overlap).
+        decoded_future_steps: rollout steps whose occupancy the world model decodes per training iteration, drawn
+            at random among 1..F besides t0 (``draw_decoded_steps``; the 0.5 m decoder is most of a step's cost);
+            t0 and the drawn steps are weighed so that the occupancy terms' expectation is their mean over all
+            F + 1 steps. None: every step, every iteration. Validation always decodes every step.
         trajectory: winner-takes-all regression of the trajectory modes.
         mode: mode classification.
         detection: the detection heat-map and box regression.
@@ -606,6 +622,7 @@ class LossWeights:
     unobserved_weight: float = 0.3
     flow: float = 1.0
     flow_class_weight: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    decoded_future_steps: int | None = None
     trajectory: float = 1.0
     mode: float = 0.5
     detection: float = 0.5
@@ -629,6 +646,17 @@ class Losses:
     def scalars(self) -> dict[str, float]:
         """Every term as a float, for logging."""
         return {name: float(getattr(self, name).detach()) for name in self.__dataclass_fields__}
+
+
+def draw_decoded_steps(config: ModelConfig, weights: LossWeights) -> tuple[int, ...] | None:
+    """The steps a training iteration decodes (``LossWeights.decoded_future_steps``), or None: all of them.
+
+    t0 and that many future steps, drawn without replacement from torch's global generator (which training seeds).
+    """
+    f, n = config.occupancy_steps, weights.decoded_future_steps
+    if n is None or n >= f or not config.world_model:
+        return None
+    return (0, *sorted((torch.randperm(f)[:n] + 1).tolist()))
 
 
 HEAD_TERMS = ("latent", "occupancy", "dice", "flow", "trajectory", "detection")
@@ -658,12 +686,26 @@ def compute_losses(
         variance, covariance = losses.vicreg_regularizer(everything)
     else:
         variance, covariance = losses.vicreg_regularizer(output.latent)
-    logits = output.occupancy_logits
+    logits = output.occupancy_logits  # [B, S, classes, H, W], the steps decoded (t0 first)
+    decoded = list(range(logits.shape[1])) if output.decoded is None else list(output.decoded)
+    target = batch.occupancy[:, decoded]
     cell_weight = torch.ones_like(logits[:, :, :1])  # [B, S, 1, H, W]
     cell_weight[:, 0, 0] = torch.where(batch.observed, 1.0, weights.unobserved_weight)
     pos_weight = torch.as_tensor(weights.occupancy_pos_weight, dtype=logits.dtype, device=logits.device)
-    occupancy = losses.occupancy_loss(logits, batch.occupancy, pos_weight=pos_weight, cell_weight=cell_weight)
-    dice = losses.soft_dice_loss(logits, batch.occupancy)
+    future = model.config.occupancy_steps
+
+    def over_steps(term: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """t0's term and the decoded future steps' mean, weighed 1 : F (the mean over all F + 1 steps)."""
+        if len(decoded) == 1:
+            return term(slice(0, 1))
+        return (term(slice(0, 1)) + future * term(slice(1, None))) / (future + 1)
+
+    occupancy = over_steps(
+        lambda s: losses.occupancy_loss(
+            logits[:, s], target[:, s], pos_weight=pos_weight, cell_weight=cell_weight[:, s]
+        )
+    )
+    dice = over_steps(lambda s: losses.soft_dice_loss(logits[:, s], target[:, s]))
     if output.flow is not None:
         b, s = output.flow.shape[:2]
         predicted = F.interpolate(

@@ -287,7 +287,7 @@ def _train_step(
     """
     for group in optimizer.param_groups:
         group["lr"] = _learning_rate(settings, step)
-    output = net(batch)
+    output = net(batch, decode=model.draw_decoded_steps(core.config, settings.weights))
     terms = model.compute_losses(core, batch, output, settings.weights)
     norms = model.gradient_norms(terms, output, settings.weights) if step % GRADIENT_NORM_EVERY == 0 else {}
     optimizer.zero_grad(set_to_none=True)
