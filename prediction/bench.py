@@ -216,6 +216,74 @@ def training_step_time(
     }
 
 
+def decoded_steps_speed(
+    data: Path, preset: str = "small", sensors: str = "lidar", repeats: int = 7, threads: int = 1
+) -> dict:
+    """A world-model training step decoding every step, against t0 and 1 or 2 drawn future steps, and direct's.
+
+    ``LossWeights.decoded_future_steps`` sets the drawn steps; the steps are interleaved, their medians reported
+    in milliseconds. The world model trains without the latent loss, as the 30-minute runs do; each variant is its
+    own model with the same initialisation, stepping on the same batch.
+
+    Args:
+        data: a ``bevjepa preprocess`` output.
+        preset: the world model's preset (or a config file); the direct baseline is its LiDAR-only, no-world-model
+            variant.
+        sensors: ``both``, ``lidar`` or ``camera``, as ``bevjepa train --sensors``.
+        repeats: steps timed per variant (after one untimed step each).
+        threads: torch threads (the 30-minute runs train two models side by side on one thread each).
+    """
+    import dataclasses
+
+    torch.set_num_threads(threads)
+    config = experiment_config.preset(preset)
+    config = dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, use_camera=sensors != "lidar", use_lidar=sensors != "camera"),
+    )
+    direct = dataclasses.replace(  # the preset's LiDAR encoder and decoder, as ``config.direct`` builds from small
+        config,
+        model=dataclasses.replace(config.model, use_camera=False, use_lidar=True, world_model=False),
+        train=dataclasses.replace(config.train, weights=dataclasses.replace(config.train.weights, latent=0.0)),
+    )
+    variants = {
+        f"world_model_{name}": dataclasses.replace(
+            config,
+            train=dataclasses.replace(
+                config.train,
+                weights=dataclasses.replace(config.train.weights, latent=0.0, decoded_future_steps=future),
+            ),
+        )
+        for name, future in (("every_step", None), ("1_future_step", 1), ("2_future_steps", 2))
+    }
+    variants["direct"] = direct
+    dataset = torch_dataset.WindowDataset(data)
+    batch = torch_dataset.collate([dataset[i % len(dataset)] for i in range(config.train.batch_size)])
+    steps = {}
+    for name, variant in variants.items():
+        torch.manual_seed(0)
+        net = model.BevJepa(variant.model).train()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def step(net=net, optimizer=optimizer, variant=variant) -> None:
+            output = net(batch, decode=model.draw_decoded_steps(variant.model, variant.train.weights))
+            terms = model.compute_losses(net, batch, output, variant.train.weights)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+
+        step()
+        steps[name] = step
+    times = _interleaved_ms(steps, repeats)
+    result: dict = {"preset": preset, "sensors": sensors, "threads": threads, "batch_size": config.train.batch_size}
+    for name, ms in times.items():
+        result[f"{name}_ms"] = ms
+    every = times["world_model_every_step"]
+    for name in ("world_model_1_future_step", "world_model_2_future_steps", "direct"):
+        result[f"{name}_speedup"] = every / times[name]
+    return result
+
+
 def training_throughput(data: Path, preset: str = "small", steps: int = 30, sensors: str = "both") -> dict:
     """Training windows per second of the real training loop (data loading, JEPA targets, validation left out).
 

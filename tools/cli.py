@@ -228,6 +228,12 @@ def _bench(args: argparse.Namespace) -> int:
         baseline = None if args.baseline_checkpoint is None else Path(args.baseline_checkpoint)
         print(bench.format_report(model_bench.stream_latency(Path(args.data), run=run, baseline=baseline)), end="\n\n")
         print(bench.format_report(perception_bench.pooling_speed()))
+    elif args.what == "training":
+        from bevjepa.prediction import bench as model_bench
+
+        if not args.data:
+            raise ValueError("bench training needs --data (a `bevjepa preprocess` output)")
+        print(bench.format_report(model_bench.decoded_steps_speed(Path(args.data), args.config, args.sensors)))
     elif args.what == "closed-loop":
         from bevjepa.evaluation.closed_loop import runner
 
@@ -442,9 +448,15 @@ def _add_inspect_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
 def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bevjepa bench`` to ``commands``."""
     bench = commands.add_parser("bench", help="measure throughput (simulator, sensors, preprocessing)")
-    bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model", "closed-loop"])
+    bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model", "training", "closed-loop"])
     bench.add_argument("--suite", default="ci", help="suite to time (closed-loop; default the shipped ci suite)")
-    bench.add_argument("--data", default=None, help="windows to time the model on (model)")
+    bench.add_argument("--data", default=None, help="windows to time the model on (model, training)")
+    bench.add_argument(
+        "--sensors",
+        default="lidar",
+        choices=["both", "lidar", "camera"],
+        help="the world model's inputs (training; default lidar, as the 30-minute runs)",
+    )
     bench.add_argument(
         "--checkpoint", default=None, help="a trained run whose forecasts to time (model; default: untrained weights)"
     )
@@ -453,7 +465,9 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         default=None,
         help="another trained run timed beside --checkpoint in the same run (model; ratios against it)",
     )
-    bench.add_argument("--config", default="small", help="preset of the model to time (model: small, base, ...)")
+    bench.add_argument(
+        "--config", default="small", help="preset of the model to time (model, training: small, base, ...)"
+    )
     bench.add_argument(
         "--device", default="cpu", help="where the model runs (model: cpu, or cuda for the inference and step times)"
     )

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bevjepa.datasets import torch_dataset
-from bevjepa.prediction import model, train
+from bevjepa.prediction import bench, model, train
+from bevjepa.tools import cli
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,14 @@ def test_training_with_one_drawn_step_runs_and_validation_decodes_every_step(
     with torch.no_grad():
         full = model.compute_losses(net, batch, net(batch), weights)
     assert validated["occupancy"] == pytest.approx(float(full.occupancy), rel=1e-5)
+
+
+def test_the_training_bench_times_every_variant_on_the_same_model(light_config_file, synthetic_windows, capsys):
+    result = bench.decoded_steps_speed(synthetic_windows, str(light_config_file), repeats=1)
+    for name in ("world_model_every_step", "world_model_1_future_step", "world_model_2_future_steps", "direct"):
+        assert result[f"{name}_ms"] > 0
+    assert result["world_model_1_future_step_speedup"] == pytest.approx(
+        result["world_model_every_step_ms"] / result["world_model_1_future_step_ms"]
+    )
+    assert cli.main(["bench", "training"]) == 2
+    assert "bench training needs --data" in capsys.readouterr().err
