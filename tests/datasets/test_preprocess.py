@@ -23,9 +23,16 @@ def _config(dataroot: Path, out: Path, **changes) -> preprocess.PreprocessConfig
 
 
 @pytest.fixture(scope="module")
-def reference(synthetic_mini, tmp_path_factory) -> dict:
+def reference_run(synthetic_mini, tmp_path_factory) -> tuple[Path, dict]:
+    """The output folder and the manifest of one uninterrupted single-process run (shared: do not write into it)."""
+    out = tmp_path_factory.mktemp("ref") / "w"
+    return out, preprocess.preprocess(_config(synthetic_mini, out), progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict:
     """The manifest of one uninterrupted single-process run."""
-    return preprocess.preprocess(_config(synthetic_mini, tmp_path_factory.mktemp("ref") / "w"), progress=False)
+    return reference_run[1]
 
 
 def _files(root: Path) -> list[str]:
@@ -60,23 +67,22 @@ def _same_files(a: Path, b: Path) -> None:
     assert [name for name in first if first[name] != second[name]] == []
 
 
-def test_the_reference_build_writes_the_same_bytes(synthetic_mini, tmp_path, monkeypatch):
+def test_the_reference_build_writes_the_same_bytes(synthetic_mini, reference_run, tmp_path, monkeypatch):
     """Preprocessing as first written (``reference``) and as now write byte-identical files, also when every window
     is its own task (each t0 frame then built by an earlier task, its LiDAR read again alone)."""
     preprocess.preprocess(_config(synthetic_mini, tmp_path / "reference", reference=True), progress=False)
-    preprocess.preprocess(_config(synthetic_mini, tmp_path / "current"), progress=False)
-    _same_files(tmp_path / "reference", tmp_path / "current")
+    current, _ = reference_run  # as now: the module's single-process run
+    _same_files(tmp_path / "reference", current)
     split = preprocess.scene_tasks
     monkeypatch.setattr(preprocess, "scene_tasks", lambda config, source: split(config, source, windows_per_task=1))
     preprocess.preprocess(_config(synthetic_mini, tmp_path / "one_window_tasks"), progress=False)
     _same_files(tmp_path / "reference", tmp_path / "one_window_tasks")
 
 
-def test_the_reference_build_writes_the_same_bytes_from_damaged_input(damaged, tmp_path):
+def test_the_reference_build_writes_the_same_bytes_from_damaged_input(damaged, damaged_run, tmp_path):
     root, _ = damaged
     preprocess.preprocess(_config(root, tmp_path / "reference", reference=True), progress=False)
-    preprocess.preprocess(_config(root, tmp_path / "current"), progress=False)
-    _same_files(tmp_path / "reference", tmp_path / "current")
+    _same_files(tmp_path / "reference", damaged_run[0])  # as now: the module's run over the damaged copy
 
 
 def test_tasks_are_even_runs_handed_out_scene_by_scene(synthetic_mini):
@@ -158,9 +164,10 @@ def test_a_killed_run_resumes_where_it_stopped(reference, synthetic_mini, tmp_pa
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # a half-written file was rewritten and renamed
 
 
-@pytest.fixture()
-def damaged(synthetic_mini, tmp_path) -> tuple[Path, dict]:
-    root = tmp_path / "damaged"
+@pytest.fixture(scope="module")
+def damaged(synthetic_mini, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of ``synthetic_mini`` with missing, truncated and NaN files, and {file: reason} of each (read only)."""
+    root = tmp_path_factory.mktemp("damaged") / "damaged"
     shutil.copytree(synthetic_mini, root)
     tables = {t: json.loads((root / "v1.0-mini" / f"{t}.json").read_text()) for t in ("sample_data", "sample")}
     sweeps = sorted(
@@ -183,9 +190,16 @@ def damaged(synthetic_mini, tmp_path) -> tuple[Path, dict]:
     return root, broken
 
 
-def test_bad_inputs_are_listed_with_file_and_reason(damaged, tmp_path):
-    root, broken = damaged
-    manifest = preprocess.preprocess(_config(root, tmp_path / "w"), progress=False)
+@pytest.fixture(scope="module")
+def damaged_run(damaged, tmp_path_factory) -> tuple[Path, dict]:
+    """``damaged`` preprocessed as now: the output folder and the manifest (shared: do not write into it)."""
+    out = tmp_path_factory.mktemp("damaged-run") / "w"
+    return out, preprocess.preprocess(_config(damaged[0], out), progress=False)
+
+
+def test_bad_inputs_are_listed_with_file_and_reason(damaged, damaged_run):
+    _, broken = damaged
+    _, manifest = damaged_run
     listed = {b["file"]: b["reason"] for b in manifest["bad_inputs"]}
     for file, reason in broken.items():
         assert file in listed, f"{file} not in the manifest"
@@ -201,7 +215,7 @@ def test_strict_stops_at_the_first_bad_input(damaged, tmp_path, capsys):
     assert "--strict: bad input" in error and any(file in error for file in broken)
 
 
-def test_wrong_dataroot_version_or_foreign_out_folder(synthetic_mini, tmp_path, capsys):
+def test_wrong_dataroot_version_or_foreign_out_folder(synthetic_mini, reference_run, tmp_path, capsys):
     assert cli.main(["preprocess", "--dataroot", str(tmp_path / "none"), "--out", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert (
@@ -225,29 +239,34 @@ def test_wrong_dataroot_version_or_foreign_out_folder(synthetic_mini, tmp_path, 
     assert cli.main(["preprocess", "--dataroot", str(synthetic_mini), "--out", str(foreign)]) == 2
     assert "not a bevjepa windows folder" in capsys.readouterr().err
     other = tmp_path / "other"
-    preprocess.preprocess(_config(synthetic_mini, other), progress=False)
+    shutil.copytree(reference_run[0], other)  # a finished output of the default configuration
     assert cli.main(["preprocess", "--dataroot", str(synthetic_mini), "--out", str(other), "--sweeps", "5"]) == 2
     assert "another configuration" in capsys.readouterr().err
 
 
-def test_the_real_scene_makes_windows_and_says_what_was_missing(real_scene_nusc, tmp_path):
-    dataroot = Path(real_scene_nusc.dataroot)
-    manifest = preprocess.preprocess(_config(dataroot, tmp_path / "w"), progress=False)
+@pytest.fixture(scope="module")
+def real_scene_run(real_scene_nusc, tmp_path_factory) -> tuple[Path, dict]:
+    """The real scene preprocessed as now: the output folder and the manifest (shared: do not write into it)."""
+    out = tmp_path_factory.mktemp("real") / "w"
+    return out, preprocess.preprocess(_config(Path(real_scene_nusc.dataroot), out), progress=False)
+
+
+def test_the_real_scene_makes_windows_and_says_what_was_missing(real_scene_run):
+    out, manifest = real_scene_run
     # 35 windows; sensor files exist for keyframes 0-4 only (no sweep files), so windows from t0 = 7 on see nothing.
     assert manifest["counts"]["windows"] == 5 and manifest["counts"]["sensorless_windows"] == 30
     assert manifest["counts"]["failed_windows"] == 0
     missing = [b for b in manifest["bad_inputs"] if b["reason"] == "missing file"]
     assert any(b["file"].startswith("sweeps/LIDAR_TOP/") for b in missing)
     assert any(b["file"].startswith("samples/CAM_FRONT/") for b in missing)
-    first = windows.load_window(tmp_path / "w" / manifest["windows"][0]["file"])
+    first = windows.load_window(out / manifest["windows"][0]["file"])
     assert first.agent_future_mask.any() and first.occupancy[0].any()
 
 
-def test_the_reference_build_writes_the_same_bytes_from_the_real_scene(real_scene_nusc, tmp_path):
+def test_the_reference_build_writes_the_same_bytes_from_the_real_scene(real_scene_nusc, real_scene_run, tmp_path):
     dataroot = Path(real_scene_nusc.dataroot)
     preprocess.preprocess(_config(dataroot, tmp_path / "reference", reference=True), progress=False)
-    preprocess.preprocess(_config(dataroot, tmp_path / "current"), progress=False)
-    _same_files(tmp_path / "reference", tmp_path / "current")
+    _same_files(tmp_path / "reference", real_scene_run[0])  # as now: the module's run
 
 
 def test_sensorless_windows_of_the_real_scene_are_flagged_and_not_written(real_scene_nusc, tmp_path, capsys):

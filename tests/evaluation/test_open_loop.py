@@ -25,8 +25,8 @@ SOURCES = set(eval_report.MODEL_ORDER)
 
 
 @pytest.fixture(scope="module")
-def run(tiny_checkpoint: Path) -> Path:
-    return tiny_checkpoint
+def run(light_checkpoint: Path) -> Path:
+    return light_checkpoint  # any trained world model: the light LiDAR-only one evaluates fastest
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,10 @@ def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result)
     )
 
 
-def test_the_devkit_scores_the_exported_model_as_the_open_loop_does(synthetic_mini, synthetic_windows, run, result):
-    out = Path(run) / "predictions.json"
+def test_the_devkit_scores_the_exported_model_as_the_open_loop_does(
+    synthetic_mini, synthetic_windows, run, result, tmp_path
+):
+    out = tmp_path / "predictions.json"  # not into the shared run folder
     records = prediction_export.export(synthetic_windows, "all", out, "model", run, trajectory_seconds=2.0)
     assert len(records) == result["agents"] and records[0].number_of_modes == 10
     np.testing.assert_allclose([r.probabilities.sum() for r in records], 1.0, rtol=1e-5)
@@ -163,10 +165,10 @@ def test_the_direct_row_is_the_direct_models_occupancy_on_the_same_windows(
 
 
 def test_a_direct_run_is_scored_without_a_model_and_a_world_model_run_is_refused(
-    synthetic_windows, tiny_checkpoint, tiny_direct_checkpoint
+    synthetic_windows, run, tiny_direct_checkpoint
 ):
     alone = open_loop.evaluate(synthetic_windows, "mini_val", direct_run=tiny_direct_checkpoint)
     assert set(alone["models"]) == set(open_loop.TRAJECTORY_SOURCES) - set(open_loop.RUN_SOURCES) | {"direct"}
     assert all(len(v) == 5 for v in alone["models"]["direct"]["iou"].values())
     with pytest.raises(ValueError, match="has a world model .* `bevjepa train --config direct`"):
-        open_loop.evaluate(synthetic_windows, "mini_val", direct_run=tiny_checkpoint)
+        open_loop.evaluate(synthetic_windows, "mini_val", direct_run=run)

@@ -25,24 +25,20 @@ from bevjepa.tools import cli
 BEVJEPA = str(Path(sys.executable).with_name("bevjepa"))
 
 
-@pytest.fixture()
-def tiny(light_config):
-    """``light_config`` (a LiDAR-only model a third of ``small``'s cost: any trained run will do here) for ``steps``."""
-
-    def make(steps: int, **train_changes) -> experiment_config.ExperimentConfig:
-        settings = {"steps": steps, **train_changes}
-        return dataclasses.replace(light_config, train=dataclasses.replace(light_config.train, **settings))
-
-    return make
-
-
 def _train_command(data: Path, out: Path, *extra: str) -> list[str]:
     return [BEVJEPA, "train", "--data", str(data), "--out", str(out), "--loader-workers", "0", *extra]
 
 
-def test_resume_extends_a_finished_run_and_continues_the_schedule(synthetic_windows, tmp_path, tiny):
+def test_resume_extends_a_finished_run_and_continues_the_schedule(synthetic_windows, tmp_path, light_checkpoint):
     run = tmp_path / "run"
-    train.train(synthetic_windows, run, tiny(1), progress=False)
+    shutil.copytree(light_checkpoint, run)  # a copy of the shared run (``light_config``, one step): extended here
+    assert checkpoint.load_state(run)["step"] == 1
+    config = checkpoint.load_config(run)
+
+    def tiny(steps: int) -> experiment_config.ExperimentConfig:
+        """The run's own config for ``steps``."""
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
+
     extended = train.train(synthetic_windows, run, tiny(3), resume=True, progress=False)
     assert extended.steps == 3 and checkpoint.load_state(run)["step"] == 3
     assert checkpoint.load_config(run).train.steps == 3
@@ -176,9 +172,9 @@ def test_training_refuses_a_folder_that_holds_other_work(synthetic_windows, tmp_
     assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "mine"
 
 
-def test_damaged_run_files_are_named(synthetic_windows, tmp_path, capsys, tiny):
+def test_damaged_run_files_are_named(synthetic_windows, tmp_path, capsys, light_checkpoint):
     run = tmp_path / "run"
-    train.train(synthetic_windows, run, tiny(1), progress=False)
+    shutil.copytree(light_checkpoint, run)  # a copy of the shared one-step run: it is damaged here
     weights = (run / "model.safetensors").read_bytes()
     (run / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ValueError, match=r"model.safetensors is damaged"):
@@ -211,11 +207,13 @@ def test_a_misspelt_config_field_is_named_not_ignored(synthetic_windows, tmp_pat
     assert experiment_config.preset(str(path)).model.fuser.modality_dropout == 0.0
 
 
-def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_file(synthetic_windows, tmp_path, capsys, tiny):
+def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_file(
+    synthetic_windows, tmp_path, capsys, light_checkpoint
+):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
     run = tmp_path / "run"
-    train.train(synthetic_windows, run, tiny(1), progress=False)
+    shutil.copytree(light_checkpoint, run)  # a copy of the shared one-step run: it is resumed here
     before = {name: (run / name).read_bytes() for name in ("config.json", "model.safetensors", "state.json")}
     # Writes to /dev/full fail with ENOSPC: the temporary file of the next checkpoint's first write is linked there.
     temporary = run / f".config.json.{os.getpid()}.tmp"

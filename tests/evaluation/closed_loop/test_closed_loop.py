@@ -253,7 +253,10 @@ def test_model_source_renders_and_forecasts(untrained_run):
     tracked.observe(built, state)
     rolled = sources.ModelSource(built, untrained_run, rollout_candidates=True, agents="annotated")
     rolled.observe(built, state)
-    plans = planner.SamplingPlanner().candidates(
+    # Three candidates (the hardest braking, coasting, the strongest acceleration) rather than the default eight: each
+    # candidate is one more window through the whole model, and three show one forecast per candidate all the same.
+    three = planner.PlannerConfig(accelerations_mps2=(-6.0, 0.0, 1.5))
+    plans = planner.SamplingPlanner(three).candidates(
         built.actors[0].path,
         float(state.s_m[0]),
         float(state.speed_mps[0]),
@@ -261,7 +264,7 @@ def test_model_source_renders_and_forecasts(untrained_run):
         world.ego_pose(built, state).inverse(),
     )
     forecasts = rolled.forecast(built, state, None, plans)
-    assert len(forecasts) == len(plans)
+    assert len(forecasts) == len(plans) == 3
     from_sensors = tracked.forecast(built, state, None, plans)  # one tracking step: the same agents for each
     assert len({tuple(f.agent_ids.tolist()) for f in from_sensors}) == 1
     # The rolled-out latents differ (the latent head decodes them); the agents' modes read them too.
