@@ -9,9 +9,11 @@ For each window the model's occupancy decoder reads, at every horizon k = 0..F:
 * ``observed``: z̄_k, the EMA target encoder's latent of the frames that really came, warped into t0 (needs the
   windows' future sensors), with its own flow: a bound on what the decoder can make of a perfect prediction.
 
-IoU per class and horizon, counts summed over the split, the map thresholded at ``threshold``. A window that
-cannot be loaded is left out and counted (``failed_windows``), as the open-loop scoring does. The direct
-baseline (``ModelConfig.world_model = False``) has no latent to roll out: ``check`` refuses it.
+IoU per class and horizon, counts summed over the split, the map thresholded at ``threshold``. Beside it, the
+rollout's flow against the annotated instances' motion (``losses.instance_flow_targets``): the mean error (m) on
+each class's cells per horizon, next to the mean motion itself (a flow that learnt nothing errs by the motion).
+A window that cannot be loaded is left out and counted (``failed_windows``), as the open-loop scoring does. The
+direct baseline (``ModelConfig.world_model = False``) has no latent to roll out: ``check`` refuses it.
 
 Notation:
     B  windows in a batch   F  rolled-out steps   C  classes   H, W  target grid rows, columns
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from bevjepa.datasets import categories, torch_dataset
 from bevjepa.evaluation import metrics, open_loop
-from bevjepa.prediction import model, train
+from bevjepa.prediction import losses, model, train
 
 SOURCES = ("rollout", "held", "observed")
 """The latents decoded, in the report's order."""
@@ -43,12 +45,16 @@ class WorldModelCheck:
         failed_windows: windows left out because they could not be loaded.
         threshold: the occupancy probability from which a cell counts as occupied.
         iou: {source: {class: [F + 1] IoU per horizon, NaN where nothing was occupied or predicted}}.
+        flow_error_m: {class: [F + 1]} the rollout flow's mean error (m) on the class's instance cells (NaN: none).
+        motion_m: {class: [F + 1]} the mean motion (m) of those cells since t0, the error of a flow of zero.
     """
 
     windows: int
     failed_windows: int
     threshold: float
     iou: dict[str, dict[str, list[float]]]
+    flow_error_m: dict[str, list[float]]
+    motion_m: dict[str, list[float]]
 
     def ratio(self, numerator: str, denominator: str, class_name: str, step: int) -> float:
         """IoU of ``numerator`` over ``denominator`` for a class at a horizon (NaN when undefined)."""
@@ -62,6 +68,8 @@ class WorldModelCheck:
             "failed_windows": self.failed_windows,
             "threshold": self.threshold,
             "iou": self.iou,
+            "flow_error_m": self.flow_error_m,
+            "motion_m": self.motion_m,
         }
 
 
@@ -97,6 +105,8 @@ def check(
     f = net.config.occupancy_steps
     steps = list(range(f + 1))
     counts = {name: np.zeros((2, f + 1, net.config.classes), dtype=np.int64) for name in SOURCES}
+    flow_sums = np.zeros((3, f + 1, net.config.classes))  # error, motion, cells
+    cell_xy = torch.as_tensor(net.config.grid.cell_centers(), dtype=torch.float32)
     failed: list[dict] = []
     scored = 0
     for first in tqdm(range(0, count, batch_size), desc="world-model check", unit="batch", disable=not progress):
@@ -109,7 +119,7 @@ def check(
         held = output.latent[:, None].expand(-1, f + 1, *output.latent.shape[1:])  # [B, F + 1, C, h, w]
         future = net.target_latents(batch)  # [B, F, C, h, w]
         observed = torch.cat([output.latent[:, None], future], dim=1)  # [B, F + 1, C, h, w]
-        observed_flow = torch.cat([torch.zeros_like(output.flow[:, :1]), net.flow_of(future, output.latent)], dim=1)
+        observed_flow = net.flow_of(future, output.latent, output.skips)
         logits = {
             "rollout": output.occupancy_logits,
             "held": net.occupancy_of(held, [0] * (f + 1), output.skips),
@@ -121,6 +131,7 @@ def check(
             intersection, union = metrics.iou_counts(predicted, target)  # [B, F + 1, C] each
             counts[name][0] += intersection.sum(axis=0)
             counts[name][1] += union.sum(axis=0)
+        flow_sums += _flow_sums(output.flow, batch, cell_xy)
     iou = {
         name: {
             class_name: [float(v) for v in metrics.iou(counts[name][0][:, c], counts[name][1][:, c])]
@@ -128,4 +139,34 @@ def check(
         }
         for name in SOURCES
     }
-    return WorldModelCheck(scored, len(failed), threshold, iou)
+    error, motion = (np.where(flow_sums[2] > 0, v / np.maximum(flow_sums[2], 1), np.nan) for v in flow_sums[:2])
+    per_class = lambda values: {c: [float(v) for v in values[:, i]] for i, c in enumerate(categories.CLASSES)}  # noqa: E731
+    return WorldModelCheck(scored, len(failed), threshold, iou, per_class(error), per_class(motion))
+
+
+def _flow_sums(flow: torch.Tensor, batch: torch_dataset.WindowBatch, cell_xy: torch.Tensor) -> np.ndarray:
+    """[3, F + 1, C]: summed flow error (m), summed motion (m) and cells, per step and class, on the target grid.
+
+    Args:
+        flow: [B, F + 1, 2, h, w] the rollout's source offsets (m; ``ModelOutput.flow``).
+        batch: the windows (``instances`` and ``occupancy`` on the target grid [B, F + 1, (C,) H, W]).
+        cell_xy: [H, W, 2] the target grid's cell centres (m).
+    """
+    b, s = flow.shape[:2]
+    h, w = cell_xy.shape[:2]
+    predicted = torch.nn.functional.interpolate(flow.flatten(0, 1), size=(h, w), mode="bilinear").unflatten(0, (b, s))
+    target, mask = losses.instance_flow_targets(batch.instances, cell_xy)
+    error = torch.linalg.vector_norm(predicted - target, dim=2)  # [B, F + 1, H, W]
+    motion = torch.linalg.vector_norm(target, dim=2)
+    cells = batch.occupancy.bool() & mask[:, :, None]  # [B, F + 1, C, H, W]
+    return (
+        torch.stack(
+            [
+                (cells * error[:, :, None]).sum(dim=(0, 3, 4)),
+                (cells * motion[:, :, None]).sum(dim=(0, 3, 4)),
+                cells.sum(dim=(0, 3, 4)),
+            ]
+        )
+        .double()
+        .numpy()
+    )

@@ -179,6 +179,57 @@ class FlowHead(nn.Module):
         return self.net(torch.cat([z, z0], dim=1)) * self.scale_m
 
 
+class FlowRefiner(nn.Module):
+    """The latent's flow made sharp on a finer grid, from the LiDAR maps there (the input keyframes' motion).
+
+    ``FlowHead`` reads 2 m latent cells, larger than a person, whose half-second walk is a fraction of one. The
+    1 m maps the decoder reads (``BevJepa.present_skips``) mix the three input keyframes warped into t0, so a moving
+    person leaves a trail across their cells. This head adds to the upsampled coarse flow a residual read from those
+    maps, the coarse flow and the step; its last layer starts at zero, so it starts as the coarse flow.
+    """
+
+    def __init__(self, map_channels: int, steps: int, hidden: int = 32, scale_m: float = 10.0) -> None:
+        """``map_channels``: channels of the finer maps; ``steps``: F rolled-out steps; ``scale_m``: m per unit."""
+        super().__init__()
+        self.scale_m = scale_m
+        self.from_maps = nn.Conv2d(map_channels, hidden, 3, padding=1)  # once per sample, shared by its steps
+        self.from_flow = nn.Conv2d(2, hidden, 1)
+        self.step_embedding = nn.Parameter(torch.zeros(steps + 1, hidden))
+        self.net = nn.Sequential(
+            nn.GroupNorm(math.gcd(8, hidden), hidden),
+            nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2),
+            nn.SiLU(),
+            nn.Conv2d(hidden, 2, 1),
+        )
+        with torch.no_grad():
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+
+    def forward(self, coarse_m: torch.Tensor, maps: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        """Refined source offsets.
+
+        Args:
+            coarse_m: [N, S, 2, h, w] float — ``FlowHead``'s offsets (m) of S rolled-out steps.
+            maps: [N, D, H, W] float — the finer maps in t0 (H, W a multiple of h, w).
+            steps: the S step indices (1..F).
+
+        Returns:
+            [N, S, 2, H, W] float — source offsets (m) on the finer grid.
+        """
+        n, s = coarse_m.shape[:2]
+        up = F.interpolate(coarse_m.flatten(0, 1), size=maps.shape[-2:], mode="bilinear", align_corners=False)
+        step = self.step_embedding[torch.as_tensor(steps, device=maps.device)].repeat(n, 1)  # [N*S, hidden]
+        hidden = (
+            self.from_maps(maps).repeat_interleave(s, dim=0)
+            + self.from_flow(up / self.scale_m)
+            + step[:, :, None, None]
+        )
+        return (up + self.net(hidden) * self.scale_m).unflatten(0, (n, s))
+
+
 def warp_by_offset(maps: torch.Tensor, offset_m: torch.Tensor, grid: geometry.GridSpec) -> torch.Tensor:
     """Resample maps so that each cell reads the map at its centre plus its offset (bilinear, zeros outside).
 

@@ -49,6 +49,8 @@ class ModelConfig:
         skip_frames: the input keyframes, newest last, whose finer LiDAR maps the decoder reads (1: the present
             keyframe's alone; at most ``fuser.past_frames``): each is warped into the present ego frame and a
             1 x 1 convolution adds what they show to the present keyframe's maps (``BevJepa.present_skips``).
+        flow_refine: refine the world model's flow on the 1 m grid from the LiDAR maps there
+            (``heads.FlowRefiner``); False: the flow of the 2 m latent, upsampled.
     """
 
     camera: camera_encoder.CameraEncoderConfig = field(default_factory=camera_encoder.CameraEncoderConfig)
@@ -65,6 +67,7 @@ class ModelConfig:
     world_model: bool = True
     decoder_widths: tuple[int, int] = (16, 32)
     skip_frames: int = 1
+    flow_refine: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.skip_frames <= self.fuser.past_frames:
@@ -76,6 +79,8 @@ class ModelConfig:
             raise ValueError("ModelConfig: use_camera and use_lidar cannot both be False")
         if len(self.decoder_widths) != 2 or min(self.decoder_widths) < 1:
             raise ValueError(f"ModelConfig.decoder_widths: two positive widths (0.5 m, 1 m), got {self.decoder_widths}")
+        if self.flow_refine and not (self.world_model and self.use_lidar):
+            raise ValueError("ModelConfig.flow_refine: needs the world model and the LiDAR's 1 m maps")
 
 
 @dataclass(frozen=True)
@@ -272,8 +277,8 @@ class ModelOutput:
         regression: [B, 10, 64, 64] detection box regression at t0 (see ``heads.REGRESSION_CHANNELS``).
         own: the input frames' encodings, each in its own ego frame (P frames).
         skips: the finer LiDAR maps the decoder reads, in t0 (``BevJepa.present_skips``), finest first.
-        flow: [B, F + 1, 2, H, W] where each latent cell's content was at t0 (x, y m; ``heads.FlowHead``), zero at
-            step 0; None without a world model.
+        flow: [B, F + 1, 2, H, W] where each cell's content was at t0 (x, y m; ``BevJepa.flow_of``: on the latent
+            grid, or the 1 m grid with ``ModelConfig.flow_refine``), zero at step 0; None without a world model.
         decoded: the S steps of ``occupancy_logits`` (0: t0), ascending; None: every step 0..F.
     """
 
@@ -327,6 +332,7 @@ class BevJepa(nn.Module):
         )  # the LiDAR's 0.5 m map and 1 m stage
         fine, coarse = config.decoder_widths
         self.decoder = heads.BevDecoder(channels, skip_channels, config.decoder_widths, steps=f + 1)
+        self.flow_refiner = heads.FlowRefiner(skip_channels[1], steps=f) if config.flow_refine else None
         self.skip_mix = nn.ModuleList()
         if config.skip_frames > 1 and config.use_lidar:  # without LiDAR there are no fine maps to mix
             for c in skip_channels:
@@ -414,12 +420,24 @@ class BevJepa(nn.Module):
         g = self.config.grid
         return geometry.GridSpec(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, g.resolution_m * 2**level)
 
-    def flow_of(self, latents: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-        """Source offsets [B, S, 2, H, W] (m) of latents [B, S, C, H, W] against z_t0 [B, C, H, W] (world model)."""
+    def flow_of(self, latents: torch.Tensor, z0: torch.Tensor, skips: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Source offsets (m) of steps 0..S: zero at t0, then of rolled-out latents against z_t0 (world model).
+
+        Args:
+            latents: [B, S, C, H, W] the latents of steps 1..S.
+            z0: [B, C, H, W] z_t0.
+            skips: the finer maps in t0, as ``present_skips`` returns them (read with ``ModelConfig.flow_refine``).
+
+        Returns:
+            [B, S + 1, 2, h, w]: on the latent grid, or the 1 m grid with ``ModelConfig.flow_refine``.
+        """
         b, s = latents.shape[:2]
-        z0 = z0[:, None].expand(-1, s, *z0.shape[1:])
-        offsets = self.flow(latents.reshape(b * s, *latents.shape[2:]), z0.reshape(b * s, *z0.shape[2:]))
-        return offsets.reshape(b, s, *offsets.shape[1:])
+        z0_ = z0[:, None].expand(-1, s, *z0.shape[1:])
+        offsets = self.flow(latents.reshape(b * s, *latents.shape[2:]), z0_.reshape(b * s, *z0.shape[1:]))
+        offsets = offsets.reshape(b, s, *offsets.shape[1:])
+        if self.flow_refiner is not None:
+            offsets = self.flow_refiner(offsets, skips[1], list(range(1, s + 1)))
+        return torch.cat([torch.zeros_like(offsets[:, :1]), offsets], dim=1)
 
     def occupancy_of(
         self,
@@ -490,7 +508,7 @@ class BevJepa(nn.Module):
                 actions = batch.actions[:, p - 1 : p - 1 + f]  # [B, F, 3]
             rollout = self.predictor.rollout(latent, actions)  # [B, F, C, H, W]
             sequence = torch.cat([latent[:, None], rollout], dim=1)  # [B, F + 1, C, H, W]
-            flow = torch.cat([torch.zeros_like(latent[:, None, :2]), self.flow_of(rollout, latent)], dim=1)
+            flow = self.flow_of(rollout, latent, skips)  # [B, F + 1, 2, h, w]
             steps = list(range(f + 1)) if decode is None else list(decode)
             fine, coarse = self.decode(sequence[:, steps], steps, skips, flow[:, steps])[:2]
             occupancy = self.occupancy(fine.reshape(b * len(steps), *fine.shape[2:])).reshape(

@@ -34,6 +34,13 @@ def test_the_three_latents_are_scored_per_class_and_horizon(light_checkpoint, sy
     expected = metrics.iou(intersection.sum(0)[:, 0], union.sum(0)[:, 0])
     np.testing.assert_allclose(result.iou["rollout"][vehicle], expected, rtol=1e-6)
     assert result.to_dict()["iou"] == result.iou
+    # The flow's error and the motion it should explain, per class and horizon: both zero at t0, where nothing moved.
+    for values in (result.flow_error_m, result.motion_m):
+        assert set(values) == set(categories.CLASSES)
+        assert all(
+            len(v) == net.config.occupancy_steps + 1 and (math.isnan(v[0]) or v[0] == 0) for v in values.values()
+        )
+    assert any(v > 0 for v in result.motion_m[vehicle][1:]) and all(v >= 0 for v in result.flow_error_m[vehicle][1:])
     ratio = result.ratio("rollout", "held", vehicle, 0)
     assert math.isnan(ratio) or ratio == pytest.approx(1.0)
 

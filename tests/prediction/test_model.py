@@ -75,6 +75,27 @@ def test_the_flow_loss_weighs_each_cell_by_its_class(batch):
     assert min(by_class) <= flow((1.0, 10.0, 10.0)) <= max(by_class)
 
 
+def test_the_refined_flow_starts_as_the_latent_flow_on_the_1_m_grid_and_learns(batch):
+    torch.manual_seed(0)
+    config = dataclasses.replace(experiment_config.small().model, use_camera=False, flow_refine=True)
+    net = model.BevJepa(config)
+    with torch.no_grad():
+        net.flow.net[-1].bias.copy_(torch.tensor([0.1, -0.2]))  # a coarse flow that is not zero
+    output = net(batch)
+    b, f = batch.occupancy.shape[0], config.occupancy_steps
+    assert output.flow.shape == (b, f + 1, 2, 64, 64)  # the 1 m grid of the 0.5 m targets
+    assert float(output.flow[:, 0].detach().abs().max()) == 0.0  # t0 has not moved
+    # The refiner's last layer starts at zero: the flow is the coarse flow, upsampled.
+    torch.testing.assert_close(
+        output.flow[:, 1:].detach(), torch.tensor([1.0, -2.0])[:, None, None].expand_as(output.flow[:, 1:])
+    )
+    losses_ = model.compute_losses(net, batch, output, model.LossWeights(latent=0.0))
+    losses_.flow.backward()
+    assert float(net.flow_refiner.net[-1].weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="flow_refine"):
+        dataclasses.replace(config, world_model=False)
+
+
 def test_modalities_drop_only_in_training_and_never_in_the_target_encoder(batch):
     config = experiment_config.small().model
     config = dataclasses.replace(config, fuser=dataclasses.replace(config.fuser, modality_dropout=0.99))
