@@ -606,8 +606,32 @@ def _world_model_section(metrics: dict) -> list[str]:
                 ]
             )
         lines += [f"### {cls}: occupancy IoU per horizon", "", *_table(["latent", *_horizon_header(steps)], rows)]
+    lines += _flow_table(check)
     verdicts = world_model_verdicts(metrics)
     return [*lines, *verdicts, ""] if verdicts else lines
+
+
+def _flow_table(check: dict) -> list[str]:
+    """The rollout flow's mean error per class and horizon beside the annotated motion it should explain."""
+    error, motion = check.get("flow_error_m"), check.get("motion_m")
+    if not (isinstance(error, dict) and isinstance(motion, dict)):
+        return []
+    rows = [
+        [cls, *(f"{format_value(e)} / {format_value(m)}" for e, m in zip(error[cls], motion[cls], strict=True))]
+        for cls in categories.CLASSES
+        if isinstance(error.get(cls), list) and isinstance(motion.get(cls), list)
+    ]
+    if not rows:
+        return []
+    steps = max(len(row) - 1 for row in rows)
+    return [
+        "### The rollout's flow",
+        "",
+        "Where the flow says each annotated instance cell's content was at t0, against where it was: the mean "
+        "error (m) / the mean motion since t0 (m), the error of a flow that moves nothing.",
+        "",
+        *_table(["class", *_horizon_header(steps)], rows),
+    ]
 
 
 DEVKIT_SECTIONS = {"detection": "## Detection at t0", "tracking": "## Tracking"}

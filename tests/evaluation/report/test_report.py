@@ -156,12 +156,24 @@ def test_every_number_in_the_report_is_the_one_in_metrics_json(evaluated):
     iou_cells = sum(len(v) for m in metrics["models"].values() for v in m["iou"].values())
     assert checked >= iou_cells + len(metrics["models"])  # every IoU per step and every IoU at 2 s at least
     assert checked_detection >= 2  # mAP and NDS at least
-    assert checked_check == 3 * 5 * 5  # per class: rollout, held, observed, direct and the ratio at 5 horizons
+    # per class: rollout, held, observed, direct and the ratio at 5 horizons; then the flow per class and horizon
+    assert checked_check == 3 * 5 * 5 + 3 * 5
     assert "## What was evaluated" in text and "mini_val" in text and "2 windows" in text
 
 
 def _check_table(metrics: dict, heading: str, header: list[str], rows: list[list[str]]) -> int:
     """Check a table of the world-model section against metrics.json; the number of cells checked."""
+    if heading == "### The rollout's flow":  # per class: "error / motion" (m) per horizon
+        check = metrics["world_model_check"]
+        assert [row[0] for row in rows] == list(categories.CLASSES)
+        for row in rows:
+            assert len(row) == len(header) == 6, (heading, row)
+            for step, cell in enumerate(row[1:]):
+                error, motion = cell.split(" / ")
+                assert _same(error, check["flow_error_m"][row[0]][step]) and _same(
+                    motion, check["motion_m"][row[0]][step]
+                )
+        return 5 * len(rows)
     cls = heading.removeprefix("### ").split(":")[0]
     assert cls in categories.CLASSES and header[0] == "latent", heading
     iou = metrics["world_model_check"]["iou"]
