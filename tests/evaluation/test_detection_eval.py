@@ -267,6 +267,33 @@ def test_records_refuse_inconsistent_inputs():
     )
 
 
+def test_the_grid_ceiling_is_the_devkit_score_of_the_boxes_a_grid_can_hold(real_scene_nusc, tmp_path):
+    dataroot = Path(real_scene_nusc.dataroot)
+    tokens = detection_eval.split_sample_tokens(real_scene_nusc, "mini_val")
+    pose_of = {}
+    for token in tokens:
+        lidar = real_scene_nusc.get("sample_data", real_scene_nusc.get("sample", token)["data"]["LIDAR_TOP"])
+        pose = real_scene_nusc.get("ego_pose", lidar["ego_pose_token"])
+        pose_of[token] = geometry.RigidTransform.from_quaternion(pose["rotation"], pose["translation"]).matrix
+
+    def ceiling(grid: geometry.GridSpec, name: str, poses=pose_of) -> dict:
+        return detection_eval.grid_ceiling(
+            real_scene_nusc, dataroot, "v1.0-mini", "mini_val", poses, grid, tmp_path / name
+        )
+
+    # A grid beyond every class range holds every scored box: the ceiling is the devkit's perfect score.
+    wide = ceiling(geometry.GridSpec(-60.0, 60.0, -60.0, 60.0, 0.5), "wide")
+    present = [c for c, n in wide["per_class_ground_truth_boxes"].items() if n > 0]
+    assert present and all(wide["per_class_ap"][c] == pytest.approx(1.0) for c in present)
+    # The small preset's ±32 m grid misses the cars between 32 and 50 m: the ceiling falls, and no further than that.
+    small = ceiling(geometry.GridSpec(), "small")
+    assert 0.1 < small["per_class_ap"]["car"] < 0.95
+    assert small["predicted_boxes"] < wide["predicted_boxes"]
+    # Samples without a window have no detections: fewer windows, a lower ceiling.
+    half = ceiling(geometry.GridSpec(), "half", dict(list(pose_of.items())[::2]))
+    assert half["per_class_ap"]["car"] < small["per_class_ap"]["car"]
+
+
 @pytest.fixture
 def tiny_run(tiny_checkpoint: Path) -> Path:
     return tiny_checkpoint
@@ -288,6 +315,10 @@ def test_a_tiny_checkpoint_is_exported_and_scored(
     assert set(boxes.sample_tokens) == set(split_tokens)
     assert meta == {"use_camera": True, "use_lidar": True, "use_radar": False, "use_map": False, "use_external": False}
     assert json.loads((out / detection_eval.METRICS_FILE).read_text()) == result
+    # No detector on the model's grid and windows beats the annotated boxes it could hold.
+    assert set(result["grid_ceiling_ap"]) == set(result["per_class_ap"])
+    assert all(result["grid_ceiling_ap"][c] >= ap for c, ap in result["per_class_ap"].items())
+    assert 0.0 < result["grid_ceiling_mAP"] <= 1.0 and result["grid_ceiling_NDS"] >= result["NDS"]
 
     # Every peak exported (threshold 0): boxes on the two windowed samples only, scored on those alone.
     every = detection_eval.evaluate_model_detections(
