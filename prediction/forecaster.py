@@ -464,7 +464,7 @@ class Forecaster:
         _, net = checkpoint.load_model(run, device)
         return Forecaster(net, device, cache_frames, agents, min_score)
 
-    def _own(self, batch: torch_dataset.WindowBatch) -> model.FrameEncoding:
+    def encode_frames(self, batch: torch_dataset.WindowBatch) -> model.FrameEncoding:
         """The input frames' own-frame encodings (P frames), encoding only those not in the cache."""
         if self.cache_frames <= 0 or not batch.frame_tokens or not all(batch.frame_tokens):
             return self.net.encoder.encode_frames(model.SensorFrames.past(batch))
@@ -491,21 +491,24 @@ class Forecaster:
             self._cache.popitem(last=False)
         return own
 
-    def track(
+    def keyframe_detections(
         self,
         batch: torch_dataset.WindowBatch,
         own: model.FrameEncoding | None = None,
         scene: model.SceneOutput | None = None,
-    ) -> list[tracking.TrackedAgents]:
-        """The agents of each window, tracked from the model's own detections on its input keyframes.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The detection head's output on every input keyframe, each in its own frame (what ``track`` decodes).
 
         Args:
             batch: the windows (on the forecaster's device); their annotations are not read.
             own: the input frames' encodings when already encoded.
             scene: the windows' scene when already predicted: its t0 detection is used, and only the earlier
                 keyframes are decoded here.
+
+        Returns:
+            heat-map logits [B, P, classes, h, w] and regressions [B, P, 10, h, w] (``BevJepa.detect_frames``).
         """
-        own = self._own(batch) if own is None else own
+        own = self.encode_frames(batch) if own is None else own
         p = batch.t0_from_ego.shape[1]
         if self.reference:  # as before the speed work: a full decoder pass per keyframe, t0 included
             passes = [self.net.detect_frames(own, batch.t0_from_ego, [k], finest=0) for k in range(p)]
@@ -517,6 +520,20 @@ class Forecaster:
             if p > 1:
                 past = self.net.detect_frames(own, batch.t0_from_ego, list(range(p - 1)))
                 heatmaps, regressions = torch.cat([past[0], heatmaps], 1), torch.cat([past[1], regressions], 1)
+        return heatmaps, regressions
+
+    def track(
+        self,
+        batch: torch_dataset.WindowBatch,
+        own: model.FrameEncoding | None = None,
+        scene: model.SceneOutput | None = None,
+    ) -> list[tracking.TrackedAgents]:
+        """The agents of each window, tracked from the model's own detections on its input keyframes.
+
+        Args: as ``keyframe_detections``.
+        """
+        heatmaps, regressions = self.keyframe_detections(batch, own, scene)
+        p = heatmaps.shape[1]
         grid = self.net.detection.grid
         decoded = [
             heads.decode_detections(heatmaps[:, k], regressions[:, k], grid=grid, threshold=self.min_score)
@@ -575,7 +592,7 @@ class Forecaster:
         if tracks is not None and (self.agents != "tracked" or len(tracks) != batch.batch_size):
             raise ValueError(f"forecast_batch: tracks are for tracked agents, one per window ({batch.batch_size})")
         batch = batch.to(self.device)
-        own = self._own(batch)
+        own = self.encode_frames(batch)
         scores: list[np.ndarray | None] = [None] * batch.batch_size
         scene = None if self.reference else self.net.scene(batch, actions, own)
         if self.agents == "tracked":

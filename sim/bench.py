@@ -86,7 +86,7 @@ def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: 
 
     (a) ``SensorRenderer.lidar_sweep``: the rays, agent meshing, a fresh scene, the cast, drops, noise, intensities
     and the ``LidarSweep``. (r) ``SensorRenderer._lidar_sweep_reference``, the same work as first written, which
-    (a) must equal bit for bit (checked here once before timing). (b) open3d's ``RaycastingScene.cast_rays``
+    (a) must equal to float32 rounding (checked here once before timing). (b) open3d's ``RaycastingScene.cast_rays``
     alone, on the same scene (static world and agents, global frame) built once, with the rays precomputed.
     The three are interleaved, one of each per round.
 
@@ -102,7 +102,8 @@ def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: 
     reference, reference_index = renderer._lidar_sweep_reference(
         agents, global_from_ego, 0, np.random.default_rng(seed)
     )
-    if not (np.array_equal(sweep.points, reference.points) and np.array_equal(agent_index, reference_index)):
+    same = sweep.points.shape == reference.points.shape and np.allclose(sweep.points, reference.points, 1e-6, 1e-6)
+    if not (same and np.array_equal(agent_index, reference_index)):
         raise AssertionError("lidar_throughput: lidar_sweep and its reference disagree")
     rng, reference_rng = np.random.default_rng(seed), np.random.default_rng(seed)
     returns: list[int] = []

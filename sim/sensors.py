@@ -396,7 +396,7 @@ def _global_rays(rays_ego: o3d.core.Tensor, global_from_ego: geometry.RigidTrans
 
     One open3d product ``[o, d, 1] @ _ray_transform(global_from_ego)``. It sums the seven float32 terms of each
     output in order, from +0, rounding each product and each sum (no fused multiply-add): ``_one_origin_rays``
-    reproduces it bit for bit.
+    reproduces it bit for bit where NumPy runs AVX-512 kernels, and to a few float32 ulps on AVX2.
     """
     return rays_ego @ o3d.core.Tensor(_ray_transform(global_from_ego))
 
@@ -404,7 +404,7 @@ def _global_rays(rays_ego: o3d.core.Tensor, global_from_ego: geometry.RigidTrans
 def _one_origin_rays(
     origin_ego: np.ndarray, directions_ego: np.ndarray, global_from_ego: geometry.RigidTransform
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rays that all leave from one point, moved into the global frame bit for bit as ``_global_rays`` moves them.
+    """Rays that all leave from one point, moved into the global frame as ``_global_rays`` moves them.
 
     ``_global_rays`` rounds ``((0 + a0 b0) + a1 b1) + ...`` term by term; the terms whose factor is zero only ever
     add a signed zero, which changes nothing but the sign of a zero sum, and open3d's sum starts from +0, so a
@@ -618,10 +618,11 @@ class SensorRenderer:
     ) -> tuple[types.LidarSweep, np.ndarray]:
         """One instantaneous LiDAR sweep (every ray from one pose: no motion during the 50 ms spin).
 
-        The same points, bit for bit, and the same draws from ``rng`` as ``_lidar_sweep_reference``, faster: the
-        rays by ``_one_origin_rays``; every step after the cast on whole per-ray columns ([N] arrays straight from
-        the cast), the returns picked out once at the end instead of a dozen gathers through index lists; both
-        axes of the ground's surface lookup at once; the points handed to the sweep without a copy.
+        The same points (bit for bit on AVX-512, a few float32 ulps apart on AVX2) and the same draws from ``rng``
+        as ``_lidar_sweep_reference``, faster: the rays by ``_one_origin_rays``; every step after the cast on whole
+        per-ray columns ([N] arrays straight from the cast), the returns picked out once at the end instead of a
+        dozen gathers through index lists; both axes of the ground's surface lookup at once; the points handed to
+        the sweep without a copy.
 
         Args:
             agents: the agents' boxes (global frame).
@@ -694,7 +695,7 @@ class SensorRenderer:
     ) -> tuple[types.LidarSweep, np.ndarray]:
         """``lidar_sweep`` as first written: rays by open3d's product, returns gathered through index lists.
 
-        Kept as the reference that ``lidar_sweep`` must equal bit for bit (tests) and as the baseline of
+        Kept as the reference that ``lidar_sweep`` must equal to float32 rounding (tests) and as the baseline of
         ``bench.lidar_throughput``; same arguments and results as ``lidar_sweep``.
         """
         config = self.lidar

