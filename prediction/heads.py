@@ -150,6 +150,20 @@ class BevDecoder(nn.Module):
         return out[::-1]
 
 
+def _offset_layers(hidden: int, *middle: nn.Module) -> list[nn.Module]:
+    """The offset heads' layers on ``hidden`` channels, ending in 2 offsets that start at zero (nothing moves).
+
+    GroupNorm, SiLU, ``middle``, a dilated 3 × 3 convolution, SiLU and a 1 × 1 convolution whose weights are zeroed;
+    the convolutions are made in that order, so that a seed draws the weights it drew before this helper.
+    """
+    dilated = nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2)
+    out = nn.Conv2d(hidden, 2, 1)
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.zero_()
+    return [nn.GroupNorm(math.gcd(8, hidden), hidden), nn.SiLU(), *middle, dilated, nn.SiLU(), out]
+
+
 class FlowHead(nn.Module):
     """Where each cell's content was at t0: a source offset per cell of a rolled-out latent, read against z_t0.
 
@@ -162,17 +176,7 @@ class FlowHead(nn.Module):
         """``channels``: C of the latents; ``hidden``: the width; ``scale_m``: metres per unit of the last layer."""
         super().__init__()
         self.scale_m = scale_m
-        self.net = nn.Sequential(
-            nn.Conv2d(2 * channels, hidden, 3, padding=1),
-            nn.GroupNorm(math.gcd(8, hidden), hidden),
-            nn.SiLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2),
-            nn.SiLU(),
-            nn.Conv2d(hidden, 2, 1),
-        )
-        with torch.no_grad():
-            self.net[-1].weight.zero_()
-            self.net[-1].bias.zero_()
+        self.net = nn.Sequential(nn.Conv2d(2 * channels, hidden, 3, padding=1), *_offset_layers(hidden))
 
     def forward(self, z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
         """Source offsets [N, 2, H, W] (x, y in m, t0 frame) of latents z [N, C, H, W] against z_t0 [N, C, H, W]."""
@@ -195,18 +199,7 @@ class FlowRefiner(nn.Module):
         self.from_maps = nn.Conv2d(map_channels, hidden, 3, padding=1)  # once per sample, shared by its steps
         self.from_flow = nn.Conv2d(2, hidden, 1)
         self.step_embedding = nn.Parameter(torch.zeros(steps + 1, hidden))
-        self.net = nn.Sequential(
-            nn.GroupNorm(math.gcd(8, hidden), hidden),
-            nn.SiLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2),
-            nn.SiLU(),
-            nn.Conv2d(hidden, 2, 1),
-        )
-        with torch.no_grad():
-            self.net[-1].weight.zero_()
-            self.net[-1].bias.zero_()
+        self.net = nn.Sequential(*_offset_layers(hidden, nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU()))
 
     def forward(self, coarse_m: torch.Tensor, maps: torch.Tensor, steps: list[int]) -> torch.Tensor:
         """Refined source offsets.
