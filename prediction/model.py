@@ -420,25 +420,22 @@ class BevJepa(nn.Module):
         g = self.config.grid
         return geometry.GridSpec(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, g.resolution_m * 2**level)
 
-    def flow_of(
-        self, latents: torch.Tensor, z0: torch.Tensor, skips: tuple[torch.Tensor, ...], refine: bool = True
-    ) -> torch.Tensor:
+    def flow_of(self, latents: torch.Tensor, z0: torch.Tensor, skips: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Source offsets (m) of steps 0..S: zero at t0, then of rolled-out latents against z_t0 (world model).
 
         Args:
             latents: [B, S, C, H, W] the latents of steps 1..S.
             z0: [B, C, H, W] z_t0.
             skips: the finer maps in t0, as ``present_skips`` returns them (read with ``ModelConfig.flow_refine``).
-            refine: False: the latent's own flow even with ``ModelConfig.flow_refine`` (its loss, see ``LossWeights``).
 
         Returns:
-            [B, S + 1, 2, h, w]: on the latent grid, or the 1 m grid with ``ModelConfig.flow_refine`` and ``refine``.
+            [B, S + 1, 2, h, w]: on the latent grid, or the 1 m grid with ``ModelConfig.flow_refine``.
         """
         b, s = latents.shape[:2]
         z0_ = z0[:, None].expand(-1, s, *z0.shape[1:])
         offsets = self.flow(latents.reshape(b * s, *latents.shape[2:]), z0_.reshape(b * s, *z0.shape[1:]))
         offsets = offsets.reshape(b, s, *offsets.shape[1:])
-        if refine and self.flow_refiner is not None:
+        if self.flow_refiner is not None:
             offsets = self.flow_refiner(offsets, skips[1], list(range(1, s + 1)))
         return torch.cat([torch.zeros_like(offsets[:, :1]), offsets], dim=1)
 
@@ -623,9 +620,6 @@ class LossWeights:
         flow: the source offsets against the annotated instances' motion (``losses.flow_loss``).
         flow_class_weight: the flow loss's weight on each class's cells (vehicle, pedestrian, cyclist); a
             cell's class is its target's (the largest weight where classes overlap).
-        coarse_flow: with ``ModelConfig.flow_refine``, the weight of the same loss on the latent's own flow (before
-            ``heads.FlowRefiner``), added into the flow term: the refiner reads the input keyframes' motion from the
-            LiDAR maps, and without this the rolled-out latents, which the trajectory head reads, need not carry it.
         decoded_future_steps: rollout steps whose occupancy the world model decodes per training iteration, drawn
             at random among 1..F besides t0 (``draw_decoded_steps``; the 0.5 m decoder is most of a step's cost);
             t0 and the drawn steps are weighed so that the occupancy terms' expectation is their mean over all
@@ -646,7 +640,6 @@ class LossWeights:
     unobserved_weight: float = 0.3
     flow: float = 1.0
     flow_class_weight: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    coarse_flow: float = 0.0
     decoded_future_steps: int | None = None
     trajectory: float = 1.0
     mode: float = 0.5
@@ -686,21 +679,6 @@ def draw_decoded_steps(config: ModelConfig, weights: LossWeights) -> tuple[int, 
 
 HEAD_TERMS = ("latent", "occupancy", "dice", "flow", "trajectory", "detection")
 """The terms whose gradients at the shared latent z_t0 training logs (``gradient_norms``)."""
-
-
-def _flow_term(
-    model: BevJepa, batch: torch_dataset.WindowBatch, weights: LossWeights, flow: torch.Tensor
-) -> torch.Tensor:
-    """``losses.flow_loss`` of source offsets [B, F + 1, 2, h, w] (m), upsampled to the target grid."""
-    b, s = flow.shape[:2]
-    predicted = F.interpolate(
-        flow.reshape(b * s, *flow.shape[2:]), size=model.config.grid.shape, mode="bilinear"
-    ).reshape(b, s, 2, *model.config.grid.shape)  # [B, F + 1, 2, H, W] on the target grid
-    cell_xy = torch.as_tensor(model.config.grid.cell_centers(), dtype=predicted.dtype, device=predicted.device)
-    target, mask = losses.instance_flow_targets(batch.instances, cell_xy)
-    class_weight = torch.as_tensor(weights.flow_class_weight, dtype=predicted.dtype, device=predicted.device)
-    cell_weight = (batch.occupancy.to(predicted.dtype) * class_weight[:, None, None]).amax(dim=2)  # [B, S, H, W]
-    return losses.flow_loss(predicted, target, mask, cell_weight=cell_weight)
 
 
 def compute_losses(
@@ -747,10 +725,15 @@ def compute_losses(
     )
     dice = over_steps(lambda s: losses.soft_dice_loss(logits[:, s], target[:, s]))
     if output.flow is not None:
-        flow = _flow_term(model, batch, weights, output.flow)
-        if weights.coarse_flow > 0 and model.flow_refiner is not None:
-            own_flow = model.flow_of(output.rollout, output.latent, output.skips, refine=False)
-            flow = flow + weights.coarse_flow * _flow_term(model, batch, weights, own_flow)
+        b, s = output.flow.shape[:2]
+        predicted = F.interpolate(
+            output.flow.reshape(b * s, *output.flow.shape[2:]), size=model.config.grid.shape, mode="bilinear"
+        ).reshape(b, s, 2, *model.config.grid.shape)  # [B, F + 1, 2, H, W] on the target grid
+        cell_xy = torch.as_tensor(model.config.grid.cell_centers(), dtype=predicted.dtype, device=predicted.device)
+        target, mask = losses.instance_flow_targets(batch.instances, cell_xy)
+        class_weight = torch.as_tensor(weights.flow_class_weight, dtype=predicted.dtype, device=predicted.device)
+        cell_weight = (batch.occupancy.to(predicted.dtype) * class_weight[:, None, None]).amax(dim=2)  # [B, S, H, W]
+        flow = losses.flow_loss(predicted, target, mask, cell_weight=cell_weight)
     else:
         flow = zero
     trajectory, mode = losses.trajectory_loss(

@@ -90,10 +90,6 @@ def test_the_refined_flow_starts_as_the_latent_flow_on_the_1_m_grid_and_learns(b
         output.flow[:, 1:].detach(), torch.tensor([1.0, -2.0])[:, None, None].expand_as(output.flow[:, 1:])
     )
     losses_ = model.compute_losses(net, batch, output, model.LossWeights(latent=0.0))
-    # The loss on the latent's own flow adds the same term again while the refiner adds nothing.
-    both = model.compute_losses(net, batch, output, model.LossWeights(latent=0.0, coarse_flow=0.5))
-    assert float(losses_.flow) > 0
-    torch.testing.assert_close(both.flow.detach(), 1.5 * losses_.flow.detach())
     losses_.flow.backward()
     assert float(net.flow_refiner.net[-1].weight.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="flow_refine"):
