@@ -102,7 +102,8 @@ def lidar_throughput(layout_name: str = "intersection", sweeps: int = 20, seed: 
     reference, reference_index = renderer._lidar_sweep_reference(
         agents, global_from_ego, 0, np.random.default_rng(seed)
     )
-    same = sweep.points.shape == reference.points.shape and np.allclose(sweep.points, reference.points, 1e-6, 1e-6)
+    same = sweep.points.shape == reference.points.shape
+    same = same and np.allclose(sweep.points, reference.points, **sensors.REFERENCE_TOLERANCE)
     if not (same and np.array_equal(agent_index, reference_index)):
         raise AssertionError("lidar_throughput: lidar_sweep and its reference disagree")
     rng, reference_rng = np.random.default_rng(seed), np.random.default_rng(seed)

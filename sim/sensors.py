@@ -47,6 +47,11 @@ _AGENT_NOISE_LIMIT_M = 0.025
 GROUND_MARGIN_M = 10.0
 """The ground quad reaches this far beyond the layout square on every side (m)."""
 
+REFERENCE_TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
+"""How close the fast LiDAR paths keep to their references (``_lidar_sweep_reference``, open3d's ray product): equal
+bits where NumPy runs AVX-512 kernels, a few float32 ulps apart on AVX2, where it picks other kernels per array
+shape; never a different point, ring or count."""
+
 SUN_DIRECTION = np.array([0.35, -0.25, 0.90]) / np.linalg.norm([0.35, -0.25, 0.90])
 """[3] unit vector towards the sun (global frame), fixed."""
 

@@ -166,11 +166,6 @@ def test_drop_probability_drops_about_that_share(car_ahead):
     assert abs(1 - len(sweep.points) / len(exact.points) - 0.2) < 0.02
 
 
-# The fast paths and their references round alike on AVX-512 but not on AVX2 (NumPy and torch pick other kernels per
-# array shape there): a few float32 ulps apart, never a different point, ring or count.
-ULP_TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
-
-
 @pytest.mark.parametrize(
     "config",
     [
@@ -191,7 +186,7 @@ def test_lidar_sweep_equals_its_reference_to_float_rounding(street, config):
         sweep, agent_index = renderer.lidar_sweep(seen, pose, 5, rng)
         reference, reference_index = renderer._lidar_sweep_reference(seen, pose, 5, reference_rng)
         assert sweep.points.shape == reference.points.shape and len(sweep.points) > 0
-        np.testing.assert_allclose(sweep.points, reference.points, **ULP_TOLERANCE)
+        np.testing.assert_allclose(sweep.points, reference.points, **sensors.REFERENCE_TOLERANCE)
         np.testing.assert_array_equal(agent_index, reference_index)
         assert agent_index.dtype == reference_index.dtype == np.int32
         assert rng.bit_generator.state == reference_rng.bit_generator.state  # the same draws, no more, no fewer
@@ -209,7 +204,7 @@ def test_lidar_rays_equal_open3ds_product_to_float_rounding(car_ahead):
     for pose in poses:
         fast = renderer.lidar_rays(pose).numpy()
         product = sensors._global_rays(renderer._lidar_rays_ego, pose).numpy()  # what the reference casts
-        np.testing.assert_allclose(fast, product, **ULP_TOLERANCE)
+        np.testing.assert_allclose(fast, product, **sensors.REFERENCE_TOLERANCE)
 
 
 # ----------------------------------------------------------------------------------------------- cameras
