@@ -568,6 +568,23 @@ def evaluate_model_detections(
     return result
 
 
+def inside_grid(centres: np.ndarray, global_from_ego: np.ndarray, grid: geometry.GridSpec) -> np.ndarray:
+    """Which box centres lie inside ``grid`` in the ego frame of ``global_from_ego``.
+
+    Args:
+        centres: [N, 3] float — box centres (m, global frame).
+        global_from_ego: [4, 4] float — the ego pose (m).
+        grid: the model's grid, in the ego frame.
+
+    Returns:
+        [N] bool.
+    """
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
+    homogeneous = np.concatenate([centres, np.ones((len(centres), 1))], axis=1)
+    in_ego = homogeneous @ np.linalg.inv(np.asarray(global_from_ego, dtype=np.float64)).T  # [N, 4]
+    return grid.xy_to_index(in_ego[:, :2])[2]
+
+
 def grid_ceiling(
     nusc,
     dataroot: Path,
@@ -607,8 +624,7 @@ def grid_ceiling(
         boxes = [b for b in scored[token] if b.detection_name in EVALUATED_CLASSES]
         if not boxes:
             continue
-        centres = np.array([[*b.translation, 1.0] for b in boxes]) @ np.linalg.inv(pose).T  # [N, 4] in the ego frame
-        inside = grid.xy_to_index(centres[:, :2])[2]
+        inside = inside_grid(np.array([b.translation for b in boxes]), pose, grid)
         records += [
             DetectionRecord(
                 token,

@@ -41,6 +41,20 @@ def real_scene_nusc(realdata_root: Path):
 
 
 @pytest.fixture(scope="session")
+def real_scene_val_poses(real_scene_nusc) -> dict:
+    """{sample token: [4, 4] its LiDAR keyframe's ego pose (global from ego, m)} of scene-0916's mini_val samples."""
+    from bevjepa.datasets import geometry
+    from bevjepa.evaluation import detection_eval
+
+    poses = {}
+    for token in detection_eval.split_sample_tokens(real_scene_nusc, "mini_val"):
+        lidar = real_scene_nusc.get("sample_data", real_scene_nusc.get("sample", token)["data"]["LIDAR_TOP"])
+        pose = real_scene_nusc.get("ego_pose", lidar["ego_pose_token"])
+        poses[token] = geometry.RigidTransform.from_quaternion(pose["rotation"], pose["translation"]).matrix
+    return poses
+
+
+@pytest.fixture(scope="session")
 def synthetic_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic v1.0-mini written by the simulator: 2 scenes of 4 s (8 keyframes each)."""
     from bevjepa.sim import synth

@@ -267,14 +267,11 @@ def test_records_refuse_inconsistent_inputs():
     )
 
 
-def test_the_grid_ceiling_is_the_devkit_score_of_the_boxes_a_grid_can_hold(real_scene_nusc, tmp_path):
+def test_the_grid_ceiling_is_the_devkit_score_of_the_boxes_a_grid_can_hold(
+    real_scene_nusc, real_scene_val_poses, tmp_path
+):
     dataroot = Path(real_scene_nusc.dataroot)
-    tokens = detection_eval.split_sample_tokens(real_scene_nusc, "mini_val")
-    pose_of = {}
-    for token in tokens:
-        lidar = real_scene_nusc.get("sample_data", real_scene_nusc.get("sample", token)["data"]["LIDAR_TOP"])
-        pose = real_scene_nusc.get("ego_pose", lidar["ego_pose_token"])
-        pose_of[token] = geometry.RigidTransform.from_quaternion(pose["rotation"], pose["translation"]).matrix
+    pose_of = real_scene_val_poses
 
     def ceiling(grid: geometry.GridSpec, name: str, poses=pose_of) -> dict:
         return detection_eval.grid_ceiling(

@@ -10,6 +10,7 @@ import pytest
 from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.nuscenes import NuScenes
 
+from bevjepa.datasets import geometry
 from bevjepa.evaluation import detection_eval, tracking_eval
 from bevjepa.prediction import tracking
 
@@ -67,6 +68,26 @@ def test_ground_truth_of_real_scene_0916_tracks_perfectly_and_id_switches_count(
     assert swapped["per_class"]["pedestrian"] == perfect["per_class"]["pedestrian"]
 
 
+def test_the_tracking_ceiling_is_the_devkit_score_of_the_tracks_a_grid_can_hold(
+    real_scene_nusc, real_scene_val_poses, tmp_path
+):
+    def ceiling(grid: geometry.GridSpec, name: str, poses=real_scene_val_poses) -> dict:
+        dataroot = Path(real_scene_nusc.dataroot)
+        return tracking_eval.grid_ceiling(
+            real_scene_nusc, dataroot, "v1.0-mini", "mini_val", poses, grid, tmp_path / name
+        )
+
+    # A grid beyond every class range holds every scored track: the ceiling is the devkit's perfect score.
+    wide = ceiling(geometry.GridSpec(-60.0, 60.0, -60.0, 60.0, 0.5), "wide")
+    for cls in ("car", "pedestrian"):
+        assert wide["per_class"][cls]["amota"] > 0.95 and wide["per_class"][cls]["ids"] == 0, cls
+    # The small preset's ±32 m grid misses the cars between 32 and 50 m: their recall, and so AMOTA, falls.
+    small = ceiling(geometry.GridSpec(), "small")
+    assert 0.05 < small["per_class"]["car"]["amota"] < wide["per_class"]["car"]["amota"] - 0.05
+    assert small["per_class"]["car"]["recall"] < wide["per_class"]["car"]["recall"]
+    assert small["per_class"]["car"]["ids"] == 0
+
+
 def test_tracks_go_to_the_global_frame_with_their_ids():
     agents = tracking.TrackedAgents(
         ids=np.array(["7", "9"]),
@@ -98,3 +119,8 @@ def test_a_checkpoint_is_tracked_exported_and_scored(tiny_checkpoint, synthetic_
     assert len(submission["results"]) == 8  # every mini_val sample, those without a window empty
     assert 0.0 <= result["amota"] <= 1.0 and result["windows"] == 2
     assert set(result["per_class"]) == {"bicycle", "car", "pedestrian"}
+    # No tracker of the model's detections beats the annotated tracks its grid and windows could hold.
+    assert set(result["grid_ceiling_per_class_amota"]) == set(result["per_class"])
+    for cls, scores in result["per_class"].items():
+        if scores["amota"] is not None:
+            assert result["grid_ceiling_per_class_amota"][cls] >= scores["amota"], cls
