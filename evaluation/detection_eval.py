@@ -568,21 +568,33 @@ def evaluate_model_detections(
     return result
 
 
-def inside_grid(centres: np.ndarray, global_from_ego: np.ndarray, grid: geometry.GridSpec) -> np.ndarray:
-    """Which box centres lie inside ``grid`` in the ego frame of ``global_from_ego``.
+def boxes_the_grid_holds(
+    scored, pose_of: Mapping[str, np.ndarray], grid: geometry.GridSpec
+) -> list[tuple[str, object]]:
+    """The devkit's scored boxes that a model on ``grid`` can see, sample by sample.
 
     Args:
-        centres: [N, 3] float — box centres (m, global frame).
-        global_from_ego: [4, 4] float — the ego pose (m).
+        scored: the devkit's ``EvalBoxes`` of ``DetectionBox`` or ``TrackingBox`` (global frame, m).
+        pose_of: {sample token: [4, 4] its t0 ego pose (global from ego)} of the samples with a window; the
+            samples not in it give nothing.
         grid: the model's grid, in the ego frame.
 
     Returns:
-        [N] bool.
+        [(sample token, box)] of the ``EVALUATED_CLASSES`` boxes whose centre lies inside ``grid``.
     """
-    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
-    homogeneous = np.concatenate([centres, np.ones((len(centres), 1))], axis=1)
-    in_ego = homogeneous @ np.linalg.inv(np.asarray(global_from_ego, dtype=np.float64)).T  # [N, 4]
-    return grid.xy_to_index(in_ego[:, :2])[2]
+    held = []
+    for token, pose in pose_of.items():
+        boxes = [
+            b
+            for b in scored[token]
+            if getattr(b, "detection_name", getattr(b, "tracking_name", None)) in EVALUATED_CLASSES
+        ]
+        if not boxes:
+            continue
+        centres = np.array([[*b.translation, 1.0] for b in boxes]) @ np.linalg.inv(pose).T  # [N, 4] in the ego frame
+        inside = grid.xy_to_index(centres[:, :2])[2]
+        held += [(token, box) for box, keep in zip(boxes, inside, strict=True) if keep]
+    return held
 
 
 def grid_ceiling(
@@ -619,26 +631,19 @@ def grid_ceiling(
     scored = filter_eval_boxes(  # the boxes the devkit scores: within range, with points, not in a bike rack
         nusc, add_center_dist(nusc, load_gt(nusc, split, DetectionBox)), detection_config().class_range
     )
-    records = []
-    for token, pose in pose_of.items():
-        boxes = [b for b in scored[token] if b.detection_name in EVALUATED_CLASSES]
-        if not boxes:
-            continue
-        inside = inside_grid(np.array([b.translation for b in boxes]), pose, grid)
-        records += [
-            DetectionRecord(
-                token,
-                box.translation,
-                box.size,
-                box.rotation,
-                tuple(np.nan_to_num(box.velocity)),  # the devkit's own; NaN (an object seen once) as zero
-                box.detection_name,
-                1.0,
-                box.attribute_name,
-            )
-            for box, keep in zip(boxes, inside, strict=True)
-            if keep
-        ]
+    records = [
+        DetectionRecord(
+            token,
+            box.translation,
+            box.size,
+            box.rotation,
+            tuple(np.nan_to_num(box.velocity)),  # the devkit's own; NaN (an object seen once) as zero
+            box.detection_name,
+            1.0,
+            box.attribute_name,
+        )
+        for token, box in boxes_the_grid_holds(scored, pose_of, grid)
+    ]
     submission = write_submission(
         records, Path(out_dir) / SUBMISSION_FILE, SubmissionMeta(use_camera=False, use_lidar=True), split_tokens
     )

@@ -187,26 +187,19 @@ def grid_ceiling(
 
     config = tracking_config()  # first: a TrackingConfig sets the devkit's tracking names, which load_gt checks
     scored = filter_eval_boxes(nusc, add_center_dist(nusc, load_gt(nusc, split, TrackingBox)), config.class_range)
-    records = []
-    for token, pose in pose_of.items():
-        boxes = [b for b in scored[token] if b.tracking_name in EVALUATED_CLASSES]
-        if not boxes:
-            continue
-        inside = detection_eval.inside_grid(np.array([b.translation for b in boxes]), pose, grid)
-        records += [
-            {
-                "sample_token": token,
-                "translation": list(box.translation),
-                "size": list(box.size),
-                "rotation": list(box.rotation),
-                "velocity": np.nan_to_num(box.velocity).tolist(),  # the devkit's own; NaN (seen once) as zero
-                "tracking_id": box.tracking_id,
-                "tracking_name": box.tracking_name,
-                "tracking_score": 1.0,
-            }
-            for box, keep in zip(boxes, inside, strict=True)
-            if keep
-        ]
+    records = [
+        {
+            "sample_token": token,
+            "translation": list(box.translation),
+            "size": list(box.size),
+            "rotation": list(box.rotation),
+            "velocity": np.nan_to_num(box.velocity).tolist(),  # the devkit's own; NaN (seen once) as zero
+            "tracking_id": box.tracking_id,
+            "tracking_name": box.tracking_name,
+            "tracking_score": 1.0,
+        }
+        for token, box in detection_eval.boxes_the_grid_holds(scored, pose_of, grid)
+    ]
     meta = detection_eval.SubmissionMeta(use_camera=False, use_lidar=True)
     split_tokens = detection_eval.split_sample_tokens(nusc, split)
     submission = write_submission(records, Path(out_dir) / SUBMISSION_FILE, meta, split_tokens)
