@@ -21,13 +21,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from nuscenes.nuscenes import NuScenes
-from nuscenes.utils.splits import create_splits_scenes
 from PIL import Image, JpegImagePlugin
 
 from bevjepa.datasets import categories, geometry, types
+
+if TYPE_CHECKING:  # the devkit is imported where its tables are read: importing it costs seconds (matplotlib, sklearn)
+    from nuscenes.nuscenes import NuScenes
 from bevjepa.datasets import io as bevio
 
 LIDAR_POINT_BYTES = 5 * 4
@@ -133,6 +135,8 @@ def open_nuscenes(dataroot: Path, version: str) -> NuScenes:
             f"check --dataroot and --version (a nuScenes folder holding the {version} tables)"
         )
     _check_dataroot_paths(dataroot, version)
+    from nuscenes.nuscenes import NuScenes
+
     return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
 
 
@@ -265,6 +269,8 @@ class NuScenesSource:
         if config.split is None:
             wanted = names
         else:
+            from nuscenes.utils.splits import create_splits_scenes
+
             splits = create_splits_scenes()
             if config.split not in splits:
                 raise ValueError(f"unknown split {config.split!r}; choose one of {sorted(splits)}")

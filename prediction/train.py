@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nuscenes.utils.splits import create_splits_scenes
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
@@ -96,6 +95,8 @@ def split_scenes(data: Path, split: str) -> list[str]:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: --data must be a `bevjepa preprocess` output")
     present = {w["scene"] for w in json.loads(manifest_path.read_text())["windows"]}
+    from nuscenes.utils.splits import create_splits_scenes  # here: importing the devkit costs seconds
+
     names = sorted(present) if split == "all" else create_splits_scenes().get(split, [])
     scenes = [s for s in names if s in present]
     if not scenes:
