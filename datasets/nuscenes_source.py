@@ -27,10 +27,10 @@ import numpy as np
 from PIL import Image, JpegImagePlugin
 
 from bevjepa.datasets import categories, geometry, types
+from bevjepa.datasets import io as bevio
 
 if TYPE_CHECKING:  # the devkit is imported where its tables are read: importing it costs seconds (matplotlib, sklearn)
     from nuscenes.nuscenes import NuScenes
-from bevjepa.datasets import io as bevio
 
 LIDAR_POINT_BYTES = 5 * 4
 """A nuScenes LiDAR point: x, y, z, intensity, ring as float32."""

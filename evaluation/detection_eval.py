@@ -569,12 +569,13 @@ def evaluate_model_detections(
 
 
 def boxes_the_grid_holds(
-    scored, pose_of: Mapping[str, np.ndarray], grid: geometry.GridSpec
+    scored, class_field: str, pose_of: Mapping[str, np.ndarray], grid: geometry.GridSpec
 ) -> list[tuple[str, object]]:
     """The devkit's scored boxes that a model on ``grid`` can see, sample by sample.
 
     Args:
         scored: the devkit's ``EvalBoxes`` of ``DetectionBox`` or ``TrackingBox`` (global frame, m).
+        class_field: the boxes' class attribute: ``detection_name`` or ``tracking_name``.
         pose_of: {sample token: [4, 4] its t0 ego pose (global from ego)} of the samples with a window; the
             samples not in it give nothing.
         grid: the model's grid, in the ego frame.
@@ -584,11 +585,7 @@ def boxes_the_grid_holds(
     """
     held = []
     for token, pose in pose_of.items():
-        boxes = [
-            b
-            for b in scored[token]
-            if getattr(b, "detection_name", getattr(b, "tracking_name", None)) in EVALUATED_CLASSES
-        ]
+        boxes = [b for b in scored[token] if getattr(b, class_field) in EVALUATED_CLASSES]
         if not boxes:
             continue
         centres = np.array([[*b.translation, 1.0] for b in boxes]) @ np.linalg.inv(pose).T  # [N, 4] in the ego frame
@@ -642,7 +639,7 @@ def grid_ceiling(
             1.0,
             box.attribute_name,
         )
-        for token, box in boxes_the_grid_holds(scored, pose_of, grid)
+        for token, box in boxes_the_grid_holds(scored, "detection_name", pose_of, grid)
     ]
     submission = write_submission(
         records, Path(out_dir) / SUBMISSION_FILE, SubmissionMeta(use_camera=False, use_lidar=True), split_tokens

@@ -10,6 +10,8 @@ recall, ID switches, ...; the devkit needs ``motmetrics``, installed with the pr
 
 As for detection, the ``tracking_nips_2019`` config keeps its ``class_range`` and thresholds and only its
 ``class_names`` is reduced to the three classes the model tracks (the devkit averages over ``class_names``).
+Beside the model's scores, ``grid_ceiling`` scores the annotated tracks that the model's grid and windows can hold:
+what no tracker of its detections can exceed.
 
 Notation:
     A  tracked agents of a window
@@ -198,7 +200,7 @@ def grid_ceiling(
             "tracking_name": box.tracking_name,
             "tracking_score": 1.0,
         }
-        for token, box in detection_eval.boxes_the_grid_holds(scored, pose_of, grid)
+        for token, box in detection_eval.boxes_the_grid_holds(scored, "tracking_name", pose_of, grid)
     ]
     meta = detection_eval.SubmissionMeta(use_camera=False, use_lidar=True)
     split_tokens = detection_eval.split_sample_tokens(nusc, split)

@@ -71,8 +71,8 @@ def test_ground_truth_of_real_scene_0916_tracks_perfectly_and_id_switches_count(
 def test_the_tracking_ceiling_is_the_devkit_score_of_the_tracks_a_grid_can_hold(
     real_scene_nusc, real_scene_val_poses, tmp_path
 ):
-    def ceiling(grid: geometry.GridSpec, name: str, poses=real_scene_val_poses) -> dict:
-        dataroot = Path(real_scene_nusc.dataroot)
+    def ceiling(grid: geometry.GridSpec, name: str) -> dict:
+        dataroot, poses = Path(real_scene_nusc.dataroot), real_scene_val_poses
         return tracking_eval.grid_ceiling(
             real_scene_nusc, dataroot, "v1.0-mini", "mini_val", poses, grid, tmp_path / name
         )
