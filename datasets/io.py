@@ -196,3 +196,13 @@ def claim_output_folder(folder: Path, job: str, own_files: Callable[[Path], bool
     if not marker.is_file():
         atomic_write_json(marker, {"job": job})
     return folder
+
+
+def format_report(result: dict) -> str:
+    """One benchmark measurement as aligned ``name  value`` lines (floats to three decimals, ints with separators)."""
+    width = max(len(k) for k in result)
+    lines = []
+    for key, value in result.items():
+        shown = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+        lines.append(f"{key.ljust(width)}  {shown}")
+    return "\n".join(lines)

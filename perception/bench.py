@@ -10,6 +10,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -86,6 +87,22 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _csr_autograd_splat(features: torch.Tensor, depth_probs: torch.Tensor, index: camera.SplatIndex) -> torch.Tensor:
+    """``sparse_splat`` as it was, with torch's own backward of the CSR product (the dense gradient, masked).
+
+    The baseline of ``pooling_speed``'s backward; arguments and result as ``camera.sparse_splat``.
+    """
+    values = depth_probs.new_zeros(index.col_indices.shape[0]).index_add(
+        0, index.pair_index, depth_probs.index_select(0, index.point_index)
+    )  # [U]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = torch.sparse_csr_tensor(
+            index.crow_indices, index.col_indices, values, (index.cells, index.pixels), check_invariants=False
+        )
+    return matrix @ features  # [cells, C]
+
+
 def pooling_speed(
     image_hw: tuple[int, int] = SMALL_IMAGE_HW,
     batch: int = 1,
@@ -114,7 +131,8 @@ def pooling_speed(
         dict with the setup (``points``, ``kept_points``, ``channels``, ``cells``, ``threads``, ``repeats``),
         the medians (``*_ms``), ``speedup`` (naive / sparse), ``index_add_speedup`` (naive / index_add, the
         figure before the cached index), ``splat_speedup`` (reference / cached splat) and ``max_abs_diff`` of
-        the sparse and cached results against the naive one.
+        the sparse and cached results against the naive one. ``sparse_backward_ms`` and ``csr_autograd_backward_ms``
+    time the sparse splat with its backward, ours against torch's own for a CSR product (``backward_speedup``).
     """
     torch.manual_seed(seed)
     encoder = camera.CameraEncoder(camera.CameraEncoderConfig()).eval()
@@ -158,11 +176,32 @@ def pooling_speed(
         ),
         "splat": lambda: encoder.splat(features, depth_probs, intrinsics, ego_from_camera, camera_mask),
     }
+
+    def forward_backward(splat: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            f, d = pixels.detach().requires_grad_(), depth_probs.reshape(-1).detach().requires_grad_()
+            splat(f, d, index).sum().backward()
+
+        return run
+
+    backward = {  # training's path: the splat and its backward, ours against torch's own for a CSR product
+        "sparse_backward": forward_backward(camera.sparse_splat),
+        "csr_autograd_backward": forward_backward(_csr_autograd_splat),
+    }
     times: dict[str, list[float]] = {name: [] for name in timed}
     with _threads(threads), torch.no_grad():
         results = {name: fn() for name, fn in timed.items()}  # warm up
         for _ in range(repeats):
             for name, fn in timed.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    with _threads(threads):
+        for name, fn in backward.items():
+            times[name] = []
+            fn()  # warm up
+        for _ in range(repeats):
+            for name, fn in backward.items():
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
@@ -180,6 +219,7 @@ def pooling_speed(
         "speedup": ms["naive_ms"] / ms["sparse_ms"],
         "index_add_speedup": ms["naive_ms"] / ms["index_add_ms"],
         "splat_speedup": ms["splat_reference_ms"] / ms["splat_ms"],
+        "backward_speedup": ms["csr_autograd_backward_ms"] / ms["sparse_backward_ms"],
         "max_abs_diff": max(float((results["sparse"] - naive).abs().max()), float((cached - naive).abs().max())),
     }
 

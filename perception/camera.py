@@ -256,12 +256,44 @@ def sparse_splat(features: torch.Tensor, depth_probs: torch.Tensor, index: Splat
     values = depth_probs.new_zeros(pair_count).index_add(
         0, index.pair_index, depth_probs.index_select(0, index.point_index)
     )  # [U]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        matrix = torch.sparse_csr_tensor(
-            index.crow_indices, index.col_indices, values, (index.cells, index.pixels), check_invariants=False
-        )  # [cells, pixels]
-    return matrix @ features  # [cells, C]
+    return _SparseProduct.apply(values, features, index.crow_indices, index.col_indices)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """``S @ features`` for the CSR matrix ``S`` of ``values``, with a backward that stays sparse.
+
+    torch's own backward of a sparse CSR times dense product forms the dense [cells, pixels] gradient of ``S``
+    and then masks it to the pattern: on the `small` preset about 0.5 GB and 0.7 s of a camera encoder's
+    backward on 2 cores, and on `base` an 80 GB allocation. Here each of the U pairs gets its gradient as the
+    dot product of its cell's output gradient and its pixel's features ([U, C] at most).
+    """
+
+    @staticmethod
+    def forward(ctx, values, features, crow_indices, col_indices):  # noqa: D102 (see the class)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            matrix = torch.sparse_csr_tensor(
+                crow_indices,
+                col_indices,
+                values,
+                (crow_indices.shape[0] - 1, features.shape[0]),
+                check_invariants=False,
+            )  # [cells, pixels]
+        ctx.save_for_backward(values, features, crow_indices, col_indices)
+        return matrix @ features  # [cells, C]
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        values, features, crow_indices, col_indices = ctx.saved_tensors
+        cells = crow_indices.shape[0] - 1
+        rows = torch.repeat_interleave(torch.arange(cells, device=values.device), crow_indices.diff())  # [U]
+        grad_rows = grad_output.index_select(0, rows)  # [U, C]
+        grad_values = grad_features = None
+        if ctx.needs_input_grad[0]:
+            grad_values = (grad_rows * features.index_select(0, col_indices)).sum(1)  # [U]
+        if ctx.needs_input_grad[1]:
+            grad_features = torch.zeros_like(features).index_add_(0, col_indices, grad_rows * values[:, None])
+        return grad_values, grad_features, None, None
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:

@@ -18,6 +18,7 @@ import numpy as np
 import open3d as o3d
 
 from bevjepa.datasets import geometry, types
+from bevjepa.datasets import io as bevio
 from bevjepa.sim import layouts, sensors
 
 CAR_SIZE_WLH_M = (1.9, 4.6, 1.7)
@@ -245,20 +246,10 @@ def synth_wall_time(scenes: int = 10, duration_s: float = 20.0, workers: int = 2
     }
 
 
-def format_report(result: dict) -> str:
-    """One measurement as aligned ``name: value`` lines."""
-    width = max(len(k) for k in result)
-    lines = []
-    for key, value in result.items():
-        shown = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
-        lines.append(f"{key.ljust(width)}  {shown}")
-    return "\n".join(lines)
-
-
 def main() -> None:
     """Print the LiDAR, camera and scene-strategy measurements."""
     for result in (lidar_throughput(), camera_throughput(), scene_strategies()):
-        print(format_report(result), end="\n\n")
+        print(bevio.format_report(result), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -186,12 +186,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from bevjepa.sim import bench
+    # Each branch imports only what it times: `bench model` on a GPU machine needs neither open3d nor the devkit.
+    from bevjepa.datasets import io as bevio
 
     if args.what == "lidar":
-        print(bench.format_report(bench.lidar_throughput(sweeps=args.sweeps)))
+        from bevjepa.sim import bench
+
+        print(bevio.format_report(bench.lidar_throughput(sweeps=args.sweeps)))
     elif args.what == "cameras":
-        print(bench.format_report(bench.camera_throughput()))
+        from bevjepa.sim import bench
+
+        print(bevio.format_report(bench.camera_throughput()))
     elif args.what == "preprocess":
         import tempfile
 
@@ -199,14 +204,14 @@ def _bench(args: argparse.Namespace) -> int:
         from bevjepa.sim import synth
 
         if args.dataroot:
-            print(bench.format_report(dataset_bench.preprocess_throughput(Path(args.dataroot), args.version)))
+            print(bevio.format_report(dataset_bench.preprocess_throughput(Path(args.dataroot), args.version)))
         else:
             with tempfile.TemporaryDirectory(prefix="bevjepa-bench-data-") as folder:
                 data = Path(folder) / "mini"
                 synth.synthesize(
                     synth.SynthConfig(out=data, scenes=args.scenes, duration_s=args.duration, workers=args.workers)
                 )
-                print(bench.format_report(dataset_bench.preprocess_throughput(data)))
+                print(bevio.format_report(dataset_bench.preprocess_throughput(data)))
     elif args.what == "model":
         import torch
 
@@ -218,29 +223,31 @@ def _bench(args: argparse.Namespace) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"bench model --device {args.device}: no CUDA device here (torch {torch.__version__})")
         data, preset = Path(args.data), args.config
-        print(bench.format_report(model_bench.inference_latency(data, preset, device=args.device)), end="\n\n")
-        print(bench.format_report(model_bench.training_step_time(data, preset, device=args.device)), end="\n\n")
+        print(bevio.format_report(model_bench.inference_latency(data, preset, device=args.device)), end="\n\n")
+        print(bevio.format_report(model_bench.training_step_time(data, preset, device=args.device)), end="\n\n")
         if args.device != "cpu":  # the rest times the CPU path a 2-core machine runs
             return 0
         for sensors in ("both", "lidar"):
-            print(bench.format_report(model_bench.training_throughput(Path(args.data), sensors=sensors)), end="\n\n")
+            print(bevio.format_report(model_bench.training_throughput(Path(args.data), sensors=sensors)), end="\n\n")
         run = None if args.checkpoint is None else Path(args.checkpoint)
         baseline = None if args.baseline_checkpoint is None else Path(args.baseline_checkpoint)
-        print(bench.format_report(model_bench.stream_latency(Path(args.data), run=run, baseline=baseline)), end="\n\n")
-        print(bench.format_report(perception_bench.pooling_speed()))
+        print(bevio.format_report(model_bench.stream_latency(Path(args.data), run=run, baseline=baseline)), end="\n\n")
+        print(bevio.format_report(perception_bench.pooling_speed()))
     elif args.what == "training":
         from bevjepa.prediction import bench as model_bench
 
         if not args.data:
             raise ValueError("bench training needs --data (a `bevjepa preprocess` output)")
-        print(bench.format_report(model_bench.decoded_steps_speed(Path(args.data), args.config, args.sensors)))
+        print(bevio.format_report(model_bench.decoded_steps_speed(Path(args.data), args.config, args.sensors)))
     elif args.what == "closed-loop":
         from bevjepa.evaluation.closed_loop import runner
 
-        print(bench.format_report(runner.throughput(args.suite, workers_list=(1, args.workers))))
+        print(bevio.format_report(runner.throughput(args.suite, workers_list=(1, args.workers))))
     elif args.what == "synth":
+        from bevjepa.sim import bench
+
         print(
-            bench.format_report(
+            bevio.format_report(
                 bench.synth_wall_time(scenes=args.scenes, duration_s=args.duration, workers=args.workers)
             )
         )

@@ -250,6 +250,26 @@ def test_cached_splat_equals_the_outer_product_with_its_gradients() -> None:
         torch.testing.assert_close(cached, reference, rtol=1e-10, atol=1e-10)
 
 
+def test_the_splat_backward_never_forms_the_dense_matrix() -> None:
+    """A million cells by a million pixels: dense, the matrix's gradient would take 4 TB; the pairs take bytes."""
+    cells = pixels = 1_000_000
+    crow = torch.zeros(cells + 1, dtype=torch.int64)
+    crow[2:] = 2  # cell 1 holds pixels 5 and 999_999, cell 2 pixel 5
+    crow[3:] = 3
+    index = camera.SplatIndex(
+        crow, torch.tensor([5, 999_999, 5]), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), pixels=pixels, points=3
+    )
+    features = torch.zeros(pixels, 2, dtype=torch.float64)
+    features[5], features[999_999] = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    features.requires_grad_()
+    depth_probs = torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64, requires_grad=True)
+    out = camera.sparse_splat(features, depth_probs, index)  # [cells, 2]
+    torch.testing.assert_close(out[1:4], torch.tensor([[1.25, 2.0], [1.0, 2.0], [0.0, 0.0]], dtype=torch.float64))
+    out[:, 0].sum().backward()  # d/d depth_probs: each pair's pixel's first feature
+    torch.testing.assert_close(depth_probs.grad, torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64))
+    assert features.grad[5, 0] == 1.5 and features.grad[999_999, 0] == 0.25 and features.grad[:, 1].abs().sum() == 0
+
+
 def test_a_changed_calibration_builds_a_fresh_index() -> None:
     """The cache is keyed by the rig's values: turning one camera changes the splat, as the reference does."""
     encoder = fresh_encoder()
@@ -289,5 +309,6 @@ def test_benchmarks_run_and_agree() -> None:
     pooling = bench.pooling_speed(image_hw=(48, 96), repeats=1)
     assert pooling["max_abs_diff"] < 1e-4 and pooling["kept_points"] > 0
     assert pooling["sparse_ms"] > 0 and pooling["naive_ms"] > 0 and pooling["index_add_ms"] > 0
+    assert pooling["sparse_backward_ms"] > 0 and pooling["csr_autograd_backward_ms"] > 0
     latency = bench.encoder_latency(image_hw=(32, 64), sweep_points=1000, repeats=1)
     assert latency["camera_ms"] > 0 and latency["lidar_ms"] > 0
