@@ -272,6 +272,7 @@ class _SparseProduct(torch.autograd.Function):
     def forward(ctx, values, features, crow_indices, col_indices):  # noqa: D102 (see the class)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
             matrix = torch.sparse_csr_tensor(
                 crow_indices,
                 col_indices,
