@@ -27,6 +27,9 @@ LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Ray's switch between cluster mode (node IP reachable from other machines) and single-machine mode (loopback)."""
 
+_WORKER_NICENESS_ENV = "RAY_worker_niceness"
+"""The niceness the raylet adds to the worker processes it starts (Ray's default: 15)."""
+
 
 def start_local_ray(num_cpus: int) -> None:
     """Start Ray on this machine for local work: ``num_cpus`` CPUs, no dashboard, every listener on loopback.
@@ -34,6 +37,11 @@ def start_local_ray(num_cpus: int) -> None:
     Ray's processes (GCS server, raylet, workers, agents) inherit the single-machine switch, so they all use
     127.0.0.1; this process's own setting is restored afterwards, so that a later ``init_ray(address=...)`` in the
     same process joins a cluster as usual.
+
+    The workers run at this process's priority (``RAY_worker_niceness`` 0 unless the caller set it). Ray's
+    default of 15 suits a cluster whose workers share a node with its control processes. Here the workers do
+    the job's own work, and at 15 any other busy process on the machine starves them. On 2 cores with both
+    kept busy, the closed-loop crash test took 183 s instead of 17 s.
 
     Raises:
         ValueError: ``num_cpus`` is below 1, or Ray is already running in this process.
@@ -47,17 +55,20 @@ def start_local_ray(num_cpus: int) -> None:
         raise ValueError(f"num_cpus must be at least 1, got {num_cpus}")
     if ray.is_initialized():
         raise ValueError("Ray is already running in this process; call ray.shutdown() first or use init_ray")
-    previous_env, previous_mode = os.environ.get(_SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    previous_env = {name: os.environ.get(name) for name in (_SINGLE_MACHINE_ENV, _WORKER_NICENESS_ENV)}
+    previous_mode = ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_SINGLE_MACHINE_ENV] = "0"
+    os.environ.setdefault(_WORKER_NICENESS_ENV, "0")
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         context = ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous_mode
-        if previous_env is None:
-            os.environ.pop(_SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[_SINGLE_MACHINE_ENV] = previous_env
+        for name, value in previous_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     node_ip = context.address_info.get("node_ip_address")
     if node_ip not in LOOPBACK_ADDRESSES:
         ray.shutdown()

@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+# Two pytest workers (pytest-xdist), each test module whole in one of them, so that a module's fixtures (a trained
+# run, an evaluation) are built once; `-n 0` runs everything in this process.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

@@ -56,6 +56,10 @@ def test_the_ray_pool_gives_the_sequential_results_listens_on_loopback_only_and_
         on_ray = sorted(pool.map_unordered(_square, items))
         assert on_ray == sequential == [(i, i * i) for i in items]
         tree = _ray_process_tree()
+        # The workers run at this process's priority, not Ray's default of 15 below it.
+        niceness = {pid: psutil.Process(pid).nice() for pid, command in tree.items() if command.startswith("ray::")}
+        assert niceness and set(niceness.values()) == {psutil.Process().nice()}, (niceness, tree)
+        assert os.environ.get("RAY_worker_niceness") is None  # the caller's environment as it was
         listeners = [
             (tree[c.pid], c.laddr.ip, c.laddr.port)
             for c in psutil.net_connections(kind="inet")
