@@ -10,7 +10,6 @@ import json
 import math
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -92,15 +91,8 @@ def _csr_autograd_splat(features: torch.Tensor, depth_probs: torch.Tensor, index
 
     The baseline of ``pooling_speed``'s backward; arguments and result as ``camera.sparse_splat``.
     """
-    values = depth_probs.new_zeros(index.col_indices.shape[0]).index_add(
-        0, index.pair_index, depth_probs.index_select(0, index.point_index)
-    )  # [U]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        matrix = torch.sparse_csr_tensor(
-            index.crow_indices, index.col_indices, values, (index.cells, index.pixels), check_invariants=False
-        )
-    return matrix @ features  # [cells, C]
+    values = camera.pair_values(depth_probs, index)  # [U]
+    return camera.csr_matrix(values, index.crow_indices, index.col_indices, index.pixels) @ features  # [cells, C]
 
 
 def pooling_speed(
@@ -132,7 +124,7 @@ def pooling_speed(
         the medians (``*_ms``), ``speedup`` (naive / sparse), ``index_add_speedup`` (naive / index_add, the
         figure before the cached index), ``splat_speedup`` (reference / cached splat) and ``max_abs_diff`` of
         the sparse and cached results against the naive one. ``sparse_backward_ms`` and ``csr_autograd_backward_ms``
-    time the sparse splat with its backward, ours against torch's own for a CSR product (``backward_speedup``).
+        time the sparse splat with its backward, ours against torch's own for a CSR product (``backward_speedup``).
     """
     torch.manual_seed(seed)
     encoder = camera.CameraEncoder(camera.CameraEncoderConfig()).eval()

@@ -252,11 +252,35 @@ def sparse_splat(features: torch.Tensor, depth_probs: torch.Tensor, index: Splat
     Returns:
         [index.cells, C] float — per-cell sums; zero where no point landed.
     """
-    pair_count = index.col_indices.shape[0]
-    values = depth_probs.new_zeros(pair_count).index_add(
+    return _SparseProduct.apply(pair_values(depth_probs, index), features, index.crow_indices, index.col_indices)
+
+
+def pair_values(depth_probs: torch.Tensor, index: SplatIndex) -> torch.Tensor:
+    """The splat matrix's values: [U] float, each (cell, pixel) pair's summed depth probability.
+
+    Args:
+        depth_probs: [points] float — depth probability per frustum point (``index.point_index``' order).
+        index: where the points land.
+    """
+    return depth_probs.new_zeros(index.col_indices.shape[0]).index_add(
         0, index.pair_index, depth_probs.index_select(0, index.point_index)
-    )  # [U]
-    return _SparseProduct.apply(values, features, index.crow_indices, index.col_indices)
+    )
+
+
+def csr_matrix(
+    values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor, columns: int
+) -> torch.Tensor:
+    """The sparse CSR matrix [rows, columns] of ``values`` [U] at ``crow_indices`` / ``col_indices``.
+
+    The indices are ``SplatIndex``'s, valid by construction, so torch's invariant checks and its beta warnings are
+    left out.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_csr_tensor(
+            crow_indices, col_indices, values, (crow_indices.shape[0] - 1, columns), check_invariants=False
+        )
 
 
 class _SparseProduct(torch.autograd.Function):
@@ -270,18 +294,8 @@ class _SparseProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, features, crow_indices, col_indices):  # noqa: D102 (see the class)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-            matrix = torch.sparse_csr_tensor(
-                crow_indices,
-                col_indices,
-                values,
-                (crow_indices.shape[0] - 1, features.shape[0]),
-                check_invariants=False,
-            )  # [cells, pixels]
         ctx.save_for_backward(values, features, crow_indices, col_indices)
-        return matrix @ features  # [cells, C]
+        return csr_matrix(values, crow_indices, col_indices, features.shape[0]) @ features  # [cells, C]
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
