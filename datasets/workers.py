@@ -40,8 +40,8 @@ def start_local_ray(num_cpus: int) -> None:
 
     The workers run at this process's priority (``RAY_worker_niceness`` 0 unless the caller set it). Ray's
     default of 15 suits a cluster whose workers share a node with its control processes. Here the workers do
-    the job's own work, and at 15 any other busy process on the machine starves them. On 2 cores with both
-    kept busy, the closed-loop crash test took 183 s instead of 17 s.
+    the job's own work, and at 15 any other busy process on the machine starves them: at the default, the
+    closed-loop crash test took 17 s with one of 2 cores busy and 183 s with both busy.
 
     Raises:
         ValueError: ``num_cpus`` is below 1, or Ray is already running in this process.
