@@ -259,6 +259,14 @@ def aggregate_sweeps(
     return out
 
 
+def scene_splits(scene_names: set[str]) -> dict[str, list[str]]:
+    """{devkit split: its scenes among ``scene_names``, sorted} for every split that holds one of them."""
+    from nuscenes.utils.splits import create_splits_scenes
+
+    splits = {split: sorted(set(names) & scene_names) for split, names in create_splits_scenes().items()}
+    return {split: names for split, names in sorted(splits.items()) if names}
+
+
 class NuScenesSource:
     """Keyframes of one dataroot, version and split, read through the devkit."""
 

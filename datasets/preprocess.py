@@ -384,9 +384,11 @@ def task_order(tasks: list[SceneTask], interleave: bool) -> list[int]:
 def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict:
     """The manifest of a finished job, from the tasks' results (in task order): deterministic.
 
-    ``windows`` lists the written windows (the ones to train and evaluate on); ``sensorless_windows`` the windows
-    left out because none of their input keyframes has a LiDAR point or a camera image; ``failed_scenes`` the
-    scenes refused whole; ``bad_inputs`` each bad file once, with the first window that needed it.
+    ``windows`` lists the written windows (the ones to train and evaluate on); ``splits`` the devkit's splits of
+    their scenes (so that training and evaluation read them without importing the devkit); ``sensorless_windows``
+    the windows left out because none of their input keyframes has a LiDAR point or a camera image;
+    ``failed_scenes`` the scenes refused whole; ``bad_inputs`` each bad file once, with the first window that
+    needed it.
     """
     entries, bad_inputs, failed, sensorless, failed_scenes, seen = [], [], [], [], [], set()
 
@@ -427,6 +429,7 @@ def build_manifest(config: PreprocessConfig, results: list[SceneResult]) -> dict
             "frame_bytes": frame_bytes,
         },
         "windows": entries,
+        "splits": nuscenes_source.scene_splits({e["scene"] for e in entries}),
         "sensorless_windows": sensorless,
         "bad_inputs": bad_inputs,
         "failed_windows": failed,

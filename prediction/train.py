@@ -90,14 +90,26 @@ def _stop_requests() -> Iterator[list[str]]:
 
 
 def split_scenes(data: Path, split: str) -> list[str]:
-    """The scenes of a devkit split (or ``all``) that the windows folder holds."""
+    """The scenes of a devkit split (or ``all``) that the windows folder holds.
+
+    The manifest's ``splits`` name them; for windows written before the manifest recorded them, the devkit does
+    (importing it costs seconds).
+    """
     manifest_path = Path(data) / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: --data must be a `bevjepa preprocess` output")
-    present = {w["scene"] for w in json.loads(manifest_path.read_text())["windows"]}
-    from nuscenes.utils.splits import create_splits_scenes  # here: importing the devkit costs seconds
+    manifest = json.loads(manifest_path.read_text())
+    present = {w["scene"] for w in manifest["windows"]}
+    splits = manifest.get("splits")
+    if splits is None:
+        from nuscenes.utils.splits import create_splits_scenes
 
-    names = sorted(present) if split == "all" else create_splits_scenes().get(split, [])
+        splits = create_splits_scenes()
+    elif not (isinstance(splits, dict) and all(isinstance(v, list) for v in splits.values())):
+        raise ValueError(
+            f"{manifest_path}: 'splits' must map split names to lists of scenes; run `bevjepa preprocess` again"
+        )
+    names = sorted(present) if split == "all" else splits.get(split, [])
     scenes = [s for s in names if s in present]
     if not scenes:
         raise ValueError(f"{data} has no windows of split {split!r} (its scenes: {sorted(present)})")

@@ -275,3 +275,23 @@ def test_extra_worlds_join_the_training_set_whole_and_validation_stays_on_data(
     assert cli.main([*common, "--out", str(refused), "--extra-data", str(other)]) == 2
     assert f"--extra-data {other} holds windows on x [-50.0" in capsys.readouterr().err
     assert not refused.exists()
+
+
+def test_split_scenes_reads_the_manifest_not_the_devkit(synthetic_windows, tmp_path, monkeypatch):
+    manifest = json.loads((synthetic_windows / "manifest.json").read_text())
+    splits = manifest["splits"]  # written by preprocess from the devkit's split table
+    assert splits["mini_train"] and splits["mini_val"] and not set(splits["mini_train"]) & set(splits["mini_val"])
+    monkeypatch.setitem(sys.modules, "nuscenes.utils.splits", None)  # importing the devkit's splits now fails
+    assert train.split_scenes(synthetic_windows, "mini_val") == splits["mini_val"]
+    # Windows written before the manifest held the splits: the devkit names them.
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "splits"}))
+    with pytest.raises(ImportError):
+        train.split_scenes(older, "mini_val")
+    monkeypatch.undo()
+    assert train.split_scenes(older, "mini_val") == splits["mini_val"]
+    # A damaged manifest is named.
+    (older / "manifest.json").write_text(json.dumps({**manifest, "splits": ["mini_val"]}))
+    with pytest.raises(ValueError, match=r"manifest.json: 'splits' must map split names"):
+        train.split_scenes(older, "mini_val")
