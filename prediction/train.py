@@ -101,15 +101,18 @@ def split_scenes(data: Path, split: str) -> list[str]:
     manifest = json.loads(manifest_path.read_text())
     present = {w["scene"] for w in manifest["windows"]}
     splits = manifest.get("splits")
-    if splits is None:
-        from nuscenes.utils.splits import create_splits_scenes
-
-        splits = create_splits_scenes()
-    elif not (isinstance(splits, dict) and all(isinstance(v, list) for v in splits.values())):
+    if splits is not None and not (isinstance(splits, dict) and all(isinstance(v, list) for v in splits.values())):
         raise ValueError(
             f"{manifest_path}: 'splits' must map split names to lists of scenes; run `bevjepa preprocess` again"
         )
-    names = sorted(present) if split == "all" else splits.get(split, [])
+    if split == "all":
+        names = sorted(present)
+    else:
+        if splits is None:
+            from nuscenes.utils.splits import create_splits_scenes
+
+            splits = create_splits_scenes()
+        names = splits.get(split, [])
     scenes = [s for s in names if s in present]
     if not scenes:
         raise ValueError(f"{data} has no windows of split {split!r} (its scenes: {sorted(present)})")
