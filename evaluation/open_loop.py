@@ -7,8 +7,8 @@ Sources (``evaluate(...)["models"]``):
   (``agent_occupancy.fuse``; IoU and VPQ on the map thresholded at ``threshold``, VPQ instances its connected
   components, ``metrics.connected_instances``). Its trajectories are scored on the annotated agents a track
   stands for (``metrics.match_agents``: same class, within 2 m at t0), with the detection recall (annotated
-  agents matched / annotated agents at t0) and precision (tracks matched / tracks) beside them, so a missed
-  agent shows.
+  agents matched / annotated agents at t0 whose centre lies inside the grid, the only ones a track can reach)
+  and precision (tracks matched / tracks) beside them, so a missed agent shows.
 * ``model_annotated`` (only with a run): the same model forecasting the annotated agents from their annotated
   pasts (the nuScenes prediction-challenge protocol): trajectories on every scored agent; occupancy the agents'
   t0 boxes moved along the modes (VPQ instances are the agents, ``agent_occupancy.mode_occupancy_instances``).
@@ -62,6 +62,9 @@ Returned structure (every number a float; NaN where nothing was scored):
           "brier_mean": float,                      over all steps and classes
           "ece": {class: float},                    expected calibration error, ``ece_bins`` equal bins, all steps
           "ece_all": float,                         the same with all classes' cells pooled
+          "agents_matched", "detection_recall", "detection_precision",
+          "detection_annotated", "detection_found", "detection_matched"   (``model`` and the tracks at constant
+                                                    velocity: annotated agents at t0 inside the grid, tracks, pairs)
       }}
     }
 """
@@ -162,7 +165,7 @@ class _Scores:
             self.truth_classes.append(np.asarray(truth_class, dtype=np.int64))
 
     def add_detections(self, annotated: int, found: int, matched: int) -> None:
-        """One window's annotated agents at t0, agents found by the model, and the pairs matched between them."""
+        """One window's annotated agents at t0 inside the grid, agents found by the model, and pairs matched."""
         self.detection_counts += np.array([annotated, found, matched], dtype=np.int64)
 
     def summary(self, truth: np.ndarray, truth_class: np.ndarray) -> dict:
@@ -174,6 +177,7 @@ class _Scores:
             truth_class = np.concatenate(self.truth_classes) if self.truth_classes else np.zeros(0, dtype=np.int64)
             annotated, found, matched = (int(v) for v in self.detection_counts)
             scores["agents_matched"] = int(len(truth))
+            scores.update(detection_annotated=annotated, detection_found=found, detection_matched=matched)
             scores["detection_recall"] = matched / annotated if annotated else float("nan")
             scores["detection_precision"] = matched / found if found else float("nan")
         if self.modes:
@@ -455,6 +459,7 @@ def _score_model(
     assert forecast is not None and tracks is not None and annotated is not None
     # From the sensors: trajectories of the tracks that stand for annotated agents.
     match = metrics.match_agents(tracks.boxes[:, :2], tracks.classes, w.box[:, :2], w.cls)  # [A]
+    reachable = grid.xy_to_index(w.box[:, :2])[2]  # [A] the annotated agents inside the grid: a track can reach them
     scored = w.full & (match >= 0)
     found = match[scored]
     cv_modes = baselines.constant_velocity_trajectories(tracks.boxes[:, :2], tracks.velocity, steps)  # [A', 1, T, 2]
@@ -463,7 +468,7 @@ def _score_model(
         ("constant_velocity_tracked", cv_modes, np.ones((tracks.count, 1))),
     ):
         scores[name].add_trajectories(modes[found], probabilities[found], w.future[scored], w.cls[scored])
-        scores[name].add_detections(len(w.cls), tracks.count, int((match >= 0).sum()))
+        scores[name].add_detections(int(reachable.sum()), tracks.count, int((match[reachable] >= 0).sum()))
     _add_map(scores["model"], forecast.occupancy, w, threshold)
     occupancy, ids = baselines.constant_velocity_tracked(tracks, grid, C, S - 1)
     _add_boxes(scores["constant_velocity_tracked"], occupancy, ids, np.r_[-1, tracks.classes], w.target, w.truth_labels)

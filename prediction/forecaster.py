@@ -652,6 +652,9 @@ class Forecaster:
 def with_agents(batch: torch_dataset.WindowBatch, agents: list[tracking.TrackedAgents]) -> torch_dataset.WindowBatch:
     """The batch with its agent fields replaced by tracked agents (futures unknown: zero and masked out).
 
+    An agent's past is where its track's motion puts it at every input keyframe (``TrackedAgents.motion_past``),
+    so the trajectory head's anchor velocity is the track's velocity, not a difference of scattered detections.
+
     Args:
         batch: B windows.
         agents: each window's tracked agents, in the t0 ego frame.
@@ -669,8 +672,8 @@ def with_agents(batch: torch_dataset.WindowBatch, agents: list[tracking.TrackedA
         n = tracked.count
         box[i, :n] = torch.as_tensor(tracked.boxes, dtype=torch.float32)
         velocity[i, :n] = torch.as_tensor(tracked.velocity, dtype=torch.float32)
-        past[i, :n] = torch.as_tensor(tracked.past, dtype=torch.float32)
-        past_mask[i, :n] = torch.as_tensor(tracked.past_mask)
+        past[i, :n] = torch.as_tensor(tracked.motion_past(), dtype=torch.float32)
+        past_mask[i, :n] = True
         classes[i, :n] = torch.as_tensor(tracked.classes)
     counts = torch.tensor([a.count for a in agents])
     return dataclasses.replace(

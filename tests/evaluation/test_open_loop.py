@@ -172,3 +172,22 @@ def test_a_direct_run_is_scored_without_a_model_and_a_world_model_run_is_refused
     assert all(len(v) == 5 for v in alone["models"]["direct"]["iou"].values())
     with pytest.raises(ValueError, match="has a world model .* `bevjepa train --config direct`"):
         open_loop.evaluate(synthetic_windows, "mini_val", direct_run=run)
+
+
+def test_detection_recall_counts_only_the_agents_inside_the_grid(result, synthetic_windows: Path, run: Path):
+    """Recall is over the annotated agents a track can reach: those whose t0 centre lies inside the model's grid."""
+    grid = checkpoint.load_model(run, "cpu")[1].config.grid
+    dataset = torch_dataset.WindowDataset(synthetic_windows)
+    boxes = [dataset[i].agent_box.numpy() for i in range(len(dataset))]
+    total = sum(len(b) for b in boxes)
+    inside = sum(int(grid.xy_to_index(b[:, :2])[2].sum()) for b in boxes)
+    assert 0 < inside < total  # the world puts agents beyond the grid, so the two counts differ
+    for name in open_loop.MATCHED_SOURCES:
+        scores = result["models"][name]
+        assert scores["detection_annotated"] == inside
+        assert scores["detection_recall"] == pytest.approx(scores["detection_matched"] / inside)
+        found = scores["detection_found"]
+        if found == 0:  # a light model may find nobody: no precision then
+            assert math.isnan(scores["detection_precision"])
+        else:
+            assert scores["detection_precision"] == pytest.approx(scores["detection_matched"] / found)

@@ -39,6 +39,37 @@ def test_a_car_and_a_pedestrian_become_two_agents_with_their_whole_past():
     np.testing.assert_allclose(agents.velocity[car], [10, 0])
 
 
+def test_the_track_velocity_weighs_the_earlier_detections_against_the_regressed_one():
+    # A car moving 10 m/s along x whose t0 detection regresses 6 m/s: its earlier detections pull the velocity
+    # toward 10 by their weight (closed form of fit_velocity: Σ t² / σ_p² = (0.25 + 1) / 0.16, 1 / σ_v² = 1).
+    frames = [_frame([[10.0 + 5 * k, 0.0]], [[10.0, 0.0] if k < 2 else [6.0, 0.0]], [CAR]) for k in range(3)]
+    agents = tracking.track_window(frames)
+    sum_t2 = (0.25 + 1.0) / tracking.POSITION_ERROR_M["vehicle"] ** 2
+    prior = 1.0 / tracking.VELOCITY_ERROR_MPS["vehicle"] ** 2
+    np.testing.assert_allclose(agents.velocity[0], [(sum_t2 * 10 + prior * 6) / (sum_t2 + prior), 0.0])
+    assert 9.0 < agents.velocity[0, 0] < 10.0
+    # Only the t0 detection: the regressed velocity stands; the motion past runs back along it from the t0 centre.
+    alone = tracking.track_window(
+        [_frame(np.zeros((0, 2)), np.zeros((0, 2)), []), _frame([[3.0, 1.0]], [[2, 0]], [CAR])]
+    )
+    np.testing.assert_allclose(alone.velocity, [[2, 0]])
+    np.testing.assert_allclose(alone.motion_past(), [[[2, 1], [3, 1]]])
+    assert alone.past_mask.tolist() == [[False, True]]  # the detections themselves stay as they were
+
+
+def test_a_stray_earlier_detection_moves_the_velocity_less_than_it_moves_a_difference():
+    # A pedestrian walking 1.5 m/s along y, its t-1 s detection 0.4 m off: the second-order difference the
+    # trajectory head would take from raw detections errs by 0.4 m/s, the fitted velocity by less.
+    truth = np.array([0.0, 1.5])
+    centres = [[0.0, 0.0 + 0.4], [0.0, 0.75], [0.0, 1.5]]
+    frames = [_frame([c], [truth], [PEDESTRIAN]) for c in centres]
+    agents = tracking.track_window(frames)
+    past = agents.past[0]
+    difference = (3 * past[2] - 4 * past[1] + past[0]) / (2 * tracking.KEYFRAME_S)
+    assert np.linalg.norm(difference - truth) == pytest.approx(0.4)
+    assert np.linalg.norm(agents.velocity[0] - truth) < 0.3  # 0.27: the stray point weighs most (t = -1 s)
+
+
 def test_the_velocity_decides_which_track_a_detection_continues():
     # Two cars 4 m apart at t-0.5 s; at t0 one detection 5 m ahead of the first, moving at 10 m/s: it continues
     # the first (compensated distance 0), though the second car's old position is nearer (1 m).
