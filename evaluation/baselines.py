@@ -9,7 +9,7 @@
   along the box heading).
 * ``constant_velocity_anchor``: the same boxes moved at their velocity at t0 estimated from the last three past
   positions (``anchor_velocities``; causal): the model's trajectory head with its mode 0 alone.
-* ``constant_velocity_tracked``: the model's own tracked agents moved at their regressed velocity; it sees exactly
+* ``constant_velocity_tracked``: the model's own tracked agents moved at their track's velocity; it sees exactly
   the model's sensor input, the like-for-like comparison for the forecast from the sensors.
 * ``ctrv``: constant turn rate and velocity; the yaw rate comes from the agent's past positions
   (``yaw_rate_from_past``).
@@ -302,7 +302,7 @@ def ctrv_occupancy(
 def constant_velocity_tracked(
     agents: tracking.TrackedAgents, grid: geometry.GridSpec, classes: int, steps: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own tracked agents of one window moved at their regressed velocity and rasterized.
+    """The model's own tracked agents of one window moved at their track's velocity and rasterized.
 
     The like-for-like baseline of the sensor-only forecast: the same agents, no learnt motion.
 

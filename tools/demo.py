@@ -548,7 +548,7 @@ def render(
         "The sources that read the sensors alone come first: `model` is the forecast a planner gets (agents tracked "
         "from the model's own detections; its trajectory figures are on the annotated agents a track stands for, "
         "see `detection_recall` in the open-loop report), `model_latent` its dense map alone, `direct` the direct "
-        "baseline's, `constant_velocity_tracked` the model's own tracks at their regressed velocity. The rows after "
+        "baseline's, `constant_velocity_tracked` the model's own tracks at their track's velocity. The rows after "
         "them need annotations: `model_annotated` forecasts the annotated t0 boxes from their annotated past (its "
         "occupancy moves those boxes along its trajectory modes); `constant_velocity_past` moves the same boxes at "
         "the velocity of their last past step (the same input), `constant_velocity_anchor` at their t0 velocity "

@@ -47,7 +47,7 @@ SOURCE_NOTES = {
     "model_latent": "the model's dense occupancy alone, decoded from its sensors (no agents)",
     "direct": "the direct baseline (`bevjepa train --config direct`): the LiDAR alone, every horizon's occupancy "
     "decoded at once from z_t0, no world model",
-    "constant_velocity_tracked": "the model's own tracked agents moved at their regressed velocity (from the sensors: "
+    "constant_velocity_tracked": "the model's own tracked agents moved at their track's velocity (from the sensors: "
     "the like-for-like baseline of `model`)",
     "model_annotated": "the model forecasting the annotated agents from their annotated pasts (the prediction "
     "challenge's protocol; needs annotations): occupancy = the annotated t0 boxes moved along the modes",
