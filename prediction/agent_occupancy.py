@@ -7,9 +7,11 @@ an agent's occupancy at a step is the probability mass of the modes whose box co
 probability ``Π_a (1 − q_a)`` over the agents of class c.
 
 For annotated agents this map is the forecast's ``occupancy`` (every agent is given, so the latent map would
-only add its false positives). For agents tracked from the model's own detections, ``fuse`` joins it with the
-latent occupancy head's dense map, which covers what no track explains (a person behind a car, a detection below
-the score threshold). The dense map stays a separate field either way (``OccupancyForecast.latent_occupancy``).
+only add its false positives). For agents tracked from the model's own detections, each agent's mass is scaled by
+its detection score (the probability that it is there at all: a doubtful detection no longer paints a sure box),
+and ``fuse`` joins the map with the latent occupancy head's dense map, which covers what no track explains (a
+person behind a car, a detection below the score threshold). The dense map stays a separate field either way
+(``OccupancyForecast.latent_occupancy``).
 
 Notation:
     A  agents     K  modes     T  trajectory steps (0.5 s)     S  occupancy steps (t0 and F more, 0.5 s apart)
@@ -57,13 +59,14 @@ def mode_occupancy(
     grid: geometry.GridSpec,
     classes: int,
     steps: int,
+    existence: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-class occupancy probability of the agents' boxes moved along their modes (see ``mode_occupancy_instances``).
 
     Returns:
         [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability 1).
     """
-    return mode_occupancy_instances(agent_box, agent_class, modes, probabilities, grid, classes, steps)[0]
+    return mode_occupancy_instances(agent_box, agent_class, modes, probabilities, grid, classes, steps, existence)[0]
 
 
 def mode_occupancy_instances(
@@ -74,6 +77,7 @@ def mode_occupancy_instances(
     grid: geometry.GridSpec,
     classes: int,
     steps: int,
+    existence: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-class occupancy probability of the agents' boxes moved along their modes, and which agent owns a cell.
 
@@ -85,9 +89,12 @@ def mode_occupancy_instances(
         grid: the target grid.
         classes: C.
         steps: F, occupancy steps after t0 (0.5 s apart).
+        existence: [A] float in [0, 1] or None — the probability that each agent is there at all (a tracked
+            agent's detection score; None: 1, as for annotated agents). It scales the agent's whole mass:
+            ``q_a(cell) = e_a · Σ_k p_ak · [cell ∈ box_ak(t)]``.
 
     Returns:
-        occupancy: [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability 1).
+        occupancy: [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability ``existence``).
         instances: [S, H, W] int64 — 1 + the index (into the A agents) of the agent with the most mass in the
             cell, 0 where no mode reaches it (VPQ's instance ids, the same agent at every step).
     """
@@ -109,7 +116,11 @@ def mode_occupancy_instances(
     if not keep.any():
         return occupancy, instances
     agent_index = np.nonzero(keep)[0]
+    existence = np.ones(len(box)) if existence is None else np.asarray(existence, dtype=np.float64).reshape(-1)
+    if existence.shape != (len(box),) or not ((existence >= 0) & (existence <= 1)).all():
+        raise ValueError(f"mode_occupancy: existence must be {len(box)} probabilities in [0, 1]")
     box, agent_class, modes, probabilities = box[keep], agent_class[keep], modes[keep], probabilities[keep]
+    existence = existence[keep]
     A, K = probabilities.shape
 
     # Every box: the A t0 boxes (weight 1), then one per (step, agent, mode) weighted by the mode's probability.
@@ -117,7 +128,9 @@ def mode_occupancy_instances(
     centers = np.concatenate([box[:, :2], modes[:, :, :steps].transpose(2, 0, 1, 3).reshape(-1, 2)])  # [A + F*A*K, 2]
     headings = np.concatenate([box[:, 6], yaws.transpose(2, 0, 1).reshape(-1)])
     sizes = np.concatenate([box[:, 3:5], np.broadcast_to(box[None, :, None, 3:5], (steps, A, K, 2)).reshape(-1, 2)])
-    weights = np.concatenate([np.ones(A), np.broadcast_to(probabilities[None], (steps, A, K)).reshape(-1)])
+    weights = np.concatenate(
+        [existence, np.broadcast_to((probabilities * existence[:, None])[None], (steps, A, K)).reshape(-1)]
+    )
     step_agent = np.concatenate([np.arange(A), A + np.arange(steps * A * K) // K])  # s * A + a of every box
     index, rows, cols = rasterize.box_cells(grid, centers, sizes, headings)  # covered (box, cell) pairs
 

@@ -620,7 +620,7 @@ class Forecaster:
             count = int(batch.agent_mask[b].sum())
             agents = agent_occupancy.mode_occupancy(
                 boxes[b, :count], agent_classes[b, :count], modes[b, :count], probabilities[b, :count], config.grid,
-                C, S - 1,
+                C, S - 1, existence=scores[b],
             )  # fmt: skip
             occupancy = agents if self.agents == "annotated" else agent_occupancy.fuse(agents, latent[b])
             results.append(

@@ -50,6 +50,28 @@ def test_mode_mass_adds_up_within_an_agent_and_combines_across_agents():
     np.testing.assert_allclose(occupancy[1][here], 0.75, rtol=1e-6)
 
 
+def test_an_agents_existence_scales_its_whole_mass():
+    """A tracked agent of score 0.6: its t0 box holds 0.6, each mode's box 0.6 × the mode's probability."""
+    box = _box(0.0, 0.0, 0.0)
+    modes = np.zeros((1, 2, 12, 2)) + box[:2]
+    modes[0, 1] += [0.0, 20.0]
+    here, _ = rasterize.rasterize_boxes(GRID, box[None, :2], box[None, [3, 4]], box[None, 6], np.array([0]), 3)
+    occupancy = agent_occupancy.mode_occupancy(
+        box[None], np.array([0]), modes, np.array([[0.7, 0.3]]), GRID, 3, 1, existence=np.array([0.6])
+    )
+    np.testing.assert_allclose(occupancy[0][here], 0.6, rtol=1e-6)
+    np.testing.assert_allclose(occupancy[1][here], 0.42, rtol=1e-6)
+    sure = agent_occupancy.mode_occupancy(box[None], np.array([0]), modes, np.array([[0.7, 0.3]]), GRID, 3, 1)
+    np.testing.assert_array_equal(sure, agent_occupancy.mode_occupancy(
+        box[None], np.array([0]), modes, np.array([[0.7, 0.3]]), GRID, 3, 1, existence=np.ones(1)
+    ))  # fmt: skip
+    for bad in (np.array([1.2]), np.array([np.nan]), np.ones(2)):
+        with pytest.raises(ValueError, match="existence"):
+            agent_occupancy.mode_occupancy(
+                box[None], np.array([0]), modes, np.full((1, 2), 0.5), GRID, 3, 1, existence=bad
+            )
+
+
 def test_boxes_turn_with_their_motion_and_keep_their_heading_when_still():
     modes = np.zeros((2, 1, 3, 2))
     modes[0, 0] = [[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]]  # agent 0 (yaw 0) drives along +y
