@@ -64,7 +64,7 @@ def mode_occupancy(
     """Per-class occupancy probability of the agents' boxes moved along their modes (see ``mode_occupancy_instances``).
 
     Returns:
-        [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability 1).
+        [S = steps + 1, C, H, W] float32 — step 0 is the t0 boxes themselves (probability ``existence``, 1 without).
     """
     return mode_occupancy_instances(agent_box, agent_class, modes, probabilities, grid, classes, steps, existence)[0]
 
