@@ -109,6 +109,9 @@ def mode_occupancy_instances(
             f"mode_occupancy: expected modes [{A}, K, T >= {steps}, 2] and probabilities [{A}, K], got "
             f"{list(modes.shape)} and {list(probabilities.shape)}"
         )
+    existence = np.ones(A) if existence is None else np.asarray(existence, dtype=np.float64).reshape(-1)
+    if existence.shape != (A,) or not ((existence >= 0) & (existence <= 1)).all():
+        raise ValueError(f"mode_occupancy: existence must be {A} probabilities in [0, 1]")
     occupancy = np.zeros((steps + 1, classes, H, W), dtype=np.float32)
     instances = np.zeros((steps + 1, H, W), dtype=np.int64)
     keep = (agent_class >= 0) & (agent_class < classes) & np.isfinite(box).all(axis=1)
@@ -116,14 +119,12 @@ def mode_occupancy_instances(
     if not keep.any():
         return occupancy, instances
     agent_index = np.nonzero(keep)[0]
-    existence = np.ones(len(box)) if existence is None else np.asarray(existence, dtype=np.float64).reshape(-1)
-    if existence.shape != (len(box),) or not ((existence >= 0) & (existence <= 1)).all():
-        raise ValueError(f"mode_occupancy: existence must be {len(box)} probabilities in [0, 1]")
     box, agent_class, modes, probabilities = box[keep], agent_class[keep], modes[keep], probabilities[keep]
     existence = existence[keep]
     A, K = probabilities.shape
 
-    # Every box: the A t0 boxes (weight 1), then one per (step, agent, mode) weighted by the mode's probability.
+    # Every box: the A t0 boxes (weighted by existence), then one per (step, agent, mode) weighted by the mode's
+    # probability times the agent's existence.
     yaws = mode_headings(box[:, :2], box[:, 6], modes[:, :, :steps])  # [A, K, F]
     centers = np.concatenate([box[:, :2], modes[:, :, :steps].transpose(2, 0, 1, 3).reshape(-1, 2)])  # [A + F*A*K, 2]
     headings = np.concatenate([box[:, 6], yaws.transpose(2, 0, 1).reshape(-1)])

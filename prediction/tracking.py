@@ -149,15 +149,18 @@ class TrackedAgents:
         difference that multiplies the scatter of raw detections about fivefold; along this line it is the
         track's velocity.
         """
-        p = self.past.shape[1]
-        times_s = (np.arange(p) - (p - 1)) * KEYFRAME_S  # [P] <= 0
+        times_s = _keyframe_times(self.past.shape[1])  # [P] <= 0
         return self.boxes[:, None, :2] + times_s[None, :, None] * self.velocity[:, None]
 
 
-def _gates(classes: np.ndarray) -> np.ndarray:
-    """[N] the association gate (m) of each class index."""
-    table = np.array([GATE_M[name] for name in categories.CLASSES])
-    return table[classes]
+def _per_class(table: dict[str, float], classes: np.ndarray) -> np.ndarray:
+    """[N] the value of ``table`` (keyed by class name) for each class index."""
+    return np.array([table[name] for name in categories.CLASSES])[classes]
+
+
+def _keyframe_times(p: int) -> np.ndarray:
+    """[P] seconds of each of P input keyframes relative to t0 (the last): -(P - 1) · 0.5 ... 0."""
+    return (np.arange(p) - (p - 1)) * KEYFRAME_S
 
 
 def greedy_match(
@@ -184,7 +187,9 @@ def greedy_match(
     if n == 0 or m == 0:
         return match
     distance = np.linalg.norm(detection_xy[:, None] - track_xy[None], axis=-1)  # [N, M]
-    allowed = (detection_classes[:, None] == track_classes[None]) & (distance <= _gates(detection_classes)[:, None])
+    allowed = (detection_classes[:, None] == track_classes[None]) & (
+        distance <= _per_class(GATE_M, detection_classes)[:, None]
+    )
     distance = np.where(allowed, distance, np.inf)
     taken = np.zeros(m, dtype=bool)
     for i in np.argsort(-detection_scores, kind="stable"):  # one pass over detections: N is tens, not points
@@ -215,10 +220,9 @@ def fit_velocity(past: np.ndarray, past_mask: np.ndarray, velocity: np.ndarray, 
         [A, 2] float64 (m/s).
     """
     past, velocity = np.asarray(past, dtype=np.float64), np.asarray(velocity, dtype=np.float64)
-    p = past.shape[1]
-    times_s = (np.arange(p - 1) - (p - 1)) * KEYFRAME_S  # [P - 1] the earlier keyframes, < 0
-    position_weight = 1.0 / np.array([POSITION_ERROR_M[name] for name in categories.CLASSES])[classes] ** 2  # [A]
-    velocity_weight = 1.0 / np.array([VELOCITY_ERROR_MPS[name] for name in categories.CLASSES])[classes] ** 2
+    times_s = _keyframe_times(past.shape[1])[:-1]  # [P - 1] the earlier keyframes, < 0
+    position_weight = 1.0 / _per_class(POSITION_ERROR_M, classes) ** 2  # [A]
+    velocity_weight = 1.0 / _per_class(VELOCITY_ERROR_MPS, classes) ** 2  # [A]
     weight = np.where(past_mask[:, :-1], position_weight[:, None], 0.0) * times_s  # [A, P - 1] m_k t_k / σ_p²
     moved = np.where(past_mask[:, :-1, None], past[:, :-1] - past[:, -1:], 0.0)  # [A, P - 1, 2]
     numerator = (weight[..., None] * moved).sum(axis=1) + velocity_weight[:, None] * velocity  # [A, 2]

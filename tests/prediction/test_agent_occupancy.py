@@ -70,6 +70,10 @@ def test_an_agents_existence_scales_its_whole_mass():
             agent_occupancy.mode_occupancy(
                 box[None], np.array([0]), modes, np.full((1, 2), 0.5), GRID, 3, 1, existence=bad
             )
+    with pytest.raises(ValueError, match="existence"):  # refused even when no agent is left to draw
+        agent_occupancy.mode_occupancy(
+            box[None], np.array([-1]), modes, np.full((1, 2), 0.5), GRID, 3, 1, existence=np.array([1.2])
+        )
 
 
 def test_boxes_turn_with_their_motion_and_keep_their_heading_when_still():
