@@ -81,6 +81,30 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.decoder_widths: two positive widths (0.5 m, 1 m), got {self.decoder_widths}")
         if self.flow_refine and not (self.world_model and self.use_lidar):
             raise ValueError("ModelConfig.flow_refine: needs the world model and the LiDAR's 1 m maps")
+        grids = {
+            "grid": self.grid,
+            "camera.splat_grid": self.camera.splat_grid,
+            "camera.out_grid": self.camera.out_grid,
+            "lidar.pillar_grid": self.lidar.pillar_grid,
+            "lidar.out_grid": self.lidar.out_grid,
+            "fuser.grid": self.fuser.grid,
+            "predictor.grid": self.predictor.grid,
+        }
+        extent = _extent(self.grid)
+        for name, grid in grids.items():
+            if _extent(grid) != extent:
+                raise ValueError(
+                    f"ModelConfig.{name}: spans {_extent(grid)} m but grid spans {extent} m; every grid of a model "
+                    "covers the same area (x_min, x_max, y_min, y_max)"
+                )
+        latents = {name: grids[name] for name in ("camera.out_grid", "lidar.out_grid", "predictor.grid")}
+        for name, grid in latents.items():
+            if grid != self.fuser.grid:
+                raise ValueError(f"ModelConfig.{name}: must be the latent grid fuser.grid ({self.fuser.grid}), got {grid}")
+
+
+def _extent(grid: geometry.GridSpec) -> tuple[float, float, float, float]:
+    return (grid.x_min_m, grid.x_max_m, grid.y_min_m, grid.y_max_m)
 
 
 @dataclass(frozen=True)

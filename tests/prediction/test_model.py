@@ -352,15 +352,17 @@ def test_weights_of_another_model_version_are_refused_by_name(tiny_checkpoint, t
         checkpoint.load_model(tmp_path / "run")
 
 
-def test_the_base_preset_predicts_on_its_own_grids(synthetic_windows):
-    """``base`` (±50 m, a 50 × 50 latent): every head reads the grids of its own config, not ``small``'s."""
-    config = experiment_config.preset("base").model
+@pytest.mark.parametrize("preset, channels", [("base", 128), ("wide", 64)])
+def test_the_50_m_presets_predict_on_their_own_grids(synthetic_windows, preset, channels):
+    """``base`` and ``wide`` (±50 m, a 50 × 50 latent): every head reads the grids of its own config, not
+    ``small``'s."""
+    config = experiment_config.preset(preset).model
     torch.manual_seed(0)
     net = model.BevJepa(config).eval()
     batch = torch_dataset.collate([torch_dataset.WindowDataset(synthetic_windows)[0]])
     with torch.no_grad():
         output = net(batch)
-    assert output.latent.shape == (1, 128, 50, 50)
+    assert output.latent.shape == (1, channels, 50, 50)
     assert output.occupancy_logits.shape == (1, config.occupancy_steps + 1, config.classes, 200, 200)
     assert output.heatmap_logits.shape[-2:] == net.detection.grid.shape == (100, 100)
     assert torch.isfinite(output.modes).all() and torch.isfinite(output.occupancy_logits).all()
@@ -406,3 +408,13 @@ def test_a_camera_only_model_has_no_fine_maps_to_mix(batch):
     assert output.skips == () and output.occupancy_logits.shape == (2, 5, 3, 128, 128)
     terms = model.compute_losses(net, batch, output, model.LossWeights())
     assert np.isfinite(terms.total.item())
+
+
+def test_a_model_whose_grids_disagree_is_refused_by_name():
+    """Growing ``grid`` alone in a hand-edited config would fail deep in the decoder; the config names the grid."""
+    small = experiment_config.preset("small").model
+    with pytest.raises(ValueError, match=r"camera\.splat_grid: spans \(-32\.0, 32\.0, -32\.0, 32\.0\) m"):
+        dataclasses.replace(small, grid=geometry.GridSpec(-50.0, 50.0, -50.0, 50.0, 0.5))
+    coarser = geometry.GridSpec(-32.0, 32.0, -32.0, 32.0, 4.0)
+    with pytest.raises(ValueError, match=r"lidar\.out_grid: must be the latent grid"):
+        dataclasses.replace(small, lidar=dataclasses.replace(small.lidar, out_grid=coarser))
