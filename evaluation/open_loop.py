@@ -53,7 +53,8 @@ Returned structure (every number a float; NaN where nothing was scored):
       "models": {name: {
           "minADE_k", "minFDE_k", "MissRate_2_k"    for k in 1, 5, 10 (trajectory sources only),
           "per_class": {class: {"agents": int, "minADE_k", "minFDE_k", "MissRate_2_k"}},
-          "iou": {class: [per step 0..F]},          IoU of the (thresholded) occupancy
+          "iou": {class: [per step 0..F]},          IoU of the (thresholded) occupancy over the whole grid
+          "iou_short": {class: [per step 0..F]},    the same over the central 30 × 30 m (FIERY's short range)
           "iou_2s_mean": float,                     mean over classes of the IoU at the last step (NaN skipped)
           "vpq": {class: [per step 0..F]},          FIERY's VPQ_t (``metrics.VpqCounts.vpq``)
           "vpq_all_steps": {class: float},          FIERY's normalised VPQ over steps 0..F
@@ -71,6 +72,7 @@ Returned structure (every number a float; NaN where nothing was scored):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,10 +124,14 @@ class _Scores:
     truths: list[np.ndarray] = field(default_factory=list)  # [N_i, T, 2] per window (matched sources)
     truth_classes: list[np.ndarray] = field(default_factory=list)  # [N_i]
     detection_counts: np.ndarray | None = None  # annotated agents, found agents, matched pairs
+    short: tuple[slice, slice] = (slice(None), slice(None))  # the short-range rows and columns (``short_range``)
+    intersection_short: np.ndarray | None = None  # [S, C]
+    union_short: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shape = (self.steps, self.classes)
         self.intersection, self.union = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+        self.intersection_short, self.union_short = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
         self.squared_error, self.cells = np.zeros(shape), np.zeros(shape, np.int64)
         self.calibration = np.zeros((self.classes, self.bins, 3))
         self.vpq = metrics.empty_vpq_counts(*shape)
@@ -140,9 +146,14 @@ class _Scores:
         target_labels: np.ndarray,
     ) -> None:
         """One window: probability [S, C, H, W] (or 0/1), its instance labels [S, C, H, W], and the truth."""
-        intersection, union = metrics.iou_counts(probability >= threshold, target)
+        predicted = probability >= threshold
+        intersection, union = metrics.iou_counts(predicted, target)
         self.intersection += intersection
         self.union += union
+        rows, columns = self.short
+        intersection, union = metrics.iou_counts(predicted[..., rows, columns], target[..., rows, columns])
+        self.intersection_short += intersection
+        self.union_short += union
         squared_error, cells = metrics.brier_counts(probability, target)
         self.squared_error += squared_error
         self.cells += cells
@@ -198,6 +209,8 @@ class _Scores:
         names = categories.CLASSES
         scores["iou"] = {name: per_step[:, c].tolist() for c, name in enumerate(names)}
         scores["iou_2s_mean"] = _nanmean(per_step[-1])
+        short = metrics.iou(self.intersection_short, self.union_short)  # [S, C]
+        scores["iou_short"] = {name: short[:, c].tolist() for c, name in enumerate(names)}
         scores["vpq"] = {name: vpq_step[:, c].tolist() for c, name in enumerate(names)}
         scores["vpq_all_steps"] = {name: float(vpq_all[c]) for c, name in enumerate(names)}
         scores["vpq_2s_mean"] = _nanmean(vpq_step[-1])
@@ -207,6 +220,22 @@ class _Scores:
         scores["ece"] = {name: float(ece[c]) for c, name in enumerate(names)}
         scores["ece_all"] = float(metrics.expected_calibration_error(self.calibration.sum(axis=0)))
         return scores
+
+
+SHORT_RANGE_M = 15.0
+"""Half the side of the square around the ego that ``iou_short`` scores: FIERY's short range, 30 × 30 m."""
+
+
+def short_range(grid: geometry.GridSpec, half_side_m: float = SHORT_RANGE_M) -> tuple[slice, slice]:
+    """The rows and columns of ``grid`` whose cells lie within ``half_side_m`` of the ego along x and along y."""
+
+    def cells(lo: float, count: int) -> slice:
+        first = math.ceil((-half_side_m - lo) / grid.resolution_m - 1e-9)
+        last = math.floor((half_side_m - lo) / grid.resolution_m + 1e-9)
+        return slice(min(max(first, 0), count), min(max(last, 0), count))
+
+    rows, columns = grid.shape
+    return cells(grid.x_min_m, rows), cells(grid.y_min_m, columns)
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -295,7 +324,10 @@ def evaluate(
                 window = _window_truth(batch, b, steps)
                 if not scores:
                     S, C = window.target.shape[:2]
-                    scores = {name: _Scores(S, C, ece_bins, matched=name in MATCHED_SOURCES) for name in names}
+                    short = short_range(geometry.GridSpec(**dataset.config["window"]["grid"]))
+                    scores = {
+                        name: _Scores(S, C, ece_bins, matched=name in MATCHED_SOURCES, short=short) for name in names
+                    }
                 truths.append(window.future[window.full])
                 truth_classes.append(window.cls[window.full])
                 _score_baselines(scores, window, grid, steps, threshold)

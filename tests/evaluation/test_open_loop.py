@@ -15,7 +15,7 @@ from nuscenes.eval.prediction.config import PredictionConfig
 from nuscenes.nuscenes import NuScenes
 from nuscenes.prediction import PredictHelper
 
-from bevjepa.datasets import categories, torch_dataset
+from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.evaluation import baselines, metrics, open_loop, prediction_export
 from bevjepa.evaluation.report import eval_report
 from bevjepa.prediction import agent_occupancy, checkpoint, forecaster
@@ -87,6 +87,7 @@ def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result)
     dataset = torch_dataset.WindowDataset(synthetic_windows)
     sensors, annotated = forecaster.Forecaster(net), forecaster.Forecaster(net, agents="annotated")
     counts = {"model": [], "model_latent": [], "model_annotated": [], "constant_velocity_tracked": []}
+    short = []
     vpq = metrics.empty_vpq_counts(5, 3)
     model_vpq = metrics.empty_vpq_counts(5, 3)
     for index in range(len(dataset)):
@@ -97,6 +98,8 @@ def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result)
         forecast = sensors.forecast(blind)
         counts["model"].append(metrics.iou_counts(forecast.occupancy >= 0.5, target))
         counts["model_latent"].append(metrics.iou_counts(forecast.latent_occupancy >= 0.5, target))
+        near = np.s_[..., 34:94, 34:94]  # the ±32 m grid's cells within 15 m of the ego along x and y
+        short.append(metrics.iou_counts(forecast.latent_occupancy[near] >= 0.5, target[near]))
         vpq = vpq + metrics.vpq_counts(metrics.connected_instances(forecast.latent_occupancy >= 0.5), truth_labels)
         tracks = sensors.track(torch_dataset.collate([blind]))[0]
         occupancy, _ = baselines.constant_velocity_tracked(tracks, net.config.grid, 3, 4)
@@ -114,6 +117,9 @@ def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result)
         np.testing.assert_allclose(
             np.array(result["models"][name]["iou"]["vehicle"]), per_step[:, 0], rtol=1e-12, err_msg=name
         )
+    per_step = metrics.iou(sum(p[0] for p in short), sum(p[1] for p in short))
+    for c, name in enumerate(categories.CLASSES):
+        np.testing.assert_allclose(result["models"]["model_latent"]["iou_short"][name], per_step[:, c], rtol=1e-12)
     np.testing.assert_allclose(result["models"]["model_latent"]["vpq"]["vehicle"], vpq.vpq()[0][:, 0], rtol=1e-12)
     np.testing.assert_allclose(
         result["models"]["model_annotated"]["vpq"]["vehicle"], model_vpq.vpq()[0][:, 0], rtol=1e-12
@@ -191,3 +197,16 @@ def test_detection_recall_counts_only_the_agents_inside_the_grid(result, synthet
             assert math.isnan(scores["detection_precision"])
         else:
             assert scores["detection_precision"] == pytest.approx(scores["detection_matched"] / found)
+
+
+@pytest.mark.parametrize(
+    "grid, expected",
+    [
+        (geometry.GridSpec(), (slice(34, 94), slice(34, 94))),  # ±32 m at 0.5 m
+        (geometry.GridSpec(-50.0, 50.0, -50.0, 50.0, 0.5), (slice(70, 130), slice(70, 130))),
+        (geometry.GridSpec(-10.0, 40.0, -10.0, 10.0, 1.0), (slice(0, 25), slice(0, 20))),  # clipped to the grid
+        (geometry.GridSpec(20.0, 40.0, -32.0, 32.0, 0.5), (slice(0, 0), slice(34, 94))),  # wholly beyond: empty
+    ],
+)
+def test_the_short_range_is_the_cells_within_15_m_of_the_ego(grid, expected):
+    assert open_loop.short_range(grid) == expected
