@@ -100,7 +100,9 @@ class ModelConfig:
         latents = {name: grids[name] for name in ("camera.out_grid", "lidar.out_grid", "predictor.grid")}
         for name, grid in latents.items():
             if grid != self.fuser.grid:
-                raise ValueError(f"ModelConfig.{name}: must be the latent grid fuser.grid ({self.fuser.grid}), got {grid}")
+                raise ValueError(
+                    f"ModelConfig.{name}: must be the latent grid fuser.grid ({self.fuser.grid}), got {grid}"
+                )
 
 
 def _extent(grid: geometry.GridSpec) -> tuple[float, float, float, float]:
