@@ -155,8 +155,9 @@ def wide() -> ExperimentConfig:
 
     nuScenes scores cars, pedestrians and bicycles out to 50, 40 and 40 m from the ego; ``small``'s ±32 m grid never
     sees a third of the scored cars, so its car AP cannot pass 0.46 on the synthetic ``mini_val``
-    (``grid_ceiling_ap`` in the detection report). Every map has about 2.4 × ``small``'s cells, and a training step
-    costs about as much more. Windows for it are preprocessed with ``--config wide``.
+    (``grid_ceiling_ap`` in the detection report). Every map has about 2.4 × ``small``'s cells; a LiDAR world-model
+    training step costs 2.5 × ``small``'s on one thread and 1.6 × on both cores (docs/train.md, "The wide preset").
+    Windows for it are preprocessed with ``--config wide``.
     """
     config = small()
     target = geometry.GridSpec(-50.0, 50.0, -50.0, 50.0, 0.5)
