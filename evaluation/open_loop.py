@@ -72,7 +72,6 @@ Returned structure (every number a float; NaN where nothing was scored):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,15 +226,15 @@ SHORT_RANGE_M = 15.0
 
 
 def short_range(grid: geometry.GridSpec, half_side_m: float = SHORT_RANGE_M) -> tuple[slice, slice]:
-    """The rows and columns of ``grid`` whose cells lie within ``half_side_m`` of the ego along x and along y."""
+    """The rows and columns of ``grid`` whose cell centres lie within ``half_side_m`` of the ego along x and y."""
 
-    def cells(lo: float, count: int) -> slice:
-        first = math.ceil((-half_side_m - lo) / grid.resolution_m - 1e-9)
-        last = math.floor((half_side_m - lo) / grid.resolution_m + 1e-9)
-        return slice(min(max(first, 0), count), min(max(last, 0), count))
+    def inside(centres: np.ndarray) -> slice:
+        kept = np.flatnonzero(np.abs(centres) < half_side_m)  # contiguous: the centres ascend
+        return slice(int(kept[0]), int(kept[-1]) + 1) if kept.size else slice(0, 0)
 
     rows, columns = grid.shape
-    return cells(grid.x_min_m, rows), cells(grid.y_min_m, columns)
+    x, y = grid.index_to_center_coords(np.arange(rows), np.arange(columns))
+    return inside(x), inside(y)
 
 
 def _nanmean(values: np.ndarray) -> float:
