@@ -82,12 +82,22 @@ class BevDecoder(nn.Module):
     concatenates the finer map of the present keyframe (``skips``:
     the LiDAR pyramid, ``LidarEncoder.pyramid``, coarsest last) and mixes them with two 3 x 3 convolutions. A
     learnt embedding of the step (0 for t0, k for the k-th rolled-out latent) is added at the input, so that the
-    decoder knows how far the present keyframe's fine maps lie from the time it decodes.
+    decoder knows how far the present keyframe's fine maps lie from the time it decodes. With ``step_film`` each
+    level also scales and shifts its features by the step after its first convolution (FiLM, starting as the
+    identity): the fine levels read the step directly, where a person's LiDAR points mean "here" at t0 and
+    "near here, somewhere" a second later.
 
     Notation: N maps (samples × steps), L levels, D_l the width at level l (finest first).
     """
 
-    def __init__(self, channels: int, skip_channels: tuple[int, ...], widths: tuple[int, ...], steps: int) -> None:
+    def __init__(
+        self,
+        channels: int,
+        skip_channels: tuple[int, ...],
+        widths: tuple[int, ...],
+        steps: int,
+        step_film: bool = False,
+    ) -> None:
         """Build the decoder.
 
         Args:
@@ -96,6 +106,7 @@ class BevDecoder(nn.Module):
                 without LiDAR).
             widths: D_l, the width of each level, finest first (same length as ``skip_channels``).
             steps: how many step embeddings (F + 1).
+            step_film: every level scales and shifts its features by the step (zeros: the identity at first).
         """
         super().__init__()
         if len(skip_channels) != len(widths) or not widths:
@@ -121,6 +132,10 @@ class BevDecoder(nn.Module):
                 )
             )
             coarser = width
+        # Per level, coarsest first as ``levels``: [steps, 2 * D_l] scales (minus 1) and shifts.
+        self.step_film = (
+            nn.ParameterList([nn.Parameter(torch.zeros(steps, 2 * w)) for w in reversed(widths)]) if step_film else None
+        )
 
     def forward(
         self, z: torch.Tensor, skips: list[torch.Tensor], step: torch.Tensor, finest: int = 0
@@ -139,13 +154,19 @@ class BevDecoder(nn.Module):
         """
         h = self.stem(z) + self.step_embedding[step][:, :, None, None]  # [N, D_L, H, W]
         out = []
-        for level, reduce, block in zip(reversed(range(len(self.widths))), self.reduce, self.levels, strict=True):
+        for i, (level, reduce, block) in enumerate(
+            zip(reversed(range(len(self.widths))), self.reduce, self.levels, strict=True)
+        ):
             if level < finest:
                 break
             h = F.interpolate(reduce(h), scale_factor=2.0, mode="bilinear", align_corners=False)
             if self.skip_channels[level]:
                 h = torch.cat([h, skips[level]], dim=1)
-            h = block(h)
+            if self.step_film is None:
+                h = block(h)
+            else:  # the block's first convolution and norm, FiLM by the step, then the rest
+                scale, shift = self.step_film[i][step][:, :, None, None].chunk(2, dim=1)  # [N, D_l, 1, 1] each
+                h = block[2:](block[:2](h) * (1.0 + scale) + shift)
             out.append(h)
         return out[::-1]
 

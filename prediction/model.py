@@ -54,6 +54,8 @@ class ModelConfig:
         unwarped_skips: the decoder of a rolled-out step reads the fine maps twice: warped by the flow and as they
             were at t0 (where the flow misses a person's half-metre step, the t0 maps still say where they stood);
             False: warped only. The decoder's skip channels double.
+        decoder_step_film: every decoder level scales and shifts its features by the step it decodes
+            (``heads.BevDecoder``); False: the step embedding at the decoder's input alone.
         flow_context: the flow head sees ±14 m of both latents and knows the step it reads (``heads.FlowHead``);
             False: ±6 m, no step.
     """
@@ -75,6 +77,7 @@ class ModelConfig:
     flow_refine: bool = False
     unwarped_skips: bool = False
     flow_context: bool = False
+    decoder_step_film: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.skip_frames <= self.fuser.past_frames:
@@ -374,7 +377,11 @@ class BevJepa(nn.Module):
         fine, coarse = config.decoder_widths
         copies = 2 if config.unwarped_skips else 1  # ``decoder_skips``
         self.decoder = heads.BevDecoder(
-            channels, tuple(c * copies for c in skip_channels), config.decoder_widths, steps=f + 1
+            channels,
+            tuple(c * copies for c in skip_channels),
+            config.decoder_widths,
+            steps=f + 1,
+            step_film=config.decoder_step_film,
         )
         self.flow_refiner = heads.FlowRefiner(skip_channels[1], steps=f) if config.flow_refine else None
         self.skip_mix = nn.ModuleList()

@@ -619,3 +619,23 @@ def test_the_flow_head_with_context_tells_the_steps_apart_and_sees_further():
             torch.testing.assert_close(at_cell[1], at_cell[2])  # one cell further, none
     with pytest.raises(ValueError, match="step"):
         wide(content_at(16), z0)
+
+
+def test_step_film_starts_as_the_plain_decoder_and_tells_the_steps_apart_where_it_is_set():
+    torch.manual_seed(0)
+    plain = heads.BevDecoder(16, (4, 8), (8, 12), steps=5)
+    film = heads.BevDecoder(16, (4, 8), (8, 12), steps=5, step_film=True)
+    film.load_state_dict(plain.state_dict(), strict=False)  # the same weights, FiLM at zero
+    z, skips, step = (
+        torch.randn(2, 16, 8, 8),
+        [torch.randn(2, 4, 32, 32), torch.randn(2, 8, 16, 16)],
+        torch.tensor([0, 3]),
+    )
+    with torch.no_grad():
+        reference = plain(z, skips, step)
+        torch.testing.assert_close(film(z, skips, step), reference)  # the identity at first
+        film.step_film[-1][3].normal_()  # the finest level's FiLM (the list runs coarsest first), step 3 alone
+        fine, coarse = film(z, skips, step)
+    torch.testing.assert_close(coarse, reference[1])  # the coarser level is untouched
+    torch.testing.assert_close(fine[0], reference[0][0])  # and so is step 0
+    assert not torch.allclose(fine[1], reference[0][1])
