@@ -190,37 +190,18 @@ class FlowHead(nn.Module):
 
     The decoder warps the present keyframe's fine LiDAR maps by it (``warp_by_offset``), so that what the sensors
     saw sharply at t0 is drawn where the world model says it went. Trained on the annotated instances' motion
-    (``losses.instance_flow_targets``); it starts at zero (nothing moves). It sees ±3 latent cells of both latents;
-    with ``context``, ±7 (one more 3 × 3 convolution, dilation 4: a car's 9 m in 2 s is 4.5 cells of 2 m) and a
-    learnt embedding of the step it reads, since how far content went depends on how long it travelled.
+    (``losses.instance_flow_targets``); it starts at zero (nothing moves).
     """
 
-    def __init__(self, channels: int, hidden: int = 64, scale_m: float = 10.0, steps: int = 0) -> None:
-        """Build the head.
-
-        Args:
-            channels: C of the latents.
-            hidden: the width.
-            scale_m: metres per unit of the last layer.
-            steps: F, rolled-out steps, for the wider context and the step embedding; 0: neither.
-        """
+    def __init__(self, channels: int, hidden: int = 64, scale_m: float = 10.0) -> None:
+        """``channels``: C of the latents; ``hidden``: the width; ``scale_m``: metres per unit of the last layer."""
         super().__init__()
         self.scale_m = scale_m
-        middle = (nn.Conv2d(hidden, hidden, 3, padding=4, dilation=4), nn.SiLU()) if steps else ()
-        self.net = nn.Sequential(nn.Conv2d(2 * channels, hidden, 3, padding=1), *_offset_layers(hidden, *middle))
-        self.step_embedding = nn.Parameter(torch.zeros(steps + 1, hidden)) if steps else None
+        self.net = nn.Sequential(nn.Conv2d(2 * channels, hidden, 3, padding=1), *_offset_layers(hidden))
 
-    def forward(self, z: torch.Tensor, z0: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
-        """Source offsets [N, 2, H, W] (x, y in m, t0 frame) of latents z [N, C, H, W] against z_t0 [N, C, H, W].
-
-        ``step``: [N] int64, the step k (1..F) each latent stands for; read only by a head built with ``steps``.
-        """
-        h = self.net[0](torch.cat([z, z0], dim=1))
-        if self.step_embedding is not None:
-            if step is None:
-                raise ValueError("FlowHead: a head built with steps needs the step of each latent")
-            h = h + self.step_embedding[step][:, :, None, None]
-        return self.net[1:](h) * self.scale_m
+    def forward(self, z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """Source offsets [N, 2, H, W] (x, y in m, t0 frame) of latents z [N, C, H, W] against z_t0 [N, C, H, W]."""
+        return self.net(torch.cat([z, z0], dim=1)) * self.scale_m
 
 
 class FlowRefiner(nn.Module):

@@ -56,8 +56,6 @@ class ModelConfig:
             False: warped only. The decoder's skip channels double.
         decoder_step_film: every decoder level scales and shifts its features by the step it decodes
             (``heads.BevDecoder``); False: the step embedding at the decoder's input alone.
-        flow_context: the flow head sees ±14 m of both latents and knows the step it reads (``heads.FlowHead``);
-            False: ±6 m, no step.
     """
 
     camera: camera_encoder.CameraEncoderConfig = field(default_factory=camera_encoder.CameraEncoderConfig)
@@ -76,7 +74,6 @@ class ModelConfig:
     skip_frames: int = 1
     flow_refine: bool = False
     unwarped_skips: bool = False
-    flow_context: bool = False
     decoder_step_film: bool = False
 
     def __post_init__(self) -> None:
@@ -93,8 +90,6 @@ class ModelConfig:
             raise ValueError("ModelConfig.flow_refine: needs the world model and the LiDAR's 1 m maps")
         if self.unwarped_skips and not (self.world_model and self.use_lidar):
             raise ValueError("ModelConfig.unwarped_skips: needs the world model (a flow) and the LiDAR's fine maps")
-        if self.flow_context and not self.world_model:
-            raise ValueError("ModelConfig.flow_context: needs the world model (the direct baseline has no flow)")
         grids = {
             "grid": self.grid,
             "camera.splat_grid": self.camera.splat_grid,
@@ -365,11 +360,7 @@ class BevJepa(nn.Module):
         self.target_encoder = world_model.copy_for_target(self.encoder)
         self.target_encoder.modality_dropout = False
         self.predictor = world_model.Predictor(config.predictor) if config.world_model else None
-        self.flow = (
-            heads.FlowHead(config.fuser.channels, steps=config.occupancy_steps if config.flow_context else 0)
-            if config.world_model
-            else None
-        )
+        self.flow = heads.FlowHead(config.fuser.channels) if config.world_model else None
         channels, f = config.fuser.channels, config.occupancy_steps
         skip_channels = (
             (config.lidar.fine_channels, config.lidar.channels) if config.use_lidar else (0, 0)
@@ -497,8 +488,7 @@ class BevJepa(nn.Module):
         """
         b, s = latents.shape[:2]
         z0_ = z0[:, None].expand(-1, s, *z0.shape[1:])
-        step = torch.arange(1, s + 1, device=latents.device).repeat(b)  # [B*S], b-major as the reshape
-        offsets = self.flow(latents.reshape(b * s, *latents.shape[2:]), z0_.reshape(b * s, *z0.shape[1:]), step)
+        offsets = self.flow(latents.reshape(b * s, *latents.shape[2:]), z0_.reshape(b * s, *z0.shape[1:]))
         offsets = offsets.reshape(b, s, *offsets.shape[1:])
         if self.flow_refiner is not None:
             offsets = self.flow_refiner(offsets, skips[1], list(range(1, s + 1)))

@@ -594,33 +594,6 @@ def test_warp_by_offset_reads_each_cell_from_its_source():
     assert float(warped[0, 0, rows[0], cols[0]]) == pytest.approx(1.0) and float(warped.sum()) == pytest.approx(1.0)
 
 
-def test_the_flow_head_with_context_tells_the_steps_apart_and_sees_further():
-    torch.manual_seed(0)
-    plain, wide = heads.FlowHead(8, hidden=16), heads.FlowHead(8, hidden=16, steps=4)
-    for head in (plain, wide):
-        torch.nn.init.normal_(head.net[-1].weight)  # the last layer starts at zero: nothing would move
-    with torch.no_grad():
-        wide.step_embedding.normal_()
-    z0 = torch.zeros(2, 8, 32, 32)
-
-    def content_at(column: int) -> torch.Tensor:
-        z = torch.zeros(2, 8, 32, 32)
-        z[:, :, 16, column] = 1.0  # one cell of content, away from the borders: the GroupNorm's statistics match
-        return z
-
-    step = torch.tensor([1, 4])
-    with torch.no_grad():
-        flat, far = plain(content_at(16), z0), wide(content_at(16), z0, step)
-        assert torch.equal(flat[0], flat[1])  # the same latents at two steps: the same offsets...
-        assert not torch.allclose(far[0], far[1])  # ...unless the head knows the step
-        for head, reach in ((plain, 3), (wide, 7)):
-            at_cell = [head(content_at(10 + d), z0, step)[:, :, 16, 10] for d in (reach, reach + 1, 16)]
-            assert not torch.allclose(at_cell[0], at_cell[2])  # content `reach` cells away moves the cell's flow
-            torch.testing.assert_close(at_cell[1], at_cell[2])  # one cell further, none
-    with pytest.raises(ValueError, match="step"):
-        wide(content_at(16), z0)
-
-
 def test_step_film_starts_as_the_plain_decoder_and_tells_the_steps_apart_where_it_is_set():
     torch.manual_seed(0)
     plain = heads.BevDecoder(16, (4, 8), (8, 12), steps=5)

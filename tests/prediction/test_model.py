@@ -114,22 +114,6 @@ def test_unwarped_skips_show_a_rolled_out_step_the_t0_maps_beside_the_warped_one
             dataclasses.replace(config, world_model=False)
 
 
-def test_the_flow_with_context_reads_the_step_of_each_rolled_out_latent(batch):
-    torch.manual_seed(0)
-    config = dataclasses.replace(experiment_config.small().model, use_camera=False, flow_context=True)
-    net = model.BevJepa(config)
-    with torch.no_grad():
-        net.flow.step_embedding.normal_()
-        torch.nn.init.normal_(net.flow.net[-1].weight, std=0.01)
-        output = net(batch)
-        same = output.latent[:, None].expand(-1, 4, -1, -1, -1)  # z_t0 at every step: only the step differs
-        flow = net.flow_of(same, output.latent, output.skips)
-    assert output.flow.shape == (2, 5, 2, 32, 32)
-    assert not torch.allclose(flow[:, 1], flow[:, 4])
-    with pytest.raises(ValueError, match="flow_context"):
-        dataclasses.replace(config, world_model=False)
-
-
 def test_modalities_drop_only_in_training_and_never_in_the_target_encoder(batch):
     config = experiment_config.small().model
     config = dataclasses.replace(config, fuser=dataclasses.replace(config.fuser, modality_dropout=0.99))
