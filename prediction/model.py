@@ -51,9 +51,6 @@ class ModelConfig:
             1 x 1 convolution adds what they show to the present keyframe's maps (``BevJepa.present_skips``).
         flow_refine: refine the world model's flow on the 1 m grid from the LiDAR maps there
             (``heads.FlowRefiner``); False: the flow of the 2 m latent, upsampled.
-        unwarped_skips: the decoder of a rolled-out step reads the fine maps twice: warped by the flow and as they
-            were at t0 (where the flow misses a person's half-metre step, the t0 maps still say where they stood);
-            False: warped only. The decoder's skip channels double.
         decoder_step_film: every decoder level scales and shifts its features by the step it decodes
             (``heads.BevDecoder``); False: the step embedding at the decoder's input alone.
     """
@@ -73,7 +70,6 @@ class ModelConfig:
     decoder_widths: tuple[int, int] = (16, 32)
     skip_frames: int = 1
     flow_refine: bool = False
-    unwarped_skips: bool = False
     decoder_step_film: bool = False
 
     def __post_init__(self) -> None:
@@ -88,8 +84,6 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.decoder_widths: two positive widths (0.5 m, 1 m), got {self.decoder_widths}")
         if self.flow_refine and not (self.world_model and self.use_lidar):
             raise ValueError("ModelConfig.flow_refine: needs the world model and the LiDAR's 1 m maps")
-        if self.unwarped_skips and not (self.world_model and self.use_lidar):
-            raise ValueError("ModelConfig.unwarped_skips: needs the world model (a flow) and the LiDAR's fine maps")
         grids = {
             "grid": self.grid,
             "camera.splat_grid": self.camera.splat_grid,
@@ -366,10 +360,9 @@ class BevJepa(nn.Module):
             (config.lidar.fine_channels, config.lidar.channels) if config.use_lidar else (0, 0)
         )  # the LiDAR's 0.5 m map and 1 m stage
         fine, coarse = config.decoder_widths
-        copies = 2 if config.unwarped_skips else 1  # ``decoder_skips``
         self.decoder = heads.BevDecoder(
             channels,
-            tuple(c * copies for c in skip_channels),
+            skip_channels,
             config.decoder_widths,
             steps=f + 1,
             step_film=config.decoder_step_film,
@@ -450,25 +443,12 @@ class BevJepa(nn.Module):
         per_latent = []
         for level, present in enumerate(skips):
             maps = present.repeat_interleave(s, dim=0)  # [B*S, Ck, Hk, Wk]
-            warped = maps
             if flow is not None:
-                warped = heads.warp_by_offset(maps, flow.reshape(b * s, *flow.shape[2:]), self.level_grid(level))
-            per_latent.append(self.decoder_skips(warped, maps))
+                maps = heads.warp_by_offset(maps, flow.reshape(b * s, *flow.shape[2:]), self.level_grid(level))
+            per_latent.append(maps)
         step = torch.as_tensor(steps, device=latents.device).repeat(b)  # [B*S]
         features = self.decoder(latents.reshape(b * s, *latents.shape[2:]), per_latent, step)
         return [f.reshape(b, s, *f.shape[1:]) for f in features]
-
-    def decoder_skips(self, warped: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """What the decoder reads at a level: the warped maps, and the t0 maps beside them if ``unwarped_skips``.
-
-        Args:
-            warped: [N, Ck, Hk, Wk] the maps warped by the flow (the t0 maps themselves at t0).
-            present: [N, Ck, Hk, Wk] the t0 maps.
-
-        Returns:
-            [N, Ck, Hk, Wk], or [N, 2 * Ck, Hk, Wk] with ``ModelConfig.unwarped_skips``.
-        """
-        return torch.cat([warped, present], dim=1) if self.config.unwarped_skips else warped
 
     def level_grid(self, level: int) -> geometry.GridSpec:
         """The grid of the decoder's level ``level`` (0: the target grid; each next level twice as coarse)."""
@@ -621,12 +601,11 @@ class BevJepa(nn.Module):
         latent = self.encoder.temporal(
             self.encoder.warp(history_latents.flatten(0, 1), k_from_history.flatten(0, 1))
         )  # [B*n, C, H, W]
-        skips = [
-            self.decoder_skips(maps, maps)  # each keyframe's present: nothing to warp
-            for maps in self.present_skips(
+        skips = list(
+            self.present_skips(
                 tuple(fine[:, histories].flatten(0, 1) for fine in own.fine), k_from_history.flatten(0, 1)
             )
-        ]  # [B*n, Ck (x 2), Hk, Wk] in each keyframe's own frame
+        )  # [B*n, Ck, Hk, Wk] in each keyframe's own frame
         step = torch.zeros(b * n, dtype=torch.long, device=latent.device)
         coarse = self.decoder(latent, skips, step, finest=finest)[1 - finest]  # the detection head's level
         heatmap, regression = self.detection(coarse)  # [B*n, classes, 64, 64], [B*n, 10, 64, 64]

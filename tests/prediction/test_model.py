@@ -96,22 +96,14 @@ def test_the_refined_flow_starts_as_the_latent_flow_on_the_1_m_grid_and_learns(b
         dataclasses.replace(config, world_model=False)
 
 
-@pytest.mark.parametrize("unwarped", [False, True])
-def test_unwarped_skips_show_a_rolled_out_step_the_t0_maps_beside_the_warped_ones(unwarped):
+def test_decoder_step_film_decodes_every_step_and_learns_its_film(batch):
     torch.manual_seed(0)
-    config = dataclasses.replace(experiment_config.small().model, use_camera=False, unwarped_skips=unwarped)
-    net = model.BevJepa(config).eval()
-    latents = torch.randn(1, 1, config.fuser.channels, 32, 32)
-    skips = (torch.rand(1, config.lidar.fine_channels, 128, 128), torch.rand(1, config.lidar.channels, 64, 64))
-    away = torch.full((1, 1, 2, 32, 32), 1000.0)  # a flow that reads every cell from 1 km away: warped maps are 0
-    with torch.no_grad():
-        seen = net.decode(latents, [1], skips, away)[0]
-        blank = net.decode(latents, [1], tuple(torch.zeros_like(s) for s in skips), away)[0]
-    # Only with unwarped skips does what the LiDAR saw at t0 still reach the decoder.
-    assert bool((seen - blank).abs().max() > 1e-4) == unwarped
-    if unwarped:
-        with pytest.raises(ValueError, match="unwarped_skips"):
-            dataclasses.replace(config, world_model=False)
+    config = dataclasses.replace(experiment_config.small().model, use_camera=False, decoder_step_film=True)
+    net = model.BevJepa(config)
+    output = net(batch)
+    assert output.occupancy_logits.shape == (2, 5, 3, 128, 128)
+    model.compute_losses(net, batch, output, model.LossWeights(latent=0.0)).total.backward()
+    assert all(float(film.grad.abs().sum()) > 0 for film in net.decoder.step_film)
 
 
 def test_modalities_drop_only_in_training_and_never_in_the_target_encoder(batch):
