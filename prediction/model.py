@@ -53,6 +53,9 @@ class ModelConfig:
             (``heads.FlowRefiner``); False: the flow of the 2 m latent, upsampled.
         decoder_step_film: every decoder level scales and shifts its features by the step it decodes
             (``heads.BevDecoder``); False: the step embedding at the decoder's input alone.
+        chained_flow: the flow head reads each rolled-out latent against the step before it, and the steps' offsets
+            are composed into the offset from t0 (``BevJepa.flow_of``): each step's motion (at most a few metres)
+            stays within the head's reach of ±3 latent cells; False: every step read against z_t0 directly.
     """
 
     camera: camera_encoder.CameraEncoderConfig = field(default_factory=camera_encoder.CameraEncoderConfig)
@@ -71,6 +74,7 @@ class ModelConfig:
     skip_frames: int = 1
     flow_refine: bool = False
     decoder_step_film: bool = False
+    chained_flow: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.skip_frames <= self.fuser.past_frames:
@@ -456,7 +460,11 @@ class BevJepa(nn.Module):
         return geometry.GridSpec(g.x_min_m, g.x_max_m, g.y_min_m, g.y_max_m, g.resolution_m * 2**level)
 
     def flow_of(self, latents: torch.Tensor, z0: torch.Tensor, skips: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Source offsets (m) of steps 0..S: zero at t0, then of rolled-out latents against z_t0 (world model).
+        """Source offsets (m) of steps 0..S: zero at t0, then where each cell of a rolled-out latent was at t0.
+
+        Without ``ModelConfig.chained_flow`` the head reads every latent against z_t0. With it, the head reads each
+        latent z_k against z_{k-1}, and the offsets compose: a cell at x in step k came from x + d_k(x) in step
+        k - 1, which came from there plus D_{k-1} at that point, so D_k(x) = d_k(x) + D_{k-1}(x + d_k(x)).
 
         Args:
             latents: [B, S, C, H, W] the latents of steps 1..S.
@@ -467,9 +475,17 @@ class BevJepa(nn.Module):
             [B, S + 1, 2, h, w]: on the latent grid, or the 1 m grid with ``ModelConfig.flow_refine``.
         """
         b, s = latents.shape[:2]
-        z0_ = z0[:, None].expand(-1, s, *z0.shape[1:])
-        offsets = self.flow(latents.reshape(b * s, *latents.shape[2:]), z0_.reshape(b * s, *z0.shape[1:]))
-        offsets = offsets.reshape(b, s, *offsets.shape[1:])
+        if self.config.chained_flow:
+            before = torch.cat([z0[:, None], latents[:, :-1]], dim=1)  # [B, S, C, H, W]: z_{k-1} of each step
+        else:
+            before = z0[:, None].expand(-1, s, *z0.shape[1:])
+        offsets = self.flow(latents.flatten(0, 1), before.flatten(0, 1)).unflatten(0, (b, s))  # [B, S, 2, H, W]
+        if self.config.chained_flow:
+            composed = [offsets[:, 0]]
+            for k in range(1, s):
+                step = offsets[:, k]
+                composed.append(step + heads.warp_by_offset(composed[-1], step, self.config.fuser.grid))
+            offsets = torch.stack(composed, dim=1)
         if self.flow_refiner is not None:
             offsets = self.flow_refiner(offsets, skips[1], list(range(1, s + 1)))
         return torch.cat([torch.zeros_like(offsets[:, :1]), offsets], dim=1)

@@ -96,6 +96,31 @@ def test_the_refined_flow_starts_as_the_latent_flow_on_the_1_m_grid_and_learns(b
         dataclasses.replace(config, world_model=False)
 
 
+@pytest.mark.parametrize("chained", [False, True])
+def test_the_chained_flow_reads_each_step_against_the_one_before_and_composes_the_offsets(batch, chained):
+    torch.manual_seed(0)
+    config = dataclasses.replace(experiment_config.small().model, use_camera=False, chained_flow=chained)
+    net = model.BevJepa(config)
+    with torch.no_grad():
+        net.flow.net[-1].bias.copy_(torch.tensor([0.2, 0.0]))  # every step: the content came from 2 m further in +x
+    seen = []
+    net.flow.register_forward_hook(lambda module, inputs, output: seen.append(inputs))
+    output = net(batch)
+    f, rows = config.occupancy_steps, config.fuser.grid.shape[0]
+    z, before = seen[0]
+    previous = [output.latent[:, None], output.rollout[:, :-1]] if chained else [output.latent[:, None]] * f
+    expected = torch.cat(previous, dim=1)  # what each step's latent is read against
+    torch.testing.assert_close(before, expected.flatten(0, 1))
+    torch.testing.assert_close(z, output.rollout.flatten(0, 1))
+    # The latent grid's cells are 2 m: chained, step k's content came from 2k m away (where that stays inside).
+    inside = output.flow[:, 1:, 0, : rows - f].detach()  # [B, F, rows, W]
+    per_step = torch.arange(1, f + 1, dtype=inside.dtype) * 2.0 if chained else torch.full((f,), 2.0)
+    torch.testing.assert_close(inside, per_step[None, :, None, None].expand_as(inside))
+    assert float(output.flow[:, 1:, 1].detach().abs().max()) == 0.0
+    model.compute_losses(net, batch, output, model.LossWeights(latent=0.0)).flow.backward()
+    assert float(net.flow.net[-1].weight.grad.abs().sum()) > 0
+
+
 def test_decoder_step_film_decodes_every_step_and_learns_its_film(batch):
     torch.manual_seed(0)
     config = dataclasses.replace(experiment_config.small().model, use_camera=False, decoder_step_film=True)
