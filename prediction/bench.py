@@ -243,7 +243,9 @@ def decoded_steps_speed(
     )
     direct = dataclasses.replace(  # the preset's LiDAR encoder and decoder, as ``config.direct`` builds from small
         config,
-        model=dataclasses.replace(config.model, use_camera=False, use_lidar=True, world_model=False),
+        model=dataclasses.replace(
+            config.model, use_camera=False, use_lidar=True, world_model=False, decoder_step_film=False
+        ),
         train=dataclasses.replace(config.train, weights=dataclasses.replace(config.train.weights, latent=0.0)),
     )
     variants = {
