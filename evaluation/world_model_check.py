@@ -127,7 +127,7 @@ def check(
         }
         target = batch.occupancy.numpy()  # [B, F + 1, C, H, W]
         for name, value in logits.items():
-            predicted = torch.sigmoid(value).numpy() >= threshold
+            predicted = net.occupancy_probability(value).numpy() >= threshold
             intersection, union = metrics.iou_counts(predicted, target)  # [B, F + 1, C] each
             counts[name][0] += intersection.sum(axis=0)
             counts[name][1] += union.sum(axis=0)

@@ -6,6 +6,8 @@ A run folder holds:
     model.safetensors      the model's state (online and target encoders, predictor, heads)
     optimizer.safetensors  the optimizer's tensors (for --resume)
     state.json             step, optimizer hyper-parameters, RNG seeds, the config hash, the metrics so far
+    occupancy_thresholds.json  the dense map's per-class decision thresholds (``bevjepa thresholds``; optional,
+                           deleted when ``save`` rewrites the weights it was chosen for)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from bevjepa.datasets import io as bevio
 from bevjepa.prediction import config as experiment_config
-from bevjepa.prediction import model
+from bevjepa.prediction import model, occupancy_thresholds
 
 FORMAT = "bevjepa-checkpoint"
 FORMAT_VERSION = 1
@@ -34,6 +36,7 @@ def save(
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     bevio.atomic_write_json(run / "config.json", experiment_config.to_dict(config))
+    (run / occupancy_thresholds.FILE).unlink(missing_ok=True)  # chosen for the weights about to be replaced
     weights = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     metadata = {"format": FORMAT}
     bevio.atomic_write_with(run / "model.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))
@@ -87,7 +90,7 @@ def load_state(run: Path) -> dict:
 def load_model(
     run: Path, device: str | torch.device = "cpu"
 ) -> tuple[experiment_config.ExperimentConfig, model.BevJepa]:
-    """Rebuild the model of a run folder from its config and weights (eval mode)."""
+    """Rebuild the model of a run folder from its config and weights (eval mode), with its occupancy thresholds."""
     config = load_config(run)
     load_state(run)
     net = model.BevJepa(config.model)
@@ -100,6 +103,7 @@ def load_model(
             f"{Path(run) / 'model.safetensors'} does not fit this version of the model (written by an earlier "
             f"bevjepa?); retrain the run. {first}"
         ) from error
+    net.set_occupancy_thresholds(occupancy_thresholds.OccupancyThresholds.load(run))
     return config, net.to(device).eval()
 
 

@@ -607,7 +607,7 @@ class Forecaster:
             occupancy_logits, (modes, mode_logits) = output.occupancy_logits, (output.modes, output.mode_logits)
         else:
             occupancy_logits, (modes, mode_logits) = scene.occupancy_logits, self.net.agent_modes(batch, scene)
-        latent = torch.sigmoid(occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
+        latent = self.net.occupancy_probability(occupancy_logits).cpu().numpy().astype(np.float32)  # [B, S, C, H, W]
         probabilities = torch.softmax(mode_logits, dim=-1).cpu().numpy().astype(np.float32)  # [B, A, K]
         modes = modes.cpu().numpy().astype(np.float32)  # [B, A, K, T, 2]
         config = self.net.config

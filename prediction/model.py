@@ -24,7 +24,7 @@ from bevjepa.datasets import geometry, torch_dataset
 from bevjepa.fusion import fuser
 from bevjepa.perception import camera as camera_encoder
 from bevjepa.perception import lidar as lidar_encoder
-from bevjepa.prediction import heads, losses, world_model
+from bevjepa.prediction import heads, losses, occupancy_thresholds, world_model
 
 
 @dataclass(frozen=True)
@@ -388,6 +388,31 @@ class BevJepa(nn.Module):
             grid=config.fuser.grid,
         )
         self.detection = heads.DetectionHead(width=coarse, classes=config.classes, grid=self.level_grid(1))
+        # [C] each class's decision threshold as a logit (``occupancy_thresholds``); not part of the weights
+        self.register_buffer("occupancy_logit_shift", torch.zeros(config.classes), persistent=False)
+
+    def occupancy_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """The published occupancy probabilities [..., C, H, W] of logits [..., C, H, W].
+
+        Each class's logits are shifted by its decision threshold's logit (``occupancy_thresholds``), so that 0.5
+        is the threshold; with none chosen, the plain sigmoid.
+        """
+        return torch.sigmoid(logits - self.occupancy_logit_shift.to(logits.dtype)[:, None, None])
+
+    def set_occupancy_thresholds(self, thresholds: occupancy_thresholds.OccupancyThresholds | None) -> None:
+        """Use ``thresholds`` in ``occupancy_probability`` (None: back to 0.5 for every class).
+
+        Raises:
+            ValueError: thresholds for other classes than the model's.
+        """
+        if thresholds is None:
+            self.occupancy_logit_shift.zero_()
+            return
+        if len(thresholds.classes) != self.config.classes:
+            raise ValueError(
+                f"occupancy thresholds for {len(thresholds.classes)} classes; the model has {self.config.classes}"
+            )
+        self.occupancy_logit_shift.copy_(torch.as_tensor(thresholds.logit_shift()))
 
     def train(self, mode: bool = True) -> BevJepa:
         """As ``nn.Module.train``; the EMA target encoder always stays in eval mode (running statistics, no dropout)."""

@@ -131,6 +131,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thresholds(args: argparse.Namespace) -> int:
+    from bevjepa.prediction import threshold_fit
+
+    chosen = threshold_fit.fit(
+        Path(args.checkpoint), Path(args.data), split=args.split, windows=args.windows, progress=True
+    )
+    print(f"occupancy thresholds of {args.checkpoint}, chosen on {chosen.windows} windows of {chosen.split}:")
+    for name, p, before, after in zip(
+        chosen.classes, chosen.probability, chosen.iou_at_half, chosen.iou_chosen, strict=True
+    ):
+        print(f"  {name:12s} {p:.3f}  IoU there {after:.3f} (at 0.5: {before:.3f})")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from bevjepa.evaluation.report import eval_report
 
@@ -444,6 +458,26 @@ def _add_eval_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     evaluator.set_defaults(run=_eval)
 
 
+def _add_thresholds_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bevjepa thresholds`` to ``commands``."""
+    from bevjepa.prediction import threshold_fit
+
+    fitter = commands.add_parser(
+        "thresholds",
+        help="choose a run's per-class occupancy thresholds on its training windows",
+        description="Count the dense occupancy of a run on windows of its training split and write, per class, the "
+        "threshold of largest IoU into RUN/occupancy_thresholds.json; forecasts and `bevjepa eval` then publish "
+        "probabilities shifted so that 0.5 is that threshold. Training the run further deletes the file.",
+    )
+    fitter.add_argument("--checkpoint", required=True, help="the run folder")
+    fitter.add_argument("--data", required=True, help="a `bevjepa preprocess` output holding --split")
+    fitter.add_argument("--split", default="mini_train", help="the split counted (default mini_train)")
+    fitter.add_argument(
+        "--windows", type=int, default=threshold_fit.WINDOWS, help=f"windows counted (default {threshold_fit.WINDOWS})"
+    )
+    fitter.set_defaults(run=_thresholds)
+
+
 def _add_inspect_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bevjepa inspect`` to ``commands``."""
     inspect = commands.add_parser("inspect", help="describe a nuScenes dataset as the devkit loads it")
@@ -571,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_parser(commands)
     _add_preprocess_parser(commands)
     _add_train_parser(commands)
+    _add_thresholds_parser(commands)
     _add_eval_parser(commands)
     _add_inspect_parser(commands)
     _add_bench_parser(commands)

@@ -1,0 +1,144 @@
+"""Per-class decision thresholds of the dense occupancy map, chosen on training windows.
+
+The occupancy loss weighs each class's occupied cells ``LossWeights.occupancy_pos_weight`` times (pedestrians and
+cyclists 10×), which moves the decoder's sigmoid up: where weighted cross-entropy alone is minimised, a cell the
+model shows at p is occupied with odds p / (1 - p) / w. So 0.5 is too low a bar for the rare classes. This module
+counts, over training windows, how the occupied and the free cells spread over the logit, and picks for each class
+the threshold of largest IoU at 0.5 or above (pooled over every step decoded). The run folder keeps them
+(``occupancy_thresholds.json``, ``bevjepa thresholds``), and ``BevJepa.occupancy_probability`` shifts each class's
+logits by its threshold's logit, so that 0.5 on the published probabilities is that threshold: the forecast, its
+fused map, the evaluation and the world-model check all read the same maps.
+
+One threshold per class, not per step: over the steps the future cyclist cells of the training windows are few and
+the per-step optimum is noisy (docs/train.md, "Occupancy thresholds chosen on training windows").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bevjepa.datasets import io as bevio
+
+FILE = "occupancy_thresholds.json"
+"""The thresholds' file in a run folder (deleted whenever a training step rewrites the weights)."""
+LOGIT_EDGES = np.linspace(-12.0, 12.0, 241)
+"""Bin edges of the counted logits (0.1 apart); the candidate thresholds are these edges."""
+
+
+@dataclass(frozen=True)
+class OccupancyThresholds:
+    """The decision thresholds of one run's dense occupancy map.
+
+    Attributes:
+        classes: the class names, in channel order.
+        probability: per class, the sigmoid probability from which a cell counts as occupied (0.5: none chosen).
+        iou_at_half: per class, the IoU over the counted windows at 0.5 (every step pooled).
+        iou_chosen: per class, the IoU there at ``probability``.
+        split: the split the windows came from.
+        windows: how many windows were counted.
+    """
+
+    classes: tuple[str, ...]
+    probability: tuple[float, ...]
+    iou_at_half: tuple[float, ...]
+    iou_chosen: tuple[float, ...]
+    split: str
+    windows: int
+
+    def __post_init__(self) -> None:
+        n = len(self.classes)
+        if not all(len(v) == n for v in (self.probability, self.iou_at_half, self.iou_chosen)):
+            raise ValueError(f"OccupancyThresholds: one value per class ({n}) in every field")
+        if not all(0.0 < p < 1.0 for p in self.probability):
+            raise ValueError(f"OccupancyThresholds.probability: each in (0, 1), got {self.probability}")
+
+    def logit_shift(self) -> np.ndarray:
+        """[C] float32: the logit of each class's threshold (0 for 0.5)."""
+        p = np.asarray(self.probability, dtype=np.float64)
+        return np.log(p / (1.0 - p)).astype(np.float32)
+
+    def save(self, run: Path) -> Path:
+        """Write ``RUN/occupancy_thresholds.json`` (atomically); returns its path."""
+        path = Path(run) / FILE
+        bevio.atomic_write_json(path, {key: getattr(self, key) for key in self.__dataclass_fields__})
+        return path
+
+    @staticmethod
+    def load(run: Path) -> OccupancyThresholds | None:
+        """The thresholds of a run folder; None when it has none.
+
+        Raises:
+            ValueError: the file is not JSON or does not hold valid thresholds.
+        """
+        path = Path(run) / FILE
+        if not path.is_file():
+            return None
+        try:
+            values = json.loads(path.read_text())
+            return OccupancyThresholds(
+                classes=tuple(str(c) for c in values["classes"]),
+                probability=tuple(float(v) for v in values["probability"]),
+                iou_at_half=tuple(float(v) for v in values["iou_at_half"]),
+                iou_chosen=tuple(float(v) for v in values["iou_chosen"]),
+                split=str(values["split"]),
+                windows=int(values["windows"]),
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{path}: not valid occupancy thresholds ({error}); run `bevjepa thresholds` again"
+            ) from error
+
+
+class LogitCounts:
+    """Counts of the occupied and the free cells of each class over the logit bins ``LOGIT_EDGES``."""
+
+    def __init__(self, classes: int) -> None:
+        bins = len(LOGIT_EDGES) + 1
+        self.occupied = np.zeros((classes, bins), dtype=np.int64)
+        self.free = np.zeros((classes, bins), dtype=np.int64)
+
+    def add(self, logits: np.ndarray, target: np.ndarray) -> None:
+        """Count one batch: logits [..., C, H, W] float and target [..., C, H, W] (0/1), any leading dims."""
+        classes, bins = self.occupied.shape
+        if logits.shape != target.shape or logits.ndim < 3 or logits.shape[-3] != classes:
+            raise ValueError(
+                f"LogitCounts.add: logits {logits.shape} and target {target.shape}: [..., {classes}, H, W]"
+            )
+        index = np.digitize(logits, LOGIT_EDGES) + bins * np.arange(classes)[:, None, None]  # [..., C, H, W]
+        occupied = target.astype(bool)
+        self.occupied += np.bincount(index[occupied], minlength=classes * bins).reshape(classes, bins)
+        self.free += np.bincount(index[~occupied], minlength=classes * bins).reshape(classes, bins)
+
+    def iou_curve(self) -> np.ndarray:
+        """[C, bins] IoU when the cells of bin j and above count as occupied (j = 0 … len(LOGIT_EDGES))."""
+        hit = np.cumsum(self.occupied[:, ::-1], axis=1)[:, ::-1]  # occupied cells at or above bin j
+        false = np.cumsum(self.free[:, ::-1], axis=1)[:, ::-1]
+        missed = self.occupied.sum(axis=1, keepdims=True) - hit
+        return hit / np.maximum(hit + false + missed, 1)
+
+    def thresholds(self, class_names: tuple[str, ...], split: str, windows: int) -> OccupancyThresholds:
+        """The threshold of largest IoU per class, 0.5 or above; 0.5 for a class with no occupied cell counted.
+
+        Only raised: positive weights of 1 or more only ever inflate the probabilities, so a bar below 0.5 would
+        follow how well the model knows the windows it trained on, not the weighting (unbounded, a 30-minute run's
+        cyclists chose 0.10 on ``mini_train``).
+        """
+        curve = self.iou_curve()  # [C, bins]
+        half = int(np.argmin(np.abs(LOGIT_EDGES))) + 1  # the bin that the edge at logit 0 opens
+        probability, chosen = [], []
+        for c in range(len(class_names)):
+            best = half + int(np.argmax(curve[c, half:-1])) if self.occupied[c].sum() > 0 else half
+            probability.append(float(1.0 / (1.0 + np.exp(-LOGIT_EDGES[best - 1]))))
+            chosen.append(float(curve[c, best]))
+        return OccupancyThresholds(
+            classes=tuple(class_names),
+            probability=tuple(probability),
+            iou_at_half=tuple(float(v) for v in curve[:, half]),
+            iou_chosen=tuple(chosen),
+            split=split,
+            windows=windows,
+        )

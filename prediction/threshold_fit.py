@@ -1,0 +1,65 @@
+"""``bevjepa thresholds``: choose a run's per-class occupancy thresholds on windows it trained on.
+
+Decodes the dense occupancy of evenly spaced windows of a split (every step, from the sensors), counts the occupied
+and free cells over the logits (``occupancy_thresholds.LogitCounts``), and writes the threshold of largest IoU per
+class into the run folder. Choose them on the training split: the split you score must stay unseen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bevjepa.datasets import categories, geometry, torch_dataset
+from bevjepa.prediction import checkpoint, occupancy_thresholds, train
+
+WINDOWS = 120
+"""Windows counted by default (about 1.3 M cells per class and step on the ``small`` grid)."""
+
+
+@torch.no_grad()
+def fit(
+    run: Path,
+    data: Path,
+    split: str = "mini_train",
+    windows: int = WINDOWS,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> occupancy_thresholds.OccupancyThresholds:
+    """Choose and save the occupancy thresholds of ``run`` on ``windows`` windows of ``split`` of ``data``.
+
+    Args:
+        run: a run folder (``bevjepa train``); its thresholds file is replaced.
+        data: a ``bevjepa preprocess`` output with the run's grid and horizon.
+        split: the devkit split counted (the training split: the scored one must stay unseen).
+        windows: how many windows, evenly spaced over the split (all when it has fewer).
+        batch_size: windows per forward pass.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: ``windows`` below 1, or windows of another grid or horizon than the run's.
+    """
+    if windows < 1:
+        raise ValueError(f"windows must be at least 1, got {windows}")
+    _, net = checkpoint.load_model(run)
+    net.set_occupancy_thresholds(None)  # count the raw logits
+    dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split), cameras=net.config.use_camera)
+    window = dataset.config["window"]
+    grid, steps = geometry.GridSpec(**window["grid"]), int(window["occupancy_steps"])
+    if net.config.grid != grid or net.config.occupancy_steps != steps:
+        raise ValueError(
+            f"{run} forecasts {net.config.occupancy_steps} steps on {net.config.grid}; the windows of {data} hold "
+            f"{steps} steps on {grid}"
+        )
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(windows, len(dataset))).round().astype(int))
+    counts = occupancy_thresholds.LogitCounts(net.config.classes)
+    for first in tqdm(range(0, len(indices), batch_size), desc="thresholds", unit="batch", disable=not progress):
+        batch = torch_dataset.collate([dataset[int(i)] for i in indices[first : first + batch_size]])
+        logits = net.scene(batch).occupancy_logits  # [B, S, C, H, W]
+        counts.add(logits.float().numpy(), batch.occupancy.numpy())
+    thresholds = counts.thresholds(categories.CLASSES, split, len(indices))
+    thresholds.save(run)
+    return thresholds
