@@ -49,7 +49,9 @@ Returned structure (every number a float; NaN where nothing was scored):
       "agents": int,                        agents scored for trajectories (all classes)
       "agents_per_class": {class: int},
       "trajectory_steps": int,              steps of the scored horizon (0.5 s each)
-      "settings": {"threshold", "ece_bins", "detection_threshold", "trajectory_seconds"},
+      "settings": {"threshold", "ece_bins", "detection_threshold", "trajectory_seconds",
+                   "occupancy_thresholds": {"model" | "direct": {class: probability}}},  the run's chosen thresholds
+                                            (``bevjepa thresholds``) that ``threshold`` stands for; 0.5: none
       "models": {name: {
           "minADE_k", "minFDE_k", "MissRate_2_k"    for k in 1, 5, 10 (trajectory sources only),
           "per_class": {class: {"agents": int, "minADE_k", "minFDE_k", "MissRate_2_k"}},
@@ -349,10 +351,19 @@ def evaluate(
             "ece_bins": ece_bins,
             "detection_threshold": detection_threshold,
             "trajectory_seconds": steps * baselines.STEP_S,
+            "occupancy_thresholds": {
+                name: _chosen_thresholds(net) for name, net in (("model", model), ("direct", direct)) if net is not None
+            },
         },
         "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
     }
     return result
+
+
+def _chosen_thresholds(model: forecaster.Forecaster) -> dict[str, float]:
+    """The occupancy threshold per class of a loaded run that 0.5 on its published maps stands for."""
+    shift = model.net.occupancy_logit_shift.detach().cpu().double().numpy()
+    return {name: float(1.0 / (1.0 + np.exp(-v))) for name, v in zip(categories.CLASSES, shift, strict=True)}
 
 
 def load_direct(run: Path, dataset: torch_dataset.WindowDataset) -> forecaster.Forecaster:

@@ -4,7 +4,7 @@
 
     nuscenes/         the synthetic dataset (nuScenes format; the devkit loads it)
     windows/          its training windows (``bevjepa preprocess``)
-    run/              the trained ``small`` model (safetensors + JSON), TensorBoard scalars
+    run/              the trained ``small`` model (safetensors + JSON, its occupancy thresholds), TensorBoard scalars
     run-direct/       the direct baseline (``bevjepa train --config direct``: LiDAR only, no world model), trained for
                       the same wall time as the model
     open-loop/        ``bevjepa eval`` on mini_val with ``--direct run-direct``: metrics.json (with the world-model
@@ -40,7 +40,7 @@ from bevjepa.datasets import io as bevio
 from bevjepa.evaluation.closed_loop import runner, safety, sources, suite_files
 from bevjepa.evaluation.report import eval_report, rerun_recording
 from bevjepa.prediction import bench as model_bench
-from bevjepa.prediction import checkpoint, forecaster, train
+from bevjepa.prediction import checkpoint, forecaster, occupancy_thresholds, threshold_fit, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.sim import synth
 
@@ -50,6 +50,9 @@ SUITES = suite_files.SHIPPED_SUITES
 COMPARED_FORECASTS = (sources.MODEL, sources.CONSTANT_VELOCITY, sources.ORACLE)
 """The closed-loop forecast sources the demo compares: the report's rows and ``closed-loop/``'s folders."""
 
+THRESHOLD_WINDOWS = 60
+"""Training windows each run's occupancy thresholds are chosen on (``bevjepa thresholds``; half the command's
+default, to keep the budget)."""
 _EARLIER_FOLDERS = {sources.CONSTANT_VELOCITY: "constant_velocity"}
 """Folder names under ``closed-loop/`` that earlier demos gave a source (they called ``cv`` ``constant_velocity``):
 a rerun reads the results there instead of running the suite again."""
@@ -70,8 +73,8 @@ class DemoConfig:
         workers: Ray workers for the dataset, preprocessing and the closed loop.
         suite: the closed-loop scenario suite.
         seed: seeds the dataset and the training.
-        reserve_s: expected seconds of the stages after training (evaluation, closed loop, report), kept free;
-            the open-loop stage also scores the direct baseline and runs the world-model check.
+        reserve_s: expected seconds of the stages after training (occupancy thresholds, evaluation, closed loop,
+            report), kept free; the open-loop stage also scores the direct baseline and runs the world-model check.
         min_steps: the model's training steps even when the budget is spent.
         max_steps: the model's training steps at most (the direct baseline trains for the same wall time).
         steps: a fixed number of training steps for the model and for the direct baseline, run to the end however
@@ -88,7 +91,7 @@ class DemoConfig:
     workers: int = 2
     suite: Path = SUITES / "ci.toml"
     seed: int = 0
-    reserve_s: float = 420.0
+    reserve_s: float = 510.0
     min_steps: int = 100
     max_steps: int = 1500
     steps: int | None = None
@@ -271,6 +274,16 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
         ),
         say,
     )
+    for folder in (run_folder, direct_folder):
+        if not (folder / occupancy_thresholds.FILE).is_file():
+            _timed(
+                seconds,
+                f"occupancy thresholds ({folder.name})",
+                lambda folder=folder: threshold_fit.fit(
+                    folder, windows, windows=THRESHOLD_WINDOWS, progress=config.progress
+                ),
+                say,
+            )
 
     open_loop_dir = out / "open-loop"
     if not _open_loop_done(open_loop_dir):

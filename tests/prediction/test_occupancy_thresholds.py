@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bevjepa.datasets import categories, torch_dataset
+from bevjepa.evaluation import open_loop
 from bevjepa.prediction import checkpoint, forecaster, occupancy_thresholds
 from bevjepa.tools import cli
 
@@ -93,6 +94,9 @@ def test_a_run_chooses_its_thresholds_and_every_map_reads_them(
     published = forecaster.Forecaster.from_checkpoint(run).forecast_batch(batch)[0].latent_occupancy
     np.testing.assert_array_equal(published >= 0.5, raw >= probability[:, None, None])
     np.testing.assert_allclose(published[:, 0], raw[:, 0], atol=1e-6)  # 0.5: unchanged
+
+    settings = open_loop.evaluate(synthetic_windows, "mini_val", run)["settings"]  # the report says which
+    assert list(settings["occupancy_thresholds"]["model"].values()) == pytest.approx(probability.tolist(), abs=1e-6)
 
     # training the run again replaces the weights and deletes the thresholds chosen for the old ones
     checkpoint.save(run, checkpoint.load_config(run), net, None, checkpoint.load_state(run))
