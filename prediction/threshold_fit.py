@@ -17,7 +17,7 @@ from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.prediction import checkpoint, occupancy_thresholds, train
 
 WINDOWS = 120
-"""Windows counted by default (about 1.3 M cells per class and step on the ``small`` grid)."""
+"""Windows counted by default (about 2 M cells per class and step on the ``small`` 128 × 128 grid)."""
 
 
 @torch.no_grad()
