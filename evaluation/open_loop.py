@@ -378,13 +378,10 @@ def load_direct(run: Path, dataset: torch_dataset.WindowDataset) -> forecaster.F
             f"--direct {run}: this run has a world model (preset {config.preset!r}); give a run of the direct "
             "baseline, trained with `bevjepa train --config direct`"
         )
-    window = dataset.config["window"]
-    grid, steps = geometry.GridSpec(**window["grid"]), int(window["occupancy_steps"])
-    if config.model.grid != grid or config.model.occupancy_steps != steps:
-        raise ValueError(
-            f"--direct {run}: it forecasts {config.model.occupancy_steps} steps on {config.model.grid}; the windows "
-            f"of {dataset.root} hold {steps} steps on {grid}"
-        )
+    try:
+        checkpoint.check_windows(run, config.model, dataset)
+    except ValueError as error:
+        raise ValueError(f"--direct {error}") from None
     return forecaster.Forecaster.from_checkpoint(run)
 
 

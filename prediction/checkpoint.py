@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bevjepa.datasets import geometry, torch_dataset
 from bevjepa.datasets import io as bevio
 from bevjepa.prediction import config as experiment_config
 from bevjepa.prediction import model, occupancy_thresholds
@@ -105,6 +106,21 @@ def load_model(
         ) from error
     net.set_occupancy_thresholds(occupancy_thresholds.OccupancyThresholds.load(run))
     return config, net.to(device).eval()
+
+
+def check_windows(run: Path, config: model.ModelConfig, dataset: torch_dataset.WindowDataset) -> None:
+    """Refuse windows whose grid or horizon is not the one the model of ``run`` forecasts.
+
+    Raises:
+        ValueError: another grid or horizon, naming both.
+    """
+    window = dataset.config["window"]
+    grid, steps = geometry.GridSpec(**window["grid"]), int(window["occupancy_steps"])
+    if config.grid != grid or config.occupancy_steps != steps:
+        raise ValueError(
+            f"{run} forecasts {config.occupancy_steps} steps on {config.grid}; the windows of {dataset.root} hold "
+            f"{steps} steps on {grid}"
+        )
 
 
 def load_optimizer(run: Path, optimizer: torch.optim.Optimizer) -> None:

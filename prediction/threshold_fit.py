@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bevjepa.datasets import categories, geometry, torch_dataset
+from bevjepa.datasets import categories, torch_dataset
 from bevjepa.prediction import checkpoint, occupancy_thresholds, train
 
 WINDOWS = 120
@@ -47,13 +47,7 @@ def fit(
     _, net = checkpoint.load_model(run)
     net.set_occupancy_thresholds(None)  # count the raw logits
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split), cameras=net.config.use_camera)
-    window = dataset.config["window"]
-    grid, steps = geometry.GridSpec(**window["grid"]), int(window["occupancy_steps"])
-    if net.config.grid != grid or net.config.occupancy_steps != steps:
-        raise ValueError(
-            f"{run} forecasts {net.config.occupancy_steps} steps on {net.config.grid}; the windows of {data} hold "
-            f"{steps} steps on {grid}"
-        )
+    checkpoint.check_windows(run, net.config, dataset)
     indices = np.unique(np.linspace(0, len(dataset) - 1, min(windows, len(dataset))).round().astype(int))
     counts = occupancy_thresholds.LogitCounts(net.config.classes)
     for first in tqdm(range(0, len(indices), batch_size), desc="thresholds", unit="batch", disable=not progress):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,12 @@ def test_thresholds_need_windows_of_the_run_grid(
     assert cli.main(["thresholds", "--checkpoint", str(run), "--data", str(synthetic_windows), "--windows", "0"]) == 2
     assert cli.main(["thresholds", "--checkpoint", str(run), "--data", str(tmp_path / "missing")]) == 2
     assert not (run / occupancy_thresholds.FILE).exists()
+
+
+def test_windows_of_another_horizon_are_refused(light_checkpoint: Path, synthetic_windows: Path) -> None:
+    config = checkpoint.load_config(light_checkpoint).model
+    dataset = torch_dataset.WindowDataset(synthetic_windows, cameras=False)
+    checkpoint.check_windows(light_checkpoint, config, dataset)  # its own windows
+    longer = dataclasses.replace(config, occupancy_steps=config.occupancy_steps + 1)
+    with pytest.raises(ValueError, match=f"forecasts {config.occupancy_steps + 1} steps on"):
+        checkpoint.check_windows(light_checkpoint, longer, dataset)
