@@ -122,3 +122,14 @@ def test_windows_of_another_horizon_are_refused(light_checkpoint: Path, syntheti
     longer = dataclasses.replace(config, occupancy_steps=config.occupancy_steps + 1)
     with pytest.raises(ValueError, match=f"forecasts {config.occupancy_steps + 1} steps on"):
         checkpoint.check_windows(light_checkpoint, longer, dataset)
+
+
+def test_thresholds_for_other_classes_are_refused(light_checkpoint: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(light_checkpoint, run)
+    occupancy_thresholds.OccupancyThresholds(CLASSES[:2], (0.5, 0.9), (0, 0), (0, 0), "s", 1).save(run)
+    with pytest.raises(ValueError, match="occupancy thresholds for 2 classes; the model has 3"):
+        checkpoint.load_model(run)
+    (run / occupancy_thresholds.FILE).write_text("[]")
+    with pytest.raises(ValueError, match="not valid occupancy thresholds"):
+        checkpoint.load_model(run)
