@@ -37,7 +37,8 @@ class TrainConfig:
         seed: seeds the model's initialisation, the data order and every random choice in training.
         val_every: steps between validations (each followed by a checkpoint).
         val_batches: batches each validation scores (the first ones of the split, always the same); None: all.
-        max_minutes: stop (with a checkpoint) once this much wall time has passed; None: run every step.
+        max_minutes: stop (with a checkpoint) once this much wall time has passed; the learning rate's cosine ends
+            then too, if before the last step. None: run every step, the cosine over the steps.
         checkpoint_minutes: wall time between checkpoints besides those after validations (a killed run loses at
             most this much); 0: after every step. SIGTERM and Ctrl-C also write one before the run stops.
         loader_workers: DataLoader worker processes.

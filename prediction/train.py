@@ -11,7 +11,10 @@ SIGTERM or Ctrl-C stops the run after the step in flight with a checkpoint (a se
 ``--resume`` continues a run from its checkpoint; with a larger ``--steps`` it extends a finished run. The
 learning rate is a function of (step, steps): resuming with the same ``steps`` continues the schedule exactly,
 and with more steps the cosine is stretched over the new total, so the rate rises at the resume step to the
-stretched schedule's value there (a warm restart, as in SGDR) and decays to 5 % at the new last step.
+stretched schedule's value there (a warm restart, as in SGDR) and decays to 5 % at the new last step. With
+``max_minutes`` the cosine also follows the wall time and ends at 5 % when the minutes run out, if that comes before
+the last step: a budget in minutes trains to the end of its schedule on a slow machine as on a fast one. A resumed
+run's minutes count from the resume, so its rate rises there to the step schedule's value and decays again.
 """
 
 from __future__ import annotations
@@ -185,12 +188,19 @@ def _cycle(loader: DataLoader):
         yield from loader
 
 
-def _learning_rate(config: experiment_config.TrainConfig, step: int) -> float:
-    """Linear warm-up over 50 steps, then cosine decay to 5% of the peak."""
+def _learning_rate(config: experiment_config.TrainConfig, step: int, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up over 50 steps, then cosine decay to 5% of the peak.
+
+    The cosine follows whichever budget runs out first: the steps, or with ``max_minutes`` the wall time
+    (``elapsed_s``, seconds since this invocation's first step), so that a run stopped by its minutes ends at 5 %
+    as one that does all its steps does, however fast the machine.
+    """
     warmup = min(50, config.steps // 10)
     if step < warmup:
         return config.learning_rate * (step + 1) / warmup
     progress = (step - warmup) / max(1, config.steps - warmup)
+    if config.max_minutes is not None:
+        progress = max(progress, elapsed_s / (60.0 * config.max_minutes))
     return config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -296,13 +306,16 @@ def _train_step(
     optimizer: torch.optim.Optimizer,
     settings: experiment_config.TrainConfig,
     step: int,
+    elapsed_s: float = 0.0,
 ) -> dict[str, float]:
     """One optimizer step at ``step`` (0-based) and the EMA update; returns the loss terms and the latents' spread.
+
+    ``elapsed_s``: the run's wall time so far (``_learning_rate``).
 
     ``net`` is what runs the batch (``core`` itself, or its DistributedDataParallel wrapper).
     """
     for group in optimizer.param_groups:
-        group["lr"] = _learning_rate(settings, step)
+        group["lr"] = _learning_rate(settings, step, elapsed_s)
     output = net(batch, decode=model.draw_decoded_steps(core.config, settings.weights))
     terms = model.compute_losses(core, batch, output, settings.weights)
     norms = model.gradient_norms(terms, output, settings.weights) if step % GRADIENT_NORM_EVERY == 0 else {}
@@ -389,7 +402,7 @@ def training_loop(
     try:
         while step < settings.steps:
             tick = time.perf_counter()
-            last = _train_step(net, core, next(batches), optimizer, settings, step)
+            last = _train_step(net, core, next(batches), optimizer, settings, step, tick - start)
             step += 1
             step_times.append(time.perf_counter() - tick)
             if writer is not None:

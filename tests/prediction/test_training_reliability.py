@@ -54,6 +54,24 @@ def test_resume_extends_a_finished_run_and_continues_the_schedule(synthetic_wind
     assert last_rate == pytest.approx(train._learning_rate(tiny(3).train, 2))
 
 
+def test_a_budget_in_minutes_ends_the_cosine_when_the_minutes_run_out():
+    steps = experiment_config.TrainConfig(steps=1000, learning_rate=1e-3)
+    timed = dataclasses.replace(steps, max_minutes=10.0)
+    floor = 0.05 * steps.learning_rate
+    # Without minutes the wall time is ignored: the step schedule alone.
+    assert train._learning_rate(steps, 200, elapsed_s=1e6) == train._learning_rate(steps, 200)
+    # Half the minutes gone at step 200 of 1000: the rate is the cosine's halfway value, below the step schedule's.
+    halfway = floor + (steps.learning_rate - floor) * 0.5
+    assert train._learning_rate(timed, 200, elapsed_s=300.0) == pytest.approx(halfway)
+    assert train._learning_rate(timed, 200, elapsed_s=300.0) < train._learning_rate(steps, 200)
+    # The minutes spent: the floor, however few steps were done; the steps ahead of the clock still lead.
+    assert train._learning_rate(timed, 200, elapsed_s=600.0) == pytest.approx(floor)
+    assert train._learning_rate(timed, 200, elapsed_s=900.0) == pytest.approx(floor)
+    assert train._learning_rate(timed, 999, elapsed_s=60.0) == pytest.approx(train._learning_rate(steps, 999))
+    # The warm-up stays counted in steps.
+    assert train._learning_rate(timed, 0, elapsed_s=599.0) == pytest.approx(steps.learning_rate / 50)
+
+
 def test_cli_resume_keeps_the_runs_own_config(synthetic_windows, tmp_path, capsys, light_config_file):
     run = tmp_path / "run"
     assert (
