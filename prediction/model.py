@@ -56,10 +56,6 @@ class ModelConfig:
         chained_flow: the flow head reads each rolled-out latent against the step before it, and the steps' offsets
             are composed into the offset from t0 (``BevJepa.flow_of``): each step's motion (at most a few metres)
             stays within the head's reach of ±3 latent cells; False: every step read against z_t0 directly.
-        skip_unwarped: the decoder reads the finer LiDAR maps twice, warped by the flow and as they were at t0
-            (``BevJepa.decoder_skips``), so that where the flow is wrong (a person's step is a quarter of a latent
-            cell) it can still read the trail the input keyframes leave, as the direct baseline does; False: warped
-            only.
     """
 
     camera: camera_encoder.CameraEncoderConfig = field(default_factory=camera_encoder.CameraEncoderConfig)
@@ -79,7 +75,6 @@ class ModelConfig:
     flow_refine: bool = False
     decoder_step_film: bool = False
     chained_flow: bool = False
-    skip_unwarped: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.skip_frames <= self.fuser.past_frames:
@@ -93,8 +88,6 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.decoder_widths: two positive widths (0.5 m, 1 m), got {self.decoder_widths}")
         if self.flow_refine and not (self.world_model and self.use_lidar):
             raise ValueError("ModelConfig.flow_refine: needs the world model and the LiDAR's 1 m maps")
-        if self.skip_unwarped and not (self.world_model and self.use_lidar):
-            raise ValueError("ModelConfig.skip_unwarped: needs the world model's flow and the LiDAR's finer maps")
         grids = {
             "grid": self.grid,
             "camera.splat_grid": self.camera.splat_grid,
@@ -373,7 +366,7 @@ class BevJepa(nn.Module):
         fine, coarse = config.decoder_widths
         self.decoder = heads.BevDecoder(
             channels,
-            tuple(c * (2 if config.skip_unwarped else 1) for c in skip_channels),
+            skip_channels,
             config.decoder_widths,
             steps=f + 1,
             step_film=config.decoder_step_film,
@@ -476,29 +469,15 @@ class BevJepa(nn.Module):
             The features of every level, finest first: [B, S, D_l, H_l, W_l].
         """
         b, s = latents.shape[:2]
-        offsets = None if flow is None else flow.reshape(b * s, *flow.shape[2:])
-        per_latent = [
-            self.decoder_skips(present.repeat_interleave(s, dim=0), level, offsets)  # [B*S, Ck, Hk, Wk]
-            for level, present in enumerate(skips)
-        ]
+        per_latent = []
+        for level, present in enumerate(skips):
+            maps = present.repeat_interleave(s, dim=0)  # [B*S, Ck, Hk, Wk]
+            if flow is not None:
+                maps = heads.warp_by_offset(maps, flow.reshape(b * s, *flow.shape[2:]), self.level_grid(level))
+            per_latent.append(maps)
         step = torch.as_tensor(steps, device=latents.device).repeat(b)  # [B*S]
         features = self.decoder(latents.reshape(b * s, *latents.shape[2:]), per_latent, step)
         return [f.reshape(b, s, *f.shape[1:]) for f in features]
-
-    def decoder_skips(self, maps: torch.Tensor, level: int, offset_m: torch.Tensor | None) -> torch.Tensor:
-        """A level's finer maps as the decoder reads them.
-
-        Args:
-            maps: [N, Ck, Hk, Wk] the maps in t0 (``present_skips``).
-            level: the decoder level (``level_grid``).
-            offset_m: [N, 2, h, w] source offsets (m) that warp them (``heads.warp_by_offset``); None: none.
-
-        Returns:
-            [N, Ck, Hk, Wk] the maps warped; with ``ModelConfig.skip_unwarped`` [N, 2 Ck, Hk, Wk], the warped maps
-            and then the maps as they were.
-        """
-        warped = maps if offset_m is None else heads.warp_by_offset(maps, offset_m, self.level_grid(level))
-        return torch.cat([warped, maps], dim=1) if self.config.skip_unwarped else warped
 
     def level_grid(self, level: int) -> geometry.GridSpec:
         """The grid of the decoder's level ``level`` (0: the target grid; each next level twice as coarse)."""
@@ -663,14 +642,11 @@ class BevJepa(nn.Module):
         latent = self.encoder.temporal(
             self.encoder.warp(history_latents.flatten(0, 1), k_from_history.flatten(0, 1))
         )  # [B*n, C, H, W]
-        skips = [
-            self.decoder_skips(maps, level, None)
-            for level, maps in enumerate(
-                self.present_skips(
-                    tuple(fine[:, histories].flatten(0, 1) for fine in own.fine), k_from_history.flatten(0, 1)
-                )
+        skips = list(
+            self.present_skips(
+                tuple(fine[:, histories].flatten(0, 1) for fine in own.fine), k_from_history.flatten(0, 1)
             )
-        ]  # [B*n, Ck, Hk, Wk] in each keyframe's own frame (twice with ``skip_unwarped``)
+        )  # [B*n, Ck, Hk, Wk] in each keyframe's own frame
         step = torch.zeros(b * n, dtype=torch.long, device=latent.device)
         coarse = self.decoder(latent, skips, step, finest=finest)[1 - finest]  # the detection head's level
         heatmap, regression = self.detection(coarse)  # [B*n, classes, 64, 64], [B*n, 10, 64, 64]

@@ -96,34 +96,6 @@ def test_the_refined_flow_starts_as_the_latent_flow_on_the_1_m_grid_and_learns(b
         dataclasses.replace(config, world_model=False)
 
 
-def test_the_decoder_reads_the_fine_maps_warped_and_as_they_were_with_skip_unwarped(batch):
-    torch.manual_seed(0)
-    config = dataclasses.replace(experiment_config.small().model, use_camera=False, skip_unwarped=True)
-    net = model.BevJepa(config)
-    with torch.no_grad():
-        net.flow.net[-1].bias.copy_(torch.tensor([0.2, 0.0]))  # the content of every step came from 2 m further in +x
-    read = []
-    net.decoder.register_forward_hook(lambda module, inputs, output: read.append(inputs[1]))
-    output = net(batch)
-    b, f = batch.occupancy.shape[0], config.occupancy_steps
-    fine = output.skips[0]  # [B, Ck, 128, 128]
-    maps = read[0][0].unflatten(0, (b, f + 1))  # [B, F + 1, 2 Ck, 128, 128], the t0 decoder pass
-    c = fine.shape[1]
-    # t0: the maps twice; a rolled-out step: the maps warped 2 m (4 cells) along x, then the maps as they were.
-    torch.testing.assert_close(maps[:, 0, :c], fine)
-    torch.testing.assert_close(maps[:, 0, c:], fine)
-    torch.testing.assert_close(maps[:, 2, c:], fine)
-    torch.testing.assert_close(maps[:, 2, :c, 8:-8], fine[:, :, 12:-4], atol=1e-4, rtol=1e-4)
-    # Detection of the other keyframes reads the same doubled maps (no flow there).
-    heatmap, _ = net.detect_frames(output.own, batch.t0_from_ego, [0, 1])
-    assert heatmap.shape[1] == 2
-    losses_ = model.compute_losses(net, batch, output, model.LossWeights(latent=0.0))
-    losses_.occupancy.backward()
-    assert float(net.decoder.levels[-1][0].weight.grad[:, -c:].abs().sum()) > 0  # the unwarped half learns
-    with pytest.raises(ValueError, match="skip_unwarped"):
-        dataclasses.replace(config, world_model=False)
-
-
 @pytest.mark.parametrize("chained", [False, True])
 def test_the_chained_flow_reads_each_step_against_the_one_before_and_composes_the_offsets(batch, chained):
     torch.manual_seed(0)
