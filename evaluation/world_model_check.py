@@ -4,6 +4,8 @@ For each window the model's occupancy decoder reads, at every horizon k = 0..F:
 
 * ``rollout``: ẑ_k, the latent the predictor rolled out under the ego's actions (what a forecast uses), with the
   fine maps of t0 warped by its flow;
+* ``rollout_unwarped``: the same ẑ_k with the fine maps of t0 as they were (no flow): what the rolled-out latent
+  itself carries to the decoder; its gap to ``rollout`` is what the flow brings;
 * ``held``: z_t0 decoded as the present (step 0, no flow) for every horizon: the world standing still, the bar a
   rollout must clear;
 * ``observed``: z̄_k, the EMA target encoder's latent of the frames that really came, warped into t0 (needs the
@@ -32,7 +34,7 @@ from bevjepa.datasets import categories, torch_dataset
 from bevjepa.evaluation import metrics, open_loop
 from bevjepa.prediction import losses, model, train
 
-SOURCES = ("rollout", "held", "observed")
+SOURCES = ("rollout", "rollout_unwarped", "held", "observed")
 """The latents decoded, in the report's order."""
 
 
@@ -120,8 +122,10 @@ def check(
         future = net.target_latents(batch)  # [B, F, C, h, w]
         observed = torch.cat([output.latent[:, None], future], dim=1)  # [B, F + 1, C, h, w]
         observed_flow = net.flow_of(future, output.latent, output.skips)
+        rolled = torch.cat([output.latent[:, None], output.rollout], dim=1)  # [B, F + 1, C, h, w]
         logits = {
             "rollout": output.occupancy_logits,
+            "rollout_unwarped": net.occupancy_of(rolled, steps, output.skips),
             "held": net.occupancy_of(held, [0] * (f + 1), output.skips),
             "observed": net.occupancy_of(observed, steps, output.skips, observed_flow),
         }

@@ -74,6 +74,7 @@ SOURCE_TITLES = {
 """The first cell of a source's rows, before its name (a source not listed shows its name alone)."""
 CHECK_TITLES = {
     "rollout": "rollout ẑ_k",
+    "rollout_unwarped": "rollout ẑ_k, fine maps not warped by its flow",
     "held": "held z_t0",
     "observed": "observed future (target encoder)",
     "direct": "direct baseline",

@@ -156,8 +156,9 @@ def test_every_number_in_the_report_is_the_one_in_metrics_json(evaluated):
     iou_cells = sum(len(v) for m in metrics["models"].values() for v in m["iou"].values())
     assert checked >= iou_cells + len(metrics["models"])  # every IoU per step and every IoU at 2 s at least
     assert checked_detection >= 2  # mAP and NDS at least
-    # per class: rollout, held, observed, direct and the ratio at 5 horizons; then the flow per class and horizon
-    assert checked_check == 3 * 5 * 5 + 3 * 5
+    # per class: rollout, rollout unwarped, held, observed, direct and the ratio at 5 horizons; then the flow per
+    # class and horizon
+    assert checked_check == 3 * 6 * 5 + 3 * 5
     assert "## What was evaluated" in text and "mini_val" in text and "2 windows" in text
 
 
