@@ -310,7 +310,7 @@ def _train_step(
 ) -> dict[str, float]:
     """One optimizer step at ``step`` (0-based) and the EMA update; returns the loss terms and the latents' spread.
 
-    ``elapsed_s``: the run's wall time so far (``_learning_rate``).
+    ``elapsed_s``: the run's wall time at the end of the step before (``_learning_rate``), the same on every worker.
 
     ``net`` is what runs the batch (``core`` itself, or its DistributedDataParallel wrapper).
     """
@@ -346,6 +346,22 @@ def latent_spread(output: model.ModelOutput) -> dict[str, float]:
 
     rollout = output.rollout.detach()
     return {"latent_std": spread(output.latent), "rollout_std": spread(rollout.reshape(-1, *rollout.shape[2:]))}
+
+
+def _agreed_elapsed(elapsed_s: float, distributed: bool) -> float:
+    """The run's wall time (s) that every worker acts on: under DDP the largest of the workers' clocks.
+
+    Each Ray Train worker reads its own clock. The learning rate follows the minutes and the minutes end the run, so
+    workers that read them apart would step the same gradients with different rates (their weights drift apart) or
+    stop at different steps (the one left waits on the other's gradients). One all-reduce a step makes them agree.
+    """
+    if not distributed:
+        return elapsed_s
+    import torch.distributed
+
+    shared = torch.tensor([elapsed_s], dtype=torch.float64)
+    torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+    return float(shared[0])
 
 
 def training_loop(
@@ -399,10 +415,11 @@ def training_loop(
     bar = tqdm(total=settings.steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
     stops = contextlib.ExitStack()
     stop_signals = stops.enter_context(_stop_requests())
+    elapsed_s = 0.0  # the run's wall time at the end of the last step, the same on every worker
     try:
         while step < settings.steps:
             tick = time.perf_counter()
-            last = _train_step(net, core, next(batches), optimizer, settings, step, tick - start)
+            last = _train_step(net, core, next(batches), optimizer, settings, step, elapsed_s)
             step += 1
             step_times.append(time.perf_counter() - tick)
             if writer is not None:
@@ -412,7 +429,8 @@ def training_loop(
             bar.update()
             bar.set_postfix(loss=f"{last['total']:.3f}")
             now = time.perf_counter()
-            out_of_time = settings.max_minutes is not None and now - start > 60 * settings.max_minutes
+            elapsed_s = _agreed_elapsed(now - start, distributed)
+            out_of_time = settings.max_minutes is not None and elapsed_s > 60 * settings.max_minutes
             validating = step % settings.val_every == 0 or step == settings.steps or out_of_time
             if rank == 0 and validating:
                 validation = validate(core, val_loader, settings.weights, settings.val_batches)

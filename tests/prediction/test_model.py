@@ -341,6 +341,55 @@ def test_data_parallel_training_on_ray_train_with_two_cpu_workers(synthetic_wind
 
 
 @pytest.mark.slow
+def test_ray_train_workers_whose_clocks_disagree_stop_at_the_same_step(synthetic_windows, tmp_path):
+    """With ``--minutes`` every worker takes the minutes from the latest clock: one whose clock stands still stops
+    when the other runs out, instead of waiting for gradients that never come."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from bevjepa.datasets import workers
+
+    def worker(settings: dict) -> None:
+        import json
+        import time
+        import types
+
+        import ray.train
+
+        from bevjepa.prediction import train as training
+
+        rank = ray.train.get_context().get_world_rank()
+        if rank == 0:  # this worker's clock stands still: alone, it would never run out of minutes
+            frozen = time.perf_counter()
+            training.time = types.SimpleNamespace(perf_counter=lambda: frozen)
+        config = experiment_config.from_dict(experiment_config.ExperimentConfig, settings["config"])
+        summary = training.training_loop(
+            Path(settings["data"]), Path(settings["run"]), config, False, progress=False, distributed=True
+        )
+        (Path(settings["run"]) / f"rank{rank}.json").write_text(json.dumps({"steps": summary.steps}))
+
+    run = tmp_path / "run"
+    config = _tiny(50, max_minutes=1e-6, val_every=50)  # the other worker runs out after its first step
+    started_here = workers.init_ray(2, "local")
+    try:
+        TorchTrainer(
+            worker,
+            train_loop_config={"data": str(synthetic_windows), "run": str(run), "config": experiment_config.to_dict(config)},
+            torch_config=TorchConfig(backend="gloo", timeout_s=120),  # a worker left waiting fails, not hangs
+            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="train"),
+        ).fit()
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()
+    steps = [json.loads((run / f"rank{rank}.json").read_text())["steps"] for rank in (0, 1)]
+    assert steps == [1, 1]
+    assert checkpoint.load_state(run)["step"] == 1
+
+
+@pytest.mark.slow
 def test_the_small_model_overfits_four_windows(synthetic_windows, tmp_path):
     config = _tiny(150, batch_size=4, val_every=10, train_split="all", val_split="all")
     summary = train.train(synthetic_windows, tmp_path / "run", config, progress=False)
