@@ -213,10 +213,15 @@ class FlowRefiner(nn.Module):
     maps, the coarse flow and the step; its last layer starts at zero, so it starts as the coarse flow.
     """
 
-    def __init__(self, map_channels: int, steps: int, hidden: int = 32, scale_m: float = 10.0) -> None:
-        """``map_channels``: channels of the finer maps; ``steps``: F rolled-out steps; ``scale_m``: m per unit."""
+    def __init__(
+        self, map_channels: int, steps: int, hidden: int = 32, scale_m: float = 10.0, detached: bool = False
+    ) -> None:
+        """``map_channels``: channels of the finer maps; ``steps``: F rolled-out steps; ``scale_m``: m per unit;
+        ``detached``: read the maps and the coarse flow without passing gradient back into them (the residual
+        learns alone; the coarse flow still feels the loss through the sum)."""
         super().__init__()
         self.scale_m = scale_m
+        self.detached = detached
         self.from_maps = nn.Conv2d(map_channels, hidden, 3, padding=1)  # once per sample, shared by its steps
         self.from_flow = nn.Conv2d(2, hidden, 1)
         self.step_embedding = nn.Parameter(torch.zeros(steps + 1, hidden))
@@ -236,9 +241,10 @@ class FlowRefiner(nn.Module):
         n, s = coarse_m.shape[:2]
         up = F.interpolate(coarse_m.flatten(0, 1), size=maps.shape[-2:], mode="bilinear", align_corners=False)
         step = self.step_embedding[torch.as_tensor(steps, device=maps.device)].repeat(n, 1)  # [N*S, hidden]
+        read_maps, read_up = (maps.detach(), up.detach()) if self.detached else (maps, up)
         hidden = (
-            self.from_maps(maps).repeat_interleave(s, dim=0)
-            + self.from_flow(up / self.scale_m)
+            self.from_maps(read_maps).repeat_interleave(s, dim=0)
+            + self.from_flow(read_up / self.scale_m)
             + step[:, :, None, None]
         )
         return (up + self.net(hidden) * self.scale_m).unflatten(0, (n, s))

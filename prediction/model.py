@@ -51,6 +51,8 @@ class ModelConfig:
             1 x 1 convolution adds what they show to the present keyframe's maps (``BevJepa.present_skips``).
         flow_refine: refine the world model's flow on the 1 m grid from the LiDAR maps there
             (``heads.FlowRefiner``); False: the flow of the 2 m latent, upsampled.
+        flow_refine_detached: the refiner reads the maps and the coarse flow detached, so that its residual learns
+            without pulling on the LiDAR encoder (whose 1 m maps the detection head shares) or the latent's flow.
         decoder_step_film: every decoder level scales and shifts its features by the step it decodes
             (``heads.BevDecoder``); False: the step embedding at the decoder's input alone.
         chained_flow: the flow head reads each rolled-out latent against the step before it, and the steps' offsets
@@ -73,6 +75,7 @@ class ModelConfig:
     decoder_widths: tuple[int, int] = (16, 32)
     skip_frames: int = 1
     flow_refine: bool = False
+    flow_refine_detached: bool = False
     decoder_step_film: bool = False
     chained_flow: bool = False
 
@@ -88,6 +91,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.decoder_widths: two positive widths (0.5 m, 1 m), got {self.decoder_widths}")
         if self.flow_refine and not (self.world_model and self.use_lidar):
             raise ValueError("ModelConfig.flow_refine: needs the world model and the LiDAR's 1 m maps")
+        if self.flow_refine_detached and not self.flow_refine:
+            raise ValueError("ModelConfig.flow_refine_detached: needs flow_refine")
         grids = {
             "grid": self.grid,
             "camera.splat_grid": self.camera.splat_grid,
@@ -371,7 +376,11 @@ class BevJepa(nn.Module):
             steps=f + 1,
             step_film=config.decoder_step_film,
         )
-        self.flow_refiner = heads.FlowRefiner(skip_channels[1], steps=f) if config.flow_refine else None
+        self.flow_refiner = (
+            heads.FlowRefiner(skip_channels[1], steps=f, detached=config.flow_refine_detached)
+            if config.flow_refine
+            else None
+        )
         self.skip_mix = nn.ModuleList()
         if config.skip_frames > 1 and config.use_lidar:  # without LiDAR there are no fine maps to mix
             for c in skip_channels:

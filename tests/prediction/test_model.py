@@ -15,7 +15,7 @@ from bevjepa.datasets import geometry, rasterize, torch_dataset
 from bevjepa.evaluation import open_loop
 from bevjepa.evaluation.report import eval_report
 from bevjepa.fusion import fuser
-from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, model, train
+from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, heads, model, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.tools import cli
 
@@ -94,6 +94,27 @@ def test_the_refined_flow_starts_as_the_latent_flow_on_the_1_m_grid_and_learns(b
     assert float(net.flow_refiner.net[-1].weight.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="flow_refine"):
         dataclasses.replace(config, world_model=False)
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_a_detached_refiner_passes_no_gradient_into_the_maps_or_through_its_residual_to_the_coarse_flow(detached):
+    torch.manual_seed(0)
+    refiner = heads.FlowRefiner(8, steps=4, detached=detached)
+    with torch.no_grad():
+        refiner.net[-1].weight.normal_()  # a residual that is not zero
+    coarse = torch.randn(2, 3, 2, 4, 4, requires_grad=True)  # [N, S, 2, h, w]
+    maps = torch.randn(2, 8, 8, 8, requires_grad=True)
+    refiner(coarse, maps, [1, 2, 3]).square().sum().backward()
+    assert (maps.grad is None) == detached
+    # Detached, the coarse flow feels the loss only through the upsampled sum, as if the residual were a constant.
+    residual = (refiner(coarse, maps, [1, 2, 3]) - _upsampled(coarse, 8)).detach()
+    expected = torch.autograd.grad((_upsampled(coarse, 8) + residual).square().sum(), coarse)[0]
+    assert torch.allclose(coarse.grad, expected, atol=1e-5) == detached
+
+
+def _upsampled(coarse: torch.Tensor, size: int) -> torch.Tensor:
+    flat = torch.nn.functional.interpolate(coarse.flatten(0, 1), size=(size, size), mode="bilinear", align_corners=False)
+    return flat.unflatten(0, coarse.shape[:2])
 
 
 @pytest.mark.parametrize("chained", [False, True])
