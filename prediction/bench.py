@@ -239,13 +239,11 @@ def decoded_steps_speed(
     config = experiment_config.preset(preset)
     config = dataclasses.replace(
         config,
-        model=dataclasses.replace(config.model, use_camera=sensors != "lidar", use_lidar=sensors != "camera"),
+        model=config.model.on_sensors(sensors),
     )
     direct = dataclasses.replace(  # the preset's LiDAR encoder and decoder, as ``config.direct`` builds from small
         config,
-        model=dataclasses.replace(
-            config.model, use_camera=False, use_lidar=True, world_model=False, decoder_step_film=False
-        ),
+        model=config.model.direct_baseline(),
         train=dataclasses.replace(config.train, weights=dataclasses.replace(config.train.weights, latent=0.0)),
     )
     variants = {
@@ -307,7 +305,7 @@ def training_throughput(data: Path, preset: str = "small", steps: int = 30, sens
     if sensors != "both":
         config = dataclasses.replace(
             config,
-            model=dataclasses.replace(config.model, use_camera=sensors == "camera", use_lidar=sensors == "lidar"),
+            model=config.model.on_sensors(sensors),
         )
     config = dataclasses.replace(
         config, train=dataclasses.replace(config.train, steps=steps, val_every=10 * steps, checkpoint_minutes=1e6)

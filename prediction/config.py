@@ -151,7 +151,7 @@ def direct() -> ExperimentConfig:
     config = small()
     return ExperimentConfig(
         "direct",
-        dataclasses.replace(config.model, use_camera=False, world_model=False, decoder_step_film=False),
+        config.model.direct_baseline(),
         dataclasses.replace(config.train, weights=dataclasses.replace(config.train.weights, latent=0.0)),
     )
 

@@ -216,9 +216,12 @@ class FlowRefiner(nn.Module):
     def __init__(
         self, map_channels: int, steps: int, hidden: int = 32, scale_m: float = 10.0, detached: bool = False
     ) -> None:
-        """``map_channels``: channels of the finer maps; ``steps``: F rolled-out steps; ``scale_m``: m per unit;
-        ``detached``: read the maps and the coarse flow without passing gradient back into them (the residual
-        learns alone; the coarse flow still feels the loss through the sum)."""
+        """A refiner of F = ``steps`` rolled-out steps' flow from maps of ``map_channels`` channels.
+
+        ``scale_m``: metres per unit of the last layer. ``detached``: read the maps and the coarse flow without
+        passing gradient back into them (the residual learns alone; the coarse flow still feels the loss through
+        the sum).
+        """
         super().__init__()
         self.scale_m = scale_m
         self.detached = detached

@@ -14,7 +14,7 @@ Notation:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,38 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.{name}: must be the latent grid fuser.grid ({self.fuser.grid}), got {grid}"
                 )
+
+    def on_sensors(self, sensors: str) -> ModelConfig:
+        """The same model on ``both`` sensors, the ``lidar`` or the ``camera`` alone (``bevjepa train --sensors``).
+
+        Without the LiDAR there are no 1 m maps to refine the flow on, so the refiner goes with it.
+        """
+        if sensors not in ("both", "lidar", "camera"):
+            raise ValueError(f"ModelConfig.on_sensors: both, lidar or camera, got {sensors!r}")
+        lidar = sensors != "camera"
+        return replace(
+            self,
+            use_camera=sensors != "lidar",
+            use_lidar=lidar,
+            flow_refine=self.flow_refine and lidar,
+            flow_refine_detached=self.flow_refine_detached and lidar,
+        )
+
+    def direct_baseline(self) -> ModelConfig:
+        """The direct baseline of this model: its LiDAR encoder and decoder, every horizon at once from z_t0.
+
+        No cameras, and nothing that belongs to the rollout: no flow to refine, no steps for the decoder to tell
+        apart (``decoder_step_film``).
+        """
+        return replace(
+            self,
+            use_camera=False,
+            use_lidar=True,
+            world_model=False,
+            decoder_step_film=False,
+            flow_refine=False,
+            flow_refine_detached=False,
+        )
 
 
 def _extent(grid: geometry.GridSpec) -> tuple[float, float, float, float]:

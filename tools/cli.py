@@ -101,15 +101,10 @@ def _train(args: argparse.Namespace) -> int:
     changes.update({name: value for name, value in given.items() if value is not None})
     if args.no_jepa:
         changes["weights"] = dataclasses.replace(config.train.weights, latent=0.0)
-    model_changes = {}
-    if args.sensors == "lidar":
-        model_changes["use_camera"] = False
-    elif args.sensors == "camera":
-        model_changes["use_lidar"] = False
     config = dataclasses.replace(
         config,
         train=dataclasses.replace(config.train, **changes),
-        model=dataclasses.replace(config.model, **model_changes),
+        model=config.model if args.sensors == "both" else config.model.on_sensors(args.sensors),
     )
     if args.address:
         from bevjepa.prediction import distributed

@@ -113,7 +113,9 @@ def test_a_detached_refiner_passes_no_gradient_into_the_maps_or_through_its_resi
 
 
 def _upsampled(coarse: torch.Tensor, size: int) -> torch.Tensor:
-    flat = torch.nn.functional.interpolate(coarse.flatten(0, 1), size=(size, size), mode="bilinear", align_corners=False)
+    flat = torch.nn.functional.interpolate(
+        coarse.flatten(0, 1), size=(size, size), mode="bilinear", align_corners=False
+    )
     return flat.unflatten(0, coarse.shape[:2])
 
 
@@ -395,7 +397,11 @@ def test_ray_train_workers_whose_clocks_disagree_stop_at_the_same_step(synthetic
     try:
         TorchTrainer(
             worker,
-            train_loop_config={"data": str(synthetic_windows), "run": str(run), "config": experiment_config.to_dict(config)},
+            train_loop_config={
+                "data": str(synthetic_windows),
+                "run": str(run),
+                "config": experiment_config.to_dict(config),
+            },
             torch_config=TorchConfig(backend="gloo", timeout_s=120),  # a worker left waiting fails, not hangs
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="train"),
@@ -503,8 +509,32 @@ def test_the_decoder_reads_past_keyframes_fine_maps_warped_into_the_present(batc
         dataclasses.replace(config, skip_frames=4)
 
 
+def test_a_model_on_other_sensors_or_as_the_direct_baseline_drops_what_it_cannot_use():
+    refined = dataclasses.replace(experiment_config.small().model, flow_refine=True, flow_refine_detached=True)
+    lidar = refined.on_sensors("lidar")
+    assert (lidar.use_camera, lidar.use_lidar, lidar.flow_refine, lidar.flow_refine_detached) == (
+        False,
+        True,
+        True,
+        True,
+    )
+    camera = refined.on_sensors("camera")  # no 1 m LiDAR maps to refine the flow on
+    assert (camera.use_camera, camera.use_lidar, camera.flow_refine, camera.flow_refine_detached) == (
+        True,
+        False,
+        False,
+        False,
+    )
+    assert refined.on_sensors("both") == dataclasses.replace(refined, use_camera=True, use_lidar=True)
+    with pytest.raises(ValueError, match="radar"):
+        refined.on_sensors("radar")
+    direct = refined.direct_baseline()
+    assert not (direct.world_model or direct.use_camera or direct.flow_refine or direct.decoder_step_film)
+    assert experiment_config.small().model.direct_baseline() == experiment_config.direct().model
+
+
 def test_a_camera_only_model_has_no_fine_maps_to_mix(batch):
-    config = dataclasses.replace(experiment_config.small().model, use_lidar=False)
+    config = experiment_config.small().model.on_sensors("camera")
     assert config.skip_frames == 3  # the preset's, which a camera-only model keeps without fine maps
     torch.manual_seed(0)
     net = model.BevJepa(config)
