@@ -104,6 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     config = dataclasses.replace(
         config,
         train=dataclasses.replace(config.train, **changes),
+        # ``both`` (the default) keeps the preset's sensors: the direct baseline stays on the LiDAR alone
         model=config.model if args.sensors == "both" else config.model.on_sensors(args.sensors),
     )
     if args.address:
