@@ -11,6 +11,10 @@ For each window the model's occupancy decoder reads, at every horizon k = 0..F:
 * ``observed``: z̄_k, the EMA target encoder's latent of the frames that really came, warped into t0 (needs the
   windows' future sensors), with its own flow: a bound on what the decoder can make of a perfect prediction.
 
+With ``ModelConfig.present_occupancy`` every source adds, at each horizon, the same reading of t0's features the
+forecast adds (``ModelOutput.present_logits``): ``held`` is then the world model's own direct baseline, and the
+rollout's gap to it is what rolling out brings beyond it.
+
 IoU per class and horizon, counts summed over the split, the map thresholded at ``threshold``. Beside it, the
 rollout's flow against the annotated instances' motion (``losses.instance_flow_targets``): the mean error (m) on
 each class's cells per horizon, next to the mean motion itself (a flow that learnt nothing errs by the motion).
@@ -123,11 +127,12 @@ def check(
         observed = torch.cat([output.latent[:, None], future], dim=1)  # [B, F + 1, C, h, w]
         observed_flow = net.flow_of(future, output.latent, output.skips)
         rolled = torch.cat([output.latent[:, None], output.rollout], dim=1)  # [B, F + 1, C, h, w]
+        present = output.present_logits  # every horizon's reading of t0's features, or None
         logits = {
             "rollout": output.occupancy_logits,
-            "rollout_unwarped": net.occupancy_of(rolled, steps, output.skips),
-            "held": net.occupancy_of(held, [0] * (f + 1), output.skips),
-            "observed": net.occupancy_of(observed, steps, output.skips, observed_flow),
+            "rollout_unwarped": net.occupancy_of(rolled, steps, output.skips, present=present),
+            "held": net.occupancy_of(held, [0] * (f + 1), output.skips, present=present),
+            "observed": net.occupancy_of(observed, steps, output.skips, observed_flow, present=present),
         }
         target = batch.occupancy.numpy()  # [B, F + 1, C, H, W]
         for name, value in logits.items():

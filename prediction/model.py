@@ -58,6 +58,10 @@ class ModelConfig:
         chained_flow: the flow head reads each rolled-out latent against the step before it, and the steps' offsets
             are composed into the offset from t0 (``BevJepa.flow_of``): each step's motion (at most a few metres)
             stays within the head's reach of ±3 latent cells; False: every step read against z_t0 directly.
+        present_occupancy: every step's occupancy logits add a reading of t0's finest decoder features, one 1 x 1
+            convolution with an output per horizon (the direct baseline's head inside the world model; it starts
+            at zero): what the sensors saw sharply at t0 reaches every horizon unwarped, and the rolled-out latent
+            decodes what moved (``BevJepa.scene``). False: each step from its own latent alone.
     """
 
     camera: camera_encoder.CameraEncoderConfig = field(default_factory=camera_encoder.CameraEncoderConfig)
@@ -78,6 +82,7 @@ class ModelConfig:
     flow_refine_detached: bool = False
     decoder_step_film: bool = False
     chained_flow: bool = False
+    present_occupancy: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.skip_frames <= self.fuser.past_frames:
@@ -93,6 +98,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.flow_refine: needs the world model and the LiDAR's 1 m maps")
         if self.flow_refine_detached and not self.flow_refine:
             raise ValueError("ModelConfig.flow_refine_detached: needs flow_refine")
+        if self.present_occupancy and not self.world_model:
+            raise ValueError("ModelConfig.present_occupancy: needs the world model (the direct baseline reads t0 only)")
         grids = {
             "grid": self.grid,
             "camera.splat_grid": self.camera.splat_grid,
@@ -146,6 +153,7 @@ class ModelConfig:
             decoder_step_film=False,
             flow_refine=False,
             flow_refine_detached=False,
+            present_occupancy=False,
         )
 
 
@@ -350,6 +358,8 @@ class ModelOutput:
         flow: [B, F + 1, 2, H, W] where each cell's content was at t0 (x, y m; ``BevJepa.flow_of``: on the latent
             grid, or the 1 m grid with ``ModelConfig.flow_refine``), zero at step 0; None without a world model.
         decoded: the S steps of ``occupancy_logits`` (0: t0), ascending; None: every step 0..F.
+        present_logits: [B, F + 1, classes, 128, 128] the part of every horizon's occupancy logits read from t0's
+            features (``ModelConfig.present_occupancy``; ``occupancy_logits`` include it); None without it.
     """
 
     latent: torch.Tensor
@@ -363,6 +373,7 @@ class ModelOutput:
     skips: tuple[torch.Tensor, ...]
     flow: torch.Tensor | None = None
     decoded: tuple[int, ...] | None = None
+    present_logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -383,6 +394,7 @@ class SceneOutput:
     skips: tuple[torch.Tensor, ...]
     flow: torch.Tensor | None = None
     decoded: tuple[int, ...] | None = None
+    present_logits: torch.Tensor | None = None
 
 
 class BevJepa(nn.Module):
@@ -421,6 +433,11 @@ class BevJepa(nn.Module):
                 nn.init.zeros_(mix.bias)
                 self.skip_mix.append(mix)
         self.occupancy = heads.OccupancyHead(fine, classes=config.classes, horizons=1 if config.world_model else f + 1)
+        self.present_occupancy = None
+        if config.present_occupancy:
+            self.present_occupancy = heads.OccupancyHead(fine, classes=config.classes, horizons=f + 1)
+            nn.init.zeros_(self.present_occupancy.decode.weight)  # starts as the world model without it
+            nn.init.zeros_(self.present_occupancy.decode.bias)
         self.trajectory = heads.TrajectoryHead(
             channels=channels,
             modes=config.modes,
@@ -562,17 +579,29 @@ class BevJepa(nn.Module):
         steps: list[int],
         skips: tuple[torch.Tensor, ...],
         flow: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Occupancy logits [B, S, classes, 128, 128] decoded from latents [B, S, C, H, W] (world model only).
 
         The diagnostics of the open-loop report decode the held z_t0 and the target encoder's latents this way;
-        ``skips`` and ``flow`` as ``decode`` takes them (``ModelOutput.skips``).
+        ``skips`` and ``flow`` as ``decode`` takes them (``ModelOutput.skips``). ``present``: [B, S, classes, 128,
+        128] the logits read from t0's features for the horizon each latent stands for (``ModelOutput.
+        present_logits``), added as ``scene`` adds them; needed with ``ModelConfig.present_occupancy``.
+
+        Raises:
+            ValueError: the direct baseline; ``present`` missing with ``ModelConfig.present_occupancy``.
         """
         if not self.config.world_model:
             raise ValueError("occupancy_of: the direct baseline decodes every horizon from z_t0 at once")
+        if (present is None) != (self.present_occupancy is None):
+            raise ValueError(
+                "occupancy_of: pass present (ModelOutput.present_logits) exactly when the model reads the present "
+                f"(ModelConfig.present_occupancy={self.config.present_occupancy})"
+            )
         fine = self.decode(latents, steps, skips, flow)[0]  # [B, S, D0, 128, 128]
         b, s = fine.shape[:2]
-        return self.occupancy(fine.reshape(b * s, *fine.shape[2:])).reshape(b, s, *self._occupancy_shape())
+        logits = self.occupancy(fine.reshape(b * s, *fine.shape[2:])).reshape(b, s, *self._occupancy_shape())
+        return logits if present is None else logits + present
 
     def _occupancy_shape(self) -> tuple[int, int, int]:
         return (self.config.classes, *self.config.grid.shape)
@@ -598,7 +627,7 @@ class BevJepa(nn.Module):
         modes, mode_logits = self.agent_modes(batch, scene)
         return ModelOutput(
             scene.latent, scene.rollout, scene.occupancy_logits, modes, mode_logits, scene.heatmap_logits,
-            scene.regression, scene.own, scene.skips, scene.flow, scene.decoded,
+            scene.regression, scene.own, scene.skips, scene.flow, scene.decoded, scene.present_logits,
         )  # fmt: skip
 
     def scene(
@@ -631,14 +660,18 @@ class BevJepa(nn.Module):
             occupancy = self.occupancy(fine.reshape(b * len(steps), *fine.shape[2:])).reshape(
                 b, len(steps), *self._occupancy_shape()
             )
+            present = None
+            if self.present_occupancy is not None:  # decoded steps start with t0: fine[:, 0] is t0's features
+                present = self.present_occupancy(fine[:, 0])  # [B, F + 1, classes, 128, 128]
+                occupancy = occupancy + present[:, steps]
         else:
             rollout = latent[:, None].expand(b, f, *latent.shape[1:])  # no world model: z_t0 held
-            flow = None
+            flow = present = None
             fine, coarse = self.decode(latent[:, None], [0], skips)[:2]
             occupancy = self.occupancy(fine[:, 0])  # [B, F + 1, classes, 128, 128]
             decode = None
         heatmap, regression = self.detection(coarse[:, 0])
-        return SceneOutput(latent, rollout, occupancy, heatmap, regression, own, skips, flow, decode)
+        return SceneOutput(latent, rollout, occupancy, heatmap, regression, own, skips, flow, decode, present)
 
     def agent_modes(self, batch: torch_dataset.WindowBatch, scene: SceneOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The trajectory head on the batch's agents (annotated or tracked): modes [B, A, K, T, 2], logits [B, A, K]."""

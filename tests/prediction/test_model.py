@@ -156,6 +156,47 @@ def test_decoder_step_film_decodes_every_step_and_learns_its_film(batch):
     assert all(float(film.grad.abs().sum()) > 0 for film in net.decoder.step_film)
 
 
+def test_the_present_reading_starts_at_zero_adds_each_horizons_own_logits_and_learns(batch):
+    config = dataclasses.replace(experiment_config.small().model, use_camera=False, present_occupancy=True)
+    torch.manual_seed(0)
+    net = model.BevJepa(config)
+    plain = model.BevJepa(dataclasses.replace(config, present_occupancy=False))
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("present_occupancy.")})
+    torch.manual_seed(1)
+    output = net(batch)
+    torch.manual_seed(1)
+    assert torch.equal(output.occupancy_logits, plain(batch).occupancy_logits)  # it starts at zero
+    assert output.present_logits.shape == (2, 5, 3, 128, 128)
+    assert float(output.present_logits.detach().abs().max()) == 0.0
+    model.compute_losses(net, batch, output, model.LossWeights(latent=0.0)).total.backward()
+    assert float(net.present_occupancy.decode.weight.grad.abs().sum()) > 0
+
+    with torch.no_grad():
+        net.present_occupancy.decode.weight.normal_(0.0, 0.1)
+        net.present_occupancy.decode.bias.normal_(0.0, 0.1)
+    net.eval()
+    plain.eval()
+    with torch.no_grad():
+        drawn = net(batch, decode=(0, 2, 3))
+        own = plain(batch, decode=(0, 2, 3))
+        # each decoded step adds its own horizon's reading of t0's features, the same reading for every step
+        torch.testing.assert_close(drawn.occupancy_logits, own.occupancy_logits + drawn.present_logits[:, [0, 2, 3]])
+        assert not torch.equal(drawn.present_logits[:, 2], drawn.present_logits[:, 3])
+        held = drawn.latent[:, None].expand(-1, 5, *drawn.latent.shape[1:])
+        torch.testing.assert_close(
+            net.occupancy_of(held, [0] * 5, drawn.skips, present=drawn.present_logits),
+            plain.occupancy_of(held, [0] * 5, drawn.skips) + drawn.present_logits,
+        )
+        with pytest.raises(ValueError, match="present_logits"):
+            net.occupancy_of(held, [0] * 5, drawn.skips)
+        with pytest.raises(ValueError, match="present_logits"):
+            plain.occupancy_of(held, [0] * 5, drawn.skips, present=drawn.present_logits)
+    assert own.present_logits is None
+    assert not config.direct_baseline().present_occupancy
+    with pytest.raises(ValueError, match="present_occupancy"):
+        dataclasses.replace(config, world_model=False)
+
+
 def test_modalities_drop_only_in_training_and_never_in_the_target_encoder(batch):
     config = experiment_config.small().model
     config = dataclasses.replace(config, fuser=dataclasses.replace(config.fuser, modality_dropout=0.99))
