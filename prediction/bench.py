@@ -131,6 +131,8 @@ def inference_latency(
         sequence = torch.cat([latent[:, None], rolled], dim=1)
         fine, coarse = net.decode(sequence, list(range(sequence.shape[1])), skips)[:2]
         net.occupancy(fine.reshape(-1, *fine.shape[2:]))
+        if net.present_occupancy is not None:
+            net.present_occupancy(fine[:, 0])
         net.trajectory(
             latent,
             batch.agent_box[..., :2],
