@@ -765,10 +765,6 @@ class LossWeights:
         occupancy: per-class occupancy BCE over steps 0..F (a mean over every cell, hence small).
         occupancy_pos_weight: the BCE's weight on occupied cells, per class (vehicle, pedestrian, cyclist).
         occupancy_dice: the soft Dice term of the occupancy (``losses.soft_dice_loss``).
-        present: the weight of the present reading's own occupancy terms: its logits alone
-            (``ModelOutput.present_logits``) against every horizon's target, BCE and Dice mixed as ``occupancy`` and
-            ``occupancy_dice`` mix them, as the direct baseline's are trained; beside the terms of their sum with each
-            step's own logits (0: the sum alone; read with ``ModelConfig.present_occupancy``).
         unobserved_weight: the BCE's weight at t0 on cells the LiDAR did not observe (``WindowBatch.observed``):
             what no sensor could see is a guess, not a miss.
         flow: the source offsets against the annotated instances' motion (``losses.flow_loss``).
@@ -791,7 +787,6 @@ class LossWeights:
     occupancy: float = 10.0
     occupancy_pos_weight: tuple[float, float, float] = (2.0, 10.0, 10.0)
     occupancy_dice: float = 1.0
-    present: float = 0.0
     unobserved_weight: float = 0.3
     flow: float = 1.0
     flow_class_weight: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -815,7 +810,6 @@ class Losses:
     trajectory: torch.Tensor
     mode: torch.Tensor
     detection: torch.Tensor
-    present: torch.Tensor
 
     def scalars(self) -> dict[str, float]:
         """Every term as a float, for logging."""
@@ -880,13 +874,6 @@ def compute_losses(
         )
     )
     dice = over_steps(lambda s: losses.soft_dice_loss(logits[:, s], target[:, s]))
-    present = zero
-    if weights.present > 0 and output.present_logits is not None:  # every horizon, as the direct baseline's
-        every_weight = torch.ones_like(output.present_logits[:, :, :1])
-        every_weight[:, 0, 0] = cell_weight[:, 0, 0]
-        present = losses.occupancy_loss(
-            output.present_logits, batch.occupancy, pos_weight=pos_weight, cell_weight=every_weight
-        ) * weights.occupancy + weights.occupancy_dice * losses.soft_dice_loss(output.present_logits, batch.occupancy)
     if output.flow is not None:
         b, s = output.flow.shape[:2]
         predicted = F.interpolate(
@@ -918,9 +905,8 @@ def compute_losses(
         + weights.trajectory * trajectory
         + weights.mode * mode
         + weights.detection * detection
-        + weights.present * present
     )
-    return Losses(total, latent, variance, covariance, occupancy, dice, flow, trajectory, mode, detection, present)
+    return Losses(total, latent, variance, covariance, occupancy, dice, flow, trajectory, mode, detection)
 
 
 def gradient_norms(losses_: Losses, output: ModelOutput, weights: LossWeights) -> dict[str, float]:
