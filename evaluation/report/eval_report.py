@@ -263,6 +263,7 @@ def describe_run(run: Path) -> dict:
         "hash": experiment.content_hash(),
         "sensors": sensors,
         "world_model": model.world_model,
+        "present_occupancy": model.present_occupancy,
         "grid": dataclasses.asdict(model.grid),
         "occupancy_steps": model.occupancy_steps,
         "trajectory_steps": model.trajectory_steps,
@@ -581,7 +582,13 @@ def _world_model_section(metrics: dict) -> list[str]:
             else "No direct baseline was scored (`bevjepa eval --direct RUN`). "
         )
         + f"IoU per class, probabilities thresholded at {check.get('threshold')}, cell counts summed "
-        "over the split; `rollout ÷ held` above 1 is what the world model adds.",
+        "over the split; `rollout ÷ held` above 1 is what the world model adds."
+        + (
+            " This model adds to every horizon a reading of t0's features (`present_occupancy`), and every source "
+            "below includes it: `held` is the world model's own direct baseline."
+            if metrics.get("evaluated", {}).get("config", {}).get("present_occupancy")
+            else ""
+        ),
         "",
     ]
     iou = check.get("iou", {})

@@ -93,6 +93,7 @@ def test_metrics_json_is_strict_and_says_what_was_evaluated(
     assert metrics["evaluated"]["direct_checkpoint"] == str(tiny_direct_checkpoint)
     assert metrics["evaluated"]["direct_config"]["world_model"] is False
     assert metrics["evaluated"]["config"]["world_model"] is True
+    assert metrics["evaluated"]["config"]["present_occupancy"] is False
     classes = list(categories.CLASSES)
     direct = metrics["models"]["direct"]
     assert list(direct["iou"]) == classes and all(len(v) == 5 for v in direct["iou"].values())
@@ -242,6 +243,9 @@ def test_the_verdicts_are_computed_from_the_numbers():
     assert [row[-1] for row in vehicle[:-1]] == ["0.400", "0.200", "0.900", "0.450"]
     assert tables["### pedestrian: occupancy IoU per horizon"][-1][-1] == eval_report.MISSING
     assert all(line in text for line in verdicts)
+    assert "present_occupancy" not in text
+    metrics["evaluated"] = {"config": {"present_occupancy": True}}  # every source includes the present reading
+    assert "`held` is the world model's own direct baseline" in eval_report.render_report(metrics)
     del metrics["models"]["direct"]
     assert "No direct baseline was scored" in eval_report.render_report(metrics)
     failed = eval_report.render_report({"models": {}, "world_model_check": {"error": "ValueError: bad window"}})
