@@ -13,8 +13,7 @@ For each window the model's occupancy decoder reads, at every horizon k = 0..F:
 
 With ``ModelConfig.present_occupancy`` every source adds, at each horizon, the same reading of t0's features the
 forecast adds (``ModelOutput.present_logits``): ``held`` is then the world model's own direct baseline, and the
-rollout's gap to it is what rolling out brings beyond it. The classes of ``ModelConfig.present_classes`` are that
-reading alone in every source, so the sources agree on them.
+rollout's gap to it is what rolling out brings beyond it.
 
 IoU per class and horizon, counts summed over the split, the map thresholded at ``threshold``. Beside it, the
 rollout's flow against the annotated instances' motion (``losses.instance_flow_targets``): the mean error (m) on

@@ -264,7 +264,6 @@ def describe_run(run: Path) -> dict:
         "sensors": sensors,
         "world_model": model.world_model,
         "present_occupancy": model.present_occupancy,
-        "present_classes": [categories.CLASSES[c] for c in model.present_classes],
         "grid": dataclasses.asdict(model.grid),
         "occupancy_steps": model.occupancy_steps,
         "trajectory_steps": model.trajectory_steps,
@@ -589,8 +588,7 @@ def _world_model_section(metrics: dict) -> list[str]:
             "below includes it: `held` is the world model's own direct baseline."
             if metrics.get("evaluated", {}).get("config", {}).get("present_occupancy")
             else ""
-        )
-        + _present_classes_sentence(metrics.get("evaluated", {}).get("config", {}).get("present_classes")),
+        ),
         "",
     ]
     iou = check.get("iou", {})
@@ -621,17 +619,6 @@ def _world_model_section(metrics: dict) -> list[str]:
     lines += _flow_table(check)
     verdicts = world_model_verdicts(metrics)
     return [*lines, *verdicts, ""] if verdicts else lines
-
-
-def _present_classes_sentence(classes: list[str] | None) -> str:
-    """The world-model section's word on the classes read from t0's features alone (``present_classes``)."""
-    if not classes:
-        return ""
-    names = " and ".join(f"{name}s" for name in classes)
-    return (
-        f" This model reads the {names} at every horizon from t0's features alone (`present_classes`), the direct "
-        "baseline's way: the rollout does not decode them, so every source below gives them the same map."
-    )
 
 
 def _flow_table(check: dict) -> list[str]:

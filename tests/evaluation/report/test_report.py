@@ -94,7 +94,6 @@ def test_metrics_json_is_strict_and_says_what_was_evaluated(
     assert metrics["evaluated"]["direct_config"]["world_model"] is False
     assert metrics["evaluated"]["config"]["world_model"] is True
     assert metrics["evaluated"]["config"]["present_occupancy"] is False
-    assert metrics["evaluated"]["config"]["present_classes"] == []
     classes = list(categories.CLASSES)
     direct = metrics["models"]["direct"]
     assert list(direct["iou"]) == classes and all(len(v) == 5 for v in direct["iou"].values())
@@ -247,9 +246,6 @@ def test_the_verdicts_are_computed_from_the_numbers():
     assert "present_occupancy" not in text
     metrics["evaluated"] = {"config": {"present_occupancy": True}}  # every source includes the present reading
     assert "`held` is the world model's own direct baseline" in eval_report.render_report(metrics)
-    assert "present_classes" not in eval_report.render_report(metrics)
-    metrics["evaluated"] = {"config": {"present_classes": ["pedestrian"]}}
-    assert "reads the pedestrians at every horizon from t0's features alone" in eval_report.render_report(metrics)
     del metrics["models"]["direct"]
     assert "No direct baseline was scored" in eval_report.render_report(metrics)
     failed = eval_report.render_report({"models": {}, "world_model_check": {"error": "ValueError: bad window"}})
