@@ -62,10 +62,6 @@ class ModelConfig:
             convolution with an output per horizon (the direct baseline's head inside the world model; it starts
             at zero): what the sensors saw sharply at t0 reaches every horizon unwarped, and the rolled-out latent
             decodes what moved (``BevJepa.scene``). False: each step from its own latent alone.
-        present_classes: the classes (indices into ``datasets.categories.CLASSES``) whose occupancy at every
-            horizon is that reading of t0's features alone, as the direct baseline decodes it: the rolled-out
-            latent decodes the other classes only. ``present_occupancy`` decides whether the others add the
-            reading too. Empty: every class from the rollout.
     """
 
     camera: camera_encoder.CameraEncoderConfig = field(default_factory=camera_encoder.CameraEncoderConfig)
@@ -87,7 +83,6 @@ class ModelConfig:
     decoder_step_film: bool = False
     chained_flow: bool = False
     present_occupancy: bool = False
-    present_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.skip_frames <= self.fuser.past_frames:
@@ -105,15 +100,6 @@ class ModelConfig:
             raise ValueError("ModelConfig.flow_refine_detached: needs flow_refine")
         if self.present_occupancy and not self.world_model:
             raise ValueError("ModelConfig.present_occupancy: needs the world model (the direct baseline reads t0 only)")
-        if self.present_classes and not self.world_model:
-            raise ValueError("ModelConfig.present_classes: needs the world model (the direct baseline reads t0 only)")
-        if len(set(self.present_classes)) != len(self.present_classes) or not all(
-            0 <= c < self.classes for c in self.present_classes
-        ):
-            raise ValueError(
-                f"ModelConfig.present_classes: distinct class indices below classes ({self.classes}), "
-                f"got {self.present_classes}"
-            )
         grids = {
             "grid": self.grid,
             "camera.splat_grid": self.camera.splat_grid,
@@ -168,7 +154,6 @@ class ModelConfig:
             flow_refine=False,
             flow_refine_detached=False,
             present_occupancy=False,
-            present_classes=(),
         )
 
 
@@ -373,9 +358,8 @@ class ModelOutput:
         flow: [B, F + 1, 2, H, W] where each cell's content was at t0 (x, y m; ``BevJepa.flow_of``: on the latent
             grid, or the 1 m grid with ``ModelConfig.flow_refine``), zero at step 0; None without a world model.
         decoded: the S steps of ``occupancy_logits`` (0: t0), ascending; None: every step 0..F.
-        present_logits: [B, F + 1, classes, 128, 128] every horizon's reading of t0's features
-            (``ModelConfig.present_occupancy``, ``present_classes``; ``occupancy_logits`` include it as they say);
-            None without it.
+        present_logits: [B, F + 1, classes, 128, 128] the part of every horizon's occupancy logits read from t0's
+            features (``ModelConfig.present_occupancy``; ``occupancy_logits`` include it); None without it.
     """
 
     latent: torch.Tensor
@@ -450,12 +434,10 @@ class BevJepa(nn.Module):
                 self.skip_mix.append(mix)
         self.occupancy = heads.OccupancyHead(fine, classes=config.classes, horizons=1 if config.world_model else f + 1)
         self.present_occupancy = None
-        if config.present_occupancy or config.present_classes:
+        if config.present_occupancy:
             self.present_occupancy = heads.OccupancyHead(fine, classes=config.classes, horizons=f + 1)
-            nn.init.zeros_(self.present_occupancy.decode.weight)  # the summed classes start as the world model alone
-            with torch.no_grad():  # the classes it decodes alone start at the occupancy head's prior
-                bias = self.present_occupancy.decode.bias.view(f + 1, config.classes)
-                bias.copy_(torch.where(self._present_alone()[None], bias, torch.zeros_like(bias)))
+            nn.init.zeros_(self.present_occupancy.decode.weight)  # starts as the world model without it
+            nn.init.zeros_(self.present_occupancy.decode.bias)
         self.trajectory = heads.TrajectoryHead(
             channels=channels,
             modes=config.modes,
@@ -466,25 +448,6 @@ class BevJepa(nn.Module):
         self.detection = heads.DetectionHead(width=coarse, classes=config.classes, grid=self.level_grid(1))
         # [C] each class's decision threshold as a logit (``occupancy_thresholds``); not part of the weights
         self.register_buffer("occupancy_logit_shift", torch.zeros(config.classes), persistent=False)
-
-    def _present_alone(self) -> torch.Tensor:
-        """[classes] bool: the classes whose occupancy is the reading of t0's features alone (``present_classes``)."""
-        alone = torch.zeros(self.config.classes, dtype=torch.bool)
-        alone[list(self.config.present_classes)] = True
-        return alone
-
-    def _with_present(self, logits: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
-        """Occupancy logits [B, S, classes, H, W] decoded from latents, joined with the reading of t0's features.
-
-        ``present``: [B, S, classes, H, W] the reading for the horizon each of the S latents stands for, or None
-        (the model has none). The classes of ``present_classes`` take the reading alone; the others add it with
-        ``present_occupancy`` and keep the decoded logits without it.
-        """
-        if present is None:
-            return logits
-        joined = logits + present if self.config.present_occupancy else logits
-        alone = self._present_alone().to(logits.device)[:, None, None]  # [classes, 1, 1]
-        return torch.where(alone, present, joined)
 
     def occupancy_probability(self, logits: torch.Tensor) -> torch.Tensor:
         """The published occupancy probabilities [..., C, H, W] of logits [..., C, H, W].
@@ -623,24 +586,22 @@ class BevJepa(nn.Module):
         The diagnostics of the open-loop report decode the held z_t0 and the target encoder's latents this way;
         ``skips`` and ``flow`` as ``decode`` takes them (``ModelOutput.skips``). ``present``: [B, S, classes, 128,
         128] the logits read from t0's features for the horizon each latent stands for (``ModelOutput.
-        present_logits``), joined as ``scene`` joins them; needed with ``ModelConfig.present_occupancy`` or
-        ``present_classes``.
+        present_logits``), added as ``scene`` adds them; needed with ``ModelConfig.present_occupancy``.
 
         Raises:
-            ValueError: the direct baseline; ``present`` passed or left out against the model's reading.
+            ValueError: the direct baseline; ``present`` missing with ``ModelConfig.present_occupancy``.
         """
         if not self.config.world_model:
             raise ValueError("occupancy_of: the direct baseline decodes every horizon from z_t0 at once")
         if (present is None) != (self.present_occupancy is None):
             raise ValueError(
                 "occupancy_of: pass present (ModelOutput.present_logits) exactly when the model reads the present "
-                f"(ModelConfig.present_occupancy={self.config.present_occupancy}, "
-                f"present_classes={self.config.present_classes})"
+                f"(ModelConfig.present_occupancy={self.config.present_occupancy})"
             )
         fine = self.decode(latents, steps, skips, flow)[0]  # [B, S, D0, 128, 128]
         b, s = fine.shape[:2]
         logits = self.occupancy(fine.reshape(b * s, *fine.shape[2:])).reshape(b, s, *self._occupancy_shape())
-        return self._with_present(logits, present)
+        return logits if present is None else logits + present
 
     def _occupancy_shape(self) -> tuple[int, int, int]:
         return (self.config.classes, *self.config.grid.shape)
@@ -702,7 +663,7 @@ class BevJepa(nn.Module):
             present = None
             if self.present_occupancy is not None:  # decoded steps start with t0: fine[:, 0] is t0's features
                 present = self.present_occupancy(fine[:, 0])  # [B, F + 1, classes, 128, 128]
-                occupancy = self._with_present(occupancy, present[:, steps])
+                occupancy = occupancy + present[:, steps]
         else:
             rollout = latent[:, None].expand(b, f, *latent.shape[1:])  # no world model: z_t0 held
             flow = present = None

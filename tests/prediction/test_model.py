@@ -197,49 +197,6 @@ def test_the_present_reading_starts_at_zero_adds_each_horizons_own_logits_and_le
         dataclasses.replace(config, world_model=False)
 
 
-def test_present_classes_take_the_reading_alone_at_every_horizon_and_the_others_their_rollout(batch):
-    config = dataclasses.replace(experiment_config.small().model, use_camera=False, present_classes=(1,))
-    torch.manual_seed(0)
-    net = model.BevJepa(config)
-    prior = net.occupancy.decode.bias[1]
-    torch.testing.assert_close(net.present_occupancy.decode.bias.view(5, 3)[:, 1], prior.expand(5))  # the prior
-    output = net(batch)
-    model.compute_losses(net, batch, output, model.LossWeights(latent=0.0)).total.backward()
-    grad = net.present_occupancy.decode.bias.grad.view(5, 3)
-    assert float(grad[:, 1].abs().min()) > 0 and float(grad[:, [0, 2]].abs().max()) == 0.0  # pedestrians alone
-    with torch.no_grad():
-        net.present_occupancy.decode.weight.normal_(0.0, 0.1)
-    plain = model.BevJepa(dataclasses.replace(config, present_classes=()))
-    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("present_occupancy.")})
-    net.eval()
-    plain.eval()
-    with torch.no_grad():
-        drawn = net(batch, decode=(0, 2, 3))
-        own = plain(batch, decode=(0, 2, 3))
-        torch.testing.assert_close(drawn.occupancy_logits[:, :, 1], drawn.present_logits[:, [0, 2, 3], 1])
-        torch.testing.assert_close(drawn.occupancy_logits[:, :, [0, 2]], own.occupancy_logits[:, :, [0, 2]])
-        summed = model.BevJepa(dataclasses.replace(config, present_occupancy=True))
-        summed.load_state_dict(net.state_dict())
-        summed.eval()
-        both = summed(batch, decode=(0, 2, 3))
-        torch.testing.assert_close(both.occupancy_logits[:, :, 1], drawn.occupancy_logits[:, :, 1])
-        torch.testing.assert_close(
-            both.occupancy_logits[:, :, [0, 2]],
-            own.occupancy_logits[:, :, [0, 2]] + both.present_logits[:, [0, 2, 3]][:, :, [0, 2]],
-        )
-        held = drawn.latent[:, None].expand(-1, 5, *drawn.latent.shape[1:])
-        checked = net.occupancy_of(held, [0] * 5, drawn.skips, present=drawn.present_logits)
-        torch.testing.assert_close(checked[:, :, 1], drawn.present_logits[:, :, 1])
-        with pytest.raises(ValueError, match="present_classes"):
-            net.occupancy_of(held, [0] * 5, drawn.skips)
-    assert config.direct_baseline().present_classes == ()
-    for bad in [(3,), (1, 1), (-1,)]:
-        with pytest.raises(ValueError, match="present_classes"):
-            dataclasses.replace(config, present_classes=bad)
-    with pytest.raises(ValueError, match="present_classes"):
-        dataclasses.replace(config, world_model=False)
-
-
 def test_modalities_drop_only_in_training_and_never_in_the_target_encoder(batch):
     config = experiment_config.small().model
     config = dataclasses.replace(config, fuser=dataclasses.replace(config.fuser, modality_dropout=0.99))
