@@ -11,6 +11,10 @@
   positions (``anchor_velocities``; causal): the model's trajectory head with its mode 0 alone.
 * ``constant_velocity_tracked``: the model's own tracked agents moved at their track's velocity; it sees exactly
   the model's sensor input, the like-for-like comparison for the forecast from the sensors.
+* ``tracked_true_velocity``: the same tracked boxes, each moved at the annotated velocity of the agent it stands
+  for (``true_track_velocities``; a diagnostic that needs annotations). Beside the two above it splits what the
+  forecast from the sensors loses against the annotated boxes: ``constant_velocity_tracked`` to it is what the
+  tracks' velocities cost, it to ``constant_velocity`` what their t0 boxes cost.
 * ``ctrv``: constant turn rate and velocity; the yaw rate comes from the agent's past positions
   (``yaw_rate_from_past``).
 * ``persistence``: the world stays as it is at t0.
@@ -316,6 +320,23 @@ def constant_velocity_tracked(
         occupancy [S, C, H, W] bool, instances [S, H, W] int64 (1 + agent index).
     """
     return constant_velocity_occupancy_instances(agents.boxes, agents.classes, agents.velocity, grid, classes, steps)
+
+
+def true_track_velocities(track_velocity: np.ndarray, match: np.ndarray, true_velocity: np.ndarray) -> np.ndarray:
+    """Each track's velocity replaced by the annotated velocity of the agent it stands for.
+
+    Args:
+        track_velocity: [A', 2] float — the tracks' velocities (m/s).
+        match: [A] int — the track standing for each annotated agent, -1 where none (``metrics.match_agents``).
+        true_velocity: [A, 2] float — the annotated agents' velocities (m/s).
+
+    Returns:
+        [A', 2] float64: the matched annotated velocity, the track's own where no annotated agent matched it.
+    """
+    velocity = np.array(track_velocity, dtype=np.float64).reshape(-1, 2)
+    found = np.asarray(match) >= 0
+    velocity[np.asarray(match)[found]] = np.asarray(true_velocity, dtype=np.float64)[found]
+    return velocity
 
 
 def persistence_occupancy(occupancy_t0: np.ndarray, steps: int = 4) -> np.ndarray:

@@ -25,6 +25,10 @@ Sources (``evaluate(...)["models"]``):
   it is what its learnt modes and probabilities add.
 * ``constant_velocity_tracked`` (only with a run): the model's own tracked agents moved at their regressed
   velocity: the like-for-like baseline of ``model`` (same agents, same matching, no learnt motion).
+* ``tracked_true_velocity`` (only with a run; needs annotations): the same tracked boxes moved at the annotated
+  velocity of the agent each stands for (a track no annotated agent matched keeps its own): a diagnostic that
+  splits the gap between ``constant_velocity_tracked`` and ``constant_velocity`` into what the tracks'
+  velocities cost and what their t0 boxes cost.
 * ``ctrv``: constant turn rate and velocity (``baselines.yaw_rate_from_past``).
 * ``persistence``: everything stays where it is at t0 (trajectories: the agent stands still).
 
@@ -74,7 +78,7 @@ Returned structure (every number a float; NaN where nothing was scored):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +96,7 @@ TRAJECTORY_SOURCES = (
     "model",
     "model_annotated",
     "constant_velocity_tracked",
+    "tracked_true_velocity",
     "constant_velocity",
     "constant_velocity_past",
     "constant_velocity_anchor",
@@ -100,9 +105,9 @@ TRAJECTORY_SOURCES = (
 )
 OCCUPANCY_SOURCES = ("model_latent", "direct")
 """The sources scored on occupancy only (their maps carry no agent identity to score trajectories against)."""
-RUN_SOURCES = ("model", "model_annotated", "model_latent", "constant_velocity_tracked")
+RUN_SOURCES = ("model", "model_annotated", "model_latent", "constant_velocity_tracked", "tracked_true_velocity")
 """The sources scored only with a run (the model's own)."""
-MATCHED_SOURCES = ("model", "constant_velocity_tracked")
+MATCHED_SOURCES = ("model", "constant_velocity_tracked", "tracked_true_velocity")
 """The sources whose agents are tracked from the model's detections: trajectories on the matched annotated agents."""
 
 
@@ -308,7 +313,7 @@ def evaluate(
     names = ["model", "model_annotated", "model_latent"] if model is not None else []
     names += ["direct"] if direct is not None else []
     names += ["constant_velocity", "constant_velocity_past", "constant_velocity_anchor"]
-    names += ["constant_velocity_tracked"] if model is not None else []
+    names += ["constant_velocity_tracked", "tracked_true_velocity"] if model is not None else []
     names += ["ctrv", "persistence"]
     scores: dict[str, _Scores] = {}
     truths, truth_classes, windows_seen = [], [], 0
@@ -501,16 +506,23 @@ def _score_model(
     reachable = grid.xy_to_index(w.box[:, :2])[2]  # [A] the annotated agents inside the grid: a track can reach them
     scored = w.full & (match >= 0)
     found = match[scored]
-    cv_modes = baselines.constant_velocity_trajectories(tracks.boxes[:, :2], tracks.velocity, steps)  # [A', 1, T, 2]
+    true_velocity = baselines.true_track_velocities(tracks.velocity, match, w.velocity)  # [A', 2]
+    one = np.ones((tracks.count, 1))
+    xy = tracks.boxes[:, :2]
     for name, modes, probabilities in (
         ("model", forecast.trajectories[:, :, :steps], forecast.mode_probabilities),
-        ("constant_velocity_tracked", cv_modes, np.ones((tracks.count, 1))),
+        ("constant_velocity_tracked", baselines.constant_velocity_trajectories(xy, tracks.velocity, steps), one),
+        ("tracked_true_velocity", baselines.constant_velocity_trajectories(xy, true_velocity, steps), one),
     ):
         scores[name].add_trajectories(modes[found], probabilities[found], w.future[scored], w.cls[scored])
         scores[name].add_detections(int(reachable.sum()), tracks.count, int((match[reachable] >= 0).sum()))
     _add_map(scores["model"], forecast.occupancy, w, threshold)
-    occupancy, ids = baselines.constant_velocity_tracked(tracks, grid, C, S - 1)
-    _add_boxes(scores["constant_velocity_tracked"], occupancy, ids, np.r_[-1, tracks.classes], w.target, w.truth_labels)
+    for name, agents in (
+        ("constant_velocity_tracked", tracks),
+        ("tracked_true_velocity", replace(tracks, velocity=true_velocity)),
+    ):
+        occupancy, ids = baselines.constant_velocity_tracked(agents, grid, C, S - 1)
+        _add_boxes(scores[name], occupancy, ids, np.r_[-1, tracks.classes], w.target, w.truth_labels)
     # The annotated agents (the prediction-challenge protocol): their boxes along the modes; VPQ ids the agents.
     scores["model_annotated"].add_trajectories(
         annotated.trajectories[w.full, :, :steps], annotated.mode_probabilities[w.full]

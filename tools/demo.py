@@ -395,6 +395,7 @@ INPUTS = {
     "direct": "sensors (LiDAR)",
     "constant_velocity_tracked": "sensors",
     "model_annotated": "sensors + annotated t0 boxes and past",
+    "tracked_true_velocity": "sensors + annotated velocities",
     "persistence": "annotated t0 occupancy",
 }
 """What each open-loop source reads (the summary's last column); a source not listed reads the annotated t0 boxes."""

@@ -51,6 +51,9 @@ SOURCE_NOTES = {
     "the like-for-like baseline of `model`)",
     "model_annotated": "the model forecasting the annotated agents from their annotated pasts (the prediction "
     "challenge's protocol; needs annotations): occupancy = the annotated t0 boxes moved along the modes",
+    "tracked_true_velocity": "the model's tracked boxes moved at the annotated velocity of the agent each stands "
+    "for (a diagnostic, needs annotations): against `constant_velocity_tracked`, what the tracks' velocities cost; "
+    "against `constant_velocity`, what their t0 boxes cost",
     "constant_velocity": "the annotated t0 boxes moved at their annotated t0 velocity (nuScenes: a centred "
     "difference that looks 0.5 s ahead)",
     "constant_velocity_past": "the same boxes moved at the velocity of their last past step (causal, as the model; "
@@ -70,6 +73,7 @@ SOURCE_TITLES = {
     "direct": "direct baseline, from the LiDAR (dense occupancy)",
     "constant_velocity_tracked": "model's tracks at constant velocity (from the sensors)",
     "model_annotated": "model, annotated agents (needs annotations)",
+    "tracked_true_velocity": "model's tracks at their annotated agents' velocity (diagnostic, needs annotations)",
 }
 """The first cell of a source's rows, before its name (a source not listed shows its name alone)."""
 CHECK_TITLES = {

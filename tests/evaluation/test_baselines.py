@@ -139,6 +139,16 @@ def test_constant_velocity_tracked_moves_tracks_as_the_oracle_moves_boxes(synthe
     assert not empty.any() and not empty_ids.any()
 
 
+def test_true_track_velocities_take_the_matched_agents_velocity():
+    tracks = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    true = np.array([[0.0, 5.0], [0.0, 6.0], [0.0, 7.0], [0.0, 8.0]])
+    match = np.array([2, -1, 0, -1])  # annotated agent 0 is track 2, agent 2 track 0; track 1 matched nobody
+    velocity = baselines.true_track_velocities(tracks, match, true)
+    np.testing.assert_array_equal(velocity, [[0.0, 7.0], [2.0, 0.0], [0.0, 5.0]])
+    np.testing.assert_array_equal(tracks[:, 0], [1.0, 2.0, 3.0])  # the tracks' own array is not written
+    assert baselines.true_track_velocities(np.zeros((0, 2)), np.full(4, -1), true).shape == (0, 2)
+
+
 def test_persistence_repeats_t0():
     occupancy = np.zeros((3, 4, 4), bool)
     occupancy[1, 2, 2] = True

@@ -86,7 +86,7 @@ def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result)
     _, net = checkpoint.load_model(run)
     dataset = torch_dataset.WindowDataset(synthetic_windows)
     sensors, annotated = forecaster.Forecaster(net), forecaster.Forecaster(net, agents="annotated")
-    counts = {"model": [], "model_latent": [], "model_annotated": [], "constant_velocity_tracked": []}
+    counts = {name: [] for name in open_loop.RUN_SOURCES}
     short = []
     vpq = metrics.empty_vpq_counts(5, 3)
     model_vpq = metrics.empty_vpq_counts(5, 3)
@@ -104,6 +104,19 @@ def test_model_scores_equal_a_direct_computation(synthetic_windows, run, result)
         tracks = sensors.track(torch_dataset.collate([blind]))[0]
         occupancy, _ = baselines.constant_velocity_tracked(tracks, net.config.grid, 3, 4)
         counts["constant_velocity_tracked"].append(metrics.iou_counts(occupancy, target))
+        box, cls = sample.agent_box.numpy().astype(np.float64), sample.agent_class.numpy()
+        match = metrics.match_agents(tracks.boxes[:, :2], tracks.classes, box[:, :2], cls)
+        true_velocity = baselines.agent_velocities(
+            sample.agent_velocity.numpy(), sample.agent_past.numpy().astype(np.float64), sample.agent_past_mask.numpy()
+        )
+        moved = tracks.velocity.copy()
+        for agent, track in enumerate(match):  # agents of one window
+            if track >= 0:
+                moved[track] = true_velocity[agent]
+        occupancy, _ = baselines.constant_velocity_occupancy_instances(
+            tracks.boxes, tracks.classes, moved, net.config.grid, 3, 4
+        )
+        counts["tracked_true_velocity"].append(metrics.iou_counts(occupancy, target))
         given = annotated.forecast(sample)
         _, ids = agent_occupancy.mode_occupancy_instances(
             sample.agent_box.numpy(), sample.agent_class.numpy(), given.trajectories, given.mode_probabilities,
