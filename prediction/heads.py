@@ -661,6 +661,81 @@ def gaussian_radius(length_cells: torch.Tensor, width_cells: torch.Tensor, min_o
     return torch.minimum(torch.minimum(r1, r2), r3)
 
 
+@dataclass(frozen=True)
+class _Splats:
+    """Each agent's Gaussian splat on the heat-map grid (``detection_targets``), Q = (2R + 1)² cells an agent.
+
+    Attributes:
+        rows, cols: [B, A] int64 — the centre cells.
+        centres: [B, A, 2] float — the centre cells' xy (m).
+        valid: [B, A] bool — the agents that splat.
+        cls: [B, A] int64 — class index (clamped into range).
+        value: [B, A, Q] float — the splat's value at each of its cells (0 outside its radius or the grid).
+        cell: [B, A, Q] int64 — those cells' flat index into H * W.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    centres: torch.Tensor
+    valid: torch.Tensor
+    cls: torch.Tensor
+    value: torch.Tensor
+    cell: torch.Tensor
+
+
+def _splats(
+    agent_box: torch.Tensor,
+    agent_class: torch.Tensor,
+    agent_mask: torch.Tensor,
+    grid: geometry.GridSpec,
+    classes: int,
+    min_radius: int,
+    min_overlap: float,
+) -> _Splats:
+    """The agents' splats (see ``detection_targets`` for the rule); arguments as there."""
+    B, A, _ = agent_box.shape
+    H, W = grid.shape
+    device, dtype = agent_box.device, agent_box.dtype
+    res = grid.resolution_m
+    rows_np, cols_np, inside_np = grid.xy_to_index(agent_box[..., :2].detach().double().cpu().numpy().reshape(-1, 2))
+    centres = torch.as_tensor(grid.index_to_xy(rows_np, cols_np), dtype=dtype, device=device).reshape(B, A, 2)
+    rows = torch.as_tensor(rows_np, device=device).reshape(B, A)
+    cols = torch.as_tensor(cols_np, device=device).reshape(B, A)
+    cls = agent_class.long()
+    valid = (
+        agent_mask
+        & torch.as_tensor(inside_np, device=device).reshape(B, A)
+        & (cls >= 0)
+        & (cls < classes)
+        & torch.isfinite(agent_box).all(-1)
+    )  # [B, A]
+    cls = cls.clamp(0, classes - 1)
+
+    # Gaussian splats over a (2R + 1)² window around each centre, R the largest radius in the batch.
+    size = torch.nan_to_num(agent_box[..., 3:5], nan=0.0).clamp(min=0) / res  # [B, A, 2] width, length (cells)
+    radius = gaussian_radius(size[..., 1], size[..., 0], min_overlap).floor().clamp(min=min_radius)  # [B, A]
+    radius = torch.where(valid, radius, torch.zeros_like(radius))
+    R = int(radius.max().item()) if valid.any() else 0
+    k = torch.arange(-R, R + 1, device=device)
+    di, dj = torch.meshgrid(k, k, indexing="ij")
+    di, dj = di.reshape(-1), dj.reshape(-1)  # [Q], Q = (2R + 1)²
+    sigma = (2 * radius + 1) / 6  # [B, A]
+    splat = torch.exp(-(di**2 + dj**2).to(dtype) / (2 * sigma[..., None] ** 2))  # [B, A, Q]
+    r_i, r_j = rows[..., None] + di, cols[..., None] + dj  # [B, A, Q]
+    keep = (
+        valid[..., None]
+        & (di.abs() <= radius[..., None])
+        & (dj.abs() <= radius[..., None])
+        & (r_i >= 0)
+        & (r_i < H)
+        & (r_j >= 0)
+        & (r_j < W)
+    )
+    splat = torch.where(keep, splat, torch.zeros_like(splat))
+    cell = r_i.clamp(0, H - 1) * W + r_j.clamp(0, W - 1)  # [B, A, Q]
+    return _Splats(rows, cols, centres, valid, cls, splat, cell)
+
+
 def detection_targets(
     agent_box: torch.Tensor,
     agent_velocity: torch.Tensor,
@@ -698,55 +773,18 @@ def detection_targets(
     grid = grid if grid is not None else detection_grid()
     B, A, _ = agent_box.shape
     H, W = grid.shape
-    device, dtype = agent_box.device, agent_box.dtype
-    res = grid.resolution_m
-
-    # Centre cells, from the grid.
-    rows_np, cols_np, inside_np = grid.xy_to_index(agent_box[..., :2].detach().double().cpu().numpy().reshape(-1, 2))
-    centres = torch.as_tensor(grid.index_to_xy(rows_np, cols_np), dtype=dtype, device=device).reshape(B, A, 2)
-    rows = torch.as_tensor(rows_np, device=device).reshape(B, A)
-    cols = torch.as_tensor(cols_np, device=device).reshape(B, A)
-    cls = agent_class.long()
-    valid = (
-        agent_mask
-        & torch.as_tensor(inside_np, device=device).reshape(B, A)
-        & (cls >= 0)
-        & (cls < classes)
-        & torch.isfinite(agent_box).all(-1)
-    )  # [B, A]
-    cls = cls.clamp(0, classes - 1)
-
-    # Gaussian splats over a (2R + 1)² window around each centre, R the largest radius in the batch.
-    size = torch.nan_to_num(agent_box[..., 3:5], nan=0.0).clamp(min=0) / res  # [B, A, 2] width, length (cells)
-    radius = gaussian_radius(size[..., 1], size[..., 0], min_overlap).floor().clamp(min=min_radius)  # [B, A]
-    radius = torch.where(valid, radius, torch.zeros_like(radius))
-    R = int(radius.max().item()) if valid.any() else 0
-    k = torch.arange(-R, R + 1, device=device)
-    di, dj = torch.meshgrid(k, k, indexing="ij")
-    di, dj = di.reshape(-1), dj.reshape(-1)  # [Q], Q = (2R + 1)²
-    sigma = (2 * radius + 1) / 6  # [B, A]
-    splat = torch.exp(-(di**2 + dj**2).to(dtype) / (2 * sigma[..., None] ** 2))  # [B, A, Q]
-    r_i, r_j = rows[..., None] + di, cols[..., None] + dj  # [B, A, Q]
-    keep = (
-        valid[..., None]
-        & (di.abs() <= radius[..., None])
-        & (dj.abs() <= radius[..., None])
-        & (r_i >= 0)
-        & (r_i < H)
-        & (r_j >= 0)
-        & (r_j < W)
-    )
-    splat = torch.where(keep, splat, torch.zeros_like(splat))
-    flat = cls[..., None] * (H * W) + r_i.clamp(0, H - 1) * W + r_j.clamp(0, W - 1)  # [B, A, Q] into classes*H*W
-    heatmap = torch.zeros(B, classes * H * W, dtype=dtype, device=device)
-    heatmap = heatmap.scatter_reduce(1, flat.reshape(B, -1), splat.reshape(B, -1), reduce="amax")
+    dtype = agent_box.dtype
+    splats = _splats(agent_box, agent_class, agent_mask, grid, classes, min_radius, min_overlap)
+    flat = splats.cls[..., None] * (H * W) + splats.cell  # [B, A, Q] into classes*H*W
+    heatmap = torch.zeros(B, classes * H * W, dtype=dtype, device=agent_box.device)
+    heatmap = heatmap.scatter_reduce(1, flat.reshape(B, -1), splats.value.reshape(B, -1), reduce="amax")
     heatmap = heatmap.reshape(B, classes, H, W)
 
     # Regression at the centre cells.
-    box = agent_box
+    box, valid, rows, cols = agent_box, splats.valid, splats.rows, splats.cols
     values = torch.cat(
         [
-            (box[..., :2] - centres) / res,
+            (box[..., :2] - splats.centres) / grid.resolution_m,
             box[..., 2:3],
             torch.log(box[..., 3:6].clamp(min=1e-3)),
             torch.sin(box[..., 6:7]),
@@ -755,12 +793,53 @@ def detection_targets(
         ],
         dim=-1,
     )  # [B, A, R]
-    batch_index = torch.arange(B, device=device)[:, None].expand(B, A)
-    regression = torch.zeros(B, H, W, len(REGRESSION_CHANNELS), dtype=dtype, device=device)
+    batch_index = torch.arange(B, device=box.device)[:, None].expand(B, A)
+    regression = torch.zeros(B, H, W, len(REGRESSION_CHANNELS), dtype=dtype, device=box.device)
     regression[batch_index[valid], rows[valid], cols[valid]] = values[valid]
-    regression_mask = torch.zeros(B, H, W, dtype=torch.bool, device=device)
+    regression_mask = torch.zeros(B, H, W, dtype=torch.bool, device=box.device)
     regression_mask[batch_index[valid], rows[valid], cols[valid]] = True
     return heatmap, regression.permute(0, 3, 1, 2), regression_mask
+
+
+def velocity_area_targets(
+    agent_box: torch.Tensor,
+    agent_velocity: torch.Tensor,
+    agent_class: torch.Tensor,
+    agent_mask: torch.Tensor,
+    grid: geometry.GridSpec | None = None,
+    classes: int = 3,
+    min_radius: int = 2,
+    min_overlap: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity targets over each agent's whole heat-map splat, not its centre cell alone.
+
+    The centre-cell regression trains the velocity on one cell per agent (a few pedestrians a batch). Here every
+    cell of an agent's splat (``detection_targets``) holds that agent's velocity, weighed by the splat's value
+    there, as TTFNet regresses its boxes over the Gaussian area: the cells around a centre learn the same
+    velocity, so the head sees many times the samples; a decoded box still reads its peak cell. Where splats
+    overlap, the larger one's agent owns the cell (either, on a tie); the class does not matter.
+
+    Args: as ``detection_targets``.
+
+    Returns:
+        velocity: [B, 2, H, W] float — vx, vy (m/s, t0 frame); 0 outside every splat, NaN where the owner's
+            velocity is unknown.
+        weight: [B, H, W] float in [0, 1] — the owner's splat value there, 0 outside every splat.
+    """
+    grid = grid if grid is not None else detection_grid()
+    B, A, _ = agent_box.shape
+    H, W = grid.shape
+    splats = _splats(agent_box, agent_class, agent_mask, grid, classes, min_radius, min_overlap)
+    value, cell = splats.value, splats.cell  # [B, A, Q]
+    Q = value.shape[-1]
+    weight = torch.zeros(B, H * W, dtype=value.dtype, device=value.device)
+    weight = weight.scatter_reduce(1, cell.reshape(B, -1), value.reshape(B, -1), reduce="amax")  # [B, H*W]
+    owner = (value > 0) & (value == weight.gather(1, cell.reshape(B, -1)).reshape(B, A, Q))  # [B, A, Q]
+    velocity = agent_velocity.to(value.dtype)[:, :, None].expand(B, A, Q, 2)[owner]  # [M, 2]
+    batch_index = torch.arange(B, device=value.device)[:, None, None].expand(B, A, Q)[owner]
+    target = torch.zeros(B, H * W, 2, dtype=value.dtype, device=value.device)
+    target[batch_index, cell[owner]] = velocity
+    return target.permute(0, 2, 1).reshape(B, 2, H, W), weight.reshape(B, H, W)
 
 
 @dataclass(frozen=True)

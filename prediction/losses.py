@@ -302,6 +302,23 @@ def detection_loss(
     return heatmap_term + regression_weight * regression_term
 
 
+def velocity_area_loss(velocity: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """L1 of the regressed velocity over the splats' cells, weighed by the splat (``heads.velocity_area_targets``).
+
+    Args:
+        velocity: [B, 2, H, W] float — the regressed vx, vy (m/s).
+        target: [B, 2, H, W] float — NaN where unknown (left out, as ``detection_loss`` does).
+        weight: [B, H, W] float.
+
+    Returns:
+        [] Σ weight · |velocity − target|₁ / Σ weight over the cells with a known target; 0 without one.
+    """
+    known = torch.isfinite(target).all(dim=1) & (weight > 0)  # [B, H, W]
+    error = (velocity - torch.nan_to_num(target)).abs().sum(dim=1)  # [B, H, W]
+    w = torch.where(known, weight, torch.zeros_like(weight))
+    return (w * torch.where(known, error, torch.zeros_like(error))).sum() / w.sum().clamp(min=1e-6)
+
+
 @torch.no_grad()
 def min_ade_fde(
     modes: torch.Tensor,

@@ -777,6 +777,8 @@ class LossWeights:
         trajectory: winner-takes-all regression of the trajectory modes.
         mode: mode classification.
         detection: the detection heat-map and box regression.
+        detection_velocity_area: the velocity regressed over each agent's whole heat-map splat, weighed by it
+            (``losses.velocity_area_loss``), added to the detection term; 0: the centre cells alone, as before.
     """
 
     latent: float = 1.0
@@ -794,6 +796,7 @@ class LossWeights:
     trajectory: float = 1.0
     mode: float = 0.5
     detection: float = 0.5
+    detection_velocity_area: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -895,6 +898,14 @@ def compute_losses(
     detection = losses.detection_loss(
         output.heatmap_logits, output.regression, heatmap_target, regression_target, regression_mask
     )
+    if weights.detection_velocity_area:
+        velocity_target, velocity_weight = heads.velocity_area_targets(
+            batch.agent_box, batch.agent_velocity, batch.agent_class, batch.agent_mask, model.detection.grid
+        )
+        v = heads.REGRESSION_CHANNELS.index("vx")
+        detection = detection + weights.detection_velocity_area * losses.velocity_area_loss(
+            output.regression[:, v : v + 2], velocity_target, velocity_weight
+        )
     total = (
         weights.latent * latent
         + weights.variance * variance

@@ -510,6 +510,39 @@ def test_detection_loss_is_small_for_perfect_predictions_and_ignores_unknown_vel
     assert bad > 1.0
 
 
+def test_velocity_area_targets_spread_each_agents_velocity_over_its_splat():
+    grid = heads.detection_grid()
+    box, velocity, cls, mask = boxes_batch()
+    heat, _, _ = heads.detection_targets(box, velocity, cls, mask, grid)
+    target, weight = heads.velocity_area_targets(box, velocity, cls, mask, grid)
+    assert target.shape == (2, 2, 64, 64) and weight.shape == (2, 64, 64)
+    # The weight is the splats' maximum over the classes, so exactly the heat-map's, cell by cell.
+    torch.testing.assert_close(weight, heat.amax(dim=1))
+    for b, a in [(0, 0), (0, 1), (1, 0), (1, 1)]:  # every cell of these agents' splats holds their velocity
+        rows, cols, _ = grid.xy_to_index(box[b, a, :2].numpy()[None])
+        r, c = int(rows[0]), int(cols[0])
+        assert weight[b, r, c] == 1.0
+        for dr, dc in [(0, 0), (1, 0), (-2, 1)]:
+            assert 0 < weight[b, r + dr, c + dc] <= 1
+            torch.testing.assert_close(target[b, :, r + dr, c + dc], velocity[b, a])
+    rows, cols, _ = grid.xy_to_index(box[0, 2, :2].numpy()[None])  # unknown velocity: NaN, left out by the loss
+    assert torch.isnan(target[0, :, int(rows[0]), int(cols[0])]).all()
+    assert (target.permute(0, 2, 3, 1)[weight == 0] == 0).all()  # outside every splat: 0
+    # The outside agent and the padding add nothing: the splats' cells are all the weighted ones.
+    assert int((weight > 0).sum()) == int((heat.amax(dim=1) > 0).sum())
+
+
+def test_velocity_area_loss_is_zero_when_right_and_leaves_unknown_velocity_out():
+    box, velocity, cls, mask = boxes_batch()
+    target, weight = heads.velocity_area_targets(box, velocity, cls, mask)
+    right = torch.nan_to_num(target)
+    assert losses.velocity_area_loss(right, target, weight).item() == 0.0
+    wrong = right + torch.tensor([1.0, 0.0])[None, :, None, None]  # 1 m/s off along x everywhere
+    torch.testing.assert_close(losses.velocity_area_loss(wrong, target, weight), torch.tensor(1.0))
+    nothing = torch.zeros_like(weight)
+    assert losses.velocity_area_loss(wrong, target, nothing).item() == 0.0
+
+
 def test_all_losses_finite_and_backprop_through_the_heads():
     torch.manual_seed(0)
     B, A, C = 2, 4, 8

@@ -15,7 +15,7 @@ from bevjepa.datasets import geometry, rasterize, torch_dataset
 from bevjepa.evaluation import open_loop
 from bevjepa.evaluation.report import eval_report
 from bevjepa.fusion import fuser
-from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, heads, model, train
+from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, heads, losses, model, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.tools import cli
 
@@ -30,6 +30,26 @@ def _tiny(steps: int = 2, **train_changes) -> experiment_config.ExperimentConfig
 def batch(synthetic_windows: Path) -> torch_dataset.WindowBatch:
     dataset = torch_dataset.WindowDataset(synthetic_windows, future_inputs=True)
     return torch_dataset.collate([dataset[0], dataset[1]])
+
+
+def test_the_velocity_area_term_joins_the_detection_term(batch):
+    torch.manual_seed(0)
+    config = dataclasses.replace(experiment_config.small().model, use_camera=False)
+    net = model.BevJepa(config)
+    output = net(batch)
+    plain = model.compute_losses(net, batch, output, model.LossWeights(latent=0.0))
+    area = model.compute_losses(net, batch, output, model.LossWeights(latent=0.0, detection_velocity_area=0.5))
+    target, weight = heads.velocity_area_targets(
+        batch.agent_box, batch.agent_velocity, batch.agent_class, batch.agent_mask, net.detection.grid
+    )
+    assert int((weight > 0).sum()) > int(batch.agent_mask.sum())  # more cells than agents
+    v = heads.REGRESSION_CHANNELS.index("vx")
+    expected = plain.detection + 0.5 * losses.velocity_area_loss(output.regression[:, v : v + 2], target, weight)
+    torch.testing.assert_close(area.detection, expected)
+    torch.testing.assert_close(area.total - plain.total, 0.5 * (area.detection - plain.detection))  # weight 0.5
+    (area.detection - plain.detection).backward()
+    grad = net.detection.regression[-1].weight.grad  # [R, width, 1, 1]
+    assert grad[v : v + 2].abs().sum() > 0 and grad[:v].abs().sum() == 0  # the velocity channels alone
 
 
 def test_forward_losses_and_gradients(batch):
