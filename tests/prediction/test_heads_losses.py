@@ -537,6 +537,10 @@ def test_velocity_area_loss_is_zero_when_right_and_leaves_unknown_velocity_out()
     target, weight = heads.velocity_area_targets(box, velocity, cls, mask)
     right = torch.nan_to_num(target)
     assert losses.velocity_area_loss(right, target, weight).item() == 0.0
+    unknown = torch.isnan(target)
+    assert unknown.any() and (weight[unknown.any(dim=1)] > 0).all()  # the agent without a velocity has a splat
+    anything_there = torch.where(unknown, torch.full_like(right, 5.0), right)  # wrong only where nothing is known
+    assert losses.velocity_area_loss(anything_there, target, weight).item() == 0.0
     wrong = right + torch.tensor([1.0, 0.0])[None, :, None, None]  # 1 m/s off along x everywhere
     torch.testing.assert_close(losses.velocity_area_loss(wrong, target, weight), torch.tensor(1.0))
     nothing = torch.zeros_like(weight)
