@@ -57,6 +57,23 @@ def test_the_track_velocity_weighs_the_earlier_detections_against_the_regressed_
     assert alone.past_mask.tolist() == [[False, True]]  # the detections themselves stay as they were
 
 
+def test_a_track_slower_than_its_class_velocity_error_stands_still():
+    # Each class's threshold is its VELOCITY_ERROR_MPS (vehicle 1.0, pedestrian 0.4 m/s): a car regressed at
+    # 0.9 m/s and a pedestrian at 0.3 m/s stand still; a car at 1.2 m/s and a pedestrian at 0.5 m/s keep theirs.
+    speeds = {CAR: (0.9, 1.2), PEDESTRIAN: (0.3, 0.5)}
+    for cls, (slow, fast) in speeds.items():
+        frame = _frame([[5.0, 0.0], [-5.0, 10.0]], [[0.0, slow], [-fast * 0.6, fast * 0.8]], [cls, cls])
+        agents = tracking.track_window([frame])
+        order = np.argsort(agents.boxes[:, 0])[::-1]  # the slow one (x = 5) first
+        np.testing.assert_allclose(agents.velocity[order], [[0.0, 0.0], [-fast * 0.6, fast * 0.8]])
+        np.testing.assert_allclose(agents.motion_past()[order[0]], [[5.0, 0.0]])  # a standing agent's past is its place
+    # The rule reads the fitted velocity: earlier detections that move the car 1.5 m/s lift a 0.5 m/s regression.
+    frames = [_frame([[1.5 * 0.5 * k, 0.0]], [[0.5, 0.0]], [CAR]) for k in range(3)]
+    moving = tracking.track_window(frames).velocity[0, 0]
+    assert tracking.VELOCITY_ERROR_MPS["vehicle"] < moving < 1.5
+    np.testing.assert_allclose(tracking.standing_still(np.array([[0.6, 0.0]]), np.array([CAR])), [[0.0, 0.0]])
+
+
 def test_a_stray_earlier_detection_moves_the_velocity_less_than_it_moves_a_difference():
     # A pedestrian walking 1.5 m/s along y, its t-1 s detection 0.4 m off: the second-order difference the
     # trajectory head would take from raw detections errs by 0.4 m/s, the fitted velocity by less.
