@@ -523,6 +523,7 @@ class Forecaster:
                 heatmaps, regressions = torch.cat([past[0], heatmaps], 1), torch.cat([past[1], regressions], 1)
         return heatmaps, regressions
 
+    @torch.no_grad()
     def track(
         self,
         batch: torch_dataset.WindowBatch,
@@ -531,8 +532,15 @@ class Forecaster:
     ) -> list[tracking.TrackedAgents]:
         """The agents of each window, tracked from the model's own detections on its input keyframes.
 
+        Vehicle boxes are then aligned to the dense occupancy at t0 (``tracking.align_to_occupancy``); without
+        ``scene`` the t0 step alone is decoded for it.
+
         Args: as ``keyframe_detections``.
         """
+        own = self.encode_frames(batch) if own is None else own
+        if scene is None:
+            scene = self.net.scene(batch, None, own, decode=(0,))
+        present = self.net.occupancy_probability(scene.occupancy_logits[:, 0]).cpu().numpy()  # [B, C, H, W]
         heatmaps, regressions = self.keyframe_detections(batch, own, scene)
         p = heatmaps.shape[1]
         grid = self.net.detection.grid
@@ -546,7 +554,10 @@ class Forecaster:
             frames = [
                 tracking.FrameDetections.in_t0_frame(decoded[k].for_sample(b), t0_from_ego[b, k]) for k in range(p)
             ]
-            result.append(self._stream_ids(batch, b, tracking.track_window(frames, self.min_score)))
+            agents = tracking.align_to_occupancy(
+                tracking.track_window(frames, self.min_score), present[b], self.net.config.grid
+            )
+            result.append(self._stream_ids(batch, b, agents))
         return result
 
     def _stream_ids(

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from bevjepa.datasets import geometry
 from bevjepa.prediction import heads, tracking
 
 CAR, PEDESTRIAN = 0, 1
@@ -150,6 +151,44 @@ def test_non_finite_detections_are_refused():
         _frame([[float("nan"), 0.0]], [[0, 0]], [CAR])
     with pytest.raises(ValueError, match=r"FrameDetections.velocity: expected an array of shape \(1, 2\)"):
         tracking.FrameDetections(np.zeros((1, 7)), np.zeros((2, 2)), np.ones(1), np.zeros(1, dtype=np.int64))
+
+
+GRID = geometry.GridSpec(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.0, resolution_m=0.5)
+
+
+def _occupied(box_xy, cls, size=(1.9, 4.5), yaw=0.0) -> np.ndarray:
+    """[3, H, W] probability 0.9 on the cells whose centres lie inside a box at ``box_xy``, 0.05 elsewhere."""
+    rows, cols = np.arange(GRID.shape[0]), np.arange(GRID.shape[1])
+    x, y = GRID.index_to_center_coords(rows[:, None], cols[None, :])
+    dx, dy = x - box_xy[0], y - box_xy[1]
+    u, v = dx * math.cos(yaw) + dy * math.sin(yaw), dy * math.cos(yaw) - dx * math.sin(yaw)
+    occupancy = np.full((3, *GRID.shape), 0.05)
+    occupancy[cls][(np.abs(u) <= size[1] / 2) & (np.abs(v) <= size[0] / 2)] = 0.9
+    return occupancy
+
+
+def test_vehicle_boxes_move_onto_the_dense_occupancy_by_at_most_one_cell():
+    yaw = 0.3
+    truth = np.array([4.1, -2.3])
+    occupancy = _occupied(truth, CAR, yaw=yaw) + _occupied([-6.0, 6.0], PEDESTRIAN, size=(0.7, 0.7)) - 0.05
+    frame = _frame([truth + [0.5, -0.25], [-6.5, 6.0], [10.0, 10.0]], np.zeros((3, 2)), [CAR, PEDESTRIAN, CAR])
+    frame = tracking.FrameDetections(
+        np.concatenate([frame.boxes[:, :6], np.full((3, 1), yaw)], axis=1), frame.velocity, frame.scores, frame.classes
+    )
+    agents = tracking.track_window([frame])
+    aligned = tracking.align_to_occupancy(agents, occupancy, GRID)
+    by_x = {round(float(x)): a for a, x in enumerate(agents.boxes[:, 0])}  # 5: the car, -6: the pedestrian, 10
+    np.testing.assert_allclose(aligned.boxes[by_x[5], :2], truth)  # 0.5 and 0.25 m back onto the occupied cells
+    np.testing.assert_allclose(aligned.boxes[by_x[-6], :2], [-6.5, 6.0])  # pedestrians stay where detected
+    np.testing.assert_allclose(aligned.boxes[by_x[10], :2], [10.0, 10.0])  # nothing occupied near it: a tie
+    np.testing.assert_array_equal(aligned.boxes[:, 2:], agents.boxes[:, 2:])
+    np.testing.assert_array_equal(aligned.velocity, agents.velocity)
+    # A car 3 m from the occupied cells moves one cell at most, toward them.
+    far = tracking.track_window([_frame([truth + [3.0, 0.0]], np.zeros((1, 2)), [CAR])])
+    moved = tracking.align_to_occupancy(far, _occupied(truth, CAR), GRID).boxes[0, :2] - far.boxes[0, :2]
+    assert -GRID.resolution_m <= moved[0] < 0.0 and moved[1] == 0.0
+    with pytest.raises(ValueError, match="occupancy"):
+        tracking.align_to_occupancy(agents, occupancy[:2], GRID)
 
 
 def test_a_stream_keeps_ids_for_agents_that_continue_and_gives_new_ids_to_the_rest():
