@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from bevjepa.datasets import categories, geometry
+from bevjepa.datasets import categories, geometry, rasterize
 from bevjepa.prediction import heads
 
 KEYFRAME_S = 0.5
@@ -266,10 +266,10 @@ def align_to_occupancy(
     """The agents with each t0 box of ``classes`` moved to where the dense occupancy at t0 covers it best.
 
     A box may move by up to one cell of ``grid`` along x and along y, in half-cell steps (25 candidates); the
-    candidate whose cells (centres inside the box) hold the highest mean probability of the agent's class wins,
-    the unmoved box first among equals. The detection head places a centre from a 1 m map with a regressed offset;
-    the dense map is decoded at the target's own 0.5 m, and on windows the model never trained on it places
-    vehicles better. Size, heading, velocity and the past detections stay as tracked.
+    candidate whose cells (``rasterize.box_cells``, as the targets are drawn) hold the highest mean probability of
+    the agent's class wins, the unmoved box first among equals. The detection head places a centre from a 1 m map
+    with a regressed offset; the dense map is decoded at the target's own 0.5 m, and on windows the model never
+    trained on it places vehicles better. Size, heading, velocity and the past detections stay as tracked.
 
     Args:
         agents: tracks in the t0 ego frame.
@@ -291,32 +291,19 @@ def align_to_occupancy(
     if not len(moving):
         return agents
     boxes = agents.boxes[moving]  # [M, 7]
-    res = grid.resolution_m
-    steps = np.arange(-2, 3) * (res / 2)
+    steps = np.arange(-2, 3) * (grid.resolution_m / 2)
     shifts = np.stack(np.meshgrid(steps, steps, indexing="ij"), axis=-1).reshape(-1, 2)  # [S, 2]
     shifts = shifts[np.argsort(np.abs(shifts).sum(axis=1), kind="stable")]  # the unmoved box first
-    half = int(np.ceil((np.hypot(boxes[:, 3], boxes[:, 4]).max() / 2 + res) / res))  # cells around the centre
-    offsets = np.arange(-half, half + 1)  # [K]
-    rows0, cols0, _ = grid.xy_to_index(boxes[:, :2])  # [M]
-    rows = rows0[:, None, None] + offsets[None, :, None]  # [M, K, 1]
-    cols = cols0[:, None, None] + offsets[None, None, :]  # [M, 1, K]
-    h, w = grid.shape
-    valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # [M, K, K]
-    probability = np.where(
-        valid, occupancy[agents.classes[moving][:, None, None], rows.clip(0, h - 1), cols.clip(0, w - 1)], 0.0
-    )  # [M, K, K]
-    x, y = grid.index_to_center_coords(rows, cols)  # [M, K, 1], [M, 1, K]
-    dx = x[:, None] - (boxes[:, None, None, None, 0] + shifts[None, :, None, None, 0])  # [M, S, K, 1]
-    dy = y[:, None] - (boxes[:, None, None, None, 1] + shifts[None, :, None, None, 1])  # [M, S, 1, K]
-    cos, sin = (f(boxes[:, 6])[:, None, None, None] for f in (np.cos, np.sin))
-    inside = (
-        (np.abs(dx * cos + dy * sin) <= boxes[:, 4, None, None, None] / 2)
-        & (np.abs(dy * cos - dx * sin) <= boxes[:, 3, None, None, None] / 2)
-        & valid[:, None]
-    )  # [M, S, K, K]
-    mean = (inside * probability[:, None]).sum(axis=(2, 3)) / np.maximum(inside.sum(axis=(2, 3)), 1)  # [M, S]
-    moved = agents.boxes.copy()
+    m, s = len(moving), len(shifts)
+    centres = (boxes[:, None, :2] + shifts[None]).reshape(-1, 2)  # [M * S, 2] every candidate, box-major
+    candidate, rows, cols = rasterize.box_cells(
+        grid, centres, np.repeat(boxes[:, 3:5], s, axis=0), np.repeat(boxes[:, 6], s)
+    )  # the cells each candidate covers, as the targets are rasterized
+    probability = occupancy[agents.classes[moving][candidate // s], rows, cols]  # [P]
+    covered = np.bincount(candidate, minlength=m * s).reshape(m, s)
+    mean = np.bincount(candidate, weights=probability, minlength=m * s).reshape(m, s) / np.maximum(covered, 1)
     best = np.argmax(mean >= mean.max(axis=1, keepdims=True) - 1e-9, axis=1)  # the first of the (rounding-)equal best
+    moved = agents.boxes.copy()
     moved[moving, :2] += shifts[best]
     return replace(agents, boxes=moved)
 

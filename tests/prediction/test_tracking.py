@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bevjepa.datasets import geometry
+from bevjepa.datasets import geometry, rasterize
 from bevjepa.prediction import heads, tracking
 
 CAR, PEDESTRIAN = 0, 1
@@ -157,14 +157,11 @@ GRID = geometry.GridSpec(x_min_m=-16.0, x_max_m=16.0, y_min_m=-16.0, y_max_m=16.
 
 
 def _occupied(box_xy, cls, size=(1.9, 4.5), yaw=0.0) -> np.ndarray:
-    """[3, H, W] probability 0.9 on the cells whose centres lie inside a box at ``box_xy``, 0.05 elsewhere."""
-    rows, cols = np.arange(GRID.shape[0]), np.arange(GRID.shape[1])
-    x, y = GRID.index_to_center_coords(rows[:, None], cols[None, :])
-    dx, dy = x - box_xy[0], y - box_xy[1]
-    u, v = dx * math.cos(yaw) + dy * math.sin(yaw), dy * math.cos(yaw) - dx * math.sin(yaw)
-    occupancy = np.full((3, *GRID.shape), 0.05)
-    occupancy[cls][(np.abs(u) <= size[1] / 2) & (np.abs(v) <= size[0] / 2)] = 0.9
-    return occupancy
+    """[3, H, W] probability 0.9 on the cells a box at ``box_xy`` covers, 0.05 elsewhere."""
+    covered, _ = rasterize.rasterize_boxes(
+        GRID, np.array([box_xy], dtype=np.float64), np.array([size]), np.array([yaw]), np.array([cls]), 3
+    )
+    return np.where(covered, 0.9, 0.05)
 
 
 def test_vehicle_boxes_move_onto_the_dense_occupancy_by_at_most_one_cell():
