@@ -574,8 +574,8 @@ def _model_outputs(
 ) -> tuple[torch_dataset.WindowBatch, list[_Predicted] | None]:
     """The samples' batch and, with a model or the direct baseline, what each predicted.
 
-    The model forecasts twice, from its tracks and from the annotated agents, encoding the keyframes once (its
-    frame cache).
+    The model forecasts twice, from its tracks and from the annotated agents, predicting the scene once for both
+    (``Forecaster.scene``).
     """
     batch = torch_dataset.collate(samples)
     if model is None and direct is None:
@@ -583,9 +583,11 @@ def _model_outputs(
     none: list = [None] * batch.batch_size
     forecasts, tracks, annotated = none, none, none
     if model is not None:
-        tracks = model.track(batch.to(model.device))
-        forecasts = model.forecast_batch(batch, tracks=tracks)
-        annotated = model.using("annotated").forecast_batch(batch)
+        on_device = batch.to(model.device)
+        scene = model.scene(on_device)
+        tracks = model.track(on_device, scene=scene)
+        forecasts = model.forecast_batch(on_device, tracks=tracks, scene=scene)
+        annotated = model.using("annotated").forecast_batch(on_device, scene=scene)
     maps: list = none
     if direct is not None:
         maps = [forecast.latent_occupancy for forecast in direct.forecast_batch(batch)]  # [S, C, H, W] each

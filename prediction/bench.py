@@ -326,6 +326,70 @@ def training_throughput(data: Path, preset: str = "small", steps: int = 30, sens
 
 
 @torch.no_grad()
+def evaluation_pass(
+    data: Path,
+    preset: str = "small",
+    run: Path | None = None,
+    windows: int = 12,
+    batch_size: int = 4,
+    threads: int = 2,
+) -> dict:
+    """Milliseconds per window of what ``bevjepa eval`` asks of the model on each batch, the scene shared or not.
+
+    The evaluation tracks the agents of a batch, forecasts the tracks and forecasts the annotated agents. Shared:
+    the scene is predicted once (``Forecaster.scene``) and handed to all three, as ``bevjepa eval`` does. Each its
+    own: each call predicts the scene again (the tracker decoding t0 alone), as it did before. Both alternate on
+    the same batches of ``windows`` windows (the first batch of each is a warm-up, left out), each with its own
+    frame cache (so every keyframe is encoded once either way), and their forecasts must be the same
+    (``max_occupancy_diff``). Untrained ``preset`` weights, or the model of ``run``.
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = model.BevJepa(experiment_config.preset(preset).model) if run is None else checkpoint.load_model(run)[1]
+    net = net.eval()
+    dataset = torch_dataset.WindowDataset(data, cameras=net.config.use_camera)
+    count = min(windows + batch_size, len(dataset))
+    batches = [
+        torch_dataset.collate([dataset[i] for i in range(first, min(first + batch_size, count))])
+        for first in range(0, count, batch_size)
+    ]
+
+    def each_its_own(model_: forecaster.Forecaster, batch: torch_dataset.WindowBatch) -> list:
+        tracks = model_.track(batch)
+        return model_.forecast_batch(batch, tracks=tracks) + model_.using("annotated").forecast_batch(batch)
+
+    def shared(model_: forecaster.Forecaster, batch: torch_dataset.WindowBatch) -> list:
+        scene = model_.scene(batch)
+        tracks = model_.track(batch, scene=scene)
+        forecasts = model_.forecast_batch(batch, tracks=tracks, scene=scene)
+        return forecasts + model_.using("annotated").forecast_batch(batch, scene=scene)
+
+    paths = {"each_its_own": each_its_own, "shared": shared}
+    forecasters = {name: forecaster.Forecaster(net, cache_frames=8 * batch_size) for name in paths}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    difference = 0.0
+    for index, batch in enumerate(batches):
+        outputs = {}
+        for name, path in paths.items():
+            start = time.perf_counter()
+            outputs[name] = path(forecasters[name], batch)
+            if index > 0:
+                times[name].append(1e3 * (time.perf_counter() - start) / batch.batch_size)
+        for before, now in zip(outputs["each_its_own"], outputs["shared"], strict=True):
+            difference = max(difference, float(np.abs(before.occupancy - now.occupancy).max()))
+    ms = {f"{name}_ms_per_window": float(np.median(spent)) for name, spent in times.items()}
+    return {
+        "model": preset if run is None else str(run),
+        "threads": threads,
+        "windows": sum(batch.batch_size for batch in batches[1:]),
+        "batch_size": batch_size,
+        **ms,
+        "speedup": ms["each_its_own_ms_per_window"] / ms["shared_ms_per_window"],
+        "max_occupancy_diff": difference,
+    }
+
+
+@torch.no_grad()
 def stream_latency(
     data: Path,
     preset: str = "small",

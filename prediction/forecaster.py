@@ -524,6 +524,16 @@ class Forecaster:
         return heatmaps, regressions
 
     @torch.no_grad()
+    def scene(self, batch: torch_dataset.WindowBatch) -> model.SceneOutput:
+        """The windows' scene: encoded (through the frame cache), rolled out under the ego's motion, every step decoded.
+
+        ``track`` and ``forecast_batch`` take it, so that scoring the tracked and the annotated agents of the same
+        windows (``bevjepa eval``) predicts the scene once, not once per call. It reads no agent.
+        """
+        batch = batch.to(self.device)
+        return self.net.scene(batch, None, self.encode_frames(batch))
+
+    @torch.no_grad()
     def track(
         self,
         batch: torch_dataset.WindowBatch,
@@ -537,7 +547,8 @@ class Forecaster:
 
         Args: as ``keyframe_detections``.
         """
-        own = self.encode_frames(batch) if own is None else own
+        if own is None:
+            own = self.encode_frames(batch) if scene is None else scene.own
         if scene is None:
             scene = self.net.scene(batch, None, own, decode=(0,))
         present = self.net.occupancy_probability(scene.occupancy_logits[:, 0]).cpu().numpy()  # [B, C, H, W]
@@ -589,24 +600,39 @@ class Forecaster:
         batch: torch_dataset.WindowBatch,
         actions: torch.Tensor | None = None,
         tracks: list[tracking.TrackedAgents] | None = None,
+        scene: model.SceneOutput | None = None,
     ) -> list[OccupancyForecast]:
         """Forecasts for every window of a batch; ``actions`` [B, F, 3] overrides the ego's future motion.
 
         A window without agents gets a forecast without agents (see ``OccupancyForecast``). ``tracks`` gives the
-        windows' tracked agents when ``track`` already ran (tracked agents only); None tracks them here.
+        windows' tracked agents when ``track`` already ran (tracked agents only); None tracks them here. ``scene``
+        gives the batch's ``Forecaster.scene`` when already predicted (under the ego's own motion, so not with
+        ``actions``); None predicts it here.
 
         Raises:
             ValueError: (annotated agents) an agent with a non-finite t0 box or past position, or a class out of
-                range (``check_agent_inputs``); non-finite ``actions``.
+                range (``check_agent_inputs``); non-finite ``actions``; a ``scene`` with ``actions``, of another
+                batch size or with steps left undecoded, or on the reference path.
         """
         if actions is not None and not bool(torch.isfinite(actions).all()):
             raise ValueError("forecast_batch: actions (dx, dy, dyaw per 0.5 s step) must be finite")
         if tracks is not None and (self.agents != "tracked" or len(tracks) != batch.batch_size):
             raise ValueError(f"forecast_batch: tracks are for tracked agents, one per window ({batch.batch_size})")
+        if scene is not None and (
+            actions is not None
+            or self.reference
+            or scene.decoded is not None
+            or scene.latent.shape[0] != batch.batch_size
+        ):
+            raise ValueError(
+                f"forecast_batch: scene must be this batch's Forecaster.scene ({batch.batch_size} windows, every "
+                "step decoded, the ego's own motion: no actions), and the reference path predicts its own"
+            )
         batch = batch.to(self.device)
-        own = self.encode_frames(batch)
+        own = self.encode_frames(batch) if scene is None else scene.own
         scores: list[np.ndarray | None] = [None] * batch.batch_size
-        scene = None if self.reference else self.net.scene(batch, actions, own)
+        if scene is None and not self.reference:
+            scene = self.net.scene(batch, actions, own)
         if self.agents == "tracked":
             tracked = self.track(batch, own, scene) if tracks is None else tracks
             batch = with_agents(batch, tracked)

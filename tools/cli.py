@@ -249,6 +249,13 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.data:
             raise ValueError("bench training needs --data (a `bevjepa preprocess` output)")
         print(bevio.format_report(model_bench.decoded_steps_speed(Path(args.data), args.config, args.sensors)))
+    elif args.what == "evaluation":
+        from bevjepa.prediction import bench as model_bench
+
+        if not args.data:
+            raise ValueError("bench evaluation needs --data (a `bevjepa preprocess` output)")
+        run = None if args.checkpoint is None else Path(args.checkpoint)
+        print(bevio.format_report(model_bench.evaluation_pass(Path(args.data), args.config, run=run)))
     elif args.what == "closed-loop":
         from bevjepa.evaluation.closed_loop import runner
 
@@ -485,9 +492,11 @@ def _add_inspect_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
 def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bevjepa bench`` to ``commands``."""
     bench = commands.add_parser("bench", help="measure throughput (simulator, sensors, preprocessing)")
-    bench.add_argument("what", choices=["lidar", "cameras", "synth", "preprocess", "model", "training", "closed-loop"])
+    bench.add_argument(
+        "what", choices=["lidar", "cameras", "synth", "preprocess", "model", "training", "evaluation", "closed-loop"]
+    )
     bench.add_argument("--suite", default="ci", help="suite to time (closed-loop; default the shipped ci suite)")
-    bench.add_argument("--data", default=None, help="windows to time the model on (model, training)")
+    bench.add_argument("--data", default=None, help="windows to time the model on (model, training, evaluation)")
     bench.add_argument(
         "--sensors",
         default="lidar",
@@ -495,7 +504,9 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="the world model's inputs (training; default lidar, as the 30-minute runs)",
     )
     bench.add_argument(
-        "--checkpoint", default=None, help="a trained run whose forecasts to time (model; default: untrained weights)"
+        "--checkpoint",
+        default=None,
+        help="a trained run whose forecasts to time (model, evaluation; default: untrained weights)",
     )
     bench.add_argument(
         "--baseline-checkpoint",

@@ -111,6 +111,21 @@ def test_the_latency_bench_times_sensor_only_forecasts_of_a_trained_run(
     assert result["cold_over_baseline"] == pytest.approx(result["cold_ms"] / result["baseline_cold_ms"])
 
 
+def test_the_evaluation_bench_shares_one_scene_and_forecasts_the_same(synthetic_windows, tiny_checkpoint, capsys):
+    from bevjepa.prediction import bench
+    from bevjepa.tools import cli
+
+    # The evaluation's three calls on each batch (tracks, their forecast, the annotated agents' forecast), each
+    # predicting its own scene or sharing one: the same forecasts, and a time for each.
+    result = bench.evaluation_pass(synthetic_windows, run=tiny_checkpoint, windows=2, batch_size=2, threads=1)
+    assert result["model"] == str(tiny_checkpoint) and result["windows"] == 2
+    assert result["each_its_own_ms_per_window"] > 0 and result["shared_ms_per_window"] > 0
+    assert result["speedup"] == pytest.approx(result["each_its_own_ms_per_window"] / result["shared_ms_per_window"])
+    assert result["max_occupancy_diff"] < 1e-5
+    assert cli.main(["bench", "evaluation"]) == 2
+    assert "bench evaluation needs --data" in capsys.readouterr().err
+
+
 def test_the_model_bench_names_a_missing_gpu(synthetic_windows, capsys):
     from bevjepa.tools import cli
 
@@ -169,3 +184,13 @@ def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
         model.forecast_batch(batch, tracks=[])
     with pytest.raises(ValueError, match="tracks are for tracked agents"):
         model.using("annotated").forecast_batch(batch, tracks=model.track(batch))
+    # A shared scene must be this batch's, every step decoded, under the ego's own motion.
+    scene = model.scene(batch)
+    two = torch_dataset.collate([dataset[0].sensors_only(), dataset[1].sensors_only()])
+    t0_only = model.net.scene(batch, None, scene.own, decode=(0,))
+    actions = torch.zeros(1, scene.rollout.shape[1], 3)
+    for bad_batch, bad_scene, bad_actions in ((two, scene, None), (batch, t0_only, None), (batch, scene, actions)):
+        with pytest.raises(ValueError, match="scene must be this batch's Forecaster.scene"):
+            model.forecast_batch(bad_batch, bad_actions, scene=bad_scene)
+    shared = model.forecast_batch(batch, scene=scene)[0]
+    assert shared.occupancy.shape == model.forecast_batch(batch)[0].occupancy.shape
