@@ -416,7 +416,12 @@ class Forecaster:
     With ``cache_frames`` > 0 the forecaster keeps the encoded latents of the last ``cache_frames`` keyframes
     (by scene and sample token, ``WindowSample.frame_tokens``), so a stream of forecasts, each over the last P
     keyframes, encodes every keyframe once: a new forecast pays for one frame's cameras and LiDAR instead of P.
-    The result is the same as without the cache (a frame's own-frame latent does not depend on t0).
+    The latents are the same as without the cache (a frame's own-frame latent does not depend on t0). It keeps
+    each keyframe's detection too, from the forecast where that keyframe was the present, and the tracker of a
+    later forecast reads it there instead of detecting the keyframe again (CenterPoint's streaming: each frame
+    detected once). That detection fused the keyframe's whole history, where a window's earlier keyframes, detected
+    from the window's own frames, have the oldest one standing in for those before it; so over a stream the
+    tracks differ from cold forecasts': their earlier detections see as much as the present's.
 
     Each forecast encodes, rolls out and decodes the scene once (``BevJepa.scene``): its t0 detection feeds the
     tracker, which decodes only the earlier keyframes' detections (in one batched pass, coarse decoder levels
@@ -451,6 +456,8 @@ class Forecaster:
         self.min_score = min_score
         self.reference = reference
         self._cache: OrderedDict[tuple[str, str], model.FrameEncoding] = OrderedDict()
+        # Each keyframe's detection from the forecast where it was the present: heat-map logits and regressions.
+        self._detections: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._streams: OrderedDict[str, tuple[str, tracking.StreamTracker]] = OrderedDict()
 
     @staticmethod
@@ -467,12 +474,9 @@ class Forecaster:
 
     def encode_frames(self, batch: torch_dataset.WindowBatch) -> model.FrameEncoding:
         """The input frames' own-frame encodings (P frames), encoding only those not in the cache."""
-        if self.cache_frames <= 0 or not batch.frame_tokens or not all(batch.frame_tokens):
+        keys = self._frame_keys(batch)
+        if keys is None:
             return self.net.encoder.encode_frames(model.SensorFrames.past(batch))
-        keys = [
-            [(scene, token) for token in tokens]
-            for scene, tokens in zip(batch.scene_names, batch.frame_tokens, strict=True)
-        ]
         missing = sorted({p for row in keys for p, key in enumerate(row) if key not in self._cache})
         if missing:
             frames = model.SensorFrames.past(batch)
@@ -492,6 +496,15 @@ class Forecaster:
             self._cache.popitem(last=False)
         return own
 
+    def _frame_keys(self, batch: torch_dataset.WindowBatch) -> list[list[tuple[str, str]]] | None:
+        """Each window's keyframes as (scene, token), oldest first; None without a cache or without every token."""
+        if self.cache_frames <= 0 or not batch.frame_tokens or not all(batch.frame_tokens):
+            return None
+        return [
+            [(scene, token) for token in tokens]
+            for scene, tokens in zip(batch.scene_names, batch.frame_tokens, strict=True)
+        ]
+
     def keyframe_detections(
         self,
         batch: torch_dataset.WindowBatch,
@@ -506,6 +519,9 @@ class Forecaster:
             scene: the windows' scene when already predicted: its t0 detection is used, and only the earlier
                 keyframes are decoded here.
 
+        With the cache (``cache_frames``), each window's present detection is kept, and an earlier keyframe kept
+        from the forecast where it was the present (this batch's windows included) is read, not detected again.
+
         Returns:
             heat-map logits [B, P, classes, h, w] and regressions [B, P, 10, h, w] (``BevJepa.detect_frames``).
         """
@@ -513,15 +529,42 @@ class Forecaster:
         p = batch.t0_from_ego.shape[1]
         if self.reference:  # as before the speed work: a full decoder pass per keyframe, t0 included
             passes = [self.net.detect_frames(own, batch.t0_from_ego, [k], finest=0) for k in range(p)]
-            heatmaps, regressions = (torch.cat(parts, dim=1) for parts in zip(*passes, strict=True))
-        elif scene is None:
-            heatmaps, regressions = self.net.detect_frames(own, batch.t0_from_ego, list(range(p)))
-        else:
-            heatmaps, regressions = scene.heatmap_logits[:, None], scene.regression[:, None]  # [B, 1, ...]
-            if p > 1:
-                past = self.net.detect_frames(own, batch.t0_from_ego, list(range(p - 1)))
-                heatmaps, regressions = torch.cat([past[0], heatmaps], 1), torch.cat([past[1], regressions], 1)
-        return heatmaps, regressions
+            return tuple(torch.cat(parts, dim=1) for parts in zip(*passes, strict=True))
+        keys = self._frame_keys(batch)
+        present = None if scene is None else (scene.heatmap_logits, scene.regression)  # [B, ...] each
+        if present is not None and keys is None:  # no stream: the earlier keyframes from the window's frames
+            if p == 1:
+                return present[0][:, None], present[1][:, None]
+            past = self.net.detect_frames(own, batch.t0_from_ego, list(range(p - 1)))
+            return torch.cat([past[0], present[0][:, None]], 1), torch.cat([past[1], present[1][:, None]], 1)
+        if keys is None:
+            return self.net.detect_frames(own, batch.t0_from_ego, list(range(p)))
+        # A stream: the present first (kept for later windows, this batch's too), then what the cache lacks.
+        presents = {row[-1] for row in keys}
+        wanted = sorted(
+            {k for row in keys for k, key in enumerate(row[:-1]) if key not in self._detections and key not in presents}
+        )
+        if present is None:
+            wanted.append(p - 1)
+        detected = self.net.detect_frames(own, batch.t0_from_ego, wanted) if wanted else None  # [B, n, ...] each
+        if present is None:
+            present = (detected[0][:, -1], detected[1][:, -1])
+        for b, row in enumerate(keys):
+            self._detections[row[-1]] = (present[0][b], present[1][b])
+            self._detections.move_to_end(row[-1])
+        columns = {k: i for i, k in enumerate(wanted)}
+        heatmaps, regressions = [], []
+        for b, row in enumerate(keys):  # B windows × P keyframes: which copy each reads
+            cached = [self._detections.get(key) if k < p - 1 else None for k, key in enumerate(row)]
+            pick = [
+                cached[k] if cached[k] is not None else (detected[0][b, columns[k]], detected[1][b, columns[k]])
+                for k in range(p - 1)
+            ] + [(present[0][b], present[1][b])]
+            heatmaps.append(torch.stack([h for h, _ in pick]))
+            regressions.append(torch.stack([r for _, r in pick]))
+        while len(self._detections) > max(self.cache_frames, p * len(keys)):
+            self._detections.popitem(last=False)
+        return torch.stack(heatmaps), torch.stack(regressions)
 
     @torch.no_grad()
     def scene(self, batch: torch_dataset.WindowBatch) -> model.SceneOutput:
@@ -591,7 +634,7 @@ class Forecaster:
         Scoring both kinds of agent on the same windows then encodes each keyframe once.
         """
         other = Forecaster(self.net, self.device, self.cache_frames, agents, self.min_score, self.reference)
-        other._cache = self._cache
+        other._cache, other._detections = self._cache, self._detections
         return other
 
     @torch.no_grad()

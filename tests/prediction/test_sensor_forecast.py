@@ -146,9 +146,10 @@ def test_the_shared_scene_pass_forecasts_what_the_reference_path_does(dataset, t
     """
     from bevjepa.prediction import bench
 
-    # min_score 0: every detection of the one-step model becomes a track, so a changed score would show.
-    now = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0, cache_frames=8)
-    before = forecaster.Forecaster(now.net, min_score=0.0, cache_frames=8, reference=True)
+    # min_score 0: every detection of the one-step model becomes a track, so a changed score would show. No frame
+    # cache: over a stream the current path reads earlier keyframes' detections from earlier forecasts.
+    now = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0)
+    before = forecaster.Forecaster(now.net, min_score=0.0, reference=True)
     stream = [
         dataset[i].sensors_only()
         for i in range(len(dataset))
@@ -173,6 +174,32 @@ def test_the_shared_scene_pass_forecasts_what_the_reference_path_does(dataset, t
         np.testing.assert_array_equal(current.agent_scores, reference.agent_scores)
         np.testing.assert_allclose(current.trajectories, reference.trajectories, atol=1e-3)  # m
         np.testing.assert_allclose(current.occupancy, reference.occupancy, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_stream_detects_each_keyframe_once_when_it_is_the_present(dataset, tiny_checkpoint):
+    first, second = (dataset[i].sensors_only() for i in (0, 1))
+    assert first.scene_name == second.scene_name and second.frame_tokens[-2] == first.frame_tokens[-1]
+    streaming = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, cache_frames=16)
+    batches = [torch_dataset.collate([window]) for window in (first, second)]
+    (heat0, regression0), (heat1, regression1) = (
+        streaming.keyframe_detections(batch, scene=streaming.scene(batch)) for batch in batches
+    )
+    # The second window's previous keyframe is read as detected when it was the first window's present.
+    torch.testing.assert_close(heat1[:, -2], heat0[:, -1], rtol=0.0, atol=0.0)
+    torch.testing.assert_close(regression1[:, -2], regression0[:, -1], rtol=0.0, atol=0.0)
+    # Cold, it would be detected again from the second window's own frames (the oldest standing in for the one
+    # before it): the same encodings, another detection.
+    own = streaming.encode_frames(batches[1])  # cached: the very latents the stream used
+    heat_cold, _ = streaming.net.detect_frames(own, batches[1].t0_from_ego, [heat1.shape[1] - 2])
+    assert float((heat_cold[:, 0] - heat1[:, -2]).abs().max()) > 1e-4
+    # Both windows in one batch read the same detections as one after the other.
+    together = forecaster.Forecaster(streaming.net, cache_frames=16)
+    both = torch_dataset.collate([first, second])
+    heat_both, regression_both = together.keyframe_detections(both, scene=together.scene(both))
+    torch.testing.assert_close(heat_both[1], heat1[0], rtol=0.0, atol=1e-3)  # float noise of batching
+    torch.testing.assert_close(regression_both[1], regression1[0], rtol=0.0, atol=1e-3)
+    assert len(together._detections) == 2  # each present kept once
 
 
 def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
