@@ -554,11 +554,12 @@ class Forecaster:
             self._detections.move_to_end(row[-1])
         columns = {k: i for i, k in enumerate(wanted)}
         heatmaps, regressions = [], []
-        for b, row in enumerate(keys):  # B windows × P keyframes: which copy each reads
-            cached = [self._detections.get(key) if k < p - 1 else None for k, key in enumerate(row)]
+        for b, row in enumerate(keys):  # B windows × P keyframes: the kept copy, else the one just detected
             pick = [
-                cached[k] if cached[k] is not None else (detected[0][b, columns[k]], detected[1][b, columns[k]])
-                for k in range(p - 1)
+                self._detections[key]
+                if key in self._detections
+                else (detected[0][b, columns[k]], detected[1][b, columns[k]])
+                for k, key in enumerate(row[:-1])
             ] + [(present[0][b], present[1][b])]
             heatmaps.append(torch.stack([h for h, _ in pick]))
             regressions.append(torch.stack([r for _, r in pick]))

@@ -219,5 +219,7 @@ def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
     for bad_batch, bad_scene, bad_actions in ((two, scene, None), (batch, t0_only, None), (batch, scene, actions)):
         with pytest.raises(ValueError, match="scene must be this batch's Forecaster.scene"):
             model.forecast_batch(bad_batch, bad_actions, scene=bad_scene)
+    with pytest.raises(ValueError, match="the reference path predicts its own"):
+        forecaster.Forecaster(model.net, reference=True).forecast_batch(batch, scene=scene)
     shared = model.forecast_batch(batch, scene=scene)[0]
     assert shared.occupancy.shape == model.forecast_batch(batch)[0].occupancy.shape
