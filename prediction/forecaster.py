@@ -754,7 +754,7 @@ def with_agents(batch: torch_dataset.WindowBatch, agents: list[tracking.TrackedA
         n = tracked.count
         box[i, :n] = torch.as_tensor(tracked.boxes, dtype=torch.float32)
         velocity[i, :n] = torch.as_tensor(tracked.velocity, dtype=torch.float32)
-        past[i, :n] = torch.as_tensor(tracked.motion_past(), dtype=torch.float32)
+        past[i, :n] = torch.as_tensor(tracked.motion_past(p), dtype=torch.float32)
         past_mask[i, :n] = True
         classes[i, :n] = torch.as_tensor(tracked.classes)
     counts = torch.tensor([a.count for a in agents])

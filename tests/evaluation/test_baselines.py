@@ -123,6 +123,7 @@ def test_constant_velocity_tracked_moves_tracks_as_the_oracle_moves_boxes(synthe
         scores=np.ones(a),
         past=np.zeros((a, 3, 2)),
         past_mask=np.ones((a, 3), dtype=bool),
+        detected_velocity=velocity,
     )
     occupancy, ids = baselines.constant_velocity_tracked(tracks, grid, 3, 4)
     oracle, oracle_ids = baselines.constant_velocity_occupancy_instances(

@@ -97,6 +97,7 @@ def test_tracks_go_to_the_global_frame_with_their_ids():
         scores=np.array([0.9, 0.4]),
         past=np.zeros((2, 3, 2)),
         past_mask=np.ones((2, 3), dtype=bool),
+        detected_velocity=np.array([[3.0, 0.0], [0.0, 0.0]]),
     )
     pose = np.eye(4)
     pose[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]  # the ego faces global +y

@@ -54,7 +54,7 @@ def test_the_track_velocity_weighs_the_earlier_detections_against_the_regressed_
         [_frame(np.zeros((0, 2)), np.zeros((0, 2)), []), _frame([[3.0, 1.0]], [[2, 0]], [CAR])]
     )
     np.testing.assert_allclose(alone.velocity, [[2, 0]])
-    np.testing.assert_allclose(alone.motion_past(), [[[2, 1], [3, 1]]])
+    np.testing.assert_allclose(alone.motion_past(2), [[[2, 1], [3, 1]]])
     assert alone.past_mask.tolist() == [[False, True]]  # the detections themselves stay as they were
 
 
@@ -67,7 +67,9 @@ def test_a_track_slower_than_its_class_velocity_error_stands_still():
         agents = tracking.track_window([frame])
         order = np.argsort(agents.boxes[:, 0])[::-1]  # the slow one (x = 5) first
         np.testing.assert_allclose(agents.velocity[order], [[0.0, 0.0], [-fast * 0.6, fast * 0.8]])
-        np.testing.assert_allclose(agents.motion_past()[order[0]], [[5.0, 0.0]])  # a standing agent's past is its place
+        np.testing.assert_allclose(
+            agents.motion_past(1)[order[0]], [[5.0, 0.0]]
+        )  # a standing agent's past is its place
     # The rule reads the fitted velocity: earlier detections that move the car 1.5 m/s lift a 0.5 m/s regression.
     frames = [_frame([[1.5 * 0.5 * k, 0.0]], [[0.5, 0.0]], [CAR]) for k in range(3)]
     moving = tracking.track_window(frames).velocity[0, 0]
@@ -208,3 +210,82 @@ def test_a_stream_keeps_ids_for_agents_that_continue_and_gives_new_ids_to_the_re
     # An unlinked window (another scene, a gap) keeps nothing but the counter.
     third = stream.update(second_agents, None)
     assert sorted(third.ids.tolist()) == ["3", "4", "5"]
+
+
+def test_a_stream_fits_a_continuing_track_over_its_whole_history():
+    # A car at 8 m/s along the world's x; the ego drives 2 m forward per keyframe, so in the frame of a window whose
+    # t0 is keyframe n the car lies at 4 k + 10 - 2 n metres, k its keyframe. Its detections scatter ±0.3 m along x,
+    # and the head regresses 6 m/s: a window of three keyframes fits one velocity, the stream five keyframes another.
+    scatter = [0.3, -0.3, 0.3, -0.3, 0.3, 0.0]
+    t0_from_previous = np.eye(4)
+    t0_from_previous[0, 3] = -2.0
+
+    def window(n: int) -> tracking.TrackedAgents:
+        frames = [
+            _frame([[4.0 * k + 10.0 - 2.0 * n + scatter[k], 5.0]], [[6.0, 0.0]], [CAR]) for k in range(n - 2, n + 1)
+        ]
+        return tracking.track_window(frames)
+
+    assert tracking.StreamTracker().history == tracking.HISTORY_KEYFRAMES
+    stream = tracking.StreamTracker(history={"vehicle": 5, "pedestrian": 5, "cyclist": 5})
+    agents = [stream.update(window(2), None)]
+    for n in (3, 4, 5):
+        agents.append(stream.update(window(n), t0_from_previous))
+    assert [a.ids.tolist() for a in agents] == [["0"]] * 4
+    assert [a.past.shape[1] for a in agents] == [3, 4, 5, 5]
+    last = agents[-1]
+    truth = [[4.0 * k + scatter[k], 5.0] for k in range(1, 6)]  # keyframes 1..5 in the frame of window 5 (n = 5)
+    np.testing.assert_allclose(last.past[0], truth, atol=1e-9)
+    assert last.past_mask.all()
+    np.testing.assert_allclose(last.velocity, tracking.track_velocity(last.past, last.past_mask, [[6.0, 0.0]], [CAR]))
+    # The longer baseline lands nearer the true 8 m/s than the window's own fit.
+    alone = window(5)
+    assert abs(last.velocity[0, 0] - 8.0) < abs(alone.velocity[0, 0] - 8.0)
+    np.testing.assert_allclose(last.boxes, alone.boxes)  # only the history and the velocity change
+    # An unlinked window starts its history afresh; a stream of history 3 keeps the window's own fit.
+    fresh = stream.update(window(5), None)
+    assert fresh.past.shape[1] == 3 and fresh.ids.tolist() == ["1"]
+    np.testing.assert_allclose(fresh.velocity, alone.velocity)
+    short = tracking.StreamTracker(history={"vehicle": 3, "pedestrian": 5, "cyclist": 5})
+    short.update(window(4), None)
+    np.testing.assert_allclose(short.update(window(5), t0_from_previous).velocity, alone.velocity)
+
+
+def test_a_stream_leaves_out_older_detections_far_from_the_window_track():
+    # A car that drove 12 m/s (6 m a keyframe) and then braked to 4 m/s from keyframe 2 on; the ego stands still, so
+    # every window's frame is the same. Window 4's own line (keyframes 2-4) passes 4 and 8 m from the detections at
+    # keyframes 1 and 0, beyond the vehicle gate (3 m), so the stream keeps the window's velocity.
+    positions = {0: -16.0, 1: -10.0, 2: -4.0, 3: -2.0, 4: 0.0}
+
+    def window(n: int) -> tracking.TrackedAgents:
+        frames = [_frame([[positions[k], 0.0]], [[4.0, 0.0]], [CAR]) for k in range(n - 2, n + 1)]
+        return tracking.track_window(frames)
+
+    stream = tracking.StreamTracker(history={"vehicle": 5, "pedestrian": 5, "cyclist": 5})
+    stream.update(window(2), None)
+    stream.update(window(3), np.eye(4))
+    last = stream.update(window(4), np.eye(4))
+    assert last.past.shape[1] == 5 and last.past_mask.tolist() == [[False, False, True, True, True]]
+    np.testing.assert_allclose(last.velocity, window(4).velocity)
+
+
+def test_each_class_keeps_its_own_history_length():
+    # The defaults: vehicles fit the window's three keyframes, pedestrians five. A car at 8 m/s and a pedestrian at
+    # 1.2 m/s along x, the ego standing still, four windows of one stream.
+    assert tracking.HISTORY_KEYFRAMES["vehicle"] == 3 and tracking.HISTORY_KEYFRAMES["pedestrian"] == 5
+
+    def window(n: int) -> tracking.TrackedAgents:
+        frames = [
+            _frame([[4.0 * k, 0.0], [0.6 * k, 10.0]], [[7.0, 0.0], [1.0, 0.0]], [CAR, PEDESTRIAN])
+            for k in range(n - 2, n + 1)
+        ]
+        return tracking.track_window(frames)
+
+    stream = tracking.StreamTracker()
+    for n in (2, 3, 4):
+        last = stream.update(window(n), np.eye(4) if n > 2 else None)
+    car, pedestrian = int(np.flatnonzero(last.classes == CAR)[0]), int(np.flatnonzero(last.classes == PEDESTRIAN)[0])
+    assert last.past_mask[car].tolist() == [False, False, True, True, True]
+    assert last.past_mask[pedestrian].tolist() == [True] * 5
+    np.testing.assert_allclose(last.velocity[car], window(4).velocity[car])
+    np.testing.assert_allclose(last.past[pedestrian, :, 0], 0.6 * np.arange(5))
