@@ -122,8 +122,7 @@ class TrackedAgents:
         scores: [A] float64 — the t0 detection's score.
         past: [A, P, 2] float64 — x, y (m) of the detections at each keyframe of the track's history, 0.5 s apart,
             t0 last: the window's input keyframes, and over a stream up to the class's ``HISTORY_KEYFRAMES``
-            (``StreamTracker``);
-            0 where masked.
+            (``StreamTracker``); 0 where masked.
         past_mask: [A, P] bool — the keyframes where the track held a detection (t0 always).
         detected_velocity: [A, 2] float64 — the t0 detection's regressed velocity (m/s), which ``velocity`` refines.
     """
