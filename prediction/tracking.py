@@ -401,6 +401,13 @@ class StreamTracker:
 
     def __init__(self, history: dict[str, int] | None = None) -> None:
         self.history = dict(HISTORY_KEYFRAMES if history is None else history)
+        if set(self.history) != set(categories.CLASSES) or not all(
+            isinstance(n, int) and n >= 1 for n in self.history.values()
+        ):
+            raise ValueError(
+                f"StreamTracker: history must give each class of {categories.CLASSES} a whole number of keyframes "
+                f"(at least 1), got {history!r}"
+            )
         self._counter = itertools.count()
         self._previous: TrackedAgents | None = None
 

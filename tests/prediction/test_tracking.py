@@ -289,3 +289,7 @@ def test_each_class_keeps_its_own_history_length():
     assert last.past_mask[pedestrian].tolist() == [True] * 5
     np.testing.assert_allclose(last.velocity[car], window(4).velocity[car])
     np.testing.assert_allclose(last.past[pedestrian, :, 0], 0.6 * np.arange(5))
+    # A history that leaves a class out, or counts no keyframe, is refused with the classes named.
+    for history in ({"vehicle": 3, "pedestrian": 5}, {"vehicle": 0, "pedestrian": 5, "cyclist": 3}):
+        with pytest.raises(ValueError, match="each class of .*vehicle.*pedestrian.*cyclist"):
+            tracking.StreamTracker(history=history)
