@@ -72,6 +72,10 @@ Returned structure (every number a float; NaN where nothing was scored):
           "agents_matched", "detection_recall", "detection_precision",
           "detection_annotated", "detection_found", "detection_matched"   (``model`` and the tracks at constant
                                                     velocity: annotated agents at t0 inside the grid, tracks, pairs)
+          "track_velocity_error_mps", "track_heading_error_deg": {class: float}   (``model``: over the pairs, the
+                                                    mean distance of the track's velocity from the annotated one and
+                                                    of its t0 heading from the annotated heading, as the devkit's
+                                                    AVE and AOE; NaN without a pair)
       }}
     }
 """
@@ -130,6 +134,7 @@ class _Scores:
     truths: list[np.ndarray] = field(default_factory=list)  # [N_i, T, 2] per window (matched sources)
     truth_classes: list[np.ndarray] = field(default_factory=list)  # [N_i]
     detection_counts: np.ndarray | None = None  # annotated agents, found agents, matched pairs
+    track_errors: list[np.ndarray] = field(default_factory=list)  # [M_i, 3] class, velocity (m/s), heading (rad)
     short: tuple[slice, slice] = (slice(None), slice(None))  # the short-range rows and columns (``short_range``)
     intersection_short: np.ndarray | None = None  # [S, C]
     union_short: np.ndarray | None = None
@@ -185,6 +190,16 @@ class _Scores:
         """One window's annotated agents at t0 inside the grid, agents found by the model, and pairs matched."""
         self.detection_counts += np.array([annotated, found, matched], dtype=np.int64)
 
+    def add_track_errors(self, classes: np.ndarray, velocity_error: np.ndarray, heading_error: np.ndarray) -> None:
+        """Add one window's matched pairs.
+
+        Args:
+            classes: [M] int — the annotated agent's class.
+            velocity_error: [M] float — the track's velocity error (m/s; NaN where the annotated one is unknown).
+            heading_error: [M] float — the track's heading error (rad, in [0, π]).
+        """
+        self.track_errors.append(np.stack([classes, velocity_error, heading_error], axis=1).astype(np.float64))
+
     def summary(self, truth: np.ndarray, truth_class: np.ndarray) -> dict:
         """The JSON scores (see the module docstring); ``truth`` [N, T, 2], ``truth_class`` [N] of every agent."""
         scores: dict = {}
@@ -197,6 +212,15 @@ class _Scores:
             scores.update(detection_annotated=annotated, detection_found=found, detection_matched=matched)
             scores["detection_recall"] = matched / annotated if annotated else float("nan")
             scores["detection_precision"] = matched / found if found else float("nan")
+        if self.track_errors:
+            errors = np.concatenate(self.track_errors)  # [M, 3]
+            of_class = [errors[errors[:, 0] == c] for c in range(len(categories.CLASSES))]
+            scores["track_velocity_error_mps"] = {
+                name: _nanmean(of_class[c][:, 1]) for c, name in enumerate(categories.CLASSES)
+            }
+            scores["track_heading_error_deg"] = {
+                name: _nanmean(np.degrees(of_class[c][:, 2])) for c, name in enumerate(categories.CLASSES)
+            }
         if self.modes:
             modes, probabilities = np.concatenate(self.modes), np.concatenate(self.probabilities)
             scores.update(_trajectory_scores(modes, probabilities, truth))
@@ -517,6 +541,13 @@ def _score_model(
         scores[name].add_trajectories(modes[found], probabilities[found], w.future[scored], w.cls[scored])
         scores[name].add_detections(int(reachable.sum()), tracks.count, int((match[reachable] >= 0).sum()))
     _add_map(scores["model"], forecast.occupancy, w, threshold)
+    pairs = np.flatnonzero(match >= 0)  # the annotated agents a track stands for
+    heading = tracks.boxes[match[pairs], 6] - w.box[pairs, 6]
+    scores["model"].add_track_errors(
+        w.cls[pairs],
+        np.linalg.norm(tracks.velocity[match[pairs]] - w.velocity[pairs], axis=-1),
+        np.abs(np.arctan2(np.sin(heading), np.cos(heading))),
+    )
     for name, agents in (
         ("constant_velocity_tracked", tracks),
         ("tracked_true_velocity", replace(tracks, velocity=true_velocity)),

@@ -212,6 +212,23 @@ def test_detection_recall_counts_only_the_agents_inside_the_grid(result, synthet
             assert scores["detection_precision"] == pytest.approx(scores["detection_matched"] / found)
 
 
+def test_the_tracks_velocity_and_heading_errors_are_means_over_the_matched_pairs(result):
+    scores = result["models"]["model"]
+    for key, bound in (("track_velocity_error_mps", 50.0), ("track_heading_error_deg", 180.0)):
+        assert list(scores[key]) == list(categories.CLASSES)
+        assert all(math.isnan(v) or 0.0 <= v <= bound for v in scores[key].values()), (key, scores[key])
+    # Two windows' pairs: per class the mean, an unknown annotated velocity left out, a class without pairs NaN.
+    accumulated = open_loop._Scores(steps=5, classes=3, bins=10, matched=True)
+    accumulated.add_track_errors(np.array([0, 1]), np.array([1.0, np.nan]), np.array([0.0, np.pi]))
+    accumulated.add_track_errors(np.array([0]), np.array([3.0]), np.array([np.pi / 2]))
+    accumulated.add_track_errors(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))  # a window without a pair
+    summary = accumulated.summary(np.zeros((0, 4, 2)), np.zeros(0, dtype=np.int64))
+    velocity, heading = summary["track_velocity_error_mps"], summary["track_heading_error_deg"]
+    assert velocity["vehicle"] == pytest.approx(2.0) and math.isnan(velocity["pedestrian"])
+    assert heading["vehicle"] == pytest.approx(45.0) and heading["pedestrian"] == pytest.approx(180.0)
+    assert math.isnan(velocity["cyclist"]) and math.isnan(heading["cyclist"])
+
+
 @pytest.mark.parametrize(
     "grid, expected",
     [
