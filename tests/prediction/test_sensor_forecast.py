@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bevjepa.datasets import torch_dataset
+from bevjepa.datasets import categories, torch_dataset
 from bevjepa.prediction import agent_occupancy, forecaster
 
 
@@ -42,8 +42,14 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     instance = agent_occupancy.mode_occupancy(
         np.zeros((0, 7)), np.zeros(0, np.int64), np.zeros((0, 10, 12, 2)), np.zeros((0, 10)), blind.grid, 3, 4
     )
-    assert blind.latent_occupancy is not None and np.all(blind.occupancy >= blind.latent_occupancy)
-    assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy), blind.latent_occupancy)
+    assert blind.latent_occupancy is not None
+    joined = np.ones(blind.occupancy.shape[:2], dtype=bool)  # [S, C] where the dense map joins the tracks
+    joined[1:, categories.CLASSES.index("pedestrian")] = False  # a pedestrian's future is its track's alone
+    assert np.all(blind.occupancy[joined] >= blind.latent_occupancy[joined])
+    expected = np.where(joined[:, :, None, None], blind.latent_occupancy, 0.0)
+    assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy), expected)
+    every = agent_occupancy.fuse(instance, blind.latent_occupancy, dense_future=categories.CLASSES)
+    assert np.array_equal(every, blind.latent_occupancy)
     # The annotated window gives the same forecast: nothing annotated is read (fresh forecaster, fresh ids).
     again = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0).forecast(window)
     np.testing.assert_array_equal(again.agent_ids, blind.agent_ids)
@@ -205,6 +211,8 @@ def test_a_stream_detects_each_keyframe_once_when_it_is_the_present(dataset, tin
 def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
     with pytest.raises(ValueError, match=r"fuse: instance \[5, 3, 4, 4\] and dense \[5, 3, 8, 8\] must match"):
         agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 8, 8)))
+    with pytest.raises(ValueError, match=r"fuse: dense_future names \['truck'\]"):
+        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), dense_future=("vehicle", "truck"))
     model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint)
     batch = torch_dataset.collate([dataset[0].sensors_only()])
     with pytest.raises(ValueError, match=r"tracks are for tracked agents, one per window \(1\)"):
