@@ -189,10 +189,13 @@ def fuse(instance: np.ndarray, dense: np.ndarray, dense_future: tuple[str, ...] 
     Returns:
         [S, C, H, W] float32.
     """
-    if instance.shape != dense.shape:
-        raise ValueError(f"fuse: instance {list(instance.shape)} and dense {list(dense.shape)} must match")
+    if instance.shape != dense.shape or dense.ndim != 4 or dense.shape[1] != len(categories.CLASSES):
+        raise ValueError(
+            f"fuse: instance {list(instance.shape)} and dense {list(dense.shape)} must match, "
+            f"[S, {len(categories.CLASSES)}, H, W] (the classes {categories.CLASSES})"
+        )
     unknown = set(dense_future) - set(categories.CLASSES)
     if unknown:
         raise ValueError(f"fuse: dense_future names {sorted(unknown)}, not classes of {categories.CLASSES}")
     joins = np.isin(categories.CLASSES, dense_future)[None, :] | (np.arange(len(dense)) == 0)[:, None]  # [S, C]
-    return np.maximum(instance, np.where(joins[:, :, None, None], dense, 0.0)).astype(np.float32)
+    return np.maximum(instance, np.where(joins[:, :, None, None], dense, np.zeros((), dense.dtype))).astype(np.float32)

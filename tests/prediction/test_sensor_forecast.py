@@ -211,6 +211,8 @@ def test_a_stream_detects_each_keyframe_once_when_it_is_the_present(dataset, tin
 def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
     with pytest.raises(ValueError, match=r"fuse: instance \[5, 3, 4, 4\] and dense \[5, 3, 8, 8\] must match"):
         agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 8, 8)))
+    with pytest.raises(ValueError, match=r"must match, \[S, 3, H, W\]"):  # two classes: not the model's three
+        agent_occupancy.fuse(np.zeros((5, 2, 4, 4)), np.zeros((5, 2, 4, 4)))
     with pytest.raises(ValueError, match=r"fuse: dense_future names \['truck'\]"):
         agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), dense_future=("vehicle", "truck"))
     model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint)
