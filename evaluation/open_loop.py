@@ -546,7 +546,7 @@ def _score_model(
     scores["model"].add_track_errors(
         w.cls[pairs],
         np.linalg.norm(tracks.velocity[match[pairs]] - w.velocity[pairs], axis=-1),
-        np.abs(np.arctan2(np.sin(heading), np.cos(heading))),
+        np.abs(geometry.wrap_angle(heading)),
     )
     for name, agents in (
         ("constant_velocity_tracked", tracks),
