@@ -23,7 +23,7 @@ import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.datasets import io as io_utils
-from bevjepa.prediction import agent_occupancy, checkpoint, heads, model, tracking
+from bevjepa.prediction import agent_occupancy, checkpoint, heads, lidar_velocity, model, tracking
 
 FORECAST_FORMAT = "bevjepa-occupancy-forecast"
 FORECAST_VERSION = 3
@@ -587,7 +587,8 @@ class Forecaster:
         """The agents of each window, tracked from the model's own detections on its input keyframes.
 
         Vehicle boxes are then aligned to the dense occupancy at t0 (``tracking.align_to_occupancy``); without
-        ``scene`` the t0 step alone is decoded for it.
+        ``scene`` the t0 step alone is decoded for it. Last, each moving track takes the velocity under which its
+        LiDAR points stack sharpest (``lidar_velocity.refine``).
 
         Args: as ``keyframe_detections``.
         """
@@ -604,6 +605,7 @@ class Forecaster:
             for k in range(p)
         ]  # [B, P, ...] each keyframe's in its own frame
         t0_from_ego = batch.t0_from_ego.cpu().numpy().astype(np.float64)  # [B, P, 4, 4]
+        points, owner = batch.points.cpu().numpy(), batch.points_batch.cpu().numpy()  # [M, 5], [M]
         result = []
         for b in range(batch.batch_size):
             frames = [
@@ -612,7 +614,8 @@ class Forecaster:
             agents = tracking.align_to_occupancy(
                 tracking.track_window(frames, self.min_score), present[b], self.net.config.grid
             )
-            result.append(self._stream_ids(batch, b, agents))
+            agents = self._stream_ids(batch, b, agents)
+            result.append(lidar_velocity.refine(agents, points[owner == b]))
         return result
 
     def _stream_ids(

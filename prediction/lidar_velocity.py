@@ -1,0 +1,140 @@
+"""A moving track's velocity from its own LiDAR points: the motion that stacks them sharpest at t0.
+
+A window's points carry their time lag behind t0 (``WindowSample.points``: each input keyframe aggregates its
+sweeps, ten over 0.45 s in nuScenes, all in the t0 ego frame, the ego's own motion compensated). A rigid object
+moving at velocity v left a return at p with lag τ where its surface now lies at p + v τ. Moved forward by the right
+v, the returns of every sweep stack onto the object's t0 surface; moved by a wrong one, they smear along the error,
+further the older they are. So a track's velocity is the candidate under which its warped points are sharpest:
+``Σ_points (points sharing its CELL_M cell)``, which is ``Σ_cells count²`` (the contrast of motion-compensated
+points). The search runs coarse to fine around the tracker's own velocity (``SEARCH``), the candidate nearest the
+previous stage's best first among equals, so that points of one sweep alone (every candidate ties) leave the
+tracker's velocity as it was.
+
+Which points: those of the height band ``HEIGHT_BAND_M`` (above the ground, below the tallest vehicle) that the
+tracker's velocity moves into the track's t0 box grown by ``MARGIN_M`` on every side: one set for all candidates,
+for a set that changed with the candidate would reward pulling a neighbour's points into the box. Which tracks:
+the moving ones (``tracking.standing_still`` leaves them a velocity); a track that stands still stays so, and a
+track whose sharpest velocity is slower than its class's velocity error stops (``standing_still`` again).
+
+Why not the detections alone: the tracker fits its velocity to three detected centres 0.5 s apart and the head's
+regression (``tracking.fit_velocity``); the centres scatter by a few decimetres, the regression shrinks towards
+zero, and a car's speed came out about a metre per second slow. The points are where the object really was, every
+50 ms. Why hand-written: open3d's registration aligns two clouds; here every point carries its own time, and the
+contrast of every candidate is one ``np.bincount``.
+
+How it was chosen (the recipe's seed-0 run, the tuning worlds of seeds 4 and 5, never scored in the docs' tables):
+on world 4's ``mini_train`` windows, the tracked vehicles matched to annotated ones, velocity error (m/s) of the
+moving ones 1.30 → 0.79, of the parked ones 0.14 → 0.12; a set of points chosen per candidate instead of one fixed
+set, or the LiDAR velocity for parked tracks too, scattered the parked ones' to 0.3-0.5 m/s.
+
+Notation:
+    N  points    n  points of one track    K  candidate velocities    A  agents
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from bevjepa.prediction import tracking
+
+HEIGHT_BAND_M = (0.3, 3.0)
+"""Points between these heights (m, ego frame: z = 0 on the ground) may belong to an agent."""
+MARGIN_M = 1.0
+"""A track's points are those its velocity moves to within this distance (m) of its t0 box."""
+CELL_M = 0.2
+"""The cell (m) whose shared points make the sharpness: the windows' voxel size."""
+SEARCH = ((3.0, 0.25), (0.25, 0.05), (0.05, 0.01))
+"""Coarse to fine, (half-width, step) of each stage's square of candidate velocities (m/s) around the best so far."""
+MIN_POINTS = 5
+"""A track with fewer points keeps the tracker's velocity."""
+
+
+def _candidates(centre: np.ndarray, half_width: float, step: float) -> np.ndarray:
+    """[K, 2] float64 — a square of velocities around ``centre`` (m/s), the nearest first."""
+    offsets = np.arange(-round(half_width / step), round(half_width / step) + 1) * step
+    grid = np.stack(np.meshgrid(offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 2)
+    return centre + grid[np.argsort(np.hypot(grid[:, 0], grid[:, 1]), kind="stable")]
+
+
+def sharpness(xy: np.ndarray, lag_s: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """[K] float64 — for each candidate velocity, Σ over the points of how many points share its cell at t0.
+
+    Args:
+        xy: [n, 2] float — the points (m, t0 ego frame).
+        lag_s: [n] float — each point's time lag behind t0 (s).
+        candidates: [K, 2] float — velocities (m/s).
+    """
+    k = len(candidates)
+    warped = xy[None] + candidates[:, None] * lag_s[None, :, None]  # [K, n, 2] where each point lies at t0
+    cell = np.floor(warped / CELL_M).astype(np.int64)
+    cell -= cell.reshape(-1, 2).min(axis=0)
+    rows, cols = int(cell[..., 0].max()) + 1, int(cell[..., 1].max()) + 1
+    key = (np.arange(k)[:, None] * rows + cell[..., 0]) * cols + cell[..., 1]  # [K, n] one cell grid per candidate
+    counts = np.bincount(key.ravel(), minlength=k * rows * cols)
+    return counts[key].sum(axis=1).astype(np.float64)
+
+
+def sharpest_velocity(xy: np.ndarray, lag_s: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """[2] float64 — the velocity (m/s) under which the points stack sharpest at t0, searched around ``prior``.
+
+    Args:
+        xy: [n, 2] float — one object's points (m, t0 ego frame).
+        lag_s: [n] float — their time lags behind t0 (s).
+        prior: [2] float — where the search starts (m/s), kept where no candidate is sharper.
+    """
+    best = np.asarray(prior, dtype=np.float64)
+    xy, lag_s = np.asarray(xy, dtype=np.float64), np.asarray(lag_s, dtype=np.float64)
+    if len(xy) == 0:
+        return best
+    for half_width, step in SEARCH:
+        candidates = _candidates(best, half_width, step)
+        best = candidates[np.argmax(sharpness(xy, lag_s, candidates))]  # the first (nearest) of equals
+    return best
+
+
+def track_points(points: np.ndarray, box: np.ndarray, velocity: np.ndarray) -> np.ndarray:
+    """[N] bool — the points of the height band that ``velocity`` moves to within ``MARGIN_M`` of ``box`` at t0.
+
+    Args:
+        points: [N, 5] float — x, y, z (m, t0 ego frame), intensity, time lag (s).
+        box: [7] float — x, y, z, width, length, height (m), yaw (rad) at t0.
+        velocity: [2] float — vx, vy (m/s).
+    """
+    at_t0 = points[:, :2] + points[:, 4:5] * np.asarray(velocity)[None]  # [N, 2]
+    offset = at_t0 - box[None, :2]
+    cos, sin = np.cos(box[6]), np.sin(box[6])
+    along, across = offset[:, 0] * cos + offset[:, 1] * sin, -offset[:, 0] * sin + offset[:, 1] * cos
+    return (
+        (np.abs(along) <= box[4] / 2 + MARGIN_M)
+        & (np.abs(across) <= box[3] / 2 + MARGIN_M)
+        & (points[:, 2] >= HEIGHT_BAND_M[0])
+        & (points[:, 2] <= HEIGHT_BAND_M[1])
+        & np.isfinite(points).all(axis=1)
+    )
+
+
+def refine(agents: tracking.TrackedAgents, points: np.ndarray) -> tracking.TrackedAgents:
+    """The agents with each moving track's velocity the sharpest of its points (then ``standing_still``).
+
+    Args:
+        agents: tracks in the t0 ego frame.
+        points: [N, 5] float — the window's points: x, y, z (m, t0 ego frame), intensity, time lag (s) behind t0.
+
+    Returns:
+        The agents with new velocities (the same object when none moves).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 5:
+        raise ValueError(f"lidar_velocity.refine: points [N, 5] expected, got {list(points.shape)}")
+    moving = np.flatnonzero(np.hypot(agents.velocity[:, 0], agents.velocity[:, 1]) > 0)
+    if not len(moving):
+        return agents
+    velocity = agents.velocity.copy()
+    for a in moving:  # the moving agents, a few per window
+        mine = track_points(points, agents.boxes[a], agents.velocity[a])
+        if mine.sum() < MIN_POINTS:
+            continue
+        velocity[a] = sharpest_velocity(points[mine, :2], points[mine, 4], agents.velocity[a])
+    return replace(agents, velocity=tracking.standing_still(velocity, agents.classes))
