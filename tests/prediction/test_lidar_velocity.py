@@ -75,7 +75,7 @@ def test_the_sharpness_peaks_at_the_true_motion():
     truth = np.array([5.0, -2.0])
     points = _car_points(BOX[:2], truth)
     candidates = np.array([truth, truth + [0.3, 0.0], truth + [0.0, 0.3], [0.0, 0.0]])
-    score = lidar_velocity.sharpness(points[:, :2], points[:, 4], candidates)
+    score = lidar_velocity.sharpness(points[:, :2], points[:, 4], candidates, cell_m=0.2)
     assert score[0] > score[1:].max()
 
 
