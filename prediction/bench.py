@@ -407,7 +407,9 @@ def stream_latency(
     ``Forecaster(reference=True)`` under ``reference_splat``), whose cold forecasts must be the same
     (``max_occupancy_diff``; streaming, the current path reads each earlier keyframe's detection from the forecast
     where it was the present, which the reference path detects again from the window's frames). A fifth,
-    streaming with the annotated agents, shows what tracking costs. All run the same weights on the same
+    streaming with the annotated agents, shows what tracking costs, and a sixth, streaming with the tracker's
+    velocities (``velocity_from_points=False``), what the LiDAR velocity costs (``velocity_from_points_cost``,
+    streaming ÷ that). All run the same weights on the same
     windows, alternating: untrained ``preset`` weights, or the model of ``run``
     (a trained model detects agents, so its tracking has work to do). With ``baseline``, the model of that run
     forecasts the same windows cold and streaming in the same alternation (``baseline_cold_ms``,
@@ -432,6 +434,11 @@ def stream_latency(
         "cold": (forecaster.Forecaster(net), True, False),
         "streaming": (forecaster.Forecaster(net, cache_frames=cache), True, False),
         "annotated_streaming": (forecaster.Forecaster(net, cache_frames=cache, agents="annotated"), False, False),
+        "streaming_tracker_velocity": (
+            forecaster.Forecaster(net, cache_frames=cache, velocity_from_points=False),
+            True,
+            False,
+        ),
     }
     if other is not None:
         runners["baseline_cold"] = (forecaster.Forecaster(other), True, False)
@@ -469,6 +476,7 @@ def stream_latency(
         "cold_speedup_over_reference": ms["cold_reference_ms"] / ms["cold_ms"],
         "streaming_speedup_over_reference": ms["streaming_reference_ms"] / ms["streaming_ms"],
         "max_occupancy_diff": max(differences),
+        "velocity_from_points_cost": ms["streaming_ms"] / ms["streaming_tracker_velocity_ms"],
         **(
             {
                 "baseline": str(baseline),

@@ -429,6 +429,10 @@ class Forecaster:
     the path from before this sharing (each keyframe's detection decoded in full, one by one, and the scene
     predicted again for the trajectories): the same forecasts up to float noise, for tests and ``bench model``.
 
+    Each moving track's velocity comes from its own LiDAR points, the motion that stacks its sweeps sharpest at t0
+    (``lidar_velocity``); ``velocity_from_points=False`` keeps the tracker's fit of detections (for a LiDAR whose
+    points carry no time, and for comparisons).
+
     A window without agents gets a complete forecast with none (the latent occupancy beside an empty agent map).
     An annotated agent the model cannot forecast (a NaN or infinite t0 box or valid past position, a class out of
     range) is not dropped silently: ``forecast`` and ``forecast_batch`` raise ``ValueError`` naming the window and
@@ -446,6 +450,7 @@ class Forecaster:
         agents: str = "tracked",
         min_score: float = tracking.MIN_SCORE,
         reference: bool = False,
+        velocity_from_points: bool = True,
     ) -> None:
         if agents not in AGENT_SOURCES:
             raise ValueError(f"Forecaster: agents must be one of {AGENT_SOURCES}, got {agents!r}")
@@ -455,6 +460,7 @@ class Forecaster:
         self.agents = agents
         self.min_score = min_score
         self.reference = reference
+        self.velocity_from_points = velocity_from_points
         self._cache: OrderedDict[tuple[str, str], model.FrameEncoding] = OrderedDict()
         # Each keyframe's detection from the forecast where it was the present: heat-map logits and regressions.
         self._detections: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -467,10 +473,11 @@ class Forecaster:
         cache_frames: int = 0,
         agents: str = "tracked",
         min_score: float = tracking.MIN_SCORE,
+        velocity_from_points: bool = True,
     ) -> Forecaster:
         """Load the model of a run folder (safetensors and JSON; nothing is unpickled)."""
         _, net = checkpoint.load_model(run, device)
-        return Forecaster(net, device, cache_frames, agents, min_score)
+        return Forecaster(net, device, cache_frames, agents, min_score, velocity_from_points=velocity_from_points)
 
     def encode_frames(self, batch: torch_dataset.WindowBatch) -> model.FrameEncoding:
         """The input frames' own-frame encodings (P frames), encoding only those not in the cache."""
@@ -588,7 +595,8 @@ class Forecaster:
 
         Vehicle boxes are then aligned to the dense occupancy at t0 (``tracking.align_to_occupancy``); without
         ``scene`` the t0 step alone is decoded for it. Last, each moving track takes the velocity under which its
-        LiDAR points stack sharpest (``lidar_velocity.refine``).
+        LiDAR points stack sharpest (``lidar_velocity.refine``), unless the forecaster was made with
+        ``velocity_from_points=False``.
 
         Args: as ``keyframe_detections``.
         """
@@ -615,7 +623,7 @@ class Forecaster:
                 tracking.track_window(frames, self.min_score), present[b], self.net.config.grid
             )
             agents = self._stream_ids(batch, b, agents)
-            result.append(lidar_velocity.refine(agents, points[owner == b]))
+            result.append(lidar_velocity.refine(agents, points[owner == b]) if self.velocity_from_points else agents)
         return result
 
     def _stream_ids(
@@ -637,7 +645,9 @@ class Forecaster:
 
         Scoring both kinds of agent on the same windows then encodes each keyframe once.
         """
-        other = Forecaster(self.net, self.device, self.cache_frames, agents, self.min_score, self.reference)
+        other = Forecaster(
+            self.net, self.device, self.cache_frames, agents, self.min_score, self.reference, self.velocity_from_points
+        )
         other._cache, other._detections = self._cache, self._detections
         return other
 

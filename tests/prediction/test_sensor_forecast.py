@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bevjepa.datasets import categories, torch_dataset
-from bevjepa.prediction import agent_occupancy, forecaster
+from bevjepa.prediction import agent_occupancy, forecaster, lidar_velocity
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,23 @@ def test_a_stream_gives_new_ids_to_a_window_that_does_not_follow_the_last(datase
     assert not set(first.agent_ids.tolist()) & set(second.agent_ids.tolist())
 
 
+def test_moving_tracks_take_the_velocity_of_their_lidar_points(dataset, tiny_checkpoint):
+    # min_score 0: the one-step model's every heat-map peak is a track, and its regressed velocities move some (at
+    # the grid's edge, where few points lie: the search itself is tested in test_lidar_velocity.py). Here: the
+    # forecaster refines the tracker's agents with the window's own points, and changes nothing but velocities.
+    window = dataset[1].sensors_only()
+    batch = torch_dataset.collate([window])
+    fitted = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0, velocity_from_points=False)
+    model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0)
+    tracker_only, refined = fitted.track(batch)[0], model.track(batch)[0]
+    assert (np.hypot(*tracker_only.velocity.T) > 0).any()
+    expected = lidar_velocity.refine(tracker_only, window.points.numpy())
+    np.testing.assert_array_equal(refined.velocity, expected.velocity)
+    np.testing.assert_array_equal(refined.ids, tracker_only.ids)
+    np.testing.assert_array_equal(refined.boxes, tracker_only.boxes)
+    assert not fitted.using("annotated").velocity_from_points  # a sibling forecaster keeps the choice
+
+
 def test_the_annotated_agent_path_is_an_explicit_choice(dataset, tiny_checkpoint):
     window = dataset[0]
     annotated = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, agents="annotated")
@@ -110,6 +127,10 @@ def test_the_latency_bench_times_sensor_only_forecasts_of_a_trained_run(
     assert result["model"] == str(tiny_checkpoint) and result["forecasts"] == 1
     for key in ("cold_ms", "streaming_ms", "cold_reference_ms", "streaming_reference_ms", "annotated_streaming_ms"):
         assert result[key] > 0, key
+    assert result["streaming_tracker_velocity_ms"] > 0
+    assert result["velocity_from_points_cost"] == pytest.approx(
+        result["streaming_ms"] / result["streaming_tracker_velocity_ms"]
+    )
     assert result["tracked_agents_per_forecast"] >= 0
     assert result["max_occupancy_diff"] < 1e-5
     assert result["baseline"] == str(tiny_direct_checkpoint)
