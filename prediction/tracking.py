@@ -118,7 +118,8 @@ class TrackedAgents:
         classes: [A] int64 — class index.
         boxes: [A, 7] float64 — the t0 box: x, y, z, width, length, height (m), yaw (rad).
         velocity: [A, 2] float64 — vx, vy (m/s) at t0: the regressed velocity refined by the track's earlier
-            detections (``fit_velocity``), zero for a track that stands still (``standing_still``).
+            detections (``fit_velocity``), zero for a track that stands still (``standing_still``); a forecaster
+            then gives each moving track the velocity of its own LiDAR points (``lidar_velocity.refine``).
         scores: [A] float64 — the t0 detection's score.
         past: [A, P, 2] float64 — x, y (m) of the detections at each keyframe of the track's history, 0.5 s apart,
             t0 last: the window's input keyframes, and over a stream up to the class's ``HISTORY_KEYFRAMES``
