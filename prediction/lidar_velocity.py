@@ -77,8 +77,13 @@ def sharpness(xy: np.ndarray, lag_s: np.ndarray, candidates: np.ndarray, cell_m:
     k = len(candidates)
     warped = xy[None] + candidates[:, None] * lag_s[None, :, None]  # [K, n, 2] where each point lies at t0
     cell = np.floor(warped / cell_m).astype(np.int64)
-    cell -= cell.reshape(-1, 2).min(axis=0)
-    rows, cols = int(cell[..., 0].max()) + 1, int(cell[..., 1].max()) + 1
+    # The grid's extent from the extreme candidates (a point's farthest moves are the smallest and the largest
+    # velocity times its lag): O(n), where reducing ``cell`` itself costs K times more.
+    reach = np.stack([candidates.min(axis=0), candidates.max(axis=0)])[:, None] * lag_s[None, :, None]  # [2, n, 2]
+    low = np.floor((xy + reach.min(axis=0)).min(axis=0) / cell_m).astype(np.int64) - 1  # [2] one cell of rounding
+    high = np.floor((xy + reach.max(axis=0)).max(axis=0) / cell_m).astype(np.int64) + 1
+    cell -= low
+    rows, cols = int(high[0] - low[0]) + 1, int(high[1] - low[1]) + 1
     key = (np.arange(k)[:, None] * rows + cell[..., 0]) * cols + cell[..., 1]  # [K, n] one cell grid per candidate
     counts = np.bincount(key.ravel(), minlength=k * rows * cols)
     return counts[key].sum(axis=1).astype(np.float64)
