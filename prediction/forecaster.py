@@ -613,7 +613,8 @@ class Forecaster:
             for k in range(p)
         ]  # [B, P, ...] each keyframe's in its own frame
         t0_from_ego = batch.t0_from_ego.cpu().numpy().astype(np.float64)  # [B, P, 4, 4]
-        points, owner = batch.points.cpu().numpy(), batch.points_batch.cpu().numpy()  # [M, 5], [M]
+        if self.velocity_from_points:
+            points, owner = batch.points.cpu().numpy(), batch.points_batch.cpu().numpy()  # [M, 5], [M]
         result = []
         for b in range(batch.batch_size):
             frames = [
@@ -623,7 +624,9 @@ class Forecaster:
                 tracking.track_window(frames, self.min_score), present[b], self.net.config.grid
             )
             agents = self._stream_ids(batch, b, agents)
-            result.append(lidar_velocity.refine(agents, points[owner == b]) if self.velocity_from_points else agents)
+            if self.velocity_from_points:
+                agents = lidar_velocity.refine(agents, points[owner == b])
+            result.append(agents)
         return result
 
     def _stream_ids(
