@@ -184,6 +184,32 @@ def box_cells(
     return box, rows, cols
 
 
+def box_means(
+    grid: geometry.GridSpec,
+    maps: np.ndarray,
+    channels: np.ndarray,
+    centers_xy: np.ndarray,
+    sizes_wl: np.ndarray,
+    yaws: np.ndarray,
+) -> np.ndarray:
+    """The mean of each box's own channel over the cells it covers (``box_cells``: as the targets are drawn).
+
+    Args:
+        grid: the BEV grid of ``maps``.
+        maps: [C, H, W] float — e.g. per-class occupancy probabilities.
+        channels: [A] int — the channel each box reads.
+        centers_xy, sizes_wl, yaws: the boxes, as ``box_cells`` takes them.
+
+    Returns:
+        [A] float64 — each box's mean; 0 for a box that covers no cell centre of the grid.
+    """
+    box, rows, cols = box_cells(grid, centers_xy, sizes_wl, yaws)
+    A = len(centers_xy)
+    covered = np.bincount(box, minlength=A)
+    total = np.bincount(box, weights=maps[np.asarray(channels)[box], rows, cols], minlength=A)
+    return total / np.maximum(covered, 1)
+
+
 def observed_cells(
     grid: geometry.GridSpec, points_xy: np.ndarray, sensor_xy: np.ndarray, azimuth_bins: int = 720
 ) -> np.ndarray:

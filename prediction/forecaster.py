@@ -716,9 +716,12 @@ class Forecaster:
         agent_classes = batch.agent_class.cpu().numpy()
         for b in range(batch.batch_size):
             count = int(batch.agent_mask[b].sum())
+            existence = None if scores[b] is None else agent_occupancy.track_existence(
+                scores[b], boxes[b, :count], agent_classes[b, :count], latent[b, 0], config.grid, S - 1
+            )  # fmt: skip
             agents = agent_occupancy.mode_occupancy(
                 boxes[b, :count], agent_classes[b, :count], modes[b, :count], probabilities[b, :count], config.grid,
-                C, S - 1, existence=scores[b],
+                C, S - 1, existence=existence,
             )  # fmt: skip
             occupancy = agents if self.agents == "annotated" else agent_occupancy.fuse(agents, latent[b])
             results.append(

@@ -327,12 +327,14 @@ def align_to_occupancy(
     shifts = shifts[np.argsort(np.abs(shifts).sum(axis=1), kind="stable")]  # the unmoved box first
     m, s = len(moving), len(shifts)
     centres = (boxes[:, None, :2] + shifts[None]).reshape(-1, 2)  # [M * S, 2] every candidate, box-major
-    candidate, rows, cols = rasterize.box_cells(
-        grid, centres, np.repeat(boxes[:, 3:5], s, axis=0), np.repeat(boxes[:, 6], s)
-    )  # the cells each candidate covers, as the targets are rasterized
-    probability = occupancy[agents.classes[moving][candidate // s], rows, cols]  # [P]
-    covered = np.bincount(candidate, minlength=m * s).reshape(m, s)
-    mean = np.bincount(candidate, weights=probability, minlength=m * s).reshape(m, s) / np.maximum(covered, 1)
+    mean = rasterize.box_means(
+        grid,
+        occupancy,
+        np.repeat(agents.classes[moving], s),
+        centres,
+        np.repeat(boxes[:, 3:5], s, axis=0),
+        np.repeat(boxes[:, 6], s),
+    ).reshape(m, s)  # each candidate's mean probability of its class, over the cells the targets would draw
     best = np.argmax(mean >= mean.max(axis=1, keepdims=True) - 1e-9, axis=1)  # the first of the (rounding-)equal best
     moved = agents.boxes.copy()
     moved[moving, :2] += shifts[best]

@@ -159,6 +159,22 @@ def test_box_covering_the_whole_grid() -> None:
     assert occupancy[1].all() and not occupancy[0].any() and np.all(instance == 1)
 
 
+def test_box_means_average_each_boxes_own_channel_over_the_cells_it_would_draw(rng: np.random.Generator) -> None:
+    grid = GRIDS["nonsquare_200x125_0.4m"]
+    centers, sizes, yaws, classes = random_boxes(rng, grid, 40)
+    maps = rng.uniform(0.0, 1.0, (3, *grid.shape))
+    means = rasterize.box_means(grid, maps, classes, centers, sizes, yaws)
+    for a in range(len(centers)):  # against each box drawn alone, as the targets are
+        drawn, _ = rasterize.rasterize_boxes(
+            grid, centers[a : a + 1], sizes[a : a + 1], yaws[a : a + 1], classes[a : a + 1], 3
+        )
+        cells = drawn[classes[a]]
+        assert means[a] == pytest.approx(maps[classes[a]][cells].mean() if cells.any() else 0.0)
+    assert rasterize.box_means(grid, maps, np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0)).shape == (
+        0,
+    )
+
+
 def test_zero_boxes() -> None:
     grid = GRIDS["nonsquare_200x125_0.4m"]
     occupancy, instance = rasterize.rasterize_boxes(

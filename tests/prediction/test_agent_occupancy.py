@@ -76,6 +76,41 @@ def test_an_agents_existence_scales_its_whole_mass():
         )
 
 
+def test_existence_may_differ_from_step_to_step():
+    box = _box(0.0, 0.0, 0.0)
+    modes = np.zeros((1, 1, 12, 2)) + box[:2]  # standing still: the same cells at every step
+    here, _ = rasterize.rasterize_boxes(GRID, box[None, :2], box[None, [3, 4]], box[None, 6], np.array([0]), 3)
+    existence = np.array([[0.4], [0.9], [0.5]])  # [S, A]
+    occupancy = agent_occupancy.mode_occupancy(box[None], np.array([0]), modes, np.ones((1, 1)), GRID, 3, 2, existence)
+    for step, expected in enumerate(existence[:, 0]):
+        np.testing.assert_allclose(occupancy[step][here], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"existence must be probabilities in \[0, 1\], \[1\] or \[3, 1\]"):
+        agent_occupancy.mode_occupancy(box[None], np.array([0]), modes, np.ones((1, 1)), GRID, 3, 2, np.ones((2, 1)))
+
+
+def test_a_vehicle_tracks_existence_after_t0_pools_its_score_with_the_dense_map():
+    """After t0 a vehicle is there with the mean of its score and the dense map's mean probability over its box."""
+    boxes = np.stack([_box(0.0, 0.0, 0.0), _box(10.0, 0.0, 0.0), _box(0.0, 10.0, 0.0), _box(99.0, 0.0, 0.0)])
+    classes = np.array([0, 0, 1, 0])  # two vehicles, a pedestrian, a vehicle off the grid
+    dense = np.zeros((3, *GRID.shape))
+    cells, _ = rasterize.rasterize_boxes(GRID, boxes[:3, :2], boxes[:3, [3, 4]], boxes[:3, 6], classes[:3], 3)
+    dense[cells] = 1.0  # the dense map sees the first three agents
+    _, rows, cols = rasterize.box_cells(GRID, boxes[:1, :2], boxes[:1, [3, 4]], boxes[:1, 6])
+    dense[0, rows[: len(rows) // 2], cols[: len(rows) // 2]] = 0.5  # ... half the first vehicle only half as surely
+    scores = np.array([0.4, 0.6, 0.3, 0.8])
+    existence = agent_occupancy.track_existence(scores, boxes, classes, dense, GRID, steps=4)
+    assert existence.shape == (5, 4)
+    np.testing.assert_array_equal(existence[0], scores)  # t0: the scores (the dense map draws its own shapes)
+    support = rasterize.box_means(GRID, dense, classes, boxes[:, :2], boxes[:, [3, 4]], boxes[:, 6])
+    assert 0.5 < support[0] < 1.0 and support[1] == 1.0 and support[3] == 0.0
+    np.testing.assert_allclose(existence[1:, 0], (0.4 + support[0]) / 2)
+    np.testing.assert_allclose(existence[1:, 1], 0.8)
+    np.testing.assert_allclose(existence[1:, 2], 0.3)  # a pedestrian keeps its score
+    np.testing.assert_allclose(existence[1:, 3], 0.4)  # nothing of the map under it: half its score
+    with pytest.raises(ValueError, match="track_existence: 2 scores, 4 boxes and 4 classes differ"):
+        agent_occupancy.track_existence(scores[:2], boxes, classes, dense, GRID, steps=4)
+
+
 def test_boxes_turn_with_their_motion_and_keep_their_heading_when_still():
     modes = np.zeros((2, 1, 3, 2))
     modes[0, 0] = [[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]]  # agent 0 (yaw 0) drives along +y

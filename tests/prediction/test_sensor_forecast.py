@@ -50,6 +50,18 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy), expected)
     every = agent_occupancy.fuse(instance, blind.latent_occupancy, dense_future=categories.CLASSES)
     assert np.array_equal(every, blind.latent_occupancy)
+    # The tracks' share: their boxes along their modes, each there with its score at t0 and, after t0, pooled with
+    # the dense map's support (``track_existence``).
+    boxes = blind.agent_boxes.astype(np.float64)
+    existence = agent_occupancy.track_existence(
+        blind.agent_scores, boxes, blind.agent_classes, blind.latent_occupancy[0], blind.grid, 4
+    )
+    assert existence.shape == (5, blind.agent_ids.size) and np.array_equal(existence[0], blind.agent_scores)
+    assert (existence[1:] != existence[0]).any()  # vehicle tracks here: the pool moves their existence
+    tracked = agent_occupancy.mode_occupancy(
+        boxes, blind.agent_classes, blind.trajectories, blind.mode_probabilities, blind.grid, 3, 4, existence
+    )
+    np.testing.assert_allclose(blind.occupancy, agent_occupancy.fuse(tracked, blind.latent_occupancy), atol=1e-6)
     # The annotated window gives the same forecast: nothing annotated is read (fresh forecaster, fresh ids).
     again = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0).forecast(window)
     np.testing.assert_array_equal(again.agent_ids, blind.agent_ids)
