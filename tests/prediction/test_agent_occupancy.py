@@ -88,26 +88,31 @@ def test_existence_may_differ_from_step_to_step():
         agent_occupancy.mode_occupancy(box[None], np.array([0]), modes, np.ones((1, 1)), GRID, 3, 2, np.ones((2, 1)))
 
 
-def test_a_vehicle_tracks_existence_after_t0_pools_its_score_with_the_dense_map():
-    """After t0 a vehicle is there with the mean of its score and the dense map's mean probability over its box."""
-    boxes = np.stack([_box(0.0, 0.0, 0.0), _box(10.0, 0.0, 0.0), _box(0.0, 10.0, 0.0), _box(99.0, 0.0, 0.0)])
-    classes = np.array([0, 0, 1, 0])  # two vehicles, a pedestrian, a vehicle off the grid
+def test_a_tracks_existence_pools_its_score_with_the_dense_map_vehicles_after_t0_cyclists_at_t0():
+    """Pooled: the mean of the track's score and the dense map's mean probability of its class over its box."""
+    boxes = np.stack(
+        [_box(0.0, 0.0, 0.0), _box(10.0, 0.0, 0.0), _box(0.0, 10.0, 0.0), _box(99.0, 0.0, 0.0), _box(-10.0, 0.0, 0.0)]
+    )
+    classes = np.array([0, 0, 1, 0, 2])  # two vehicles, a pedestrian, a vehicle off the grid, a cyclist
     dense = np.zeros((3, *GRID.shape))
     cells, _ = rasterize.rasterize_boxes(GRID, boxes[:3, :2], boxes[:3, [3, 4]], boxes[:3, 6], classes[:3], 3)
-    dense[cells] = 1.0  # the dense map sees the first three agents
+    dense[cells] = 1.0  # the dense map sees the first three agents, not the cyclist
     _, rows, cols = rasterize.box_cells(GRID, boxes[:1, :2], boxes[:1, [3, 4]], boxes[:1, 6])
     dense[0, rows[: len(rows) // 2], cols[: len(rows) // 2]] = 0.5  # ... half the first vehicle only half as surely
-    scores = np.array([0.4, 0.6, 0.3, 0.8])
+    scores = np.array([0.4, 0.6, 0.3, 0.8, 0.7])
     existence = agent_occupancy.track_existence(scores, boxes, classes, dense, GRID, steps=4)
-    assert existence.shape == (5, 4)
-    np.testing.assert_array_equal(existence[0], scores)  # t0: the scores (the dense map draws its own shapes)
+    assert existence.shape == (5, 5)
+    np.testing.assert_array_equal(existence[0, :4], scores[:4])  # t0: the scores (the dense map draws its shapes)
     support = rasterize.box_means(GRID, dense, classes, boxes[:, :2], boxes[:, [3, 4]], boxes[:, 6])
-    assert 0.5 < support[0] < 1.0 and support[1] == 1.0 and support[3] == 0.0
+    assert 0.5 < support[0] < 1.0 and support[1] == 1.0 and support[3] == 0.0 and support[4] == 0.0
     np.testing.assert_allclose(existence[1:, 0], (0.4 + support[0]) / 2)
     np.testing.assert_allclose(existence[1:, 1], 0.8)
     np.testing.assert_allclose(existence[1:, 2], 0.3)  # a pedestrian keeps its score
     np.testing.assert_allclose(existence[1:, 3], 0.4)  # nothing of the map under it: half its score
-    with pytest.raises(ValueError, match="track_existence: 2 scores, 4 boxes and 4 classes differ"):
+    np.testing.assert_allclose(existence[:, 4], [0.35, 0.7, 0.7, 0.7, 0.7])  # a cyclist unseen by the map: t0 halved
+    only_vehicles = agent_occupancy.track_existence(scores, boxes, classes, dense, GRID, 4, pooled_at_t0=())
+    np.testing.assert_array_equal(only_vehicles[0], scores)
+    with pytest.raises(ValueError, match="track_existence: 2 scores, 5 boxes and 5 classes differ"):
         agent_occupancy.track_existence(scores[:2], boxes, classes, dense, GRID, steps=4)
 
 
