@@ -20,6 +20,9 @@ Notation:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import numpy as np
 
 from bevjepa.datasets import categories, geometry, rasterize
@@ -226,26 +229,29 @@ def track_existence(
     return existence
 
 
-DENSE_FUTURE_CLASSES = ("vehicle", "cyclist")
-"""The classes whose dense map joins the tracked agents after t0 in ``fuse``: a pedestrian's future is its track's.
-Chosen on two worlds never scored (seeds 4 and 5): there, leaving the dense map out of the pedestrians' future
-lowered their Brier score and raised their IoU at 0.5 s and 1 s, for a little less at 1.5 s and 2 s; left out for
-vehicles or cyclists, their IoU fell (docs/forecaster.md)."""
+DENSE_FUTURE_STEPS: Mapping[str, int] = MappingProxyType({"vehicle": 2, "cyclist": 4})
+"""How many steps after t0 (0.5 s each) the dense map joins each class's tracked agents in ``fuse``; a class not
+named (pedestrians) has its tracks alone after t0. Chosen on two worlds never scored (seeds 4 and 5): leaving the
+dense map out of the pedestrians' future lowered their Brier score and raised their IoU at 0.5 s and 1 s, for a
+little less at 1.5 s and 2 s; left out of vehicles' or cyclists' whole future, their IoU fell. Later, with the
+tracks' velocities from their points and their existence pooled (two training runs), leaving it out of the
+vehicles' 1.5 s and 2 s gained them there in all four pairs and lowered their Brier score, while their 0.5 s lost
+without it on world 4 (docs/forecaster.md): the rollout's vehicles fade after 1 s, and the tracks carry them."""
 
 
-def fuse(instance: np.ndarray, dense: np.ndarray, dense_future: tuple[str, ...] = DENSE_FUTURE_CLASSES) -> np.ndarray:
+def fuse(instance: np.ndarray, dense: np.ndarray, dense_future: Mapping[str, int] = DENSE_FUTURE_STEPS) -> np.ndarray:
     """The forecast's occupancy from tracked agents and the dense latent map: their union, cell by cell.
 
     The rule, per step, class and cell: the larger of the two probabilities, at t0 for every class and after t0 for
-    the classes of ``dense_future``. Where a track explains a cell, its box moved along the modes is at least as
-    likely as the dense map says; where no track explains it (a person behind a car, a detection below the score
-    threshold), the dense map stands. The maximum is the union's probability when the two maps see the same objects
-    (fully dependent events), which they largely do; treating them as independent (``1 − (1 − a)(1 − b)``) would
-    count every tracked agent twice.
+    the steps ``dense_future`` gives the class. Where a track explains a cell, its box moved along the modes is at
+    least as likely as the dense map says; where no track explains it (a person behind a car, a detection below the
+    score threshold), the dense map stands. The maximum is the union's probability when the two maps see the same
+    objects (fully dependent events), which they largely do; treating them as independent (``1 − (1 − a)(1 − b)``)
+    would count every tracked agent twice.
 
     Pedestrians' future comes from their tracks alone: the rollout hardly moves a person (a walker crosses a
     quarter of a 2 m latent cell per step), so the dense map's pedestrians after t0 mostly stay where they were
-    and, joined with the tracks, paint people where they no longer are.
+    and, joined with the tracks, paint people where they no longer are. Vehicles' from 1.5 s on likewise.
 
     Measured (the 30-minute LiDAR model of the perception issue, ``mini_val``, vehicle IoU at t0 / 2 s): the dense
     map alone 0.522 / 0.177, this union 0.505 / 0.190, the tracks alone where they reach (the dense map elsewhere)
@@ -254,7 +260,7 @@ def fuse(instance: np.ndarray, dense: np.ndarray, dense_future: tuple[str, ...] 
     Args:
         instance: [S, C, H, W] float — ``mode_occupancy`` of the tracked agents (class order ``categories.CLASSES``).
         dense: [S, C, H, W] float — the latent occupancy head's probabilities.
-        dense_future: the class names whose dense map joins after t0.
+        dense_future: {class name: the steps after t0 at which its dense map joins}; classes not named: none.
 
     Returns:
         [S, C, H, W] float32.
@@ -267,5 +273,6 @@ def fuse(instance: np.ndarray, dense: np.ndarray, dense_future: tuple[str, ...] 
     unknown = set(dense_future) - set(categories.CLASSES)
     if unknown:
         raise ValueError(f"fuse: dense_future names {sorted(unknown)}, not classes of {categories.CLASSES}")
-    joins = np.isin(categories.CLASSES, dense_future)[None, :] | (np.arange(len(dense)) == 0)[:, None]  # [S, C]
+    last = np.array([dense_future.get(name, 0) for name in categories.CLASSES])  # [C] the last step it joins
+    joins = np.arange(len(dense))[:, None] <= last[None, :]  # [S, C], t0 for every class
     return np.maximum(instance, np.where(joins[:, :, None, None], dense, np.zeros((), dense.dtype))).astype(np.float32)

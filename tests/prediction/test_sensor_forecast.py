@@ -45,10 +45,11 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     assert blind.latent_occupancy is not None
     joined = np.ones(blind.occupancy.shape[:2], dtype=bool)  # [S, C] where the dense map joins the tracks
     joined[1:, categories.CLASSES.index("pedestrian")] = False  # a pedestrian's future is its track's alone
+    joined[3:, categories.CLASSES.index("vehicle")] = False  # a vehicle's from 1.5 s on
     assert np.all(blind.occupancy[joined] >= blind.latent_occupancy[joined])
     expected = np.where(joined[:, :, None, None], blind.latent_occupancy, 0.0)
     assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy), expected)
-    every = agent_occupancy.fuse(instance, blind.latent_occupancy, dense_future=categories.CLASSES)
+    every = agent_occupancy.fuse(instance, blind.latent_occupancy, dense_future={c: 4 for c in categories.CLASSES})
     assert np.array_equal(every, blind.latent_occupancy)
     # The tracks' share: their boxes along their modes, each there with its score, pooled with the dense map's support
     # after t0 for vehicles and at t0 for cyclists (``track_existence``).
@@ -247,7 +248,7 @@ def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
     with pytest.raises(ValueError, match=r"must match, \[S, 3, H, W\]"):  # two classes: not the model's three
         agent_occupancy.fuse(np.zeros((5, 2, 4, 4)), np.zeros((5, 2, 4, 4)))
     with pytest.raises(ValueError, match=r"fuse: dense_future names \['truck'\]"):
-        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), dense_future=("vehicle", "truck"))
+        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), dense_future={"vehicle": 4, "truck": 4})
     model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint)
     batch = torch_dataset.collate([dataset[0].sensors_only()])
     with pytest.raises(ValueError, match=r"tracks are for tracked agents, one per window \(1\)"):
