@@ -166,7 +166,7 @@ def mode_occupancy_instances(
 POOLED_CLASSES = ("vehicle",)
 """The classes whose tracks' existence after t0 pools the detection score with the dense map (``track_existence``).
 Chosen on two worlds never scored (seeds 4 and 5, two training runs): pooled, vehicles gained at every step after
-t0 in all four pairs; pedestrians lost at 0.5 s to 2 s, and cyclists moved both ways by up to 0.01
+t0 in all four pairs; pedestrians lost at 0.5 s to 2 s, and cyclists moved a little both ways
 (docs/forecaster.md)."""
 POOLED_AT_T0_CLASSES = ("cyclist",)
 """The classes whose tracks' existence at t0 is pooled as well. On the same worlds and runs a cyclist's t0 box
@@ -191,7 +191,7 @@ def track_existence(
     latents fades, and the tracks carry what was there. So after t0 a track of ``pooled`` is there with the mean of
     two estimates that it is real (a linear opinion pool): its detection score and the dense map's support, the
     mean probability of its class over the cells of its t0 box. The detection scores are cautious (tracks scored
-    0.4-0.5 matched an annotated agent nine times in ten on the worlds the pool was chosen on), and a track the
+    just under 0.5 mostly matched an annotated agent on the worlds the pool was chosen on), and a track the
     dense map sees too is seldom a false one. A track of ``pooled_at_t0`` takes the pool at t0 instead: there it is
     the track the dense map does not see that is more often false.
 

@@ -429,9 +429,9 @@ class Forecaster:
     the path from before this sharing (each keyframe's detection decoded in full, one by one, and the scene
     predicted again for the trajectories): the same forecasts up to float noise, for tests and ``bench model``.
 
-    Each moving track's velocity comes from its own LiDAR points, the motion that stacks its sweeps sharpest at t0
-    (``lidar_velocity``); ``velocity_from_points=False`` keeps the tracker's fit of detections (for a LiDAR whose
-    points carry no time, and for comparisons).
+    Each moving track's velocity (and a standing pedestrian's or cyclist's) comes from its own LiDAR points, the
+    motion that stacks its sweeps sharpest at t0 (``lidar_velocity``); ``velocity_from_points=False`` keeps the
+    tracker's fit of detections (for a LiDAR whose points carry no time, and for comparisons).
 
     A window without agents gets a complete forecast with none (the latent occupancy beside an empty agent map).
     An annotated agent the model cannot forecast (a NaN or infinite t0 box or valid past position, a class out of
@@ -594,9 +594,9 @@ class Forecaster:
         """The agents of each window, tracked from the model's own detections on its input keyframes.
 
         Vehicle boxes are then aligned to the dense occupancy at t0 (``tracking.align_to_occupancy``); without
-        ``scene`` the t0 step alone is decoded for it. Last, each moving track takes the velocity under which its
-        LiDAR points stack sharpest (``lidar_velocity.refine``), unless the forecaster was made with
-        ``velocity_from_points=False``.
+        ``scene`` the t0 step alone is decoded for it. Last, each moving track (and each standing pedestrian and
+        cyclist) takes the velocity under which its LiDAR points stack sharpest (``lidar_velocity.refine``), unless
+        the forecaster was made with ``velocity_from_points=False``.
 
         Args: as ``keyframe_detections``.
         """
