@@ -169,6 +169,21 @@ _ORTHONORMAL_TOLERANCE = 1e-6 + 1e-5 * np.abs(_EYE3)
 """[3, 3] what ``np.allclose(R @ R.T, I, atol=1e-6)`` allows (its default rtol 1e-5 applies to ``|I|``)."""
 
 
+def float32_geometry(device_type: str) -> torch.autocast:
+    """A context in which torch's autocast leaves products in float32: poses, points and sampling coordinates.
+
+    Training may run its forward pass under bfloat16 autocast (``TrainConfig.precision``), which would round the
+    matrix products of transforms too: 8 bits of mantissa put a point 30 m out 0.25 m off, half a target cell. Each
+    model stage wraps its geometry in this; without autocast it changes nothing.
+
+    Args:
+        device_type: the tensors' device type (``"cpu"``, ``"cuda"``).
+    """
+    import torch
+
+    return torch.autocast(device_type, enabled=False)
+
+
 def _det3(matrix: np.ndarray) -> float:
     """The determinant of a [3, 3] matrix by cofactors (its sign is all ``RigidTransform`` needs)."""
     (a, b, c), (d, e, f), (g, h, i) = matrix.tolist()

@@ -119,14 +119,16 @@ def warp_to_reference(
         grid: the grid of both input and output.
 
     Returns:
-        [B, C, H, W] the maps in the reference frame.
+        [B, C, H, W] the maps in the reference frame, float32 at least (a bfloat16 input under autocast too).
     """
     b = latent.shape[0]
+    latent = latent.to(torch.promote_types(latent.dtype, torch.float32))
     centers = torch.as_tensor(grid.cell_centers(), dtype=latent.dtype, device=latent.device)  # [H, W, 2]
     h, w, _ = centers.shape
     frame_from_reference = torch.linalg.inv(reference_from_frame.to(latent.dtype))  # [B, 4, 4]
     rotation, translation = frame_from_reference[:, :2, :2], frame_from_reference[:, :2, 3]  # [B, 2, 2], [B, 2]
-    source = torch.einsum("bij,hwj->bhwi", rotation, centers) + translation[:, None, None, :]  # [B, H, W, 2] x, y
+    with geometry.float32_geometry(latent.device.type):
+        source = torch.einsum("bij,hwj->bhwi", rotation, centers) + translation[:, None, None, :]  # [B, H, W, 2]
     sampling = grid.sampling_coords_torch(source)  # [B, H, W, 2] (column, row)
     assert sampling.shape == (b, h, w, 2)
     return F.grid_sample(latent, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)

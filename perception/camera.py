@@ -559,9 +559,10 @@ class CameraEncoder(nn.Module):
         depth_probs = head[:, :, :D].softmax(dim=2)  # [B, N, D, h, w]
         features = head[:, :, D:]  # [B, N, C, h, w]
 
-        bev = self.splat(
-            features, depth_probs, intrinsics.to(dtype), ego_from_camera.to(dtype), camera_mask
-        )  # [B, C, X, Y]
+        with geometry.float32_geometry(images.device.type):  # the rays' geometry and the sparse product
+            bev = self.splat(
+                features.to(dtype), depth_probs.to(dtype), intrinsics.to(dtype), ego_from_camera.to(dtype), camera_mask
+            )  # [B, C, X, Y]
         bev = self.bev_block(bev)  # [B, C, *out_grid.shape]
         return bev * camera_mask.any(dim=1).to(dtype)[:, None, None, None]  # [B, C, *out_grid.shape]
 

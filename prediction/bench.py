@@ -221,11 +221,12 @@ def training_step_time(
 def decoded_steps_speed(
     data: Path, preset: str = "small", sensors: str = "lidar", repeats: int = 7, threads: int = 1
 ) -> dict:
-    """A world-model training step decoding every step, against t0 and 1 or 2 drawn future steps, and direct's.
+    """A world-model training step decoding every step, against variants of it and the direct baseline's.
 
-    ``LossWeights.decoded_future_steps`` sets the drawn steps; the steps are interleaved, their medians reported
-    in milliseconds. The world model trains without the latent loss, as the 30-minute runs do; each variant is its
-    own model with the same initialisation, stepping on the same batch.
+    The variants: t0 and 1 or 2 drawn future steps decoded, and every step under bfloat16 autocast.
+    ``LossWeights.decoded_future_steps`` sets the drawn steps, ``TrainConfig.precision`` the autocast; the steps
+    are interleaved, their medians reported in milliseconds. The world model trains without the latent loss, as the
+    30-minute runs do; each variant is its own model with the same initialisation, stepping on the same batch.
 
     Args:
         data: a ``bevjepa preprocess`` output.
@@ -236,6 +237,8 @@ def decoded_steps_speed(
         threads: torch threads (the 30-minute runs train two models side by side on one thread each).
     """
     import dataclasses
+
+    from bevjepa.prediction import train
 
     torch.set_num_threads(threads)
     config = experiment_config.preset(preset)
@@ -258,6 +261,10 @@ def decoded_steps_speed(
         )
         for name, future in (("every_step", None), ("1_future_step", 1), ("2_future_steps", 2))
     }
+    every_step = variants["world_model_every_step"]
+    variants["world_model_bfloat16"] = dataclasses.replace(
+        every_step, train=dataclasses.replace(every_step.train, precision="bfloat16")
+    )
     variants["direct"] = direct
     dataset = torch_dataset.WindowDataset(data)
     batch = torch_dataset.collate([dataset[i % len(dataset)] for i in range(config.train.batch_size)])
@@ -268,8 +275,9 @@ def decoded_steps_speed(
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
         def step(net=net, optimizer=optimizer, variant=variant) -> None:
-            output = net(batch, decode=model.draw_decoded_steps(variant.model, variant.train.weights))
-            terms = model.compute_losses(net, batch, output, variant.train.weights)
+            with train.autocast(variant.train.precision, CPU):
+                output = net(batch, decode=model.draw_decoded_steps(variant.model, variant.train.weights))
+            terms = model.compute_losses(net, batch, model.heads_in_float32(output), variant.train.weights)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizer.step()
@@ -281,7 +289,7 @@ def decoded_steps_speed(
     for name, ms in times.items():
         result[f"{name}_ms"] = ms
     every = times["world_model_every_step"]
-    for name in ("world_model_1_future_step", "world_model_2_future_steps", "direct"):
+    for name in ("world_model_1_future_step", "world_model_2_future_steps", "world_model_bfloat16", "direct"):
         result[f"{name}_speedup"] = every / times[name]
     return result
 

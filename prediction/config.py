@@ -22,6 +22,9 @@ from bevjepa.perception import camera as camera_encoder
 from bevjepa.perception import lidar as lidar_encoder
 from bevjepa.prediction import model, world_model
 
+PRECISIONS = ("float32", "bfloat16")
+"""``TrainConfig.precision``'s choices."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -48,6 +51,10 @@ class TrainConfig:
             --seed``s), whose windows all join the training set (every scene, whatever its split); validation stays
             on ``val_split`` of the main data. Never the world that is scored, nor a held-out one.
         weights: the loss weights (``weights.latent = 0`` trains without the JEPA loss).
+        precision: ``float32``, or ``bfloat16``: the training forward pass under ``torch.autocast`` (convolutions
+            and matrix products in bfloat16, the warps' coordinates, the losses and the weights in float32). On a
+            CPU with native bfloat16 (AVX512-BF16, AMX) or a recent GPU a step is faster; elsewhere it may be slower
+            (``bevjepa bench training`` times both). Validation, evaluation and forecasts run in float32.
     """
 
     steps: int = 1500
@@ -66,8 +73,11 @@ class TrainConfig:
     val_split: str = "mini_val"
     extra_train_data: tuple[str, ...] = ()
     weights: model.LossWeights = field(default_factory=model.LossWeights)
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
             raise ValueError("TrainConfig: steps, batch_size and val_every must be positive")
         if not math.isfinite(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
@@ -96,14 +106,15 @@ class ExperimentConfig:
         """A short hash of what a resumed run must share with its checkpoint.
 
         Everything but ``RESUMABLE_FIELDS`` of ``train``: the step count (a finished run can be extended), the time
-        caps and the loader processes may change between a run and its ``--resume``.
+        caps, the loader processes and the precision (the weights stay float32) may change between a run and its
+        ``--resume``.
         """
         values = to_dict(self)
         values["train"] = {k: v for k, v in values["train"].items() if k not in RESUMABLE_FIELDS}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "checkpoint_minutes", "loader_workers"})
+RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "checkpoint_minutes", "loader_workers", "precision"})
 """``TrainConfig`` fields that ``--resume`` may change."""
 
 

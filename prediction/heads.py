@@ -70,8 +70,9 @@ def sample_bev(z: torch.Tensor, xy: torch.Tensor, grid: geometry.GridSpec) -> to
     B, D, H, W = z.shape
     if (H, W) != grid.shape:
         raise ValueError(f"z: expected [B, D, {grid.shape[0]}, {grid.shape[1]}] on its grid, got {list(z.shape)}")
-    sampling = grid.sampling_coords_torch(xy)[:, :, None].to(z.dtype)  # [B, N, 1, 2] (W, H) order
-    out = F.grid_sample(z, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B, D, N, 1]
+    dtype = torch.promote_types(z.dtype, torch.float32)  # never bfloat16 coordinates (autocast)
+    sampling = grid.sampling_coords_torch(xy.to(dtype))[:, :, None]  # [B, N, 1, 2] (W, H) order
+    out = F.grid_sample(z.to(dtype), sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[..., 0].transpose(1, 2)  # [B, N, D]
 
 
@@ -263,15 +264,20 @@ def warp_by_offset(maps: torch.Tensor, offset_m: torch.Tensor, grid: geometry.Gr
         grid: the maps' grid.
 
     Returns:
-        [N, D, H, W] the warped maps.
+        [N, D, H, W] the warped maps, float32 at least.
+
+    Runs in float32 at least, whatever the inputs' precision: under bfloat16 autocast a cell centre 30 m out would
+    round to 0.25 m, half a target cell.
     """
     h, w = grid.shape
+    dtype = torch.promote_types(maps.dtype, torch.float32)
+    offset_m = offset_m.to(dtype)
     if offset_m.shape[-2:] != (h, w):
         offset_m = F.interpolate(offset_m, size=(h, w), mode="bilinear", align_corners=False)
-    centres = torch.as_tensor(grid.cell_centers(), dtype=maps.dtype, device=maps.device)  # [H, W, 2]
-    source = centres + offset_m.permute(0, 2, 3, 1).to(maps.dtype)  # [N, H, W, 2] x, y (m)
+    centres = torch.as_tensor(grid.cell_centers(), dtype=dtype, device=maps.device)  # [H, W, 2]
+    source = centres + offset_m.permute(0, 2, 3, 1)  # [N, H, W, 2] x, y (m)
     return F.grid_sample(
-        maps, grid.sampling_coords_torch(source), mode="bilinear", padding_mode="zeros", align_corners=False
+        maps.to(dtype), grid.sampling_coords_torch(source), mode="bilinear", padding_mode="zeros", align_corners=False
     )
 
 

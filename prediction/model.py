@@ -272,7 +272,8 @@ class BevEncoder(nn.Module):
         camera_bev = lidar_bev = None
         levels: list[torch.Tensor] = []
         if self.camera is not None:
-            own_from_camera = ego_from_reference[:, None] @ frames.reference_from_camera.reshape(b * s, 6, 4, 4)
+            with geometry.float32_geometry(ego_from_reference.device.type):
+                own_from_camera = ego_from_reference[:, None] @ frames.reference_from_camera.reshape(b * s, 6, 4, 4)
             camera_bev = self.camera(
                 frames.images.reshape(b * s, *frames.images.shape[2:]),  # [B*S, 6, 3, Hc, Wc]
                 frames.intrinsics.reshape(b * s, 6, 3, 3),
@@ -282,7 +283,8 @@ class BevEncoder(nn.Module):
         if self.lidar is not None:
             owner = frames.points_batch * s + frames.points_frame  # [M] index into B*S
             transform = ego_from_reference[owner]  # [M, 4, 4]
-            xyz = torch.einsum("mij,mj->mi", transform[:, :3, :3], frames.points[:, :3]) + transform[:, :3, 3]
+            with geometry.float32_geometry(transform.device.type):
+                xyz = torch.einsum("mij,mj->mi", transform[:, :3, :3], frames.points[:, :3]) + transform[:, :3, 3]
             points = torch.cat([xyz, frames.points[:, 3:]], dim=1)  # [M, 5] in each frame's own ego frame
             *levels, lidar_bev = self.lidar.pyramid(points, owner, b * s)  # finest first; [B*S, Cl, H, W]
         if self.training and self.modality_dropout and self.config.fuser.modality_dropout > 0:
@@ -710,7 +712,8 @@ class BevJepa(nn.Module):
         n = len(frames)
         histories = [[max(0, k - p + 1 + i) for i in range(p)] for k in frames]  # n x P frame indices
         k_from_t0 = torch.linalg.inv(t0_from_ego[:, frames])  # [B, n, 4, 4]
-        k_from_history = k_from_t0[:, :, None] @ t0_from_ego[:, histories]  # [B, n, P, 4, 4]
+        with geometry.float32_geometry(k_from_t0.device.type):
+            k_from_history = k_from_t0[:, :, None] @ t0_from_ego[:, histories]  # [B, n, P, 4, 4]
         history_latents = own.latents[:, histories]  # [B, n, P, C, H, W]
         # The n keyframes side by side as one batch of B*n: one temporal fusion, one decoder pass, one head pass.
         latent = self.encoder.temporal(
@@ -834,11 +837,27 @@ HEAD_TERMS = ("latent", "occupancy", "dice", "flow", "trajectory", "detection")
 """The terms whose gradients at the shared latent z_t0 training logs (``gradient_norms``)."""
 
 
+def heads_in_float32(output: ModelOutput) -> ModelOutput:
+    """``output`` with every head's prediction in float32; the same object when nothing needs a cast.
+
+    A forward pass under bfloat16 autocast leaves them in bfloat16; the losses, their sigmoids and sums over 16,384
+    cells, need float32. z_t0 stays as it is: the gradient norms are taken at it (``gradient_norms``), and
+    ``compute_losses`` casts it for the regularizer.
+    """
+    names = ("rollout", "occupancy_logits", "modes", "mode_logits", "heatmap_logits", "regression", "flow")
+    changes = {
+        name: getattr(output, name).float()
+        for name in (*names, "present_logits")
+        if getattr(output, name) is not None and getattr(output, name).dtype != torch.float32
+    }
+    return replace(output, **changes) if changes else output
+
+
 def compute_losses(
     model: BevJepa, batch: torch_dataset.WindowBatch, output: ModelOutput, weights: LossWeights
 ) -> Losses:
     """All loss terms of one batch; the latent term needs the batch's future inputs when its weight is not 0."""
-    zero = output.latent.new_zeros(())
+    zero = output.latent.new_zeros((), dtype=torch.float32)
     if weights.latent > 0 and model.predictor is not None:
         f = output.rollout.shape[1]
         steps = sorted((torch.randperm(f)[: min(weights.latent_steps, f)] + 1).tolist())
@@ -847,16 +866,16 @@ def compute_losses(
         if not weights.latent_into_encoder:
             p = model.config.fuser.past_frames
             actions = batch.actions[:, p - 1 : p - 1 + max(steps)]  # [B, max(steps), 3]
-            rollout = model.predictor.rollout(output.latent.detach(), actions)  # [B, max(steps), C, H, W]
+            rollout = model.predictor.rollout(output.latent.detach().float(), actions)  # [B, max(steps), C, H, W]
         latent = losses.latent_prediction_loss(rollout[:, [k - 1 for k in steps]], target)
     else:
         latent = zero
     if model.predictor is not None:
         b, f, c, h, w = output.rollout.shape
-        everything = torch.cat([output.latent[:, None], output.rollout], dim=1).reshape(b * (f + 1), c, h, w)
+        everything = torch.cat([output.latent[:, None].float(), output.rollout], dim=1).reshape(b * (f + 1), c, h, w)
         variance, covariance = losses.vicreg_regularizer(everything)
     else:
-        variance, covariance = losses.vicreg_regularizer(output.latent)
+        variance, covariance = losses.vicreg_regularizer(output.latent.float())
     logits = output.occupancy_logits  # [B, S, classes, H, W], the steps decoded (t0 first)
     decoded = list(range(logits.shape[1])) if output.decoded is None else list(output.decoded)
     target = batch.occupancy[:, decoded]

@@ -316,7 +316,9 @@ def _train_step(
     """
     for group in optimizer.param_groups:
         group["lr"] = _learning_rate(settings, step, elapsed_s)
-    output = net(batch, decode=model.draw_decoded_steps(core.config, settings.weights))
+    with autocast(settings.precision, batch.occupancy.device):
+        output = net(batch, decode=model.draw_decoded_steps(core.config, settings.weights))
+    output = model.heads_in_float32(output)  # the losses in float32 under any precision
     terms = model.compute_losses(core, batch, output, settings.weights)
     norms = model.gradient_norms(terms, output, settings.weights) if step % GRADIENT_NORM_EVERY == 0 else {}
     optimizer.zero_grad(set_to_none=True)
@@ -328,6 +330,13 @@ def _train_step(
     scalars.update(latent_spread(output))
     scalars.update({f"grad_at_latent_{name}": value for name, value in norms.items()})
     return scalars
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The training forward pass's context for ``TrainConfig.precision``: bfloat16 autocast, or nothing."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 GRADIENT_NORM_EVERY = 25
@@ -342,7 +351,7 @@ def latent_spread(output: model.ModelOutput) -> dict[str, float]:
     """
 
     def spread(z: torch.Tensor) -> float:  # [B, C, H, W]
-        return float(z.detach().std(dim=(0, 2, 3)).mean())
+        return float(z.detach().float().std(dim=(0, 2, 3)).mean())
 
     rollout = output.rollout.detach()
     return {"latent_std": spread(output.latent), "rollout_std": spread(rollout.reshape(-1, *rollout.shape[2:]))}

@@ -100,7 +100,8 @@ def test_training_with_one_drawn_step_runs_and_validation_decodes_every_step(
 
 def test_the_training_bench_times_every_variant_on_the_same_model(light_config_file, synthetic_windows, capsys):
     result = bench.decoded_steps_speed(synthetic_windows, str(light_config_file), repeats=1)
-    for name in ("world_model_every_step", "world_model_1_future_step", "world_model_2_future_steps", "direct"):
+    names = ("every_step", "1_future_step", "2_future_steps", "bfloat16")
+    for name in (*(f"world_model_{name}" for name in names), "direct"):
         assert result[f"{name}_ms"] > 0
     assert result["world_model_1_future_step_speedup"] == pytest.approx(
         result["world_model_every_step_ms"] / result["world_model_1_future_step_ms"]

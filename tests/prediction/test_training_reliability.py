@@ -90,6 +90,8 @@ def test_cli_resume_keeps_the_runs_own_config(synthetic_windows, tmp_path, capsy
                 "0",
                 "--batch-size",
                 "1",
+                "--precision",
+                "bfloat16",
             ]
         )
         == 0
@@ -113,7 +115,7 @@ def test_cli_resume_keeps_the_runs_own_config(synthetic_windows, tmp_path, capsy
         == 0
     )
     config = checkpoint.load_config(run)
-    assert config.train.batch_size == 1 and config.train.steps == 2
+    assert config.train.batch_size == 1 and config.train.steps == 2 and config.train.precision == "bfloat16"
     assert checkpoint.load_state(run)["step"] == 2
 
 
