@@ -234,7 +234,7 @@ def decoded_steps_speed(
             variant.
         sensors: ``both``, ``lidar`` or ``camera``, as ``bevjepa train --sensors``.
         repeats: steps timed per variant (after one untimed step each).
-        threads: torch threads (the 30-minute runs train two models side by side on one thread each).
+        threads: torch threads (one by default; `bevjepa train` uses every core, two on the 2-core host).
     """
     import dataclasses
 

@@ -249,7 +249,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         if not args.data:
             raise ValueError("bench training needs --data (a `bevjepa preprocess` output)")
-        print(bevio.format_report(model_bench.decoded_steps_speed(Path(args.data), args.config, args.sensors)))
+        print(
+            bevio.format_report(
+                model_bench.decoded_steps_speed(Path(args.data), args.config, args.sensors, threads=args.threads)
+            )
+        )
     elif args.what == "evaluation":
         from bevjepa.prediction import bench as model_bench
 
@@ -534,6 +538,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     bench.add_argument("--scenes", type=int, default=10, help="scenes to write (synth, preprocess)")
     bench.add_argument("--duration", type=float, default=20.0, help="seconds per scene (synth, preprocess)")
     bench.add_argument("--workers", type=int, default=2, help="Ray workers (synth)")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (training; default 1)")
     bench.set_defaults(run=_bench)
 
 
