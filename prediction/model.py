@@ -844,11 +844,20 @@ def heads_in_float32(output: ModelOutput) -> ModelOutput:
     cells, need float32. z_t0 stays as it is: the gradient norms are taken at it (``gradient_norms``), and
     ``compute_losses`` casts it for the regularizer.
     """
-    names = ("rollout", "occupancy_logits", "modes", "mode_logits", "heatmap_logits", "regression", "flow")
+    names = (
+        "rollout",
+        "occupancy_logits",
+        "modes",
+        "mode_logits",
+        "heatmap_logits",
+        "regression",
+        "flow",
+        "present_logits",
+    )
     changes = {
-        name: getattr(output, name).float()
-        for name in (*names, "present_logits")
-        if getattr(output, name) is not None and getattr(output, name).dtype != torch.float32
+        name: value.float()
+        for name in names
+        if (value := getattr(output, name)) is not None and value.dtype != torch.float32
     }
     return replace(output, **changes) if changes else output
 
