@@ -230,37 +230,72 @@ def track_existence(
 
 
 DENSE_FUTURE_STEPS: Mapping[str, int] = MappingProxyType({"vehicle": 2, "cyclist": 4})
-"""How many steps after t0 (0.5 s each) the dense map joins each class's tracked agents in ``fuse``; a class not
-named (pedestrians) has its tracks alone after t0. Chosen on two worlds never scored (seeds 4 and 5): leaving the
-dense map out of the pedestrians' future lowered their Brier score and raised their IoU at 0.5 s and 1 s, for a
-little less at 1.5 s and 2 s; left out of vehicles' or cyclists' whole future, their IoU fell. Later, with the
-tracks' velocities from their points and their existence pooled (two training runs), leaving it out of the
-vehicles' 1.5 s and 2 s gained them there in all four pairs and lowered their Brier score, while their 0.5 s lost
-without it on world 4 (docs/forecaster.md): the rollout's vehicles fade after 1 s, and the tracks carry them."""
+"""How many steps after t0 (0.5 s each) the dense map joins each class's tracked agents everywhere in ``fuse``; after
+them it joins only where no track of the class explains a cell (``track_footprint``), and a class not named
+(pedestrians) is in that case from 0.5 s on. Chosen on two worlds never scored (seeds 4 and 5): leaving the dense
+map out of the pedestrians' future lowered their Brier score and raised their IoU at 0.5 s and 1 s, for a little
+less at 1.5 s and 2 s; left out of vehicles' or cyclists' whole future, their IoU fell. Later, with the tracks'
+velocities from their points and their existence pooled (two training runs), leaving it out of the vehicles' 1.5 s
+and 2 s gained them there in all four pairs and lowered their Brier score, while their 0.5 s lost without it on
+world 4 (docs/forecaster.md): the rollout's vehicles fade after 1 s, and the tracks carry them."""
+
+EXPLAINED_MARGIN_M = 1.0
+"""How far beyond a tracked agent's boxes along its modes the track explains the dense map's cells of its class
+(m, every side): the rolled-out latents paint a vehicle in 2 m cells and smear it as it moves."""
 
 
-def fuse(instance: np.ndarray, dense: np.ndarray, dense_future: Mapping[str, int] = DENSE_FUTURE_STEPS) -> np.ndarray:
+def track_footprint(
+    agent_box: np.ndarray,
+    agent_class: np.ndarray,
+    modes: np.ndarray,
+    probabilities: np.ndarray,
+    grid: geometry.GridSpec,
+    classes: int,
+    steps: int,
+    margin_m: float = EXPLAINED_MARGIN_M,
+) -> np.ndarray:
+    """The cells the tracked agents explain: each agent's box at t0 and along every mode, grown by ``margin_m``.
+
+    Args: as ``mode_occupancy`` (every mode counts, whatever its probability; the agents' existence does not
+        matter), and ``margin_m`` added to each side of every box (m).
+
+    Returns:
+        [C, H, W] bool — True where some agent of the class covers the cell at some step (t0 to ``steps``).
+    """
+    if not margin_m >= 0:
+        raise ValueError(f"track_footprint: margin_m must be a non-negative distance, got {margin_m}")
+    grown = np.array(agent_box, dtype=np.float64).reshape(-1, 7)
+    grown[:, 3:5] += 2 * margin_m
+    covered = mode_occupancy(grown, agent_class, modes, probabilities, grid, classes, steps)  # [S, C, H, W]
+    return (covered > 0).any(axis=0)
+
+
+def fuse(
+    instance: np.ndarray,
+    dense: np.ndarray,
+    explained: np.ndarray,
+    dense_future: Mapping[str, int] = DENSE_FUTURE_STEPS,
+) -> np.ndarray:
     """The forecast's occupancy from tracked agents and the dense latent map: their union, cell by cell.
 
-    The rule, per step, class and cell: the larger of the two probabilities, at t0 for every class and after t0 for
-    the steps ``dense_future`` gives the class. Where a track explains a cell, its box moved along the modes is at
-    least as likely as the dense map says; where no track explains it (a person behind a car, a detection below the
-    score threshold), the dense map stands. The maximum is the union's probability when the two maps see the same
-    objects (fully dependent events), which they largely do; treating them as independent (``1 − (1 − a)(1 − b)``)
-    would count every tracked agent twice.
+    The rule, per step, class and cell: the larger of the two probabilities, at t0 for every class, after t0 for the
+    steps ``dense_future`` gives the class, and at every later step where no track of the class explains the cell
+    (``explained``, ``track_footprint``). Where a track explains a cell, its box moved along the modes is at least
+    as likely as the dense map says; where no track explains it (a person behind a car, a detection below the score
+    threshold), the dense map stands at every step: a car the detector misses is still in the planner's way. The
+    maximum is the union's probability when the two maps see the same objects (fully dependent events), which they
+    largely do; treating them as independent (``1 − (1 − a)(1 − b)``) would count every tracked agent twice.
 
-    Pedestrians' future comes from their tracks alone: the rollout hardly moves a person (a walker crosses a
-    quarter of a 2 m latent cell per step), so the dense map's pedestrians after t0 mostly stay where they were
-    and, joined with the tracks, paint people where they no longer are. Vehicles' from 1.5 s on likewise.
-
-    Measured (the 30-minute LiDAR model of the perception issue, ``mini_val``, vehicle IoU at t0 / 2 s): the dense
-    map alone 0.522 / 0.177, this union 0.505 / 0.190, the tracks alone where they reach (the dense map elsewhere)
-    0.480 / 0.146. The tracked boxes (vehicle IoU 0.49 at t0 by themselves) are not sharper than the dense map.
+    Near their tracks, pedestrians' future comes from the tracks alone: the rollout hardly moves a person (a walker
+    crosses a quarter of a 2 m latent cell per step), so the dense map's pedestrians after t0 mostly stay where they
+    were and, joined with the tracks, paint people where they no longer are. Vehicles' from 1.5 s on likewise.
 
     Args:
         instance: [S, C, H, W] float — ``mode_occupancy`` of the tracked agents (class order ``categories.CLASSES``).
         dense: [S, C, H, W] float — the latent occupancy head's probabilities.
-        dense_future: {class name: the steps after t0 at which its dense map joins}; classes not named: none.
+        explained: [C, H, W] bool — the cells the tracks explain (``track_footprint``).
+        dense_future: {class name: the steps after t0 at which its dense map joins everywhere}; classes not named:
+            none.
 
     Returns:
         [S, C, H, W] float32.
@@ -270,9 +305,12 @@ def fuse(instance: np.ndarray, dense: np.ndarray, dense_future: Mapping[str, int
             f"fuse: instance {list(instance.shape)} and dense {list(dense.shape)} must match, "
             f"[S, {len(categories.CLASSES)}, H, W] (the classes {categories.CLASSES})"
         )
+    if explained.shape != dense.shape[1:]:
+        raise ValueError(f"fuse: explained must be [C, H, W] = {list(dense.shape[1:])}, got {list(explained.shape)}")
     unknown = set(dense_future) - set(categories.CLASSES)
     if unknown:
         raise ValueError(f"fuse: dense_future names {sorted(unknown)}, not classes of {categories.CLASSES}")
     last = np.array([dense_future.get(name, 0) for name in categories.CLASSES])  # [C] the last step it joins
-    joins = np.arange(len(dense))[:, None] <= last[None, :]  # [S, C], t0 for every class
-    return np.maximum(instance, np.where(joins[:, :, None, None], dense, np.zeros((), dense.dtype))).astype(np.float32)
+    everywhere = np.arange(len(dense))[:, None] <= last[None, :]  # [S, C], t0 for every class
+    joins = everywhere[:, :, None, None] | ~np.asarray(explained, dtype=bool)[None]  # [S, C, H, W]
+    return np.maximum(instance, np.where(joins, dense, np.zeros((), dense.dtype))).astype(np.float32)

@@ -723,7 +723,14 @@ class Forecaster:
                 boxes[b, :count], agent_classes[b, :count], modes[b, :count], probabilities[b, :count], config.grid,
                 C, S - 1, existence=existence,
             )  # fmt: skip
-            occupancy = agents if self.agents == "annotated" else agent_occupancy.fuse(agents, latent[b])
+            if self.agents == "annotated":
+                occupancy = agents
+            else:
+                explained = agent_occupancy.track_footprint(
+                    boxes[b, :count], agent_classes[b, :count], modes[b, :count], probabilities[b, :count],
+                    config.grid, C, S - 1,
+                )  # fmt: skip
+                occupancy = agent_occupancy.fuse(agents, latent[b], explained)
             results.append(
                 OccupancyForecast(
                     timestamp_us=batch.timestamps_us[b],

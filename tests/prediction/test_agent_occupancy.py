@@ -173,3 +173,48 @@ def test_each_cell_belongs_to_the_agent_with_the_most_mass():
     np.testing.assert_allclose(occupancy[4, 0][here[0]], 1.0)
     far = GRID.xy_to_index(np.array([[10.0, 0.0]]))
     assert instances[4][far[0][0], far[1][0]] == 3 and occupancy[4, 0][far[0][0], far[1][0]] == np.float32(0.2)
+
+
+def test_a_tracks_footprint_covers_its_boxes_along_every_mode_grown_by_the_margin():
+    box = _box(0.0, 0.0, 0.0)[None]  # a car at the origin heading +x
+    modes = np.stack(
+        [
+            baselines.constant_velocity_trajectories(box[:, :2], np.array([[4.0, 0.0]]), 12)[:, 0],
+            baselines.constant_velocity_trajectories(box[:, :2], np.array([[0.0, 0.0]]), 12)[:, 0],
+        ],
+        axis=1,
+    )
+    explained = agent_occupancy.track_footprint(box, np.array([0]), modes, np.array([[0.99, 0.01]]), GRID, 3, 4)
+    assert explained.shape == (3, 128, 128) and explained.dtype == bool
+    assert not explained[1:].any()  # only the car's class
+    index = lambda x, y: GRID.xy_to_index(np.array([[x, y]]))[:2]  # noqa: E731
+    for x, y in [(0.0, 0.0), (8.0, 0.0), (10.0, 0.0), (0.0, 1.6)]:  # t0, 2 s ahead, its front there, 1 m beside
+        row, col = index(x, y)
+        assert explained[0, row[0], col[0]], (x, y)
+    for x, y in [(0.0, 2.6), (14.0, 0.0), (-4.0, 0.0)]:  # 1.6 m beside, beyond its path's ends
+        row, col = index(x, y)
+        assert not explained[0, row[0], col[0]], (x, y)
+    tight = agent_occupancy.track_footprint(box, np.array([0]), modes, np.array([[0.99, 0.01]]), GRID, 3, 4, 0.0)
+    assert tight.sum() < explained.sum() and not (tight & ~explained).any()
+    with pytest.raises(ValueError, match="margin_m must be a non-negative distance"):
+        agent_occupancy.track_footprint(box, np.array([0]), modes, np.array([[0.5, 0.5]]), GRID, 3, 4, -1.0)
+
+
+def test_a_car_no_track_explains_stays_in_the_fused_future_and_a_tracked_one_is_its_tracks():
+    """A car standing 20 m ahead that the detector missed: the dense map sees it at every step, and so must the
+    forecast a planner reads; the same car where a track explains it is the track's own from 1.5 s on."""
+    dense = np.zeros((5, 3, *GRID.shape), dtype=np.float32)
+    missed = rasterize.rasterize_boxes(
+        GRID, np.array([[20.0, 0.0]]), np.array([[1.9, 4.6]]), np.zeros(1), np.array([0]), 3
+    )[0].astype(bool)  # [3, H, W]
+    tracked = rasterize.rasterize_boxes(
+        GRID, np.array([[-20.0, 0.0]]), np.array([[1.9, 4.6]]), np.zeros(1), np.array([0]), 3
+    )[0].astype(bool)
+    dense[:, missed | tracked] = 0.9
+    box = _box(-20.0, 0.0, 0.0)[None]
+    modes = baselines.constant_velocity_trajectories(box[:, :2], np.array([[0.0, 0.0]]), 12)
+    instance = agent_occupancy.mode_occupancy(box, np.array([0]), modes, np.ones((1, 1)), GRID, 3, 4, np.full(1, 0.5))
+    explained = agent_occupancy.track_footprint(box, np.array([0]), modes, np.ones((1, 1)), GRID, 3, 4)
+    fused = agent_occupancy.fuse(instance, dense, explained)
+    assert np.all(fused[:, missed] == np.float32(0.9))  # every step, 0 s to 2 s
+    assert np.all(fused[:3, tracked] == np.float32(0.9)) and np.all(fused[3:, tracked] == np.float32(0.5))

@@ -43,13 +43,17 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
         np.zeros((0, 7)), np.zeros(0, np.int64), np.zeros((0, 10, 12, 2)), np.zeros((0, 10)), blind.grid, 3, 4
     )
     assert blind.latent_occupancy is not None
-    joined = np.ones(blind.occupancy.shape[:2], dtype=bool)  # [S, C] where the dense map joins the tracks
-    joined[1:, categories.CLASSES.index("pedestrian")] = False  # a pedestrian's future is its track's alone
+    joined = np.ones(blind.occupancy.shape[:2], dtype=bool)  # [S, C] where the dense map joins every track
+    joined[1:, categories.CLASSES.index("pedestrian")] = False  # near its track, a pedestrian's future is the track's
     joined[3:, categories.CLASSES.index("vehicle")] = False  # a vehicle's from 1.5 s on
     assert np.all(blind.occupancy[joined] >= blind.latent_occupancy[joined])
+    nowhere = np.zeros(blind.latent_occupancy.shape[1:], dtype=bool)  # no track explains any cell: the dense map stands
+    assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy, nowhere), blind.latent_occupancy)
     expected = np.where(joined[:, :, None, None], blind.latent_occupancy, 0.0)
-    assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy), expected)
-    every = agent_occupancy.fuse(instance, blind.latent_occupancy, dense_future={c: 4 for c in categories.CLASSES})
+    assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy, ~nowhere), expected)
+    every = agent_occupancy.fuse(
+        instance, blind.latent_occupancy, ~nowhere, dense_future={c: 4 for c in categories.CLASSES}
+    )
     assert np.array_equal(every, blind.latent_occupancy)
     # The tracks' share: their boxes along their modes, each there with its score, pooled with the dense map's support
     # after t0 for vehicles and at t0 for cyclists (``track_existence``).
@@ -62,7 +66,13 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     tracked = agent_occupancy.mode_occupancy(
         boxes, blind.agent_classes, blind.trajectories, blind.mode_probabilities, blind.grid, 3, 4, existence
     )
-    np.testing.assert_allclose(blind.occupancy, agent_occupancy.fuse(tracked, blind.latent_occupancy), atol=1e-6)
+    explained = agent_occupancy.track_footprint(
+        boxes, blind.agent_classes, blind.trajectories, blind.mode_probabilities, blind.grid, 3, 4
+    )
+    assert explained.any() and not explained.all()
+    np.testing.assert_allclose(
+        blind.occupancy, agent_occupancy.fuse(tracked, blind.latent_occupancy, explained), atol=1e-6
+    )
     # The annotated window gives the same forecast: nothing annotated is read (fresh forecaster, fresh ids).
     again = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0).forecast(window)
     np.testing.assert_array_equal(again.agent_ids, blind.agent_ids)
@@ -244,11 +254,15 @@ def test_a_stream_detects_each_keyframe_once_when_it_is_the_present(dataset, tin
 
 def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
     with pytest.raises(ValueError, match=r"fuse: instance \[5, 3, 4, 4\] and dense \[5, 3, 8, 8\] must match"):
-        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 8, 8)))
+        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 8, 8)), np.zeros((3, 8, 8), bool))
     with pytest.raises(ValueError, match=r"must match, \[S, 3, H, W\]"):  # two classes: not the model's three
-        agent_occupancy.fuse(np.zeros((5, 2, 4, 4)), np.zeros((5, 2, 4, 4)))
+        agent_occupancy.fuse(np.zeros((5, 2, 4, 4)), np.zeros((5, 2, 4, 4)), np.zeros((2, 4, 4), bool))
+    with pytest.raises(ValueError, match=r"fuse: explained must be \[C, H, W\] = \[3, 4, 4\], got \[3, 8, 8\]"):
+        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), np.zeros((3, 8, 8), bool))
     with pytest.raises(ValueError, match=r"fuse: dense_future names \['truck'\]"):
-        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), dense_future={"vehicle": 4, "truck": 4})
+        agent_occupancy.fuse(
+            np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), np.zeros((3, 4, 4), bool), {"vehicle": 4, "truck": 4}
+        )
     model = forecaster.Forecaster.from_checkpoint(tiny_checkpoint)
     batch = torch_dataset.collate([dataset[0].sensors_only()])
     with pytest.raises(ValueError, match=r"tracks are for tracked agents, one per window \(1\)"):
