@@ -230,14 +230,20 @@ def track_existence(
 
 
 DENSE_FUTURE_STEPS: Mapping[str, int] = MappingProxyType({"vehicle": 2, "cyclist": 4})
-"""How many steps after t0 (0.5 s each) the dense map joins each class's tracked agents everywhere in ``fuse``; after
-them it joins only where no track of the class explains a cell (``track_footprint``), and a class not named
-(pedestrians) is in that case from 0.5 s on. Chosen on two worlds never scored (seeds 4 and 5): leaving the dense
-map out of the pedestrians' future lowered their Brier score and raised their IoU at 0.5 s and 1 s, for a little
-less at 1.5 s and 2 s; left out of vehicles' or cyclists' whole future, their IoU fell. Later, with the tracks'
-velocities from their points and their existence pooled (two training runs), leaving it out of the vehicles' 1.5 s
-and 2 s gained them there in all four pairs and lowered their Brier score, while their 0.5 s lost without it on
-world 4 (docs/forecaster.md): the rollout's vehicles fade after 1 s, and the tracks carry them."""
+"""How many steps after t0 (0.5 s each) the dense map joins each class's tracked agents everywhere in ``fuse``; a
+class not named (pedestrians): none. Chosen on two worlds never scored (seeds 4 and 5): leaving the dense map out of
+the pedestrians' future lowered their Brier score and raised their IoU at 0.5 s and 1 s, for a little less at 1.5 s
+and 2 s; left out of vehicles' or cyclists' whole future, their IoU fell. Later, with the tracks' velocities from
+their points and their existence pooled (two training runs), leaving it out of the vehicles' 1.5 s and 2 s gained
+them there in all four pairs and lowered their Brier score, while their 0.5 s lost without it on world 4
+(docs/forecaster.md): the rollout's vehicles fade after 1 s, and the tracks carry them."""
+
+UNTRACKED_FUTURE_CLASSES: tuple[str, ...] = ("vehicle", "cyclist")
+"""The classes whose dense map joins at every step after their ``DENSE_FUTURE_STEPS`` where no track explains a
+cell (``track_footprint``): a car the detector misses stays in the planner's way. On the same worlds and two runs
+(docs/forecaster.md) it cost the vehicles at most 0.003 of IoU at 1.5 s and 2 s and about 0.02 of VPQ at 2 s; the
+pedestrians', added too, lost IoU from 0.5 s on in all four pairs (the rollout holds a person where they were), so
+their future stays their tracks'."""
 
 EXPLAINED_MARGIN_M = 1.0
 """How far beyond a tracked agent's boxes along its modes the track explains the dense map's cells of its class
@@ -275,20 +281,22 @@ def fuse(
     dense: np.ndarray,
     explained: np.ndarray,
     dense_future: Mapping[str, int] = DENSE_FUTURE_STEPS,
+    untracked_future: tuple[str, ...] = UNTRACKED_FUTURE_CLASSES,
 ) -> np.ndarray:
     """The forecast's occupancy from tracked agents and the dense latent map: their union, cell by cell.
 
     The rule, per step, class and cell: the larger of the two probabilities, at t0 for every class, after t0 for the
-    steps ``dense_future`` gives the class, and at every later step where no track of the class explains the cell
-    (``explained``, ``track_footprint``). Where a track explains a cell, its box moved along the modes is at least
-    as likely as the dense map says; where no track explains it (a person behind a car, a detection below the score
-    threshold), the dense map stands at every step: a car the detector misses is still in the planner's way. The
-    maximum is the union's probability when the two maps see the same objects (fully dependent events), which they
-    largely do; treating them as independent (``1 − (1 − a)(1 − b)``) would count every tracked agent twice.
+    steps ``dense_future`` gives the class, and, for the classes of ``untracked_future``, at every later step where
+    no track of the class explains the cell (``explained``, ``track_footprint``). Where a track explains a cell, its
+    box moved along the modes is at least as likely as the dense map says; where no track explains it (a car behind
+    a car, a detection below the score threshold), the dense map stands: a car the detector misses is still in the
+    planner's way at 2 s. The maximum is the union's probability when the two maps see the same objects (fully
+    dependent events), which they largely do; treating them as independent (``1 − (1 − a)(1 − b)``) would count
+    every tracked agent twice.
 
-    Near their tracks, pedestrians' future comes from the tracks alone: the rollout hardly moves a person (a walker
-    crosses a quarter of a 2 m latent cell per step), so the dense map's pedestrians after t0 mostly stay where they
-    were and, joined with the tracks, paint people where they no longer are. Vehicles' from 1.5 s on likewise.
+    Pedestrians' future comes from their tracks alone: the rollout hardly moves a person (a walker crosses a
+    quarter of a 2 m latent cell per step), so the dense map's pedestrians after t0 mostly stay where they were and
+    paint people where they no longer are. Near their tracks, vehicles' from 1.5 s on likewise.
 
     Args:
         instance: [S, C, H, W] float — ``mode_occupancy`` of the tracked agents (class order ``categories.CLASSES``).
@@ -296,6 +304,7 @@ def fuse(
         explained: [C, H, W] bool — the cells the tracks explain (``track_footprint``).
         dense_future: {class name: the steps after t0 at which its dense map joins everywhere}; classes not named:
             none.
+        untracked_future: the class names whose dense map joins after those steps where ``explained`` is False.
 
     Returns:
         [S, C, H, W] float32.
@@ -307,10 +316,13 @@ def fuse(
         )
     if explained.shape != dense.shape[1:]:
         raise ValueError(f"fuse: explained must be [C, H, W] = {list(dense.shape[1:])}, got {list(explained.shape)}")
-    unknown = set(dense_future) - set(categories.CLASSES)
-    if unknown:
-        raise ValueError(f"fuse: dense_future names {sorted(unknown)}, not classes of {categories.CLASSES}")
+    for name, named in (("dense_future", set(dense_future)), ("untracked_future", set(untracked_future))):
+        if named - set(categories.CLASSES):
+            unknown = sorted(named - set(categories.CLASSES))
+            raise ValueError(f"fuse: {name} names {unknown}, not classes of {categories.CLASSES}")
     last = np.array([dense_future.get(name, 0) for name in categories.CLASSES])  # [C] the last step it joins
     everywhere = np.arange(len(dense))[:, None] <= last[None, :]  # [S, C], t0 for every class
-    joins = everywhere[:, :, None, None] | ~np.asarray(explained, dtype=bool)[None]  # [S, C, H, W]
+    untracked = np.array([name in untracked_future for name in categories.CLASSES])  # [C]
+    unexplained = untracked[:, None, None] & ~np.asarray(explained, dtype=bool)  # [C, H, W]
+    joins = everywhere[:, :, None, None] | unexplained[None]  # [S, C, H, W]
     return np.maximum(instance, np.where(joins, dense, np.zeros((), dense.dtype))).astype(np.float32)

@@ -101,8 +101,9 @@ class OccupancyForecast:
         occupancy: [S, C, H, W] float32 — probability that each cell is occupied by an agent of each class. For
             tracked agents (the default), the fused map (``agent_occupancy.fuse``): the agents' t0 boxes moved
             along their trajectory modes, weighted by the modes' probabilities and the agent's detection score,
-            joined cell by cell (the larger) with the latent occupancy; for annotated agents, their boxes along
-            the modes alone.
+            joined cell by cell (the larger) with the latent occupancy (after t0 per class: near the tracks only up
+            to 1 s for vehicles, never for pedestrians; away from every track at every step for vehicles and
+            cyclists); for annotated agents, their boxes along the modes alone.
         agent_ids: [A] str — track ids (tracked agents) or instance tokens (annotated agents).
         agent_classes: [A] int64 — class index of each agent.
         trajectory_times_s: [T] float32 — seconds after t0 of each trajectory step (0.5 ... 6.0).

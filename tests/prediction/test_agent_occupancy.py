@@ -218,3 +218,8 @@ def test_a_car_no_track_explains_stays_in_the_fused_future_and_a_tracked_one_is_
     fused = agent_occupancy.fuse(instance, dense, explained)
     assert np.all(fused[:, missed] == np.float32(0.9))  # every step, 0 s to 2 s
     assert np.all(fused[:3, tracked] == np.float32(0.9)) and np.all(fused[3:, tracked] == np.float32(0.5))
+    # A pedestrian's future is its track's alone, explained or not: the rollout holds a person where they were.
+    person = np.zeros_like(dense)
+    person[:, 1, missed[0]] = 0.9
+    fused = agent_occupancy.fuse(np.zeros_like(dense), person, np.zeros(dense.shape[1:], dtype=bool))
+    assert np.all(fused[0, 1, missed[0]] == np.float32(0.9)) and not fused[1:].any()

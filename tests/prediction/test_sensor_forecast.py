@@ -48,7 +48,12 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     joined[3:, categories.CLASSES.index("vehicle")] = False  # a vehicle's from 1.5 s on
     assert np.all(blind.occupancy[joined] >= blind.latent_occupancy[joined])
     nowhere = np.zeros(blind.latent_occupancy.shape[1:], dtype=bool)  # no track explains any cell: the dense map stands
-    assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy, nowhere), blind.latent_occupancy)
+    people = np.ones(blind.occupancy.shape[:2], dtype=bool)
+    people[1:, categories.CLASSES.index("pedestrian")] = False  # but a pedestrian's future is its track's alone
+    expected = np.where(people[:, :, None, None], blind.latent_occupancy, 0.0)
+    assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy, nowhere), expected)
+    all_classes = agent_occupancy.fuse(instance, blind.latent_occupancy, nowhere, untracked_future=categories.CLASSES)
+    assert np.array_equal(all_classes, blind.latent_occupancy)
     expected = np.where(joined[:, :, None, None], blind.latent_occupancy, 0.0)
     assert np.array_equal(agent_occupancy.fuse(instance, blind.latent_occupancy, ~nowhere), expected)
     every = agent_occupancy.fuse(
@@ -259,6 +264,8 @@ def test_mismatched_inputs_are_refused_by_name(dataset, tiny_checkpoint):
         agent_occupancy.fuse(np.zeros((5, 2, 4, 4)), np.zeros((5, 2, 4, 4)), np.zeros((2, 4, 4), bool))
     with pytest.raises(ValueError, match=r"fuse: explained must be \[C, H, W\] = \[3, 4, 4\], got \[3, 8, 8\]"):
         agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), np.zeros((3, 8, 8), bool))
+    with pytest.raises(ValueError, match=r"fuse: untracked_future names \['truck'\]"):
+        agent_occupancy.fuse(np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), np.zeros((3, 4, 4), bool), {}, ("truck",))
     with pytest.raises(ValueError, match=r"fuse: dense_future names \['truck'\]"):
         agent_occupancy.fuse(
             np.zeros((5, 3, 4, 4)), np.zeros((5, 3, 4, 4)), np.zeros((3, 4, 4), bool), {"vehicle": 4, "truck": 4}
