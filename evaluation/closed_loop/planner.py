@@ -10,9 +10,13 @@ picks the one with the lowest cost:
 
 where
 
-- ``collision`` = max over the candidate's poses of ``p_t · (1 - 0.5 · t / horizon)``, with ``p_t`` the
-  forecast's ``OccupancyForecast.collision_probability`` of the footprint (enlarged by ``footprint_margin_m``)
-  at pose ``t``: a collision late in the horizon costs half one that is about to happen;
+- ``collision`` = max over the candidate's poses of ``p_t · (1 - 0.5 · t / horizon) · severity_t``, with ``p_t``
+  the forecast's ``OccupancyForecast.collision_probability`` of the footprint (enlarged by ``footprint_margin_m``)
+  at pose ``t``: a collision late in the horizon costs half one that is about to happen; and ``severity_t`` =
+  ``standstill_severity + (1 - standstill_severity) · v_t / v_top`` (``v_t`` the candidate's speed at the pose,
+  ``v_top`` the fastest speed of any candidate): hitting something at speed costs more than touching it almost
+  stopped, so where every candidate runs into the forecast occupancy, the one that brakes hardest costs least
+  (without it the collision terms tied and progress chose to drive on into a car standing ahead);
 - ``progress`` is the distance the candidate covers over the horizon (m), relative to the farthest candidate;
 - ``comfort`` = (a / 4)² + (|a - a_now| / 8)², the commanded acceleration and the change from the current one.
 
@@ -54,6 +58,8 @@ class PlannerConfig:
         progress_weight: weight of the progress term.
         comfort_weight: weight of the comfort term.
         footprint_margin_m: added to the ego's length and width when the forecast is queried (m).
+        standstill_severity: the share of a collision's cost that remains at standstill (in [0, 1]; 1: a
+            collision costs the same at any speed).
         max_jerk_mps3: how fast a candidate's acceleration may change (m/s³); the world's own limit
             (``world.IdmParams.max_jerk_mps3``), so that the ego drives what was planned.
     """
@@ -65,6 +71,7 @@ class PlannerConfig:
     progress_weight: float = 1.0
     comfort_weight: float = 0.2
     footprint_margin_m: float = 0.6
+    standstill_severity: float = 0.5
     max_jerk_mps3: float = 6.0
 
     def __post_init__(self) -> None:
@@ -76,6 +83,8 @@ class PlannerConfig:
             raise ValueError(f"PlannerConfig.max_jerk_mps3 must be positive, got {self.max_jerk_mps3}")
         if min(self.collision_weight, self.progress_weight, self.comfort_weight, self.footprint_margin_m) < 0:
             raise ValueError("PlannerConfig: weights and footprint_margin_m must not be negative")
+        if not 0 <= self.standstill_severity <= 1:
+            raise ValueError(f"PlannerConfig.standstill_severity must lie in [0, 1], got {self.standstill_severity}")
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,7 @@ class SamplingPlanner:
         collision = np.zeros(len(plans))
         if forecasts is not None:
             per_plan = forecasts if isinstance(forecasts, list) else [forecasts] * len(plans)
+            top_speed = max(max(float(plan.speed_mps.max()) for plan in plans), 1e-6)
             for n, (plan, forecast) in enumerate(zip(plans, per_plan, strict=True)):  # N candidates × K poses
                 p = np.array(
                     [
@@ -241,7 +251,8 @@ class SamplingPlanner:
                         for k in range(len(plan.times_s))
                     ]
                 )
-                collision[n] = float(np.max(p * (1 - 0.5 * plan.times_s / config.horizon_s)))
+                severity = config.standstill_severity + (1 - config.standstill_severity) * plan.speed_mps / top_speed
+                collision[n] = float(np.max(p * (1 - 0.5 * plan.times_s / config.horizon_s) * severity))
         reach = np.array([plan.s_m[-1] for plan in plans])
         progress = 1.0 - reach / max(float(reach.max()), 1e-6)
         accel = np.array([plan.accel_mps2 for plan in plans])

@@ -141,6 +141,21 @@ def test_an_obstacle_ahead_makes_the_planner_brake():
     assert front < 20.0 - 2.25
 
 
+def test_where_every_candidate_hits_the_car_the_planner_brakes_hardest():
+    """A car standing 12 m ahead at 8.5 m/s: no candidate stops short of it within the jerk limit. Weighed by the
+    speed of the impact, braking hardest costs least; weighed alike, the collision terms tie and progress chose to
+    drive on into the car (the closed loop's intersection-crossing/15 with a 1200-step model)."""
+    path = _straight_path()
+    alike = planner.SamplingPlanner(planner.PlannerConfig(standstill_severity=1.0))
+    sampler = planner.SamplingPlanner()
+    plans = sampler.candidates(path, 30.0, 8.5, 9.0, _ego_from_global(path, 30.0), accel_mps2=-2.5)
+    assert alike.choose(plans, _obstacle_forecast(12.0), -2.5).plan.accel_mps2 > 0.0
+    choice = sampler.choose(plans, _obstacle_forecast(12.0), -2.5)
+    assert choice.plan.accel_mps2 == min(planner.PlannerConfig().accelerations_mps2)
+    assert np.all(choice.costs[:, 1] > 0.3)  # every candidate still runs into it
+    assert np.all(np.diff(choice.costs[:, 1]) >= 0)  # the faster the candidate, the costlier its collision
+
+
 def test_one_forecast_per_candidate():
     path = _straight_path()
     sampler = planner.SamplingPlanner()
@@ -158,3 +173,5 @@ def test_config_is_checked():
         planner.PlannerConfig(horizon_s=0)
     with pytest.raises(ValueError, match="accelerations_mps2"):
         planner.PlannerConfig(accelerations_mps2=())
+    with pytest.raises(ValueError, match=r"standstill_severity must lie in \[0, 1\], got 1.5"):
+        planner.PlannerConfig(standstill_severity=1.5)
