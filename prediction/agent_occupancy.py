@@ -288,7 +288,7 @@ def fuse(
     The rule, per step, class and cell: the larger of the two probabilities, at t0 for every class, after t0 for the
     steps ``dense_future`` gives the class, and, for the classes of ``untracked_future``, at every later step where
     no track of the class explains the cell (``explained``, ``track_footprint``). Where a track explains a cell, its
-    box moved along the modes is at least as likely as the dense map says; where no track explains it (a car behind
+    box moved along the modes is at least as likely as the dense map says; where no track explains it (a person behind
     a car, a detection below the score threshold), the dense map stands: a car the detector misses is still in the
     planner's way at 2 s. The maximum is the union's probability when the two maps see the same objects (fully
     dependent events), which they largely do; treating them as independent (``1 − (1 − a)(1 − b)``) would count
@@ -297,6 +297,10 @@ def fuse(
     Pedestrians' future comes from their tracks alone: the rollout hardly moves a person (a walker crosses a
     quarter of a 2 m latent cell per step), so the dense map's pedestrians after t0 mostly stay where they were and
     paint people where they no longer are. Near their tracks, vehicles' from 1.5 s on likewise.
+
+    Measured (the 30-minute LiDAR model of the perception issue, ``mini_val``, vehicle IoU at t0 / 2 s): the dense
+    map alone 0.522 / 0.177, this union 0.505 / 0.190, the tracks alone where they reach (the dense map elsewhere)
+    0.480 / 0.146. The tracked boxes (vehicle IoU 0.49 at t0 by themselves) are not sharper than the dense map.
 
     Args:
         instance: [S, C, H, W] float — ``mode_occupancy`` of the tracked agents (class order ``categories.CLASSES``).
