@@ -54,6 +54,32 @@ def mode_headings(agent_xy: np.ndarray, agent_yaw: np.ndarray, modes: np.ndarray
     return np.where(last >= 0, carried, np.asarray(agent_yaw, dtype=np.float64)[:, None, None])
 
 
+def _drawable(box: np.ndarray, agent_class: np.ndarray, modes: np.ndarray, classes: int, steps: int) -> np.ndarray:
+    """[A] bool — the agents with a class in [0, classes), a finite box and finite modes over the ``steps`` steps."""
+    keep = (agent_class >= 0) & (agent_class < classes) & np.isfinite(box).all(axis=1)
+    return keep & np.isfinite(modes[:, :, :steps]).all(axis=(1, 2, 3))
+
+
+def _mode_boxes(box: np.ndarray, modes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every box an agent occupies: its t0 box, then one per (step, agent, mode), heading along the motion.
+
+    Args:
+        box: [A, 7] float — the t0 boxes.
+        modes: [A, K, F, 2] float — the modes' positions at the F steps drawn.
+
+    Returns:
+        centers [A + F·A·K, 2], sizes (width, length) [A + F·A·K, 2], headings [A + F·A·K] and step_agent
+        [A + F·A·K] (``s · A + a`` of each box, s = 0 for t0).
+    """
+    A, K, F = modes.shape[:3]
+    yaws = mode_headings(box[:, :2], box[:, 6], modes)  # [A, K, F]
+    centers = np.concatenate([box[:, :2], modes.transpose(2, 0, 1, 3).reshape(-1, 2)])
+    headings = np.concatenate([box[:, 6], yaws.transpose(2, 0, 1).reshape(-1)])
+    sizes = np.concatenate([box[:, 3:5], np.broadcast_to(box[None, :, None, 3:5], (F, A, K, 2)).reshape(-1, 2)])
+    step_agent = np.concatenate([np.arange(A), A + np.arange(F * A * K) // K])
+    return centers, sizes, headings, step_agent
+
+
 def mode_occupancy(
     agent_box: np.ndarray,
     agent_class: np.ndarray,
@@ -123,8 +149,7 @@ def mode_occupancy_instances(
     existence = np.broadcast_to(existence, (steps + 1, A))  # [S, A]
     occupancy = np.zeros((steps + 1, classes, H, W), dtype=np.float32)
     instances = np.zeros((steps + 1, H, W), dtype=np.int64)
-    keep = (agent_class >= 0) & (agent_class < classes) & np.isfinite(box).all(axis=1)
-    keep &= np.isfinite(modes[:, :, :steps]).all(axis=(1, 2, 3)) & np.isfinite(probabilities).all(axis=1)
+    keep = _drawable(box, agent_class, modes, classes, steps) & np.isfinite(probabilities).all(axis=1)
     if not keep.any():
         return occupancy, instances
     agent_index = np.nonzero(keep)[0]
@@ -134,12 +159,8 @@ def mode_occupancy_instances(
 
     # Every box: the A t0 boxes (weighted by their existence at t0), then one per (step, agent, mode) weighted by the
     # mode's probability times the agent's existence at that step.
-    yaws = mode_headings(box[:, :2], box[:, 6], modes[:, :, :steps])  # [A, K, F]
-    centers = np.concatenate([box[:, :2], modes[:, :, :steps].transpose(2, 0, 1, 3).reshape(-1, 2)])  # [A + F*A*K, 2]
-    headings = np.concatenate([box[:, 6], yaws.transpose(2, 0, 1).reshape(-1)])
-    sizes = np.concatenate([box[:, 3:5], np.broadcast_to(box[None, :, None, 3:5], (steps, A, K, 2)).reshape(-1, 2)])
+    centers, sizes, headings, step_agent = _mode_boxes(box, modes[:, :, :steps])  # [A + F*A*K] boxes
     weights = np.concatenate([existence[0], (existence[1:, :, None] * probabilities[None]).reshape(-1)])  # [F, A, K]
-    step_agent = np.concatenate([np.arange(A), A + np.arange(steps * A * K) // K])  # s * A + a of every box
     index, rows, cols = rasterize.box_cells(grid, centers, sizes, headings)  # covered (box, cell) pairs
 
     # q[s, a, cell]: the mode mass covering the cell (a sparse sum over the covered pairs).
@@ -254,7 +275,6 @@ def track_footprint(
     agent_box: np.ndarray,
     agent_class: np.ndarray,
     modes: np.ndarray,
-    probabilities: np.ndarray,
     grid: geometry.GridSpec,
     classes: int,
     steps: int,
@@ -262,18 +282,37 @@ def track_footprint(
 ) -> np.ndarray:
     """The cells the tracked agents explain: each agent's box at t0 and along every mode, grown by ``margin_m``.
 
-    Args: as ``mode_occupancy`` (every mode counts, whatever its probability; the agents' existence does not
-        matter), and ``margin_m`` added to each side of every box (m).
+    Args:
+        agent_box: [A, 7] float — x, y, z, width, length, height (m), yaw (rad) at t0, t0 ego frame.
+        agent_class: [A] int — class index; agents outside [0, classes) are left out.
+        modes: [A, K, T, 2] float — the modes' positions (m) at 0.5 s, 1 s, ... (T >= steps); every mode counts,
+            whatever its probability.
+        grid: the target grid.
+        classes: C.
+        steps: F, occupancy steps after t0.
+        margin_m: added to each side of every box (m).
 
     Returns:
         [C, H, W] bool — True where some agent of the class covers the cell at some step (t0 to ``steps``).
     """
     if not margin_m >= 0:
         raise ValueError(f"track_footprint: margin_m must be a non-negative distance, got {margin_m}")
-    grown = np.array(agent_box, dtype=np.float64).reshape(-1, 7)
-    grown[:, 3:5] += 2 * margin_m
-    covered = mode_occupancy(grown, agent_class, modes, probabilities, grid, classes, steps)  # [S, C, H, W]
-    return (covered > 0).any(axis=0)
+    box = np.asarray(agent_box, dtype=np.float64).reshape(-1, 7)
+    agent_class = np.asarray(agent_class, dtype=np.int64).reshape(-1)
+    modes = np.asarray(modes, dtype=np.float64)
+    if modes.ndim != 4 or modes.shape[0] != len(box) or modes.shape[2] < steps or len(agent_class) != len(box):
+        raise ValueError(
+            f"track_footprint: expected {len(box)} classes and modes [{len(box)}, K, T >= {steps}, 2], got "
+            f"{len(agent_class)} and {list(modes.shape)}"
+        )
+    explained = np.zeros((classes, *grid.shape), dtype=bool)
+    keep = _drawable(box, agent_class, modes, classes, steps)
+    if keep.any():
+        box, agent_class, modes = box[keep], agent_class[keep], modes[keep, :, :steps]
+        centers, sizes, headings, step_agent = _mode_boxes(box, modes)
+        index, rows, cols = rasterize.box_cells(grid, centers, sizes + 2 * margin_m, headings)
+        explained[agent_class[step_agent[index] % len(box)], rows, cols] = True
+    return explained
 
 
 def fuse(

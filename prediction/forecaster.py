@@ -728,9 +728,8 @@ class Forecaster:
                 occupancy = agents
             else:
                 explained = agent_occupancy.track_footprint(
-                    boxes[b, :count], agent_classes[b, :count], modes[b, :count], probabilities[b, :count],
-                    config.grid, C, S - 1,
-                )  # fmt: skip
+                    boxes[b, :count], agent_classes[b, :count], modes[b, :count], config.grid, C, S - 1
+                )
                 occupancy = agent_occupancy.fuse(agents, latent[b], explained)
             results.append(
                 OccupancyForecast(

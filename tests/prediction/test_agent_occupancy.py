@@ -184,7 +184,7 @@ def test_a_tracks_footprint_covers_its_boxes_along_every_mode_grown_by_the_margi
         ],
         axis=1,
     )
-    explained = agent_occupancy.track_footprint(box, np.array([0]), modes, np.array([[0.99, 0.01]]), GRID, 3, 4)
+    explained = agent_occupancy.track_footprint(box, np.array([0]), modes, GRID, 3, 4)
     assert explained.shape == (3, 128, 128) and explained.dtype == bool
     assert not explained[1:].any()  # only the car's class
     index = lambda x, y: GRID.xy_to_index(np.array([[x, y]]))[:2]  # noqa: E731
@@ -194,10 +194,19 @@ def test_a_tracks_footprint_covers_its_boxes_along_every_mode_grown_by_the_margi
     for x, y in [(0.0, 2.6), (14.0, 0.0), (-4.0, 0.0)]:  # 1.6 m beside, beyond its path's ends
         row, col = index(x, y)
         assert not explained[0, row[0], col[0]], (x, y)
-    tight = agent_occupancy.track_footprint(box, np.array([0]), modes, np.array([[0.99, 0.01]]), GRID, 3, 4, 0.0)
+    tight = agent_occupancy.track_footprint(box, np.array([0]), modes, GRID, 3, 4, 0.0)
     assert tight.sum() < explained.sum() and not (tight & ~explained).any()
     with pytest.raises(ValueError, match="margin_m must be a non-negative distance"):
-        agent_occupancy.track_footprint(box, np.array([0]), modes, np.array([[0.5, 0.5]]), GRID, 3, 4, -1.0)
+        agent_occupancy.track_footprint(box, np.array([0]), modes, GRID, 3, 4, -1.0)
+    with pytest.raises(
+        ValueError, match=r"track_footprint: expected 1 classes and modes \[1, K, T >= 4, 2\], got 1 and \[1, 2, 2, 2\]"
+    ):
+        agent_occupancy.track_footprint(box, np.array([0]), modes[:, :, :2], GRID, 3, 4)
+    # No agent, or one without a class or with NaN modes: nothing is explained.
+    assert not agent_occupancy.track_footprint(np.zeros((0, 7)), np.zeros(0), np.zeros((0, 2, 12, 2)), GRID, 3, 4).any()
+    nan_modes = np.where(np.arange(12)[None, None, :, None] == 1, np.nan, modes)
+    assert not agent_occupancy.track_footprint(box, np.array([0]), nan_modes, GRID, 3, 4).any()
+    assert not agent_occupancy.track_footprint(box, np.array([-1]), modes, GRID, 3, 4).any()
 
 
 def test_a_car_no_track_explains_stays_in_the_fused_future_and_a_tracked_one_is_its_tracks():
@@ -214,7 +223,7 @@ def test_a_car_no_track_explains_stays_in_the_fused_future_and_a_tracked_one_is_
     box = _box(-20.0, 0.0, 0.0)[None]
     modes = baselines.constant_velocity_trajectories(box[:, :2], np.array([[0.0, 0.0]]), 12)
     instance = agent_occupancy.mode_occupancy(box, np.array([0]), modes, np.ones((1, 1)), GRID, 3, 4, np.full(1, 0.5))
-    explained = agent_occupancy.track_footprint(box, np.array([0]), modes, np.ones((1, 1)), GRID, 3, 4)
+    explained = agent_occupancy.track_footprint(box, np.array([0]), modes, GRID, 3, 4)
     fused = agent_occupancy.fuse(instance, dense, explained)
     assert np.all(fused[:, missed] == np.float32(0.9))  # every step, 0 s to 2 s
     assert np.all(fused[:3, tracked] == np.float32(0.9)) and np.all(fused[3:, tracked] == np.float32(0.5))

@@ -71,9 +71,7 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     tracked = agent_occupancy.mode_occupancy(
         boxes, blind.agent_classes, blind.trajectories, blind.mode_probabilities, blind.grid, 3, 4, existence
     )
-    explained = agent_occupancy.track_footprint(
-        boxes, blind.agent_classes, blind.trajectories, blind.mode_probabilities, blind.grid, 3, 4
-    )
+    explained = agent_occupancy.track_footprint(boxes, blind.agent_classes, blind.trajectories, blind.grid, 3, 4)
     assert explained.any() and not explained.all()
     np.testing.assert_allclose(
         blind.occupancy, agent_occupancy.fuse(tracked, blind.latent_occupancy, explained), atol=1e-6
