@@ -240,6 +240,8 @@ def decoded_steps_speed(
 
     from bevjepa.prediction import train
 
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     config = experiment_config.preset(preset)
     config = dataclasses.replace(

@@ -108,3 +108,5 @@ def test_the_training_bench_times_every_variant_on_the_same_model(light_config_f
     )
     assert cli.main(["bench", "training"]) == 2
     assert "bench training needs --data" in capsys.readouterr().err
+    assert cli.main(["bench", "training", "--data", str(synthetic_windows), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
