@@ -54,12 +54,15 @@ Returned structure (every number a float; NaN where nothing was scored):
       "agents_per_class": {class: int},
       "trajectory_steps": int,              steps of the scored horizon (0.5 s each)
       "settings": {"threshold", "ece_bins", "detection_threshold", "trajectory_seconds",
-                   "occupancy_thresholds": {"model" | "direct": {class: probability}}},  the run's chosen thresholds
+                   "occupancy_thresholds": {"model" | "direct": {class: probability}},  the run's chosen thresholds
                                             (``bevjepa thresholds``) that ``threshold`` stands for; 0.5: none
+                   "forecast_bars": {class: [per step 0..F]} or None},  the bars of ``iou_at_bars``
       "models": {name: {
           "minADE_k", "minFDE_k", "MissRate_2_k"    for k in 1, 5, 10 (trajectory sources only),
           "per_class": {class: {"agents": int, "minADE_k", "minFDE_k", "MissRate_2_k"}},
           "iou": {class: [per step 0..F]},          IoU of the (thresholded) occupancy over the whole grid
+          "iou_at_bars": {class: [per step 0..F]},  (``model``, where the run has ``forecast_bars.json``) the same
+                                                    at the run's bars, each step and class its own
           "iou_short": {class: [per step 0..F]},    the same over the central 30 × 30 m (FIERY's short range)
           "iou_2s_mean": float,                     mean over classes of the IoU at the last step (NaN skipped)
           "vpq": {class: [per step 0..F]},          FIERY's VPQ_t (``metrics.VpqCounts.vpq``)
@@ -90,7 +93,7 @@ import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.evaluation import baselines, metrics
-from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, tracking, train
+from bevjepa.prediction import agent_occupancy, checkpoint, forecast_bars, forecaster, tracking, train
 
 CACHE_FRAMES = 64
 """Keyframes the model's frame cache keeps while scoring (its two forecasts of a batch encode each one once)."""
@@ -138,6 +141,8 @@ class _Scores:
     short: tuple[slice, slice] = (slice(None), slice(None))  # the short-range rows and columns (``short_range``)
     intersection_short: np.ndarray | None = None  # [S, C]
     union_short: np.ndarray | None = None
+    intersection_bars: np.ndarray | None = None  # [S, C] at the run's forecast bars (``model`` with bars only)
+    union_bars: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shape = (self.steps, self.classes)
@@ -155,8 +160,9 @@ class _Scores:
         threshold: float,
         target: np.ndarray,
         target_labels: np.ndarray,
+        bars: np.ndarray | None = None,
     ) -> None:
-        """One window: probability [S, C, H, W] (or 0/1), its instance labels [S, C, H, W], and the truth."""
+        """One window: probability [S, C, H, W] (or 0/1), its labels, the truth; with ``bars`` [S, C] the IoU there."""
         predicted = probability >= threshold
         intersection, union = metrics.iou_counts(predicted, target)
         self.intersection += intersection
@@ -165,6 +171,10 @@ class _Scores:
         intersection, union = metrics.iou_counts(predicted[..., rows, columns], target[..., rows, columns])
         self.intersection_short += intersection
         self.union_short += union
+        if bars is not None:  # [S, C] each step's and class's own bar
+            intersection, union = metrics.iou_counts(probability >= bars[:, :, None, None], target)
+            self.intersection_bars = intersection + (0 if self.intersection_bars is None else self.intersection_bars)
+            self.union_bars = union + (0 if self.union_bars is None else self.union_bars)
         squared_error, cells = metrics.brier_counts(probability, target)
         self.squared_error += squared_error
         self.cells += cells
@@ -238,6 +248,9 @@ class _Scores:
         brier = self.squared_error / np.maximum(self.cells, 1)
         names = categories.CLASSES
         scores["iou"] = {name: per_step[:, c].tolist() for c, name in enumerate(names)}
+        if self.intersection_bars is not None:
+            at_bars = metrics.iou(self.intersection_bars, self.union_bars)
+            scores["iou_at_bars"] = {name: at_bars[:, c].tolist() for c, name in enumerate(names)}
         scores["iou_2s_mean"] = _nanmean(per_step[-1])
         short = metrics.iou(self.intersection_short, self.union_short)  # [S, C]
         scores["iou_short"] = {name: short[:, c].tolist() for c, name in enumerate(names)}
@@ -329,6 +342,7 @@ def evaluate(
         if run is not None
         else None
     )
+    bars = None if run is None else forecast_bars.ForecastBars.load(run)
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
     window_steps = int(dataset.config["window"]["trajectory_steps"])
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
@@ -362,7 +376,7 @@ def evaluate(
                 truth_classes.append(window.cls[window.full])
                 _score_baselines(scores, window, grid, steps, threshold)
                 if outputs is not None and outputs[b].forecast is not None:
-                    _score_model(scores, window, outputs[b], grid, threshold)
+                    _score_model(scores, window, outputs[b], grid, threshold, bars)
                 if outputs is not None and outputs[b].direct is not None:
                     _add_map(scores["direct"], outputs[b].direct, window, threshold)
     truth = np.concatenate(truths) if truths else np.zeros((0, steps, 2))
@@ -383,6 +397,9 @@ def evaluate(
             "occupancy_thresholds": {
                 name: _chosen_thresholds(net) for name, net in (("model", model), ("direct", direct)) if net is not None
             },
+            "forecast_bars": None
+            if bars is None
+            else {name: [row[c] for row in bars.bars] for c, name in enumerate(bars.classes)},
         },
         "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
     }
@@ -518,9 +535,17 @@ def _score_baselines(
 
 
 def _score_model(
-    scores: dict[str, _Scores], w: _WindowTruth, output: _Predicted, grid: geometry.GridSpec, threshold: float
+    scores: dict[str, _Scores],
+    w: _WindowTruth,
+    output: _Predicted,
+    grid: geometry.GridSpec,
+    threshold: float,
+    bars: forecast_bars.ForecastBars | None = None,
 ) -> None:
-    """Add one window's two forecasts (sensors alone, annotated agents), latent map and tracks at constant speed."""
+    """Add one window's two forecasts (sensors alone, annotated agents), latent map and tracks at constant speed.
+
+    With ``bars`` (the run's ``forecast_bars``) the sensor-only forecast is scored at them too.
+    """
     S, C = w.target.shape[:2]
     steps = w.future.shape[1]
     forecast, tracks, annotated = output.forecast, output.tracks, output.annotated
@@ -540,7 +565,12 @@ def _score_model(
     ):
         scores[name].add_trajectories(modes[found], probabilities[found], w.future[scored], w.cls[scored])
         scores[name].add_detections(int(reachable.sum()), tracks.count, int((match[reachable] >= 0).sum()))
-    _add_map(scores["model"], forecast.occupancy, w, threshold)
+    if bars is not None and bars.array().shape != forecast.occupancy.shape[:2]:
+        raise ValueError(
+            f"forecast_bars.json holds {list(bars.array().shape)} bars (steps, classes), the forecast "
+            f"{list(forecast.occupancy.shape[:2])}: run `bevjepa thresholds` again"
+        )
+    _add_map(scores["model"], forecast.occupancy, w, threshold, None if bars is None else bars.array())
     pairs = np.flatnonzero(match >= 0)  # the annotated agents a track stands for
     heading = tracks.boxes[match[pairs], 6] - w.box[pairs, 6]
     scores["model"].add_track_errors(
@@ -566,10 +596,15 @@ def _score_model(
     _add_map(scores["model_latent"], forecast.latent_occupancy, w, threshold)
 
 
-def _add_map(scores: _Scores, probability: np.ndarray, w: _WindowTruth, threshold: float) -> None:
-    """Score a dense occupancy map [S, C, H, W] (VPQ instances: its connected components above ``threshold``)."""
+def _add_map(
+    scores: _Scores, probability: np.ndarray, w: _WindowTruth, threshold: float, bars: np.ndarray | None = None
+) -> None:
+    """Score a dense occupancy map [S, C, H, W] (VPQ instances: its connected components above ``threshold``).
+
+    With ``bars`` [S, C] its IoU at them too, each step and class at its own.
+    """
     labels = metrics.connected_instances(probability >= threshold)
-    scores.add_occupancy(probability, labels, threshold, w.target, w.truth_labels)
+    scores.add_occupancy(probability, labels, threshold, w.target, w.truth_labels, bars)
 
 
 def _failure(dataset: torch_dataset.WindowDataset, index: int, stage: str, error: Exception) -> dict:

@@ -8,6 +8,7 @@ A run folder holds:
     state.json             step, optimizer hyper-parameters, RNG seeds, the config hash, the metrics so far
     occupancy_thresholds.json  the dense map's per-class decision thresholds (``bevjepa thresholds``; optional,
                            deleted when ``save`` rewrites the weights it was chosen for)
+    forecast_bars.json     the forecast's bars per step and class (``bevjepa thresholds``; the same)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from bevjepa.datasets import geometry, torch_dataset
 from bevjepa.datasets import io as bevio
 from bevjepa.prediction import config as experiment_config
-from bevjepa.prediction import model, occupancy_thresholds
+from bevjepa.prediction import forecast_bars, model, occupancy_thresholds
 
 FORMAT = "bevjepa-checkpoint"
 FORMAT_VERSION = 1
@@ -37,7 +38,8 @@ def save(
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     bevio.atomic_write_json(run / "config.json", experiment_config.to_dict(config))
-    (run / occupancy_thresholds.FILE).unlink(missing_ok=True)  # chosen for the weights about to be replaced
+    for chosen in (occupancy_thresholds.FILE, forecast_bars.FILE):  # chosen for the weights about to be replaced
+        (run / chosen).unlink(missing_ok=True)
     weights = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     metadata = {"format": FORMAT}
     bevio.atomic_write_with(run / "model.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))

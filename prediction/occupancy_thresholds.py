@@ -93,32 +93,47 @@ class OccupancyThresholds:
             ) from error
 
 
-class LogitCounts:
-    """Counts of the occupied and the free cells of each class over the logit bins ``LOGIT_EDGES``."""
+class BinCounts:
+    """Counts of the occupied and the free cells of each group (a class, or a step and a class) over value bins.
 
-    def __init__(self, classes: int) -> None:
-        bins = len(LOGIT_EDGES) + 1
-        self.occupied = np.zeros((classes, bins), dtype=np.int64)
-        self.free = np.zeros((classes, bins), dtype=np.int64)
+    A cell whose value falls at or above edge j - 1 lies in bin j or above (``np.digitize``), so ``iou_curve``'s
+    column j is the IoU of counting as occupied every cell at or above ``edges[j - 1]``.
+    """
 
-    def add(self, logits: np.ndarray, target: np.ndarray) -> None:
-        """Count one batch: logits [..., C, H, W] float and target [..., C, H, W] (0/1), any leading dims."""
-        classes, bins = self.occupied.shape
-        if logits.shape != target.shape or logits.ndim < 3 or logits.shape[-3] != classes:
+    def __init__(self, groups: tuple[int, ...], edges: np.ndarray) -> None:
+        self.groups, self.edges = tuple(groups), np.asarray(edges, dtype=np.float64)
+        shape = (int(np.prod(self.groups)), len(self.edges) + 1)
+        self.occupied = np.zeros(shape, dtype=np.int64)
+        self.free = np.zeros(shape, dtype=np.int64)
+
+    def add(self, values: np.ndarray, target: np.ndarray) -> None:
+        """Count one batch: values [..., *groups, H, W] float and target of the same shape (0/1), any leading dims."""
+        g, bins = self.occupied.shape
+        k = len(self.groups)
+        if values.shape != target.shape or values.ndim < k + 2 or values.shape[-k - 2 : -2] != self.groups:
             raise ValueError(
-                f"LogitCounts.add: logits {logits.shape} and target {target.shape}: [..., {classes}, H, W]"
+                f"{type(self).__name__}.add: values {values.shape} and target {target.shape}: "
+                f"[..., {', '.join(map(str, self.groups))}, H, W]"
             )
-        index = np.digitize(logits, LOGIT_EDGES) + bins * np.arange(classes)[:, None, None]  # [..., C, H, W]
+        group = np.arange(g).reshape(self.groups)[..., None, None]  # [*groups, 1, 1]
+        index = np.digitize(values, self.edges) + bins * group  # [..., *groups, H, W]
         occupied = target.astype(bool)
-        self.occupied += np.bincount(index[occupied], minlength=classes * bins).reshape(classes, bins)
-        self.free += np.bincount(index[~occupied], minlength=classes * bins).reshape(classes, bins)
+        self.occupied += np.bincount(index[occupied], minlength=g * bins).reshape(g, bins)
+        self.free += np.bincount(index[~occupied], minlength=g * bins).reshape(g, bins)
 
     def iou_curve(self) -> np.ndarray:
-        """[C, bins] IoU when the cells of bin j and above count as occupied (j = 0 … len(LOGIT_EDGES))."""
+        """[*groups, bins] IoU when the cells of bin j and above count as occupied (j = 0 … len(edges))."""
         hit = np.cumsum(self.occupied[:, ::-1], axis=1)[:, ::-1]  # occupied cells at or above bin j
         false = np.cumsum(self.free[:, ::-1], axis=1)[:, ::-1]
         missed = self.occupied.sum(axis=1, keepdims=True) - hit
-        return hit / np.maximum(hit + false + missed, 1)
+        return (hit / np.maximum(hit + false + missed, 1)).reshape(*self.groups, -1)
+
+
+class LogitCounts(BinCounts):
+    """Counts of the occupied and the free cells of each class over the logit bins ``LOGIT_EDGES``."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__((classes,), LOGIT_EDGES)
 
     def thresholds(self, class_names: tuple[str, ...], split: str, windows: int) -> OccupancyThresholds:
         """The threshold of largest IoU per class, 0.5 or above; 0.5 for a class with no occupied cell counted.

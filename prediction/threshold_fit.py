@@ -2,7 +2,9 @@
 
 Decodes the dense occupancy of evenly spaced windows of a split (every step, from the sensors), counts the occupied
 and free cells over the logits (``occupancy_thresholds.LogitCounts``), and writes the threshold of largest IoU per
-class into the run folder. Choose them on the training split: the split you score must stay unseen.
+class into the run folder. Then, for a world model, forecasts the same windows from the sensors (tracked agents,
+the fused map) and writes the bars at which that forecast reads as occupied, per step and class
+(``forecast_bars``). Choose them on the training split: the split you score must stay unseen.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from bevjepa.datasets import categories, torch_dataset
-from bevjepa.prediction import checkpoint, occupancy_thresholds, train
+from bevjepa.prediction import checkpoint, forecast_bars, forecaster, occupancy_thresholds, train
 
 WINDOWS = 120
 """Windows counted by default (about 2 M cells per class and step on the ``small`` 128 × 128 grid)."""
@@ -57,3 +59,40 @@ def fit(
     thresholds = counts.thresholds(categories.CLASSES, split, len(indices))
     thresholds.save(run)
     return thresholds
+
+
+def fit_forecast_bars(
+    run: Path,
+    data: Path,
+    split: str = "mini_train",
+    windows: int = WINDOWS,
+    progress: bool = False,
+) -> forecast_bars.ForecastBars | None:
+    """Choose and save the forecast bars of ``run`` on ``windows`` windows of ``split``: None for a direct baseline.
+
+    Each window is forecast on its own from its sensors (``WindowSample.sensors_only``, tracked agents, the run's
+    occupancy thresholds as saved), and its fused map counted against the window's occupancy at every step.
+
+    Raises:
+        ValueError: ``windows`` below 1, or windows of another grid or horizon than the run's.
+    """
+    if windows < 1:
+        raise ValueError(f"windows must be at least 1, got {windows}")
+    _, net = checkpoint.load_model(run)
+    if not net.config.world_model:
+        return None
+    dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split), cameras=net.config.use_camera)
+    checkpoint.check_windows(run, net.config, dataset)
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(windows, len(dataset))).round().astype(int))
+    model = forecaster.Forecaster(net)
+    counted, times_s = None, None
+    for i in tqdm(indices, desc="forecast bars", unit="window", disable=not progress):
+        window = dataset[int(i)]
+        forecast = model.forecast(window.sensors_only())
+        if counted is None:
+            counted = forecast_bars.counts(*forecast.occupancy.shape[:2])
+            times_s = tuple(float(t) for t in forecast.times_s)
+        counted.add(forecast.occupancy, window.occupancy.numpy())
+    bars = forecast_bars.choose(counted, categories.CLASSES, times_s, split, len(indices))
+    bars.save(run)
+    return bars

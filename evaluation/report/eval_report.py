@@ -447,15 +447,17 @@ def _model_tables(metrics: dict) -> list[str]:
         for k, v in models[m].items()
         if isinstance(v, dict) and v and all(isinstance(x, list) for x in v.values())
     }
-    for key in sorted(per_class_keys, key=lambda k: (k != "iou", k != "iou_short", k)):
+    for key in sorted(per_class_keys, key=lambda k: (k != "iou", k != "iou_at_bars", k != "iou_short", k)):
         steps = max(len(x) for m in names for x in (models[m].get(key) or {}).values())
         rows = []
         for m in names:
             for cls, values in (models[m].get(key) or {}).items():
                 rows.append([_label(m), cls, *(format_value(v) for v in values), *([MISSING] * (steps - len(values)))])
-        title = {"iou": "Occupancy IoU", "iou_short": "Occupancy IoU at short range (the central 30 × 30 m)"}.get(
-            key, f"`{key}`"
-        )
+        title = {
+            "iou": "Occupancy IoU",
+            "iou_at_bars": "Occupancy IoU at the run's forecast bars (`bevjepa thresholds`, per step and class)",
+            "iou_short": "Occupancy IoU at short range (the central 30 × 30 m)",
+        }.get(key, f"`{key}`")
         lines += [
             f"### {title} per horizon and class (`{key}`)",
             "",
