@@ -342,7 +342,7 @@ def evaluate(
         if run is not None
         else None
     )
-    bars = None if run is None else forecast_bars.ForecastBars.load(run)
+    bars = None if model is None else model.bars
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
     window_steps = int(dataset.config["window"]["trajectory_steps"])
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)

@@ -23,7 +23,7 @@ import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.datasets import io as io_utils
-from bevjepa.prediction import agent_occupancy, checkpoint, heads, lidar_velocity, model, tracking
+from bevjepa.prediction import agent_occupancy, checkpoint, forecast_bars, heads, lidar_velocity, model, tracking
 
 FORECAST_FORMAT = "bevjepa-occupancy-forecast"
 FORECAST_VERSION = 3
@@ -438,6 +438,9 @@ class Forecaster:
     An annotated agent the model cannot forecast (a NaN or infinite t0 box or valid past position, a class out of
     range) is not dropped silently: ``forecast`` and ``forecast_batch`` raise ``ValueError`` naming the window and
     the agent (``check_agent_inputs``), and the caller decides (``bevjepa eval`` records the window as failed).
+
+    ``bars`` (``from_checkpoint``: the run's ``forecast_bars.json``, None without) are the run's bars per step and
+    class for reading a forecast's ``occupancy`` as cells: ``forecast.occupancy >= bars.array()[:, :, None, None]``.
     """
 
     STREAMS = 64
@@ -452,6 +455,7 @@ class Forecaster:
         min_score: float = tracking.MIN_SCORE,
         reference: bool = False,
         velocity_from_points: bool = True,
+        bars: forecast_bars.ForecastBars | None = None,
     ) -> None:
         if agents not in AGENT_SOURCES:
             raise ValueError(f"Forecaster: agents must be one of {AGENT_SOURCES}, got {agents!r}")
@@ -462,6 +466,7 @@ class Forecaster:
         self.min_score = min_score
         self.reference = reference
         self.velocity_from_points = velocity_from_points
+        self.bars = bars
         self._cache: OrderedDict[tuple[str, str], model.FrameEncoding] = OrderedDict()
         # Each keyframe's detection from the forecast where it was the present: heat-map logits and regressions.
         self._detections: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -476,9 +481,12 @@ class Forecaster:
         min_score: float = tracking.MIN_SCORE,
         velocity_from_points: bool = True,
     ) -> Forecaster:
-        """Load the model of a run folder (safetensors and JSON; nothing is unpickled)."""
+        """Load the model of a run folder (safetensors and JSON; nothing is unpickled), with its forecast bars."""
         _, net = checkpoint.load_model(run, device)
-        return Forecaster(net, device, cache_frames, agents, min_score, velocity_from_points=velocity_from_points)
+        bars = forecast_bars.ForecastBars.load(run)
+        return Forecaster(
+            net, device, cache_frames, agents, min_score, velocity_from_points=velocity_from_points, bars=bars
+        )
 
     def encode_frames(self, batch: torch_dataset.WindowBatch) -> model.FrameEncoding:
         """The input frames' own-frame encodings (P frames), encoding only those not in the cache."""

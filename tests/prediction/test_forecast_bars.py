@@ -11,7 +11,7 @@ import pytest
 
 from bevjepa.datasets import categories, torch_dataset
 from bevjepa.evaluation import open_loop
-from bevjepa.prediction import checkpoint, forecast_bars, occupancy_thresholds, threshold_fit, train
+from bevjepa.prediction import checkpoint, forecast_bars, forecaster, occupancy_thresholds, threshold_fit, train
 from bevjepa.tools import cli
 
 CLASSES = categories.CLASSES
@@ -94,6 +94,7 @@ def test_a_world_model_run_chooses_its_bars_and_eval_scores_at_them(
     bars = forecast_bars.ForecastBars.load(run)
     assert bars is not None and bars.windows == 2 and bars.split == "mini_train"
     assert bars.classes == CLASSES and bars.times_s == (0.0, 0.5, 1.0, 1.5, 2.0)
+    assert forecaster.Forecaster.from_checkpoint(run).bars == bars  # a planner reads them beside the forecast
 
     # at bars of 0.5 everywhere, the IoU at the bars is the IoU at 0.5; the report names the bars
     half = ((0.5,) * 3,) * 5
