@@ -4,7 +4,8 @@
 
     nuscenes/         the synthetic dataset (nuScenes format; the devkit loads it)
     windows/          its training windows (``bevjepa preprocess``)
-    run/              the trained ``small`` model (safetensors + JSON, its occupancy thresholds), TensorBoard scalars
+    run/              the trained ``small`` model (safetensors + JSON, its occupancy thresholds and forecast bars),
+                      TensorBoard scalars
     run-direct/       the direct baseline (``bevjepa train --config direct``: LiDAR only, no world model), trained for
                       the same wall time as the model
     open-loop/        ``bevjepa eval`` on mini_val with ``--direct run-direct``: metrics.json (with the world-model
@@ -40,7 +41,7 @@ from bevjepa.datasets import io as bevio
 from bevjepa.evaluation.closed_loop import runner, safety, sources, suite_files
 from bevjepa.evaluation.report import eval_report, rerun_recording
 from bevjepa.prediction import bench as model_bench
-from bevjepa.prediction import checkpoint, forecaster, occupancy_thresholds, threshold_fit, train
+from bevjepa.prediction import checkpoint, forecast_bars, forecaster, occupancy_thresholds, threshold_fit, train
 from bevjepa.prediction import config as experiment_config
 from bevjepa.sim import synth
 
@@ -284,6 +285,15 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
                 ),
                 say,
             )
+    if not (run_folder / forecast_bars.FILE).is_file():
+        _timed(
+            seconds,
+            "forecast bars",
+            lambda: threshold_fit.fit_forecast_bars(
+                run_folder, windows, windows=THRESHOLD_WINDOWS, progress=config.progress
+            ),
+            say,
+        )
 
     open_loop_dir = out / "open-loop"
     if not _open_loop_done(open_loop_dir):
