@@ -17,13 +17,11 @@ want a map of cells, not a recalibration.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bevjepa.datasets import io as bevio
 from bevjepa.prediction import occupancy_thresholds
 
 FILE = "forecast_bars.json"
@@ -71,9 +69,7 @@ class ForecastBars:
 
     def save(self, run: Path) -> Path:
         """Write ``RUN/forecast_bars.json`` (atomically); returns its path."""
-        path = Path(run) / FILE
-        bevio.atomic_write_json(path, {key: getattr(self, key) for key in self.__dataclass_fields__})
-        return path
+        return occupancy_thresholds.save_record(run, FILE, self)
 
     @staticmethod
     def load(run: Path) -> ForecastBars | None:
@@ -82,21 +78,20 @@ class ForecastBars:
         Raises:
             ValueError: the file is not JSON or does not hold valid bars.
         """
-        path = Path(run) / FILE
-        if not path.is_file():
-            return None
-        try:
-            values = json.loads(path.read_text())
-            rows = {k: _rows(values[k]) for k in ("bars", "iou_at_half", "iou_chosen")}
-            return ForecastBars(
+        return occupancy_thresholds.load_record(
+            run,
+            FILE,
+            "forecast bars",
+            lambda values: ForecastBars(
                 classes=tuple(str(c) for c in values["classes"]),
                 times_s=tuple(float(t) for t in values["times_s"]),
+                bars=_rows(values["bars"]),
+                iou_at_half=_rows(values["iou_at_half"]),
+                iou_chosen=_rows(values["iou_chosen"]),
                 split=str(values["split"]),
                 windows=int(values["windows"]),
-                **rows,
-            )
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not valid forecast bars ({error}); run `bevjepa thresholds` again") from error
+            ),
+        )
 
 
 def _rows(table) -> tuple[tuple[float, ...], ...]:

@@ -16,8 +16,10 @@ the per-step optimum is noisy (docs/train.md, "Occupancy thresholds chosen on tr
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from bevjepa.datasets import io as bevio
 
 FILE = "occupancy_thresholds.json"
 """The thresholds' file in a run folder (deleted whenever a training step rewrites the weights)."""
+T = TypeVar("T")
 LOGIT_EDGES = np.linspace(-12.0, 12.0, 241)
 """Bin edges of the counted logits (0.1 apart); the candidate thresholds are these edges."""
 
@@ -63,9 +66,7 @@ class OccupancyThresholds:
 
     def save(self, run: Path) -> Path:
         """Write ``RUN/occupancy_thresholds.json`` (atomically); returns its path."""
-        path = Path(run) / FILE
-        bevio.atomic_write_json(path, {key: getattr(self, key) for key in self.__dataclass_fields__})
-        return path
+        return save_record(run, FILE, self)
 
     @staticmethod
     def load(run: Path) -> OccupancyThresholds | None:
@@ -74,23 +75,41 @@ class OccupancyThresholds:
         Raises:
             ValueError: the file is not JSON or does not hold valid thresholds.
         """
-        path = Path(run) / FILE
-        if not path.is_file():
-            return None
-        try:
-            values = json.loads(path.read_text())
-            return OccupancyThresholds(
+        return load_record(
+            run,
+            FILE,
+            "occupancy thresholds",
+            lambda values: OccupancyThresholds(
                 classes=tuple(str(c) for c in values["classes"]),
                 probability=tuple(float(v) for v in values["probability"]),
                 iou_at_half=tuple(float(v) for v in values["iou_at_half"]),
                 iou_chosen=tuple(float(v) for v in values["iou_chosen"]),
                 split=str(values["split"]),
                 windows=int(values["windows"]),
-            )
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"{path}: not valid occupancy thresholds ({error}); run `bevjepa thresholds` again"
-            ) from error
+            ),
+        )
+
+
+def save_record(run: Path, file: str, record) -> Path:
+    """Write a frozen dataclass of ``bevjepa thresholds`` as ``RUN/file`` (JSON, atomically); returns its path."""
+    path = Path(run) / file
+    bevio.atomic_write_json(path, {key: getattr(record, key) for key in record.__dataclass_fields__})
+    return path
+
+
+def load_record(run: Path, file: str, what: str, build: Callable[[dict], T]) -> T | None:
+    """``build`` applied to ``RUN/file``'s JSON; None when the run has no such file.
+
+    Raises:
+        ValueError: naming the file and ``what`` it should hold, where it is not JSON or ``build`` refuses it.
+    """
+    path = Path(run) / file
+    if not path.is_file():
+        return None
+    try:
+        return build(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not valid {what} ({error}); run `bevjepa thresholds` again") from error
 
 
 class BinCounts:

@@ -145,3 +145,16 @@ def light_checkpoint(light_config, synthetic_windows: Path, tmp_path_factory: py
     """A run folder of ``light_config`` trained one step on ``synthetic_windows``, for tests that need *a* trained
     world model and do not look at the cameras (shared: do not write into it)."""
     return _train_one_step(light_config, synthetic_windows, tmp_path_factory.mktemp("light-checkpoint") / "run")
+
+
+@pytest.fixture
+def thresholded_run(light_checkpoint: Path, synthetic_windows: Path, tmp_path: Path) -> Path:
+    """A copy of ``light_checkpoint`` (this test's own) after ``bevjepa thresholds --windows 2`` on mini_train."""
+    import shutil
+
+    from bevjepa.tools import cli
+
+    run = tmp_path / "thresholded-run"
+    shutil.copytree(light_checkpoint, run)
+    assert cli.main(["thresholds", "--checkpoint", str(run), "--data", str(synthetic_windows), "--windows", "2"]) == 0
+    return run

@@ -12,7 +12,6 @@ import pytest
 from bevjepa.datasets import categories, torch_dataset
 from bevjepa.evaluation import open_loop
 from bevjepa.prediction import checkpoint, forecast_bars, forecaster, occupancy_thresholds, threshold_fit, train
-from bevjepa.tools import cli
 
 CLASSES = categories.CLASSES
 TIMES = (0.0, 0.5, 1.0)
@@ -84,13 +83,8 @@ def test_counts_refuse_maps_of_another_shape() -> None:
         occupancy_thresholds.LogitCounts(3).add(np.zeros((2, 4, 8, 8)), np.zeros((2, 4, 8, 8)))
 
 
-def test_a_world_model_run_chooses_its_bars_and_eval_scores_at_them(
-    light_checkpoint: Path, synthetic_windows: Path, tmp_path: Path
-) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(light_checkpoint, run)
-    argv = ["thresholds", "--checkpoint", str(run), "--data", str(synthetic_windows), "--windows", "2"]
-    assert cli.main(argv) == 0
+def test_a_world_model_run_chooses_its_bars_and_eval_scores_at_them(thresholded_run: Path, synthetic_windows: Path):
+    run = thresholded_run
     bars = forecast_bars.ForecastBars.load(run)
     assert bars is not None and bars.windows == 2 and bars.split == "mini_train"
     assert bars.classes == CLASSES and bars.times_s == (0.0, 0.5, 1.0, 1.5, 2.0)

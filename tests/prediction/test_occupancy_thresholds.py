@@ -73,13 +73,8 @@ def test_thresholds_round_trip_and_bad_files(tmp_path: Path) -> None:
         occupancy_thresholds.OccupancyThresholds(CLASSES, (0.5, 1.0, 0.5), (0, 0, 0), (0, 0, 0), "s", 1)
 
 
-def test_a_run_chooses_its_thresholds_and_every_map_reads_them(
-    light_checkpoint: Path, synthetic_windows: Path, tmp_path: Path
-) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(light_checkpoint, run)
-    argv = ["thresholds", "--checkpoint", str(run), "--data", str(synthetic_windows), "--windows", "2"]
-    assert cli.main(argv) == 0
+def test_a_run_chooses_its_thresholds_and_every_map_reads_them(thresholded_run: Path, synthetic_windows: Path) -> None:
+    run = thresholded_run
     chosen = occupancy_thresholds.OccupancyThresholds.load(run)
     assert chosen is not None and chosen.windows == 2 and chosen.split == "mini_train"
     assert all(p >= 0.5 for p in chosen.probability)
