@@ -93,7 +93,7 @@ import torch
 
 from bevjepa.datasets import categories, geometry, torch_dataset
 from bevjepa.evaluation import baselines, metrics
-from bevjepa.prediction import agent_occupancy, checkpoint, forecast_bars, forecaster, tracking, train
+from bevjepa.prediction import agent_occupancy, checkpoint, forecaster, tracking, train
 
 CACHE_FRAMES = 64
 """Keyframes the model's frame cache keeps while scoring (its two forecasts of a batch encode each one once)."""
@@ -342,7 +342,7 @@ def evaluate(
         if run is not None
         else None
     )
-    bars = None if model is None else model.bars
+    bars = None if model is None or model.bars is None else model.bars.array()  # [S, C]
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
     window_steps = int(dataset.config["window"]["trajectory_steps"])
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
@@ -368,6 +368,11 @@ def evaluate(
                 window = _window_truth(batch, b, steps)
                 if not scores:
                     S, C = window.target.shape[:2]
+                    if bars is not None and bars.shape != (S, C):
+                        raise ValueError(
+                            f"forecast_bars.json holds {list(bars.shape)} bars (steps, classes), the windows "
+                            f"{[S, C]}: run `bevjepa thresholds` again"
+                        )
                     short = short_range(geometry.GridSpec(**dataset.config["window"]["grid"]))
                     scores = {
                         name: _Scores(S, C, ece_bins, matched=name in MATCHED_SOURCES, short=short) for name in names
@@ -399,7 +404,7 @@ def evaluate(
             },
             "forecast_bars": None
             if bars is None
-            else {name: [row[c] for row in bars.bars] for c, name in enumerate(bars.classes)},
+            else {name: bars[:, c].tolist() for c, name in enumerate(categories.CLASSES)},
         },
         "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
     }
@@ -540,11 +545,11 @@ def _score_model(
     output: _Predicted,
     grid: geometry.GridSpec,
     threshold: float,
-    bars: forecast_bars.ForecastBars | None = None,
+    bars: np.ndarray | None = None,
 ) -> None:
     """Add one window's two forecasts (sensors alone, annotated agents), latent map and tracks at constant speed.
 
-    With ``bars`` (the run's ``forecast_bars``) the sensor-only forecast is scored at them too.
+    With ``bars`` [S, C] (the run's ``forecast_bars``) the sensor-only forecast is scored at them too.
     """
     S, C = w.target.shape[:2]
     steps = w.future.shape[1]
@@ -565,12 +570,7 @@ def _score_model(
     ):
         scores[name].add_trajectories(modes[found], probabilities[found], w.future[scored], w.cls[scored])
         scores[name].add_detections(int(reachable.sum()), tracks.count, int((match[reachable] >= 0).sum()))
-    if bars is not None and bars.array().shape != forecast.occupancy.shape[:2]:
-        raise ValueError(
-            f"forecast_bars.json holds {list(bars.array().shape)} bars (steps, classes), the forecast "
-            f"{list(forecast.occupancy.shape[:2])}: run `bevjepa thresholds` again"
-        )
-    _add_map(scores["model"], forecast.occupancy, w, threshold, None if bars is None else bars.array())
+    _add_map(scores["model"], forecast.occupancy, w, threshold, bars)
     pairs = np.flatnonzero(match >= 0)  # the annotated agents a track stands for
     heading = tracks.boxes[match[pairs], 6] - w.box[pairs, 6]
     scores["model"].add_track_errors(

@@ -44,13 +44,9 @@ def fit(
     Raises:
         ValueError: ``windows`` below 1, or windows of another grid or horizon than the run's.
     """
-    if windows < 1:
-        raise ValueError(f"windows must be at least 1, got {windows}")
     _, net = checkpoint.load_model(run)
     net.set_occupancy_thresholds(None)  # count the raw logits
-    dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split), cameras=net.config.use_camera)
-    checkpoint.check_windows(run, net.config, dataset)
-    indices = np.unique(np.linspace(0, len(dataset) - 1, min(windows, len(dataset))).round().astype(int))
+    dataset, indices = _spaced_windows(run, net, data, split, windows)
     counts = occupancy_thresholds.LogitCounts(net.config.classes)
     for first in tqdm(range(0, len(indices), batch_size), desc="thresholds", unit="batch", disable=not progress):
         batch = torch_dataset.collate([dataset[int(i)] for i in indices[first : first + batch_size]])
@@ -76,14 +72,10 @@ def fit_forecast_bars(
     Raises:
         ValueError: ``windows`` below 1, or windows of another grid or horizon than the run's.
     """
-    if windows < 1:
-        raise ValueError(f"windows must be at least 1, got {windows}")
     _, net = checkpoint.load_model(run)
     if not net.config.world_model:
         return None
-    dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split), cameras=net.config.use_camera)
-    checkpoint.check_windows(run, net.config, dataset)
-    indices = np.unique(np.linspace(0, len(dataset) - 1, min(windows, len(dataset))).round().astype(int))
+    dataset, indices = _spaced_windows(run, net, data, split, windows)
     model = forecaster.Forecaster(net)
     counted, times_s = None, None
     for i in tqdm(indices, desc="forecast bars", unit="window", disable=not progress):
@@ -96,3 +88,18 @@ def fit_forecast_bars(
     bars = forecast_bars.choose(counted, categories.CLASSES, times_s, split, len(indices))
     bars.save(run)
     return bars
+
+
+def _spaced_windows(
+    run: Path, net, data: Path, split: str, windows: int
+) -> tuple[torch_dataset.WindowDataset, np.ndarray]:
+    """The windows of ``split`` the run's net reads, and ``windows`` indices evenly spaced over them (all if fewer).
+
+    Raises:
+        ValueError: ``windows`` below 1, or windows of another grid or horizon than the run's.
+    """
+    if windows < 1:
+        raise ValueError(f"windows must be at least 1, got {windows}")
+    dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split), cameras=net.config.use_camera)
+    checkpoint.check_windows(run, net.config, dataset)
+    return dataset, np.unique(np.linspace(0, len(dataset) - 1, min(windows, len(dataset))).round().astype(int))
