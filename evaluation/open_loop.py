@@ -56,13 +56,14 @@ Returned structure (every number a float; NaN where nothing was scored):
       "settings": {"threshold", "ece_bins", "detection_threshold", "trajectory_seconds",
                    "occupancy_thresholds": {"model" | "direct": {class: probability}},  the run's chosen thresholds
                                             (``bevjepa thresholds``) that ``threshold`` stands for; 0.5: none
-                   "forecast_bars": {class: [per step 0..F]} or None},  the bars of ``iou_at_bars``
+                   "forecast_bars": {"model" | "direct": {class: [per step 0..F]}}},  the bars of ``iou_at_bars``
       "models": {name: {
           "minADE_k", "minFDE_k", "MissRate_2_k"    for k in 1, 5, 10 (trajectory sources only),
           "per_class": {class: {"agents": int, "minADE_k", "minFDE_k", "MissRate_2_k"}},
           "iou": {class: [per step 0..F]},          IoU of the (thresholded) occupancy over the whole grid
-          "iou_at_bars": {class: [per step 0..F]},  (``model``, where the run has ``forecast_bars.json``) the same
-                                                    at the run's bars, each step and class its own
+          "iou_at_bars": {class: [per step 0..F]},  (``model`` and ``direct``, where the run has
+                                                    ``forecast_bars.json``) the same at the run's bars, each step
+                                                    and class its own
           "iou_short": {class: [per step 0..F]},    the same over the central 30 × 30 m (FIERY's short range)
           "iou_2s_mean": float,                     mean over classes of the IoU at the last step (NaN skipped)
           "vpq": {class: [per step 0..F]},          FIERY's VPQ_t (``metrics.VpqCounts.vpq``)
@@ -342,7 +343,11 @@ def evaluate(
         if run is not None
         else None
     )
-    bars = None if model is None or model.bars is None else model.bars.array()  # [S, C]
+    bars = {
+        name: net.bars.array()
+        for name, net in (("model", model), ("direct", direct))
+        if net is not None and net.bars is not None
+    }  # [S, C] each
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
     window_steps = int(dataset.config["window"]["trajectory_steps"])
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
@@ -368,11 +373,12 @@ def evaluate(
                 window = _window_truth(batch, b, steps)
                 if not scores:
                     S, C = window.target.shape[:2]
-                    if bars is not None and bars.shape != (S, C):
-                        raise ValueError(
-                            f"forecast_bars.json holds {list(bars.shape)} bars (steps, classes), the windows "
-                            f"{[S, C]}: run `bevjepa thresholds` again"
-                        )
+                    for name, held in bars.items():
+                        if held.shape != (S, C):
+                            raise ValueError(
+                                f"the {name} run's forecast_bars.json holds {list(held.shape)} bars (steps, classes), "
+                                f"the windows {[S, C]}: run `bevjepa thresholds` on it again"
+                            )
                     short = short_range(geometry.GridSpec(**dataset.config["window"]["grid"]))
                     scores = {
                         name: _Scores(S, C, ece_bins, matched=name in MATCHED_SOURCES, short=short) for name in names
@@ -381,9 +387,9 @@ def evaluate(
                 truth_classes.append(window.cls[window.full])
                 _score_baselines(scores, window, grid, steps, threshold)
                 if outputs is not None and outputs[b].forecast is not None:
-                    _score_model(scores, window, outputs[b], grid, threshold, bars)
+                    _score_model(scores, window, outputs[b], grid, threshold, bars.get("model"))
                 if outputs is not None and outputs[b].direct is not None:
-                    _add_map(scores["direct"], outputs[b].direct, window, threshold)
+                    _add_map(scores["direct"], outputs[b].direct, window, threshold, bars.get("direct"))
     truth = np.concatenate(truths) if truths else np.zeros((0, steps, 2))
     truth_class = np.concatenate(truth_classes) if truth_classes else np.zeros(0, dtype=np.int64)
     result: dict = {
@@ -402,9 +408,10 @@ def evaluate(
             "occupancy_thresholds": {
                 name: _chosen_thresholds(net) for name, net in (("model", model), ("direct", direct)) if net is not None
             },
-            "forecast_bars": None
-            if bars is None
-            else {name: bars[:, c].tolist() for c, name in enumerate(categories.CLASSES)},
+            "forecast_bars": {
+                source: {name: held[:, c].tolist() for c, name in enumerate(categories.CLASSES)}
+                for source, held in bars.items()
+            },
         },
         "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
     }

@@ -2,13 +2,15 @@
 
 Decodes the dense occupancy of evenly spaced windows of a split (every step, from the sensors), counts the occupied
 and free cells over the logits (``occupancy_thresholds.LogitCounts``), and writes the threshold of largest IoU per
-class into the run folder. Then, for a world model, forecasts the same windows from the sensors (tracked agents,
-the fused map) and writes the bars at which that forecast reads as occupied, per step and class
-(``forecast_bars``). Choose them on the training split: the split you score must stay unseen.
+class into the run folder. Then it forecasts the same windows from the sensors (a world model: tracked agents and the
+fused map; the direct baseline: its dense map, the only forecast it makes) and writes the bars at which that
+forecast reads as occupied, per step and class (``forecast_bars``), so that both read their maps as cells by the
+same rule. Choose them on the training split: the split you score must stay unseen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from bevjepa.datasets import categories, torch_dataset
-from bevjepa.prediction import checkpoint, forecast_bars, forecaster, occupancy_thresholds, train
+from bevjepa.prediction import checkpoint, forecast_bars, forecaster, model, occupancy_thresholds, train
 
 WINDOWS = 120
 """Windows counted by default (about 2 M cells per class and step on the ``small`` 128 × 128 grid)."""
@@ -57,37 +59,64 @@ def fit(
     return thresholds
 
 
+@torch.no_grad()
 def fit_forecast_bars(
     run: Path,
     data: Path,
     split: str = "mini_train",
     windows: int = WINDOWS,
+    batch_size: int = 4,
     progress: bool = False,
-) -> forecast_bars.ForecastBars | None:
-    """Choose and save the forecast bars of ``run`` on ``windows`` windows of ``split``: None for a direct baseline.
+) -> forecast_bars.ForecastBars:
+    """Choose and save the forecast bars of ``run`` on ``windows`` windows of ``split``.
 
-    Each window is forecast on its own from its sensors (``WindowSample.sensors_only``, tracked agents, the run's
-    occupancy thresholds as saved), and its fused map counted against the window's occupancy at every step.
+    A world model forecasts each window on its own from its sensors (``WindowSample.sensors_only``, tracked agents,
+    the run's occupancy thresholds as saved), and its fused map is counted against the window's occupancy at every
+    step. The direct baseline's forecast is its dense map (published at its occupancy thresholds), decoded
+    ``batch_size`` windows at a time.
 
     Raises:
         ValueError: ``windows`` below 1, or windows of another grid or horizon than the run's.
     """
     _, net = checkpoint.load_model(run)
-    if not net.config.world_model:
-        return None
     dataset, indices = _spaced_windows(run, net, data, split, windows)
-    model = forecaster.Forecaster(net)
-    counted, times_s = None, None
-    for i in tqdm(indices, desc="forecast bars", unit="window", disable=not progress):
-        window = dataset[int(i)]
-        forecast = model.forecast(window.sensors_only())
+    if net.config.world_model:
+        maps = _fused_maps(forecaster.Forecaster(net), dataset, indices, progress)
+    else:
+        maps = _direct_maps(net, dataset, indices, batch_size, progress)
+    counted, steps = None, 0
+    for probability, target in maps:  # [S, C, H, W] each
         if counted is None:
-            counted = forecast_bars.counts(*forecast.occupancy.shape[:2])
-            times_s = tuple(float(t) for t in forecast.times_s)
-        counted.add(forecast.occupancy, window.occupancy.numpy())
+            steps = probability.shape[0]
+            counted = forecast_bars.counts(*probability.shape[:2])
+        counted.add(probability, target)
+    times_s = tuple(float(k * forecaster.STEP_S) for k in range(steps))
     bars = forecast_bars.choose(counted, categories.CLASSES, times_s, split, len(indices))
     bars.save(run)
     return bars
+
+
+def _fused_maps(
+    model: forecaster.Forecaster, dataset: torch_dataset.WindowDataset, indices: np.ndarray, progress: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each window's sensor-only forecast (the fused map, [S, C, H, W]) and its occupancy, forecast one by one."""
+    for i in tqdm(indices, desc="forecast bars", unit="window", disable=not progress):
+        window = dataset[int(i)]
+        yield model.forecast(window.sensors_only()).occupancy, window.occupancy.numpy()
+
+
+def _direct_maps(
+    net: model.BevJepa,
+    dataset: torch_dataset.WindowDataset,
+    indices: np.ndarray,
+    batch_size: int,
+    progress: bool,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each window's dense map as the net publishes it ([S, C, H, W]) and its occupancy, ``batch_size`` at a time."""
+    for first in tqdm(range(0, len(indices), batch_size), desc="forecast bars", unit="batch", disable=not progress):
+        batch = torch_dataset.collate([dataset[int(i)] for i in indices[first : first + batch_size]])
+        probability = net.occupancy_probability(net.scene(batch).occupancy_logits).float().numpy()  # [B, S, C, H, W]
+        yield from zip(probability, batch.occupancy.numpy(), strict=True)
 
 
 def _spaced_windows(

@@ -142,12 +142,11 @@ def _thresholds(args: argparse.Namespace) -> int:
     bars = threshold_fit.fit_forecast_bars(
         Path(args.checkpoint), Path(args.data), split=args.split, windows=args.windows, progress=True
     )
-    if bars is not None:
-        print(f"the forecast's bars, chosen on {bars.windows} windows of {bars.split} (IoU there; at 0.5):")
-        rows = list(zip(bars.times_s, bars.bars, bars.iou_chosen, bars.iou_at_half, strict=True))
-        for c, name in enumerate(bars.classes):
-            cells = (f"{t:g} s {bar[c]:.2f} ({after[c]:.3f}; {half[c]:.3f})" for t, bar, after, half in rows)
-            print(f"  {name:12s} " + ", ".join(cells))
+    print(f"the forecast's bars, chosen on {bars.windows} windows of {bars.split} (IoU there; at 0.5):")
+    rows = list(zip(bars.times_s, bars.bars, bars.iou_chosen, bars.iou_at_half, strict=True))
+    for c, name in enumerate(bars.classes):
+        cells = (f"{t:g} s {bar[c]:.2f} ({after[c]:.3f}; {half[c]:.3f})" for t, bar, after, half in rows)
+        print(f"  {name:12s} " + ", ".join(cells))
     return 0
 
 
@@ -492,9 +491,10 @@ def _add_thresholds_parser(commands: argparse._SubParsersAction[argparse.Argumen
         help="choose a run's per-class occupancy thresholds on its training windows",
         description="Count the dense occupancy of a run on windows of its training split and write, per class, the "
         "threshold of largest IoU into RUN/occupancy_thresholds.json; forecasts and `bevjepa eval` then publish "
-        "probabilities shifted so that 0.5 is that threshold. A world model's run then forecasts the same windows "
-        "from their sensors and writes the bars of largest IoU of that forecast, per step and class, into "
-        "RUN/forecast_bars.json; `bevjepa eval` scores the forecast at them beside 0.5. Training the run further "
+        "probabilities shifted so that 0.5 is that threshold. Then the run forecasts the same windows from their "
+        "sensors (a world model: the fused map; the direct baseline: its dense map) and writes the bars of largest "
+        "IoU of that forecast, per step and class, into RUN/forecast_bars.json; `bevjepa eval` scores the forecast "
+        "at them beside 0.5. Training the run further "
         "deletes both files.",
     )
     fitter.add_argument("--checkpoint", required=True, help="the run folder")

@@ -285,15 +285,16 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
                 ),
                 say,
             )
-    if not (run_folder / forecast_bars.FILE).is_file():
-        _timed(
-            seconds,
-            "forecast bars",
-            lambda: threshold_fit.fit_forecast_bars(
-                run_folder, windows, windows=THRESHOLD_WINDOWS, progress=config.progress
-            ),
-            say,
-        )
+    for folder in (run_folder, direct_folder):
+        if not (folder / forecast_bars.FILE).is_file():
+            _timed(
+                seconds,
+                f"forecast bars ({folder.name})",
+                lambda folder=folder: threshold_fit.fit_forecast_bars(
+                    folder, windows, windows=THRESHOLD_WINDOWS, progress=config.progress
+                ),
+                say,
+            )
 
     open_loop_dir = out / "open-loop"
     if not _open_loop_done(open_loop_dir):

@@ -455,7 +455,7 @@ def _model_tables(metrics: dict) -> list[str]:
                 rows.append([_label(m), cls, *(format_value(v) for v in values), *([MISSING] * (steps - len(values)))])
         title = {
             "iou": "Occupancy IoU",
-            "iou_at_bars": "Occupancy IoU at the run's forecast bars (`bevjepa thresholds`, per step and class)",
+            "iou_at_bars": "Occupancy IoU at each run's forecast bars (`bevjepa thresholds`, per step and class)",
             "iou_short": "Occupancy IoU at short range (the central 30 × 30 m)",
         }.get(key, f"`{key}`")
         lines += [

@@ -96,7 +96,7 @@ def test_a_world_model_run_chooses_its_bars_and_eval_scores_at_them(thresholded_
     result = open_loop.evaluate(synthetic_windows, "mini_val", run)
     model = result["models"]["model"]
     np.testing.assert_equal(model["iou_at_bars"], model["iou"])
-    assert result["settings"]["forecast_bars"] == {name: [0.5] * 5 for name in CLASSES}
+    assert result["settings"]["forecast_bars"] == {"model": {name: [0.5] * 5 for name in CLASSES}}
     assert "iou_at_bars" not in result["models"]["model_latent"]
 
     # a bar under every probability at t0 (where the dense map joins everywhere): every cell reads occupied, so the
@@ -114,15 +114,41 @@ def test_a_world_model_run_chooses_its_bars_and_eval_scores_at_them(thresholded_
     # bars of another horizon are refused with the way out; training again deletes them
     three = ((0.5,) * 3,) * 3
     forecast_bars.ForecastBars(CLASSES, TIMES, three, three, three, "s", 1).save(run)
-    with pytest.raises(ValueError, match="run `bevjepa thresholds` again"):
+    with pytest.raises(ValueError, match="model run.s forecast_bars.json .* run `bevjepa thresholds` on it again"):
         open_loop.evaluate(synthetic_windows, "mini_val", run)
     _, net = checkpoint.load_model(run)
     checkpoint.save(run, checkpoint.load_config(run), net, None, checkpoint.load_state(run))
     assert not (run / forecast_bars.FILE).exists()
 
 
-def test_a_direct_baseline_has_no_forecast_to_bar(tiny_direct_checkpoint: Path, synthetic_windows: Path, tmp_path):
-    run = tmp_path / "direct"
-    shutil.copytree(tiny_direct_checkpoint, run)
-    assert threshold_fit.fit_forecast_bars(run, synthetic_windows, windows=2) is None
-    assert not (run / forecast_bars.FILE).exists()
+def test_a_direct_baseline_is_read_at_its_own_bars(
+    tiny_direct_checkpoint: Path, light_checkpoint: Path, synthetic_windows: Path, tmp_path
+):
+    direct = tmp_path / "direct"
+    shutil.copytree(tiny_direct_checkpoint, direct)
+    bars = threshold_fit.fit_forecast_bars(direct, synthetic_windows, windows=2)
+    assert forecast_bars.ForecastBars.load(direct) == bars
+    assert bars.windows == 2 and bars.times_s == (0.0, 0.5, 1.0, 1.5, 2.0)
+
+    # the direct map counted as the net publishes it: 0.5 everywhere scores it as at 0.5; the report names whose
+    half = ((0.5,) * 3,) * 5
+    forecast_bars.ForecastBars(CLASSES, bars.times_s, half, half, half, "s", 1).save(direct)
+    result = open_loop.evaluate(synthetic_windows, "mini_val", light_checkpoint, direct_run=direct)
+    scored = result["models"]["direct"]
+    np.testing.assert_equal(scored["iou_at_bars"], scored["iou"])
+    assert result["settings"]["forecast_bars"] == {"direct": {name: [0.5] * 5 for name in CLASSES}}
+    assert "iou_at_bars" not in result["models"]["model"]  # the world model has none here
+
+    # a bar under every probability at t0: every cell reads occupied, so the IoU there is the annotations' share
+    low = ((1e-9,) * 3,) + half[1:]
+    forecast_bars.ForecastBars(CLASSES, bars.times_s, low, half, half, "s", 1).save(direct)
+    low_scored = open_loop.evaluate(synthetic_windows, "mini_val", None, direct_run=direct)["models"]["direct"]
+    dataset = torch_dataset.WindowDataset(synthetic_windows, scenes=train.split_scenes(synthetic_windows, "mini_val"))
+    vehicles = np.stack([dataset[i].occupancy[0, 0].numpy() for i in range(len(dataset))])  # [N, H, W]
+    assert low_scored["iou_at_bars"]["vehicle"][0] == pytest.approx(vehicles.mean())
+
+    # the direct run's bars of another horizon are refused by name
+    three = ((0.5,) * 3,) * 3
+    forecast_bars.ForecastBars(CLASSES, TIMES, three, three, three, "s", 1).save(direct)
+    with pytest.raises(ValueError, match="the direct run's forecast_bars.json"):
+        open_loop.evaluate(synthetic_windows, "mini_val", None, direct_run=direct)
