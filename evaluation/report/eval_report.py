@@ -518,9 +518,11 @@ def iou_ratio(numerator: object, denominator: object) -> float | None:
 def world_model_verdicts(metrics: dict) -> list[str]:
     """Plain lines on what the world-model check and the direct baseline say, computed from metrics.json.
 
-    Per class: the rollout's IoU over the held z_t0's at the last horizon (2 s); and whether the world model's
+    Per class: the rollout's IoU over the held z_t0's at the last horizon (2 s); whether the world model's
     sensor-only occupancy (``model_latent``) beats the direct baseline's (``direct``), same windows, at
-    ``VERDICT_SECONDS``. Classes or horizons without a value are left out.
+    ``VERDICT_SECONDS``; and, where both runs have forecast bars, whether the planner's forecast (``model``) read at
+    its bars beats the direct baseline read at its own (``iou_at_bars``: the same rule for both). Classes or
+    horizons without a value are left out.
     """
     lines: list[str] = []
     check = metrics.get("world_model_check")
@@ -544,9 +546,29 @@ def world_model_verdicts(metrics: dict) -> list[str]:
                 f"{format_value(b)}: no ratio."
             )
     models = metrics.get("models", {})
-    ours, theirs = models.get("model_latent", {}).get("iou", {}), models.get("direct", {}).get("iou", {})
+    lines += _direct_verdicts(
+        models.get("model_latent", {}).get("iou", {}),
+        models.get("direct", {}).get("iou", {}),
+        "the world model",
+        "IoU of `model_latent` against `direct`",
+    )
+    lines += _direct_verdicts(
+        models.get("model", {}).get("iou_at_bars", {}),
+        models.get("direct", {}).get("iou_at_bars", {}),
+        "the planner's forecast, read at its bars,",
+        "IoU of `model` and `direct`, each at its own run's bars",
+    )
+    return lines
+
+
+def _direct_verdicts(ours: dict, theirs: dict, subject: str, what: str) -> list[str]:
+    """Per class, a line on whether ``ours`` beats the direct baseline's ``theirs`` at ``VERDICT_SECONDS``.
+
+    Both are {class: [IoU per step]}; a class or horizon missing on either side is left out.
+    """
+    lines = []
     for cls in categories.CLASSES:
-        compared = []  # (seconds, model_latent IoU, direct IoU)
+        compared = []  # (seconds, our IoU, the direct baseline's)
         for seconds in VERDICT_SECONDS:
             step = round(seconds / forecaster.STEP_S)
             a, b = _at(ours.get(cls), step), _at(theirs.get(cls), step)
@@ -563,7 +585,7 @@ def world_model_verdicts(metrics: dict) -> list[str]:
         else:
             verdict = f"beats the direct baseline at {' and '.join(won)} but not at {' or '.join(lost)}"
         numbers = "; ".join(f"{seconds:g} s: {format_value(a)} against {format_value(b)}" for seconds, a, b in compared)
-        lines.append(f"- the world model {verdict} for {cls}s (IoU of `model_latent` against `direct`, {numbers}).")
+        lines.append(f"- {subject} {verdict} for {cls}s ({what}, {numbers}).")
     return lines
 
 

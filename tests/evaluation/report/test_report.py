@@ -235,6 +235,15 @@ def test_the_verdicts_are_computed_from_the_numbers():
         "- the world model does not beat the direct baseline at 1 s or 2 s for pedestrians (IoU of `model_latent` "
         "against `direct`, 1 s: 0.100 against 0.200; 2 s: 0.050 against 0.050).",
     ]
+    # with both runs' forecast bars: the planner's forecast against the direct baseline, each at its own bars
+    metrics["models"]["model"] = {"iou_at_bars": {"pedestrian": [0.5, 0.3, 0.25, 0.2, 0.15]}}
+    metrics["models"]["direct"]["iou_at_bars"] = {"pedestrian": [0.5, 0.3, 0.2, 0.1, 0.2], "cyclist": [0.3] * 5}
+    assert eval_report.world_model_verdicts(metrics)[len(verdicts) :] == [
+        "- the planner's forecast, read at its bars, beats the direct baseline at 1 s but not at 2 s for pedestrians "
+        "(IoU of `model` and `direct`, each at its own run's bars, 1 s: 0.250 against 0.200; 2 s: 0.150 against "
+        "0.200)."
+    ]
+    del metrics["models"]["model"]
     text = eval_report.render_report(metrics)
     section = text.split(CHECK_SECTION)[1]
     tables = {heading: rows for _, heading, _, rows in _tables(section)}
