@@ -30,6 +30,7 @@ cap applies, whatever the machine's speed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -275,22 +276,16 @@ def run(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
         ),
         say,
     )
-    for folder in (run_folder, direct_folder):
-        if not (folder / occupancy_thresholds.FILE).is_file():
+    chosen = (  # each run's occupancy thresholds, then its forecast bars (counted at those thresholds)
+        ("occupancy thresholds", occupancy_thresholds.FILE, threshold_fit.fit),
+        ("forecast bars", forecast_bars.FILE, threshold_fit.fit_forecast_bars),
+    )
+    for folder, (stage, file, fit) in itertools.product((run_folder, direct_folder), chosen):
+        if not (folder / file).is_file():
             _timed(
                 seconds,
-                f"occupancy thresholds ({folder.name})",
-                lambda folder=folder: threshold_fit.fit(
-                    folder, windows, windows=THRESHOLD_WINDOWS, progress=config.progress
-                ),
-                say,
-            )
-    for folder in (run_folder, direct_folder):
-        if not (folder / forecast_bars.FILE).is_file():
-            _timed(
-                seconds,
-                f"forecast bars ({folder.name})",
-                lambda folder=folder: threshold_fit.fit_forecast_bars(
+                f"{stage} ({folder.name})",
+                lambda folder=folder, fit=fit: fit(
                     folder, windows, windows=THRESHOLD_WINDOWS, progress=config.progress
                 ),
                 say,
