@@ -142,7 +142,7 @@ class _Scores:
     short: tuple[slice, slice] = (slice(None), slice(None))  # the short-range rows and columns (``short_range``)
     intersection_short: np.ndarray | None = None  # [S, C]
     union_short: np.ndarray | None = None
-    intersection_bars: np.ndarray | None = None  # [S, C] at the run's forecast bars (``model`` with bars only)
+    intersection_bars: np.ndarray | None = None  # [S, C] at the run's forecast bars (``model``, ``direct``)
     union_bars: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -343,11 +343,12 @@ def evaluate(
         if run is not None
         else None
     )
-    bars = {
-        name: net.bars.array()
+    chosen_bars = {
+        name: net.bars
         for name, net in (("model", model), ("direct", direct))
         if net is not None and net.bars is not None
-    }  # [S, C] each
+    }
+    bars = {name: chosen.array() for name, chosen in chosen_bars.items()}  # [S, C] each
     grid = model.net.config.grid if model is not None else geometry.GridSpec()
     window_steps = int(dataset.config["window"]["trajectory_steps"])
     steps = window_steps if trajectory_seconds is None else round(trajectory_seconds / baselines.STEP_S)
@@ -409,8 +410,8 @@ def evaluate(
                 name: _chosen_thresholds(net) for name, net in (("model", model), ("direct", direct)) if net is not None
             },
             "forecast_bars": {
-                source: {name: held[:, c].tolist() for c, name in enumerate(categories.CLASSES)}
-                for source, held in bars.items()
+                source: {name: [row[c] for row in chosen.bars] for c, name in enumerate(chosen.classes)}
+                for source, chosen in chosen_bars.items()
             },
         },
         "models": {name: scores[name].summary(truth, truth_class) for name in names if name in scores},
