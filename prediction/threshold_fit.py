@@ -97,12 +97,12 @@ def fit_forecast_bars(
 
 
 def _fused_maps(
-    model: forecaster.Forecaster, dataset: torch_dataset.WindowDataset, indices: np.ndarray, progress: bool
+    world_model: forecaster.Forecaster, dataset: torch_dataset.WindowDataset, indices: np.ndarray, progress: bool
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each window's sensor-only forecast (the fused map, [S, C, H, W]) and its occupancy, forecast one by one."""
     for i in tqdm(indices, desc="forecast bars", unit="window", disable=not progress):
         window = dataset[int(i)]
-        yield model.forecast(window.sensors_only()).occupancy, window.occupancy.numpy()
+        yield world_model.forecast(window.sensors_only()).occupancy, window.occupancy.numpy()
 
 
 def _direct_maps(
