@@ -50,8 +50,7 @@ def fit(
     net.set_occupancy_thresholds(None)  # count the raw logits
     dataset, indices = _spaced_windows(run, net, data, split, windows)
     counts = occupancy_thresholds.LogitCounts(net.config.classes)
-    for first in tqdm(range(0, len(indices), batch_size), desc="thresholds", unit="batch", disable=not progress):
-        batch = torch_dataset.collate([dataset[int(i)] for i in indices[first : first + batch_size]])
+    for batch in _batches(dataset, indices, batch_size, "thresholds", progress):
         logits = net.scene(batch).occupancy_logits  # [B, S, C, H, W]
         counts.add(logits.float().numpy(), batch.occupancy.numpy())
     thresholds = counts.thresholds(categories.CLASSES, split, len(indices))
@@ -113,10 +112,17 @@ def _direct_maps(
     progress: bool,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each window's dense map as the net publishes it ([S, C, H, W]) and its occupancy, ``batch_size`` at a time."""
-    for first in tqdm(range(0, len(indices), batch_size), desc="forecast bars", unit="batch", disable=not progress):
-        batch = torch_dataset.collate([dataset[int(i)] for i in indices[first : first + batch_size]])
+    for batch in _batches(dataset, indices, batch_size, "forecast bars", progress):
         probability = net.occupancy_probability(net.scene(batch).occupancy_logits).float().numpy()  # [B, S, C, H, W]
         yield from zip(probability, batch.occupancy.numpy(), strict=True)
+
+
+def _batches(
+    dataset: torch_dataset.WindowDataset, indices: np.ndarray, batch_size: int, desc: str, progress: bool
+) -> Iterator[torch_dataset.WindowBatch]:
+    """The windows ``indices`` of ``dataset``, ``batch_size`` to a batch, under a progress bar named ``desc``."""
+    for first in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not progress):
+        yield torch_dataset.collate([dataset[int(i)] for i in indices[first : first + batch_size]])
 
 
 def _spaced_windows(
