@@ -475,12 +475,15 @@ def _per_class_rows(series: dict[str, dict], titles: dict[str, str]) -> tuple[in
 
 
 def _sensor_only_section(models: dict) -> list[str]:
-    """The headline: the dense occupancy IoU from the sensors alone, per class and horizon."""
+    """The headline: the dense occupancy IoU from the sensors alone, per class and horizon.
+
+    Read at 0.5, and for the runs that chose forecast bars (``bevjepa thresholds``) at those bars too.
+    """
     series = {name: models[name]["iou"] for name in SENSOR_ONLY if isinstance(models.get(name, {}).get("iou"), dict)}
     if not series:
         return []
     steps, rows = _per_class_rows(series, SENSOR_ONLY)
-    return [
+    lines = [
         "### From the sensors alone",
         "",
         "Occupancy IoU per class and horizon from the sensors, no annotation read: `model`, the model's forecast "
@@ -492,6 +495,22 @@ def _sensor_only_section(models: dict) -> list[str]:
         *_table(["forecast", "class", *_horizons(steps)], rows),
         "",
     ]
+    at_bars = {
+        name: models[name]["iou_at_bars"]
+        for name in SENSOR_ONLY
+        if isinstance(models.get(name, {}).get("iou_at_bars"), dict)
+    }
+    if at_bars:
+        steps, rows = _per_class_rows(at_bars, SENSOR_ONLY)
+        lines += [
+            "The same forecasts read as a planner reads them: each cell occupied where its probability reaches the "
+            "run's own bar for that step and class (`forecast_bars.json`, chosen on `mini_train` by `bevjepa "
+            "thresholds`), the world model's forecast and the direct baseline's by the same rule.",
+            "",
+            *_table(["forecast, at its bars", "class", *_horizons(steps)], rows),
+            "",
+        ]
+    return lines
 
 
 def _world_model_section(open_loop: dict) -> list[str]:

@@ -95,10 +95,16 @@ def test_the_report_shows_the_numbers_of_the_metrics_files(tiny_demo):
     headings = [line for line in text.splitlines() if line.startswith("### ")]
     assert headings == ["### From the sensors alone", "### Does the world model earn its place?", "### Every source"]
     headline = text.split("### From the sensors alone")[1].split("###")[0]
+    at_half, at_bars = headline.split("read as a planner reads them")
     for name in demo.SENSOR_ONLY:
         for cls in categories.CLASSES:
-            row = next(_cells(line) for line in headline.splitlines() if f"(`{name}`) | {cls} |" in line)
+            row = next(_cells(line) for line in at_half.splitlines() if f"(`{name}`) | {cls} |" in line)
             assert row[2:] == [demo._number(v) for v in open_loop["models"][name]["iou"][cls]]
+    for name in ("model", "direct"):  # the demo chose both runs' bars
+        for cls in categories.CLASSES:
+            row = next(_cells(line) for line in at_bars.splitlines() if f"(`{name}`) | {cls} |" in line)
+            assert row[2:] == [demo._number(v) for v in open_loop["models"][name]["iou_at_bars"][cls]]
+    assert "(`model_latent`)" not in at_bars  # the dense map alone has no bars of its own
     check = text.split("### Does the world model earn its place?")[1].split("###")[0]
     for source in demo.WORLD_MODEL_ROWS:
         row = next(_cells(line) for line in check.splitlines() if f"(`{source}`) | vehicle |" in line)
