@@ -479,10 +479,14 @@ def _sensor_only_section(models: dict) -> list[str]:
 
     Read at 0.5, and for the runs that chose forecast bars (``bevjepa thresholds``) at those bars too.
     """
-    series = {name: models[name]["iou"] for name in SENSOR_ONLY if isinstance(models.get(name, {}).get("iou"), dict)}
-    if not series:
+
+    def series(key: str) -> dict[str, dict]:  # {source: {class: [per step]}} of the sources that hold ``key``
+        return {name: models[name][key] for name in SENSOR_ONLY if isinstance(models.get(name, {}).get(key), dict)}
+
+    at_half, at_bars = series("iou"), series("iou_at_bars")
+    if not at_half:
         return []
-    steps, rows = _per_class_rows(series, SENSOR_ONLY)
+    steps, rows = _per_class_rows(at_half, SENSOR_ONLY)
     lines = [
         "### From the sensors alone",
         "",
@@ -495,11 +499,6 @@ def _sensor_only_section(models: dict) -> list[str]:
         *_table(["forecast", "class", *_horizons(steps)], rows),
         "",
     ]
-    at_bars = {
-        name: models[name]["iou_at_bars"]
-        for name in SENSOR_ONLY
-        if isinstance(models.get(name, {}).get("iou_at_bars"), dict)
-    }
     if at_bars:
         steps, rows = _per_class_rows(at_bars, SENSOR_ONLY)
         lines += [
