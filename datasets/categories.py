@@ -43,3 +43,15 @@ def class_index(category: str) -> int:
         raise ValueError(f"{category!r} is not a nuScenes category")
     name = CATEGORY_TO_CLASS[category]
     return -1 if name is None else CLASSES.index(name)
+
+
+def class_indices(names: tuple[str, ...] | list[str]) -> list[int]:
+    """The channels of predicted class names in ``CLASSES`` (for ``np.isin`` over class indices).
+
+    Raises:
+        ValueError: for a name that is not one of ``CLASSES``.
+    """
+    unknown = [name for name in names if name not in CLASSES]
+    if unknown:
+        raise ValueError(f"{unknown} are not predicted classes {CLASSES}")
+    return [CLASSES.index(name) for name in names]

@@ -189,10 +189,12 @@ POOLED_CLASSES = ("vehicle",)
 Chosen on two worlds never scored (seeds 4 and 5, two training runs): pooled, vehicles gained at every step after
 t0 in all four pairs; pedestrians lost at 0.5 s to 2 s, and cyclists moved a little both ways
 (docs/forecaster.md)."""
-POOLED_AT_T0_CLASSES = ("cyclist",)
-"""The classes whose tracks' existence at t0 is pooled as well. On the same worlds and runs a cyclist's t0 box
-painted more false cells than true ones (the dense map alone scored above the union at t0), and pooling at t0 gained
-the cyclists at t0 in all four pairs; pooled at t0, vehicles moved both ways and pedestrians lost in all four."""
+DENSE_ONLY_AT_T0_CLASSES = ("cyclist",)
+"""The classes whose t0 is the dense map's alone: their tracks' existence at t0 is 0, so ``fuse`` draws what the
+dense map sees there and no track's box. On two worlds never scored (seeds 4 and 5) the dense map alone scored the
+cyclists at t0 above the forecast that joined it with their tracks' boxes in all ten pairs of five training runs
+(the boxes pooled with the dense map at t0, the rule before), while for pedestrians the join won in all four pairs
+of two runs (docs/forecaster.md)."""
 
 
 def track_existence(
@@ -203,7 +205,7 @@ def track_existence(
     grid: geometry.GridSpec,
     steps: int,
     pooled: tuple[str, ...] = POOLED_CLASSES,
-    pooled_at_t0: tuple[str, ...] = POOLED_AT_T0_CLASSES,
+    dense_only_at_t0: tuple[str, ...] = DENSE_ONLY_AT_T0_CLASSES,
 ) -> np.ndarray:
     """Each tracked agent's existence at every step: its detection score, or that pooled with the dense map.
 
@@ -213,8 +215,8 @@ def track_existence(
     two estimates that it is real (a linear opinion pool): its detection score and the dense map's support, the
     mean probability of its class over the cells of its t0 box. The detection scores are cautious (tracks scored
     just under 0.5 mostly matched an annotated agent on the worlds the pool was chosen on), and a track the
-    dense map sees too is seldom a false one. A track of ``pooled_at_t0`` takes the pool at t0 instead: there it is
-    the track the dense map does not see that is more often false.
+    dense map sees too is seldom a false one. A track of ``dense_only_at_t0`` is not drawn at t0 (existence 0):
+    there its class is the dense map's alone.
 
     Args:
         scores: [A] float in [0, 1] — the tracks' detection scores.
@@ -224,7 +226,7 @@ def track_existence(
         grid: the occupancy grid.
         steps: F, occupancy steps after t0.
         pooled: the class names whose existence after t0 is pooled.
-        pooled_at_t0: the class names whose existence at t0 is pooled; every other step and class keeps the score.
+        dense_only_at_t0: the class names whose existence at t0 is 0; every other step and class keeps the score.
 
     Returns:
         [S = steps + 1, A] float64 in [0, 1] — ``mode_occupancy``'s ``existence``.
@@ -237,16 +239,13 @@ def track_existence(
             f"track_existence: {len(scores)} scores, {len(agent_box)} boxes and {len(agent_class)} classes differ"
         )
     existence = np.repeat(scores[None], steps + 1, axis=0)  # [S, A]
-    after, at_t0 = (
-        np.isin(agent_class, [categories.CLASSES.index(name) for name in names]) for names in (pooled, pooled_at_t0)
-    )
-    joins = np.flatnonzero((after | at_t0) & np.isfinite(agent_box).all(axis=1))
+    existence[0, np.isin(agent_class, categories.class_indices(dense_only_at_t0))] = 0.0
+    after = np.isin(agent_class, categories.class_indices(pooled))
+    joins = np.flatnonzero(after & np.isfinite(agent_box).all(axis=1))
     support = rasterize.box_means(
         grid, dense_t0, agent_class[joins], agent_box[joins, :2], agent_box[joins, 3:5], agent_box[joins, 6]
     )  # [J] the dense map's mean probability over each box's cells
-    pool = (scores[joins] + support) / 2
-    existence[1:, joins[after[joins]]] = pool[after[joins]]
-    existence[0, joins[at_t0[joins]]] = pool[at_t0[joins]]
+    existence[1:, joins] = (scores[joins] + support) / 2
     return existence
 
 

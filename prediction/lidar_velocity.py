@@ -168,7 +168,7 @@ def refine(agents: tracking.TrackedAgents, points: np.ndarray) -> tracking.Track
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 5:
         raise ValueError(f"lidar_velocity.refine: points [N, 5] expected, got {list(points.shape)}")
-    standing_searched = np.isin(agents.classes, [categories.CLASSES.index(name) for name in SEARCHED_STANDING])
+    standing_searched = np.isin(agents.classes, categories.class_indices(SEARCHED_STANDING))
     moving = np.hypot(agents.velocity[:, 0], agents.velocity[:, 1]) > 0
     searched = np.flatnonzero(moving | standing_searched)
     if not len(searched):

@@ -318,7 +318,7 @@ def align_to_occupancy(
             f"align_to_occupancy: occupancy [{len(categories.CLASSES)}, {grid.shape[0]}, {grid.shape[1]}] expected, "
             f"got {list(occupancy.shape)}"
         )
-    moving = np.flatnonzero(np.isin(agents.classes, [categories.CLASSES.index(name) for name in classes]))
+    moving = np.flatnonzero(np.isin(agents.classes, categories.class_indices(classes)))
     if not len(moving):
         return agents
     boxes = agents.boxes[moving]  # [M, 7]

@@ -88,7 +88,7 @@ def test_existence_may_differ_from_step_to_step():
         agent_occupancy.mode_occupancy(box[None], np.array([0]), modes, np.ones((1, 1)), GRID, 3, 2, np.ones((2, 1)))
 
 
-def test_a_tracks_existence_pools_its_score_with_the_dense_map_vehicles_after_t0_cyclists_at_t0():
+def test_a_tracks_existence_pools_its_score_with_the_dense_map_after_t0_and_leaves_cyclists_at_t0_to_it():
     """Pooled: the mean of the track's score and the dense map's mean probability of its class over its box."""
     boxes = np.stack(
         [_box(0.0, 0.0, 0.0), _box(10.0, 0.0, 0.0), _box(0.0, 10.0, 0.0), _box(99.0, 0.0, 0.0), _box(-10.0, 0.0, 0.0)]
@@ -109,9 +109,12 @@ def test_a_tracks_existence_pools_its_score_with_the_dense_map_vehicles_after_t0
     np.testing.assert_allclose(existence[1:, 1], 0.8)
     np.testing.assert_allclose(existence[1:, 2], 0.3)  # a pedestrian keeps its score
     np.testing.assert_allclose(existence[1:, 3], 0.4)  # nothing of the map under it: half its score
-    np.testing.assert_allclose(existence[:, 4], [0.35, 0.7, 0.7, 0.7, 0.7])  # a cyclist unseen by the map: t0 halved
-    only_vehicles = agent_occupancy.track_existence(scores, boxes, classes, dense, GRID, 4, pooled_at_t0=())
-    np.testing.assert_array_equal(only_vehicles[0], scores)
+    np.testing.assert_allclose(existence[:, 4], [0.0, 0.7, 0.7, 0.7, 0.7])  # a cyclist: t0 is the dense map's
+    drawn_at_t0 = agent_occupancy.track_existence(scores, boxes, classes, dense, GRID, 4, dense_only_at_t0=())
+    np.testing.assert_array_equal(drawn_at_t0[0], scores)
+    np.testing.assert_array_equal(drawn_at_t0[1:], existence[1:])
+    with pytest.raises(ValueError, match="are not predicted classes"):
+        agent_occupancy.track_existence(scores, boxes, classes, dense, GRID, 4, dense_only_at_t0=("bicycle",))
     with pytest.raises(ValueError, match="track_existence: 2 scores, 5 boxes and 5 classes differ"):
         agent_occupancy.track_existence(scores[:2], boxes, classes, dense, GRID, steps=4)
 

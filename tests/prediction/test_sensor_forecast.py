@@ -61,7 +61,7 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     )
     assert np.array_equal(every, blind.latent_occupancy)
     # The tracks' share: their boxes along their modes, each there with its score, pooled with the dense map's support
-    # after t0 for vehicles and at t0 for cyclists (``track_existence``).
+    # after t0 for vehicles; a cyclist's t0 is the dense map's alone (``track_existence``).
     boxes = blind.agent_boxes.astype(np.float64)
     existence = agent_occupancy.track_existence(
         blind.agent_scores, boxes, blind.agent_classes, blind.latent_occupancy[0], blind.grid, 4
@@ -76,6 +76,9 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     np.testing.assert_allclose(
         blind.occupancy, agent_occupancy.fuse(tracked, blind.latent_occupancy, explained), atol=1e-6
     )
+    cyclist = categories.CLASSES.index("cyclist")  # at t0 the cyclists are the dense map's alone, tracked or not
+    assert (blind.agent_classes == cyclist).any()
+    np.testing.assert_array_equal(blind.occupancy[0, cyclist], blind.latent_occupancy[0, cyclist])
     # The annotated window gives the same forecast: nothing annotated is read (fresh forecaster, fresh ids).
     again = forecaster.Forecaster.from_checkpoint(tiny_checkpoint, min_score=0.0).forecast(window)
     np.testing.assert_array_equal(again.agent_ids, blind.agent_ids)
