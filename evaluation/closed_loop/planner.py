@@ -10,13 +10,18 @@ picks the one with the lowest cost:
 
 where
 
-- ``collision`` = max over the candidate's poses of ``p_t · (1 - 0.5 · t / horizon) · severity_t``, with ``p_t``
-  the forecast's ``OccupancyForecast.collision_probability`` of the footprint (enlarged by ``footprint_margin_m``)
-  at pose ``t``: a collision late in the horizon costs half one that is about to happen; and ``severity_t`` =
-  ``standstill_severity + (1 - standstill_severity) · v_t / v_top`` (``v_t`` the candidate's speed at the pose,
-  ``v_top`` the fastest speed of any candidate): hitting something at speed costs more than touching it almost
-  stopped, so where every candidate runs into the forecast occupancy, the one that brakes hardest costs least
-  (without it the collision terms tied and progress chose to drive on into a car standing ahead);
+- ``collision`` = max over the candidate's poses of ``r_t − min over candidates of r_t``, the risk it adds at
+  time ``t`` over the least that any candidate reaches then, where ``r_t = p_t · (1 - 0.5 · t / horizon) ·
+  severity_t``, with ``p_t`` the forecast's ``OccupancyForecast.collision_probability`` of the footprint (enlarged
+  by ``footprint_margin_m``) at pose ``t``: a collision late in the horizon costs half one that is about to happen;
+  and ``severity_t`` = ``standstill_severity + (1 - standstill_severity) · v_t / v_top`` (``v_t`` the candidate's
+  speed at the pose, ``v_top`` the fastest speed of any candidate): hitting something at speed costs more than
+  touching it almost stopped, so where every candidate runs into the forecast occupancy, the one that brakes
+  hardest costs least (without it the collision terms tied and progress chose to drive on into a car standing
+  ahead). The risk no candidate can avoid (the footprint now, and a car that close a moment later) is taken off
+  at each time: without that, its maximum masked what the candidates changed later, the collision terms tied
+  again, and progress chose to drive on into a car that stopped a few metres ahead. Where some candidate is clear
+  at every time, the term is the plain maximum of ``r_t``;
 - ``progress`` is the distance the candidate covers over the horizon (m), relative to the farthest candidate;
 - ``comfort`` = (a / 4)² + (|a - a_now| / 8)², the commanded acceleration and the change from the current one.
 
@@ -238,6 +243,7 @@ class SamplingPlanner:
         if forecasts is not None:
             per_plan = forecasts if isinstance(forecasts, list) else [forecasts] * len(plans)
             top_speed = max(max(float(plan.speed_mps.max()) for plan in plans), 1e-6)
+            risk = np.zeros((len(plans), len(plans[0].times_s)))  # [N, K]
             for n, (plan, forecast) in enumerate(zip(plans, per_plan, strict=True)):  # N candidates × K poses
                 p = np.array(
                     [
@@ -252,7 +258,8 @@ class SamplingPlanner:
                     ]
                 )
                 severity = config.standstill_severity + (1 - config.standstill_severity) * plan.speed_mps / top_speed
-                collision[n] = float(np.max(p * (1 - 0.5 * plan.times_s / config.horizon_s) * severity))
+                risk[n] = p * (1 - 0.5 * plan.times_s / config.horizon_s) * severity
+            collision = (risk - risk.min(axis=0)).max(axis=1)  # what each adds over the least reachable at each time
         reach = np.array([plan.s_m[-1] for plan in plans])
         progress = 1.0 - reach / max(float(reach.max()), 1e-6)
         accel = np.array([plan.accel_mps2 for plan in plans])

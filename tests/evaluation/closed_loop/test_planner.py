@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -143,17 +145,55 @@ def test_an_obstacle_ahead_makes_the_planner_brake():
 
 def test_where_every_candidate_hits_the_car_the_planner_brakes_hardest():
     """A car standing 12 m ahead at 8.5 m/s: no candidate stops short of it within the jerk limit. Weighed by the
-    speed of the impact, braking hardest costs least; weighed alike, the collision terms tie and progress chose to
-    drive on into the car (the closed loop's intersection-crossing/15 with a 1200-step model)."""
+    speed of the impact, braking hardest costs least. Taken at its plain maximum and weighed alike, the collision
+    terms tied and progress chose to drive on into the car (the closed loop's intersection-crossing/15 with a
+    1200-step model); the risk each candidate adds over the least reachable tells them apart even weighed alike."""
     path = _straight_path()
     alike = planner.SamplingPlanner(planner.PlannerConfig(standstill_severity=1.0))
     sampler = planner.SamplingPlanner()
     plans = sampler.candidates(path, 30.0, 8.5, 9.0, _ego_from_global(path, 30.0), accel_mps2=-2.5)
-    assert alike.choose(plans, _obstacle_forecast(12.0), -2.5).plan.accel_mps2 > 0.0
+    assert alike.choose(plans, _obstacle_forecast(12.0), -2.5).plan.accel_mps2 == min(
+        planner.PlannerConfig().accelerations_mps2
+    )
     choice = sampler.choose(plans, _obstacle_forecast(12.0), -2.5)
     assert choice.plan.accel_mps2 == min(planner.PlannerConfig().accelerations_mps2)
-    assert np.all(choice.costs[:, 1] > 0.3)  # every candidate still runs into it
+    assert np.all(choice.costs[1:, 1] > 0.1)  # over the hardest braking, every other candidate adds risk
     assert np.all(np.diff(choice.costs[:, 1]) >= 0)  # the faster the candidate, the costlier its collision
+
+
+def _leading_car_forecast(x_m: float, speed_mps: float) -> forecaster.OccupancyForecast:
+    """A car centred ``x_m`` ahead of the rear axle at t0, driving on along +x at ``speed_mps``."""
+    grid = geometry.GridSpec()
+    times = np.arange(5) * 0.5
+    occupancy = np.stack(
+        [
+            rasterize.rasterize_boxes(
+                grid, np.array([[x_m + speed_mps * t, 0.0]]), np.array([[1.9, 4.5]]), np.array([0.0]), np.array([0]), 3
+            )[0]
+            for t in times
+        ]
+    ).astype(np.float32)
+    return dataclasses.replace(_obstacle_forecast(60.0), times_s=times.astype(np.float32), occupancy=occupancy)
+
+
+def test_risk_no_candidate_can_avoid_does_not_mask_what_they_change_later():
+    """A car that pulled up 0.4 m into the ego's enlarged footprint drives on at 3 m/s; the ego follows at 4 m/s.
+    Now and a moment later every candidate touches it alike; braking falls back clear of it, driving on stays in it.
+    Taken at its maximum over the horizon the shared risk of now tied every candidate, and progress chose to
+    accelerate into the car (the closed loop's t-junction-merge/5 with a `wide` model, where the car then stopped)."""
+    path = _straight_path()
+    sampler = planner.SamplingPlanner()
+    plans = sampler.candidates(path, 30.0, 4.0, 9.0, _ego_from_global(path, 30.0))
+    front = world.EGO_REAR_AXLE_TO_CENTER_M + (world.EGO_SIZE_WLH_M[1] + planner.PlannerConfig().footprint_margin_m) / 2
+    forecast = _leading_car_forecast(front + 2.25 - 0.4, 3.0)
+    size = {"length_m": world.EGO_SIZE_WLH_M[1] + 0.6, "width_m": world.EGO_SIZE_WLH_M[0] + 0.6}
+    now = forecast.collision_probability(plans[0].poses[:1], plans[0].times_s[:1], **size,
+                                         rear_axle_to_center_m=world.EGO_REAR_AXLE_TO_CENTER_M)  # fmt: skip
+    assert now > 0.5  # every candidate is in the car's cells now
+    choice = sampler.choose(plans, forecast, 0.0)
+    assert choice.plan.accel_mps2 < 0.0
+    assert choice.costs[-1, 1] > 0.2  # accelerating stays in the car
+    assert np.all(np.diff(choice.costs[:, 1]) >= 0)  # the harder the braking, the less risk it adds
 
 
 def test_one_forecast_per_candidate():
