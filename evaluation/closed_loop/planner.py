@@ -141,7 +141,8 @@ class Choice:
         plan: the chosen candidate.
         index: its index among ``candidates``.
         candidates: every candidate, in ``PlannerConfig.accelerations_mps2`` order.
-        costs: [N, 4] float64 — total, collision, progress and comfort terms of each candidate (unweighted terms).
+        costs: [N, 4] float64 — total, collision, progress and comfort terms of each candidate (unweighted terms;
+            the collision term is what the candidate adds over the least any candidate reaches, module docstring).
     """
 
     plan: Plan
@@ -240,6 +241,8 @@ class SamplingPlanner:
         length_m = world.EGO_SIZE_WLH_M[1] + config.footprint_margin_m
         width_m = world.EGO_SIZE_WLH_M[0] + config.footprint_margin_m
         collision = np.zeros(len(plans))
+        if forecasts is not None and any(not np.array_equal(plan.times_s, plans[0].times_s) for plan in plans):
+            raise ValueError("SamplingPlanner.score: the candidates must share their pose times, where risks compare")
         if forecasts is not None:
             per_plan = forecasts if isinstance(forecasts, list) else [forecasts] * len(plans)
             top_speed = max(max(float(plan.speed_mps.max()) for plan in plans), 1e-6)

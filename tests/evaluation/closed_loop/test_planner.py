@@ -206,6 +206,9 @@ def test_one_forecast_per_candidate():
     assert costs[-1, 1] > 0 and np.all(costs[:-1, 1] == 0)
     with pytest.raises(ValueError):
         sampler.score(plans, forecasts[:-1], 0.0)
+    shifted = dataclasses.replace(plans[0], times_s=plans[0].times_s + 0.1)
+    with pytest.raises(ValueError, match="share their pose times"):
+        sampler.score([shifted, *plans[1:]], forecasts, 0.0)
 
 
 def test_config_is_checked():
