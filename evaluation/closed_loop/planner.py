@@ -241,9 +241,9 @@ class SamplingPlanner:
         length_m = world.EGO_SIZE_WLH_M[1] + config.footprint_margin_m
         width_m = world.EGO_SIZE_WLH_M[0] + config.footprint_margin_m
         collision = np.zeros(len(plans))
-        if forecasts is not None and any(not np.array_equal(plan.times_s, plans[0].times_s) for plan in plans):
-            raise ValueError("SamplingPlanner.score: the candidates must share their pose times, where risks compare")
         if forecasts is not None:
+            if any(not np.array_equal(plan.times_s, plans[0].times_s) for plan in plans):
+                raise ValueError("SamplingPlanner.score: candidates must share their pose times")
             per_plan = forecasts if isinstance(forecasts, list) else [forecasts] * len(plans)
             top_speed = max(max(float(plan.speed_mps.max()) for plan in plans), 1e-6)
             risk = np.zeros((len(plans), len(plans[0].times_s)))  # [N, K]

@@ -184,11 +184,12 @@ def test_risk_no_candidate_can_avoid_does_not_mask_what_they_change_later():
     path = _straight_path()
     sampler = planner.SamplingPlanner()
     plans = sampler.candidates(path, 30.0, 4.0, 9.0, _ego_from_global(path, 30.0))
-    front = world.EGO_REAR_AXLE_TO_CENTER_M + (world.EGO_SIZE_WLH_M[1] + planner.PlannerConfig().footprint_margin_m) / 2
-    forecast = _leading_car_forecast(front + 2.25 - 0.4, 3.0)
-    size = {"length_m": world.EGO_SIZE_WLH_M[1] + 0.6, "width_m": world.EGO_SIZE_WLH_M[0] + 0.6}
-    now = forecast.collision_probability(plans[0].poses[:1], plans[0].times_s[:1], **size,
-                                         rear_axle_to_center_m=world.EGO_REAR_AXLE_TO_CENTER_M)  # fmt: skip
+    margin = planner.PlannerConfig().footprint_margin_m
+    length, width = world.EGO_SIZE_WLH_M[1] + margin, world.EGO_SIZE_WLH_M[0] + margin
+    forecast = _leading_car_forecast(world.EGO_REAR_AXLE_TO_CENTER_M + length / 2 + 2.25 - 0.4, 3.0)
+    now = forecast.collision_probability(
+        plans[0].poses[:1], plans[0].times_s[:1], length, width, world.EGO_REAR_AXLE_TO_CENTER_M
+    )
     assert now > 0.5  # every candidate is in the car's cells now
     choice = sampler.choose(plans, forecast, 0.0)
     assert choice.plan.accel_mps2 < 0.0
