@@ -240,16 +240,34 @@ class OccupancyForecast:
             ego_trajectory: [N, 3] float — x, y (m), yaw (rad) of the rear axle in the t0 ego frame.
             times_s: [N] seconds after t0 of each pose.
         """
-        ego_trajectory = np.asarray(ego_trajectory, dtype=np.float64).reshape(-1, 3)
-        along = np.linspace(-length_m / 2, length_m / 2, samples) + rear_axle_to_center_m
-        across = np.linspace(-width_m / 2, width_m / 2, samples)
-        local = np.stack(np.meshgrid(along, across, indexing="ij"), axis=-1).reshape(-1, 2)  # [Q, 2]
-        cos, sin = np.cos(ego_trajectory[:, 2]), np.sin(ego_trajectory[:, 2])  # [N]
-        x = ego_trajectory[:, None, 0] + cos[:, None] * local[None, :, 0] - sin[:, None] * local[None, :, 1]
-        y = ego_trajectory[:, None, 1] + sin[:, None] * local[None, :, 0] + cos[:, None] * local[None, :, 1]
-        times = np.repeat(np.asarray(times_s, dtype=np.float64), local.shape[0])
-        probabilities = self.occupancy_at(np.stack([x.ravel(), y.ravel()], axis=1), times)
+        xy, per_pose = _footprint_points(ego_trajectory, length_m, width_m, rear_axle_to_center_m, samples)
+        probabilities = self.occupancy_at(xy, np.repeat(np.asarray(times_s, dtype=np.float64), per_pose))
         return float(probabilities.max()) if probabilities.size else 0.0
+
+    def standing_collision_probability(
+        self,
+        ego_trajectory: np.ndarray,
+        length_m: float = 4.08,
+        width_m: float = 1.73,
+        rear_axle_to_center_m: float = 1.34,
+        samples: int = 5,
+    ) -> float:
+        """The probability that the ego's footprint at poses it reaches after the forecast overlaps what stands there.
+
+        What stands is what the forecast holds in place over its last step: at each point, the smaller of the
+        occupancy probabilities at the last two times (a car that drives on leaves the cells it held, a car that
+        stands keeps them). Beyond its last time the forecast says nothing else, so this is how far a planner can
+        look past it: whether the ego can still stop short of what stands at the end (``collision_probability``
+        for the footprint; one map only: the last).
+
+        Args:
+            ego_trajectory: [N, 3] float — x, y (m), yaw (rad) of the rear axle in the t0 ego frame.
+        """
+        xy, _ = _footprint_points(ego_trajectory, length_m, width_m, rear_axle_to_center_m, samples)
+        last = self.occupancy_at(xy, float(self.times_s[-1]))
+        before = self.occupancy_at(xy, float(self.times_s[max(len(self.times_s) - 2, 0)]))
+        standing = np.minimum(last, before)
+        return float(standing.max()) if standing.size else 0.0
 
     def save(self, path: Path) -> Path:
         """Write the forecast as an ``.npz`` (format ``bevjepa-occupancy-forecast`` version 2; no pickle), atomically.
@@ -804,3 +822,25 @@ def with_agents(batch: torch_dataset.WindowBatch, agents: list[tracking.TrackedA
         agent_future_mask=torch.zeros(b, a_max, t, dtype=torch.bool, device=device),
         agent_mask=(torch.arange(a_max)[None, :] < counts[:, None]).to(device),
     )
+
+
+def _footprint_points(
+    ego_trajectory: np.ndarray, length_m: float, width_m: float, rear_axle_to_center_m: float, samples: int
+) -> tuple[np.ndarray, int]:
+    """A ``samples`` × ``samples`` lattice over the ego's footprint at every pose.
+
+    Args:
+        ego_trajectory: [N, 3] float — x, y (m), yaw (rad) of the rear axle.
+        length_m, width_m: the footprint (m), its centre ``rear_axle_to_center_m`` ahead of the pose.
+
+    Returns:
+        [N · Q, 2] float64 points (m, pose-major) and Q, the points per pose.
+    """
+    ego_trajectory = np.asarray(ego_trajectory, dtype=np.float64).reshape(-1, 3)
+    along = np.linspace(-length_m / 2, length_m / 2, samples) + rear_axle_to_center_m
+    across = np.linspace(-width_m / 2, width_m / 2, samples)
+    local = np.stack(np.meshgrid(along, across, indexing="ij"), axis=-1).reshape(-1, 2)  # [Q, 2]
+    cos, sin = np.cos(ego_trajectory[:, 2]), np.sin(ego_trajectory[:, 2])  # [N]
+    x = ego_trajectory[:, None, 0] + cos[:, None] * local[None, :, 0] - sin[:, None] * local[None, :, 1]
+    y = ego_trajectory[:, None, 1] + sin[:, None] * local[None, :, 0] + cos[:, None] * local[None, :, 1]
+    return np.stack([x.ravel(), y.ravel()], axis=1), local.shape[0]

@@ -21,7 +21,13 @@ where
   ahead). The risk no candidate can avoid (the footprint now, and a car that close a moment later) is taken off
   at each time: without that, its maximum masked what the candidates changed later, the collision terms tied
   again, and progress chose to drive on into a car that stopped a few metres ahead. Where some candidate is clear
-  at every time, the term is the plain maximum of ``r_t``;
+  at every time, the term is the plain maximum of ``r_t``. One more risk joins the poses': **whether the
+  candidate can still stop** after the horizon. Braking from its last pose at ``stopping_decel_mps2`` (reached
+  within the jerk limit; harder where it brakes harder already), the footprint sweeps on to a stop;
+  ``r_stop = p_stop · 0.5 · severity_K``, with ``p_stop`` the forecast's
+  ``OccupancyForecast.standing_collision_probability`` along that sweep (what the forecast holds in place over its
+  last step; a car driving on ahead does not count). Without it, a car standing beyond the horizon stayed out of
+  every candidate's 2 s until the least braking that looked clear could no longer stop short of it;
 - ``progress`` is the distance the candidate covers over the horizon (m), relative to the farthest candidate;
 - ``comfort`` = (a / 4)² + (|a - a_now| / 8)², the commanded acceleration and the change from the current one.
 
@@ -31,6 +37,7 @@ term is dropped and the planner drives at its cruise speed.
 
 Notation:
     N  candidate plans     K  poses of a plan (times 0, dt, ..., horizon)     F  0.5 s action steps
+    M  poses of a stopping sweep after the horizon
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ class PlannerConfig:
             collision costs the same at any speed).
         max_jerk_mps3: how fast a candidate's acceleration may change (m/s³); the world's own limit
             (``world.IdmParams.max_jerk_mps3``), so that the ego drives what was planned.
+        stopping_decel_mps2: the braking (m/s², positive) that the stopping check assumes after the horizon; firm,
+            below the hardest candidate's, to keep a margin for what the forecast places a little wrong.
+        stopping_pose_spacing_m: the largest distance between the poses of a stopping sweep (m).
     """
 
     horizon_s: float = 2.0
@@ -78,6 +88,8 @@ class PlannerConfig:
     footprint_margin_m: float = 0.6
     standstill_severity: float = 0.5
     max_jerk_mps3: float = 6.0
+    stopping_decel_mps2: float = 4.0
+    stopping_pose_spacing_m: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.horizon_s > 0 and self.pose_dt_s > 0):
@@ -86,6 +98,8 @@ class PlannerConfig:
             raise ValueError("PlannerConfig.accelerations_mps2 needs at least one candidate")
         if not self.max_jerk_mps3 > 0:
             raise ValueError(f"PlannerConfig.max_jerk_mps3 must be positive, got {self.max_jerk_mps3}")
+        if not (self.stopping_decel_mps2 > 0 and self.stopping_pose_spacing_m > 0):
+            raise ValueError("PlannerConfig: stopping_decel_mps2 and stopping_pose_spacing_m must be positive")
         if min(self.collision_weight, self.progress_weight, self.comfort_weight, self.footprint_margin_m) < 0:
             raise ValueError("PlannerConfig: weights and footprint_margin_m must not be negative")
         if not 0 <= self.standstill_severity <= 1:
@@ -104,6 +118,9 @@ class Plan:
         poses: [K, 3] float64 — x, y (m), yaw (rad) of the rear axle in the t0 ego frame.
         profile_times_s: [L] float64 — the fine times the speed profile was integrated at (s).
         profile_speed_mps: [L] float64 — the speed at each of them (m/s).
+        stopping_poses: [M, 3] float64 — rear-axle poses (t0 ego frame) from the last pose to where the ego stops
+            braking at ``PlannerConfig.stopping_decel_mps2`` after the horizon, at most
+            ``PlannerConfig.stopping_pose_spacing_m`` apart (M ≥ 1; the last pose alone when it stands).
     """
 
     accel_mps2: float
@@ -113,6 +130,7 @@ class Plan:
     poses: np.ndarray
     profile_times_s: np.ndarray
     profile_speed_mps: np.ndarray
+    stopping_poses: np.ndarray
 
     def accel_profile(self, dt_s: float, steps: int) -> np.ndarray:
         """[steps] float64 the accelerations (m/s²) that follow this plan's speed profile over ``dt_s`` sub-steps.
@@ -216,13 +234,43 @@ class SamplingPlanner:
         distance = np.concatenate(
             [np.zeros((len(accel), 1)), np.cumsum((speed[:, 1:] + speed[:, :-1]) / 2 * fine_dt, axis=1)], axis=1
         )  # [N, K_fine]
+        stopping = self._stopping_distance(speed[:, -1], current, fine_dt)  # [N]
         plans = []
         for n, a in enumerate(accel):  # a handful of candidates
             s_rel = np.interp(times, fine_t, distance[n])  # [K]
             v = np.interp(times, fine_t, speed[n])
             poses = ego_poses_along_path(path, s_m + s_rel, ego_from_global)
-            plans.append(Plan(float(a), times, s_rel, v, poses, fine_t, speed[n]))
+            sweep = max(int(np.ceil(stopping[n] / config.stopping_pose_spacing_m)), 0) + 1
+            stop_s = s_m + s_rel[-1] + np.linspace(0.0, stopping[n], sweep)  # [M]
+            stopping_poses = ego_poses_along_path(path, stop_s, ego_from_global)
+            plans.append(Plan(float(a), times, s_rel, v, poses, fine_t, speed[n], stopping_poses))
         return plans
+
+    def _stopping_distance(self, speed_mps: np.ndarray, accel_mps2: np.ndarray, dt_s: float) -> np.ndarray:
+        """[N] float64 how far (m) each candidate travels after its horizon, braking to a stop.
+
+        It brakes at ``stopping_decel_mps2``, or harder where it brakes harder already.
+
+        Args:
+            speed_mps: [N] the speeds at the horizon (m/s).
+            accel_mps2: [N] the accelerations there (m/s²); the braking is reached within ``max_jerk_mps3``.
+            dt_s: the integration step (s).
+        """
+        config = self.config
+        speed = np.asarray(speed_mps, dtype=np.float64).copy()
+        current = np.asarray(accel_mps2, dtype=np.float64).copy()
+        distance = np.zeros_like(speed)
+        max_change = config.max_jerk_mps3 * dt_s
+        ramp_s = (config.stopping_decel_mps2 + np.abs(current).max(initial=0.0)) / config.max_jerk_mps3
+        steps = int(np.ceil((ramp_s + speed.max(initial=0.0) / config.stopping_decel_mps2 + 1.0) / dt_s))
+        braking = np.minimum(current, -config.stopping_decel_mps2)  # [N] no softer than it brakes already
+        for _ in range(steps):  # time steps, every candidate at once; each ends stopped
+            goal = np.maximum(braking, -speed / STOP_EASE_S)
+            current = current + np.clip(goal - current, -max_change, max_change)
+            new_speed = np.maximum(speed + current * dt_s, 0.0)
+            distance += (speed + new_speed) / 2 * dt_s
+            speed = new_speed
+        return distance
 
     def score(
         self,
@@ -246,7 +294,7 @@ class SamplingPlanner:
                 raise ValueError("SamplingPlanner.score: candidates must share their pose times")
             per_plan = forecasts if isinstance(forecasts, list) else [forecasts] * len(plans)
             top_speed = max(max(float(plan.speed_mps.max()) for plan in plans), 1e-6)
-            risk = np.zeros((len(plans), len(plans[0].times_s)))  # [N, K]
+            risk = np.zeros((len(plans), len(plans[0].times_s) + 1))  # [N, K + 1]: the poses, then the stop
             for n, (plan, forecast) in enumerate(zip(plans, per_plan, strict=True)):  # N candidates × K poses
                 p = np.array(
                     [
@@ -260,8 +308,15 @@ class SamplingPlanner:
                         for k in range(len(plan.times_s))
                     ]
                 )
+                p_stop = forecast.standing_collision_probability(
+                    plan.stopping_poses,
+                    length_m=length_m,
+                    width_m=width_m,
+                    rear_axle_to_center_m=world.EGO_REAR_AXLE_TO_CENTER_M,
+                )
                 severity = config.standstill_severity + (1 - config.standstill_severity) * plan.speed_mps / top_speed
-                risk[n] = p * (1 - 0.5 * plan.times_s / config.horizon_s) * severity
+                risk[n, :-1] = p * (1 - 0.5 * plan.times_s / config.horizon_s) * severity
+                risk[n, -1] = p_stop * 0.5 * severity[-1]
             collision = (risk - risk.min(axis=0)).max(axis=1)  # what each adds over the least reachable at each time
         reach = np.array([plan.s_m[-1] for plan in plans])
         progress = 1.0 - reach / max(float(reach.max()), 1e-6)

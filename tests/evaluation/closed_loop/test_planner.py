@@ -197,6 +197,50 @@ def test_risk_no_candidate_can_avoid_does_not_mask_what_they_change_later():
     assert np.all(np.diff(choice.costs[:, 1]) >= 0)  # the harder the braking, the less risk it adds
 
 
+def test_a_car_standing_beyond_the_horizon_is_braked_for_while_the_ego_can_still_stop():
+    """A car stands 28 m ahead of an ego at 10 m/s: every candidate's 2 s stays clear of it, so the risk over the
+    poses tied at 0 and progress chose to drive on, step after step, until no braking could stop short of it (the
+    closed loop's intersection-crossing/40 with a `wide` model, the car weakly tracked). Braking from where each
+    candidate ends, the fast ones run into it; the planner brakes now."""
+    path = _straight_path()
+    sampler = planner.SamplingPlanner()
+    plans = sampler.candidates(path, 30.0, 10.0, 10.0, _ego_from_global(path, 30.0))
+    margin = planner.PlannerConfig().footprint_margin_m
+    length, width = world.EGO_SIZE_WLH_M[1] + margin, world.EGO_SIZE_WLH_M[0] + margin
+    forecast = _obstacle_forecast(28.0)
+    for plan in plans:  # within the horizon, no candidate touches the car
+        assert (
+            forecast.collision_probability(plan.poses, plan.times_s, length, width, world.EGO_REAR_AXLE_TO_CENTER_M)
+            == 0
+        )
+    choice = sampler.choose(plans, forecast, 0.0)
+    assert choice.plan.accel_mps2 < 0.0
+    assert choice.costs[-1, 1] > 0.2 and choice.costs[choice.index, 1] == 0.0
+    front = choice.plan.stopping_poses[-1, 0] + world.EGO_REAR_AXLE_TO_CENTER_M + length / 2
+    assert front < 28.0 - 2.25  # it stops short of the car's rear
+    # A car at the same place driving on at the ego's speed leaves what it held: nothing to brake for.
+    driving = sampler.choose(plans, _leading_car_forecast(28.0, 10.0), 0.0)
+    assert driving.plan.accel_mps2 >= 0.0 and np.all(driving.costs[:, 1] == 0.0)
+
+
+def test_the_stopping_sweep_reaches_as_far_as_braking_takes_the_ego():
+    path = _straight_path()
+    config = planner.PlannerConfig()
+    for speed in (0.0, 5.0, 12.0):
+        plans = planner.SamplingPlanner().candidates(path, 30.0, speed, 12.0, _ego_from_global(path, 30.0))
+        for plan in plans:
+            sweep = plan.stopping_poses[:, 0] - plan.poses[-1, 0]  # straight ahead: x is the distance
+            assert sweep[0] == pytest.approx(0.0, abs=1e-9) and np.all(np.diff(sweep) > 0)
+            assert np.diff(sweep).max(initial=0.0) <= config.stopping_pose_spacing_m + 1e-9
+            v = plan.speed_mps[-1]
+            # No shorter than braking at once as hard as any candidate; the jerk limit and the gentle last half
+            # second cost at most a second at the horizon's speed over braking at once at the assumed deceleration.
+            hardest = -min(config.accelerations_mps2)
+            assert v**2 / (2 * hardest) - 1e-6 <= sweep[-1] <= v**2 / (2 * config.stopping_decel_mps2) + v
+        if speed == 0.0:  # standing, the candidates that do not accelerate stay: their sweep is their last pose
+            assert all(len(plan.stopping_poses) == 1 for plan in plans if plan.accel_mps2 <= 0)
+
+
 def test_one_forecast_per_candidate():
     path = _straight_path()
     sampler = planner.SamplingPlanner()
@@ -219,3 +263,5 @@ def test_config_is_checked():
         planner.PlannerConfig(accelerations_mps2=())
     with pytest.raises(ValueError, match=r"standstill_severity must lie in \[0, 1\], got 1.5"):
         planner.PlannerConfig(standstill_severity=1.5)
+    with pytest.raises(ValueError, match="stopping_decel_mps2"):
+        planner.PlannerConfig(stopping_decel_mps2=0.0)
