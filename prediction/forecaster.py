@@ -247,6 +247,7 @@ class OccupancyForecast:
     def standing_collision_probability(
         self,
         ego_trajectory: np.ndarray,
+        held_s: float = 0.5,
         length_m: float = 4.08,
         width_m: float = 1.73,
         rear_axle_to_center_m: float = 1.34,
@@ -254,19 +255,22 @@ class OccupancyForecast:
     ) -> float:
         """The probability that the ego's footprint at poses it reaches after the forecast overlaps what stands there.
 
-        What stands is what the forecast holds in place over its last step: at each point, the smaller of the
-        occupancy probabilities at the last two times (a car that drives on leaves the cells it held, a car that
-        stands keeps them). Beyond its last time the forecast says nothing else, so this is how far a planner can
-        look past it: whether the ego can still stop short of what stands at the end (``collision_probability``
-        for the footprint; one map only: the last).
+        What stands is what the forecast holds in place over its last ``held_s`` seconds: at each point, the
+        smallest occupancy probability of the maps in that span (a car that drives on leaves the cells it held, a
+        car that stands keeps them; the longer the span, the slower a car that counts as standing). Beyond its last
+        time the forecast says nothing else, so this is how far a planner can look past it: whether the ego can
+        still stop short of what stands at the end.
 
         Args:
             ego_trajectory: [N, 3] float — x, y (m), yaw (rad) of the rear axle in the t0 ego frame.
+            held_s: the span (s) before the last time whose maps all hold what stands; 0: the last map alone.
         """
+        if not held_s >= 0:
+            raise ValueError(f"standing_collision_probability: held_s must be >= 0 seconds, got {held_s}")
         xy, _ = _footprint_points(ego_trajectory, length_m, width_m, rear_axle_to_center_m, samples)
-        last = self.occupancy_at(xy, float(self.times_s[-1]))
-        before = self.occupancy_at(xy, float(self.times_s[max(len(self.times_s) - 2, 0)]))
-        standing = np.minimum(last, before)
+        last = float(self.times_s[-1])
+        held = [float(t) for t in self.times_s if t >= last - held_s - 1e-6]  # the last map at least
+        standing = np.min([self.occupancy_at(xy, t) for t in held], axis=0)  # [N · Q]; a few maps
         return float(standing.max()) if standing.size else 0.0
 
     def save(self, path: Path) -> Path:

@@ -26,7 +26,7 @@ where
   within the jerk limit; harder where it brakes harder already), the footprint sweeps on to a stop;
   ``r_stop = p_stop · 0.5 · severity_K``, with ``p_stop`` the forecast's
   ``OccupancyForecast.standing_collision_probability`` along that sweep (what the forecast holds in place over its
-  last step; a car driving on ahead does not count). Without it, a car standing beyond the horizon stayed out of
+  last ``standing_held_s``; a car driving on ahead does not count). Without it, a car standing beyond the horizon stayed out of
   every candidate's 2 s until the least braking that looked clear could no longer stop short of it;
 - ``progress`` is the distance the candidate covers over the horizon (m), relative to the farthest candidate;
 - ``comfort`` = (a / 4)² + (|a - a_now| / 8)², the commanded acceleration and the change from the current one.
@@ -77,6 +77,8 @@ class PlannerConfig:
         stopping_decel_mps2: the braking (m/s², positive) that the stopping check assumes after the horizon; firm,
             below the hardest candidate's, to keep a margin for what the forecast places a little wrong.
         stopping_pose_spacing_m: the largest distance between the poses of a stopping sweep (m).
+        standing_held_s: what the forecast holds in place over its last this many seconds is what the stopping
+            check brakes for (``OccupancyForecast.standing_collision_probability``).
     """
 
     horizon_s: float = 2.0
@@ -90,6 +92,7 @@ class PlannerConfig:
     max_jerk_mps3: float = 6.0
     stopping_decel_mps2: float = 4.0
     stopping_pose_spacing_m: float = 1.0
+    standing_held_s: float = 0.5
 
     def __post_init__(self) -> None:
         if not (self.horizon_s > 0 and self.pose_dt_s > 0):
@@ -98,8 +101,11 @@ class PlannerConfig:
             raise ValueError("PlannerConfig.accelerations_mps2 needs at least one candidate")
         if not self.max_jerk_mps3 > 0:
             raise ValueError(f"PlannerConfig.max_jerk_mps3 must be positive, got {self.max_jerk_mps3}")
-        if not (self.stopping_decel_mps2 > 0 and self.stopping_pose_spacing_m > 0):
-            raise ValueError("PlannerConfig: stopping_decel_mps2 and stopping_pose_spacing_m must be positive")
+        if not (self.stopping_decel_mps2 > 0 and self.stopping_pose_spacing_m > 0 and self.standing_held_s >= 0):
+            raise ValueError(
+                "PlannerConfig: stopping_decel_mps2 and stopping_pose_spacing_m must be positive, standing_held_s "
+                "not negative"
+            )
         if min(self.collision_weight, self.progress_weight, self.comfort_weight, self.footprint_margin_m) < 0:
             raise ValueError("PlannerConfig: weights and footprint_margin_m must not be negative")
         if not 0 <= self.standstill_severity <= 1:
@@ -310,6 +316,7 @@ class SamplingPlanner:
                 )
                 p_stop = forecast.standing_collision_probability(
                     plan.stopping_poses,
+                    config.standing_held_s,
                     length_m=length_m,
                     width_m=width_m,
                     rear_axle_to_center_m=world.EGO_REAR_AXLE_TO_CENTER_M,

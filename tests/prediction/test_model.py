@@ -378,12 +378,16 @@ def test_occupancy_queries_and_collision_probability():
     times = np.array([0.0, 0.5, 1.0])
     assert forecast.collision_probability(straight, times) == pytest.approx(0.8)
     assert forecast.collision_probability(swerve, times) == 0.0
-    # Beyond the last time only what stands over the last step counts: the vehicle appeared at 1 s, so nothing yet.
+    # Beyond the last time only what stands over the last half second counts: the vehicle came at 1 s, so nothing.
     assert forecast.standing_collision_probability(straight) == 0.0
     occupancy[1, 0, rows[0], cols[0]] = 0.6  # it stood there from 0.5 s: the smaller of the two probabilities
     standing = dataclasses.replace(forecast, occupancy=occupancy)
     assert standing.standing_collision_probability(straight) == pytest.approx(0.6)
     assert standing.standing_collision_probability(swerve) == 0.0
+    assert standing.standing_collision_probability(straight, held_s=0.0) == pytest.approx(0.8)  # the last map alone
+    assert standing.standing_collision_probability(straight, held_s=1.0) == 0.0  # not there at t0
+    with pytest.raises(ValueError, match="held_s must be >= 0"):
+        standing.standing_collision_probability(straight, held_s=-1.0)
 
 
 def test_cli_trains_resumes_and_evaluates(synthetic_windows, tmp_path, capsys, light_config_file):
