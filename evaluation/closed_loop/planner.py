@@ -21,13 +21,14 @@ where
   ahead). The risk no candidate can avoid (the footprint now, and a car that close a moment later) is taken off
   at each time: without that, its maximum masked what the candidates changed later, the collision terms tied
   again, and progress chose to drive on into a car that stopped a few metres ahead. Where some candidate is clear
-  at every time, the term is the plain maximum of ``r_t``. One more risk joins the poses': **whether the
-  candidate can still stop** after the horizon. Braking from its last pose at ``stopping_decel_mps2`` (reached
-  within the jerk limit; harder where it brakes harder already), the footprint sweeps on to a stop;
+  at every time, the term is the plain maximum of ``r_t``. One more risk joins those of the poses: **whether
+  the candidate can still stop** after the horizon. Braking from its last pose at ``stopping_decel_mps2``
+  (reached within the jerk limit; harder where it brakes harder already), the footprint sweeps on to a stop;
   ``r_stop = p_stop · 0.5 · severity_K``, with ``p_stop`` the forecast's
-  ``OccupancyForecast.standing_collision_probability`` along that sweep (what the forecast holds in place over its
-  last ``standing_held_s``; a car driving on ahead does not count). Without it, a car standing beyond the horizon stayed out of
-  every candidate's 2 s until the least braking that looked clear could no longer stop short of it;
+  ``OccupancyForecast.standing_collision_probability`` along that sweep (what the forecast holds in place over
+  its last ``standing_held_s``; a car driving on ahead does not count). Without it, a car standing beyond the
+  horizon stayed out of every candidate's 2 s until the least braking that looked clear could no longer stop
+  short of it;
 - ``progress`` is the distance the candidate covers over the horizon (m), relative to the farthest candidate;
 - ``comfort`` = (a / 4)² + (|a - a_now| / 8)², the commanded acceleration and the change from the current one.
 
