@@ -57,6 +57,8 @@ CRUISE_EASE_S = 1.0
 """A candidate's acceleration is at most (cruise speed - speed) / this: it settles onto the cruise speed."""
 STOP_EASE_S = 0.5
 """A candidate's deceleration is at most speed / this: it eases into a stop."""
+FINE_DT_S = 0.05
+"""The step (s) a candidate's speed profile is integrated at, before it is sampled at the poses."""
 
 
 @dataclass(frozen=True)
@@ -225,59 +227,56 @@ class SamplingPlanner:
         config = self.config
         times = np.arange(0.0, config.horizon_s + 1e-9, config.pose_dt_s)  # [K]
         accel = np.asarray(config.accelerations_mps2, dtype=np.float64)  # [N]
-        fine_dt = 0.05
+        fine_dt = FINE_DT_S
         fine_steps = int(round(config.horizon_s / fine_dt))
         fine_t = np.arange(fine_steps + 1) * fine_dt  # integrate finely, then sample
         cap = max(cruise_speed_mps, speed_mps)
-        speed = np.empty((len(accel), fine_steps + 1))  # [N, K_fine]
-        speed[:, 0] = speed_mps
-        current = np.full(len(accel), float(accel_mps2))  # [N]
-        max_change = config.max_jerk_mps3 * fine_dt
-        for k in range(fine_steps):  # time steps, every candidate at once
-            goal = np.minimum(accel, (cap - speed[:, k]) / CRUISE_EASE_S)  # settle onto the cruise speed
-            goal = np.maximum(goal, -speed[:, k] / STOP_EASE_S)  # and ease into a stop
-            current = current + np.clip(goal - current, -max_change, max_change)
-            speed[:, k + 1] = np.maximum(speed[:, k] + current * fine_dt, 0.0)
-        distance = np.concatenate(
-            [np.zeros((len(accel), 1)), np.cumsum((speed[:, 1:] + speed[:, :-1]) / 2 * fine_dt, axis=1)], axis=1
-        )  # [N, K_fine]
-        stopping = self._stopping_distance(speed[:, -1], current, fine_dt)  # [N]
+        speed, current = self._speed_profiles(np.full(len(accel), speed_mps), float(accel_mps2), accel, cap, fine_steps)
+        distance = _travelled(speed, fine_dt)  # [N, K_fine]
+        # After the horizon: braking at stopping_decel_mps2, or harder where a candidate brakes harder already.
+        stop_ramp_s = (config.stopping_decel_mps2 + np.abs(current).max(initial=0.0)) / config.max_jerk_mps3
+        stop_steps = int(np.ceil((stop_ramp_s + speed[:, -1].max() / config.stopping_decel_mps2 + 1.0) / fine_dt))
+        braking = np.minimum(current, -config.stopping_decel_mps2)  # [N]
+        stopping = _travelled(self._speed_profiles(speed[:, -1], current, braking, cap, stop_steps)[0], fine_dt)[:, -1]
         plans = []
         for n, a in enumerate(accel):  # a handful of candidates
             s_rel = np.interp(times, fine_t, distance[n])  # [K]
             v = np.interp(times, fine_t, speed[n])
             poses = ego_poses_along_path(path, s_m + s_rel, ego_from_global)
-            sweep = max(int(np.ceil(stopping[n] / config.stopping_pose_spacing_m)), 0) + 1
+            sweep = int(np.ceil(stopping[n] / config.stopping_pose_spacing_m)) + 1
             stop_s = s_m + s_rel[-1] + np.linspace(0.0, stopping[n], sweep)  # [M]
             stopping_poses = ego_poses_along_path(path, stop_s, ego_from_global)
             plans.append(Plan(float(a), times, s_rel, v, poses, fine_t, speed[n], stopping_poses))
         return plans
 
-    def _stopping_distance(self, speed_mps: np.ndarray, accel_mps2: np.ndarray, dt_s: float) -> np.ndarray:
-        """[N] float64 how far (m) each candidate travels after its horizon, braking to a stop.
+    def _speed_profiles(
+        self, speed_mps: np.ndarray, accel_mps2: np.ndarray | float, goal_mps2: np.ndarray, cap_mps: float, steps: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every candidate's speed, integrated at ``FINE_DT_S``.
 
-        It brakes at ``stopping_decel_mps2``, or harder where it brakes harder already.
+        Its acceleration moves towards its goal within ``max_jerk_mps3``, easing off near ``cap_mps``
+        (``CRUISE_EASE_S``) and near zero (``STOP_EASE_S``).
 
         Args:
-            speed_mps: [N] the speeds at the horizon (m/s).
-            accel_mps2: [N] the accelerations there (m/s²); the braking is reached within ``max_jerk_mps3``.
-            dt_s: the integration step (s).
+            speed_mps: [N] the starting speeds (m/s).
+            accel_mps2: [N] or scalar, the starting accelerations (m/s²).
+            goal_mps2: [N] each candidate's commanded acceleration (m/s²).
+            cap_mps: the speed none exceeds (m/s).
+            steps: fine steps to integrate.
+
+        Returns:
+            [N, steps + 1] float64 speeds (m/s, the start first) and [N] the accelerations at the end (m/s²).
         """
-        config = self.config
-        speed = np.asarray(speed_mps, dtype=np.float64).copy()
-        current = np.asarray(accel_mps2, dtype=np.float64).copy()
-        distance = np.zeros_like(speed)
-        max_change = config.max_jerk_mps3 * dt_s
-        ramp_s = (config.stopping_decel_mps2 + np.abs(current).max(initial=0.0)) / config.max_jerk_mps3
-        steps = int(np.ceil((ramp_s + speed.max(initial=0.0) / config.stopping_decel_mps2 + 1.0) / dt_s))
-        braking = np.minimum(current, -config.stopping_decel_mps2)  # [N] no softer than it brakes already
-        for _ in range(steps):  # time steps, every candidate at once; each ends stopped
-            goal = np.maximum(braking, -speed / STOP_EASE_S)
+        speed = np.empty((len(goal_mps2), steps + 1))
+        speed[:, 0] = speed_mps
+        current = np.broadcast_to(np.asarray(accel_mps2, dtype=np.float64), speed[:, 0].shape).copy()  # [N]
+        max_change = self.config.max_jerk_mps3 * FINE_DT_S
+        for k in range(steps):  # time steps, every candidate at once
+            goal = np.minimum(goal_mps2, (cap_mps - speed[:, k]) / CRUISE_EASE_S)  # settle onto the cap
+            goal = np.maximum(goal, -speed[:, k] / STOP_EASE_S)  # and ease into a stop
             current = current + np.clip(goal - current, -max_change, max_change)
-            new_speed = np.maximum(speed + current * dt_s, 0.0)
-            distance += (speed + new_speed) / 2 * dt_s
-            speed = new_speed
-        return distance
+            speed[:, k + 1] = np.maximum(speed[:, k] + current * FINE_DT_S, 0.0)
+        return speed, current
 
     def score(
         self,
@@ -345,3 +344,9 @@ class SamplingPlanner:
         costs = self.score(plans, forecasts, accel_now_mps2)
         index = int(np.argmin(costs[:, 0]))
         return Choice(plans[index], index, tuple(plans), costs)
+
+
+def _travelled(speed_mps: np.ndarray, dt_s: float) -> np.ndarray:
+    """[N, L] float64 the distance (m) covered by each of the speed profiles [N, L] (m/s, ``dt_s`` apart), 0 first."""
+    steps = np.cumsum((speed_mps[:, 1:] + speed_mps[:, :-1]) / 2 * dt_s, axis=1)
+    return np.concatenate([np.zeros((len(speed_mps), 1)), steps], axis=1)
