@@ -16,7 +16,8 @@ That velocity is the mean motion over the points' 1.45 s, and a car that brakes 
 faster than that (by about 0.5 s × its acceleration). So a moving vehicle's track is searched once more, coarse to
 fine, for the velocity at t0 and the acceleration along it under which its points stack sharpest, a point with lag
 τ then lying at ``p + v τ - a τ² / 2`` (``sharpest_accelerating``, ``ACCELERATION_SEARCH``). A track's points are
-thinned evenly to ``MAX_POINTS``: the cost is candidates × points × grids, about 25 ms a moving vehicle.
+thinned evenly to ``MAX_POINTS``: the cost is candidates × points × grids, about 115 ms a streaming forecast of the
+recipe's seed-0 run (4.5 tracks; ``bevjepa bench model``, ``velocity_from_points_cost``).
 
 Which points: those of the height band ``HEIGHT_BAND_M`` (above the ground, below the tallest vehicle) that the
 tracker's velocity moves into the track's t0 box grown by ``MARGIN_M`` on every side: one set for all candidates,
@@ -103,9 +104,15 @@ GRID_SHIFTS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5))
 """The offsets (in cells) of the grids whose counts ``sharpness`` sums."""
 
 
+def _offsets(half_width: float, step: float) -> np.ndarray:
+    """[n] float64 — multiples of ``step`` within ±``half_width`` (0 alone for a zero half-width)."""
+    count = round(half_width / step) if half_width > 0 else 0
+    return np.arange(-count, count + 1) * step
+
+
 def _candidates(centre: np.ndarray, half_width: float, step: float) -> np.ndarray:
     """[K, 2] float64 — a square of velocities around ``centre`` (m/s), the nearest first."""
-    offsets = np.arange(-round(half_width / step), round(half_width / step) + 1) * step
+    offsets = _offsets(half_width, step)
     grid = np.stack(np.meshgrid(offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 2)
     return centre + grid[np.argsort(np.hypot(grid[:, 0], grid[:, 1]), kind="stable")]
 
@@ -119,11 +126,10 @@ def sharpness(
 ) -> np.ndarray:
     """[K] float64 — for each candidate motion, Σ over the points of how many share its cell at t0, over 4 grids.
 
-    The grids are shifted by ``GRID_SHIFTS``.
     A point with lag τ moves to where the candidate puts its surface at t0: ``p + v τ - a τ² / 2`` (constant
     acceleration a; without ``accelerations``, a = 0). One grid's count jumps where a point crosses a cell border,
     so motions a few centimetres apart over the sweeps score by where the borders fall; four grids half a cell
-    apart smooth that out.
+    apart (``GRID_SHIFTS``) smooth that out.
 
     Args:
         xy: [n, 2] float — the points (m, t0 ego frame).
@@ -188,12 +194,6 @@ def sharpest_velocity(xy: np.ndarray, lag_s: np.ndarray, prior: np.ndarray) -> n
     return best
 
 
-def _offsets(half_width: float, step: float) -> np.ndarray:
-    """[n] float64 — multiples of ``step`` within ±``half_width`` (0 alone for a zero half-width)."""
-    count = round(half_width / step) if half_width > 0 else 0
-    return np.arange(-count, count + 1) * step
-
-
 def sharpest_accelerating(xy: np.ndarray, lag_s: np.ndarray, velocity: np.ndarray) -> tuple[np.ndarray, float]:
     """The velocity at t0 (m/s) and the acceleration along it (m/s²) that stack the points sharpest.
 
@@ -201,8 +201,8 @@ def sharpest_accelerating(xy: np.ndarray, lag_s: np.ndarray, velocity: np.ndarra
     accelerates at a moves at t0 faster than that by about a·c, c = Σ τ³ / (2 Σ τ²) (the least-squares velocity of
     its points' positions; 0.54 s for lags spread evenly over 1.45 s). So each stage of ``ACCELERATION_SEARCH``
     tries accelerations along ``velocity``, each with the velocity that goes with it (``a·c`` further along) and
-    offsets along and across, on the last constant-velocity stage's cells; the smallest
-    change first among equals, so points that say nothing of an acceleration leave the motion as it was.
+    offsets along and across, on the last constant-velocity stage's cells; the smallest change first among equals,
+    so points that say nothing of an acceleration leave the motion as it was.
 
     Args:
         xy: [n, 2] float — one object's points (m, t0 ego frame).
