@@ -138,28 +138,49 @@ def sharpness(
         cell_m: the cell's side (m).
         accelerations: [K, 2] float — accelerations (m/s²) that go with the candidates; None: zero.
     """
-    accelerations = np.zeros_like(candidates) if accelerations is None else np.asarray(accelerations)
-    return sum(
-        _grid_sharpness(xy + np.asarray(shift) * cell_m, lag_s, candidates, cell_m, accelerations)
-        for shift in GRID_SHIFTS
-    )
+    moved = candidates[:, None] * lag_s[None, :, None]  # [K, n, 2] once for the four grids
+    bent = None if accelerations is None else np.asarray(accelerations)[:, None] * (0.5 * lag_s**2)[None, :, None]
+    reach = _reach(lag_s, candidates, accelerations)
+    return sum(_grid_sharpness(xy + np.asarray(shift) * cell_m, moved, bent, reach, cell_m) for shift in GRID_SHIFTS)
+
+
+def _reach(
+    lag_s: np.ndarray, candidates: np.ndarray, accelerations: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The least and the most each point moves along each axis under any candidate: [n, 2] each (m).
+
+    Each axis apart, a point moves least under the smallest velocity and the largest acceleration, most under the
+    opposite: the grid's extent in O(n), where reducing the moved points themselves costs K times more.
+    """
+    least = candidates.min(axis=0) * lag_s[:, None]
+    most = candidates.max(axis=0) * lag_s[:, None]
+    if accelerations is not None:
+        half_lag_sq = 0.5 * lag_s**2
+        least = least - np.asarray(accelerations).max(axis=0) * half_lag_sq[:, None]
+        most = most - np.asarray(accelerations).min(axis=0) * half_lag_sq[:, None]
+    return least, most
 
 
 def _grid_sharpness(
-    xy: np.ndarray, lag_s: np.ndarray, candidates: np.ndarray, cell_m: float, accelerations: np.ndarray
+    xy: np.ndarray,
+    moved: np.ndarray,
+    bent: np.ndarray | None,
+    reach: tuple[np.ndarray, np.ndarray],
+    cell_m: float,
 ) -> np.ndarray:
-    """[K] float64 — ``sharpness`` on the one grid whose cell borders lie at multiples of ``cell_m``."""
-    k = len(candidates)
-    half_lag_sq = 0.5 * lag_s**2
-    warped = xy[None] + candidates[:, None] * lag_s[None, :, None] - accelerations[:, None] * half_lag_sq[None, :, None]
-    cell = np.floor(warped / cell_m).astype(np.int64)  # [K, n, 2]
-    # The grid's extent from the extreme candidates (each axis apart: a point moves least under the smallest
-    # velocity and the largest acceleration, most under the opposite): O(n), where reducing ``cell`` itself costs
-    # K times more.
-    least = xy + candidates.min(axis=0) * lag_s[:, None] - accelerations.max(axis=0) * half_lag_sq[:, None]
-    most = xy + candidates.max(axis=0) * lag_s[:, None] - accelerations.min(axis=0) * half_lag_sq[:, None]
-    low = np.floor(least.min(axis=0) / cell_m).astype(np.int64) - 1  # [2] one cell of rounding
-    high = np.floor(most.max(axis=0) / cell_m).astype(np.int64) + 1
+    """[K] float64 — ``sharpness`` on the one grid whose cell borders lie at multiples of ``cell_m``.
+
+    Args:
+        xy: [n, 2] the points (m).
+        moved: [K, n, 2] each candidate's velocity times each point's lag (m).
+        bent: [K, n, 2] each candidate's acceleration times half the lag squared (m); None: no acceleration.
+        reach: ``_reach`` of the candidates.
+    """
+    k = len(moved)
+    warped = xy[None] + moved if bent is None else xy[None] + moved - bent  # [K, n, 2] where each point lies at t0
+    cell = np.floor(warped / cell_m).astype(np.int64)
+    low = np.floor((xy + reach[0]).min(axis=0) / cell_m).astype(np.int64) - 1  # [2] one cell of rounding
+    high = np.floor((xy + reach[1]).max(axis=0) / cell_m).astype(np.int64) + 1
     cell -= low
     rows, cols = int(high[0] - low[0]) + 1, int(high[1] - low[1]) + 1
     key = (np.arange(k)[:, None] * rows + cell[..., 0]) * cols + cell[..., 1]  # [K, n] one cell grid per candidate
