@@ -540,6 +540,14 @@ class WindowDataset(Dataset):
         future = self._future(entry["scene"], window) if self.future_inputs else None
         return sample_from_window(window, frames, self.image_hw, future, self.cameras)
 
+    def scene_order(self) -> list[int]:
+        """Window indices grouped by scene, each scene's windows in manifest (keyframe) order.
+
+        The order in which a forecaster's tracks stream over a scene (``bevjepa preprocess`` writes a scene's
+        windows in keyframe order).
+        """
+        return sorted(range(len(self.entries)), key=lambda i: self.entries[i]["scene"])
+
     def _future(self, scene: str, window: windows.Window) -> FutureInputs:
         frames = [self.frame(scene, str(token)) for token in window.future_keyframe_tokens]
         inputs = windows.assemble_inputs(window, frames, self.image_hw, future=True, cameras=self.cameras)

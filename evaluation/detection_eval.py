@@ -42,6 +42,7 @@ Notation:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -51,11 +52,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from bevjepa.datasets import categories, geometry, nuscenes_source, torch_dataset
 from bevjepa.datasets import io as bevio
-from bevjepa.prediction import forecaster, heads, train
+from bevjepa.prediction import forecaster, heads, tracking, train
 
 DETECTION_NAME_OF_CLASS: dict[str, str] = {"vehicle": "car", "pedestrian": "pedestrian", "cyclist": "bicycle"}
 """The devkit's detection name of each model class (see the module docstring)."""
@@ -72,6 +72,10 @@ _ATTRIBUTES: dict[str, tuple[str, str]] = {
     "bicycle": ("cycle.with_rider", "cycle.without_rider"),
 }
 """(moving, still) attribute of each detection name the model emits."""
+
+VELOCITY_SOURCES = ("tracks", "head")
+"""Where an exported detection's velocity comes from (``evaluate_model_detections``): the agent tracked from it,
+or the detection head's regression."""
 
 SUBMISSION_FILE = "detection_submission.json"
 METRICS_FILE = "detection_metrics.json"
@@ -478,11 +482,17 @@ def evaluate_model_detections(
     score_threshold: float = 0.1,
     top_k: int = 100,
     covered_samples_only: bool = False,
+    velocity: str = "tracks",
 ) -> dict:
     """Detect with the checkpoint of ``run`` on the windows of ``split``, export them, and score them.
 
     Writes ``out_dir/detection_submission.json`` (every sample of the split in ``dataroot``; those without a
     window get an empty list) and ``out_dir/detection_metrics.json``.
+
+    The windows go scene by scene in keyframe order, as a forecaster streams them. With ``velocity="tracks"`` each
+    detection exports the velocity of the agent tracked from it (``tracking.track_velocity_of``: the track's
+    earlier detections and its own LiDAR points, as the forecast uses), where one lies within its class's gate;
+    ``"head"`` exports every detection's regressed velocity. Boxes, scores and classes are the head's either way.
 
     Args:
         run: a training run folder (``Forecaster.from_checkpoint``).
@@ -496,28 +506,37 @@ def evaluate_model_detections(
         top_k: the most detections per sample.
         covered_samples_only: score only the samples that have a window (the devkit's numbers over the whole
             split count the others as missed).
+        velocity: ``VELOCITY_SOURCES``: the tracks' velocities, or the head's.
 
     Returns:
-        ``score_submission``'s dict, plus ``windows`` (windows run) and ``submission`` (its path).
+        ``score_submission``'s dict, plus ``windows`` (windows run), ``submission`` (its path) and
+        ``velocity_source``.
 
     Raises:
         ValueError: windows of samples that the split in ``dataroot`` does not hold (``data`` made from another
-            dataroot), and everything ``score_submission`` raises.
+            dataroot), an unknown ``velocity``, and everything ``score_submission`` raises.
     """
+    if velocity not in VELOCITY_SOURCES:
+        raise ValueError(f"velocity must be one of {VELOCITY_SOURCES}, got {velocity!r}")
     out_dir = Path(out_dir)
     check_split(version, split)
-    model = forecaster.Forecaster.from_checkpoint(run)
+    model = forecaster.Forecaster.from_checkpoint(run, cache_frames=16 * batch_size, min_score=tracking.MIN_SCORE)
     net, device = model.net, model.device
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=torch_dataset.collate)
+    order = dataset.scene_order()
     records: list[DetectionRecord] = []
     seen: set[str] = set()
     pose_of: dict[str, np.ndarray] = {}  # each exported sample's t0 ego pose [4, 4]
-    for batch in loader:
-        output = net(batch.to(device))
+    for first in range(0, len(order), batch_size):
+        batch = torch_dataset.collate([dataset[i] for i in order[first : first + batch_size]]).to(device)
+        with torch.no_grad():
+            own = model.encode_frames(batch)
+            scene = net.scene(batch, None, own, decode=(0,))
         detections = heads.decode_detections(
-            output.heatmap_logits, output.regression, grid=net.detection.grid, top_k=top_k, threshold=score_threshold
+            scene.heatmap_logits, scene.regression, grid=net.detection.grid, top_k=top_k, threshold=score_threshold
         )
+        if velocity == "tracks":
+            detections = _with_track_velocities(detections, model.track(batch, own, scene))
         pairs = zip(batch.scene_names, batch.sample_tokens, strict=True)
         poses = np.stack([dataset.frame(scene, token).global_from_ego for scene, token in pairs])  # [B, 4, 4] t0 poses
         fresh = []  # batch samples whose keyframe has not been exported yet (one sample, one list of boxes)
@@ -563,9 +582,19 @@ def evaluate_model_detections(
         "grid_ceiling_mAP": ceiling["mAP"],
         "grid_ceiling_NDS": ceiling["NDS"],
         "grid_ceiling_ap": ceiling["per_class_ap"],
+        "velocity_source": velocity,
     }
     bevio.atomic_write_json(out_dir / METRICS_FILE, result, indent=None)
     return result
+
+
+def _with_track_velocities(detections: heads.Detections, agents: list[tracking.TrackedAgents]) -> heads.Detections:
+    """A batch's detections with each sample's velocities from its tracked agents (``tracking.track_velocity_of``)."""
+    velocity = detections.velocity.copy()  # [N, 2]
+    for b, window_agents in enumerate(agents):
+        rows = np.flatnonzero(detections.batch_index == b)  # ordered by sample, as ``for_sample`` keeps them
+        velocity[rows] = tracking.track_velocity_of(detections.for_sample(b), window_agents)
+    return dataclasses.replace(detections, velocity=velocity)
 
 
 def boxes_the_grid_holds(

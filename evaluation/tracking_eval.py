@@ -258,7 +258,7 @@ def evaluate_model_tracking(
     detection_eval.check_split(version, split)
     model = forecaster.Forecaster.from_checkpoint(run, cache_frames=16 * batch_size, min_score=min_score)
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
-    order = sorted(range(len(dataset)), key=lambda i: dataset.entries[i]["scene"])  # each scene's windows in time order
+    order = dataset.scene_order()
     records: list[dict] = []
     seen: set[str] = set()
     pose_of: dict[str, np.ndarray] = {}  # each exported sample's t0 ego pose [4, 4]

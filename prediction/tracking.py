@@ -218,6 +218,35 @@ def greedy_match(
     return match
 
 
+def track_velocity_of(detections: heads.Detections, agents: TrackedAgents) -> np.ndarray:
+    """Each detection's velocity from the agents tracked in the same window: what a detection submission exports.
+
+    A detection takes the velocity of the nearest agent of its class within the class's gate (``GATE_M``): the
+    agent its own t0 detection became (its box moved at most by ``align_to_occupancy``), or a weaker duplicate of
+    it. The agents' velocities come from the track's earlier detections and, in a forecaster, from the LiDAR points
+    (``lidar_velocity.refine``), and stray less than the head's regression; a detection below the tracks' score
+    floor (``MIN_SCORE``) with no agent near keeps its regressed velocity.
+
+    Args:
+        detections: one window's t0 detections (t0 ego frame; ``batch_index`` is not read).
+        agents: the same window's tracked agents.
+
+    Returns:
+        [N, 2] float32 (m/s, t0 ego frame).
+    """
+    velocity = detections.velocity.astype(np.float32).copy()  # [N, 2]
+    if len(velocity) == 0 or agents.count == 0:
+        return velocity
+    distance = np.linalg.norm(detections.boxes[:, None, :2] - agents.boxes[None, :, :2], axis=-1)  # [N, A]
+    allowed = (detections.classes[:, None] == agents.classes[None]) & (
+        distance <= _per_class(GATE_M, detections.classes)[:, None]
+    )
+    nearest = np.argmin(np.where(allowed, distance, np.inf), axis=1)  # [N]
+    tracked = allowed[np.arange(len(velocity)), nearest]  # [N]
+    velocity[tracked] = agents.velocity[nearest[tracked]]
+    return velocity
+
+
 def fit_velocity(past: np.ndarray, past_mask: np.ndarray, velocity: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Each track's velocity at t0: the line through its t0 detection closest to its earlier ones and its regression.
 

@@ -18,7 +18,7 @@ from pyquaternion import Quaternion
 
 from bevjepa.datasets import geometry
 from bevjepa.evaluation import detection_eval
-from bevjepa.prediction import heads
+from bevjepa.prediction import heads, tracking
 
 META = detection_eval.SubmissionMeta(use_camera=True, use_lidar=True)
 
@@ -317,6 +317,8 @@ def test_a_tiny_checkpoint_is_exported_and_scored(
     assert all(result["grid_ceiling_ap"][c] >= ap for c, ap in result["per_class_ap"].items())
     assert 0.0 < result["grid_ceiling_mAP"] <= 1.0 and result["grid_ceiling_NDS"] >= result["NDS"]
 
+    assert result["velocity_source"] == "tracks"
+
     # Every peak exported (threshold 0): boxes on the two windowed samples only, scored on those alone.
     every = detection_eval.evaluate_model_detections(
         tiny_run,
@@ -333,6 +335,27 @@ def test_a_tiny_checkpoint_is_exported_and_scored(
     assert len(with_boxes) == 2 and all(0 < len(boxes[t]) <= 100 for t in with_boxes)  # top_k: at most 100 peaks
     assert every["samples"] == 2 and every["predicted_boxes"] > 0
     assert 0.0 <= every["mAP"] <= 1.0 and 0.0 <= every["NDS"] <= 1.0
+    # The head's velocities instead of the tracks': the same boxes and scores (this model tracks no agent, its
+    # peaks all below the tracks' score floor, so the velocities are the same too).
+    detection_eval.evaluate_model_detections(
+        tiny_run,
+        synthetic_windows,
+        synthetic_mini,
+        "v1.0-mini",
+        "mini_val",
+        tmp_path / "head",
+        score_threshold=0.0,
+        covered_samples_only=True,
+        velocity="head",
+    )
+    head, _ = load_prediction(str(tmp_path / "head" / detection_eval.SUBMISSION_FILE), 500, DetectionBox)
+    assert all(b.detection_score < tracking.MIN_SCORE for t in with_boxes for b in boxes[t])
+    for token in with_boxes:
+        assert [b.serialize() for b in head[token]] == [b.serialize() for b in boxes[token]]
+    with pytest.raises(ValueError, match="velocity must be one of"):
+        detection_eval.evaluate_model_detections(
+            tiny_run, synthetic_windows, synthetic_mini, "v1.0-mini", "mini_val", tmp_path / "bad", velocity="lidar"
+        )
 
 
 def test_windows_of_another_dataroot_are_refused(tiny_run, synthetic_windows, real_scene_nusc, tmp_path):

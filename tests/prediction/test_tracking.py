@@ -293,3 +293,36 @@ def test_each_class_keeps_its_own_history_length():
     for history in ({"vehicle": 3, "pedestrian": 5}, {"vehicle": 0, "pedestrian": 5, "cyclist": 3}):
         with pytest.raises(ValueError, match="each class of .*vehicle.*pedestrian.*cyclist"):
             tracking.StreamTracker(history=history)
+
+
+def test_a_detection_exports_the_velocity_of_the_agent_tracked_from_it():
+    # Two cars tracked over three keyframes at 10 and 0 m/s, their t0 detections regressing 6 and 3 m/s; a weak
+    # duplicate beside the first, a pedestrian beside the second, and a lone car 20 m from every agent.
+    frames = [
+        _frame(
+            [[10.0 + 5 * k, 0.0], [0.0, 8.0]], [[10.0, 0.0] if k < 2 else [6.0, 0.0], [0.0, 3.0 * (k == 2)]], [CAR, CAR]
+        )
+        for k in range(3)
+    ]
+    agents = tracking.track_window(frames)
+    xy = np.array([[20.0, 0.0], [21.0, 0.5], [0.0, 8.0], [0.5, 8.0], [40.0, 0.0]])
+    boxes = np.concatenate([xy, np.zeros((5, 1)), np.tile([1.9, 4.5, 1.6], (5, 1)), np.zeros((5, 1))], axis=1)
+    regressed = np.array([[6.0, 0.0], [5.0, 0.0], [0.0, 3.0], [1.0, 1.0], [7.0, 0.0]], dtype=np.float32)
+    detections = heads.Detections(
+        boxes.astype(np.float32),
+        regressed,
+        np.array([0.9, 0.2, 0.9, 0.9, 0.2], dtype=np.float32),
+        np.array([CAR, CAR, CAR, PEDESTRIAN, CAR]),
+        np.zeros(5, dtype=np.int64),
+    )
+    velocity = tracking.track_velocity_of(detections, agents)
+    moving = agents.velocity[np.argmin(np.abs(agents.boxes[:, 0] - 20.0))]
+    assert 9.0 < moving[0] < 10.0  # the track's, not the regressed 6 m/s
+    np.testing.assert_allclose(velocity[:2], [moving, moving], rtol=1e-6)  # the duplicate takes it too
+    standing = agents.velocity[np.argmin(np.abs(agents.boxes[:, 0]))]
+    np.testing.assert_allclose(velocity[2], standing, atol=1e-6)
+    assert np.hypot(*velocity[2]) < 1.0  # the standing car's track, not its regressed 3 m/s
+    np.testing.assert_allclose(velocity[3:], regressed[3:])  # another class, or no agent within the gate
+    assert velocity.dtype == np.float32 and velocity.shape == (5, 2)
+    empty = tracking.track_window([_frame(np.zeros((0, 2)), np.zeros((0, 2)), [])])
+    np.testing.assert_array_equal(tracking.track_velocity_of(detections, empty), regressed)
