@@ -214,7 +214,7 @@ def test_a_tracks_footprint_covers_its_boxes_along_every_mode_grown_by_the_margi
 
 def test_a_car_no_track_explains_stays_in_the_fused_future_and_a_tracked_one_is_its_tracks():
     """A car standing 20 m ahead that the detector missed: the dense map sees it at every step, and so must the
-    forecast a planner reads; the same car where a track explains it is the track's own from 1.5 s on."""
+    forecast a planner reads; the same car where a track explains it is the track's own from 1 s on."""
     dense = np.zeros((5, 3, *GRID.shape), dtype=np.float32)
     missed = rasterize.rasterize_boxes(
         GRID, np.array([[20.0, 0.0]]), np.array([[1.9, 4.6]]), np.zeros(1), np.array([0]), 3
@@ -229,9 +229,19 @@ def test_a_car_no_track_explains_stays_in_the_fused_future_and_a_tracked_one_is_
     explained = agent_occupancy.track_footprint(box, np.array([0]), modes, GRID, 3, 4)
     fused = agent_occupancy.fuse(instance, dense, explained)
     assert np.all(fused[:, missed] == np.float32(0.9))  # every step, 0 s to 2 s
-    assert np.all(fused[:3, tracked] == np.float32(0.9)) and np.all(fused[3:, tracked] == np.float32(0.5))
+    assert np.all(fused[:2, tracked] == np.float32(0.9)) and np.all(fused[2:, tracked] == np.float32(0.5))
     # A pedestrian's future is its track's alone, explained or not: the rollout holds a person where they were.
     person = np.zeros_like(dense)
     person[:, 1, missed[0]] = 0.9
     fused = agent_occupancy.fuse(np.zeros_like(dense), person, np.zeros(dense.shape[1:], dtype=bool))
     assert np.all(fused[0, 1, missed[0]] == np.float32(0.9)) and not fused[1:].any()
+    # A cyclist's future is its track's where one explains the cell, the dense map's where none does.
+    cyclist = np.zeros_like(dense)
+    cyclist[:, 2, missed[0] | tracked[0]] = 0.9
+    explained_cyclist = np.zeros(dense.shape[1:], dtype=bool)
+    explained_cyclist[2] = tracked[0]
+    tracked_cyclist = np.zeros_like(dense)
+    tracked_cyclist[:, 2, tracked[0]] = 0.5
+    fused = agent_occupancy.fuse(tracked_cyclist, cyclist, explained_cyclist)
+    assert np.all(fused[:, 2, missed[0]] == np.float32(0.9))
+    assert np.all(fused[0, 2, tracked[0]] == np.float32(0.9)) and np.all(fused[1:, 2, tracked[0]] == np.float32(0.5))
