@@ -235,13 +235,3 @@ def test_a_car_no_track_explains_stays_in_the_fused_future_and_a_tracked_one_is_
     person[:, 1, missed[0]] = 0.9
     fused = agent_occupancy.fuse(np.zeros_like(dense), person, np.zeros(dense.shape[1:], dtype=bool))
     assert np.all(fused[0, 1, missed[0]] == np.float32(0.9)) and not fused[1:].any()
-    # A cyclist's future is its track's where one explains the cell, the dense map's where none does.
-    cyclist = np.zeros_like(dense)
-    cyclist[:, 2, missed[0] | tracked[0]] = 0.9
-    explained_cyclist = np.zeros(dense.shape[1:], dtype=bool)
-    explained_cyclist[2] = tracked[0]
-    tracked_cyclist = np.zeros_like(dense)
-    tracked_cyclist[:, 2, tracked[0]] = 0.5
-    fused = agent_occupancy.fuse(tracked_cyclist, cyclist, explained_cyclist)
-    assert np.all(fused[:, 2, missed[0]] == np.float32(0.9))
-    assert np.all(fused[0, 2, tracked[0]] == np.float32(0.9)) and np.all(fused[1:, 2, tracked[0]] == np.float32(0.5))

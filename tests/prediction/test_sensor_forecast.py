@@ -46,7 +46,6 @@ def test_a_forecast_reads_the_sensors_and_never_the_annotations(dataset, tiny_ch
     joined = np.ones(blind.occupancy.shape[:2], dtype=bool)  # [S, C] where the dense map joins every track
     joined[1:, categories.CLASSES.index("pedestrian")] = False  # near its track, a pedestrian's future is the track's
     joined[2:, categories.CLASSES.index("vehicle")] = False  # a vehicle's from 1 s on
-    joined[1:, categories.CLASSES.index("cyclist")] = False  # a cyclist's after t0
     assert np.all(blind.occupancy[joined] >= blind.latent_occupancy[joined])
     nowhere = np.zeros(blind.latent_occupancy.shape[1:], dtype=bool)  # no track explains any cell: the dense map stands
     people = np.ones(blind.occupancy.shape[:2], dtype=bool)
