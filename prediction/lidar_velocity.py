@@ -16,8 +16,8 @@ That velocity is the mean motion over the points' 1.45 s, and a car that brakes 
 faster than that (by about 0.5 s × its acceleration). So a moving vehicle's track is searched once more, coarse to
 fine, for the velocity at t0 and the acceleration along it under which its points stack sharpest, a point with lag
 τ then lying at ``p + v τ - a τ² / 2`` (``sharpest_accelerating``, ``ACCELERATION_SEARCH``). A track's points are
-thinned evenly to ``MAX_POINTS``: the cost is candidates × points × grids, about 115 ms a streaming forecast of the
-recipe's seed-0 run (4.5 tracks; ``bevjepa bench model``, ``velocity_from_points_cost``).
+thinned evenly to ``MAX_POINTS``: the cost is candidates × points × grids, about 76 ms a streaming forecast of the
+recipe's seed-0 run (4.5 tracks; ``bevjepa bench model``, ``velocity_from_points_cost`` 1.51).
 
 Which points: those of the height band ``HEIGHT_BAND_M`` (above the ground, below the tallest vehicle) that the
 tracker's velocity moves into the track's t0 box grown by ``MARGIN_M`` on every side: one set for all candidates,
