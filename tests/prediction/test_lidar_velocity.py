@@ -135,6 +135,29 @@ def test_the_sharpness_peaks_at_the_true_acceleration():
     np.testing.assert_array_equal(without, score[1:2])  # no accelerations: zero
 
 
+def test_the_sharpness_counts_the_shared_cells_of_four_shifted_grids():
+    """The half-cell binning gives what its definition says: per candidate and per grid of ``GRID_SHIFTS``, each
+    point's count of points in its cell, summed (here counted plainly, one candidate and one grid at a time)."""
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(-1.5, 1.5, (200, 2)) + [23.4, -17.1]
+    lag_s = rng.choice(LAGS_S, 200)
+    candidates = rng.uniform(-8.0, 8.0, (40, 2))
+    accelerations = rng.uniform(-3.0, 3.0, (40, 2))
+    for cell_m in (0.2, 0.4):
+        for bent in (None, accelerations):
+            expected = np.zeros(len(candidates))
+            for k in range(len(candidates)):
+                warped = xy + candidates[k] * lag_s[:, None]
+                if bent is not None:
+                    warped = warped - bent[k] * (0.5 * lag_s**2)[:, None]
+                for shift in lidar_velocity.GRID_SHIFTS:
+                    cells = np.floor((warped + np.asarray(shift) * cell_m) / cell_m).astype(np.int64)
+                    _, inverse, counts = np.unique(cells, axis=0, return_inverse=True, return_counts=True)
+                    expected[k] += counts[inverse.reshape(-1)].sum()
+            got = lidar_velocity.sharpness(xy, lag_s, candidates, cell_m, bent)
+            np.testing.assert_array_equal(got, expected)
+
+
 def test_tracks_that_stand_still_or_have_too_few_points_or_one_sweep_keep_their_velocity():
     moving = _car_points(BOX[:2], [8.0, 0.0])
     parked = _agents([BOX], [[0.0, 0.0]], [CAR])
