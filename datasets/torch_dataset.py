@@ -32,7 +32,7 @@ import itertools
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -540,13 +540,17 @@ class WindowDataset(Dataset):
         future = self._future(entry["scene"], window) if self.future_inputs else None
         return sample_from_window(window, frames, self.image_hw, future, self.cameras)
 
-    def scene_order(self) -> list[int]:
-        """Window indices grouped by scene, each scene's windows in manifest (keyframe) order.
+    def scene_batches(self, batch_size: int) -> Iterator[list[WindowSample]]:
+        """The windows ``batch_size`` at a time, grouped by scene, each scene's in manifest (keyframe) order.
 
         The order in which a forecaster's tracks stream over a scene (``bevjepa preprocess`` writes a scene's
-        windows in keyframe order).
+        windows in keyframe order). ``ceil(len(self) / batch_size)`` batches, each loaded when it is asked for.
         """
-        return sorted(range(len(self.entries)), key=lambda i: self.entries[i]["scene"])
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        order = sorted(range(len(self.entries)), key=lambda i: self.entries[i]["scene"])
+        for first in range(0, len(order), batch_size):
+            yield [self[i] for i in order[first : first + batch_size]]
 
     def _future(self, scene: str, window: windows.Window) -> FutureInputs:
         frames = [self.frame(scene, str(token)) for token in window.future_keyframe_tokens]

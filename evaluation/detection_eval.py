@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from bevjepa.datasets import categories, geometry, nuscenes_source, torch_dataset
 from bevjepa.datasets import io as bevio
@@ -483,6 +484,7 @@ def evaluate_model_detections(
     top_k: int = 100,
     covered_samples_only: bool = False,
     velocity: str = "tracks",
+    progress: bool = False,
 ) -> dict:
     """Detect with the checkpoint of ``run`` on the windows of ``split``, export them, and score them.
 
@@ -507,6 +509,7 @@ def evaluate_model_detections(
         covered_samples_only: score only the samples that have a window (the devkit's numbers over the whole
             split count the others as missed).
         velocity: ``VELOCITY_SOURCES``: the tracks' velocities, or the head's.
+        progress: show a progress bar over the batches.
 
     Returns:
         ``score_submission``'s dict, plus ``windows`` (windows run), ``submission`` (its path) and
@@ -523,12 +526,13 @@ def evaluate_model_detections(
     model = forecaster.Forecaster.from_checkpoint(run, cache_frames=16 * batch_size, min_score=tracking.MIN_SCORE)
     net, device = model.net, model.device
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
-    order = dataset.scene_order()
     records: list[DetectionRecord] = []
     seen: set[str] = set()
     pose_of: dict[str, np.ndarray] = {}  # each exported sample's t0 ego pose [4, 4]
-    for first in range(0, len(order), batch_size):
-        batch = torch_dataset.collate([dataset[i] for i in order[first : first + batch_size]]).to(device)
+    batches = dataset.scene_batches(batch_size)
+    total = math.ceil(len(dataset) / batch_size)
+    for samples in tqdm(batches, total=total, desc="detection", unit="batch", disable=not progress):
+        batch = torch_dataset.collate(samples).to(device)
         with torch.no_grad():
             own = model.encode_frames(batch)
             scene = net.scene(batch, None, own, decode=(0,))

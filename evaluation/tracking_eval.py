@@ -20,6 +20,7 @@ Notation:
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -258,12 +259,12 @@ def evaluate_model_tracking(
     detection_eval.check_split(version, split)
     model = forecaster.Forecaster.from_checkpoint(run, cache_frames=16 * batch_size, min_score=min_score)
     dataset = torch_dataset.WindowDataset(data, scenes=train.split_scenes(data, split))
-    order = dataset.scene_order()
     records: list[dict] = []
     seen: set[str] = set()
     pose_of: dict[str, np.ndarray] = {}  # each exported sample's t0 ego pose [4, 4]
-    for first in tqdm(range(0, len(order), batch_size), desc="tracking", unit="batch", disable=not progress):
-        samples = [dataset[i] for i in order[first : first + batch_size]]
+    batches = dataset.scene_batches(batch_size)
+    total = math.ceil(len(dataset) / batch_size)
+    for samples in tqdm(batches, total=total, desc="tracking", unit="batch", disable=not progress):
         batch = torch_dataset.collate(samples)
         for sample, agents in zip(samples, model.track(batch.to(model.device)), strict=True):
             if sample.sample_token in seen:

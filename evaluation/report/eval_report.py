@@ -315,6 +315,7 @@ def devkit_metrics(config: EvalConfig, data: Path, key: str) -> dict | None:
             config.split,
             Path(config.out) / key,
             batch_size=config.batch_size,
+            progress=config.progress,
         ),  # fmt: skip
     )
 
