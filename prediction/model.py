@@ -777,6 +777,9 @@ class LossWeights:
             at random among 1..F besides t0 (``draw_decoded_steps``; the 0.5 m decoder is most of a step's cost);
             t0 and the drawn steps are weighed so that the occupancy terms' expectation is their mean over all
             F + 1 steps. None: every step, every iteration. Validation always decodes every step.
+        present_share: t0's share of the occupancy and Dice terms, the future steps' mean taking the rest; None:
+            1 / (F + 1), every step weighing the same. A larger share trains the features the present is decoded
+            from harder, as the direct baseline's every horizon does.
         trajectory: winner-takes-all regression of the trajectory modes.
         mode: mode classification.
         detection: the detection heat-map and box regression.
@@ -796,10 +799,15 @@ class LossWeights:
     flow: float = 1.0
     flow_class_weight: tuple[float, float, float] = (1.0, 1.0, 1.0)
     decoded_future_steps: int | None = None
+    present_share: float | None = None
     trajectory: float = 1.0
     mode: float = 0.5
     detection: float = 0.5
     detection_velocity_area: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.present_share is not None and not 0.0 <= self.present_share <= 1.0:
+            raise ValueError(f"LossWeights: present_share must lie in [0, 1], got {self.present_share}")
 
 
 @dataclass(frozen=True)
@@ -891,13 +899,13 @@ def compute_losses(
     cell_weight = torch.ones_like(logits[:, :, :1])  # [B, S, 1, H, W]
     cell_weight[:, 0, 0] = torch.where(batch.observed, 1.0, weights.unobserved_weight)
     pos_weight = torch.as_tensor(weights.occupancy_pos_weight, dtype=logits.dtype, device=logits.device)
-    future = model.config.occupancy_steps
+    present = 1.0 / (model.config.occupancy_steps + 1) if weights.present_share is None else weights.present_share
 
     def over_steps(term: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """t0's term and the decoded future steps' mean, weighed 1 : F (the mean over all F + 1 steps)."""
+        """t0's term and the decoded future steps' mean, weighed ``present : 1 - present``."""
         if len(decoded) == 1:
             return term(slice(0, 1))
-        return (term(slice(0, 1)) + future * term(slice(1, None))) / (future + 1)
+        return present * term(slice(0, 1)) + (1.0 - present) * term(slice(1, None))
 
     occupancy = over_steps(
         lambda s: losses.occupancy_loss(

@@ -110,3 +110,26 @@ def test_the_training_bench_times_every_variant_on_the_same_model(light_config_f
     assert "bench training needs --data" in capsys.readouterr().err
     assert cli.main(["bench", "training", "--data", str(synthetic_windows), "--threads", "0"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_present_share_weighs_t0_against_the_futures_mean(net_and_batch):
+    net, batch = net_and_batch
+    with torch.no_grad():
+        output = net(batch)
+        terms = {
+            share: model.compute_losses(net, batch, output, model.LossWeights(latent=0.0, present_share=share))
+            for share in (None, 0.0, 0.2, 0.5, 1.0)
+        }
+    for term in ("occupancy", "dice"):
+        present, future = float(getattr(terms[1.0], term)), float(getattr(terms[0.0], term))
+        assert abs(present - future) > 1e-4  # t0 and the future do differ
+        assert float(getattr(terms[0.5], term)) == pytest.approx((present + future) / 2, rel=1e-5)
+        # the default weighs every one of the F + 1 steps the same: t0 a fifth
+        assert float(getattr(terms[None], term)) == pytest.approx(float(getattr(terms[0.2], term)), rel=1e-5)
+    assert float(terms[1.0].detection) == float(terms[0.0].detection)  # the other heads are untouched
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, float("nan")])
+def test_a_present_share_outside_zero_to_one_is_refused(share):
+    with pytest.raises(ValueError, match=r"present_share must lie in \[0, 1\]"):
+        model.LossWeights(present_share=share)
