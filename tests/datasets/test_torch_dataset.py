@@ -52,6 +52,27 @@ def test_length_and_scene_filter(windows_root, dataset):
         torch_dataset.WindowDataset(windows_root, scenes=["no-such-scene"])
 
 
+def test_scene_batches_stream_each_scene_in_manifest_order(tmp_path, windows_root):
+    root = tmp_path / "windows"
+    shutil.copytree(windows_root, root)
+    manifest = _manifest(root)
+    by_scene: dict[str, list[dict]] = {}
+    for entry in manifest["windows"]:
+        by_scene.setdefault(entry["scene"], []).append(entry)
+    first, second = sorted(by_scene)
+    interleaved = [by_scene[second][0], by_scene[first][0], by_scene[second][1], by_scene[first][1]]
+    (root / "manifest.json").write_text(json.dumps({**manifest, "windows": interleaved}))
+    dataset = torch_dataset.WindowDataset(root)
+    batches = list(dataset.scene_batches(3))
+    assert [len(b) for b in batches] == [3, 1]
+    streamed = [(s.scene_name, s.sample_token) for b in batches for s in b]
+    expected = [(e["scene"], dataset[interleaved.index(e)].sample_token) for e in by_scene[first] + by_scene[second]]
+    assert streamed == expected
+    assert [len(b) for b in dataset.scene_batches(4)] == [4]
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        next(dataset.scene_batches(0))
+
+
 def test_sample_shapes_and_dtypes(dataset):
     sample = dataset[0]
     p, t, f = 3, 12, 4
