@@ -775,8 +775,8 @@ class LossWeights:
             cell's class is its target's (the largest weight where classes overlap).
         decoded_future_steps: rollout steps whose occupancy the world model decodes per training iteration, drawn
             at random among 1..F besides t0 (``draw_decoded_steps``; the 0.5 m decoder is most of a step's cost);
-            t0 and the drawn steps are weighed so that the occupancy terms' expectation is their mean over all
-            F + 1 steps. None: every step, every iteration. Validation always decodes every step.
+            the drawn steps' mean stands for the mean over all F future steps in expectation, weighed against t0 by
+            ``present_share``. None: every step, every iteration. Validation always decodes every step.
         present_share: t0's share of the occupancy and Dice terms, the future steps' mean taking the rest; None:
             1 / (F + 1), every step weighing the same. A larger share trains the features the present is decoded
             from harder, as the direct baseline's every horizon does.
