@@ -545,12 +545,14 @@ class WindowDataset(Dataset):
 
         The order in which a forecaster's tracks stream over a scene (``bevjepa preprocess`` writes a scene's
         windows in keyframe order). ``ceil(len(self) / batch_size)`` batches, each loaded when it is asked for.
+
+        Raises:
+            ValueError: a ``batch_size`` under 1 (at the call, not at the first batch).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         order = sorted(range(len(self.entries)), key=lambda i: self.entries[i]["scene"])
-        for first in range(0, len(order), batch_size):
-            yield [self[i] for i in order[first : first + batch_size]]
+        return ([self[i] for i in order[first : first + batch_size]] for first in range(0, len(order), batch_size))
 
     def _future(self, scene: str, window: windows.Window) -> FutureInputs:
         frames = [self.frame(scene, str(token)) for token in window.future_keyframe_tokens]

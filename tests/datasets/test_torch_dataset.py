@@ -70,7 +70,7 @@ def test_scene_batches_stream_each_scene_in_manifest_order(tmp_path, windows_roo
     assert streamed == expected
     assert [len(b) for b in dataset.scene_batches(4)] == [4]
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
-        next(dataset.scene_batches(0))
+        dataset.scene_batches(0)
 
 
 def test_sample_shapes_and_dtypes(dataset):
