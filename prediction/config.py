@@ -180,7 +180,7 @@ def wide() -> ExperimentConfig:
     (docs/train.md, "Two drawn future steps, the default"). t0 takes half the occupancy and Dice terms
     (``LossWeights.present_share``), not a fifth: over two seeds and two worlds every class at t0 gained in all four
     pairs (pedestrians 0.406-0.431 -> 0.429-0.455), tracking too, at a cost to the trajectory modes (docs/train.md,
-    "Half the occupancy loss on t0").
+    "Half the occupancy loss on t0, the default").
     """
     config = small()
     target = geometry.GridSpec(-50.0, 50.0, -50.0, 50.0, 0.5)
