@@ -194,7 +194,8 @@ DENSE_ONLY_AT_T0_CLASSES = ("cyclist",)
 dense map sees there and no track's box. On two worlds never scored (seeds 4 and 5) the dense map alone scored the
 cyclists at t0 above the forecast that joined it with their tracks' boxes in all ten pairs of five training runs
 (the boxes pooled with the dense map at t0, the rule before), while for pedestrians the join won in all four pairs
-of two runs (docs/forecaster.md)."""
+of two runs (docs/forecaster.md); with later ``wide`` runs the pedestrians split the worlds, the dense map ahead on
+world 4 and the join on world 5 (docs/train.md), so their join stays."""
 
 
 def track_existence(
