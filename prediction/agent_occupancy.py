@@ -261,6 +261,16 @@ its Brier score fell in all eight), while their 0.5 s lost without it on world 4
 gained in all four pairs there but lost on the scored worlds, so they keep it. The rollout's vehicles fade after
 0.5 s, and the tracks carry them."""
 
+SUPPORTED_AT_T0: Mapping[str, float] = MappingProxyType({"pedestrian": 0.2})
+"""{class name: the dense map's probability below which its tracks' boxes draw no cell at t0} (``fuse``). A
+pedestrian spans one to four 0.5 m cells, and a box a quarter of a metre off paints cells the person is not in; the
+dense map sees the person at the target's own resolution. Drawn only where the dense map gives at least 0.2, a
+pedestrian's box still lifts the cells around what the dense map half-sees, and no longer paints where it sees
+nothing. On two worlds never scored (seeds 4 and 5) with the two 30-minute ``wide`` runs, the planner's pedestrians
+at t0 rose above both the join and the dense map alone in three pairs of four and tied the dense map in the fourth
+(docs/forecaster.md); 0.2 was the one value tried."""
+
+
 UNTRACKED_FUTURE_CLASSES: tuple[str, ...] = ("vehicle", "cyclist")
 """The classes whose dense map joins at every step after their ``DENSE_FUTURE_STEPS`` where no track explains a
 cell (``track_footprint``): a car the detector misses stays in the planner's way. On the same worlds and two runs
@@ -323,6 +333,7 @@ def fuse(
     explained: np.ndarray,
     dense_future: Mapping[str, int] = DENSE_FUTURE_STEPS,
     untracked_future: tuple[str, ...] = UNTRACKED_FUTURE_CLASSES,
+    supported_at_t0: Mapping[str, float] = SUPPORTED_AT_T0,
 ) -> np.ndarray:
     """The forecast's occupancy from tracked agents and the dense latent map: their union, cell by cell.
 
@@ -334,6 +345,9 @@ def fuse(
     planner's way at 2 s. The maximum is the union's probability when the two maps see the same objects (fully
     dependent events), which they largely do; treating them as independent (``1 − (1 − a)(1 − b)``) would count
     every tracked agent twice.
+
+    At t0 a track of a class in ``supported_at_t0`` draws only where the dense map gives its class at least that
+    probability: a pedestrian's box then lifts what the dense map half-sees and paints nothing where it sees nothing.
 
     Pedestrians' future comes from their tracks alone: the rollout hardly moves a person (a walker crosses a
     quarter of a 2 m latent cell per step), so the dense map's pedestrians after t0 mostly stay where they were and
@@ -350,6 +364,8 @@ def fuse(
         dense_future: {class name: the steps after t0 at which its dense map joins everywhere}; classes not named:
             none.
         untracked_future: the class names whose dense map joins after those steps where ``explained`` is False.
+        supported_at_t0: {class name: the dense map's probability at t0 below which the tracks draw no cell of the
+            class at t0} (``SUPPORTED_AT_T0``); classes not named: drawn everywhere.
 
     Returns:
         [S, C, H, W] float32.
@@ -361,7 +377,12 @@ def fuse(
         )
     if explained.shape != dense.shape[1:]:
         raise ValueError(f"fuse: explained must be [C, H, W] = {list(dense.shape[1:])}, got {list(explained.shape)}")
-    for name, named in (("dense_future", set(dense_future)), ("untracked_future", set(untracked_future))):
+    named_sets = (
+        ("dense_future", set(dense_future)),
+        ("untracked_future", set(untracked_future)),
+        ("supported_at_t0", set(supported_at_t0)),
+    )
+    for name, named in named_sets:
         if named - set(categories.CLASSES):
             unknown = sorted(named - set(categories.CLASSES))
             raise ValueError(f"fuse: {name} names {unknown}, not classes of {categories.CLASSES}")
@@ -370,4 +391,9 @@ def fuse(
     untracked = np.array([name in untracked_future for name in categories.CLASSES])  # [C]
     unexplained = untracked[:, None, None] & ~np.asarray(explained, dtype=bool)  # [C, H, W]
     joins = everywhere[:, :, None, None] | unexplained[None]  # [S, C, H, W]
+    if not all(0.0 <= floor <= 1.0 for floor in supported_at_t0.values()):
+        raise ValueError(f"fuse: supported_at_t0 holds probabilities in [0, 1], got {dict(supported_at_t0)}")
+    floor = np.array([supported_at_t0.get(name, 0.0) for name in categories.CLASSES])  # [C]
+    instance = instance.copy()
+    instance[0] = np.where(dense[0] >= floor[:, None, None], instance[0], 0.0)  # t0: drawn where the dense map sees
     return np.maximum(instance, np.where(joins, dense, np.zeros((), dense.dtype))).astype(np.float32)

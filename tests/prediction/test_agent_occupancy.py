@@ -235,3 +235,31 @@ def test_a_car_no_track_explains_stays_in_the_fused_future_and_a_tracked_one_is_
     person[:, 1, missed[0]] = 0.9
     fused = agent_occupancy.fuse(np.zeros_like(dense), person, np.zeros(dense.shape[1:], dtype=bool))
     assert np.all(fused[0, 1, missed[0]] == np.float32(0.9)) and not fused[1:].any()
+
+
+def test_a_pedestrian_track_draws_at_t0_only_where_the_dense_map_sees_a_pedestrian():
+    """A person's box a quarter metre off paints cells the person is not in; at t0 the track draws only on cells
+    the dense map gives pedestrians at least ``SUPPORTED_AT_T0``'s 0.2, and from 0.5 s on its whole box."""
+    box = _box(10.0, 0.0, 0.0, width=1.4, length=1.4)[None]  # a 3 × 3 cell square at 0.5 m
+    modes = baselines.constant_velocity_trajectories(box[:, :2], np.array([[0.0, 0.0]]), 12)
+    instance = agent_occupancy.mode_occupancy(box, np.array([1]), modes, np.ones((1, 1)), GRID, 3, 4, np.full(1, 0.6))
+    drawn = instance[0, 1] > 0  # [H, W] the box's cells
+    assert drawn.sum() >= 4
+    rows, cols = np.nonzero(drawn)
+    dense = np.zeros_like(instance)
+    dense[0, 1, rows[0], cols[0]] = 0.3  # the dense map half-sees the person in one cell of the box
+    dense[0, 1, rows[1], cols[1]] = 0.1  # and hardly in another
+    explained = agent_occupancy.track_footprint(box, np.array([1]), modes, GRID, 3, 4)
+    fused = agent_occupancy.fuse(instance, dense, explained)
+    assert fused[0, 1, rows[0], cols[0]] == np.float32(0.6)  # the track lifts what the dense map half-sees
+    assert np.count_nonzero(fused[0, 1]) == 2 and fused[0, 1, rows[1], cols[1]] == np.float32(0.1)
+    assert np.array_equal(fused[1, 1], instance[1, 1])  # after t0 the track's box whole
+    # A car's track draws its whole box at t0 whatever the dense map says; so does a pedestrian's with no floor.
+    car = agent_occupancy.fuse(instance[:, [1, 0, 2]], dense, explained[[1, 0, 2]])
+    assert np.array_equal(car[0, 0] > 0, drawn)
+    unfloored = agent_occupancy.fuse(instance, dense, explained, supported_at_t0={})
+    assert np.array_equal(unfloored[0, 1] > 0, drawn)
+    with pytest.raises(ValueError, match=r"supported_at_t0 holds probabilities in \[0, 1\]"):
+        agent_occupancy.fuse(instance, dense, explained, supported_at_t0={"pedestrian": 1.5})
+    with pytest.raises(ValueError, match=r"supported_at_t0 names \['bus'\]"):
+        agent_occupancy.fuse(instance, dense, explained, supported_at_t0={"bus": 0.2})
