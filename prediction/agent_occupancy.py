@@ -386,13 +386,13 @@ def fuse(
         if named - set(categories.CLASSES):
             unknown = sorted(named - set(categories.CLASSES))
             raise ValueError(f"fuse: {name} names {unknown}, not classes of {categories.CLASSES}")
+    if not all(0.0 <= floor <= 1.0 for floor in supported_at_t0.values()):
+        raise ValueError(f"fuse: supported_at_t0 holds probabilities in [0, 1], got {dict(supported_at_t0)}")
     last = np.array([dense_future.get(name, 0) for name in categories.CLASSES])  # [C] the last step it joins
     everywhere = np.arange(len(dense))[:, None] <= last[None, :]  # [S, C], t0 for every class
     untracked = np.array([name in untracked_future for name in categories.CLASSES])  # [C]
     unexplained = untracked[:, None, None] & ~np.asarray(explained, dtype=bool)  # [C, H, W]
     joins = everywhere[:, :, None, None] | unexplained[None]  # [S, C, H, W]
-    if not all(0.0 <= floor <= 1.0 for floor in supported_at_t0.values()):
-        raise ValueError(f"fuse: supported_at_t0 holds probabilities in [0, 1], got {dict(supported_at_t0)}")
     floor = np.array([supported_at_t0.get(name, 0.0) for name in categories.CLASSES])  # [C]
     instance = instance.copy()
     instance[0] = np.where(dense[0] >= floor[:, None, None], instance[0], 0.0)  # t0: drawn where the dense map sees
